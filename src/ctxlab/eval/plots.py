@@ -1,0 +1,69 @@
+"""Result figures: perplexity against context length, passkey accuracy heat maps (PNG)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+
+def plot_perplexity(
+    series: Mapping[str, Sequence[dict]], path: Path, *, train_length: int | None = None,
+    title: str = "Perplexity against context length",
+) -> Path:
+    """``series``: name -> rows with ``length`` and ``ppl`` (and optional ``causal``)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["length"])
+        noncausal = any(r.get("causal") is False for r in rows)
+        label = f"{name} (NOT causal)" if noncausal else name
+        ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o",
+                linestyle="--" if noncausal else "-", label=label)  # fmt: skip
+    if train_length:
+        ax.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_passkey(
+    panels: Mapping[str, tuple[list[int], list[float], list[list[float]]]], path: Path
+) -> Path:
+    """``panels``: name -> (lengths, depths, accuracy[depth][length]); heat maps side by side."""
+    n = len(panels)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    im = None
+    for ax, (name, (lengths, depths, acc)) in zip(axes.flat, panels.items(), strict=False):
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(x) for x in lengths], rotation=45, fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
+        ax.set_xlabel("prompt length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(name, fontsize=9)
+        for i, row in enumerate(acc):
+            for j, a in enumerate(row):
+                ax.text(j, i, f"{a:.1f}", ha="center", va="center", fontsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

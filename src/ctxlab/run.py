@@ -1,0 +1,352 @@
+"""Jobs and studies: what `ctxlab` runs once Hydra has composed the config.
+
+A job = one phase (fit from scratch, fit from a checkpoint, or evaluate a checkpoint) and,
+when ``phase.evaluate``, the extrapolation grid. A study = several jobs ("arms", each a list of
+overrides on top of the command line), run in turn, then compared in one table and plot.
+Everything a job writes lands in ``run_dir``; a job restarted with the same ``run_dir``
+resumes from ``checkpoints/last.ckpt`` with the same W&B run id, and a study skips arms whose
+results already exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ctxlab.config import ConfigError, validate
+
+log_prefix = "[ctxlab]"
+
+
+def say(msg: str) -> None:
+    print(f"{log_prefix} {msg}", flush=True)
+
+
+def build_model(cfg: DictConfig):
+    from ctxlab.model import Llama
+
+    model_cfg = instantiate(cfg.model)
+    position = instantiate(cfg.position)
+    attention = instantiate(cfg.attention)
+    return Llama(model_cfg, attention, position)
+
+
+def eval_configs(cfg: DictConfig):
+    ppl = instantiate(cfg.eval.perplexity)
+    pk = instantiate(cfg.eval.passkey)
+    return ppl, pk
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "triton", "lightning", "hydra-core", "omegaconf", "transformers", "datasets", "wandb"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state() -> dict:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return {"commit": commit or None, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    acc = str(cfg.trainer.get("accelerator", "cpu"))
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_weights(model, path: str | os.PathLike, setting: str) -> dict:
+    """Load a ctxlab checkpoint's model weights, refusing one made for a different model."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{setting}: no checkpoint file at {p}")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    meta = ckpt.get("ctxlab") if isinstance(ckpt, dict) else None
+    if meta is None or "state_dict" not in ckpt:
+        raise ValueError(f"{setting}: {p} is not a ctxlab checkpoint (no ctxlab metadata)")
+    saved, current = meta["model"], model.config.to_dict()
+    ignore = {"gradient_checkpointing"}
+    diff = {k: (saved.get(k), current.get(k)) for k in current if k not in ignore and saved.get(k) != current.get(k)}
+    if diff:
+        details = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"{setting}: {p} was trained with a different model ({details})")
+    # Rotary tables are derived from the position config, not learned: never load them.
+    state = {
+        k[len("model.") :]: v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("model.") and not k.startswith("model.position.")
+    }
+    own = {k for k in model.state_dict() if not k.startswith("position.")}
+    missing, unexpected = own - set(state), set(state) - own
+    if missing or unexpected:
+        raise ValueError(f"{setting}: {p} does not match the model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    model.load_state_dict(state, strict=False)
+    return ckpt
+
+
+class Loggers:
+    """CSV always; W&B when ``logger.kind=wandb`` (offline by default), one run id per run_dir."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        self.csv = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        self.wandb = None
+        if cfg.logger.kind == "wandb":
+            try:
+                import wandb
+                from lightning.pytorch.loggers import WandbLogger
+            except ImportError as e:
+                raise ConfigError("logger=wandb needs the wandb package: install it or use logger=csv") from e
+            id_file = run_dir / "wandb_id.txt"
+            if id_file.exists():
+                run_id = id_file.read_text().strip()
+            else:
+                run_id = wandb.util.generate_id()
+                id_file.write_text(run_id)
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = WandbLogger(
+                project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                tags=list(cfg.logger.tags), name=str(cfg.name), id=run_id, resume="allow",
+                save_dir=str(run_dir), offline=cfg.logger.mode == "offline",
+                mode=None if cfg.logger.mode == "offline" else cfg.logger.mode,
+            )  # fmt: skip
+            self.wandb.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    @property
+    def all(self) -> list:
+        return [self.csv] + ([self.wandb] if self.wandb is not None else [])
+
+    def table(self, key: str, rows: list[dict]) -> None:
+        if self.wandb is not None and rows:
+            cols = list(rows[0])
+            self.wandb.log_table(key=key, columns=cols, data=[[r[c] for c in cols] for r in rows])
+
+    def image(self, key: str, path: Path) -> None:
+        if self.wandb is not None:
+            self.wandb.log_image(key=key, images=[str(path)])
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            wandb.finish()
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    if rows:
+        with path.with_suffix(".csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra: dict) -> dict:
+    """The extrapolation grid: causality audit, perplexity against length, passkey."""
+    from ctxlab.eval.causality import causality_audit
+    from ctxlab.eval.passkey import accuracy_matrix, passkey_grid
+    from ctxlab.eval.perplexity import perplexity_grid
+    from ctxlab.eval.plots import plot_passkey, plot_perplexity
+
+    ppl_cfg, pk_cfg = eval_configs(cfg)
+    device = device_of(cfg)
+    model = model.to(device).eval()
+    results_dir, plots_dir = run_dir / "results", run_dir / "plots"
+    summary = {
+        "name": str(cfg.name),
+        "attention": model.cores[0].describe(),
+        "position": model.position.describe() if hasattr(model.position, "describe") else type(model.position).__name__,
+        "train_length": int(cfg.data.seq_len),
+        **extra,
+    }
+    causal = None
+    if cfg.eval.causality.enabled:
+        rep = causality_audit(model, n_cuts=int(cfg.eval.causality.n_cuts), device=device)
+        causal = rep.causal
+        summary["causality"] = rep.as_dict()
+        (results_dir).mkdir(parents=True, exist_ok=True)
+        (results_dir / "causality.json").write_text(json.dumps(rep.as_dict(), indent=2))
+        if rep.causal != rep.declared_causal:
+            say(f"WARNING: the causality audit found causal={rep.causal}, but the configuration declares {rep.declared_causal}")
+    summary["causal"] = causal
+    if ppl_cfg.enabled:
+        docs = dm.eval_documents("test")
+        rows = [r.as_row() | {"causal": causal} for r in perplexity_grid(model, docs, ppl_cfg, device=device)]
+        write_rows(results_dir / "perplexity", rows)
+        summary["perplexity"] = rows
+        loggers.table("eval/perplexity", rows)
+        img = plot_perplexity({str(cfg.name): rows}, plots_dir / "perplexity.png", train_length=int(cfg.data.seq_len))
+        loggers.image("eval/perplexity_plot", img)
+        for r in rows:
+            flag = "" if causal is not False else "   <- NOT a valid LM perplexity: the model is not causal"
+            say(f"ppl @ {r['length']:>7}: {r['ppl']:10.3f}  ({r['n_docs']} docs, {r['n_tokens']} tokens){flag}")
+    if pk_cfg.enabled:
+        rows = passkey_grid(model, dm.tokenizer, pk_cfg, device=device)
+        write_rows(results_dir / "passkey", rows)
+        summary["passkey"] = rows
+        loggers.table("eval/passkey", rows)
+        img = plot_passkey({str(cfg.name): accuracy_matrix(rows)}, plots_dir / "passkey.png")
+        loggers.image("eval/passkey_heatmap", img)
+    (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def check_before_work(cfg: DictConfig, dm, model) -> None:
+    """Cheap checks that need the tokenizer/data/model but no training."""
+    from ctxlab.eval.passkey import min_prompt_length
+
+    ppl_cfg, pk_cfg = eval_configs(cfg)
+    if hasattr(dm, "validate"):
+        dm.validate()
+    vocab = dm.tokenizer.vocab_size
+    if model.config.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={model.config.vocab_size} < the tokenizer's vocabulary {vocab}")
+    if cfg.phase.evaluate and pk_cfg.enabled:
+        shortest = min_prompt_length(dm.tokenizer, pk_cfg.digits)
+        bad = [n for n in pk_cfg.lengths if n < shortest]
+        if bad:
+            raise ConfigError(f"eval.passkey.lengths {bad} are shorter than the passkey prompt itself ({shortest} tokens)")
+    check = getattr(model.position, "check_lengths", None)
+    if check is not None:
+        longest = max([*ppl_cfg.lengths, *pk_cfg.lengths]) if cfg.phase.evaluate else int(cfg.data.seq_len)
+        check(int(cfg.data.seq_len), longest, torch.float32)
+
+
+def write_metadata(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    meta = {"git": git_state(), "versions": package_versions(), "seed": int(cfg.seed),
+            "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def run_job(cfg: DictConfig) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from ctxlab.train.callbacks import SelectionStats, Throughput
+    from ctxlab.train.module import LMModule
+
+    validate(cfg)
+    run_dir = Path(cfg.run_dir).resolve()
+    write_metadata(cfg, run_dir)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    dm = instantiate(cfg.data)
+    model = build_model(cfg)
+    check_before_work(cfg, dm, model)
+    loggers = Loggers(cfg, run_dir)
+    extra: dict = {}
+    try:
+        if cfg.phase.fit:
+            if cfg.phase.init_from:
+                load_weights(model, cfg.phase.init_from, "phase.init_from")
+            module = LMModule(
+                model, instantiate(cfg.phase.optimizer),
+                instantiate(cfg.phase.scheduler) if cfg.phase.scheduler else None, seed=int(cfg.seed),
+            )  # fmt: skip
+            ckpt_dir = run_dir / "checkpoints"
+            every = int(cfg.trainer.get("val_check_interval") or 0) or None
+            callbacks = [
+                ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step}", save_last=True,
+                                every_n_train_steps=every, auto_insert_metric_name=False),
+                Throughput(log_every=int(cfg.trainer.log_every_n_steps)),
+                LearningRateMonitor(logging_interval="step"),
+            ]  # fmt: skip
+            if any(hasattr(c, "record_selection") for c in model.cores):
+                callbacks.append(SelectionStats(every=max(1, int(cfg.trainer.log_every_n_steps) * 5)))
+            growth = getattr(model.position, "growth_callback", None)
+            if growth is not None and growth() is not None:
+                callbacks.append(growth())
+            trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers.all, default_root_dir=str(run_dir))
+            last = ckpt_dir / "last.ckpt"
+            if last.exists():
+                say(f"resuming from {last}")
+            t0 = time.perf_counter()
+            trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+            extra["fit_seconds"] = round(time.perf_counter() - t0, 1)
+            if not trainer.fast_dev_run:
+                trainer.save_checkpoint(str(last))
+            val = trainer.callback_metrics.get("val/loss")
+            extra["val_ppl"] = float(torch.exp(val)) if val is not None else None
+            extra["steps"] = int(trainer.global_step)
+        else:
+            load_weights(model, cfg.phase.checkpoint, "phase.checkpoint")
+        summary = evaluate(model, dm, cfg, run_dir, loggers, extra) if cfg.phase.evaluate else extra
+    finally:
+        loggers.finish()
+    say(f"run directory: {run_dir}")
+    return summary
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def run_study(cfg: DictConfig) -> dict:
+    """Compose every arm first (so a bad arm fails before any work), then run them in turn."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from ctxlab.compare import compare_runs
+
+    root = Path(cfg.run_dir).resolve()
+    base = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "hydra/", "study"))]
+    arms = {}
+    for name, overrides in cfg.study.arms.items():
+        arm_dir = root / "arms" / slug(name)
+        ov = [*base, *overrides, f"run_dir={arm_dir}", "study=null", f"name={name}"]
+        arm_cfg = compose(config_name="config", overrides=ov)
+        try:
+            validate(arm_cfg)
+        except ConfigError as e:
+            raise ConfigError(f"study arm {name!r}: {e}") from e
+        arms[name] = (arm_cfg, arm_dir)
+    say(f"study with {len(arms)} arms under {root}")
+    t0 = time.perf_counter()
+    for i, (name, (arm_cfg, arm_dir)) in enumerate(arms.items()):
+        if (arm_dir / "results" / "summary.json").exists():
+            say(f"[{i + 1}/{len(arms)}] {name}: results exist, skipped")
+            continue
+        say(f"[{i + 1}/{len(arms)}] {name}")
+        run_job(arm_cfg)
+    report = compare_runs([d for _, d in arms.values()], root / "compare", title=str(cfg.name))
+    say(f"study finished in {time.perf_counter() - t0:.0f} s")
+    print(report["markdown"], flush=True)
+    say(f"tables: {report['table_md']}  {report['table_csv']}")
+    say(f"plots:  {report['ppl_png']}  {report['passkey_png']}")
+    return report
+
+
+def run(cfg: DictConfig) -> dict:
+    validate(cfg)
+    if cfg.get("study"):
+        return run_study(cfg)
+    return run_job(cfg)

@@ -1,0 +1,101 @@
+"""Training callbacks: throughput/MFU and MS selection statistics."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices log throughput only.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+class Throughput(L.Callback):
+    """Logs tokens/s and, on a known GPU, MFU (6 N tokens + attention FLOPs, dense-equivalent)."""
+
+    def __init__(self, log_every: int = 10) -> None:
+        self.log_every = log_every
+        self._t0: float | None = None
+        self._tokens = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ids = batch["input_ids"]
+        self._tokens += ids.shape[0] * (ids.shape[1] - 1)
+        if (batch_idx + 1) % self.log_every:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t0
+        tps = self._tokens / dt
+        pl_module.log("perf/tokens_per_s", tps, on_step=True)
+        cfg = pl_module.model.config
+        L_ = ids.shape[1] - 1
+        flops_per_token = 6 * cfg.n_params() + 12 * cfg.n_layers * cfg.dim * L_ / 2
+        peak = device_peak_flops()
+        if peak:
+            pl_module.log("perf/mfu", tps * flops_per_token / peak, on_step=True)
+        if torch.cuda.is_available():
+            pl_module.log("perf/peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
+        self._t0, self._tokens = time.perf_counter(), 0
+
+
+class SelectionStats(L.Callback):
+    """Every ``every`` training steps (and on each validation's first batch) records the MS
+    selection of every MS layer for one batch and logs its statistics: how often each region
+    distance is selected, the share inside the local neighbourhood, overlap between heads."""
+
+    def __init__(self, every: int = 50, local_window: int = 4) -> None:
+        self.every = every
+        self.local_window = local_window
+
+    def _cores(self, pl_module):
+        return [c for c in pl_module.model.cores if hasattr(c, "record_selection")]
+
+    def _arm(self, pl_module, on: bool) -> None:
+        for c in self._cores(pl_module):
+            c.record_selection = on
+            if not on:
+                c.last_selection = None
+
+    def _log(self, pl_module, prefix: str) -> None:
+        from ctxlab.attention.stats import selection_stats
+
+        cores = self._cores(pl_module)
+        stats = [
+            selection_stats(c.last_selection, budget=c.budget, merge=c.merge, local_window=self.local_window)
+            for c in cores
+            if c.last_selection is not None and c.last_selection.shape[2] > 0
+        ]
+        if stats:
+            for key in stats[0]:
+                if isinstance(stats[0][key], int | float):
+                    pl_module.log(f"{prefix}/{key}", sum(s[key] for s in stats) / len(stats))
+        self._arm(pl_module, False)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.every and trainer.global_step % self.every == 0:
+            self._arm(pl_module, True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if any(c.record_selection for c in self._cores(pl_module)):
+            self._log(pl_module, "selection/train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            self._arm(pl_module, True)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            self._log(pl_module, "selection/val")
