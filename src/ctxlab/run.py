@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -126,7 +127,7 @@ class Loggers:
             if id_file.exists():
                 run_id = id_file.read_text().strip()
             else:
-                run_id = wandb.util.generate_id()
+                run_id = secrets.token_hex(4)  # W&B ids are [a-z0-9]; this one survives restarts
                 id_file.write_text(run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = WandbLogger(
@@ -252,6 +253,7 @@ def run_job(cfg: DictConfig) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+    from ctxlab.slurm import PreemptionCheckpoint, trainer_plugins
     from ctxlab.train.callbacks import SelectionStats, Throughput
     from ctxlab.train.module import LMModule
 
@@ -285,7 +287,10 @@ def run_job(cfg: DictConfig) -> dict:
             growth = getattr(model.position, "growth_callback", None)
             if growth is not None and growth() is not None:
                 callbacks.append(growth())
-            trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers.all, default_root_dir=str(run_dir))
+            # Inside a SLURM job: on the pre-timeout signal, save last.ckpt after this step and requeue.
+            callbacks.append(PreemptionCheckpoint(ckpt_dir / "last.ckpt"))
+            trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers.all, default_root_dir=str(run_dir),
+                                  plugins=trainer_plugins())  # fmt: skip
             last = ckpt_dir / "last.ckpt"
             if last.exists():
                 say(f"resuming from {last}")

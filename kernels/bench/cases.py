@@ -1,0 +1,88 @@
+"""Named benchmark cases for MS attention and their FLOP counts.
+
+A case is one shape (B, L, Hq, Hkv, D) with one MS setting (region w, budget T, merge m,
+scope, pe). FLOPs are counted, not measured: attention does 2 matmuls of 2*D flops per
+query-key pair forward and 5 backward (FlashAttention's convention: backward = 2.5 x forward).
+``dense_pairs`` counts the causal pairs of dense attention; ``ms_pairs`` the pairs MS attention
+actually computes (dense prefix, then per block its selected tokens plus its own causal part).
+Reporting both keeps a sparse kernel's speed honest: TFLOP/s on computed pairs is its
+efficiency; "dense-equivalent" TFLOP/s is the speed a user sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KILO = 1024
+
+SETTINGS = {
+    "paper": (16, 512, 64),  # w, T, m: the paper's fine-tuning default
+    "sparse": (64, 64, 8),
+}
+LENGTHS = {"8K": 8 * KILO, "32K": 32 * KILO, "64K": 64 * KILO, "128K": 128 * KILO,
+           "256K": 256 * KILO}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case; ``name`` is its id in result files."""
+
+    name: str
+    L: int
+    Hkv: int
+    setting: str
+    B: int = 1
+    Hq: int = 32
+    D: int = 128
+    scope: str = "head"
+    pe: str = "pre"
+
+    @property
+    def region(self) -> int:
+        return SETTINGS[self.setting][0]
+
+    @property
+    def budget(self) -> int:
+        return SETTINGS[self.setting][1]
+
+    @property
+    def merge(self) -> int:
+        return SETTINGS[self.setting][2]
+
+    def dense_pairs(self) -> int:
+        return self.B * self.Hq * self.L * (self.L + 1) // 2
+
+    def ms_pairs(self) -> int:
+        w, T, m, L = self.region, self.budget, self.merge, self.L
+        n = -(-L // w)
+        if n <= T:
+            return self.dense_pairs()
+        P = T * w
+        pairs = P * (P + 1) // 2
+        for lo in range(P, L, m * w):
+            size = min(m * w, L - lo)
+            pairs += size * (T - m) * w + size * (size + 1) // 2
+        return self.B * self.Hq * pairs
+
+    def flops(self, pairs: int, pass_: str) -> float:
+        """FLOPs of ``pass_`` in {"fwd", "bwd", "fwd+bwd"} over ``pairs`` query-key pairs."""
+        fwd = 4.0 * self.D * pairs
+        return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[pass_]
+
+
+def registry(lengths=("8K", "32K", "64K", "128K"), kv_heads=(8, 32), settings=("paper", "sparse"),
+             scope: str = "head", pe: str = "pre") -> dict[str, Case]:
+    """The issue's grid: B=1, 32 query heads, D=128, bf16, by length, kv heads and setting."""
+    cases = {}
+    for length in lengths:
+        for hkv in kv_heads:
+            for setting in settings:
+                name = f"{setting}-L{length}-kv{hkv}-{scope}-{pe}"
+                cases[name] = Case(name, LENGTHS[length], hkv, setting, scope=scope, pe=pe)
+    return cases
+
+
+PRESETS = {
+    "h100": dict(lengths=("8K", "32K", "64K", "128K")),
+    "smoke": dict(lengths=("8K",), kv_heads=(8,)),
+}

@@ -1,0 +1,163 @@
+"""The attention implementations the benchmark compares, all on BTHD tensors.
+
+Shapes: q [B, L, Hq, D], k, v [B, L, Hkv, D], idx [B, Hs, G, S] (S = T - m selected regions
+per block, Hs = Hq for scope="head"), outputs [B, L, Hq, D].
+
+- ``dense``: causal SDPA (the flash backend), the dense baseline. It is timed with k and v
+  already repeated to Hq heads, so its cost is that of the attention kernel alone.
+- ``gather``: the paper's approach: gather every block's selected K/V (plus its own tokens)
+  into a copy, then one masked SDPA call over all blocks (plus a causal SDPA for the prefix).
+- ``flex``: FlexAttention (compiled) with a BlockMask built from the same selection.
+- ``triton``: ours, ``ms_attend_triton``.
+Each builder returns ``fn(q, k, v) -> o`` with the selection bound in. ``gather`` and ``flex``
+implement ``pe="pre"`` only (RoPE already in q and k).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ms_attention.triton_impl import ms_attend_triton, sort_selection
+from .cases import Case
+
+
+def _blocks_view(x: Tensor, case: Case, G: int) -> Tensor:
+    """Tokens from the prefix end on, padded to G whole blocks: [B, G, m*w, H, D]."""
+    B, L, H, D = x.shape
+    P, mw = case.budget * case.region, case.merge * case.region
+    x = F.pad(x, (0, 0, 0, 0, 0, P + G * mw - L))
+    return x[:, P:].view(B, G, mw, H, D)
+
+
+def dense(case: Case, idx: Tensor):
+    def fn(q, k, v):
+        rep = q.shape[2] // k.shape[2]
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return o.transpose(1, 2)
+
+    return fn
+
+
+def gather(case: Case, idx: Tensor):
+    """Paper-style: materialise each block's key set, then dense attention with a mask."""
+    if case.pe != "pre":
+        raise ValueError("the gather baseline implements pe='pre' only")
+    B, Hs, G, S = idx.shape
+    w, T, m = case.region, case.budget, case.merge
+    mw, P = m * w, T * w
+    dev = idx.device
+    idx_s = sort_selection(idx).long()
+    sel_tok = (idx_s.clamp_min(0)[..., None] * w + torch.arange(w, device=dev)).flatten(-2)
+    keep = torch.cat(
+        [
+            (idx_s >= 0).repeat_interleave(w, -1)[:, :, :, None, :].expand(B, Hs, G, mw, S * w),
+            torch.ones(mw, mw, dtype=torch.bool, device=dev).tril().expand(B, Hs, G, mw, mw),
+        ],
+        -1,
+    )  # [B, Hs, G, mw, T*w]
+
+    def fn(q, k, v):
+        L, Hq, Hkv = q.shape[1], q.shape[2], k.shape[2]
+        rep_s, rep_kv = Hq // Hs, Hq // Hkv
+        pre = F.scaled_dot_product_attention(
+            q[:, :P].transpose(1, 2),
+            k[:, :P].repeat_interleave(rep_kv, 2).transpose(1, 2),
+            v[:, :P].repeat_interleave(rep_kv, 2).transpose(1, 2),
+            is_causal=True,
+        ).transpose(1, 2)
+        if G == 0:
+            return pre
+        kv_head = torch.arange(Hs, device=dev) // (Hs // Hkv)
+        b_ix = torch.arange(B, device=dev)[:, None, None, None]
+        h_ix = kv_head[None, :, None, None]
+
+        def keys(x):  # [B, Hs, G, T*w, D]: selected tokens, then the block's own
+            x_t = x.transpose(1, 2)
+            sel = x_t[b_ix, h_ix, sel_tok]
+            own = _blocks_view(x, case, G)[:, :, :, kv_head].permute(0, 3, 1, 2, 4)
+            return torch.cat([sel, own], 3).repeat_interleave(rep_s, 1)
+
+        qb = _blocks_view(q, case, G).permute(0, 1, 3, 2, 4)  # [B, G, Hq, mw, D]
+        kb = keys(k).transpose(1, 2)  # [B, G, Hq, T*w, D]
+        vb = keys(v).transpose(1, 2)
+        mask = keep.repeat_interleave(rep_s, 1).transpose(1, 2)  # [B, G, Hq, mw, T*w]
+        D = q.shape[-1]
+        o = F.scaled_dot_product_attention(
+            qb.reshape(B * G, Hq, mw, D), kb.reshape(B * G, Hq, -1, D),
+            vb.reshape(B * G, Hq, -1, D), attn_mask=mask.reshape(B * G, Hq, mw, -1),
+        )
+        o = o.view(B, G, Hq, mw, D).permute(0, 1, 3, 2, 4).reshape(B, G * mw, Hq, D)
+        return torch.cat([pre, o[:, : L - P]], 1)
+
+    return fn
+
+
+def flex(case: Case, idx: Tensor, block: int = 128):
+    """FlexAttention over the same pattern: kv blocks listed per q block from the selection,
+    the exact token mask applied inside them by ``mask_mod``."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if case.pe != "pre":
+        raise ValueError("the flex baseline implements pe='pre' only")
+    B, Hs, G, S = idx.shape
+    w, T, m = case.region, case.budget, case.merge
+    L, Hq, P = case.L, case.Hq, T * w
+    dev = idx.device
+    n = -(-L // w)
+    nb = -(-L // block)
+    if P % block or (m * w) % block:
+        raise ValueError("flex needs the prefix and the blocks to be whole multiples of its block")
+    region_sel = torch.zeros(B, Hs, max(G, 1), n, dtype=torch.bool, device=dev)
+    if G:
+        region_sel.scatter_(-1, idx.long().clamp_min(0), (idx >= 0))
+    head_sel = torch.arange(Hq, device=dev) // (Hq // Hs)
+
+    # Block-level mask [B, Hq, nb, nb]: any selected region in a kv block, or causal own part.
+    qb = torch.arange(nb, device=dev)
+    q_tok = qb * block
+    g_of = torch.clamp((q_tok // w - T) // m, min=0)
+    own_lo = torch.where(q_tok < P, 0, (T + g_of * m) * w) // block
+    causal = (qb[None, :] <= qb[:, None]) & (qb[None, :] >= own_lo[:, None])  # [nb, nb]
+    kv_of_region = torch.arange(n, device=dev) * w // block
+    sel_blocks = torch.zeros(B, Hs, max(G, 1), nb, dtype=torch.int32, device=dev)
+    sel_blocks.index_add_(3, kv_of_region, region_sel.to(torch.int32))
+    block_sel = sel_blocks[:, head_sel][:, :, g_of] > 0  # [B, Hq, nb, nb]
+    block_sel &= (q_tok >= P)[None, None, :, None]
+    dense_mask = causal[None, None] | block_sel
+    kv_num = dense_mask.sum(-1).to(torch.int32)
+    kv_idx = torch.argsort((~dense_mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+
+    def mask_mod(b, h, q_i, kv_i):
+        g = torch.clamp((q_i // w - T) // m, min=0)
+        own = (kv_i >= (T + g * m) * w) & (kv_i <= q_i)
+        sel = region_sel[b, head_sel[h], torch.clamp(g, max=max(G, 1) - 1), kv_i // w]
+        return torch.where(q_i < P, kv_i <= q_i, own | sel)
+
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(L, L))
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def fn(q, k, v):
+        o = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
+                     enable_gqa=Hq != k.shape[2])
+        return o.transpose(1, 2)
+
+    return fn
+
+
+def triton(case: Case, idx: Tensor):
+    def fn(q, k, v):
+        return ms_attend_triton(q, k, v, idx, region=case.region, budget=case.budget,
+                                merge=case.merge, pe=case.pe, rope_base=10000.0,
+                                scale=case.D**-0.5)
+
+    return fn
+
+
+OPS = {"dense": dense, "gather": gather, "flex": flex, "triton": triton}

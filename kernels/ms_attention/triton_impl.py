@@ -1,0 +1,509 @@
+"""MS attention on Triton: host launchers, the reverse index, custom ops and the entry point.
+
+Shape legend: B batch, L tokens, Hq query heads, Hkv kv heads, Hs selection heads (Hq for
+scope="head", Hkv for scope="group"), D head dim, w region, T budget, m merge, S = T - m
+selected regions per block, G blocks, P = min(T*w, L) dense-prefix tokens, E reverse-index
+entries, R region slots per key tile.
+
+Layers (STYLE.md): the ``@triton.jit`` kernels live in ``triton_kernels``; ``ms_attn_fwd`` and
+``ms_attn_bwd`` allocate and launch, no autograd; ``torch.ops.ctxlab.ms_attn_fwd`` /
+``ms_attn_bwd`` are ``torch.library`` custom ops with fake (meta) implementations, so
+``torch.compile`` traces through them, and the forward op carries the autograd formula;
+``ms_attention_triton`` is what ``interface.ms_attention(..., backend="triton")`` calls.
+The selection runs in PyTorch (``ms_select_torch``); the kernels take it as indices.
+
+Tensors must be CUDA tensors, or CPU tensors when Triton's interpreter is on
+(``TRITON_INTERPRET=1`` when ``triton_kernels`` is imported; kernels are looked up on that
+module at each launch, so reloading it switches modes); float32, float16 or bfloat16;
+D even and ``>= 32`` on a GPU (a tl.dot needs 16 columns per half).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from ..rope import rope_cos_sin, rope_inv_freq
+from . import triton_kernels as tk
+from .torch_impl import ms_select_torch, num_blocks
+
+LOG2E = 1.4426950408889634
+
+POISON = False
+"""When True, outputs are allocated NaN-filled, so an element a kernel fails to write shows.
+Tests turn it on; it costs one fill per output."""
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters of the three kernels.
+
+    fwd_*: forward and dq kernels (same schedule): ``block_m`` query rows per program,
+    ``block_n`` keys per step, ``block_m % block_n == 0`` (the unmasked key loop ends at the
+    tile's first row). dkv_*: ``block_n`` keys per program (also the reverse index's key tile),
+    ``block_m`` query rows per step.
+    """
+
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    dq_block_m: int = 128
+    dq_block_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
+    dkv_block_n: int = 64
+    dkv_block_m: int = 64
+    dkv_warps: int = 8
+    dkv_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkv_block_n",
+                     "dkv_block_m"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.fwd_block_m % self.fwd_block_n:
+            raise ValueError("fwd_block_m must be a multiple of fwd_block_n")
+        if self.dq_block_m % self.dq_block_n:
+            raise ValueError("dq_block_m must be a multiple of dq_block_n")
+
+
+GPU_CONFIG = LaunchConfig()
+INTERPRETER_CONFIG = LaunchConfig(fwd_block_m=16, fwd_block_n=16, dq_block_m=16, dq_block_n=16,
+                                  dkv_block_n=16, dkv_block_m=16)
+
+
+def interpreted() -> bool:
+    """Whether the kernels were defined under Triton's CPU interpreter."""
+    return type(tk.ms_attn_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def default_config(device: torch.device) -> LaunchConfig:
+    return GPU_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How L tokens split into the dense prefix and G blocks, and into tiles of ``block``.
+
+    Tiles never straddle segments: ``n_pre_tiles`` tiles cover [0, P), then each block
+    [P + g*m*w, min(P + (g+1)*m*w, L)) gets ``tiles_per_block`` tiles (the last block fewer).
+    """
+
+    L: int
+    region: int
+    budget: int
+    merge: int
+    G: int
+    P: int
+    block: int
+    n_pre_tiles: int
+    tiles_per_block: int
+    n_tiles: int
+
+    @staticmethod
+    def of(L: int, region: int, budget: int, merge: int, block: int) -> Geometry:
+        G = num_blocks(L, region, budget, merge)
+        P = L if G == 0 else budget * region
+        n_pre = triton.cdiv(P, block)
+        per_block = triton.cdiv(merge * region, block)
+        n_tiles = n_pre
+        if G > 0:
+            last = L - (P + (G - 1) * merge * region)
+            n_tiles += (G - 1) * per_block + triton.cdiv(last, block)
+        return Geometry(L, region, budget, merge, G, P, block, n_pre, per_block, n_tiles)
+
+    def tile_start(self, tile: Tensor) -> Tensor:
+        """First token of each tile (any integer tensor of tile numbers)."""
+        rel = tile - self.n_pre_tiles
+        in_block = self.P + torch.div(rel, self.tiles_per_block, rounding_mode="floor") * (
+            self.merge * self.region
+        ) + torch.remainder(rel, self.tiles_per_block) * self.block
+        return torch.where(tile < self.n_pre_tiles, tile * self.block, in_block)
+
+    def tile_of(self, tok: Tensor) -> Tensor:
+        """Tile holding each token."""
+        mw = self.merge * self.region
+        rel = tok - self.P
+        in_block = (
+            self.n_pre_tiles
+            + torch.div(rel, mw, rounding_mode="floor") * self.tiles_per_block
+            + torch.div(torch.remainder(rel, mw), self.block, rounding_mode="floor")
+        )
+        return torch.where(tok < self.P, torch.div(tok, self.block, rounding_mode="floor"), in_block)
+
+    def segment_end(self, tile: Tensor) -> Tensor:
+        """One past the last token of each tile's segment."""
+        g = torch.div(tile - self.n_pre_tiles, self.tiles_per_block, rounding_mode="floor")
+        block_end = torch.clamp(self.P + (g + 1) * self.merge * self.region, max=self.L)
+        return torch.where(tile < self.n_pre_tiles, torch.full_like(tile, self.P), block_end)
+
+
+def sort_selection(idx: Tensor) -> Tensor:
+    """Each block's selected regions ascending, -1 padding last: int32 ``[B, Hs, G, S]``.
+
+    The kernels read a block's keys in this order; under ``pe="selected"`` a region's rank
+    in it is its position slot (as in ``ms_attend_torch``).
+    """
+    pad = torch.iinfo(torch.int32).max
+    idx = idx.to(torch.int32)
+    ordered = torch.where(idx < 0, pad, idx).sort(dim=-1).values
+    return torch.where(ordered == pad, -1, ordered).contiguous()
+
+
+@dataclass(frozen=True)
+class ReverseIndex:
+    """For each (b, hs, key tile), the blocks that selected one of the tile's regions.
+
+    ``offsets`` int32 ``[B*Hs*n_tiles + 1]`` (CSR over ``(b*Hs + hs)*n_tiles + tile``);
+    ``block`` int32 ``[E]``, ascending within a tile; ``rank`` int32 ``[E, R]``: rank of the
+    tile's region slot r (``region - tile_start // w``) in the block's sorted selection, or -1;
+    ``order`` int32 ``[n_tiles]``: tiles by decreasing work, so the programs of popular
+    regions (attention sinks: selected by nearly every block) start first.
+    """
+
+    offsets: Tensor
+    block: Tensor
+    rank: Tensor
+    order: Tensor
+    slots: int
+
+
+def reverse_index(idx_sorted: Tensor, geo: Geometry) -> ReverseIndex:
+    """Build the dk/dv kernel's reverse index from the sorted selection ``[B, Hs, G, S]``."""
+    B, Hs, G, S = idx_sorted.shape
+    dev = idx_sorted.device
+    w, bn = geo.region, geo.block
+    slots = (bn - 1) // w + 2
+    n_keys = B * Hs * geo.n_tiles
+    if G == 0:
+        order = torch.arange(geo.n_tiles, device=dev, dtype=torch.int32)
+        return ReverseIndex(
+            torch.zeros(n_keys + 1, dtype=torch.int32, device=dev),
+            torch.zeros(1, dtype=torch.int32, device=dev),
+            torch.full((1, slots), -1, dtype=torch.int32, device=dev),
+            order,
+            slots,
+        )
+    region = idx_sorted.long()
+    valid = region >= 0
+    rank = torch.arange(S, device=dev).expand_as(region)
+    g = torch.arange(G, device=dev)[:, None].expand_as(region)
+    bhs = torch.arange(B * Hs, device=dev).view(B, Hs, 1, 1).expand_as(region)
+    first = geo.tile_of(region.clamp_min(0) * w)
+    last = geo.tile_of(region.clamp_min(0) * w + w - 1)
+    keys, ranks, slot_of = [], [], []
+    for c in range(triton.cdiv(w, bn) + 1):  # tiles a region overlaps
+        tile = first + c
+        ok = valid & (tile <= last)
+        slot = region - torch.div(geo.tile_start(tile), w, rounding_mode="floor")
+        keys.append(((bhs * geo.n_tiles + tile) * G + g)[ok])
+        ranks.append(rank[ok])
+        slot_of.append(slot[ok])
+    key = torch.cat(keys)
+    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    rank_tab = torch.full((uniq.numel(), slots), -1, dtype=torch.int32, device=dev)
+    rank_tab[inverse, torch.cat(slot_of)] = torch.cat(ranks).to(torch.int32)
+    bhs_tile = torch.div(uniq, G, rounding_mode="floor")
+    counts = torch.bincount(bhs_tile, minlength=n_keys)
+    offsets = torch.zeros(n_keys + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+
+    tiles = torch.arange(geo.n_tiles, device=dev)
+    own = geo.segment_end(tiles) - geo.tile_start(tiles)
+    selected = counts.view(B * Hs, geo.n_tiles).sum(0) * (geo.merge * w)
+    order = torch.argsort(own * B * Hs + selected, descending=True, stable=True)
+    return ReverseIndex(
+        offsets.to(torch.int32),
+        (uniq % G).to(torch.int32),
+        rank_tab,
+        order.to(torch.int32),
+        slots,
+    )
+
+
+def rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos, sin ``[n_pos, D/2]`` float32 (angles in float64, as ``kernels/rope.py``)."""
+    cos, sin = rope_cos_sin(torch.arange(n_pos, device=device), rope_inv_freq(head_dim, base, device))
+    half = head_dim // 2
+    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+
+def _tables(rope: bool, geo: Geometry, head_dim: int, base: float, device: torch.device):
+    if rope:
+        return rope_tables(max(geo.P, 1), head_dim, base, device)
+    dummy = torch.zeros(1, dtype=torch.float32, device=device)
+    return dummy, dummy
+
+
+def _check_launch(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> None:
+    if q.device.type != "cuda" and not interpreted():
+        raise ValueError(
+            f"q is on {q.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+            "set before ctxlab.kernels.ms_attention.triton_kernels is imported"
+        )
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"the Triton kernels need an even head dim, q has D={q.shape[-1]}")
+    if q.device.type == "cuda" and q.shape[-1] < 32:
+        raise ValueError(f"the Triton kernels need D >= 32 on a GPU, q has D={q.shape[-1]}")
+    if idx.dtype != torch.int32 or not idx.is_contiguous():
+        raise ValueError("idx must be a contiguous int32 tensor (see sort_selection)")
+
+
+def _consts(q: Tensor, k: Tensor, idx: Tensor) -> dict:
+    Hq, D = q.shape[2], q.shape[3]
+    return dict(
+        HQ=Hq,
+        HKV=k.shape[2],
+        HS=idx.shape[1],
+        HEAD_DIM=D,
+        BLOCK_H=max(triton.next_power_of_2(D // 2), 16),
+        BLOCK_D=max(triton.next_power_of_2(D), 16),
+    )
+
+
+def ms_attn_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx_sorted: Tensor,
+    *,
+    region: int,
+    budget: int,
+    merge: int,
+    rope: bool,
+    rope_base: float,
+    scale: float,
+    config: LaunchConfig | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Forward launch: ``o [B, L, Hq, D]`` in q's dtype and ``lse [B, Hq, L]`` float32.
+
+    ``lse`` is the natural-log log-sum-exp of each query row's scaled scores over its key set.
+    ``idx_sorted`` is ``sort_selection``'s output (``[B, Hs, G, S]``, G = 0 when dense).
+    """
+    _check_launch(q, k, v, idx_sorted)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cfg = config or default_config(q.device)
+    B, L, Hq, D = q.shape
+    geo = Geometry.of(L, region, budget, merge, cfg.fwd_block_m)
+    o = _empty((B, L, Hq, D), q.dtype, q.device)
+    lse = _empty((B, Hq, L), torch.float32, q.device)
+    cos, sin = _tables(rope, geo, D, rope_base, q.device)
+    idx_arg = idx_sorted if idx_sorted.numel() else torch.full((1,), -1, dtype=torch.int32,
+                                                                device=q.device)
+    tk.ms_attn_fwd_kernel[(geo.n_tiles, B * Hq)](
+        q, k, v, o, lse, idx_arg, cos, sin,
+        L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
+        scale * LOG2E,
+        ROPE=rope, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        **_consts(q, k, idx_sorted),
+    )  # fmt: skip
+    return o, lse
+
+
+def ms_attn_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    idx_sorted: Tensor,
+    *,
+    region: int,
+    budget: int,
+    merge: int,
+    rope: bool,
+    rope_base: float,
+    scale: float,
+    config: LaunchConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward launch: dq ``[B, L, Hq, D]``, dk, dv ``[B, L, Hkv, D]``, in the inputs' dtype.
+
+    Deterministic: every gradient element is written once by one program, summing in a fixed
+    order (no atomics), so two calls on the same inputs return identical bits.
+    """
+    _check_launch(q, k, v, idx_sorted)
+    do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
+    cfg = config or default_config(q.device)
+    B, L, Hq, D = q.shape
+    Hkv = k.shape[2]
+    consts = _consts(q, k, idx_sorted)
+    idx_arg = idx_sorted if idx_sorted.numel() else torch.full((1,), -1, dtype=torch.int32,
+                                                                device=q.device)
+    geo_q = Geometry.of(L, region, budget, merge, cfg.dq_block_m)
+    geo_k = Geometry.of(L, region, budget, merge, cfg.dkv_block_n)
+    cos, sin = _tables(rope, geo_q, D, rope_base, q.device)
+
+    delta = _empty((B, Hq, L), torch.float32, q.device)
+    tk.ms_attn_bwd_preprocess_kernel[(triton.cdiv(L, 64), B * Hq)](
+        o, do, delta, L, HQ=Hq, HEAD_DIM=D, BLOCK_M=64, BLOCK_D=consts["BLOCK_D"]
+    )
+    dq = _empty(q.shape, q.dtype, q.device)
+    tk.ms_attn_bwd_dq_kernel[(geo_q.n_tiles, B * Hq)](
+        q, k, v, do, dq, lse, delta, idx_arg, cos, sin,
+        L, geo_q.P, region, merge, budget - merge, geo_q.G, geo_q.n_pre_tiles,
+        geo_q.tiles_per_block, scale * LOG2E, scale,
+        ROPE=rope, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **consts,
+    )  # fmt: skip
+    rev = reverse_index(idx_sorted, geo_k)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    tk.ms_attn_bwd_dkv_kernel[(geo_k.n_tiles, B * Hkv)](
+        q, k, v, do, dk, dv, lse, delta, cos, sin, rev.order, rev.offsets, rev.block, rev.rank,
+        L, geo_k.P, region, merge, budget - merge, rev.slots, geo_k.n_tiles, geo_k.n_pre_tiles,
+        geo_k.tiles_per_block, scale * LOG2E, scale,
+        ROPE=rope, BLOCK_M=cfg.dkv_block_m, BLOCK_N=cfg.dkv_block_n,
+        num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages, **consts,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@torch.library.custom_op("ctxlab::ms_attn_fwd", mutates_args=())
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx_sorted: Tensor,
+    region: int,
+    budget: int,
+    merge: int,
+    rope: bool,
+    rope_base: float,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    return ms_attn_fwd(q, k, v, idx_sorted, region=region, budget=budget, merge=merge, rope=rope,
+                       rope_base=rope_base, scale=scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, idx_sorted, region, budget, merge, rope, rope_base, scale):
+    B, L, Hq, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, Hq, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("ctxlab::ms_attn_bwd", mutates_args=())
+def _bwd_op(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    idx_sorted: Tensor,
+    region: int,
+    budget: int,
+    merge: int,
+    rope: bool,
+    rope_base: float,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return ms_attn_bwd(do, q, k, v, o, lse, idx_sorted, region=region, budget=budget,
+                       merge=merge, rope=rope, rope_base=rope_base, scale=scale)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, idx_sorted, region, budget, merge, rope, rope_base, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, idx_sorted, region, budget, merge, rope, rope_base, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, idx_sorted, o, lse)
+    ctx.options = (region, budget, merge, rope, rope_base, scale)
+
+
+def _backward(ctx, do: Tensor, _dlse: Tensor | None):
+    q, k, v, idx_sorted, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do.contiguous(), q, k, v, o, lse, idx_sorted, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ms_attend_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    *,
+    region: int,
+    budget: int,
+    merge: int,
+    pe: str,
+    rope_base: float,
+    scale: float,
+) -> Tensor:
+    """Attention given a selection ``idx [B, Hs, G, S]`` (any order, -1 = ignored entry):
+    the Triton counterpart of ``ms_attend_torch``; differentiable in q, k, v."""
+    o, _ = _fwd_op(q, k, v, sort_selection(idx), region, budget, merge, pe == "selected",
+                   float(rope_base), float(scale))
+    return o
+
+
+def ms_attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    region: int,
+    budget: int,
+    merge: int,
+    pool: str,
+    scope: str,
+    select: str,
+    pe: str,
+    rope_base: float,
+    scale: float | None,
+) -> Tensor:
+    """MS attention with Triton kernels -> ``[B, L, Hq, D]`` in q's dtype.
+
+    Arguments as ``interface.ms_attention`` (validated there); ``scale`` None means
+    ``1/sqrt(D)``. The selection runs in PyTorch (``ms_select_torch``, no gradient); the
+    attention, its backward and RoPE for ``pe="selected"`` run in the kernels. Gradients
+    reach q, k, v; the backward is deterministic.
+    """
+    B, L, Hq, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    Hs = Hq if scope == "head" else k.shape[2]
+    if num_blocks(L, region, budget, merge) == 0:
+        idx = torch.empty((B, Hs, 0, budget - merge), dtype=torch.int32, device=q.device)
+    else:
+        with torch.no_grad():
+            idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, pool=pool,
+                                  scope=scope, select=select)
+    return ms_attend_triton(q, k, v, idx, region=region, budget=budget, merge=merge, pe=pe,
+                            rope_base=rope_base, scale=scale)
+
+
+__all__ = [
+    "GPU_CONFIG",
+    "INTERPRETER_CONFIG",
+    "Geometry",
+    "LaunchConfig",
+    "ReverseIndex",
+    "ms_attend_triton",
+    "ms_attention_triton",
+    "ms_attn_bwd",
+    "ms_attn_fwd",
+    "reverse_index",
+    "sort_selection",
+]

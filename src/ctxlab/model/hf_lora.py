@@ -1,0 +1,119 @@
+"""LoRA+ through peft (LongLoRA's recipe) and export of a merged, plain-transformers checkpoint.
+
+LoRA+ = LoRA adapters on the attention projections (q, k, v, o; rank 8, alpha 16) with the
+embeddings and every norm trained fully (LongLoRA, Chen et al. 2023: without them LoRA does
+not extend the context). Everything else is frozen. The trainable embeddings and norms stay
+the base model's own parameters (not peft ``modules_to_save`` copies, which would double the
+embedding's memory), so merging the adapters leaves a model whose every weight is trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+)  # fmt: skip
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _matches(module_name: str, patterns: Sequence[str]) -> bool:
+    """True if the last component of ``module_name`` ends with one of ``patterns``."""
+    return module_name.rsplit(".", 1)[-1].endswith(tuple(patterns))
+
+
+def apply_lora_plus(
+    hf_model: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    trainable: Sequence[str] = ("embed_tokens", "norm"),
+):
+    """Inject LoRA adapters into ``hf_model`` in place and return the ``peft.PeftModel``.
+
+    Trainable afterwards: the adapters' ``lora_A``/``lora_B`` and the parameters of modules
+    whose name ends with one of ``trainable`` (with tied embeddings the output head is the
+    embedding, so it trains too). Raises ValueError, before changing anything, for a target
+    that is not a linear module of the model or a ``trainable`` pattern that matches nothing.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    have = _linear_names(hf_model)
+    missing = [t for t in targets if t not in have]
+    if missing:
+        raise ValueError(
+            f"model.lora_targets {missing} are not linear modules of {type(hf_model).__name__} "
+            f"(it has {sorted(have)})"
+        )
+    names = [n for n, _ in hf_model.named_modules()]
+    unmatched = [p for p in trainable if not any(_matches(n, [p]) for n in names)]
+    if unmatched:
+        raise ValueError(f"model.trainable {unmatched} match no module of {type(hf_model).__name__}")
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_model = get_peft_model(hf_model, config)
+    for name, module in hf_model.named_modules():
+        if _matches(name, trainable):
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(True)
+    return peft_model
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that require gradients (shared parameters listed once)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def export_hf(model, out_dir: str | os.PathLike, *, dtype: str | None = None, inplace: bool = False) -> Path:
+    """Save ``model`` (an ``HFCausalLM``) as a checkpoint that plain transformers loads.
+
+    LoRA adapters are merged into the weights, ctxlab's attention and rotary are replaced by
+    SDPA and HF's rotary, and the config's ``rope_parameters`` are the scheme's
+    ``hf_rope_scaling()``, so ``AutoModelForCausalLM.from_pretrained(out_dir)`` computes what
+    the model computes at evaluation with dense attention. Tokenizer files of the source
+    checkpoint are copied along. ``inplace=False`` works on a copy (the model stays
+    trainable; a 7B bf16 copy needs 13.5 GB more); ``inplace=True`` merges the model itself.
+    ``dtype`` (float32, bfloat16, float16) casts the saved weights.
+    """
+    from ctxlab.model.hf import detach_ctxlab_attention
+    from ctxlab.model.hf_sources import torch_dtype
+
+    rope = model.position.hf_rope_scaling()
+    if rope is None:
+        raise ValueError(
+            f"position={model.position.name} has no transformers equivalent; the exported model "
+            "would not reload with the positions it was trained with"
+        )
+    target = model.peft if model.peft is not None else model.hf
+    if not inplace:
+        target = copy.deepcopy(target)
+    hf_model = target.merge_and_unload() if model.peft is not None else target
+    hf_model.config.rope_parameters = rope
+    detach_ctxlab_attention(hf_model)
+    if getattr(hf_model, "is_gradient_checkpointing", False):
+        hf_model.gradient_checkpointing_disable()
+    if dtype is not None:
+        hf_model.to(torch_dtype(dtype))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(out))
+    if model.source_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = model.source_dir / name
+            if src.is_file() and not (out / name).exists():
+                shutil.copy2(src, out / name)
+    return out

@@ -1,0 +1,342 @@
+"""The Triton MS attention kernels against the PyTorch path: outputs and every gradient.
+
+CPU: the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, in a child pytest
+process that ``test_interpreted`` starts) on tiny float32 shapes, compared with
+``ms_attend_torch`` / ``ms_attention_torch`` in float64. GPU (marker ``gpu``): real sizes in
+bf16, judged by the error relative to PyTorch's own bf16 error (at most 2x forward, 3x
+backward, both against a float32 reference). Outputs are allocated NaN-filled (POISON) so an
+element no program writes fails the comparison.
+
+Shapes: q [B, L, Hq, D], k, v [B, L, Hkv, D]; idx [B, Hs, G, T-m].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ctxlab.kernels.ms_attention import ms_attention, triton_impl
+from ctxlab.kernels.rope import rope_cos_sin, rope_inv_freq, rotate_half
+from ctxlab.kernels.ms_attention.torch_impl import (
+    ms_attend_torch,
+    ms_attention_torch,
+    ms_select_torch,
+    num_blocks,
+)
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Triton reads TRITON_INTERPRET once, when it is first imported (its own library functions
+are defined then), so the interpreted tests run in a child pytest process of their own."""
+
+on_interpreter = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process (test_interpreted)"
+)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(triton_impl, "POISON", True)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child process")
+def test_interpreted():
+    """Run this file's CPU tests under Triton's interpreter, in a child process, so the
+    setting never reaches other test modules."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
+    child = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+    assert " passed" in child.stdout and " failed" not in child.stdout
+
+
+def _inputs(B, L, Hq, Hkv, D, *, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(B, L, Hq, D, generator=gen)
+    k = torch.randn(B, L, Hkv, D, generator=gen)
+    v = torch.randn(B, L, Hkv, D, generator=gen)
+    do = torch.randn(B, L, Hq, D, generator=gen)
+    return [x.to(device=device, dtype=dtype) for x in (q, k, v, do)]
+
+
+def _grads(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of fn(q, k, v) for the upstream gradient do."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(do.to(out.dtype))
+    return out.detach(), [x.grad for x in leaves]
+
+
+def _assert_close(name, actual, expected, tol):
+    assert not actual.isnan().any(), f"{name}: NaN (an unwritten or poisoned element)"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"{name}: max error {err:.3g} (scale {scale:.3g})"
+
+
+# Each case: (id, shape B L Hq Hkv D, region w, budget T, merge m, scope, pe, seed).
+# Lengths are odd and leave a partial last region and block; w=20 spans two 16-key tiles of
+# the dk/dv kernel, w=3 puts several regions into one; the dense case has n <= T.
+ATTEND_CASES = [
+    ("gqa1-w4-L51-pre-head", (1, 51, 2, 2, 32), 4, 5, 2, "head", "pre", 0),
+    ("gqa3-w4-L37-pre-group-B2", (2, 37, 3, 1, 32), 4, 4, 1, "group", "pre", 1),
+    ("gqa4-w4-L47-rope-head", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", 2),
+    ("gqa2-w3-L50-rope-group-D20", (1, 50, 4, 2, 20), 3, 5, 3, "group", "selected", 3),
+    ("gqa1-w20-L97-rope-head", (1, 97, 1, 1, 32), 20, 3, 1, "head", "selected", 4),
+    ("dense-n-le-T-L29", (1, 29, 2, 1, 32), 4, 8, 2, "head", "selected", 5),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, scope, pe, seed",
+    [c[1:] for c in ATTEND_CASES],
+    ids=[c[0] for c in ATTEND_CASES],
+)
+@on_interpreter
+def test_attend_matches_torch(shape, region, budget, merge, scope, pe, seed):
+    """Given one selection, outputs and dq, dk, dv match ms_attend_torch (float64)."""
+    q, k, v, do = _inputs(*shape, seed=seed)
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=100.0)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
+    scale = 1.0 / math.sqrt(shape[-1])
+
+    out, grads = _grads(
+        lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=scale, **opts), q, k, v, do
+    )
+    ref, ref_grads = _grads(
+        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, **opts),
+        *(x.double() for x in (q, k, v, do)),
+    )
+    _assert_close("o", out, ref, 1e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, 1e-5)
+
+
+@on_interpreter
+def test_padding_entries_are_ignored():
+    """-1 entries (a hand-made, partly filled selection) drop keys, and under pe="selected"
+    the valid regions keep the positions 0.. in ascending order, as in ms_attend_torch."""
+    region, budget, merge = 4, 6, 2
+    q, k, v, do = _inputs(1, 57, 2, 1, 32, seed=6)
+    G = num_blocks(57, region, budget, merge)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.stack(
+        [torch.randperm(budget + g * merge, generator=gen)[: budget - merge] for g in range(G)]
+    )[None, None].repeat(1, 2, 1, 1)  # [1, Hs=2, G, 4]
+    idx[0, 0, :, 1] = -1
+    idx[0, 1, 1:, :3] = -1
+    opts = dict(region=region, budget=budget, merge=merge, pe="selected", rope_base=50.0)
+    out, grads = _grads(
+        lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, **opts), q, k, v, do
+    )
+    ref, ref_grads = _grads(
+        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope="head", scale=0.2, **opts),
+        *(x.double() for x in (q, k, v, do)),
+    )
+    _assert_close("o", out, ref, 1e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, 1e-5)
+
+
+# End to end through the public API: selection (both modes, both pools) and attention.
+API_CASES = [
+    ("paper-mean-head-pre-gqa3", (1, 45, 3, 1, 32), "paper", "mean", "head", "pre"),
+    ("causal-attn-group-rope-gqa2", (1, 43, 4, 2, 32), "causal", "attn", "group", "selected"),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, select, pool, scope, pe", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES]
+)
+@on_interpreter
+def test_public_api_matches_torch_backend(shape, select, pool, scope, pe):
+    q, k, v, do = _inputs(*shape, seed=7)
+    opts = dict(region=4, budget=4, merge=2, pool=pool, scope=scope, select=select, pe=pe)
+    out, grads = _grads(lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do)
+    ref, ref_grads = _grads(
+        lambda q, k, v: ms_attention_torch(q, k, v, **opts), *(x.double() for x in (q, k, v, do))
+    )
+    _assert_close("o", out, ref, 1e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, 1e-5)
+
+
+@on_interpreter
+def test_backward_is_deterministic():
+    """Two backward passes on the same inputs give identical bits (no atomics)."""
+    q, k, v, do = _inputs(1, 41, 2, 1, 32, seed=8)
+    opts = dict(region=4, budget=4, merge=2, pool="mean", scope="head", select="paper", pe="pre")
+    first = _grads(lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do)
+    second = _grads(lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do)
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+def test_reverse_index_lists_every_selecting_block():
+    """For every (head, key tile, block): the entry exists iff the block selected a region
+    overlapping the tile, and its ranks name exactly those regions' places in the selection."""
+    region, budget, merge, L = 5, 6, 2, 143
+    q, k, _, _ = _inputs(2, L, 2, 1, 8, seed=9)
+    idx = triton_impl.sort_selection(
+        ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope="head")
+    )
+    B, Hs, G, S = idx.shape
+    for block in (4, 16):
+        geo = triton_impl.Geometry.of(L, region, budget, merge, block)
+        rev = triton_impl.reverse_index(idx, geo)
+        starts = geo.tile_start(torch.arange(geo.n_tiles))
+        ends = torch.minimum(starts + block, geo.segment_end(torch.arange(geo.n_tiles)))
+        assert torch.equal(rev.order.sort().values, torch.arange(geo.n_tiles, dtype=torch.int32))
+        for b in range(B):
+            for hs in range(Hs):
+                for tile in range(geo.n_tiles):
+                    key = (b * Hs + hs) * geo.n_tiles + tile
+                    lo, hi = rev.offsets[key].item(), rev.offsets[key + 1].item()
+                    got = {
+                        rev.block[e].item(): rev.rank[e].tolist() for e in range(lo, hi)
+                    }
+                    first_region = starts[tile].item() // region
+                    want = {}
+                    for g in range(G):
+                        ranks = [-1] * rev.slots
+                        for r, j in enumerate(idx[b, hs, g].tolist()):
+                            if j * region < ends[tile] and (j + 1) * region > starts[tile]:
+                                ranks[j - first_region] = r
+                        if any(x >= 0 for x in ranks):
+                            want[g] = ranks
+                    assert got == want, (b, hs, tile)
+                    assert list(got) == sorted(got)
+
+
+def test_geometry_tiles_cover_every_token_once():
+    for L, region, budget, merge, block in [(61, 4, 5, 2, 16), (97, 20, 3, 1, 16), (29, 4, 8, 2, 16),
+                                            (1000, 16, 8, 3, 64)]:
+        geo = triton_impl.Geometry.of(L, region, budget, merge, block)
+        tiles = torch.arange(geo.n_tiles)
+        starts = geo.tile_start(tiles)
+        ends = torch.minimum(starts + block, geo.segment_end(tiles))
+        covered = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist())])
+        assert torch.equal(covered, torch.arange(L))
+        assert torch.equal(geo.tile_of(torch.arange(L)), torch.repeat_interleave(tiles, ends - starts))
+
+
+@on_interpreter
+def test_bad_inputs_raise_value_error():
+    q, k, v, _ = _inputs(1, 20, 2, 1, 32)
+    idx = torch.zeros(1, 2, 1, 2, dtype=torch.int32)
+    opts = dict(region=4, budget=4, merge=2, rope=False, rope_base=1e4, scale=0.1)
+    with pytest.raises(ValueError, match="even head dim"):
+        triton_impl.ms_attn_fwd(q[..., :31], k[..., :31], v[..., :31], idx, **opts)
+    with pytest.raises(ValueError, match="int32"):
+        triton_impl.ms_attn_fwd(q, k, v, idx.long(), **opts)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        triton_impl.ms_attn_fwd(q.double(), k.double(), v.double(), idx, **opts)
+    with pytest.raises(ValueError, match="fwd_block_m"):
+        triton_impl.LaunchConfig(fwd_block_m=48)
+    with pytest.raises(ValueError, match="multiple of fwd_block_n"):
+        triton_impl.LaunchConfig(fwd_block_m=32, fwd_block_n=64)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs compiled (not interpreted) kernels")
+def test_cpu_tensors_need_the_interpreter():
+    q, k, v, _ = _inputs(1, 20, 2, 1, 32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        ms_attention(q, k, v, region=4, budget=4, merge=2, backend="triton")
+
+
+@on_interpreter
+def test_custom_op_has_fake_and_autograd():
+    """torch.library's own checks of the op: schema, fake tensor and autograd registration."""
+    q, k, v, _ = _inputs(1, 23, 2, 1, 32, seed=10)
+    idx = triton_impl.sort_selection(ms_select_torch(q, k, region=4, budget=4, merge=2))
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), idx, 4, 4, 2, True,
+            1e4, 0.17)
+    torch.library.opcheck(
+        torch.ops.ctxlab.ms_attn_fwd.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def _attend_in_dtype(q, k, v, idx, *, region, budget, merge, pe, rope_base, scale):
+    """PyTorch's own computation of the same function in q's dtype (bf16 matmuls, as a
+    user's PyTorch model would do): the yardstick for the kernels' bf16 error."""
+    B, L, Hq, D = q.shape
+    Hkv, Hs = k.shape[2], idx.shape[1]
+    rep = Hq // Hkv
+    kk, vv = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    idx = triton_impl.sort_selection(idx).long().repeat_interleave(Hq // Hs, 1)
+    prefix = min(budget * region, L)
+    inv = rope_inv_freq(D, rope_base, q.device) if pe == "selected" else None
+
+    def rotate(x, pos):  # float32 rotation, rounded once, as kernels/rope.py does
+        c, s = rope_cos_sin(pos, inv)
+        return (x.float() * c + rotate_half(x.float()) * s).to(x.dtype)
+
+    def attend(qs, ks, vs, qpos, kpos, keep):  # [Hq, M, D], [Hq, N, D], [M], [N], [Hq?, M, N]
+        if inv is not None:
+            qs, ks = rotate(qs, qpos), rotate(ks, kpos)
+        logits = (qs @ ks.transpose(-1, -2)) * scale
+        probs = logits.float().masked_fill(~keep, float("-inf")).softmax(-1).to(q.dtype)
+        return probs @ vs
+
+    out = []
+    for b in range(B):
+        rows = []
+        pos = torch.arange(prefix, device=q.device)
+        causal = pos[None, :] <= pos[:, None]
+        rows.append(attend(q[b, :prefix].transpose(0, 1), kk[b, :prefix].transpose(0, 1),
+                           vv[b, :prefix].transpose(0, 1), pos, pos, causal))
+        for g in range(idx.shape[2]):
+            lo = (budget + g * merge) * region
+            hi = min(lo + merge * region, L)
+            sel = idx[b, :, g]  # [Hq, S]
+            tok = (sel.clamp_min(0)[..., None] * region + torch.arange(region, device=q.device))
+            tok = torch.cat([tok.flatten(1), torch.arange(lo, hi, device=q.device).expand(Hq, -1)], 1)
+            heads = torch.arange(Hq, device=q.device)[:, None]
+            ks, vs = kk[b, tok, heads], vv[b, tok, heads]  # [Hq, N, D]
+            n_sel = sel.shape[1] * region
+            qpos = torch.arange(n_sel, n_sel + hi - lo, device=q.device)
+            kpos = torch.arange(n_sel + hi - lo, device=q.device)
+            keep = torch.cat(
+                [(sel >= 0).repeat_interleave(region, 1)[:, None, :].expand(-1, hi - lo, -1),
+                 (kpos[None, n_sel:] <= qpos[:, None]).expand(Hq, -1, -1)], -1)
+            rows.append(attend(q[b, lo:hi].transpose(0, 1), ks, vs, qpos, kpos, keep))
+        out.append(torch.cat(rows, 1).transpose(0, 1))
+    return torch.stack(out)
+
+
+GPU_CASES = [
+    ("L4133-gqa4-w16-pre-head", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre"),
+    ("L3001-gqa1-w32-rope-group", (2, 3001, 4, 4, 64), 32, 32, 4, "group", "selected"),
+    ("L2500-gqa3-w16-rope-head", (1, 2500, 6, 2, 128), 16, 48, 16, "head", "selected"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, scope, pe", [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES]
+)
+def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope, pe):
+    """bf16 kernel error <= 2x (forward) and 3x (gradients) PyTorch's own bf16 error."""
+    q, k, v, do = _inputs(*shape, dtype=torch.float32, device="cuda", seed=11)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=10000.0,
+                scale=shape[-1] ** -0.5)
+    ref, ref_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), q, k, v, do)
+    bf = [x.bfloat16() for x in (q, k, v, do)]
+    torch_out, torch_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), *bf)
+    out, grads = _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), *bf)
+    for name, mine, theirs, want, factor in [("o", out, torch_out, ref, 2.0)] + [
+        (n, g, t, r, 3.0) for n, g, t, r in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads)
+    ]:
+        assert not mine.isnan().any(), name
+        err = (mine.float() - want).abs().max().item()
+        torch_err = (theirs.float() - want).abs().max().item()
+        assert err <= factor * torch_err + 1e-5, f"{name}: {err:.3g} vs PyTorch bf16 {torch_err:.3g}"
