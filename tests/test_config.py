@@ -41,6 +41,8 @@ def fixups(group: str, option: str) -> list[str]:
         extra += MS_SMALL
     if group == "position" and option == "selected":
         extra += ["attention=ms", *MS_SMALL]
+    if group == "model" and option == "hf":
+        extra += ["model.source=/nonexistent", "model.head_dim=64"]
     if group == "data" and option == "local":
         extra.append("data.paths=[/nonexistent.txt]")
     return extra
@@ -54,7 +56,12 @@ def test_every_option_composes_and_instantiates(group, option):
     cfg = make([f"{group}={option}", *fixups(group, option)])
     validate(cfg)
     assert OmegaConf.select(cfg, group) is not None or group == "launcher"
-    if group in ("attention", "position", "model"):
+    if group == "model" and cfg.model.get("kind") == "hf":
+        # The spec only: building needs a checkpoint (hf), a conversion (smollm2) or 7B of
+        # random weights; tests/test_hf.py builds tiny HF models through the same code.
+        spec = instantiate(cfg.model)
+        assert spec.kind == "hf" and spec.head_dim > 0
+    elif group in ("attention", "position", "model"):
         model = build_model(cfg)
         assert model.config.vocab_size == cfg.data.vocab_size
     elif group == "eval":
@@ -74,6 +81,8 @@ def test_every_experiment_composes():
     for exp in options("experiment"):
         cfg = make([f"experiment={exp}"])
         validate(cfg)
+        if exp == "quickstart":
+            assert len(cfg.study.arms) >= 4
 
 
 def test_unknown_option_is_rejected():

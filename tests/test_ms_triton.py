@@ -21,14 +21,13 @@ import pytest
 import torch
 
 from ctxlab.kernels.ms_attention import ms_attention, triton_impl
-from ctxlab.kernels.rope import rope_cos_sin, rope_inv_freq, rotate_half
 from ctxlab.kernels.ms_attention.torch_impl import (
     ms_attend_torch,
     ms_attention_torch,
     ms_select_torch,
     num_blocks,
 )
-
+from ctxlab.kernels.rope import rope_cos_sin, rope_inv_freq, rotate_half
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Triton reads TRITON_INTERPRET once, when it is first imported (its own library functions
@@ -49,7 +48,17 @@ def test_interpreted():
     """Run this file's CPU tests under Triton's interpreter, in a child process, so the
     setting never reaches other test modules."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        __file__,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-m",
+        "not gpu",
+    ]
     child = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and " failed" not in child.stdout
@@ -157,7 +166,9 @@ API_CASES = [
 def test_public_api_matches_torch_backend(shape, select, pool, scope, pe):
     q, k, v, do = _inputs(*shape, seed=7)
     opts = dict(region=4, budget=4, merge=2, pool=pool, scope=scope, select=select, pe=pe)
-    out, grads = _grads(lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do)
+    out, grads = _grads(
+        lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do
+    )
     ref, ref_grads = _grads(
         lambda q, k, v: ms_attention_torch(q, k, v, **opts), *(x.double() for x in (q, k, v, do))
     )
@@ -197,9 +208,7 @@ def test_reverse_index_lists_every_selecting_block():
                 for tile in range(geo.n_tiles):
                     key = (b * Hs + hs) * geo.n_tiles + tile
                     lo, hi = rev.offsets[key].item(), rev.offsets[key + 1].item()
-                    got = {
-                        rev.block[e].item(): rev.rank[e].tolist() for e in range(lo, hi)
-                    }
+                    got = {rev.block[e].item(): rev.rank[e].tolist() for e in range(lo, hi)}
                     first_region = starts[tile].item() // region
                     want = {}
                     for g in range(G):
@@ -214,15 +223,21 @@ def test_reverse_index_lists_every_selecting_block():
 
 
 def test_geometry_tiles_cover_every_token_once():
-    for L, region, budget, merge, block in [(61, 4, 5, 2, 16), (97, 20, 3, 1, 16), (29, 4, 8, 2, 16),
-                                            (1000, 16, 8, 3, 64)]:
+    for L, region, budget, merge, block in [
+        (61, 4, 5, 2, 16),
+        (97, 20, 3, 1, 16),
+        (29, 4, 8, 2, 16),
+        (1000, 16, 8, 3, 64),
+    ]:
         geo = triton_impl.Geometry.of(L, region, budget, merge, block)
         tiles = torch.arange(geo.n_tiles)
         starts = geo.tile_start(tiles)
         ends = torch.minimum(starts + block, geo.segment_end(tiles))
         covered = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist())])
         assert torch.equal(covered, torch.arange(L))
-        assert torch.equal(geo.tile_of(torch.arange(L)), torch.repeat_interleave(tiles, ends - starts))
+        assert torch.equal(
+            geo.tile_of(torch.arange(L)), torch.repeat_interleave(tiles, ends - starts)
+        )
 
 
 @on_interpreter
@@ -254,8 +269,18 @@ def test_custom_op_has_fake_and_autograd():
     """torch.library's own checks of the op: schema, fake tensor and autograd registration."""
     q, k, v, _ = _inputs(1, 23, 2, 1, 32, seed=10)
     idx = triton_impl.sort_selection(ms_select_torch(q, k, region=4, budget=4, merge=2))
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), idx, 4, 4, 2, True,
-            1e4, 0.17)
+    args = (
+        q.requires_grad_(),
+        k.requires_grad_(),
+        v.requires_grad_(),
+        idx,
+        4,
+        4,
+        2,
+        True,
+        1e4,
+        0.17,
+    )
     torch.library.opcheck(
         torch.ops.ctxlab.ms_attn_fwd.default,
         args,
@@ -290,22 +315,36 @@ def _attend_in_dtype(q, k, v, idx, *, region, budget, merge, pe, rope_base, scal
         rows = []
         pos = torch.arange(prefix, device=q.device)
         causal = pos[None, :] <= pos[:, None]
-        rows.append(attend(q[b, :prefix].transpose(0, 1), kk[b, :prefix].transpose(0, 1),
-                           vv[b, :prefix].transpose(0, 1), pos, pos, causal))
+        rows.append(
+            attend(
+                q[b, :prefix].transpose(0, 1),
+                kk[b, :prefix].transpose(0, 1),
+                vv[b, :prefix].transpose(0, 1),
+                pos,
+                pos,
+                causal,
+            )
+        )
         for g in range(idx.shape[2]):
             lo = (budget + g * merge) * region
             hi = min(lo + merge * region, L)
             sel = idx[b, :, g]  # [Hq, S]
-            tok = (sel.clamp_min(0)[..., None] * region + torch.arange(region, device=q.device))
-            tok = torch.cat([tok.flatten(1), torch.arange(lo, hi, device=q.device).expand(Hq, -1)], 1)
+            tok = sel.clamp_min(0)[..., None] * region + torch.arange(region, device=q.device)
+            tok = torch.cat(
+                [tok.flatten(1), torch.arange(lo, hi, device=q.device).expand(Hq, -1)], 1
+            )
             heads = torch.arange(Hq, device=q.device)[:, None]
             ks, vs = kk[b, tok, heads], vv[b, tok, heads]  # [Hq, N, D]
             n_sel = sel.shape[1] * region
             qpos = torch.arange(n_sel, n_sel + hi - lo, device=q.device)
             kpos = torch.arange(n_sel + hi - lo, device=q.device)
             keep = torch.cat(
-                [(sel >= 0).repeat_interleave(region, 1)[:, None, :].expand(-1, hi - lo, -1),
-                 (kpos[None, n_sel:] <= qpos[:, None]).expand(Hq, -1, -1)], -1)
+                [
+                    (sel >= 0).repeat_interleave(region, 1)[:, None, :].expand(-1, hi - lo, -1),
+                    (kpos[None, n_sel:] <= qpos[:, None]).expand(Hq, -1, -1),
+                ],
+                -1,
+            )
             rows.append(attend(q[b, lo:hi].transpose(0, 1), ks, vs, qpos, kpos, keep))
         out.append(torch.cat(rows, 1).transpose(0, 1))
     return torch.stack(out)
@@ -321,14 +360,17 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
 @pytest.mark.parametrize(
-    "shape, region, budget, merge, scope, pe", [c[1:] for c in GPU_CASES], ids=[c[0] for c in GPU_CASES]
+    "shape, region, budget, merge, scope, pe",
+    [c[1:] for c in GPU_CASES],
+    ids=[c[0] for c in GPU_CASES],
 )
 def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope, pe):
     """bf16 kernel error <= 2x (forward) and 3x (gradients) PyTorch's own bf16 error."""
     q, k, v, do = _inputs(*shape, dtype=torch.float32, device="cuda", seed=11)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
-    opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=10000.0,
-                scale=shape[-1] ** -0.5)
+    opts = dict(
+        region=region, budget=budget, merge=merge, pe=pe, rope_base=10000.0, scale=shape[-1] ** -0.5
+    )
     ref, ref_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), q, k, v, do)
     bf = [x.bfloat16() for x in (q, k, v, do)]
     torch_out, torch_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), *bf)
@@ -339,4 +381,6 @@ def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope
         assert not mine.isnan().any(), name
         err = (mine.float() - want).abs().max().item()
         torch_err = (theirs.float() - want).abs().max().item()
-        assert err <= factor * torch_err + 1e-5, f"{name}: {err:.3g} vs PyTorch bf16 {torch_err:.3g}"
+        assert err <= factor * torch_err + 1e-5, (
+            f"{name}: {err:.3g} vs PyTorch bf16 {torch_err:.3g}"
+        )

@@ -15,10 +15,14 @@ implement ``pe="pre"`` only (RoPE already in q and k).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ms_attention import triton_impl
 from ..ms_attention.triton_impl import ms_attend_triton, sort_selection
 from .cases import Case
 
@@ -52,15 +56,18 @@ def gather(case: Case, idx: Tensor):
     w, T, m = case.region, case.budget, case.merge
     mw, P = m * w, T * w
     dev = idx.device
+    if (idx < 0).any():
+        raise ValueError("the gather baseline needs a full selection (no -1 entries)")
     idx_s = sort_selection(idx).long()
-    sel_tok = (idx_s.clamp_min(0)[..., None] * w + torch.arange(w, device=dev)).flatten(-2)
+    sel_tok = (idx_s[..., None] * w + torch.arange(w, device=dev)).flatten(-2)
+    # One [m*w, T*w] mask serves every block and head: selected keys all visible, own causal.
     keep = torch.cat(
         [
-            (idx_s >= 0).repeat_interleave(w, -1)[:, :, :, None, :].expand(B, Hs, G, mw, S * w),
-            torch.ones(mw, mw, dtype=torch.bool, device=dev).tril().expand(B, Hs, G, mw, mw),
+            torch.ones(mw, S * w, dtype=torch.bool, device=dev),
+            torch.ones(mw, mw, dtype=torch.bool, device=dev).tril(),
         ],
         -1,
-    )  # [B, Hs, G, mw, T*w]
+    )
 
     def fn(q, k, v):
         L, Hq, Hkv = q.shape[1], q.shape[2], k.shape[2]
@@ -86,11 +93,12 @@ def gather(case: Case, idx: Tensor):
         qb = _blocks_view(q, case, G).permute(0, 1, 3, 2, 4)  # [B, G, Hq, mw, D]
         kb = keys(k).transpose(1, 2)  # [B, G, Hq, T*w, D]
         vb = keys(v).transpose(1, 2)
-        mask = keep.repeat_interleave(rep_s, 1).transpose(1, 2)  # [B, G, Hq, mw, T*w]
         D = q.shape[-1]
         o = F.scaled_dot_product_attention(
-            qb.reshape(B * G, Hq, mw, D), kb.reshape(B * G, Hq, -1, D),
-            vb.reshape(B * G, Hq, -1, D), attn_mask=mask.reshape(B * G, Hq, mw, -1),
+            qb.reshape(B * G, Hq, mw, D),
+            kb.reshape(B * G, Hq, -1, D),
+            vb.reshape(B * G, Hq, -1, D),
+            attn_mask=keep,
         )
         o = o.view(B, G, Hq, mw, D).permute(0, 1, 3, 2, 4).reshape(B, G * mw, Hq, D)
         return torch.cat([pre, o[:, : L - P]], 1)
@@ -139,25 +147,81 @@ def flex(case: Case, idx: Tensor, block: int = 128):
         sel = region_sel[b, head_sel[h], torch.clamp(g, max=max(G, 1) - 1), kv_i // w]
         return torch.where(q_i < P, kv_i <= q_i, own | sel)
 
-    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(L, L))
+    mask = BlockMask.from_kv_blocks(
+        kv_num, kv_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(L, L)
+    )
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def fn(q, k, v):
-        o = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask,
-                     enable_gqa=Hq != k.shape[2])
+        o = compiled(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            block_mask=mask,
+            enable_gqa=Hq != k.shape[2],
+        )
         return o.transpose(1, 2)
 
     return fn
 
 
-def triton(case: Case, idx: Tensor):
-    def fn(q, k, v):
-        return ms_attend_triton(q, k, v, idx, region=case.region, budget=case.budget,
-                                merge=case.merge, pe=case.pe, rope_base=10000.0,
-                                scale=case.D**-0.5)
+def triton(case: Case, idx: Tensor, **overrides: int):
+    """Ours. ``overrides`` replace fields of the GPU launch config; the runner installs it
+    (``launch_config``) around forward and backward alike."""
+    opts = dict(region=case.region, budget=case.budget, merge=case.merge, pe=case.pe)
 
+    def fn(q, k, v):
+        return ms_attend_triton(q, k, v, idx, rope_base=10000.0, scale=case.D**-0.5, **opts)
+
+    fn.config = dataclasses.replace(triton_impl.GPU_CONFIG, **overrides)
     return fn
 
 
+@contextlib.contextmanager
+def launch_config(fn):
+    """Make ``fn.config`` (if any) the GPU launch config while the block runs."""
+    config = getattr(fn, "config", None)
+    if config is None:
+        yield
+        return
+    saved, triton_impl.GPU_CONFIG = triton_impl.GPU_CONFIG, config
+    try:
+        yield
+    finally:
+        triton_impl.GPU_CONFIG = saved
+
+
+def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[str, float]:
+    """Milliseconds of each stage of ours: forward, dq (with delta), dk/dv atomic and
+    deterministic (reverse index, its construction included)."""
+    idx_sorted = sort_selection(idx)
+    opts = dict(region=case.region, budget=case.budget, merge=case.merge, rope=case.pe != "pre",
+                rope_base=10000.0, scale=case.D**-0.5)  # fmt: skip
+    o, lse = triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
+    delta = triton_impl.bwd_preprocess(o, do)
+    parts = {
+        "fwd": time_fn(lambda: triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)),
+        "dq": time_fn(
+            lambda: triton_impl.bwd_dq(
+                do, q, k, v, lse, triton_impl.bwd_preprocess(o, do), idx_sorted, config=config,
+                **opts,
+            )
+        ),
+    }  # fmt: skip
+    for det in (False, True):
+        parts["dkv_deterministic" if det else "dkv"] = time_fn(
+            lambda det=det: triton_impl.bwd_dkv(
+                do, q, k, v, lse, delta, idx_sorted, config=config, deterministic=det, **opts
+            )
+        )
+    return parts
+
+
 OPS = {"dense": dense, "gather": gather, "flex": flex, "triton": triton}
+
+
+def build(op: str, case: Case, idx: Tensor):
+    """``op`` is a key of OPS, optionally with launch overrides: ``triton:dkv_block_n=32``."""
+    name, _, spec = op.partition(":")
+    overrides = {k: int(v) for k, v in (item.split("=") for item in spec.split(",") if item)}
+    return OPS[name](case, idx, **overrides)

@@ -42,10 +42,11 @@ Tests turn it on; it costs one fill per output."""
 class LaunchConfig:
     """Tile sizes and launch parameters of the three kernels.
 
-    fwd_*: forward and dq kernels (same schedule): ``block_m`` query rows per program,
+    fwd_*, dq_*: forward and dq kernels (same schedule): ``block_m`` query rows per program,
     ``block_n`` keys per step, ``block_m % block_n == 0`` (the unmasked key loop ends at the
     tile's first row). dkv_*: ``block_n`` keys per program (also the reverse index's key tile),
-    ``block_m`` query rows per step.
+    ``block_m`` query rows per step. sel_*: the atomic kernel for the selected keys' dk, dv,
+    ``block_n`` selected tokens per program, ``block_m`` query rows per step.
     """
 
     fwd_block_m: int = 128
@@ -60,10 +61,22 @@ class LaunchConfig:
     dkv_block_m: int = 64
     dkv_warps: int = 8
     dkv_stages: int = 2
+    sel_block_n: int = 64
+    sel_block_m: int = 64
+    sel_warps: int = 8
+    sel_stages: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkv_block_n",
-                     "dkv_block_m"):
+        for name in (
+            "fwd_block_m",
+            "fwd_block_n",
+            "dq_block_m",
+            "dq_block_n",
+            "dkv_block_n",
+            "dkv_block_m",
+            "sel_block_n",
+            "sel_block_m",
+        ):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, got {value}")
@@ -74,8 +87,16 @@ class LaunchConfig:
 
 
 GPU_CONFIG = LaunchConfig()
-INTERPRETER_CONFIG = LaunchConfig(fwd_block_m=16, fwd_block_n=16, dq_block_m=16, dq_block_n=16,
-                                  dkv_block_n=16, dkv_block_m=16)
+INTERPRETER_CONFIG = LaunchConfig(
+    fwd_block_m=16,
+    fwd_block_n=16,
+    dq_block_m=16,
+    dq_block_n=16,
+    dkv_block_n=16,
+    dkv_block_m=16,
+    sel_block_n=16,
+    sel_block_m=16,
+)
 
 
 def interpreted() -> bool:
@@ -127,9 +148,12 @@ class Geometry:
     def tile_start(self, tile: Tensor) -> Tensor:
         """First token of each tile (any integer tensor of tile numbers)."""
         rel = tile - self.n_pre_tiles
-        in_block = self.P + torch.div(rel, self.tiles_per_block, rounding_mode="floor") * (
-            self.merge * self.region
-        ) + torch.remainder(rel, self.tiles_per_block) * self.block
+        in_block = (
+            self.P
+            + torch.div(rel, self.tiles_per_block, rounding_mode="floor")
+            * (self.merge * self.region)
+            + torch.remainder(rel, self.tiles_per_block) * self.block
+        )
         return torch.where(tile < self.n_pre_tiles, tile * self.block, in_block)
 
     def tile_of(self, tok: Tensor) -> Tensor:
@@ -141,7 +165,9 @@ class Geometry:
             + torch.div(rel, mw, rounding_mode="floor") * self.tiles_per_block
             + torch.div(torch.remainder(rel, mw), self.block, rounding_mode="floor")
         )
-        return torch.where(tok < self.P, torch.div(tok, self.block, rounding_mode="floor"), in_block)
+        return torch.where(
+            tok < self.P, torch.div(tok, self.block, rounding_mode="floor"), in_block
+        )
 
     def segment_end(self, tile: Tensor) -> Tensor:
         """One past the last token of each tile's segment."""
@@ -233,9 +259,13 @@ def reverse_index(idx_sorted: Tensor, geo: Geometry) -> ReverseIndex:
     )
 
 
-def rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+def rope_tables(
+    n_pos: int, head_dim: int, base: float, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """cos, sin ``[n_pos, D/2]`` float32 (angles in float64, as ``kernels/rope.py``)."""
-    cos, sin = rope_cos_sin(torch.arange(n_pos, device=device), rope_inv_freq(head_dim, base, device))
+    cos, sin = rope_cos_sin(
+        torch.arange(n_pos, device=device), rope_inv_freq(head_dim, base, device)
+    )
     half = head_dim // 2
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
@@ -302,10 +332,8 @@ def ms_attn_fwd(
     o = _empty((B, L, Hq, D), q.dtype, q.device)
     lse = _empty((B, Hq, L), torch.float32, q.device)
     cos, sin = _tables(rope, geo, D, rope_base, q.device)
-    idx_arg = idx_sorted if idx_sorted.numel() else torch.full((1,), -1, dtype=torch.int32,
-                                                                device=q.device)
     tk.ms_attn_fwd_kernel[(geo.n_tiles, B * Hq)](
-        q, k, v, o, lse, idx_arg, cos, sin,
+        q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
         L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
         scale * LOG2E,
         ROPE=rope, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
@@ -331,47 +359,102 @@ def ms_attn_bwd(
     rope_base: float,
     scale: float,
     config: LaunchConfig | None = None,
+    deterministic: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward launch: dq ``[B, L, Hq, D]``, dk, dv ``[B, L, Hkv, D]``, in the inputs' dtype.
 
-    Deterministic: every gradient element is written once by one program, summing in a fixed
-    order (no atomics), so two calls on the same inputs return identical bits.
+    dq is always deterministic. dk, dv of the selected keys: ``deterministic=True`` goes
+    through the reverse index (every element written once, summed in a fixed order, so two
+    calls return identical bits); ``False`` adds them with float32 atomics (faster: no lane is
+    wasted on an unselected region, at the cost of two float32 [B, L, Hkv, D] buffers and
+    run-to-run differences in the last bits). ``None`` follows
+    ``torch.are_deterministic_algorithms_enabled()``.
     """
     _check_launch(q, k, v, idx_sorted)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     cfg = config or default_config(q.device)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    delta = bwd_preprocess(o, do)
+    dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget, merge=merge,
+                rope=rope, rope_base=rope_base, scale=scale, config=cfg)  # fmt: skip
+    dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget,
+                     merge=merge, rope=rope, rope_base=rope_base, scale=scale, config=cfg,
+                     deterministic=deterministic)  # fmt: skip
+    return dq, dk, dv
+
+
+def bwd_preprocess(o: Tensor, do: Tensor) -> Tensor:
+    """delta = rowsum(o * do) ``[B, Hq, L]`` float32 (o, do contiguous ``[B, L, Hq, D]``)."""
+    B, L, Hq, D = o.shape
+    delta = _empty((B, Hq, L), torch.float32, o.device)
+    tk.ms_attn_bwd_preprocess_kernel[(triton.cdiv(L, 64), B * Hq)](
+        o, do, delta, L, HQ=Hq, HEAD_DIM=D, BLOCK_M=64, BLOCK_D=max(triton.next_power_of_2(D), 16)
+    )
+    return delta
+
+
+def _idx_arg(idx_sorted: Tensor) -> Tensor:
+    """Triton needs a real pointer even when there are no blocks (G = 0)."""
+    if idx_sorted.numel():
+        return idx_sorted
+    return torch.full((1,), -1, dtype=torch.int32, device=idx_sorted.device)
+
+
+def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, rope_base,
+           scale, config: LaunchConfig) -> Tensor:  # fmt: skip
+    """dq ``[B, L, Hq, D]``: the forward's schedule, one program per query tile."""
+    B, L, Hq, D = q.shape
+    geo = Geometry.of(L, region, budget, merge, config.dq_block_m)
+    cos, sin = _tables(rope, geo, D, rope_base, q.device)
+    dq = _empty(q.shape, q.dtype, q.device)
+    tk.ms_attn_bwd_dq_kernel[(geo.n_tiles, B * Hq)](
+        q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
+        L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
+        scale * LOG2E, scale,
+        ROPE=rope, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
+        num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
+    )  # fmt: skip
+    return dq
+
+
+def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, rope_base,
+            scale, config: LaunchConfig, deterministic: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """dk, dv ``[B, L, Hkv, D]``: one program per key tile (own segment, causally), plus the
+    selecting blocks' queries, through the reverse index or the atomic kernel."""
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
     consts = _consts(q, k, idx_sorted)
-    idx_arg = idx_sorted if idx_sorted.numel() else torch.full((1,), -1, dtype=torch.int32,
-                                                                device=q.device)
-    geo_q = Geometry.of(L, region, budget, merge, cfg.dq_block_m)
-    geo_k = Geometry.of(L, region, budget, merge, cfg.dkv_block_n)
-    cos, sin = _tables(rope, geo_q, D, rope_base, q.device)
-
-    delta = _empty((B, Hq, L), torch.float32, q.device)
-    tk.ms_attn_bwd_preprocess_kernel[(triton.cdiv(L, 64), B * Hq)](
-        o, do, delta, L, HQ=Hq, HEAD_DIM=D, BLOCK_M=64, BLOCK_D=consts["BLOCK_D"]
-    )
-    dq = _empty(q.shape, q.dtype, q.device)
-    tk.ms_attn_bwd_dq_kernel[(geo_q.n_tiles, B * Hq)](
-        q, k, v, do, dq, lse, delta, idx_arg, cos, sin,
-        L, geo_q.P, region, merge, budget - merge, geo_q.G, geo_q.n_pre_tiles,
-        geo_q.tiles_per_block, scale * LOG2E, scale,
-        ROPE=rope, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n,
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **consts,
-    )  # fmt: skip
-    rev = reverse_index(idx_sorted, geo_k)
+    geo = Geometry.of(L, region, budget, merge, config.dkv_block_n)
+    cos, sin = _tables(rope, geo, D, rope_base, q.device)
+    if deterministic:
+        rev = reverse_index(idx_sorted, geo)
+        dk32 = dv32 = torch.zeros(1, dtype=torch.float32, device=q.device)
+    else:
+        rev = reverse_index(idx_sorted[:, :, :0], geo)  # empty: tiles in natural order
+        dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        Hs, G, S = idx_sorted.shape[1:]
+        if G > 0:
+            n_chunks = triton.cdiv(S * region, config.sel_block_n)
+            tk.ms_attn_bwd_dkv_sel_kernel[(G * n_chunks, B * Hs)](
+                q, k, v, do, dk32, dv32, lse, delta, idx_sorted, cos, sin,
+                L, geo.P, region, merge, S, G, n_chunks, scale * LOG2E, scale,
+                ROPE=rope, BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n,
+                num_warps=config.sel_warps, num_stages=config.sel_stages, **consts,
+            )  # fmt: skip
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
-    tk.ms_attn_bwd_dkv_kernel[(geo_k.n_tiles, B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, cos, sin, rev.order, rev.offsets, rev.block, rev.rank,
-        L, geo_k.P, region, merge, budget - merge, rev.slots, geo_k.n_tiles, geo_k.n_pre_tiles,
-        geo_k.tiles_per_block, scale * LOG2E, scale,
-        ROPE=rope, BLOCK_M=cfg.dkv_block_m, BLOCK_N=cfg.dkv_block_n,
-        num_warps=cfg.dkv_warps, num_stages=cfg.dkv_stages, **consts,
+    tk.ms_attn_bwd_dkv_kernel[(geo.n_tiles, B * Hkv)](
+        q, k, v, do, dk, dv, dk32, dv32, lse, delta, cos, sin,
+        rev.order, rev.offsets, rev.block, rev.rank,
+        L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
+        geo.tiles_per_block, scale * LOG2E, scale,
+        ROPE=rope, SELECTED=deterministic, BLOCK_M=config.dkv_block_m,
+        BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
+        **consts,
     )  # fmt: skip
-    return dq, dk, dv
+    return dk, dv
 
 
 @torch.library.custom_op("ctxlab::ms_attn_fwd", mutates_args=())
@@ -387,8 +470,18 @@ def _fwd_op(
     rope_base: float,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
-    return ms_attn_fwd(q, k, v, idx_sorted, region=region, budget=budget, merge=merge, rope=rope,
-                       rope_base=rope_base, scale=scale)
+    return ms_attn_fwd(
+        q,
+        k,
+        v,
+        idx_sorted,
+        region=region,
+        budget=budget,
+        merge=merge,
+        rope=rope,
+        rope_base=rope_base,
+        scale=scale,
+    )
 
 
 @_fwd_op.register_fake
@@ -413,8 +506,21 @@ def _bwd_op(
     rope_base: float,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return ms_attn_bwd(do, q, k, v, o, lse, idx_sorted, region=region, budget=budget,
-                       merge=merge, rope=rope, rope_base=rope_base, scale=scale)
+    return ms_attn_bwd(
+        do,
+        q,
+        k,
+        v,
+        o,
+        lse,
+        idx_sorted,
+        region=region,
+        budget=budget,
+        merge=merge,
+        rope=rope,
+        rope_base=rope_base,
+        scale=scale,
+    )
 
 
 @_bwd_op.register_fake
@@ -454,8 +560,18 @@ def ms_attend_triton(
 ) -> Tensor:
     """Attention given a selection ``idx [B, Hs, G, S]`` (any order, -1 = ignored entry):
     the Triton counterpart of ``ms_attend_torch``; differentiable in q, k, v."""
-    o, _ = _fwd_op(q, k, v, sort_selection(idx), region, budget, merge, pe == "selected",
-                   float(rope_base), float(scale))
+    o, _ = _fwd_op(
+        q,
+        k,
+        v,
+        sort_selection(idx),
+        region,
+        budget,
+        merge,
+        pe == "selected",
+        float(rope_base),
+        float(scale),
+    )
     return o
 
 
@@ -479,7 +595,8 @@ def ms_attention_triton(
     Arguments as ``interface.ms_attention`` (validated there); ``scale`` None means
     ``1/sqrt(D)``. The selection runs in PyTorch (``ms_select_torch``, no gradient); the
     attention, its backward and RoPE for ``pe="selected"`` run in the kernels. Gradients
-    reach q, k, v; the backward is deterministic.
+    reach q, k, v; the backward is bitwise deterministic when
+    ``torch.use_deterministic_algorithms(True)`` is on (see ``ms_attn_bwd``).
     """
     B, L, Hq, D = q.shape
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -488,10 +605,28 @@ def ms_attention_triton(
         idx = torch.empty((B, Hs, 0, budget - merge), dtype=torch.int32, device=q.device)
     else:
         with torch.no_grad():
-            idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, pool=pool,
-                                  scope=scope, select=select)
-    return ms_attend_triton(q, k, v, idx, region=region, budget=budget, merge=merge, pe=pe,
-                            rope_base=rope_base, scale=scale)
+            idx = ms_select_torch(
+                q,
+                k,
+                region=region,
+                budget=budget,
+                merge=merge,
+                pool=pool,
+                scope=scope,
+                select=select,
+            )
+    return ms_attend_triton(
+        q,
+        k,
+        v,
+        idx,
+        region=region,
+        budget=budget,
+        merge=merge,
+        pe=pe,
+        rope_base=rope_base,
+        scale=scale,
+    )
 
 
 __all__ = [

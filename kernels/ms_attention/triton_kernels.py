@@ -91,8 +91,21 @@ def _load_full(base, tok, row_stride, ok, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _load_keys(K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE: tl.constexpr,
-               HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _load_keys(
+    K,
+    V,
+    COS,
+    SIN,
+    tok,
+    key_ok,
+    kpos,
+    kv_stride,
+    offs_h,
+    offs_d,
+    ROPE: tl.constexpr,
+    HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """Keys (halves, rotated at kpos under RoPE) and values of the tokens `tok` ([BLOCK_N])."""
     k1, k2 = _load_halves(K, tok, kv_stride, key_ok, offs_h, HALF)
     if ROPE:
@@ -102,12 +115,33 @@ def _load_keys(K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROP
 
 
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q1, q2, K, V, COS, SIN, tok, key_ok, kpos, allowed, qk_scale,
-              kv_stride, offs_h, offs_d, MASKED: tl.constexpr, ROPE: tl.constexpr,
-              HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _fwd_step(
+    acc,
+    l_i,
+    m_i,
+    q1,
+    q2,
+    K,
+    V,
+    COS,
+    SIN,
+    tok,
+    key_ok,
+    kpos,
+    allowed,
+    qk_scale,
+    kv_stride,
+    offs_h,
+    offs_d,
+    MASKED: tl.constexpr,
+    ROPE: tl.constexpr,
+    HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """One online-softmax step over the keys `tok` ([BLOCK_N]); `allowed` [BLOCK_M, BLOCK_N]."""
-    k1, k2, v = _load_keys(K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE,
-                           HALF, HEAD_DIM)
+    k1, k2, v = _load_keys(
+        K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM
+    )
     qk = tl.dot(q1, tl.trans(k1))
     qk = tl.dot(q2, tl.trans(k2), qk) * qk_scale
     if MASKED:
@@ -122,11 +156,32 @@ def _fwd_step(acc, l_i, m_i, q1, q2, K, V, COS, SIN, tok, key_ok, kpos, allowed,
 
 @triton.jit
 def ms_attn_fwd_kernel(
-    Q, K, V, O, LSE, IDX, COS, SIN,
-    L, P, W, M, S, G, n_pre_tiles, tiles_per_block, qk_scale,
-    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    IDX,
+    COS,
+    SIN,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_pre_tiles,
+    tiles_per_block,
+    qk_scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (query tiles, B*HQ). Writes o for the tile's rows and their lse (natural log)."""
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -136,8 +191,9 @@ def ms_attn_fwd_kernel(
     h = bh % HQ
     hkv = h // (HQ // HKV)
     hs = h // (HQ // HS)
-    lo, seg_lo, seg_hi, g, shift = _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block,
-                                            BLOCK_M)
+    lo, seg_lo, seg_hi, g, shift = _segment(
+        tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M
+    )
     hi = tl.minimum(lo + BLOCK_M, seg_hi)
 
     q_stride = HQ * HEAD_DIM
@@ -153,8 +209,9 @@ def ms_attn_fwd_kernel(
     row_ok = offs_m < hi
     q1, q2 = _load_halves(Q + q_off, offs_m, q_stride, row_ok, offs_h, HALF)
     if ROPE:
-        c, s = _cos_sin(COS, SIN, offs_m + shift, offs_h,
-                        row_ok[:, None] & (offs_h[None, :] < HALF), HALF)
+        c, s = _cos_sin(
+            COS, SIN, offs_m + shift, offs_h, row_ok[:, None] & (offs_h[None, :] < HALF), HALF
+        )
         q1, q2 = _rotate(q1, q2, c, s)
 
     # m_i starts finite so that a step whose keys are all masked (padding) yields no NaN.
@@ -171,22 +228,82 @@ def ms_attn_fwd_kernel(
         region = tl.load(sel + rank, mask=rank < S, other=-1)
         key_ok = region >= 0
         tok = region * W + (flat - rank * W)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, tok, key_ok,
-                                  flat, key_ok[None, :], qk_scale, kv_stride, offs_h, offs_d,
-                                  True, ROPE, HALF, HEAD_DIM)
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q1,
+            q2,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            tok,
+            key_ok,
+            flat,
+            key_ok[None, :],
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            True,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
 
     # (b) the own segment: keys before the tile need no mask, the diagonal steps do.
     for start in range(seg_lo, lo, BLOCK_N):
         tok = start + offs_n
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, tok,
-                                  tok < hi, tok + shift, row_ok[:, None], qk_scale, kv_stride,
-                                  offs_h, offs_d, False, ROPE, HALF, HEAD_DIM)
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q1,
+            q2,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            tok,
+            tok < hi,
+            tok + shift,
+            row_ok[:, None],
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            False,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
         allowed = (tok[None, :] <= offs_m[:, None]) & (tok[None, :] < hi)
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, tok,
-                                  tok < hi, tok + shift, allowed, qk_scale, kv_stride, offs_h,
-                                  offs_d, True, ROPE, HALF, HEAD_DIM)
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q1,
+            q2,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            tok,
+            tok < hi,
+            tok + shift,
+            allowed,
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            True,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
 
     l_safe = tl.where(row_ok, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -197,8 +314,16 @@ def ms_attn_fwd_kernel(
 
 
 @triton.jit
-def ms_attn_bwd_preprocess_kernel(O, DO, DELTA, L, HQ: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def ms_attn_bwd_preprocess_kernel(
+    O,
+    DO,
+    DELTA,
+    L,
+    HQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """delta[b, h, t] = sum_d o * do in float32. Grid (cdiv(L, BLOCK_M), B*HQ)."""
     bh = tl.program_id(1)
     b = bh // HQ
@@ -214,12 +339,35 @@ def ms_attn_bwd_preprocess_kernel(O, DO, DELTA, L, HQ: tl.constexpr, HEAD_DIM: t
 
 
 @triton.jit
-def _dq_step(dq1, dq2, q1, q2, do, lse2, delta, K, V, COS, SIN, tok, key_ok, kpos, allowed,
-             qk_scale, kv_stride, offs_h, offs_d, MASKED: tl.constexpr, ROPE: tl.constexpr,
-             HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dq_step(
+    dq1,
+    dq2,
+    q1,
+    q2,
+    do,
+    lse2,
+    delta,
+    K,
+    V,
+    COS,
+    SIN,
+    tok,
+    key_ok,
+    kpos,
+    allowed,
+    qk_scale,
+    kv_stride,
+    offs_h,
+    offs_d,
+    MASKED: tl.constexpr,
+    ROPE: tl.constexpr,
+    HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """dq_rot += dS k over the keys `tok` ([BLOCK_N]), rotated frame, softmax scale not applied."""
-    k1, k2, v = _load_keys(K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE,
-                           HALF, HEAD_DIM)
+    k1, k2, v = _load_keys(
+        K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM
+    )
     qk = tl.dot(q1, tl.trans(k1))
     qk = tl.dot(q2, tl.trans(k2), qk) * qk_scale
     if MASKED:
@@ -232,11 +380,35 @@ def _dq_step(dq1, dq2, q1, q2, do, lse2, delta, K, V, COS, SIN, tok, key_ok, kpo
 
 @triton.jit
 def ms_attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, IDX, COS, SIN,
-    L, P, W, M, S, G, n_pre_tiles, tiles_per_block, qk_scale, scale,
-    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    IDX,
+    COS,
+    SIN,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_pre_tiles,
+    tiles_per_block,
+    qk_scale,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (query tiles, B*HQ): the forward's schedule, P recomputed from lse."""
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -246,8 +418,9 @@ def ms_attn_bwd_dq_kernel(
     h = bh % HQ
     hkv = h // (HQ // HKV)
     hs = h // (HQ // HS)
-    lo, seg_lo, seg_hi, g, shift = _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block,
-                                            BLOCK_M)
+    lo, seg_lo, seg_hi, g, shift = _segment(
+        tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M
+    )
     hi = tl.minimum(lo + BLOCK_M, seg_hi)
 
     q_stride = HQ * HEAD_DIM
@@ -281,20 +454,86 @@ def ms_attn_bwd_dq_kernel(
         region = tl.load(sel + rank, mask=rank < S, other=-1)
         key_ok = region >= 0
         tok = region * W + (flat - rank * W)
-        dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, tok,
-                            key_ok, flat, key_ok[None, :], qk_scale, kv_stride, offs_h, offs_d,
-                            True, ROPE, HALF, HEAD_DIM)
+        dq1, dq2 = _dq_step(
+            dq1,
+            dq2,
+            q1,
+            q2,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            tok,
+            key_ok,
+            flat,
+            key_ok[None, :],
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            True,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
     for start in range(seg_lo, lo, BLOCK_N):
         tok = start + offs_n
-        dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, tok,
-                            tok < hi, tok + shift, row_ok[:, None], qk_scale, kv_stride, offs_h,
-                            offs_d, False, ROPE, HALF, HEAD_DIM)
+        dq1, dq2 = _dq_step(
+            dq1,
+            dq2,
+            q1,
+            q2,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            tok,
+            tok < hi,
+            tok + shift,
+            row_ok[:, None],
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            False,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
         allowed = (tok[None, :] <= offs_m[:, None]) & (tok[None, :] < hi)
-        dq1, dq2 = _dq_step(dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, tok,
-                            tok < hi, tok + shift, allowed, qk_scale, kv_stride, offs_h, offs_d,
-                            True, ROPE, HALF, HEAD_DIM)
+        dq1, dq2 = _dq_step(
+            dq1,
+            dq2,
+            q1,
+            q2,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            tok,
+            tok < hi,
+            tok + shift,
+            allowed,
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            True,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
 
     if ROPE:
         dq1, dq2 = _unrotate(dq1, dq2, cq, sq)
@@ -304,9 +543,34 @@ def ms_attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkv_step(dk1T, dk2T, dvT, k1, k2, v, ckT, skT, Q, DO, LSE, DELTA, COS, SIN, t, q_hi, qpos,
-              allowed, qk_scale, q_stride, offs_h, offs_d, MASKED: tl.constexpr,
-              ROPE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkv_step(
+    dk1T,
+    dk2T,
+    dvT,
+    k1,
+    k2,
+    v,
+    ckT,
+    skT,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    COS,
+    SIN,
+    t,
+    q_hi,
+    qpos,
+    allowed,
+    qk_scale,
+    q_stride,
+    offs_h,
+    offs_d,
+    MASKED: tl.constexpr,
+    ROPE: tl.constexpr,
+    HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """dk^T, dv^T ([*, BLOCK_N]) += the contribution of the query rows t ([BLOCK_M]).
 
     Query-major products keep every dot's M dimension at BLOCK_M or D, so a key tile as
@@ -355,20 +619,55 @@ def _dkv_keys(COS, SIN, k1, k2, kpos, ok, offs_h, ROPE: tl.constexpr, HALF: tl.c
 
 @triton.jit
 def ms_attn_bwd_dkv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, COS, SIN, ORDER, ENT_OFF, ENT_G, ENT_RANK,
-    L, P, W, M, S, R, n_tiles, n_pre_tiles, tiles_per_block, qk_scale, scale,
-    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    DK32,
+    DV32,
+    LSE,
+    DELTA,
+    COS,
+    SIN,
+    ORDER,
+    ENT_OFF,
+    ENT_G,
+    ENT_RANK,
+    L,
+    P,
+    W,
+    M,
+    S,
+    R,
+    n_tiles,
+    n_pre_tiles,
+    tiles_per_block,
+    qk_scale,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr,
+    SELECTED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Grid (key tiles, B*HKV). One program owns BLOCK_N keys of one kv head and writes their
     dk, dv once, summing over the group's query heads (GQA) in a fixed order.
 
-    Reverse index (built on the host): for selection head `hs` and key tile `tile`, entries
-    ENT_OFF[(b*HS + hs)*n_tiles + tile] .. [+1] hold, in ascending block order, a block g
-    (ENT_G) that selected one of the tile's regions and, for each of the tile's R region slots
-    (slot = tok // w - lo // w), the region's rank in g's sorted selection, -1 if g did not
-    select it (ENT_RANK, [entries, R]). ORDER lists tiles heaviest first.
+    Own segment: the prefix's or the block's later queries, causally. The blocks that selected
+    these keys: with SELECTED, through the reverse index (built on the host, deterministic):
+    for selection head `hs` and key tile `tile`, entries ENT_OFF[(b*HS + hs)*n_tiles + tile] ..
+    [+1] hold, in ascending block order, a block g (ENT_G) that selected one of the tile's
+    regions and, for each of the tile's R region slots (slot = tok // w - lo // w), the
+    region's rank in g's sorted selection, -1 if g did not select it (ENT_RANK, [entries, R]);
+    ORDER lists tiles heaviest first. Without SELECTED, `ms_attn_bwd_dkv_sel_kernel` has
+    already summed that part into the float32 DK32, DV32 ([B, L, HKV, D]), added here.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     GROUP: tl.constexpr = HQ // HKV
@@ -377,8 +676,9 @@ def ms_attn_bwd_dkv_kernel(
     bkv = tl.program_id(1)
     b = bkv // HKV
     hkv = bkv % HKV
-    lo, seg_lo, seg_hi, g_own, shift = _segment(tile, L, P, W, M, S, n_pre_tiles,
-                                                tiles_per_block, BLOCK_N)
+    lo, seg_lo, seg_hi, g_own, shift = _segment(
+        tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_N
+    )
     hi = tl.minimum(lo + BLOCK_N, seg_hi)
 
     q_stride = HQ * HEAD_DIM
@@ -410,40 +710,234 @@ def ms_attn_bwd_dkv_kernel(
         # Own segment, causally: the diagonal query steps masked, the later ones not.
         for t0 in range(lo, lo + DIAG, BLOCK_M):
             t = t0 + offs_m
-            dk1T, dk2T, dvT = _dkv_step(dk1T, dk2T, dvT, k1o, k2o, v, ckT, skT, q_base, do_base,
-                                        lse_base, delta_base, COS, SIN, t, seg_hi, t + shift,
-                                        tok[None, :] <= t[:, None], qk_scale, q_stride, offs_h,
-                                        offs_d, True, ROPE, HALF, HEAD_DIM)
+            dk1T, dk2T, dvT = _dkv_step(
+                dk1T,
+                dk2T,
+                dvT,
+                k1o,
+                k2o,
+                v,
+                ckT,
+                skT,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                COS,
+                SIN,
+                t,
+                seg_hi,
+                t + shift,
+                tok[None, :] <= t[:, None],
+                qk_scale,
+                q_stride,
+                offs_h,
+                offs_d,
+                True,
+                ROPE,
+                HALF,
+                HEAD_DIM,
+            )
         for t0 in range(lo + DIAG, seg_hi, BLOCK_M):
             t = t0 + offs_m
-            dk1T, dk2T, dvT = _dkv_step(dk1T, dk2T, dvT, k1o, k2o, v, ckT, skT, q_base, do_base,
-                                        lse_base, delta_base, COS, SIN, t, seg_hi, t + shift,
-                                        key_ok[None, :], qk_scale, q_stride, offs_h, offs_d,
-                                        False, ROPE, HALF, HEAD_DIM)
+            dk1T, dk2T, dvT = _dkv_step(
+                dk1T,
+                dk2T,
+                dvT,
+                k1o,
+                k2o,
+                v,
+                ckT,
+                skT,
+                q_base,
+                do_base,
+                lse_base,
+                delta_base,
+                COS,
+                SIN,
+                t,
+                seg_hi,
+                t + shift,
+                key_ok[None, :],
+                qk_scale,
+                q_stride,
+                offs_h,
+                offs_d,
+                False,
+                ROPE,
+                HALF,
+                HEAD_DIM,
+            )
 
-        # Every later block that selected one of this tile's regions: all its queries.
-        ent = ENT_OFF + (b * HS + hs).to(tl.int64) * n_tiles + tile
-        e_lo = tl.load(ent)
-        e_hi = tl.load(ent + 1)
-        for e in range(e_lo, e_hi):
-            g = tl.load(ENT_G + e)
-            rank = tl.load(ENT_RANK + e * R + slot, mask=key_ok, other=-1)
-            sel_ok = rank >= 0
-            k1s, k2s, cT, sT = _dkv_keys(COS, SIN, k1, k2, rank * W + within, sel_ok, offs_h,
-                                         ROPE, HALF)
-            q_lo = P + g * M * W
-            q_hi = tl.minimum(q_lo + M * W, L)
-            for t0 in range(q_lo, q_hi, BLOCK_M):
-                t = t0 + offs_m
-                dk1T, dk2T, dvT = _dkv_step(dk1T, dk2T, dvT, k1s, k2s, v, cT, sT, q_base,
-                                            do_base, lse_base, delta_base, COS, SIN, t, q_hi,
-                                            t + (S * W - q_lo), sel_ok[None, :], qk_scale,
-                                            q_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM)
+        if SELECTED:
+            # Every later block that selected one of this tile's regions: all its queries.
+            ent = ENT_OFF + (b * HS + hs).to(tl.int64) * n_tiles + tile
+            e_lo = tl.load(ent)
+            e_hi = tl.load(ent + 1)
+            for e in range(e_lo, e_hi):
+                g = tl.load(ENT_G + e)
+                rank = tl.load(ENT_RANK + e * R + slot, mask=key_ok, other=-1)
+                sel_ok = rank >= 0
+                k1s, k2s, cT, sT = _dkv_keys(
+                    COS, SIN, k1, k2, rank * W + within, sel_ok, offs_h, ROPE, HALF
+                )
+                q_lo = P + g * M * W
+                q_hi = tl.minimum(q_lo + M * W, L)
+                for t0 in range(q_lo, q_hi, BLOCK_M):
+                    t = t0 + offs_m
+                    dk1T, dk2T, dvT = _dkv_step(
+                        dk1T,
+                        dk2T,
+                        dvT,
+                        k1s,
+                        k2s,
+                        v,
+                        cT,
+                        sT,
+                        q_base,
+                        do_base,
+                        lse_base,
+                        delta_base,
+                        COS,
+                        SIN,
+                        t,
+                        q_hi,
+                        t + (S * W - q_lo),
+                        sel_ok[None, :],
+                        qk_scale,
+                        q_stride,
+                        offs_h,
+                        offs_d,
+                        True,
+                        ROPE,
+                        HALF,
+                        HEAD_DIM,
+                    )
+
+    dk1 = tl.trans(dk1T) * scale
+    dk2 = tl.trans(dk2T) * scale
+    dv = tl.trans(dvT)
+    h_mask = key_ok[:, None] & (offs_h[None, :] < HALF)
+    d_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    rows_h = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
+    rows_d = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
+    if not SELECTED:
+        dk1 += tl.load(DK32 + rows_h, mask=h_mask, other=0.0)
+        dk2 += tl.load(DK32 + rows_h + HALF, mask=h_mask, other=0.0)
+        dv += tl.load(DV32 + rows_d, mask=d_mask, other=0.0)
+    tl.store(DK + rows_h, dk1.to(DK.dtype.element_ty), mask=h_mask)
+    tl.store(DK + rows_h + HALF, dk2.to(DK.dtype.element_ty), mask=h_mask)
+    tl.store(DV + rows_d, dv.to(DV.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def ms_attn_bwd_dkv_sel_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK32,
+    DV32,
+    LSE,
+    DELTA,
+    IDX,
+    COS,
+    SIN,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_chunks,
+    qk_scale,
+    scale,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Grid (G * n_chunks, B*HS): dk, dv of the selected keys, the fast (atomic) way.
+
+    One program takes chunk c of block g's selected tokens (BLOCK_N of the S*w, read by index
+    like the forward: every lane a real key, none wasted), runs over all the block's queries
+    of every query head sharing the selection, and adds the keys' dk, dv into the float32
+    DK32, DV32 with atomics. The sum's order, hence its last bits, varies from run to run.
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    REP: tl.constexpr = HQ // HS
+    g = tl.program_id(0) // n_chunks
+    chunk = tl.program_id(0) % n_chunks
+    bhs = tl.program_id(1)
+    b = bhs // HS
+    hs = bhs % HS
+    hkv = hs // (HS // HKV)
+
+    q_stride = HQ * HEAD_DIM
+    kv_stride = HKV * HEAD_DIM
+    kv_off = b.to(tl.int64) * L * kv_stride + hkv * HEAD_DIM
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    flat = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
+    rank = flat // W
+    sel = IDX + (bhs.to(tl.int64) * G + g) * S
+    region = tl.load(sel + rank, mask=rank < S, other=-1)
+    key_ok = region >= 0
+    tok = region * W + (flat - rank * W)
+    k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
+    v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
+    k1s, k2s, cT, sT = _dkv_keys(COS, SIN, k1, k2, flat, key_ok, offs_h, ROPE, HALF)
+
+    q_lo = P + g * M * W
+    q_hi = tl.minimum(q_lo + M * W, L)
+    dk1T = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    dk2T = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    dvT = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    for i in range(REP):
+        h = hs * REP + i
+        q_off = b.to(tl.int64) * L * q_stride + h * HEAD_DIM
+        lse_base = LSE + (b * HQ + h).to(tl.int64) * L
+        delta_base = DELTA + (b * HQ + h).to(tl.int64) * L
+        for t0 in range(q_lo, q_hi, BLOCK_M):
+            t = t0 + offs_m
+            dk1T, dk2T, dvT = _dkv_step(
+                dk1T,
+                dk2T,
+                dvT,
+                k1s,
+                k2s,
+                v,
+                cT,
+                sT,
+                Q + q_off,
+                DO + q_off,
+                lse_base,
+                delta_base,
+                COS,
+                SIN,
+                t,
+                q_hi,
+                t + (S * W - q_lo),
+                key_ok[None, :],
+                qk_scale,
+                q_stride,
+                offs_h,
+                offs_d,
+                True,
+                ROPE,
+                HALF,
+                HEAD_DIM,
+            )
 
     h_mask = key_ok[:, None] & (offs_h[None, :] < HALF)
-    dk_ptrs = DK + kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
-    tl.store(dk_ptrs, (tl.trans(dk1T) * scale).to(DK.dtype.element_ty), mask=h_mask)
-    tl.store(dk_ptrs + HALF, (tl.trans(dk2T) * scale).to(DK.dtype.element_ty), mask=h_mask)
-    dv_ptrs = DV + kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
-    tl.store(dv_ptrs, tl.trans(dvT).to(DV.dtype.element_ty),
-             mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    rows_h = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
+    rows_d = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
+    tl.atomic_add(DK32 + rows_h, tl.trans(dk1T) * scale, mask=h_mask)
+    tl.atomic_add(DK32 + rows_h + HALF, tl.trans(dk2T) * scale, mask=h_mask)
+    tl.atomic_add(DV32 + rows_d, tl.trans(dvT), mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

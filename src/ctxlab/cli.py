@@ -31,6 +31,8 @@ def _task(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    import ctxlab.config  # noqa: F401  (registers ctxlab's OmegaConf resolvers)
+
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(_task)()
 

@@ -58,10 +58,11 @@ def validate(cfg: DictConfig) -> None:
                 f"would be exactly dense attention. Lower attention.budget or attention.region, "
                 f"or raise data.seq_len."
             )
-    if cfg.phase.fit is False and cfg.phase.get("checkpoint") in (None, "") and _target(cfg.model).endswith(
-        "LlamaConfig"
-    ):
+    own_model = cfg.model.get("kind") != "hf"  # an HF model brings pre-trained weights
+    if own_model and not cfg.phase.fit and not cfg.phase.get("checkpoint"):
         raise ConfigError("phase=extrapolate evaluates trained weights: set phase.checkpoint=<path to .ckpt>")
+    if own_model and cfg.phase.name == "finetune" and not cfg.phase.get("init_from"):
+        raise ConfigError("phase=finetune starts from trained weights: set phase.init_from=<path to .ckpt>")
     if cfg.logger.kind not in ("wandb", "csv"):
         raise ConfigError(f"logger.kind must be wandb or csv, got {cfg.logger.kind!r}")
     if cfg.trainer.get("max_steps", -1) in (None, 0):
@@ -74,3 +75,15 @@ def validate(cfg: DictConfig) -> None:
         for name, overrides in arms.items():
             if not OmegaConf.is_list(overrides):
                 raise ConfigError(f"study.arms.{name} must be a list of overrides, got {overrides!r}")
+
+
+def _smollm2_dir() -> str:
+    from ctxlab.model.hf_sources import smollm2_checkpoint
+
+    return str(smollm2_checkpoint())
+
+
+# `${ctxlab.smollm2_dir:}`: the packaged SmolLM2 converted once to a checkpoint folder (with its
+# tokenizer), resolved only when a config that names it is used.
+if not OmegaConf.has_resolver("ctxlab.smollm2_dir"):
+    OmegaConf.register_new_resolver("ctxlab.smollm2_dir", _smollm2_dir, use_cache=True)

@@ -32,7 +32,16 @@ def say(msg: str) -> None:
     print(f"{log_prefix} {msg}", flush=True)
 
 
+def is_hf(cfg: DictConfig) -> bool:
+    return cfg.model.get("kind") == "hf"
+
+
 def build_model(cfg: DictConfig):
+    """ctxlab's own decoder, or (``model.kind=hf``) a transformers model with ctxlab attention."""
+    if is_hf(cfg):
+        from ctxlab.model.hf import build_hf_model_from_cfg
+
+        return build_hf_model_from_cfg(cfg)
     from ctxlab.model import Llama
 
     model_cfg = instantiate(cfg.model)
@@ -302,8 +311,10 @@ def run_job(cfg: DictConfig) -> dict:
             val = trainer.callback_metrics.get("val/loss")
             extra["val_ppl"] = float(torch.exp(val)) if val is not None else None
             extra["steps"] = int(trainer.global_step)
-        else:
+        elif cfg.phase.checkpoint:
             load_weights(model, cfg.phase.checkpoint, "phase.checkpoint")
+        else:
+            say("evaluating the model's pre-trained weights (no phase.checkpoint)")
         summary = evaluate(model, dm, cfg, run_dir, loggers, extra) if cfg.phase.evaluate else extra
     finally:
         loggers.finish()

@@ -228,9 +228,23 @@ class ValidateSweep(HydraCallback):
     Only Hydra's basic sweeper has an enumerable grid; with another sweeper (Optuna) the
     jobs are drawn as the search goes, and this callback validates the command line's config
     alone, saying so.
+
+    Hydra turns an exception raised by a callback into a warning and carries on, so a bad
+    job is reported on stderr and ends the command with ``SystemExit(1)`` instead.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.errors import HydraException
+
+        from ctxlab.config import ConfigError
+
+        try:
+            self._validate_and_record(config)
+        except (ConfigError, HydraException) as e:
+            print(f"ctxlab: error: nothing was submitted: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from e
+
+    def _validate_and_record(self, config: DictConfig) -> None:
         from hydra.core.global_hydra import GlobalHydra
 
         from ctxlab.config import ConfigError, validate

@@ -83,6 +83,7 @@ def _causal_in_groups(q: Tensor, k: Tensor, v: Tensor, group: int, first: int, s
     if first > 0:
         parts.append(_causal(q[:, :first], k[:, :first], v[:, :first], scale))
     if n > 0:
+
         def grouped(x: Tensor) -> Tensor:  # [B, n*G, h, D] -> [B*n, G, h, D]
             return x[:, first:end].reshape(B * n, group, x.shape[2], D)
 
@@ -109,7 +110,9 @@ def s2_attention(
         ``[B, L, H, D]`` in q's dtype.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     B, L, H, D = q.shape
     Hkv = k.shape[2]
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != D:
@@ -154,10 +157,21 @@ class S2Attention(nn.Module):
         self, *, group_ratio: float = 0.25, group_size: int = 0, wrap: bool = True, scale: float | None = None
     ) -> None:
         super().__init__()
-        if isinstance(group_ratio, bool) or not isinstance(group_ratio, (int, float)) or not 0 < group_ratio <= 1:
+        if (
+            isinstance(group_ratio, bool)
+            or not isinstance(group_ratio, (int, float))
+            or not 0 < group_ratio <= 1
+        ):
             raise ValueError(f"attention.group_ratio must be a number in (0, 1], got {group_ratio!r}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0 or group_size == 1:
-            raise ValueError(f"attention.group_size must be 0 (use group_ratio) or an int >= 2, got {group_size!r}")
+        if (
+            isinstance(group_size, bool)
+            or not isinstance(group_size, int)
+            or group_size < 0
+            or group_size == 1
+        ):
+            raise ValueError(
+                f"attention.group_size must be 0 (use group_ratio) or an int >= 2, got {group_size!r}"
+            )
         if not isinstance(wrap, bool):
             raise ValueError(f"attention.wrap must be a bool, got {wrap!r}")
         self.group_ratio, self.group_size, self.wrap, self.scale = float(group_ratio), group_size, wrap, scale

@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from ctxlab.attention.cache import KVCache, LayerCache
@@ -93,7 +92,9 @@ def ctxlab_attention_forward(
     if dropout:
         raise ValueError(f"ctxlab attention has no attention dropout; the model's config asks for {dropout}")
     if kwargs.get("sliding_window") is not None:
-        raise ValueError(f"ctxlab attention has no sliding window; the model's config has {kwargs['sliding_window']}")
+        raise ValueError(
+            f"ctxlab attention has no sliding window; the model's config has {kwargs['sliding_window']}"
+        )
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # BTHD views
     n_new = q.shape[1]
     if ctxlab_cache is not None:
@@ -117,7 +118,9 @@ def ctxlab_mask(*, attention_mask: Tensor | None = None, **kwargs) -> None:
     implement padding, so any masked-out position raises instead of being ignored.
     """
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("ctxlab attention does not support padding (attention_mask has zeros); use unpadded rows")
+        raise ValueError(
+            "ctxlab attention does not support padding (attention_mask has zeros); use unpadded rows"
+        )
     return None
 
 
@@ -198,7 +201,9 @@ def attach_ctxlab_attention(
             "only schemes that rotate before attention (rope, pi, ntk, yarn, crd_ntk, ...)"
         )
     if position.head_dim != head_dim:
-        raise ValueError(f"position.head_dim={position.head_dim} does not match the model's head_dim={head_dim}")
+        raise ValueError(
+            f"position.head_dim={position.head_dim} does not match the model's head_dim={head_dim}"
+        )
     register_ctxlab_attention()
     cores = []
     for attn in hf_attention_modules(hf_model):
@@ -214,6 +219,28 @@ def attach_ctxlab_attention(
         hf_model.config.rope_parameters = rope
     hf_model.model.rotary_emb = PositionRotary(position, hf_model.model.rotary_emb)
     return cores
+
+
+def set_checkpointing(hf_model: nn.Module, on: bool) -> None:
+    """Recompute every decoder layer in the backward pass (non-reentrant) or stop doing so.
+
+    transformers 5.2x calls this activation checkpointing; earlier 5.x (the GPU image's 5.17)
+    only has the gradient-checkpointing names.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf_model, "activation_checkpointing_enable"):
+        if on:
+            hf_model.activation_checkpointing_enable(kwargs)
+        else:
+            hf_model.activation_checkpointing_disable()
+    elif on:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_disable()
+
+
+def is_checkpointing(hf_model: nn.Module) -> bool:
+    return any(bool(getattr(m, "gradient_checkpointing", False)) for m in hf_model.modules())
 
 
 def detach_ctxlab_attention(hf_model: nn.Module) -> None:
@@ -326,7 +353,9 @@ class HFCausalLM(nn.Module):
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = self.position.position_ids(B, L, start=start, device=input_ids.device)
-        out = self.hf.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, ctxlab_cache=cache)
+        out = self.hf.model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, ctxlab_cache=cache
+        )
         return out.last_hidden_state
 
     def forward(
@@ -394,12 +423,18 @@ class HFModelSpec:
 def load_hf_source(spec: HFModelSpec) -> tuple[nn.Module, Path | None, bool]:
     """(HF model, checkpoint folder or None, pre-trained?) for ``spec.source``."""
     if spec.source in RANDOM_SHAPES:
-        return random_model(spec.source, overrides=spec.overrides, dtype=spec.dtype, device=spec.init_device), None, False
+        return (
+            random_model(spec.source, overrides=spec.overrides, dtype=spec.dtype, device=spec.init_device),
+            None,
+            False,
+        )
     folder = smollm2_checkpoint(spec.cache_dir) if spec.source == "smollm2" else Path(spec.source)
     return load_checkpoint(folder, dtype=spec.dtype), folder, True
 
 
-def build_hf_model(spec: HFModelSpec, attention: Callable[[], nn.Module], position: PositionScheme) -> HFCausalLM:
+def build_hf_model(
+    spec: HFModelSpec, attention: Callable[[], nn.Module], position: PositionScheme
+) -> HFCausalLM:
     """Load ``spec.source``, swap in ``attention`` and ``position``, add LoRA+ and checkpointing.
 
     A pre-trained checkpoint must have been trained with the scheme's RoPE base
@@ -427,7 +462,7 @@ def build_hf_model(spec: HFModelSpec, attention: Callable[[], nn.Module], positi
             )
         )  # fmt: skip
     if spec.gradient_checkpointing:
-        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(model.hf, True)
     return model
 
 

@@ -89,7 +89,7 @@ def export_hf(model, out_dir: str | os.PathLike, *, dtype: str | None = None, in
     trainable; a 7B bf16 copy needs 13.5 GB more); ``inplace=True`` merges the model itself.
     ``dtype`` (float32, bfloat16, float16) casts the saved weights.
     """
-    from ctxlab.model.hf import detach_ctxlab_attention
+    from ctxlab.model.hf import detach_ctxlab_attention, is_checkpointing, set_checkpointing
     from ctxlab.model.hf_sources import torch_dtype
 
     rope = model.position.hf_rope_scaling()
@@ -104,8 +104,8 @@ def export_hf(model, out_dir: str | os.PathLike, *, dtype: str | None = None, in
     hf_model = target.merge_and_unload() if model.peft is not None else target
     hf_model.config.rope_parameters = rope
     detach_ctxlab_attention(hf_model)
-    if getattr(hf_model, "is_gradient_checkpointing", False):
-        hf_model.gradient_checkpointing_disable()
+    if is_checkpointing(hf_model):
+        set_checkpointing(hf_model, False)
     if dtype is not None:
         hf_model.to(torch_dtype(dtype))
     out = Path(out_dir)

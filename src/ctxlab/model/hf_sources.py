@@ -130,7 +130,9 @@ def smollm2_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=SMOLLM2_DIRNAME + ".tmp-", dir=out.parent))
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         config = loaded.config
         # The GGUF's quantisation note would make transformers look for gguf at every reload.
         if hasattr(config, "quantization_config"):
@@ -156,7 +158,9 @@ def random_config(shape: str, overrides: dict | None = None):
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"model.source: unknown random shape {shape!r}; known: {sorted(RANDOM_SHAPES)}")
     fields = dict(RANDOM_SHAPES[shape])
-    unknown = set(overrides or {}) - set(fields) - {"attention_dropout", "initializer_range", "attention_bias"}
+    unknown = (
+        set(overrides or {}) - set(fields) - {"attention_dropout", "initializer_range", "attention_bias"}
+    )
     if unknown:
         raise ValueError(f"model.overrides: {sorted(unknown)} are not fields of the {shape} config")
     fields.update(overrides or {})
@@ -174,10 +178,5 @@ def random_model(shape: str, *, overrides: dict | None = None, dtype: str = "flo
 
     config = random_config(shape, overrides)
     config._attn_implementation = "sdpa"
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype(dtype))
-    try:
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(config)
-    finally:
-        torch.set_default_dtype(default)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))

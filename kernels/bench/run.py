@@ -1,0 +1,336 @@
+"""Check, then time, MS attention implementations on the registry's cases; write result files.
+
+    python -m ctxlab.kernels.bench.run --preset h100 --ops gather,triton,dense --out DIR
+
+Per case (bf16, fresh random inputs): the selection (``ms_select_torch``) is timed, then each
+op is checked before it is timed. The check: the output's last rows (up to two blocks) against
+``ms_attend_torch`` in float32 (dense causal attention for ``dense``), and dq, dk, dv against
+the ``gather`` op's (an independent PyTorch implementation of the same function). An op that
+fails its check is reported as failed, with its errors and no time. Times are CUDA-event
+medians after a warm-up; ``extra_gib`` is the peak memory of one forward+backward beyond the
+inputs, the output and the three gradients. Results go to ``<out>/<stem>.json`` and ``.md``
+after every case, so a run cut short keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
+from .cases import PRESETS, Case, registry
+from .ops import build, launch_config, triton_parts
+
+OUT_TOL = 2e-2  # relative L2 error of a bf16 output against float32
+GRAD_TOL = 5e-2  # relative L2 error between two bf16 implementations' gradients
+
+
+def cuda_time(fn, budget_ms: float = 400.0, max_reps: int = 20) -> float:
+    """Median milliseconds of fn() over CUDA events, after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    reps = int(min(max_reps, max(3, budget_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def inputs(case: Case, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    q = rand(case.B, case.L, case.Hq, case.D)
+    k, v = rand(case.B, case.L, case.Hkv, case.D), rand(case.B, case.L, case.Hkv, case.D)
+    return q, k, v, rand(case.B, case.L, case.Hq, case.D)
+
+
+def probe_start(case: Case, dense: bool) -> int:
+    """First probed row: the last 256 rows for dense attention, else the last two blocks."""
+    return max(case.L - (256 if dense else 2 * case.merge * case.region), 0)
+
+
+def reference_tail(case: Case, q, k, v, idx, dense: bool) -> torch.Tensor:
+    start = probe_start(case, dense)
+    with torch.no_grad():
+        if dense:
+            rep = case.Hq // case.Hkv
+            qf = q[:, start:].float().transpose(1, 2)
+            kf = k.float().repeat_interleave(rep, 2).transpose(1, 2)
+            vf = v.float().repeat_interleave(rep, 2).transpose(1, 2)
+            logits = qf @ kf.transpose(-1, -2) * case.D**-0.5
+            keep = (
+                torch.arange(case.L, device="cuda")
+                <= torch.arange(start, case.L, device="cuda")[:, None]
+            )
+            out = logits.masked_fill(~keep, float("-inf")).softmax(-1) @ vf
+            return out.transpose(1, 2)
+        return ms_attend_torch(
+            q.float(),
+            k.float(),
+            v.float(),
+            idx,
+            region=case.region,
+            budget=case.budget,
+            merge=case.merge,
+            scope=case.scope,
+            pe=case.pe,
+            start=start,
+        )
+
+
+def run_case(case: Case, ops: list[str], seed: int, flex_cases: list[str]) -> list[dict]:
+    q, k, v, do = inputs(case, seed)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+    def selection():
+        return ms_select_torch(
+            q, k, region=case.region, budget=case.budget, merge=case.merge, scope=case.scope
+        )
+
+    with torch.no_grad():
+        select_ms = cuda_time(selection, budget_ms=200, max_reps=5)
+        idx = selection()
+    tails = {}
+    ref_grads = None
+    rows = []
+    for op in ops:
+        if op == "flex" and not any(c and c in case.name for c in flex_cases):
+            continue
+        row = dict(
+            case=case.name,
+            op=op,
+            L=case.L,
+            Hq=case.Hq,
+            Hkv=case.Hkv,
+            D=case.D,
+            setting=case.setting,
+            region=case.region,
+            budget=case.budget,
+            merge=case.merge,
+            scope=case.scope,
+            pe=case.pe,
+            select_ms=select_ms,
+        )
+        rows.append(row)
+        try:
+            fn = build(op, case, idx)
+            with launch_config(fn):
+                check_and_time(case, op, fn, row, leaves, q, k, v, do, idx, tails, ref_grads)
+            if op == "gather" and row.get("grads") is not None:
+                ref_grads = row.pop("grads")
+            row.pop("grads", None)
+            if op.startswith("triton") and row.get("status") == "ok":
+                with torch.no_grad():
+                    parts = triton_parts(case, idx, q, k, v, do, fn.config, cuda_time)
+                row["parts_ms"] = parts
+        except torch.cuda.OutOfMemoryError as err:
+            row["status"] = f"out of memory: {str(err).splitlines()[0][:120]}"
+        except Exception as err:  # noqa: BLE001 - a broken op is reported, the run goes on
+            row["status"] = f"error: {type(err).__name__}: {str(err)[:300]}"
+        row.pop("grads", None)
+        torch.cuda.empty_cache()
+    dense_pairs, ms_pairs = case.dense_pairs(), case.ms_pairs()
+    for row in rows:
+        pairs = dense_pairs if row["op"] == "dense" else ms_pairs
+        row["computed_pair_fraction"] = pairs / dense_pairs
+        for pass_ in ("fwd", "fwd+bwd"):
+            ms = row.get(f"{pass_}_ms")
+            if ms:
+                row[f"{pass_}_tflops_computed"] = case.flops(pairs, pass_) / ms / 1e9
+                row[f"{pass_}_tflops_dense_equiv"] = case.flops(dense_pairs, pass_) / ms / 1e9
+    return rows
+
+
+def check_and_time(case, op, fn, row, leaves, q, k, v, do, idx, tails, ref_grads) -> None:
+    """Check op's output tail and gradients, then time it; results go into ``row``."""
+    for x in leaves:
+        x.grad = None
+    out = fn(*leaves)
+    out.backward(do)
+    grads = [x.grad.detach().clone() for x in leaves]
+    is_dense = op == "dense"
+    if is_dense not in tails:
+        tails[is_dense] = reference_tail(case, q, k, v, idx, is_dense)
+    errs = {"o_tail": rel_err(out[:, probe_start(case, is_dense) :], tails[is_dense])}
+    if not is_dense and ref_grads is not None:
+        errs |= {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)}
+    row["errors"] = errs
+    row["grads"] = grads if op == "gather" else None
+    del out
+    ok = errs["o_tail"] <= OUT_TOL and all(e <= GRAD_TOL for n, e in errs.items() if n != "o_tail")
+    if not ok:
+        row["status"] = "failed check"
+        return
+    row.update(time_op(case, fn, leaves, do))
+    row["status"] = "ok"
+
+
+def time_op(case: Case, fn, leaves, do) -> dict:
+    with torch.no_grad():
+        fwd = cuda_time(lambda: fn(*leaves))
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward(do)
+
+    both = cuda_time(step)
+    for x in leaves:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    outputs = do.nbytes + sum(x.nbytes for x in leaves)  # o, dq, dk, dv
+    extra = (torch.cuda.max_memory_allocated() - base - outputs) / 2**30
+    for x in leaves:
+        x.grad = None
+    return {"fwd_ms": fwd, "fwd+bwd_ms": both, "bwd_ms": both - fwd, "extra_gib": extra}
+
+
+def environment() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        card=props.name,
+        memory_gib=round(props.total_memory / 2**30, 1),
+        sms=props.multi_processor_count,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+    )
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"# MS attention benchmark, {meta['card']}, {meta['date']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; bf16, B=1, "
+        "Hq=32, D=128; ms are CUDA-event medians; TFLOP/s on computed pairs (dense-equivalent "
+        "in brackets); selection timed apart (ms_select_torch).",
+        "",
+        "| case | op | status | fwd ms | fwd+bwd ms | + select ms | TFLOP/s fwd+bwd | "
+        "pairs | extra GiB | vs dense | vs gather |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_case: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["op"]] = row
+    dense_by_len = {r["L"]: r for r in rows if r["op"] == "dense" and r.get("status") == "ok"}
+
+    def fmt(row, key, digits=1):
+        value = row.get(key)
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for row in rows:
+        ratio = {}
+        for base_name, base in (
+            ("dense", dense_by_len.get(row["L"])),
+            ("gather", by_case[row["case"]].get("gather")),
+        ):
+            if base and base.get("fwd+bwd_ms") and row.get("fwd+bwd_ms"):
+                ratio[base_name] = f"{base['fwd+bwd_ms'] / row['fwd+bwd_ms']:.2f}x"
+        tflops = "-"
+        if row.get("fwd+bwd_tflops_computed"):
+            tflops = (
+                f"{row['fwd+bwd_tflops_computed']:.0f} ({row['fwd+bwd_tflops_dense_equiv']:.0f})"
+            )
+        select = "-" if row["op"] == "dense" else f"{row['select_ms']:.1f}"
+        lines.append(
+            f"| {row['case']} | {row['op']} | {row.get('status', '?')} | {fmt(row, 'fwd_ms')} | "
+            f"{fmt(row, 'fwd+bwd_ms')} | {select} | {tflops} | "
+            f"{row['computed_pair_fraction']:.3f} | {fmt(row, 'extra_gib', 2)} | "
+            f"{ratio.get('dense', '-')} | {ratio.get('gather', '-')} |"
+        )
+    lines += ["", "Errors (relative L2): o_tail vs float32 reference; dq, dk, dv vs gather.", ""]
+    for row in rows:
+        if row.get("errors"):
+            errs = ", ".join(f"{k} {v:.2e}" for k, v in row["errors"].items())
+            lines.append(f"- {row['case']} / {row['op']}: {errs}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="h100", choices=sorted(PRESETS))
+    parser.add_argument(
+        "--ops",
+        default="gather,triton,dense,flex",
+        help="comma list; gather first (its gradients are the check's reference); "
+        "launch overrides as triton:dkv_block_n=32",
+    )
+    parser.add_argument("--cases", default="", help="substring a case name must contain")
+    parser.add_argument(
+        "--flex-cases",
+        default="paper-L32K-kv8",
+        help="comma list of case-name substrings that run flex (it compiles)",
+    )
+    parser.add_argument("--out", default="kernels/bench/results")
+    parser.add_argument("--stem", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--time-limit-s", type=float, default=1e9, help="start no new case after this many seconds"
+    )
+    args = parser.parse_args(argv)
+
+    flex_cases = args.flex_cases.split(",")
+    cases = [c for c in registry(**PRESETS[args.preset]).values() if args.cases in c.name]
+    ops = args.ops.split(",")
+    meta = environment()
+    card = "".join(ch if ch.isalnum() else "_" for ch in meta["card"])
+    stem = args.stem or f"ms_attention_{meta['date'][:10]}_{card}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    began = time.monotonic()
+    dense_done: set[int] = set()
+    for case in cases:
+        if time.monotonic() - began > args.time_limit_s:
+            print(f"time limit: skipping {case.name} and later cases", flush=True)
+            break
+        case_ops = [op for op in ops if op != "dense" or case.L not in dense_done]
+        dense_done.add(case.L)
+        new = run_case(case, case_ops, args.seed, flex_cases)
+        rows += new
+        for row in new:
+            print(
+                json.dumps(
+                    {
+                        k: (round(v, 3) if isinstance(v, float) else v)
+                        for k, v in row.items()
+                        if k not in ("Hq", "D", "region", "budget", "merge", "scope", "pe")
+                    }
+                ),
+                flush=True,
+            )
+        (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        (out / f"{stem}.md").write_text(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
