@@ -80,7 +80,7 @@ def assert_all_close(actual, expected, **tol):
 # L=97 (99) with w=4: 25 regions, the last holding 1 (3) tokens; T=8, m=3: 6 blocks, the last of 2.
 GQA_SHAPES = [
     Shape(B=2, L=97, Hq=2, Hkv=2, D=6, region=4, budget=8, merge=3),
-    Shape(B=2, L=97, Hq=6, Hkv=2, D=6, region=4, budget=8, merge=3),
+    Shape(B=1, L=97, Hq=6, Hkv=2, D=6, region=4, budget=8, merge=3),
     Shape(B=1, L=99, Hq=4, Hkv=1, D=8, region=4, budget=8, merge=3),
 ]
 

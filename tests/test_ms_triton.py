@@ -12,6 +12,7 @@ Shapes: q [B, L, Hq, D], k, v [B, L, Hkv, D]; idx [B, Hs, G, T-m].
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -88,35 +89,50 @@ def _assert_close(name, actual, expected, tol):
     assert err <= tol * max(scale, 1.0), f"{name}: max error {err:.3g} (scale {scale:.3g})"
 
 
-# Each case: (id, shape B L Hq Hkv D, region w, budget T, merge m, scope, pe, seed).
-# Lengths are odd and leave a partial last region and block; w=20 spans two 16-key tiles of
-# the dk/dv kernel, w=3 puts several regions into one; the dense case has n <= T.
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """torch.use_deterministic_algorithms(on) for the block: it picks the dk/dv path."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# Each case: (id, shape B L Hq Hkv D, region w, budget T, merge m, scope, pe, deterministic dk/dv
+# path (reverse index) or atomic, seed). Lengths are odd and leave a partial last region and
+# block; w=20 spans two 16-key tiles of the dk/dv kernel, w=3 puts several regions into one;
+# the dense case has n <= T.
 ATTEND_CASES = [
-    ("gqa1-w4-L51-pre-head", (1, 51, 2, 2, 32), 4, 5, 2, "head", "pre", 0),
-    ("gqa3-w4-L37-pre-group-B2", (2, 37, 3, 1, 32), 4, 4, 1, "group", "pre", 1),
-    ("gqa4-w4-L47-rope-head", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", 2),
-    ("gqa2-w3-L50-rope-group-D20", (1, 50, 4, 2, 20), 3, 5, 3, "group", "selected", 3),
-    ("gqa1-w20-L97-rope-head", (1, 97, 1, 1, 32), 20, 3, 1, "head", "selected", 4),
-    ("dense-n-le-T-L29", (1, 29, 2, 1, 32), 4, 8, 2, "head", "selected", 5),
+    ("gqa1-w4-L51-pre-head", (1, 51, 2, 2, 32), 4, 5, 2, "head", "pre", False, 0),
+    ("gqa3-w4-L37-pre-group-B2-det", (2, 37, 3, 1, 32), 4, 4, 1, "group", "pre", True, 1),
+    ("gqa4-w4-L47-rope-head-det", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", True, 2),
+    ("gqa2-w3-L50-rope-group-D20", (1, 50, 4, 2, 20), 3, 5, 3, "group", "selected", False, 3),
+    ("gqa1-w20-L97-rope-head-det", (1, 97, 1, 1, 32), 20, 3, 1, "head", "selected", True, 4),
+    ("gqa3-w5-L71-rope-head", (1, 71, 3, 1, 32), 5, 4, 1, "head", "selected", False, 5),
+    ("dense-n-le-T-L29", (1, 29, 2, 1, 32), 4, 8, 2, "head", "selected", False, 6),
 ]
 
 
 @pytest.mark.parametrize(
-    "shape, region, budget, merge, scope, pe, seed",
+    "shape, region, budget, merge, scope, pe, deterministic, seed",
     [c[1:] for c in ATTEND_CASES],
     ids=[c[0] for c in ATTEND_CASES],
 )
 @on_interpreter
-def test_attend_matches_torch(shape, region, budget, merge, scope, pe, seed):
+def test_attend_matches_torch(shape, region, budget, merge, scope, pe, deterministic, seed):
     """Given one selection, outputs and dq, dk, dv match ms_attend_torch (float64)."""
     q, k, v, do = _inputs(*shape, seed=seed)
     opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=100.0)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
     scale = 1.0 / math.sqrt(shape[-1])
 
-    out, grads = _grads(
-        lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=scale, **opts), q, k, v, do
-    )
+    with deterministic_algorithms(deterministic):
+        out, grads = _grads(
+            lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=scale, **opts),
+            q, k, v, do,
+        )  # fmt: skip
     ref, ref_grads = _grads(
         lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, **opts),
         *(x.double() for x in (q, k, v, do)),
@@ -126,8 +142,9 @@ def test_attend_matches_torch(shape, region, budget, merge, scope, pe, seed):
         _assert_close(name, g, r, 1e-5)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
 @on_interpreter
-def test_padding_entries_are_ignored():
+def test_padding_entries_are_ignored(deterministic):
     """-1 entries (a hand-made, partly filled selection) drop keys, and under pe="selected"
     the valid regions keep the positions 0.. in ascending order, as in ms_attend_torch."""
     region, budget, merge = 4, 6, 2
@@ -140,9 +157,11 @@ def test_padding_entries_are_ignored():
     idx[0, 0, :, 1] = -1
     idx[0, 1, 1:, :3] = -1
     opts = dict(region=region, budget=budget, merge=merge, pe="selected", rope_base=50.0)
-    out, grads = _grads(
-        lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, **opts), q, k, v, do
-    )
+    with deterministic_algorithms(deterministic):
+        out, grads = _grads(
+            lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, **opts),
+            q, k, v, do,
+        )  # fmt: skip
     ref, ref_grads = _grads(
         lambda q, k, v: ms_attend_torch(q, k, v, idx, scope="head", scale=0.2, **opts),
         *(x.double() for x in (q, k, v, do)),
@@ -177,15 +196,29 @@ def test_public_api_matches_torch_backend(shape, select, pool, scope, pe):
         _assert_close(name, g, r, 1e-5)
 
 
+def _twice_identical(device, shape, dtype, region, budget, merge):
+    """Under deterministic algorithms, two backward passes give identical bits."""
+    q, k, v, do = _inputs(*shape, dtype=dtype, device=device, seed=8)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge)
+    opts = dict(region=region, budget=budget, merge=merge, pe="pre", rope_base=1e4, scale=0.1)
+    with deterministic_algorithms(True):
+        runs = [
+            _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), q, k, v, do)
+            for _ in range(2)
+        ]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)
+
+
 @on_interpreter
 def test_backward_is_deterministic():
-    """Two backward passes on the same inputs give identical bits (no atomics)."""
-    q, k, v, do = _inputs(1, 41, 2, 1, 32, seed=8)
-    opts = dict(region=4, budget=4, merge=2, pool="mean", scope="head", select="paper", pe="pre")
-    first = _grads(lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do)
-    second = _grads(lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do)
-    for a, b in zip(first[1], second[1]):
-        assert torch.equal(a, b)
+    _twice_identical("cpu", (1, 41, 2, 1, 32), torch.float32, 4, 4, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
+def test_gpu_backward_is_deterministic():
+    _twice_identical("cuda", (1, 6000, 8, 2, 128), torch.bfloat16, 16, 64, 8)
 
 
 def test_reverse_index_lists_every_selecting_block():
@@ -351,20 +384,24 @@ def _attend_in_dtype(q, k, v, idx, *, region, budget, merge, pe, rope_base, scal
 
 
 GPU_CASES = [
-    ("L4133-gqa4-w16-pre-head", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre"),
-    ("L3001-gqa1-w32-rope-group", (2, 3001, 4, 4, 64), 32, 32, 4, "group", "selected"),
-    ("L2500-gqa3-w16-rope-head", (1, 2500, 6, 2, 128), 16, 48, 16, "head", "selected"),
+    ("L4133-gqa4-w16-pre-head", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", False),
+    ("L4133-gqa4-w16-pre-head-det", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", True),
+    ("L3001-gqa1-w32-rope-group-det", (2, 3001, 4, 4, 64), 32, 32, 4, "group", "selected", True),
+    ("L2500-gqa3-w16-rope-head", (1, 2500, 6, 2, 128), 16, 48, 16, "head", "selected", False),
+    ("L5000-gqa4-w64-pre-group", (1, 5000, 8, 2, 128), 64, 16, 2, "group", "pre", False),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
 @pytest.mark.parametrize(
-    "shape, region, budget, merge, scope, pe",
+    "shape, region, budget, merge, scope, pe, deterministic",
     [c[1:] for c in GPU_CASES],
     ids=[c[0] for c in GPU_CASES],
 )
-def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope, pe):
+def test_gpu_bf16_error_within_pytorch_error(
+    shape, region, budget, merge, scope, pe, deterministic
+):
     """bf16 kernel error <= 2x (forward) and 3x (gradients) PyTorch's own bf16 error."""
     q, k, v, do = _inputs(*shape, dtype=torch.float32, device="cuda", seed=11)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
@@ -374,7 +411,8 @@ def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope
     ref, ref_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), q, k, v, do)
     bf = [x.bfloat16() for x in (q, k, v, do)]
     torch_out, torch_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), *bf)
-    out, grads = _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), *bf)
+    with deterministic_algorithms(deterministic):
+        out, grads = _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), *bf)
     for name, mine, theirs, want, factor in [("o", out, torch_out, ref, 2.0)] + [
         (n, g, t, r, 3.0) for n, g, t, r in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads)
     ]:

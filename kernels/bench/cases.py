@@ -18,6 +18,7 @@ KILO = 1024
 SETTINGS = {
     "paper": (16, 512, 64),  # w, T, m: the paper's fine-tuning default
     "sparse": (64, 64, 8),
+    "tiny": (4, 4, 2),  # the CPU smoke run's
 }
 LENGTHS = {
     "8K": 8 * KILO,
@@ -25,6 +26,7 @@ LENGTHS = {
     "64K": 64 * KILO,
     "128K": 128 * KILO,
     "256K": 256 * KILO,
+    "61": 61,
 }
 
 
@@ -81,6 +83,8 @@ def registry(
     settings=("paper", "sparse"),
     scope: str = "head",
     pe: str = "pre",
+    Hq: int = 32,
+    D: int = 128,
 ) -> dict[str, Case]:
     """The issue's grid: B=1, 32 query heads, D=128, bf16, by length, kv heads and setting."""
     cases = {}
@@ -88,7 +92,8 @@ def registry(
         for hkv in kv_heads:
             for setting in settings:
                 name = f"{setting}-L{length}-kv{hkv}-{scope}-{pe}"
-                cases[name] = Case(name, LENGTHS[length], hkv, setting, scope=scope, pe=pe)
+                cases[name] = Case(name, LENGTHS[length], hkv, setting, Hq=Hq, D=D, scope=scope,
+                                   pe=pe)  # fmt: skip
     return cases
 
 
@@ -96,4 +101,5 @@ PRESETS = {
     # Cases run in this order: the lengths the issue's targets name come before 64K.
     "h100": dict(lengths=("8K", "32K", "128K", "64K")),
     "smoke": dict(lengths=("8K",), kv_heads=(8,)),
+    "cpu": dict(lengths=("61",), kv_heads=(1,), settings=("tiny",), Hq=2, D=32),
 }

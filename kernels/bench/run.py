@@ -25,6 +25,7 @@ import torch
 import triton
 
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
+from ..ms_attention.triton_impl import INTERPRETER_CONFIG
 from .cases import PRESETS, Case, registry
 from .ops import build, launch_config, triton_parts
 
@@ -32,22 +33,41 @@ OUT_TOL = 2e-2  # relative L2 error of a bf16 output against float32
 GRAD_TOL = 5e-2  # relative L2 error between two bf16 implementations' gradients
 
 
+class _HostEvent:
+    """CPU stand-in for torch.cuda.Event (the harness's smoke runs on CPU)."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _HostEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def cuda_time(fn, budget_ms: float = 400.0, max_reps: int = 20) -> float:
-    """Median milliseconds of fn() over CUDA events, after one warm-up call."""
+    """Median milliseconds of fn() over CUDA events (host clock on CPU), after one warm-up."""
+
+    def event():
+        return torch.cuda.Event(enable_timing=True) if torch.cuda.is_available() else _HostEvent()
+
     fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _sync()
+    start, end = event(), event()
     start.record()
     fn()
     end.record()
-    torch.cuda.synchronize()
+    _sync()
     reps = int(min(max_reps, max(3, budget_ms / max(start.elapsed_time(end), 1e-3))))
     times = []
     for _ in range(reps):
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
+        _sync()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
@@ -57,11 +77,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def inputs(case: Case, seed: int):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+def inputs(case: Case, seed: int, device: str):
+    """bf16 on a GPU; float32 on CPU, where the interpreter cannot take bf16."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
     q = rand(case.B, case.L, case.Hq, case.D)
     k, v = rand(case.B, case.L, case.Hkv, case.D), rand(case.B, case.L, case.Hkv, case.D)
@@ -83,8 +105,8 @@ def reference_tail(case: Case, q, k, v, idx, dense: bool) -> torch.Tensor:
             vf = v.float().repeat_interleave(rep, 2).transpose(1, 2)
             logits = qf @ kf.transpose(-1, -2) * case.D**-0.5
             keep = (
-                torch.arange(case.L, device="cuda")
-                <= torch.arange(start, case.L, device="cuda")[:, None]
+                torch.arange(case.L, device=q.device)
+                <= torch.arange(start, case.L, device=q.device)[:, None]
             )
             out = logits.masked_fill(~keep, float("-inf")).softmax(-1) @ vf
             return out.transpose(1, 2)
@@ -102,8 +124,10 @@ def reference_tail(case: Case, q, k, v, idx, dense: bool) -> torch.Tensor:
         )
 
 
-def run_case(case: Case, ops: list[str], seed: int, flex_cases: list[str]) -> list[dict]:
-    q, k, v, do = inputs(case, seed)
+def run_case(
+    case: Case, ops: list[str], seed: int, flex_cases: list[str], device: str = "cuda"
+) -> list[dict]:
+    q, k, v, do = inputs(case, seed, device)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
     def selection():
@@ -138,6 +162,8 @@ def run_case(case: Case, ops: list[str], seed: int, flex_cases: list[str]) -> li
         rows.append(row)
         try:
             fn = build(op, case, idx)
+            if device != "cuda" and hasattr(fn, "config"):
+                fn.config = INTERPRETER_CONFIG
             with launch_config(fn):
                 check_and_time(case, op, fn, row, leaves, q, k, v, do, idx, tails, ref_grads)
             if op == "gather" and row.get("grads") is not None:
@@ -152,7 +178,8 @@ def run_case(case: Case, ops: list[str], seed: int, flex_cases: list[str]) -> li
         except Exception as err:  # noqa: BLE001 - a broken op is reported, the run goes on
             row["status"] = f"error: {type(err).__name__}: {str(err)[:300]}"
         row.pop("grads", None)
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     dense_pairs, ms_pairs = case.dense_pairs(), case.ms_pairs()
     for row in rows:
         pairs = dense_pairs if row["op"] == "dense" else ms_pairs
@@ -199,40 +226,45 @@ def time_op(case: Case, fn, leaves, do) -> dict:
         fn(*leaves).backward(do)
 
     both = cuda_time(step)
+    result = {"fwd_ms": fwd, "fwd+bwd_ms": both, "bwd_ms": both - fwd}
     for x in leaves:
         x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    outputs = do.nbytes + sum(x.nbytes for x in leaves)  # o, dq, dk, dv
-    extra = (torch.cuda.max_memory_allocated() - base - outputs) / 2**30
-    for x in leaves:
-        x.grad = None
-    return {"fwd_ms": fwd, "fwd+bwd_ms": both, "bwd_ms": both - fwd, "extra_gib": extra}
+    if do.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        outputs = do.nbytes + sum(x.nbytes for x in leaves)  # o, dq, dk, dv
+        result["extra_gib"] = (torch.cuda.max_memory_allocated() - base - outputs) / 2**30
+        for x in leaves:
+            x.grad = None
+    return result
 
 
-def environment() -> dict:
-    props = torch.cuda.get_device_properties(0)
-    return dict(
+def environment(device: str) -> dict:
+    meta = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        card=props.name,
-        memory_gib=round(props.total_memory / 2**30, 1),
-        sms=props.multi_processor_count,
+        card="CPU (Triton interpreter)",
         torch=torch.__version__,
         triton=triton.__version__,
         cuda=torch.version.cuda,
     )
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        meta |= dict(card=props.name, memory_gib=round(props.total_memory / 2**30, 1),
+                     sms=props.multi_processor_count)  # fmt: skip
+    return meta
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# MS attention benchmark, {meta['card']}, {meta['date']}",
         "",
-        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; bf16, B=1, "
-        "Hq=32, D=128; ms are CUDA-event medians; TFLOP/s on computed pairs (dense-equivalent "
-        "in brackets); selection timed apart (ms_select_torch).",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; bf16, B=1; "
+        "ms are CUDA-event medians; TFLOP/s on computed pairs (dense-equivalent in brackets); "
+        "selection (ms_select_torch) timed apart; 'pairs' is the fraction of causal query-key "
+        "pairs computed; 'extra GiB' is peak memory beyond q, k, v, o and the gradients.",
         "",
         "| case | op | status | fwd ms | fwd+bwd ms | + select ms | TFLOP/s fwd+bwd | "
         "pairs | extra GiB | vs dense | vs gather |",
@@ -267,6 +299,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{row['computed_pair_fraction']:.3f} | {fmt(row, 'extra_gib', 2)} | "
             f"{ratio.get('dense', '-')} | {ratio.get('gather', '-')} |"
         )
+    lines += ["", "Stages of ours (ms): forward, dq, dk/dv atomic, dk/dv deterministic.", ""]
+    for row in rows:
+        if row.get("parts_ms"):
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in row["parts_ms"].items())
+            lines.append(f"- {row['case']} / {row['op']}: {parts}")
     lines += ["", "Errors (relative L2): o_tail vs float32 reference; dq, dk, dv vs gather.", ""]
     for row in rows:
         if row.get("errors"):
@@ -284,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         help="comma list; gather first (its gradients are the check's reference); "
         "launch overrides as triton:dkv_block_n=32",
     )
-    parser.add_argument("--cases", default="", help="substring a case name must contain")
+    parser.add_argument("--cases", default="", help="comma list; run cases containing any")
     parser.add_argument(
         "--flex-cases",
         default="paper-L32K-kv8",
@@ -294,14 +331,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stem", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: a smoke run of the harness (needs TRITON_INTERPRET=1)",
+    )
+    parser.add_argument(
         "--time-limit-s", type=float, default=1e9, help="start no new case after this many seconds"
     )
     args = parser.parse_args(argv)
 
     flex_cases = args.flex_cases.split(",")
-    cases = [c for c in registry(**PRESETS[args.preset]).values() if args.cases in c.name]
+    wanted = args.cases.split(",")
+    cases = [
+        c for c in registry(**PRESETS[args.preset]).values() if any(w in c.name for w in wanted)
+    ]
     ops = args.ops.split(",")
-    meta = environment()
+    meta = environment(args.device)
     card = "".join(ch if ch.isalnum() else "_" for ch in meta["card"])
     stem = args.stem or f"ms_attention_{meta['date'][:10]}_{card}"
     out = Path(args.out)
@@ -315,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
             break
         case_ops = [op for op in ops if op != "dense" or case.L not in dense_done]
         dense_done.add(case.L)
-        new = run_case(case, case_ops, args.seed, flex_cases)
+        new = run_case(case, case_ops, args.seed, flex_cases, args.device)
         rows += new
         for row in new:
             print(

@@ -154,7 +154,7 @@ def select_blocks(
         rows_c, limit_c = rows[g0 : g0 + per_chunk], limit[g0 : g0 + per_chunk]
         Gc = rows_c.shape[0]
         qrows = qbar[:, :, :, rows_c.flatten()]  # [B, Hs, r, Gc*m, D]
-        scores = torch.einsum("bsrid,bsjd->bsij", qrows, kbar).view(B, Hs, Gc, merge, n)
+        scores = torch.einsum("bsrid,bsjd->bsij", qrows, kbar).reshape(B, Hs, Gc, merge, n)
         scores = scores.masked_fill(regions > limit_c[..., None], float("-inf"))
         top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :n_sel]
         pos = torch.where(row_in_range[g0 : g0 + Gc, :, None], rank_major_pos, past_end)
@@ -205,10 +205,22 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
-def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> Tensor:
-    """``softmax(q k^T * scale) v`` over the keys where ``keep``; q ``[..., M, D]``, k/v ``[..., N, D]``."""
-    logits = (q @ k.transpose(-1, -2)) * scale
-    return logits.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+def _softmax_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, drops: list[Tensor]) -> Tensor:
+    """``softmax(q k^T * scale) v`` -> ``[..., M, r, D]``.
+
+    q ``[..., M, r, D]`` (r query heads that share k and v, folded into the rows so that k and
+    v are never repeated), k, v ``[..., N, D]``. ``drops`` mask (True: not attended) the
+    consecutive key ranges that make up N, each broadcastable to ``[..., M, 1, N_i]``.
+    """
+    *lead, M, r, D = q.shape
+    logits = (q.reshape(*lead, M * r, D) * scale) @ k.transpose(-1, -2)  # [..., M*r, N]
+    logits = logits.view(*lead, M, r, -1)
+    lo = 0
+    for drop in drops:
+        logits[..., lo : lo + drop.shape[-1]].masked_fill_(drop, float("-inf"))
+        lo += drop.shape[-1]
+    probs = logits.softmax(-1).view(*lead, M * r, -1)
+    return (probs @ v).view(*lead, M, r, D)
 
 
 def _dense_causal(
@@ -232,16 +244,15 @@ def _dense_causal(
         cos, sin = _rope_tables(torch.arange(P, device=q.device), inv_freq, q.dtype)
         q = _rotate(q, cos[:, None], sin[:, None])
         k = _rotate(k, cos[:, None], sin[:, None])
-    q_h = q.view(B, P, Hkv, Hq // Hkv, D).permute(0, 2, 3, 1, 4)  # [B, Hkv, r, P, D]
-    k_h = k.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, P, D]
-    v_h = v.permute(0, 2, 1, 3)[:, :, None]
+    q_h = q.view(B, P, Hkv, Hq // Hkv, D).transpose(1, 2)  # [B, Hkv, P, r, D]
+    k_h, v_h = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, P, D]
     per_chunk = max(1, max_chunk_elems // (B * Hq * P))
     out = []
     for a in range(q_start, P, per_chunk):
         c = min(a + per_chunk, P)
-        keep = torch.arange(c, device=q.device) <= torch.arange(a, c, device=q.device)[:, None]
-        out.append(_softmax_attention(q_h[:, :, :, a:c], k_h[..., :c, :], v_h[..., :c, :], keep, scale))
-    return torch.cat(out, dim=3).permute(0, 3, 1, 2, 4).reshape(B, P - q_start, Hq, D)
+        future = torch.arange(c, device=q.device) > torch.arange(a, c, device=q.device)[:, None, None]
+        out.append(_softmax_attention(q_h[:, :, a:c], k_h[:, :, :c], v_h[:, :, :c], scale, [future]))
+    return torch.cat(out, dim=2).transpose(1, 2).reshape(B, P - q_start, Hq, D)
 
 
 def _block_attention(
@@ -261,10 +272,11 @@ def _block_attention(
     """Step 9 for blocks ``[first_block, G)``: ``[B, (G - first_block)*m*w, Hq, D]``.
 
     q ``[B, L, Hq, D]``, k/v ``[B, L, Hkv, D]`` in the compute dtype, idx ``[B, Hs, G, T-m]``.
-    Output row 0 is token ``(T + first_block*m) * w``; rows past L are padding. Each block's
+    Output row 0 is token ``(T + first_block*m) * w``; rows past L are padding (they come
+    after every real token, so no real token sees them) and are to be dropped. Each block's
     keys are its selected regions, gathered in ascending order (their positions for
     ``pe="selected"`` are then simply ``0 .. (T-m)*w - 1``), followed by its own ``m*w``
-    tokens, attended causally. Padded tokens past L only ever see themselves and are dropped.
+    tokens, attended causally.
     """
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -272,14 +284,17 @@ def _block_attention(
     w, mw, sel_len = region, merge * region, n_sel * region
     r = Hq // Hs
     dev = q.device
-
+    idx = idx[:, :, first_block:]  # from here on, block 0 is block first_block
+    num_out = G - first_block
+    lo = (budget + first_block * merge) * w
     pad = (budget + G * merge) * w - L
-    own_q = F.pad(q, (0, 0, 0, 0, 0, pad))[:, budget * w :].view(B, G, mw, Hq, D)
-    own_q = own_q.permute(0, 3, 1, 2, 4)  # [B, Hq, G, mw, D]
-    own_k = F.pad(k, (0, 0, 0, 0, 0, pad))[:, budget * w :].view(B, G, mw, Hkv, D)
-    own_v = F.pad(v, (0, 0, 0, 0, 0, pad))[:, budget * w :].view(B, G, mw, Hkv, D)
+
+    own_q = F.pad(q[:, lo:], (0, 0, 0, 0, 0, pad)).view(B, num_out, mw, Hs, r, D)
+    own_q = own_q.permute(0, 3, 1, 2, 4, 5)  # [B, Hs, G', mw, r, D]
+    own_k = F.pad(k[:, lo:], (0, 0, 0, 0, 0, pad)).view(B, num_out, mw, Hkv, D)
+    own_v = F.pad(v[:, lo:], (0, 0, 0, 0, 0, pad)).view(B, num_out, mw, Hkv, D)
     kv_head = kv_head_of(Hs, Hkv, dev)
-    own_k = own_k.permute(0, 3, 1, 2, 4)[:, kv_head]  # [B, Hs, G, mw, D]
+    own_k = own_k.permute(0, 3, 1, 2, 4)[:, kv_head]  # [B, Hs, G', mw, D]
     own_v = own_v.permute(0, 3, 1, 2, 4)[:, kv_head]
     k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
 
@@ -287,40 +302,33 @@ def _block_attention(
     # they then read region 0 and are masked out.
     ignored = torch.iinfo(idx.dtype).max
     idx = torch.where(idx < 0, ignored, idx).sort(dim=-1).values
-    sel_ok = (idx != ignored).repeat_interleave(w, dim=-1)  # [B, Hs, G, (T-m)w]
+    sel_drop = (idx == ignored).repeat_interleave(w, dim=-1)[:, :, :, None, None]  # [B,Hs,G',1,1,(T-m)w]
     first_tok = torch.where(idx == ignored, 0, idx)[..., None] * w
-    sel_tok = (first_tok + torch.arange(w, device=dev)).flatten(-2)  # [B, Hs, G, (T-m)w]
-    causal = torch.arange(mw, device=dev) <= torch.arange(mw, device=dev)[:, None]  # [mw, mw]
+    sel_tok = (first_tok + torch.arange(w, device=dev)).flatten(-2)  # [B, Hs, G', (T-m)w]
+    future = torch.arange(mw, device=dev) > torch.arange(mw, device=dev)[:, None, None]  # [mw, 1, mw]
 
     if inv_freq is not None:
         cos_q, sin_q = _rope_tables(torch.arange(sel_len, sel_len + mw, device=dev), inv_freq, q.dtype)
         cos_s, sin_s = _rope_tables(torch.arange(sel_len, device=dev), inv_freq, q.dtype)
-        own_q = _rotate(own_q, cos_q, sin_q)
+        own_q = _rotate(own_q, cos_q[:, None], sin_q[:, None])
         own_k = _rotate(own_k, cos_q, sin_q)
 
     b_ix = torch.arange(B, device=dev)[:, None, None, None]
     h_ix = kv_head[None, :, None, None]
     per_chunk = max(1, max_chunk_elems // (B * Hq * mw * (sel_len + mw)))
     out = []
-    for g0 in range(first_block, G, per_chunk):
-        g1 = min(g0 + per_chunk, G)
-        Gc = g1 - g0
+    for g0 in range(0, num_out, per_chunk):
+        g1 = min(g0 + per_chunk, num_out)
         sel_k = k_t[b_ix, h_ix, sel_tok[:, :, g0:g1]]  # [B, Hs, Gc, (T-m)w, D]
         sel_v = v_t[b_ix, h_ix, sel_tok[:, :, g0:g1]]
         if inv_freq is not None:
             sel_k = _rotate(sel_k, cos_s, sin_s)
-        keys = torch.cat([sel_k, own_k[:, :, g0:g1]], dim=3)[:, :, None]  # [B, Hs, 1, Gc, Tw, D]
-        values = torch.cat([sel_v, own_v[:, :, g0:g1]], dim=3)[:, :, None]
-        keep = torch.cat(
-            [
-                sel_ok[:, :, g0:g1, None, :].expand(B, Hs, Gc, mw, sel_len),
-                causal.expand(B, Hs, Gc, mw, mw),
-            ],
-            dim=-1,
-        )[:, :, None]  # [B, Hs, 1, Gc, mw, Tw]
-        queries = own_q[:, :, g0:g1].reshape(B, Hs, r, Gc, mw, D)
-        out.append(_softmax_attention(queries, keys, values, keep, scale).reshape(B, Hq, Gc, mw, D))
-    return torch.cat(out, dim=2).permute(0, 2, 3, 1, 4).reshape(B, -1, Hq, D)
+        keys = torch.cat([sel_k, own_k[:, :, g0:g1]], dim=3)  # [B, Hs, Gc, Tw, D]
+        values = torch.cat([sel_v, own_v[:, :, g0:g1]], dim=3)
+        drops = [sel_drop[:, :, g0:g1], future]
+        out.append(_softmax_attention(own_q[:, :, g0:g1], keys, values, scale, drops))
+    out = torch.cat(out, dim=2)  # [B, Hs, G', mw, r, D]
+    return out.permute(0, 2, 3, 1, 4, 5).reshape(B, -1, Hq, D)
 
 
 def _check_start(start: int, length: int) -> None:

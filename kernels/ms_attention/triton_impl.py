@@ -59,11 +59,11 @@ class LaunchConfig:
     dq_stages: int = 2
     dkv_block_n: int = 64
     dkv_block_m: int = 64
-    dkv_warps: int = 8
+    dkv_warps: int = 4
     dkv_stages: int = 2
     sel_block_n: int = 64
     sel_block_m: int = 64
-    sel_warps: int = 8
+    sel_warps: int = 4
     sel_stages: int = 2
 
     def __post_init__(self) -> None:

@@ -544,14 +544,14 @@ def ms_attn_bwd_dq_kernel(
 
 @triton.jit
 def _dkv_step(
-    dk1T,
-    dk2T,
-    dvT,
+    dk1,
+    dk2,
+    dv,
     k1,
     k2,
     v,
-    ckT,
-    skT,
+    ck,
+    sk,
     Q,
     DO,
     LSE,
@@ -571,11 +571,11 @@ def _dkv_step(
     HALF: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """dk^T, dv^T ([*, BLOCK_N]) += the contribution of the query rows t ([BLOCK_M]).
+    """dk, dv ([BLOCK_N, *]) += the contribution of the query rows t ([BLOCK_M]).
 
-    Query-major products keep every dot's M dimension at BLOCK_M or D, so a key tile as
-    narrow as one 16-token region still maps onto the tensor cores. Rows t >= q_hi read
-    lse = +inf, hence P = 0, and add nothing.
+    Key-major products (FlashAttention-2's): everything computed in registers (P^T, dS^T) is
+    the left operand, everything loaded is the right one, as Hopper's wgmma wants. `allowed`
+    is [BLOCK_N, BLOCK_M]. Rows t >= q_hi read lse = +inf, hence P = 0, and add nothing.
     """
     row_ok = t < q_hi
     q1, q2 = _load_halves(Q, t, q_stride, row_ok, offs_h, HALF)
@@ -585,36 +585,34 @@ def _dkv_step(
     do = _load_full(DO, t, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + t, mask=row_ok, other=0.0)
-    qk = tl.dot(q1, tl.trans(k1))
-    qk = tl.dot(q2, tl.trans(k2), qk) * qk_scale
+    qkT = tl.dot(k1, tl.trans(q1))
+    qkT = tl.dot(k2, tl.trans(q2), qkT) * qk_scale
     if MASKED:
-        qk = tl.where(allowed, qk, float("-inf"))
-    p = tl.math.exp2(qk - lse2[:, None])
-    dvT = tl.dot(tl.trans(do), p.to(do.dtype), dvT)
-    dp = tl.dot(do, tl.trans(v))
-    ds = (p * (dp - delta[:, None])).to(q1.dtype)
+        qkT = tl.where(allowed, qkT, float("-inf"))
+    pT = tl.math.exp2(qkT - lse2[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv)
+    dpT = tl.dot(v, tl.trans(do))
+    dsT = (pT * (dpT - delta[None, :])).to(q1.dtype)
     if ROPE:
         # The keys were rotated at this range's positions: bring their gradient back now.
-        g1 = tl.dot(tl.trans(q1), ds)
-        g2 = tl.dot(tl.trans(q2), ds)
-        u1, u2 = _unrotate(g1, g2, ckT, skT)
-        dk1T += u1
-        dk2T += u2
+        u1, u2 = _unrotate(tl.dot(dsT, q1), tl.dot(dsT, q2), ck, sk)
+        dk1 += u1
+        dk2 += u2
     else:
-        dk1T = tl.dot(tl.trans(q1), ds, dk1T)
-        dk2T = tl.dot(tl.trans(q2), ds, dk2T)
-    return dk1T, dk2T, dvT
+        dk1 = tl.dot(dsT, q1, dk1)
+        dk2 = tl.dot(dsT, q2, dk2)
+    return dk1, dk2, dv
 
 
 @triton.jit
 def _dkv_keys(COS, SIN, k1, k2, kpos, ok, offs_h, ROPE: tl.constexpr, HALF: tl.constexpr):
-    """Keys rotated at kpos (when ROPE) and the transposed tables to undo it ([BLOCK_H, N])."""
+    """Keys rotated at kpos (when ROPE) and the tables ([N, BLOCK_H]) to undo it."""
     if ROPE:
         c, s = _cos_sin(COS, SIN, kpos, offs_h, ok[:, None] & (offs_h[None, :] < HALF), HALF)
         r1, r2 = _rotate(k1, k2, c, s)
-        return r1, r2, tl.trans(c), tl.trans(s)
+        return r1, r2, c, s
     else:
-        return k1, k2, tl.trans(k1.to(tl.float32)), tl.trans(k2.to(tl.float32))
+        return k1, k2, k1.to(tl.float32), k2.to(tl.float32)
 
 
 @triton.jit
@@ -691,13 +689,13 @@ def ms_attn_bwd_dkv_kernel(
     key_ok = tok < hi
     k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
     v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
-    k1o, k2o, ckT, skT = _dkv_keys(COS, SIN, k1, k2, tok + shift, key_ok, offs_h, ROPE, HALF)
+    k1o, k2o, ck, sk = _dkv_keys(COS, SIN, k1, k2, tok + shift, key_ok, offs_h, ROPE, HALF)
     slot = tok // W - lo // W
     within = tok - (tok // W) * W
 
-    dk1T = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    dk2T = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    dvT = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for hh in range(GROUP):
         h = hkv * GROUP + hh
         hs = h // (HQ // HS)
@@ -710,15 +708,15 @@ def ms_attn_bwd_dkv_kernel(
         # Own segment, causally: the diagonal query steps masked, the later ones not.
         for t0 in range(lo, lo + DIAG, BLOCK_M):
             t = t0 + offs_m
-            dk1T, dk2T, dvT = _dkv_step(
-                dk1T,
-                dk2T,
-                dvT,
+            dk1, dk2, dv = _dkv_step(
+                dk1,
+                dk2,
+                dv,
                 k1o,
                 k2o,
                 v,
-                ckT,
-                skT,
+                ck,
+                sk,
                 q_base,
                 do_base,
                 lse_base,
@@ -728,7 +726,7 @@ def ms_attn_bwd_dkv_kernel(
                 t,
                 seg_hi,
                 t + shift,
-                tok[None, :] <= t[:, None],
+                tok[:, None] <= t[None, :],
                 qk_scale,
                 q_stride,
                 offs_h,
@@ -740,15 +738,15 @@ def ms_attn_bwd_dkv_kernel(
             )
         for t0 in range(lo + DIAG, seg_hi, BLOCK_M):
             t = t0 + offs_m
-            dk1T, dk2T, dvT = _dkv_step(
-                dk1T,
-                dk2T,
-                dvT,
+            dk1, dk2, dv = _dkv_step(
+                dk1,
+                dk2,
+                dv,
                 k1o,
                 k2o,
                 v,
-                ckT,
-                skT,
+                ck,
+                sk,
                 q_base,
                 do_base,
                 lse_base,
@@ -758,7 +756,7 @@ def ms_attn_bwd_dkv_kernel(
                 t,
                 seg_hi,
                 t + shift,
-                key_ok[None, :],
+                key_ok[:, None],
                 qk_scale,
                 q_stride,
                 offs_h,
@@ -785,10 +783,10 @@ def ms_attn_bwd_dkv_kernel(
                 q_hi = tl.minimum(q_lo + M * W, L)
                 for t0 in range(q_lo, q_hi, BLOCK_M):
                     t = t0 + offs_m
-                    dk1T, dk2T, dvT = _dkv_step(
-                        dk1T,
-                        dk2T,
-                        dvT,
+                    dk1, dk2, dv = _dkv_step(
+                        dk1,
+                        dk2,
+                        dv,
                         k1s,
                         k2s,
                         v,
@@ -803,7 +801,7 @@ def ms_attn_bwd_dkv_kernel(
                         t,
                         q_hi,
                         t + (S * W - q_lo),
-                        sel_ok[None, :],
+                        sel_ok[:, None],
                         qk_scale,
                         q_stride,
                         offs_h,
@@ -814,9 +812,8 @@ def ms_attn_bwd_dkv_kernel(
                         HEAD_DIM,
                     )
 
-    dk1 = tl.trans(dk1T) * scale
-    dk2 = tl.trans(dk2T) * scale
-    dv = tl.trans(dvT)
+    dk1 = dk1 * scale
+    dk2 = dk2 * scale
     h_mask = key_ok[:, None] & (offs_h[None, :] < HALF)
     d_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     rows_h = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
@@ -896,9 +893,9 @@ def ms_attn_bwd_dkv_sel_kernel(
 
     q_lo = P + g * M * W
     q_hi = tl.minimum(q_lo + M * W, L)
-    dk1T = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    dk2T = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    dvT = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i in range(REP):
         h = hs * REP + i
         q_off = b.to(tl.int64) * L * q_stride + h * HEAD_DIM
@@ -906,10 +903,10 @@ def ms_attn_bwd_dkv_sel_kernel(
         delta_base = DELTA + (b * HQ + h).to(tl.int64) * L
         for t0 in range(q_lo, q_hi, BLOCK_M):
             t = t0 + offs_m
-            dk1T, dk2T, dvT = _dkv_step(
-                dk1T,
-                dk2T,
-                dvT,
+            dk1, dk2, dv = _dkv_step(
+                dk1,
+                dk2,
+                dv,
                 k1s,
                 k2s,
                 v,
@@ -924,7 +921,7 @@ def ms_attn_bwd_dkv_sel_kernel(
                 t,
                 q_hi,
                 t + (S * W - q_lo),
-                key_ok[None, :],
+                key_ok[:, None],
                 qk_scale,
                 q_stride,
                 offs_h,
@@ -938,6 +935,6 @@ def ms_attn_bwd_dkv_sel_kernel(
     h_mask = key_ok[:, None] & (offs_h[None, :] < HALF)
     rows_h = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
     rows_d = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
-    tl.atomic_add(DK32 + rows_h, tl.trans(dk1T) * scale, mask=h_mask)
-    tl.atomic_add(DK32 + rows_h + HALF, tl.trans(dk2T) * scale, mask=h_mask)
-    tl.atomic_add(DV32 + rows_d, tl.trans(dvT), mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.atomic_add(DK32 + rows_h, dk1 * scale, mask=h_mask)
+    tl.atomic_add(DK32 + rows_h + HALF, dk2 * scale, mask=h_mask)
+    tl.atomic_add(DV32 + rows_d, dv, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

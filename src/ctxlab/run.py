@@ -298,8 +298,10 @@ def run_job(cfg: DictConfig) -> dict:
                 callbacks.append(growth())
             # Inside a SLURM job: on the pre-timeout signal, save last.ckpt after this step and requeue.
             callbacks.append(PreemptionCheckpoint(ckpt_dir / "last.ckpt"))
-            trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers.all, default_root_dir=str(run_dir),
-                                  plugins=trainer_plugins())  # fmt: skip
+            trainer = instantiate(
+                cfg.trainer, callbacks=callbacks, logger=loggers.all, default_root_dir=str(run_dir),
+                plugins=trainer_plugins(),
+            )  # fmt: skip
             last = ckpt_dir / "last.ckpt"
             if last.exists():
                 say(f"resuming from {last}")

@@ -111,6 +111,15 @@ def scontrol_requeue(signum: int) -> None:
     raise SystemExit(f"requeued SLURM job {job}")
 
 
+def finish_wandb() -> None:
+    """Finish the active W&B run, if any, before a requeue: ``scontrol requeue`` sends SIGTERM
+    to every process of the job, W&B's service process included, and a run finished after
+    that fails with "Connection lost" (which would replace the exit that requeues the job)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 class PreemptionCheckpoint(L.Callback):
     """On the pre-timeout signal: finish the running step, save ``path`` atomically, requeue.
 
@@ -144,15 +153,19 @@ class PreemptionCheckpoint(L.Callback):
         self._previous: Any = None
         self._installed = False
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not self.active:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not in ``setup``: Lightning snapshots every handler after ``setup`` and puts the
+        # snapshot back when the fit ends, which would leave ours installed.
+        if not self.active:
             return
         self._previous = signal.getsignal(self.signum)
         signal.signal(self.signum, self._note_signal)
         self._installed = True
 
     def _note_signal(self, signum: int, frame: Any) -> None:
-        log.warning("caught %s: checkpoint at the end of this step, then requeue", signal.Signals(signum).name)
+        log.warning(
+            "caught %s: checkpoint at the end of this step, then requeue", signal.Signals(signum).name
+        )
         self.pending = signum
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -162,6 +175,13 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.pending is not None:
             self._checkpoint_and_requeue(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if self._installed:
+            signal.signal(self.signum, self._previous)
+            self._installed = False
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not self._installed:
@@ -186,14 +206,19 @@ class PreemptionCheckpoint(L.Callback):
     def _write_record(self, step: int, signum: int) -> None:
         """One line per preemption in ``<run_dir>/preemptions.jsonl`` (run_dir = the
         checkpoint folder's parent), so a run's history shows where it was interrupted."""
-        record = {"step": int(step), "signal": signal.Signals(signum).name, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "slurm_job": os.environ.get("SLURM_JOB_ID")}  # fmt: skip
+        record = {
+            "step": int(step),
+            "signal": signal.Signals(signum).name,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        }
         with (self.path.parent.parent / "preemptions.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"[ctxlab] preempted at step {step}: saved {self.path}, requeueing", flush=True)
 
     def _hand_over(self, signum: int) -> None:
         self.pending = None
+        finish_wandb()
         if self._requeue is not None:
             self._requeue(signum)
         elif callable(self._previous):
@@ -253,8 +278,10 @@ class ValidateSweep(HydraCallback):
         sweeper = str(config.hydra.sweeper.get("_target_", ""))
         loader = GlobalHydra.instance().config_loader()
         if not sweeper.endswith("BasicSweeper"):
-            print(f"[ctxlab] sweeper {sweeper} draws jobs as it goes: validated the base config only",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"[ctxlab] sweeper {sweeper} draws jobs as it goes: validated the base config only",
+                file=sys.stderr,
+            )
             validate(loader.load_sweep_config(config, []))
             return
         jobs = sweep_jobs(config)
@@ -270,12 +297,13 @@ class ValidateSweep(HydraCallback):
             job_dir = Path(str(job_cfg.hydra.sweep.dir)) / str(job_cfg.hydra.sweep.subdir)
             if any(len(part.encode()) > 255 for part in job_dir.parts):
                 raise ConfigError(
-                    f"sweep job #{num}: its directory name is longer than the file system allows (255 bytes): "
+                    f"sweep job #{num}: its directory name exceeds the 255 bytes a file system allows: "
                     f"{job_dir.name[:80]}...; set a shorter hydra.sweep.subdir, e.g. "
                     "hydra.sweep.subdir='${hydra.job.num}'"
                 )
-            records.append({"num": num, "dir": str(job_dir.resolve()), "overrides": overrides,
-                            "seed": int(job_cfg.seed)})  # fmt: skip
+            records.append(
+                {"num": num, "dir": str(job_dir.resolve()), "overrides": overrides, "seed": int(job_cfg.seed)}
+            )
         sweep_dir = Path(str(config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         manifest = {
@@ -287,4 +315,6 @@ class ValidateSweep(HydraCallback):
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         (sweep_dir / "sweep.json").write_text(json.dumps(manifest, indent=2))
-        print(f"[ctxlab] validated {len(records)} sweep jobs; manifest {sweep_dir / 'sweep.json'}", flush=True)
+        print(
+            f"[ctxlab] validated {len(records)} sweep jobs; manifest {sweep_dir / 'sweep.json'}", flush=True
+        )

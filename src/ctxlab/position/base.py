@@ -48,14 +48,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
-    """Return ``value`` if it is an int (not a bool) ``>= minimum``, else raise ValueError naming it."""
+    """``value`` if it is an int (not a bool) ``>= minimum``; else ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
 def check_scale(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it is a finite number >= 1, else raise ValueError naming it."""
+    """``value`` as a float if it is a finite number >= 1; else ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number >= 1, got {value!r}")
     if not (math.isfinite(value) and value >= 1.0):
@@ -82,15 +82,15 @@ def inv_freq64(head_dim: int, base: float, device: torch.device | None = None) -
 
 
 def ntk_base(base: float, scale: float, head_dim: int) -> float:
-    """NTK-aware base ``base * scale^(D/(D-2))`` (bloc97): the lowest frequency slows by ``scale``."""
+    """NTK-aware base ``base * scale^(D/(D-2))`` (bloc97): the lowest frequency slows by s."""
     if head_dim <= 2:
-        raise ValueError(f"NTK scaling needs head_dim > 2 (its exponent is D/(D-2)), got {head_dim}")
+        raise ValueError(f"NTK scaling needs head_dim > 2 (exponent D/(D-2)), got {head_dim}")
     try:
         scaled = base * scale ** (head_dim / (head_dim - 2))
     except OverflowError:
         scaled = math.inf
     if not math.isfinite(scaled):
-        raise ValueError(f"NTK scale {scale:g} makes the base {base:g} * s^(D/(D-2)) overflow float64")
+        raise ValueError(f"NTK scale {scale:g} makes the base {base:g} * s^(D/(D-2)) overflow")
     return scaled
 
 
@@ -129,8 +129,6 @@ class PositionScheme(nn.Module):
         self.base = float(base)
         self.register_buffer("inv_freq", torch.empty(0), persistent=False)
 
-    # Tables ------------------------------------------------------------------------------
-
     def _build_tables(self, device: torch.device | None) -> dict[str, Tensor]:
         """Float64 frequency buffers by name (at least ``inv_freq``, ``[D/2]``) on ``device``."""
         raise NotImplementedError
@@ -159,8 +157,6 @@ class PositionScheme(nn.Module):
     def _inv_freq_for(self, position_ids: Tensor) -> Tensor:
         """Inverse frequencies, float64 ``[D/2]``, used to rotate these ids."""
         return self.inv_freq
-
-    # Position ids ------------------------------------------------------------------------
 
     def position_ids(
         self,
@@ -194,8 +190,6 @@ class PositionScheme(nn.Module):
     ) -> Tensor:
         return natural_ids(batch, length, start, device)
 
-    # Rotation ----------------------------------------------------------------------------
-
     def cos_sin(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin tables for ``position_ids`` (int ``[B, L]``): float32 ``[B, L, D]`` each.
 
@@ -214,8 +208,6 @@ class PositionScheme(nn.Module):
         check_rotate_inputs(q_BLHD, k_BLHD, position_ids, self.head_dim)
         cos, sin = self.cos_sin(position_ids)
         return apply_rotary(q_BLHD, cos, sin), apply_rotary(k_BLHD, cos, sin)
-
-    # Interop and validation --------------------------------------------------------------
 
     def hf_rope_scaling(self) -> dict[str, Any] | None:
         """The HF ``rope_parameters`` dict (transformers >= 5; ``rope_scaling`` before) that makes
@@ -291,16 +283,16 @@ def check_position_ids(position_ids: Tensor) -> None:
         raise ValueError(f"position_ids must be [B, L], got shape {tuple(position_ids.shape)}")
 
 
-def check_rotate_inputs(q_BLHD: Tensor, k_BLHD: Tensor, position_ids: Tensor, head_dim: int) -> None:
+def check_rotate_inputs(q_BLHD: Tensor, k_BLHD: Tensor, position_ids: Tensor, head_dim: int):
     if q_BLHD.dim() != 4 or k_BLHD.dim() != 4:
-        raise ValueError(
-            f"q and k must be [B, L, H, D], got shapes {tuple(q_BLHD.shape)} and {tuple(k_BLHD.shape)}"
-        )
+        shapes = f"{tuple(q_BLHD.shape)} and {tuple(k_BLHD.shape)}"
+        raise ValueError(f"q and k must be [B, L, H, D], got shapes {shapes}")
     batch, length, _, dim = q_BLHD.shape
     if k_BLHD.shape[0] != batch or k_BLHD.shape[1] != length or k_BLHD.shape[3] != dim:
-        raise ValueError(f"k {tuple(k_BLHD.shape)} does not match q {tuple(q_BLHD.shape)} in B, L or D")
+        shapes = f"k {tuple(k_BLHD.shape)}, q {tuple(q_BLHD.shape)}"
+        raise ValueError(f"{shapes}: k does not match q in B, L or D")
     if dim != head_dim:
-        raise ValueError(f"q and k have head dim {dim}, but the position scheme has head_dim={head_dim}")
+        raise ValueError(f"q and k have head dim {dim}, but the scheme has head_dim={head_dim}")
     check_position_ids(position_ids)
     if position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch):
         raise ValueError(

@@ -39,7 +39,7 @@ class NTKGrowth(pl.Callback):
             )
         schedules = {(s.scale_init, s.grow_every, s.scale_max, s.dynamic) for s in schemes}
         if len(schedules) > 1:
-            raise ValueError(f"NTKGrowth found CRDNTK schemes with different schedules: {schedules}")
+            raise ValueError(f"NTKGrowth found CRDNTK schemes with different schedules {schedules}")
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         scale = 1.0

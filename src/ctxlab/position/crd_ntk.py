@@ -102,15 +102,13 @@ class CRDNTK(PositionScheme):
         self.register_buffer("inv_freq_eval", torch.empty(0), persistent=False)
         self._rebuild_tables()
 
-    # Scale schedule ----------------------------------------------------------------------
-
     @property
     def scale(self) -> float:
         """The current training scale (the schedule's state)."""
         return self._scale
 
     def scale_at(self, step: int) -> float:
-        """The training scale after ``step`` optimizer steps: ``min(s0 * 2**(step // N), s_max)``."""
+        """Training scale after ``step`` optimizer steps: ``min(s0 * 2**(step // N), s_max)``."""
         check_int("step", step, 0)
         if not self.dynamic:
             return self.scale_init
@@ -125,8 +123,6 @@ class CRDNTK(PositionScheme):
         with torch.no_grad():
             self.inv_freq.copy_(inv_freq)
         self._scale = scale
-
-    # Tables ------------------------------------------------------------------------------
 
     def _inv_freq_at(self, scale: float, device: torch.device | None) -> Tensor:
         return inv_freq64(self.head_dim, ntk_base(self.base, scale, self.head_dim), device)
@@ -144,8 +140,6 @@ class CRDNTK(PositionScheme):
     def rope_base(self) -> float:
         """The NTK base in use: the current scale's in training, ``scale_inf``'s in evaluation."""
         return ntk_base(self.base, self._scale if self.training else self.scale_inf, self.head_dim)
-
-    # Position ids ------------------------------------------------------------------------
 
     def _training_ids(
         self,
@@ -165,8 +159,6 @@ class CRDNTK(PositionScheme):
         if self.cyclic:
             ids = ids % self.cycle
         return ids
-
-    # Validation and interop --------------------------------------------------------------
 
     def _max_position_ids(self, train_length: int, eval_max_length: int) -> list[tuple[str, int]]:
         largest, setting = train_length - 1, f"train_length={train_length}"
@@ -195,7 +187,8 @@ class CRDNTK(PositionScheme):
 
     def hf_rope_scaling(self) -> dict[str, Any]:
         """Evaluation as HF sees it: plain RoPE with ``scale_inf``'s NTK base, natural ids."""
-        return {"rope_type": "default", "rope_theta": ntk_base(self.base, self.scale_inf, self.head_dim)}
+        theta = ntk_base(self.base, self.scale_inf, self.head_dim)
+        return {"rope_type": "default", "rope_theta": theta}
 
     def describe(self) -> str:
         growth = (

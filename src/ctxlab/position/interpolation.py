@@ -121,7 +121,7 @@ class DynamicNTK(PositionScheme):
 
     name = "dynamic_ntk"
 
-    def __init__(self, head_dim: int, base: float, scale: float, original_max_position: int) -> None:
+    def __init__(self, head_dim: int, base: float, scale: float, original_max_position: int):
         super().__init__(head_dim, base)
         self.scale = check_scale("scale", scale)
         self.original_max_position = check_int("original_max_position", original_max_position, 1)
@@ -249,7 +249,8 @@ class YaRN(PositionScheme):
         if self.attention_factor is not None:
             return self.attention_factor
         if self.mscale is not None and self.mscale_all_dim is not None:
-            return yarn_mscale(self.scale, self.mscale) / yarn_mscale(self.scale, self.mscale_all_dim)
+            numerator = yarn_mscale(self.scale, self.mscale)
+            return numerator / yarn_mscale(self.scale, self.mscale_all_dim)
         return yarn_mscale(self.scale)
 
     def hf_rope_scaling(self) -> dict[str, Any]:

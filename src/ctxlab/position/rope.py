@@ -14,7 +14,7 @@ from ctxlab.position.base import PositionScheme, check_rotate_inputs, inv_freq64
 
 
 class Rope(PositionScheme):
-    """Plain RoPE (Su et al.): ``inv_freq_i = base^(-2i/D)``, natural ids in training and evaluation.
+    """Plain RoPE (Su et al.): ``inv_freq_i = base^(-2i/D)``, natural ids in training and eval.
 
     Args:
         head_dim: D, even.
@@ -30,7 +30,7 @@ class Rope(PositionScheme):
     def _build_tables(self, device: torch.device | None) -> dict[str, Tensor]:
         return {"inv_freq": inv_freq64(self.head_dim, self.base, device)}
 
-    def hf_rope_scaling(self) -> dict[str, Any]:
+    def hf_rope_scaling(self) -> dict[str, Any] | None:
         return {"rope_type": "default", "rope_theta": self.base}
 
 
@@ -61,4 +61,5 @@ class Selected(Rope):
         return None
 
     def describe(self) -> str:
-        return f"selected(head_dim={self.head_dim}, base={self.base:g}, applied inside MS attention)"
+        settings = f"head_dim={self.head_dim}, base={self.base:g}"
+        return f"selected({settings}, applied inside MS attention)"

@@ -1,0 +1,356 @@
+"""Sweeps on a real single-node SLURM cluster (`.ci/slurm.sh`): a multirun through
+`launcher=slurm`, a cancelled job that the launcher reports instead of waiting for ever, and a
+job that gets the pre-timeout signal, checkpoints, requeues and ends exactly where an
+uninterrupted run with the same seed ends. Plus the cluster-free checks: a sweep with a bad
+job fails before anything is submitted, checkpoints are written atomically, and the
+preemption callback saves a resumable checkpoint at a step boundary."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / ".ci" / "slurm.sh"
+# A grid small enough for 2 cores (as in test_pipeline.py; passkey prompts need ~250 tokens).
+TINY = [
+    "data.seq_len=64",
+    "data.batch_size=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "eval.perplexity.lengths=[32,96]",
+    "eval.perplexity.max_tokens=96",
+    "eval.passkey.lengths=[300]",
+    "eval.passkey.depths=[0.5]",
+    "eval.passkey.trials=1",
+    "hydra.sweep.subdir=${hydra.job.num}",
+]
+
+
+def env_with(extra: dict | None = None) -> dict:
+    return (
+        os.environ
+        | {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
+        | (extra or {})
+    )
+
+
+def ctxlab_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ctxlab", *args]
+
+
+def run_ctxlab(*args: str, cwd: Path, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ctxlab_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def slurm(cmd: list[str], env: dict) -> str:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"exited (rc {proc.returncode}) while waiting for {what}:\n{out[-2000:]}\n{err[-3000:]}"
+            )
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def job_id(name: str, env: dict) -> str:
+    ids = slurm(["squeue", "-h", "-n", name, "-o", "%i"], env).split()
+    assert len(ids) == 1, f"expected one job named {name}, squeue has {ids}"
+    return ids[0]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The local cluster's environment (SLURM_CONF); started here and stopped at the end unless
+    it was already running."""
+    if os.name != "posix" or os.geteuid() != 0:
+        pytest.skip("the local SLURM cluster needs root (daemons run as root, munge and mysql)")
+    was_up = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True).returncode == 0
+    start = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
+    if start.returncode != 0:
+        pytest.skip(f"the local SLURM cluster did not start (.ci/slurm.sh start): {start.stderr[-1500:]}")
+    conf = start.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    yield env_with({"SLURM_CONF": conf})
+    if not was_up:
+        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slurm
+def test_sweep_runs_every_job_on_slurm(cluster, tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_ctxlab(
+        "-m",
+        "launcher=slurm",
+        f"hydra.sweep.dir={sweep}",
+        "logger=csv",
+        "position=rope,pi",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        *TINY,
+        cwd=tmp_path,
+        env=cluster,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    manifest = json.loads((sweep / "sweep.json").read_text())
+    assert [[o for o in j["overrides"] if o.startswith("position=")] for j in manifest["jobs"]] == [
+        ["position=rope"],
+        ["position=pi"],
+    ]
+    assert manifest["git"]["commit"] and manifest["versions"]["torch"]
+    for job in manifest["jobs"]:
+        run = Path(job["dir"])
+        summary = json.loads((run / "results" / "summary.json").read_text())
+        assert summary["steps"] == 4 and summary["causal"] is True and summary["perplexity"], run
+        meta = json.loads((run / "meta.json").read_text())
+        assert meta["seed"] == job["seed"] and "dirty" in meta["git"]
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    # The jobs were SLURM jobs, recorded by accounting.
+    jobs = list((sweep / ".submitit").iterdir())
+    states = slurm(
+        ["sacct", "-n", "-X", "-j", ",".join(j.name.split("_")[0] for j in jobs), "-o", "State"], cluster
+    )
+    assert states.split() and set(states.split()) == {"COMPLETED"}, states
+
+
+@pytest.mark.slurm
+def test_launcher_setting_slurm_rejects_fails_before_any_job_runs(cluster, tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_ctxlab("-m", "launcher=slurm", f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=nosuchpartition",
+                     "logger=csv", "position=rope,pi", *TINY, cwd=tmp_path, env=cluster)  # fmt: skip
+    assert out.returncode != 0
+    assert "invalid partition" in out.stderr.lower(), out.stderr[-2000:]
+    assert not (sweep / "0").exists() and not (sweep / "1").exists()
+
+
+@pytest.mark.slurm
+def test_cancelled_job_is_reported_not_waited_for(cluster, tmp_path):
+    name = f"ctxlab-cancel-{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen(
+        ctxlab_cmd(
+            "-m",
+            "launcher=slurm",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            f"hydra.launcher.name={name}",
+            "logger=csv",
+            "trainer.max_steps=100000",
+            "trainer.val_check_interval=1000",
+            *TINY,
+        ),
+        cwd=tmp_path,
+        env=cluster,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: slurm(["squeue", "-h", "-n", name, "-t", "RUNNING", "-o", "%i"], cluster).strip(),
+            300,
+            "the job to run",
+            proc,
+        )
+        slurm(["scancel", job_id(name, cluster)], cluster)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "CANCELLED" in err, err[-3000:]
+
+
+@pytest.mark.slurm
+def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
+    """USR2 (SLURM's pre-timeout signal under submitit) mid-training: the job saves last.ckpt at
+    a step boundary, requeues, resumes in the same run_dir with the same W&B run id, and ends
+    with the weights and metrics of an uninterrupted run with the same seed."""
+    steps = 30
+    args = [
+        "logger=wandb",
+        "trainer.val_check_interval=5",
+        f"trainer.max_steps={steps}",
+        *TINY,
+        "data.seq_len=128",
+        "data.batch_size=4",
+    ]
+    name = f"ctxlab-preempt-{uuid.uuid4().hex[:6]}"
+    sweep, ref = tmp_path / "sweep", tmp_path / "ref"
+    popen = dict(cwd=tmp_path, env=cluster, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(ctxlab_cmd(f"hydra.run.dir={ref}", *args), **popen)
+    job = subprocess.Popen(
+        ctxlab_cmd("-m", "launcher=slurm", f"hydra.sweep.dir={sweep}", f"hydra.launcher.name={name}", *args),
+        **popen,
+    )
+    run = sweep / "0"
+    try:
+        # Signal once training is under way (the first periodic checkpoint exists).
+        wait_until(lambda: any((run / "checkpoints").glob("step*.ckpt")), 400, "the first checkpoint", job)
+        jid = job_id(name, cluster)
+        slurm(["scancel", "--signal=USR2", jid], cluster)
+        # SLURM holds a requeued batch job back for about two minutes; release it at once.
+        wait_until(lambda: slurm(["squeue", "-h", "-j", jid, "-t", "PENDING", "-o", "%i"], cluster).strip(),
+                   120, "the job to be requeued", job)  # fmt: skip
+        slurm(["scontrol", "update", f"jobid={jid}", "StartTime=now"], cluster)
+        out, err = job.communicate(timeout=500)
+        assert job.returncode == 0, err[-4000:]
+        ref_out, ref_err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, ref_err[-4000:]
+    finally:
+        for p in (job, reference):
+            if p.poll() is None:
+                p.kill()
+
+    records = [json.loads(line) for line in (run / "preemptions.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and 0 < records[0]["step"] < steps and records[0]["signal"] == "SIGUSR2", records
+    log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out"))
+    assert "resuming from" in log and f"preempted at step {records[0]['step']}" in log
+    history = slurm(["sacct", "-n", "-X", "-D", "-j", jid, "-o", "State"], cluster).split()
+    assert "REQUEUED" in history and history[-1] == "COMPLETED", history
+
+    # Same W&B run id in both sessions of the job.
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+    # Nothing lost: the final state and metrics equal the uninterrupted run's.
+    got = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    want = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=False)
+    assert got["global_step"] == want["global_step"] == steps
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for k, v in want["state_dict"].items():
+        torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=0, msg=k)
+    assert last_val_loss(run) == last_val_loss(ref)
+    got_sum, want_sum = (json.loads((d / "results" / "summary.json").read_text()) for d in (run, ref))
+    assert got_sum["val_ppl"] == want_sum["val_ppl"] and got_sum["perplexity"] == want_sum["perplexity"]
+
+
+def last_val_loss(run: Path) -> tuple[int, float]:
+    rows = [r for r in csv.DictReader((run / "csv" / "metrics.csv").open()) if r.get("val/loss")]
+    return int(rows[-1]["step"]), float(rows[-1]["val/loss"])
+
+
+def test_sweep_with_a_bad_job_fails_before_submission(tmp_path):
+    """No cluster needed: the launcher never runs, so nothing reaches sbatch."""
+    cases = {
+        "unknown option": (["attention=dense,nosuch"], "nosuch"),
+        "bad combination": (["attention=dense", "position=rope,selected"], "position=selected"),
+    }
+    for case, (grid, needle) in cases.items():
+        sweep = tmp_path / case.replace(" ", "_")
+        out = run_ctxlab(
+            "-m",
+            "launcher=slurm",
+            f"hydra.sweep.dir={sweep}",
+            "logger=csv",
+            *grid,
+            *TINY,
+            cwd=tmp_path,
+            env=env_with({"PATH": "/nonexistent"}),
+            timeout=300,
+        )
+        assert out.returncode != 0, case
+        assert needle in out.stderr, (case, out.stderr[-2000:])
+        assert not (sweep / ".submitit").exists(), case
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_fails(tmp_path):
+    from ctxlab.slurm import AtomicCheckpointIO
+
+    io, path = AtomicCheckpointIO(), tmp_path / "ck" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    assert torch.load(path)["step"] == 1
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"step": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left behind
+    with pytest.raises(TypeError, match="storage_options"):
+        io.save_checkpoint({}, path, storage_options={"x": 1})
+
+
+def test_preemption_callback_checkpoints_at_a_step_boundary_and_requeues(tmp_path):
+    """In-process, no SLURM: the signal lands inside step 3; the checkpoint is written after that
+    step, then the requeue hook runs. Resuming from it reproduces an uninterrupted fit."""
+    import lightning as L
+
+    from ctxlab.slurm import PreemptionCheckpoint, trainer_plugins
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3 and self.raise_at_3:
+                os.kill(os.getpid(), signal.SIGUSR2)
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(self.global_step))
+            return (self.lin(x) - x.sum(1, keepdim=True)).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(range(1000), batch_size=1)
+
+    def fit(module, ckpt, callbacks=(), resume=None):
+        trainer = L.Trainer(
+            max_steps=6,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=list(callbacks),
+            plugins=trainer_plugins(),
+        )
+        trainer.fit(module, ckpt_path=resume)
+        return trainer
+
+    class Requeued(Exception):
+        pass
+
+    def requeue(signum):
+        raise Requeued(signum)
+
+    torch.manual_seed(0)
+    straight = Tiny()
+    straight.raise_at_3 = False
+    fit(straight, None)
+
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    torch.manual_seed(0)
+    first = Tiny()
+    first.raise_at_3 = True
+    previous = signal.getsignal(signal.SIGUSR2)
+    with pytest.raises(Requeued):
+        fit(first, ckpt, [PreemptionCheckpoint(ckpt, signum=signal.SIGUSR2, requeue=requeue)])
+    assert signal.getsignal(signal.SIGUSR2) is previous  # handler restored
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 4  # after step 3 finished
+    assert json.loads((tmp_path / "preemptions.jsonl").read_text())["step"] == 4
+
+    second = Tiny()
+    second.raise_at_3 = False
+    fit(second, ckpt, resume=str(ckpt))
+    for a, b in zip(straight.parameters(), second.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
