@@ -9,7 +9,9 @@ from ctxlab.model import Llama, LlamaConfig
 from ctxlab.position import Rope
 
 
-def tiny_model(attention="dense", *, vocab=64, dim=32, layers=2, heads=4, kv_heads=2, position=None, seed=0, **ms):
+def tiny_model(
+    attention="dense", *, vocab=64, dim=32, layers=2, heads=4, kv_heads=2, position=None, seed=0, **ms
+):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv_heads)
     if attention == "dense":

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_model
 from torch import nn
 
 from ctxlab.attention.cache import KVCache
@@ -13,7 +14,6 @@ from ctxlab.eval.causality import causality_audit
 from ctxlab.eval.generate import greedy_generate
 from ctxlab.eval.passkey import NEEDLE, PasskeyConfig, extract_key, make_prompt, passkey_grid
 from ctxlab.eval.perplexity import PerplexityConfig, perplexity_grid, window_nll, windows
-from helpers import tiny_model
 
 
 class ByteTok:
@@ -59,7 +59,6 @@ def test_windows_score_every_target_once():
 
 
 def test_perplexity_of_a_bigram_model_matches_hand_computation():
-    V = 3
     P = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]])
     model = BigramModel(P)
     doc = torch.tensor([0, 1, 1, 2, 0, 0, 1, 2, 2, 1, 0])  # 11 tokens
@@ -132,7 +131,11 @@ def test_passkey_prompt_has_exact_length_and_depth(length, depth):
     assert text.count(needle) == 1
     assert len(tok.encode(text[: text.index(needle)])) == p.needle_start
     # the needle sits at the stated depth of the filler, to within one filler sentence run
-    sentence = len(tok.encode("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "))
+    sentence = len(
+        tok.encode(
+            "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+        )
+    )
     assert abs(p.filler_before - depth * p.filler_tokens) <= sentence / 2 + 1
     assert text.endswith("The pass key is")
 
@@ -190,7 +193,9 @@ def test_causality_audit_catches_a_non_causal_core():
 
         def forward(self, q, k, v, cache=None):
             o = nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1), v.transpose(1, 2).repeat_interleave(2, 1)
+                q.transpose(1, 2),
+                k.transpose(1, 2).repeat_interleave(2, 1),
+                v.transpose(1, 2).repeat_interleave(2, 1),
             )
             return o.transpose(1, 2)
 

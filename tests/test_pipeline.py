@@ -66,7 +66,8 @@ def test_every_experiment_runs_as_fast_dev_run(experiment, tmp_path):
         assert (tmp_path / "compare" / "passkey.png").stat().st_size > 0
 
 
-COMMON = ["data.seq_len=64", "data.batch_size=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+COMMON = ["data.seq_len=64", "data.batch_size=2", "trainer.val_check_interval=2",
+          "trainer.limit_val_batches=1",
           "trainer.log_every_n_steps=1", *TINY_EVAL]  # fmt: skip
 
 
@@ -97,20 +98,25 @@ def test_pretrain_resume_extrapolate_with_wandb_offline(tmp_path):
 
     # Evaluate the checkpoint under another position scheme.
     ev = tmp_path / "eval"
-    ctxlab("phase=extrapolate", f"phase.checkpoint={last}", "position=ntk", f"hydra.run.dir={ev}", "logger=csv",
+    ctxlab("phase=extrapolate", f"phase.checkpoint={last}", "position=ntk", f"hydra.run.dir={ev}",
+           "logger=csv",
            *COMMON, cwd=tmp_path)  # fmt: skip
     rows = json.loads((ev / "results" / "perplexity.json").read_text())
     assert [r["length"] for r in rows] == [32, 96] and all(r["n_tokens"] > 0 for r in rows)
 
     # A checkpoint of another model is refused before any evaluation, naming the setting.
     bad = ctxlab("phase=extrapolate", f"phase.checkpoint={last}", "model.dim=64", "model.head_dim=16",
-                 f"hydra.run.dir={tmp_path / 'bad'}", "logger=csv", *COMMON, cwd=tmp_path, check=False)  # fmt: skip
+                 f"hydra.run.dir={tmp_path / 'bad'}", "logger=csv", *COMMON, cwd=tmp_path,
+                 check=False)  # fmt: skip
     assert bad.returncode != 0 and "model.dim" in bad.stderr and "different model" in bad.stderr
 
 
 def test_bad_inputs_stop_before_work(tmp_path):
     cases = {
-        "no checkpoint file": (["phase=extrapolate", f"phase.checkpoint={tmp_path}/none.ckpt"], "no checkpoint file"),
+        "no checkpoint file": (
+            ["phase=extrapolate", f"phase.checkpoint={tmp_path}/none.ckpt"],
+            "no checkpoint file",
+        ),
         "missing data file": (["data=local", f"data.paths=[{tmp_path}/missing.txt]"], "missing.txt"),
         "seq_len too long": (["data.seq_len=100000000"], "seq_len"),
         "passkey too short": (["eval.passkey.lengths=[20]"], "passkey"),

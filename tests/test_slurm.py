@@ -135,8 +135,8 @@ def test_sweep_runs_every_job_on_slurm(cluster, tmp_path):
 @pytest.mark.slurm
 def test_launcher_setting_slurm_rejects_fails_before_any_job_runs(cluster, tmp_path):
     sweep = tmp_path / "sweep"
-    out = run_ctxlab("-m", "launcher=slurm", f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=nosuchpartition",
-                     "logger=csv", "position=rope,pi", *TINY, cwd=tmp_path, env=cluster)  # fmt: skip
+    args = ["launcher=slurm", f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=nosuch", "logger=csv"]
+    out = run_ctxlab("-m", *args, "position=rope,pi", *TINY, cwd=tmp_path, env=cluster)
     assert out.returncode != 0
     assert "invalid partition" in out.stderr.lower(), out.stderr[-2000:]
     assert not (sweep / "0").exists() and not (sweep / "1").exists()

@@ -221,7 +221,8 @@ OPS = {"dense": dense, "gather": gather, "flex": flex, "triton": triton}
 
 
 def build(op: str, case: Case, idx: Tensor):
-    """``op`` is a key of OPS, optionally with launch overrides: ``triton:dkv_block_n=32``."""
+    """``op`` is a key of OPS, optionally with launch overrides joined by "+":
+    ``triton:sel_block_n=128+sel_warps=8``."""
     name, _, spec = op.partition(":")
-    overrides = {k: int(v) for k, v in (item.split("=") for item in spec.split(",") if item)}
+    overrides = {k: int(v) for k, v in (item.split("=") for item in spec.split("+") if item)}
     return OPS[name](case, idx, **overrides)

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         "--ops",
         default="gather,triton,dense,flex",
         help="comma list; gather first (its gradients are the check's reference); "
-        "launch overrides as triton:dkv_block_n=32",
+        "launch overrides as triton:sel_block_n=128+sel_warps=8",
     )
     parser.add_argument("--cases", default="", help="comma list; run cases containing any")
     parser.add_argument(

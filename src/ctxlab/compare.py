@@ -70,7 +70,13 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    cols = ["name", "causal", "val_ppl", *[f"ppl@{n}" for n in ppl_lengths], *[f"passkey@{n}" for n in pk_lengths]]
+    cols = [
+        "name",
+        "causal",
+        "val_ppl",
+        *[f"ppl@{n}" for n in ppl_lengths],
+        *[f"passkey@{n}" for n in pk_lengths],
+    ]
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -105,7 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     report = compare_runs(args.runs, args.out, title=args.title)
     print(report["markdown"])
-    print(f"\nwritten: {report['table_md']} {report['table_csv']} {report['ppl_png']} {report['passkey_png']}")
+    print(
+        f"\nwritten: {report['table_md']} {report['table_csv']} {report['ppl_png']} {report['passkey_png']}"
+    )
 
 
 if __name__ == "__main__":

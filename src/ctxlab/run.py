@@ -60,7 +60,16 @@ def package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0]}
-    for name in ("torch", "triton", "lightning", "hydra-core", "omegaconf", "transformers", "datasets", "wandb"):
+    for name in (
+        "torch",
+        "triton",
+        "lightning",
+        "hydra-core",
+        "omegaconf",
+        "transformers",
+        "datasets",
+        "wandb",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -100,7 +109,11 @@ def load_weights(model, path: str | os.PathLike, setting: str) -> dict:
         raise ValueError(f"{setting}: {p} is not a ctxlab checkpoint (no ctxlab metadata)")
     saved, current = meta["model"], model.config.to_dict()
     ignore = {"gradient_checkpointing"}
-    diff = {k: (saved.get(k), current.get(k)) for k in current if k not in ignore and saved.get(k) != current.get(k)}
+    diff = {
+        k: (saved.get(k), current.get(k))
+        for k in current
+        if k not in ignore and saved.get(k) != current.get(k)
+    }
     if diff:
         details = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
         raise ValueError(f"{setting}: {p} was trained with a different model ({details})")
@@ -113,7 +126,10 @@ def load_weights(model, path: str | os.PathLike, setting: str) -> dict:
     own = {k for k in model.state_dict() if not k.startswith("position.")}
     missing, unexpected = own - set(state), set(state) - own
     if missing or unexpected:
-        raise ValueError(f"{setting}: {p} does not match the model (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise ValueError(
+            f"{setting}: {p} does not match the model "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     model.load_state_dict(state, strict=False)
     return ckpt
 
@@ -128,7 +144,7 @@ class Loggers:
         self.wandb = None
         if cfg.logger.kind == "wandb":
             try:
-                import wandb
+                import wandb  # noqa: F401  (WandbLogger needs it; fail here with a clear message)
                 from lightning.pytorch.loggers import WandbLogger
             except ImportError as e:
                 raise ConfigError("logger=wandb needs the wandb package: install it or use logger=csv") from e
@@ -193,7 +209,9 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra:
     summary = {
         "name": str(cfg.name),
         "attention": model.cores[0].describe(),
-        "position": model.position.describe() if hasattr(model.position, "describe") else type(model.position).__name__,
+        "position": model.position.describe()
+        if hasattr(model.position, "describe")
+        else type(model.position).__name__,
         "train_length": int(cfg.data.seq_len),
         **extra,
     }
@@ -205,7 +223,10 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra:
         (results_dir).mkdir(parents=True, exist_ok=True)
         (results_dir / "causality.json").write_text(json.dumps(rep.as_dict(), indent=2))
         if rep.causal != rep.declared_causal:
-            say(f"WARNING: the causality audit found causal={rep.causal}, but the configuration declares {rep.declared_causal}")
+            say(
+                f"WARNING: the causality audit found causal={rep.causal}, "
+                f"but the configuration declares {rep.declared_causal}"
+            )
     summary["causal"] = causal
     if ppl_cfg.enabled:
         docs = dm.eval_documents("test")
@@ -213,11 +234,16 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra:
         write_rows(results_dir / "perplexity", rows)
         summary["perplexity"] = rows
         loggers.table("eval/perplexity", rows)
-        img = plot_perplexity({str(cfg.name): rows}, plots_dir / "perplexity.png", train_length=int(cfg.data.seq_len))
+        img = plot_perplexity(
+            {str(cfg.name): rows}, plots_dir / "perplexity.png", train_length=int(cfg.data.seq_len)
+        )
         loggers.image("eval/perplexity_plot", img)
         for r in rows:
             flag = "" if causal is not False else "   <- NOT a valid LM perplexity: the model is not causal"
-            say(f"ppl @ {r['length']:>7}: {r['ppl']:10.3f}  ({r['n_docs']} docs, {r['n_tokens']} tokens){flag}")
+            say(
+                f"ppl @ {r['length']:>7}: {r['ppl']:10.3f}  "
+                f"({r['n_docs']} docs, {r['n_tokens']} tokens){flag}"
+            )
     if pk_cfg.enabled:
         rows = passkey_grid(model, dm.tokenizer, pk_cfg, device=device)
         write_rows(results_dir / "passkey", rows)
@@ -243,7 +269,9 @@ def check_before_work(cfg: DictConfig, dm, model) -> None:
         shortest = min_prompt_length(dm.tokenizer, pk_cfg.digits)
         bad = [n for n in pk_cfg.lengths if n < shortest]
         if bad:
-            raise ConfigError(f"eval.passkey.lengths {bad} are shorter than the passkey prompt itself ({shortest} tokens)")
+            raise ConfigError(
+                f"eval.passkey.lengths {bad} are shorter than the passkey prompt itself ({shortest} tokens)"
+            )
     check = getattr(model.position, "check_lengths", None)
     if check is not None:
         longest = max([*ppl_cfg.lengths, *pk_cfg.lengths]) if cfg.phase.evaluate else int(cfg.data.seq_len)

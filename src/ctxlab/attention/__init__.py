@@ -3,6 +3,7 @@
 from ctxlab.kernels.ms_attention import ms_attention, ms_select
 
 from .modules import DenseAttention, MSAttention, dense_attention, ms_fraction_computed
+from .stats import selection_stats
 
 __all__ = [
     "DenseAttention",
@@ -11,4 +12,5 @@ __all__ = [
     "ms_attention",
     "ms_fraction_computed",
     "ms_select",
+    "selection_stats",
 ]

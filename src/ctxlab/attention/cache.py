@@ -23,9 +23,7 @@ class LayerCache:
     def length(self) -> int:
         return 0 if self.k is None else self.k.shape[1]
 
-    def append(
-        self, k: Tensor, v: Tensor, q: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def append(self, k: Tensor, v: Tensor, q: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.k is None:
             self.k, self.v, self.q = k, v, q
         else:

@@ -75,8 +75,10 @@ class PasskeyPrompt:
 
 def min_prompt_length(tokenizer, digits: int = 5) -> int:
     key = "9" * digits
-    return len(tokenizer.encode(TASK)) + len(tokenizer.encode(NEEDLE.format(key=key))) + len(
-        tokenizer.encode(QUESTION)
+    return (
+        len(tokenizer.encode(TASK))
+        + len(tokenizer.encode(NEEDLE.format(key=key)))
+        + len(tokenizer.encode(QUESTION))
     )
 
 
@@ -112,9 +114,7 @@ def trial_key(seed: int, length: int, depth: float, trial: int, digits: int) -> 
 
 
 @torch.no_grad()
-def passkey_grid(
-    model, tokenizer, cfg: PasskeyConfig, *, device="cpu", progress: bool = True
-) -> list[dict]:
+def passkey_grid(model, tokenizer, cfg: PasskeyConfig, *, device="cpu", progress: bool = True) -> list[dict]:
     """One row per (length, depth): accuracy over ``cfg.trials`` keys, plus the raw answers."""
     shortest = min_prompt_length(tokenizer, cfg.digits)
     too_short = [n for n in cfg.lengths if n < shortest]

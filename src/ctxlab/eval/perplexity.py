@@ -43,8 +43,10 @@ class PerplexityConfig:
         self.lengths = [int(x) for x in self.lengths]
         if not self.lengths or min(self.lengths) < 2:
             raise ValueError(f"eval.perplexity.lengths must be a non-empty list of ints >= 2: {self.lengths}")
-        if self.stride <= 0 or (1 < self.stride and self.stride != int(self.stride)):
-            raise ValueError(f"eval.perplexity.stride must be a fraction in (0, 1] or an int > 1: {self.stride}")
+        if self.stride <= 0 or (self.stride > 1 and self.stride != int(self.stride)):
+            raise ValueError(
+                f"eval.perplexity.stride must be a fraction in (0, 1] or an int > 1: {self.stride}"
+            )
         for name in ("max_tokens", "max_docs", "chunk_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"eval.perplexity.{name} must be >= 0")
@@ -94,7 +96,7 @@ def window_nll(model, ids: Tensor, n_scored: int, chunk_size: int = 0) -> Tensor
     """Summed NLL of the last ``n_scored`` next-token predictions of ``ids`` ``[L + 1]``."""
     inputs, targets = ids[None, :-1], ids[None, 1:]
     L = inputs.shape[1]
-    if chunk_size and L > chunk_size:
+    if chunk_size and chunk_size < L:
         cache, hidden = model.new_cache(), []
         for s in range(0, L, chunk_size):
             h = model.hidden(inputs[:, s : s + chunk_size], cache=cache)

@@ -13,7 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen befor
 
 
 def plot_perplexity(
-    series: Mapping[str, Sequence[dict]], path: Path, *, train_length: int | None = None,
+    series: Mapping[str, Sequence[dict]],
+    path: Path,
+    *,
+    train_length: int | None = None,
     title: str = "Perplexity against context length",
 ) -> Path:
     """``series``: name -> rows with ``length`` and ``ppl`` (and optional ``causal``)."""
@@ -40,9 +43,7 @@ def plot_perplexity(
     return path
 
 
-def plot_passkey(
-    panels: Mapping[str, tuple[list[int], list[float], list[list[float]]]], path: Path
-) -> Path:
+def plot_passkey(panels: Mapping[str, tuple[list[int], list[float], list[list[float]]]], path: Path) -> Path:
     """``panels``: name -> (lengths, depths, accuracy[depth][length]); heat maps side by side."""
     n = len(panels)
     cols = min(n, 4)

@@ -96,6 +96,8 @@ class SelectionStats(L.Callback):
         if batch_idx == 0:
             self._arm(pl_module, True)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         if batch_idx == 0:
             self._log(pl_module, "selection/val")

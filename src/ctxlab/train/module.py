@@ -59,7 +59,10 @@ class LMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What ``load_weights`` checks before it accepts the checkpoint for another job.
-        checkpoint["ctxlab"] = {"model": self.model.config.to_dict(), "model_class": type(self.model).__name__}
+        checkpoint["ctxlab"] = {
+            "model": self.model.config.to_dict(),
+            "model_class": type(self.model).__name__,
+        }
 
     def configure_optimizers(self):
         decay = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() >= 2]
