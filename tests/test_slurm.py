@@ -125,9 +125,12 @@ def test_sweep_runs_every_job_on_slurm(cluster, tmp_path):
         meta = json.loads((run / "meta.json").read_text())
         assert meta["seed"] == job["seed"] and "dirty" in meta["git"]
         assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
-    # The jobs were SLURM jobs, recorded by accounting.
-    states = slurm(["sacct", "-n", "-X", "--name", name, "-o", "State"], cluster).split()
-    assert states == ["COMPLETED", "COMPLETED"], states
+
+    # The jobs were SLURM jobs, recorded by accounting (slurmdbd may lag slurmctld by a moment).
+    def states() -> list[str]:
+        return slurm(["sacct", "-n", "-X", "--name", name, "-o", "State"], cluster).split()
+
+    wait_until(lambda: states() == ["COMPLETED", "COMPLETED"], 60, "accounting to record both jobs")
 
 
 @pytest.mark.slurm
@@ -221,8 +224,8 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
     assert len(records) == 1 and 0 < records[0]["step"] < steps and records[0]["signal"] == "SIGUSR2", records
     log = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.out"))
     assert "resuming from" in log and f"preempted at step {records[0]['step']}" in log
-    history = slurm(["sacct", "-n", "-X", "-D", "-j", jid, "-o", "State"], cluster).split()
-    assert "REQUEUED" in history and history[-1] == "COMPLETED", history
+    history = ["sacct", "-n", "-X", "-D", "-j", jid, "-o", "State"]
+    wait_until(lambda: slurm(history, cluster).split() == ["REQUEUED", "COMPLETED"], 60, "sacct's requeue")
 
     # Same W&B run id in both sessions of the job.
     run_id = (run / "wandb_id.txt").read_text().strip()

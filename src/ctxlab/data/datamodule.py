@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ctxlab.data.corpus import SPLITS, check_corpus_args, corpus_fingerprint, load_corpus
 from ctxlab.data.tokenizers import Tokenizer, build_tokenizer
@@ -337,7 +338,9 @@ class TextDataModule(L.LightningDataModule):
         if split not in self.packed:
             raise RuntimeError(f"call setup() before asking for the {split} loader")
         batch_size = self.config.batch_size if train else self.config.eval_batch_size
-        return DataLoader(
+        # A stateful loader: Lightning saves its position (and shuffle state) in checkpoints, so a
+        # resumed or requeued run sees exactly the batches the uninterrupted run would have seen.
+        return StatefulDataLoader(
             PackedSequences(self.packed[split]),
             batch_size=batch_size or self.config.batch_size,
             shuffle=train,
