@@ -185,9 +185,7 @@ API_CASES = [
 def test_public_api_matches_torch_backend(shape, select, pool, scope, pe):
     q, k, v, do = _inputs(*shape, seed=7)
     opts = dict(region=4, budget=4, merge=2, pool=pool, scope=scope, select=select, pe=pe)
-    out, grads = _grads(
-        lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do
-    )
+    out, grads = _grads(lambda q, k, v: ms_attention(q, k, v, backend="triton", **opts), q, k, v, do)
     ref, ref_grads = _grads(
         lambda q, k, v: ms_attention_torch(q, k, v, **opts), *(x.double() for x in (q, k, v, do))
     )
@@ -268,9 +266,7 @@ def test_geometry_tiles_cover_every_token_once():
         ends = torch.minimum(starts + block, geo.segment_end(tiles))
         covered = torch.cat([torch.arange(s, e) for s, e in zip(starts.tolist(), ends.tolist())])
         assert torch.equal(covered, torch.arange(L))
-        assert torch.equal(
-            geo.tile_of(torch.arange(L)), torch.repeat_interleave(tiles, ends - starts)
-        )
+        assert torch.equal(geo.tile_of(torch.arange(L)), torch.repeat_interleave(tiles, ends - starts))
 
 
 @on_interpreter
@@ -363,9 +359,7 @@ def _attend_in_dtype(q, k, v, idx, *, region, budget, merge, pe, rope_base, scal
             hi = min(lo + merge * region, L)
             sel = idx[b, :, g]  # [Hq, S]
             tok = sel.clamp_min(0)[..., None] * region + torch.arange(region, device=q.device)
-            tok = torch.cat(
-                [tok.flatten(1), torch.arange(lo, hi, device=q.device).expand(Hq, -1)], 1
-            )
+            tok = torch.cat([tok.flatten(1), torch.arange(lo, hi, device=q.device).expand(Hq, -1)], 1)
             heads = torch.arange(Hq, device=q.device)[:, None]
             ks, vs = kk[b, tok, heads], vv[b, tok, heads]  # [Hq, N, D]
             n_sel = sel.shape[1] * region
@@ -399,15 +393,11 @@ GPU_CASES = [
     [c[1:] for c in GPU_CASES],
     ids=[c[0] for c in GPU_CASES],
 )
-def test_gpu_bf16_error_within_pytorch_error(
-    shape, region, budget, merge, scope, pe, deterministic
-):
+def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope, pe, deterministic):
     """bf16 kernel error <= 2x (forward) and 3x (gradients) PyTorch's own bf16 error."""
     q, k, v, do = _inputs(*shape, dtype=torch.float32, device="cuda", seed=11)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
-    opts = dict(
-        region=region, budget=budget, merge=merge, pe=pe, rope_base=10000.0, scale=shape[-1] ** -0.5
-    )
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=10000.0, scale=shape[-1] ** -0.5)
     ref, ref_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), q, k, v, do)
     bf = [x.bfloat16() for x in (q, k, v, do)]
     torch_out, torch_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), *bf)
@@ -419,6 +409,4 @@ def test_gpu_bf16_error_within_pytorch_error(
         assert not mine.isnan().any(), name
         err = (mine.float() - want).abs().max().item()
         torch_err = (theirs.float() - want).abs().max().item()
-        assert err <= factor * torch_err + 1e-5, (
-            f"{name}: {err:.3g} vs PyTorch bf16 {torch_err:.3g}"
-        )
+        assert err <= factor * torch_err + 1e-5, f"{name}: {err:.3g} vs PyTorch bf16 {torch_err:.3g}"

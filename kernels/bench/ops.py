@@ -147,9 +147,7 @@ def flex(case: Case, idx: Tensor, block: int = 128):
         sel = region_sel[b, head_sel[h], torch.clamp(g, max=max(G, 1) - 1), kv_i // w]
         return torch.where(q_i < P, kv_i <= q_i, own | sel)
 
-    mask = BlockMask.from_kv_blocks(
-        kv_num, kv_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(L, L)
-    )
+    mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(L, L))
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def fn(q, k, v):

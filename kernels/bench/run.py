@@ -105,8 +105,7 @@ def reference_tail(case: Case, q, k, v, idx, dense: bool) -> torch.Tensor:
             vf = v.float().repeat_interleave(rep, 2).transpose(1, 2)
             logits = qf @ kf.transpose(-1, -2) * case.D**-0.5
             keep = (
-                torch.arange(case.L, device=q.device)
-                <= torch.arange(start, case.L, device=q.device)[:, None]
+                torch.arange(case.L, device=q.device) <= torch.arange(start, case.L, device=q.device)[:, None]
             )
             out = logits.masked_fill(~keep, float("-inf")).softmax(-1) @ vf
             return out.transpose(1, 2)
@@ -289,9 +288,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                 ratio[base_name] = f"{base['fwd+bwd_ms'] / row['fwd+bwd_ms']:.2f}x"
         tflops = "-"
         if row.get("fwd+bwd_tflops_computed"):
-            tflops = (
-                f"{row['fwd+bwd_tflops_computed']:.0f} ({row['fwd+bwd_tflops_dense_equiv']:.0f})"
-            )
+            tflops = f"{row['fwd+bwd_tflops_computed']:.0f} ({row['fwd+bwd_tflops_dense_equiv']:.0f})"
         select = "-" if row["op"] == "dense" else f"{row['select_ms']:.1f}"
         lines.append(
             f"| {row['case']} | {row['op']} | {row.get('status', '?')} | {fmt(row, 'fwd_ms')} | "
@@ -343,9 +340,7 @@ def main(argv: list[str] | None = None) -> None:
 
     flex_cases = args.flex_cases.split(",")
     wanted = args.cases.split(",")
-    cases = [
-        c for c in registry(**PRESETS[args.preset]).values() if any(w in c.name for w in wanted)
-    ]
+    cases = [c for c in registry(**PRESETS[args.preset]).values() if any(w in c.name for w in wanted)]
     ops = args.ops.split(",")
     meta = environment(args.device)
     card = "".join(ch if ch.isalnum() else "_" for ch in meta["card"])

@@ -150,8 +150,7 @@ class Geometry:
         rel = tile - self.n_pre_tiles
         in_block = (
             self.P
-            + torch.div(rel, self.tiles_per_block, rounding_mode="floor")
-            * (self.merge * self.region)
+            + torch.div(rel, self.tiles_per_block, rounding_mode="floor") * (self.merge * self.region)
             + torch.remainder(rel, self.tiles_per_block) * self.block
         )
         return torch.where(tile < self.n_pre_tiles, tile * self.block, in_block)
@@ -165,9 +164,7 @@ class Geometry:
             + torch.div(rel, mw, rounding_mode="floor") * self.tiles_per_block
             + torch.div(torch.remainder(rel, mw), self.block, rounding_mode="floor")
         )
-        return torch.where(
-            tok < self.P, torch.div(tok, self.block, rounding_mode="floor"), in_block
-        )
+        return torch.where(tok < self.P, torch.div(tok, self.block, rounding_mode="floor"), in_block)
 
     def segment_end(self, tile: Tensor) -> Tensor:
         """One past the last token of each tile's segment."""
@@ -259,13 +256,9 @@ def reverse_index(idx_sorted: Tensor, geo: Geometry) -> ReverseIndex:
     )
 
 
-def rope_tables(
-    n_pos: int, head_dim: int, base: float, device: torch.device
-) -> tuple[Tensor, Tensor]:
+def rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
     """cos, sin ``[n_pos, D/2]`` float32 (angles in float64, as ``kernels/rope.py``)."""
-    cos, sin = rope_cos_sin(
-        torch.arange(n_pos, device=device), rope_inv_freq(head_dim, base, device)
-    )
+    cos, sin = rope_cos_sin(torch.arange(n_pos, device=device), rope_inv_freq(head_dim, base, device))
     half = head_dim // 2
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
@@ -376,9 +369,7 @@ def ms_attn_bwd(
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     cfg = config or default_config(q.device)
     if deterministic is None:
-        deterministic = (
-            torch.are_deterministic_algorithms_enabled() or region % cfg.dkv_block_n == 0
-        )
+        deterministic = torch.are_deterministic_algorithms_enabled() or region % cfg.dkv_block_n == 0
     delta = bwd_preprocess(o, do)
     dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget, merge=merge,
                 rope=rope, rope_base=rope_base, scale=scale, config=cfg)  # fmt: skip

@@ -139,9 +139,7 @@ def _fwd_step(
     HEAD_DIM: tl.constexpr,
 ):
     """One online-softmax step over the keys `tok` ([BLOCK_N]); `allowed` [BLOCK_M, BLOCK_N]."""
-    k1, k2, v = _load_keys(
-        K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM
-    )
+    k1, k2, v = _load_keys(K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM)
     qk = tl.dot(q1, tl.trans(k1))
     qk = tl.dot(q2, tl.trans(k2), qk) * qk_scale
     if MASKED:
@@ -191,9 +189,7 @@ def ms_attn_fwd_kernel(
     h = bh % HQ
     hkv = h // (HQ // HKV)
     hs = h // (HQ // HS)
-    lo, seg_lo, seg_hi, g, shift = _segment(
-        tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M
-    )
+    lo, seg_lo, seg_hi, g, shift = _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M)
     hi = tl.minimum(lo + BLOCK_M, seg_hi)
 
     q_stride = HQ * HEAD_DIM
@@ -209,9 +205,7 @@ def ms_attn_fwd_kernel(
     row_ok = offs_m < hi
     q1, q2 = _load_halves(Q + q_off, offs_m, q_stride, row_ok, offs_h, HALF)
     if ROPE:
-        c, s = _cos_sin(
-            COS, SIN, offs_m + shift, offs_h, row_ok[:, None] & (offs_h[None, :] < HALF), HALF
-        )
+        c, s = _cos_sin(COS, SIN, offs_m + shift, offs_h, row_ok[:, None] & (offs_h[None, :] < HALF), HALF)
         q1, q2 = _rotate(q1, q2, c, s)
 
     # m_i starts finite so that a step whose keys are all masked (padding) yields no NaN.
@@ -365,9 +359,7 @@ def _dq_step(
     HEAD_DIM: tl.constexpr,
 ):
     """dq_rot += dS k over the keys `tok` ([BLOCK_N]), rotated frame, softmax scale not applied."""
-    k1, k2, v = _load_keys(
-        K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM
-    )
+    k1, k2, v = _load_keys(K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM)
     qk = tl.dot(q1, tl.trans(k1))
     qk = tl.dot(q2, tl.trans(k2), qk) * qk_scale
     if MASKED:
@@ -418,9 +410,7 @@ def ms_attn_bwd_dq_kernel(
     h = bh % HQ
     hkv = h // (HQ // HKV)
     hs = h // (HQ // HS)
-    lo, seg_lo, seg_hi, g, shift = _segment(
-        tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M
-    )
+    lo, seg_lo, seg_hi, g, shift = _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M)
     hi = tl.minimum(lo + BLOCK_M, seg_hi)
 
     q_stride = HQ * HEAD_DIM
@@ -674,9 +664,7 @@ def ms_attn_bwd_dkv_kernel(
     bkv = tl.program_id(1)
     b = bkv // HKV
     hkv = bkv % HKV
-    lo, seg_lo, seg_hi, g_own, shift = _segment(
-        tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_N
-    )
+    lo, seg_lo, seg_hi, g_own, shift = _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_N)
     hi = tl.minimum(lo + BLOCK_N, seg_hi)
 
     q_stride = HQ * HEAD_DIM
@@ -776,9 +764,7 @@ def ms_attn_bwd_dkv_kernel(
                 g = tl.load(ENT_G + e)
                 rank = tl.load(ENT_RANK + e * R + slot, mask=key_ok, other=-1)
                 sel_ok = rank >= 0
-                k1s, k2s, cT, sT = _dkv_keys(
-                    COS, SIN, k1, k2, rank * W + within, sel_ok, offs_h, ROPE, HALF
-                )
+                k1s, k2s, cT, sT = _dkv_keys(COS, SIN, k1, k2, rank * W + within, sel_ok, offs_h, ROPE, HALF)
                 q_lo = P + g * M * W
                 q_hi = tl.minimum(q_lo + M * W, L)
                 for t0 in range(q_lo, q_hi, BLOCK_M):
