@@ -204,3 +204,29 @@ def test_causality_audit_catches_a_non_causal_core():
         layer.attn.core = Bidirectional()
     rep = causality_audit(model, length=64)
     assert not rep.causal and rep.declared_causal
+
+
+@pytest.mark.parametrize("scheme", ["rope", "pi", "ntk", "dynamic_ntk", "yarn", "pose", "crd_ntk"])
+def test_saved_and_reloaded_model_gives_identical_logits(scheme, tmp_path):
+    """A ctxlab checkpoint reloads into a model built from the same config with identical logits
+    (rotary tables come from the config, weights from the file)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ctxlab.run import build_model, load_weights
+
+    GlobalHydra.instance().clear()
+    cfg_dir = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "cfg")
+    with initialize_config_dir(config_dir=cfg_dir, version_base="1.3"):
+        cfg = compose("config", overrides=[f"position={scheme}", "run_dir=/tmp/x", "name=t"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    ckpt = tmp_path / "m.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "ctxlab": {"model": model.config.to_dict()}}, ckpt)
+    torch.manual_seed(1)
+    fresh = build_model(cfg).eval()
+    ids = torch.randint(0, cfg.data.vocab_size, (1, 300))
+    assert not torch.equal(fresh(ids), model(ids))
+    load_weights(fresh, ckpt, "phase.checkpoint")
+    assert torch.equal(fresh(ids), model(ids))
