@@ -117,18 +117,17 @@ class MSAttention(nn.Module):
             self.pe, self.rope_base = "selected", float(position.rope_base)
 
     @property
-    def ms_kwargs(self) -> dict:
-        return dict(
-            region=self.region, budget=self.budget, merge=self.merge, pool=self.pool,
-            scope=self.scope, select=self.select, pe=self.pe, rope_base=self.rope_base, scale=self.scale,
-        )  # fmt: skip
-
-    @property
     def select_kwargs(self) -> dict:
+        """The arguments of ``ms_select``."""
         return dict(
             region=self.region, budget=self.budget, merge=self.merge, pool=self.pool,
             scope=self.scope, select=self.select,
         )  # fmt: skip
+
+    @property
+    def ms_kwargs(self) -> dict:
+        """The arguments of ``ms_attention`` (selection plus positions and scale)."""
+        return self.select_kwargs | dict(pe=self.pe, rope_base=self.rope_base, scale=self.scale)
 
     @property
     def sparse_decode(self) -> bool:
