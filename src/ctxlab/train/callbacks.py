@@ -18,6 +18,13 @@ def device_peak_flops() -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
+def model_flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token by the usual MFU convention: 6 N for the weights (forward and
+    backward, recomputation and LoRA's skipped weight gradients not counted) plus dense causal
+    attention, 6 x 2 x E x L / 2 per layer, whatever the attention actually computes."""
+    return 6 * config.n_params() + 12 * config.n_layers * config.dim * seq_len / 2
+
+
 class Throughput(L.Callback):
     """Logs tokens/s and, on a known GPU, MFU (6 N tokens + attention FLOPs, dense-equivalent)."""
 
@@ -40,12 +47,10 @@ class Throughput(L.Callback):
         dt = time.perf_counter() - self._t0
         tps = self._tokens / dt
         pl_module.log("perf/tokens_per_s", tps, on_step=True)
-        cfg = pl_module.model.config
-        L_ = ids.shape[1] - 1
-        flops_per_token = 6 * cfg.n_params() + 12 * cfg.n_layers * cfg.dim * L_ / 2
         peak = device_peak_flops()
         if peak:
-            pl_module.log("perf/mfu", tps * flops_per_token / peak, on_step=True)
+            flops = model_flops_per_token(pl_module.model.config, ids.shape[1] - 1)
+            pl_module.log("perf/mfu", tps * flops / peak, on_step=True)
         if torch.cuda.is_available():
             pl_module.log("perf/peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
         self._t0, self._tokens = time.perf_counter(), 0

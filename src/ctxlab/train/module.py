@@ -5,6 +5,11 @@ come from the model's position scheme: training ids in ``train()`` mode (CRD NTK
 random arcs, PoSE's skips), natural ids in ``eval()`` mode. Training ids are drawn from a
 generator seeded by ``(seed, global_step)``, so a resumed run draws what the uninterrupted one
 would have drawn.
+
+The loss never holds the whole ``[B, L, V]`` logits: ``chunked_cross_entropy`` runs the output
+head over ``loss_chunk`` tokens at a time and recomputes each chunk's logits in the backward
+pass. At 128K tokens and a 32,000 vocabulary, full float32 logits and their gradient would take
+33 GiB; chunks of 4,096 tokens take 1 GiB.
 """
 
 from __future__ import annotations
@@ -15,6 +20,32 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_loss_sum(head: nn.Module, h: Tensor, y: Tensor) -> Tensor:
+    logits = head(h)  # float32 at least (bf16 logits lose the loss's precision)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: Tensor, head: nn.Module, targets: Tensor, chunk: int) -> Tensor:
+    """Mean next-token cross-entropy of ``head(hidden)`` against ``targets`` without materialising
+    all logits: ``hidden [B, L, E]``, ``targets [B, L]``; ``chunk`` tokens of logits (float32)
+    exist at a time, in the forward and (recomputed) in the backward pass."""
+    if chunk <= 0:
+        raise ValueError(f"loss chunk must be > 0 tokens, got {chunk}")
+    h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    n = y.numel()
+    if n <= chunk:
+        return _chunk_loss_sum(head, h, y) / n
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    for i in range(0, n, chunk):
+        part = h[i : i + chunk], y[i : i + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss_sum, head, *part, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(head, *part)
+    return total / n
 
 
 class LMModule(L.LightningModule):
@@ -25,15 +56,23 @@ class LMModule(L.LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         *,
         seed: int = 0,
+        loss_chunk: int = 4096,
     ) -> None:
+        """``loss_chunk``: tokens of logits computed at a time for the loss (0: all at once)."""
         super().__init__()
+        if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
+            raise ValueError(f"phase.loss_chunk must be an int >= 0 (0: no chunking), got {loss_chunk!r}")
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.seed = seed
+        self.loss_chunk = loss_chunk
 
     def _loss(self, input_ids: Tensor, position_ids: Tensor | None) -> Tensor:
         x, y = input_ids[:, :-1], input_ids[:, 1:]
+        if self.loss_chunk:
+            h = self.model.hidden(x, position_ids)
+            return chunked_cross_entropy(h, self.model.lm_head, y, self.loss_chunk)
         logits = self.model(x, position_ids)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 

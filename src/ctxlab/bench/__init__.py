@@ -1,0 +1,1 @@
+"""Benchmarks of whole training steps (kernel benchmarks live in ctxlab.kernels.bench)."""

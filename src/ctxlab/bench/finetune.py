@@ -1,0 +1,393 @@
+"""Fine-tuning memory and speed benchmark: one training step of a real model shape at long
+context, per attention variant and sequence length, through the same config groups, LoRA+
+recipe, loss and Lightning trainer that ``ctxlab phase=finetune`` uses.
+
+    python -m ctxlab.bench.finetune --lengths 16384,32768 --variants dense,s2,ms \\
+        --out experiments/results/bench -- model=llama2_7b
+
+Everything after ``--`` is a Hydra override list applied to every case (default: the paper's
+recipe on the Llama 2 7B shape: ``model=llama2_7b position=crd_ntk phase=finetune trainer=gpu``).
+Each case composes ``cfg/config.yaml`` with its variant's overrides and ``data.seq_len=L``,
+validates it (a variant that would be dense at that length is reported as skipped), builds the
+model, runs ``--warmup`` untimed and ``--steps`` timed optimizer steps on random tokens
+(batch 1), and records seconds per step, tokens/s, MFU and peak GPU memory. An out-of-memory
+case is recorded as ``oom`` and the next case runs. Results are rewritten after every case
+(JSON and Markdown, with card, versions, date and commit), so a run cut short keeps what it
+measured.
+
+Under ``torchrun --nproc_per_node N`` (or a SLURM allocation) every rank runs the same cases
+with ``--strategy ddp|fsdp``: tokens/s is reported per GPU and in total, memory per GPU, and
+``--baseline one_gpu.json`` adds the scaling efficiency against a one-GPU run of the same lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Variants: the attention group and its settings, as Hydra overrides.
+VARIANTS: dict[str, list[str]] = {
+    "dense": ["attention=dense"],
+    "s2": ["attention=s2"],
+    "ms": ["attention=ms"],  # the paper's settings: region 16, budget 512, merge 64
+    "ms_causal": ["attention=ms_causal"],
+    "ms_sparse": ["attention=ms", "attention.region=64", "attention.budget=64", "attention.merge=8"],
+}
+DEFAULT_OVERRIDES = ["model=llama2_7b", "position=crd_ntk", "phase=finetune", "trainer=gpu"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import ctxlab.config  # noqa: F401  (resolvers)
+    from ctxlab.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def rank_info() -> tuple[int, int]:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))), int(
+        os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))
+    )
+
+
+def environment() -> dict:
+    import lightning
+    import transformers
+    import triton
+
+    try:
+        import peft
+
+        peft_v = peft.__version__
+    except ImportError:
+        peft_v = None
+    from ctxlab.run import git_state
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "device": dev,
+        "n_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft_v,
+        "lightning": lightning.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "git": git_state(),
+    }
+
+
+class _RandomTokens(torch.utils.data.Dataset):
+    def __init__(self, vocab: int, length: int, n: int, seed: int) -> None:
+        self.vocab, self.length, self.n, self.seed = vocab, length, n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 7919 + i)
+        return {"input_ids": torch.randint(0, self.vocab, (self.length + 1,), generator=g)}
+
+
+def _step_timer(warmup: int):
+    import lightning as L
+
+    class StepTimer(L.Callback):
+        """Wall time of each optimizer step (CUDA-synchronised); peak memory of the timed steps."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t0 = 0.0
+
+        def _sync(self) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._sync()
+            if batch_idx == warmup and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self._sync()
+            self.times.append(time.perf_counter() - self._t0)
+
+    return StepTimer()
+
+
+def _is_oom(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int) -> dict:
+    """One (variant, length) case; returns its row (``status`` ok | oom)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ctxlab.run import build_model
+    from ctxlab.train.callbacks import device_peak_flops, model_flops_per_token
+    from ctxlab.train.module import LMModule
+
+    seq_len = int(cfg.data.seq_len)
+    on_gpu = torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    row: dict = {"status": "ok"}
+    timer = _step_timer(warmup)
+    model = module = trainer = None
+    try:
+        t_build = time.perf_counter()
+        model = build_model(cfg)
+        if on_gpu:
+            model.cuda()
+        row["build_s"] = round(time.perf_counter() - t_build, 1)
+        row["params"] = model.config.n_params(include_embedding=True)
+        row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        module = LMModule(
+            model, instantiate(cfg.phase.optimizer),
+            instantiate(cfg.phase.scheduler) if cfg.phase.scheduler else None,
+            seed=int(cfg.seed), loss_chunk=int(cfg.phase.get("loss_chunk", 4096)),
+        )  # fmt: skip
+        data = torch.utils.data.DataLoader(
+            _RandomTokens(model.config.vocab_size, seq_len, warmup + steps, int(cfg.seed)), batch_size=1
+        )
+        kw: dict = {}
+        if strategy:
+            from ctxlab.distributed import build_strategy
+
+            kw["strategy"] = build_strategy(strategy)
+        trainer = L.Trainer(
+            accelerator="gpu" if on_gpu else "cpu", devices=devices, precision=cfg.trainer.precision,
+            max_steps=warmup + steps, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            limit_val_batches=0, callbacks=[timer], gradient_clip_val=cfg.trainer.gradient_clip_val,
+            **kw,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=data)
+    except Exception as e:  # noqa: BLE001  (an OOM is a result; anything else is re-raised)
+        if not _is_oom(e):
+            raise
+        row["status"] = "oom"
+        row["error"] = str(e).splitlines()[0][:200]
+    finally:
+        if on_gpu:
+            row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        del model, module, trainer
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+    timed = timer.times[warmup:]
+    row["step_times_s"] = [round(t, 3) for t in timer.times]
+    if row["status"] == "ok" and timed:
+        s = statistics.median(timed)
+        row["s_per_step"] = round(s, 3)
+        row["tokens_per_s_per_gpu"] = round(seq_len / s, 1)
+        peak = device_peak_flops() if on_gpu else None
+        if peak:
+            info = build_model_info(cfg)
+            row["mfu"] = round(seq_len / s * model_flops_per_token(info, seq_len) / peak, 4)
+    return row
+
+
+def build_model_info(cfg):
+    """The model's ``HFModelInfo`` / ``LlamaConfig`` without building weights (for FLOP counts)."""
+    from hydra.utils import instantiate
+
+    if cfg.model.get("kind") == "hf":
+        from ctxlab.model.hf import HFModelInfo
+        from ctxlab.model.hf_sources import random_config
+
+        spec = instantiate(cfg.model)
+        with torch.device("meta"):
+            from transformers import AutoModelForCausalLM
+
+            m = AutoModelForCausalLM.from_config(random_config(spec.source, spec.overrides))
+        return HFModelInfo.of(m)
+    return instantiate(cfg.model)
+
+
+def fraction_computed(cfg) -> float:
+    from ctxlab.attention import ms_fraction_computed
+    from ctxlab.config import is_ms
+
+    a, L = cfg.attention, int(cfg.data.seq_len)
+    if is_ms(cfg):
+        return ms_fraction_computed(L, int(a.region), int(a.budget), int(a.merge))
+    if str(a.get("_target_", "")).endswith("S2Attention"):
+        g = int(a.group_size) or int(L * float(a.group_ratio))
+        return min(1.0, (L // g) * g * (g + 1) / 2 / (L * (L + 1) / 2)) if g else 1.0
+    return 1.0
+
+
+def markdown(result: dict, baseline: dict | None) -> str:
+    env = result["environment"]
+    lines = [
+        f"# Fine-tuning benchmark: {result['shape']} ({env['device']} x{result['world_size']})",
+        "",
+        f"{env['date']}; torch {env['torch']} (CUDA {env['cuda']}), Triton {env['triton']}, "
+        f"transformers {env['transformers']}, peft {env['peft']}, lightning {env['lightning']}; "
+        f"commit {env['git'].get('commit', '?')[:10]}{' (dirty)' if env['git'].get('dirty') else ''}.",
+        f"Overrides: `{' '.join(result['overrides'])}`; strategy {result['strategy'] or 'single device'}; "
+        f"batch 1 per GPU; {result['warmup']} warm-up + {result['steps']} timed steps (median).",
+        "",
+        "| variant | L | status | s/step | tokens/s/GPU | tokens/s total | MFU | peak alloc GiB | "
+        "peak reserved GiB | fits 40 GB | pairs computed | scaling eff. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["variant"], r["seq_len"]): r for r in (baseline or {}).get("rows", [])}
+    for r in result["rows"]:
+        tps = r.get("tokens_per_s_per_gpu")
+        eff = "-"
+        b = base.get((r["variant"], r["seq_len"]))
+        if tps and b and b.get("tokens_per_s_per_gpu"):
+            eff = f"{tps / b['tokens_per_s_per_gpu']:.2f}"
+        alloc = r.get("peak_alloc_gib")
+        fits = "-" if alloc is None or r["status"] != "ok" else ("yes" if alloc * 2**30 <= 40e9 else "no")
+        lines.append(
+            f"| {r['variant']} | {r['seq_len']} | {r['status']} | {r.get('s_per_step', '-')} | "
+            f"{tps or '-'} | {round(tps * result['world_size'], 1) if tps else '-'} | "
+            f"{r.get('mfu', '-')} | {alloc if alloc is not None else '-'} | "
+            f"{r.get('peak_reserved_gib', '-')} | {fits} | {r.get('fraction_computed', 1.0):.3f} | {eff} |"
+        )
+    lines += ["", "Ratios at each length (s/step of the other variant / s/step of MS):", ""]
+    by = {(r["variant"], r["seq_len"]): r for r in result["rows"] if r.get("s_per_step")}
+    for L in sorted({r["seq_len"] for r in result["rows"]}):
+        for ms in sorted({v for v, n in by if n == L and v.startswith("ms")}):
+            parts = [
+                f"{o} {by[(o, L)]['s_per_step'] / by[(ms, L)]['s_per_step']:.2f}x"
+                for o in ("dense", "s2")
+                if (o, L) in by
+            ]
+            if parts:
+                lines.append(f"- L={L} {ms}: " + ", ".join(parts))
+    skipped = [r for r in result["rows"] if r["status"] not in ("ok", "oom")]
+    if skipped:
+        lines += ["", "Not run:", ""]
+        lines += [f"- {r['variant']} L={r['seq_len']}: {r.get('reason')}" for r in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    if "--" in argv:
+        i = argv.index("--")
+        argv, overrides = argv[:i], argv[i + 1 :]
+    else:
+        overrides = []
+    p = argparse.ArgumentParser(prog="python -m ctxlab.bench.finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", default="16384,32768,65536,131072", help="comma-separated sequence lengths")
+    p.add_argument("--variants", default="dense,s2,ms", help=f"comma-separated, from {sorted(VARIANTS)}")
+    p.add_argument(
+        "--define", action="append", default=[], metavar="NAME=OVERRIDES",
+        help="declare a variant: NAME=space-separated Hydra overrides (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--long-steps", type=int, default=1, help="timed steps from --long-from on")
+    p.add_argument("--long-from", type=int, default=65536)
+    p.add_argument("--strategy", default=None, help="ddp | fsdp (under torchrun / SLURM)")
+    p.add_argument("--baseline", default=None, help="one-GPU result JSON for scaling efficiency")
+    p.add_argument("--out", default="experiments/results/bench", help="folder for the result files")
+    p.add_argument("--tag", default=None, help="file name stem (default: finetune_<shape>_<card>_<n>gpu)")
+    a = p.parse_args(argv)
+    a.overrides = overrides
+    try:
+        a.lengths = [int(x) for x in str(a.lengths).split(",") if x]
+    except ValueError:
+        p.error(f"--lengths must be comma-separated integers, got {a.lengths!r}")
+    if not a.lengths or min(a.lengths) < 2:
+        p.error(f"--lengths must be integers >= 2, got {a.lengths}")
+    a.known = dict(VARIANTS)
+    for d in a.define:
+        name, sep, ovs = d.partition("=")
+        if not sep or not name.strip() or not ovs.split():
+            p.error(f"--define takes NAME=OVERRIDES ('ms8=attention=ms attention.region=8'), got {d!r}")
+        a.known[name.strip()] = ovs.split()
+    a.variants = [v for v in str(a.variants).split(",") if v]
+    unknown = [v for v in a.variants if v not in a.known]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {sorted(a.known)} (or --define one)")
+    if a.warmup < 0 or a.steps < 1 or a.long_steps < 1:
+        p.error("--warmup must be >= 0, --steps and --long-steps >= 1")
+    if a.strategy not in (None, "ddp", "fsdp"):
+        p.error(f"--strategy must be ddp or fsdp, got {a.strategy!r}")
+    if a.baseline and not Path(a.baseline).is_file():
+        p.error(f"--baseline: no file at {a.baseline}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from ctxlab.config import ConfigError, validate
+
+    a = parse(sys.argv[1:] if argv is None else argv)
+    rank, world = rank_info()
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # a 7B init on "cuda" lands on this rank's GPU
+    base_overrides = [*DEFAULT_OVERRIDES, *a.overrides]
+    # Compose and validate every case before the first model is built.
+    cases = []
+    for L in a.lengths:
+        for v in a.variants:
+            cfg = compose([*base_overrides, *a.known[v], f"data.seq_len={L}"])
+            try:
+                validate(cfg)
+                reason = None
+            except ConfigError as e:
+                if "exactly dense attention" not in str(e):
+                    raise
+                reason = f"dense at this length ({e})"
+            cases.append((v, L, cfg, reason))
+    shape = str(cases[0][2].model.get("source", cases[0][2].model.get("_target_", "model")))
+    env = environment()
+    card = env["device"].replace("NVIDIA ", "").split()[0] if torch.cuda.is_available() else "cpu"
+    stem = a.tag or f"finetune_{shape}_{card}_{world}gpu"
+    out = Path(a.out)
+    result = {"shape": shape, "overrides": base_overrides, "strategy": a.strategy, "world_size": world,
+              "warmup": a.warmup, "steps": a.steps, "environment": env, "rows": []}  # fmt: skip
+    baseline = json.loads(Path(a.baseline).read_text()) if a.baseline else None
+    devices = world if a.strategy else 1
+    for v, L, cfg, reason in cases:
+        row = {"variant": v, "seq_len": L, "fraction_computed": round(fraction_computed(cfg), 4)}
+        if reason:
+            row |= {"status": "skipped", "reason": reason}
+        else:
+            steps = a.long_steps if a.long_from <= L else a.steps
+            if rank == 0:
+                print(f"[bench] {v} L={L}: {a.warmup} warm-up + {steps} timed steps", flush=True)
+            row |= run_case(cfg, warmup=a.warmup, steps=steps, strategy=a.strategy, devices=devices)
+            if world > 1 and torch.distributed.is_initialized():
+                peak = torch.tensor([row.get("peak_alloc_gib", 0.0)], device="cuda")
+                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+                row["peak_alloc_gib"] = round(float(peak), 2)
+            if rank == 0:
+                print(f"[bench] {v} L={L}: {json.dumps(row)}", flush=True)
+        result["rows"].append(row)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+            (out / f"{stem}.md").write_text(markdown(result, baseline))
+    if rank == 0:
+        print(markdown(result, baseline), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
