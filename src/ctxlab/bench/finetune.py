@@ -86,7 +86,10 @@ def environment() -> dict:
         "peft": peft_v,
         "lightning": lightning.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "git": git_state(),
+        # A device machine gets a copy of the tree without .git: the caller passes the commit.
+        "git": git_state()
+        if git_state()["commit"]
+        else {"commit": os.environ.get("CTXLAB_COMMIT"), "dirty": None},
     }
 
 
@@ -161,7 +164,14 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
         row["build_s"] = round(time.perf_counter() - t_build, 1)
         row["params"] = model.config.n_params(include_embedding=True)
         row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        module = LMModule(
+        kw: dict = {}
+        module_cls = LMModule
+        if strategy:
+            from ctxlab.distributed import build_strategy, module_class
+
+            kw["strategy"] = build_strategy(strategy)
+            module_cls = module_class(LMModule, kw["strategy"])  # fsdp shards in configure_model
+        module = module_cls(
             model, instantiate(cfg.phase.optimizer),
             instantiate(cfg.phase.scheduler) if cfg.phase.scheduler else None,
             seed=int(cfg.seed), loss_chunk=int(cfg.phase.get("loss_chunk", 4096)),
@@ -169,11 +179,6 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
         data = torch.utils.data.DataLoader(
             _RandomTokens(model.config.vocab_size, seq_len, warmup + steps, int(cfg.seed)), batch_size=1
         )
-        kw: dict = {}
-        if strategy:
-            from ctxlab.distributed import build_strategy
-
-            kw["strategy"] = build_strategy(strategy)
         trainer = L.Trainer(
             accelerator="gpu" if on_gpu else "cpu", devices=devices, precision=cfg.trainer.precision,
             max_steps=warmup + steps, logger=False, enable_checkpointing=False,
@@ -245,12 +250,13 @@ def markdown(result: dict, baseline: dict | None) -> str:
         "",
         f"{env['date']}; torch {env['torch']} (CUDA {env['cuda']}), Triton {env['triton']}, "
         f"transformers {env['transformers']}, peft {env['peft']}, lightning {env['lightning']}; "
-        f"commit {env['git'].get('commit', '?')[:10]}{' (dirty)' if env['git'].get('dirty') else ''}.",
+        f"commit {(env['git'].get('commit') or '?')[:14]}{' (dirty)' if env['git'].get('dirty') else ''}.",
         f"Overrides: `{' '.join(result['overrides'])}`; strategy {result['strategy'] or 'single device'}; "
-        f"batch 1 per GPU; {result['warmup']} warm-up + {result['steps']} timed steps (median).",
+        f"batch 1 per GPU; {result['warmup']} warm-up + {result['steps']} timed steps (median)"
+        + (f", {result['long_steps']} timed from L = {result['long_from']} on." if "long_from" in result else "."),
         "",
         "| variant | L | status | s/step | tokens/s/GPU | tokens/s total | MFU | peak alloc GiB | "
-        "peak reserved GiB | fits 40 GB | pairs computed | scaling eff. |",
+        "peak reserved GiB | fits a 40 GB card | pairs computed | scaling eff. |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r["variant"], r["seq_len"]): r for r in (baseline or {}).get("rows", [])}
@@ -260,8 +266,9 @@ def markdown(result: dict, baseline: dict | None) -> str:
         b = base.get((r["variant"], r["seq_len"]))
         if tps and b and b.get("tokens_per_s_per_gpu"):
             eff = f"{tps / b['tokens_per_s_per_gpu']:.2f}"
-        alloc = r.get("peak_alloc_gib")
-        fits = "-" if alloc is None or r["status"] != "ok" else ("yes" if alloc * 2**30 <= 40e9 else "no")
+        alloc, reserved = r.get("peak_alloc_gib"), r.get("peak_reserved_gib")
+        # A 40 GB A100 offers 39.4 GiB to PyTorch; judged on memory reserved, not just allocated.
+        fits = "-" if reserved is None or r["status"] != "ok" else ("yes" if reserved <= 39.4 else "no")
         lines.append(
             f"| {r['variant']} | {r['seq_len']} | {r['status']} | {r.get('s_per_step', '-')} | "
             f"{tps or '-'} | {round(tps * result['world_size'], 1) if tps else '-'} | "
@@ -361,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
     stem = a.tag or f"finetune_{shape}_{card}_{world}gpu"
     out = Path(a.out)
     result = {"shape": shape, "overrides": base_overrides, "strategy": a.strategy, "world_size": world,
-              "warmup": a.warmup, "steps": a.steps, "environment": env, "rows": []}  # fmt: skip
+              "warmup": a.warmup, "steps": a.steps, "long_steps": a.long_steps, "long_from": a.long_from,
+              "environment": env, "rows": []}  # fmt: skip
     baseline = json.loads(Path(a.baseline).read_text()) if a.baseline else None
     devices = world if a.strategy else 1
     for v, L, cfg, reason in cases:
@@ -373,8 +381,8 @@ def main(argv: list[str] | None = None) -> dict:
             if rank == 0:
                 print(f"[bench] {v} L={L}: {a.warmup} warm-up + {steps} timed steps", flush=True)
             row |= run_case(cfg, warmup=a.warmup, steps=steps, strategy=a.strategy, devices=devices)
-            if world > 1 and torch.distributed.is_initialized():
-                peak = torch.tensor([row.get("peak_alloc_gib", 0.0)], device="cuda")
+            if world > 1 and torch.distributed.is_initialized() and "peak_alloc_gib" in row:
+                peak = torch.tensor([row["peak_alloc_gib"]], device="cuda")  # the largest of the GPUs
                 torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
                 row["peak_alloc_gib"] = round(float(peak), 2)
             if rank == 0:

@@ -1,0 +1,15 @@
+# Source on a GPU machine with its own torch/Triton/CUDA and no package registry (the lent H100s):
+#   source experiments/gpu/device_env.sh
+# Installs, into an overlay folder, the versions of ctxlab's Python dependencies that the dev
+# machine uses, from wheels carried in .whl/hf (fetch them with `make gpu-wheels`), then makes
+# ctxlab importable from this tree (kernels/ as ctxlab.kernels) without touching the image's torch.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+CTXLAB_OVERLAY=${CTXLAB_OVERLAY:-/tmp/ctxlab-overlay}
+python3 -m pip install --quiet --no-deps --no-index --find-links .whl/hf --target "$CTXLAB_OVERLAY" \
+  transformers peft huggingface_hub httpx2 httpcore2 truststore tokenizers safetensors hf-xet regex \
+  accelerate lightning lightning-utilities hydra-core omegaconf antlr4-python3-runtime
+rm -rf "$CTXLAB_OVERLAY/ctxlab"
+cp -r src/ctxlab "$CTXLAB_OVERLAY/ctxlab"
+ln -sfn "$PWD/kernels" "$CTXLAB_OVERLAY/ctxlab/kernels"
+export PYTHONPATH="$CTXLAB_OVERLAY" CTXLAB_CFG="$PWD/cfg"
+python3 -c "import torch, triton, transformers, lightning, peft, hydra, ctxlab.kernels; print('device env:', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())"
