@@ -253,7 +253,7 @@ def markdown(result: dict, baseline: dict | None) -> str:
         f"commit {(env['git'].get('commit') or '?')[:14]}{' (dirty)' if env['git'].get('dirty') else ''}.",
         f"Overrides: `{' '.join(result['overrides'])}`; strategy {result['strategy'] or 'single device'}; "
         f"batch 1 per GPU; {result['warmup']} warm-up + {result['steps']} timed steps (median)"
-        + (f", {result['long_steps']} timed from L = {result['long_from']} on." if "long_from" in result else "."),
+        + (f", {result['long_steps']} from L={result['long_from']} on." if "long_from" in result else "."),
         "",
         "| variant | L | status | s/step | tokens/s/GPU | tokens/s total | MFU | peak alloc GiB | "
         "peak reserved GiB | fits a 40 GB card | pairs computed | scaling eff. |",
