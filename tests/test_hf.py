@@ -371,3 +371,33 @@ def test_smollm2_loads_converted_and_predicts_text():
         logits = model(x)
     ppl = torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).exp()
     assert ppl < 100, f"a pre-trained model should predict Austen well, got perplexity {ppl:.1f}"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_mlp_chunking_changes_no_value_or_gradient(tmp_path, checkpointing):
+    from ctxlab.model.hf import set_checkpointing, set_mlp_chunking
+
+    def grads(chunk: int):
+        model = HFCausalLM(tiny_hf(seed=3), DenseAttention, Rope(HD)).train()
+        if checkpointing:
+            set_checkpointing(model.hf, True)
+        set_mlp_chunking(model.hf, chunk)
+        x = ids(2, L, seed=4)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).reshape(-1, V), x[:, 1:].reshape(-1))
+        loss.backward()
+        return model, loss, {n: p.grad for n, p in model.named_parameters()}
+
+    _, ref_loss, ref = grads(0)
+    model, loss, got = grads(7)  # 39 tokens: 5 full chunks and a short one
+    torch.testing.assert_close(loss, ref_loss)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], msg=n)
+    assert "forward" in vars(model.hf.model.layers[0].mlp)
+    assert set(model.state_dict()) == set(grads(0)[0].state_dict())  # names unchanged
+    assert (export_hf(model, tmp_path / "export") / "config.json").is_file()  # exports a patched model
+    set_mlp_chunking(model.hf, 0)
+    assert "forward" not in vars(model.hf.model.layers[0].mlp)
+    with pytest.raises(ValueError, match="model.mlp_chunk"):
+        set_mlp_chunking(model.hf, -1)
+    with pytest.raises(ValueError, match="model.mlp_chunk"):
+        spec("llama2_7b", mlp_chunk=1.5)

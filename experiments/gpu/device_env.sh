@@ -13,3 +13,4 @@ cp -r src/ctxlab "$CTXLAB_OVERLAY/ctxlab"
 ln -sfn "$PWD/kernels" "$CTXLAB_OVERLAY/ctxlab/kernels"
 export PYTHONPATH="$CTXLAB_OVERLAY" CTXLAB_CFG="$PWD/cfg"
 python3 -c "import torch, triton, transformers, lightning, peft, hydra, ctxlab.kernels; print('device env:', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())"
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # less fragmentation at 128K
