@@ -83,6 +83,19 @@ def _smollm2_dir() -> str:
     return str(smollm2_checkpoint())
 
 
+def _gpus_per_node(accelerator: str, devices):
+    """GPUs a SLURM task array asks for per node: the trainer's devices on a GPU trainer, none on
+    a CPU one (a CPU-only cluster rejects --gpus-per-node)."""
+    if str(accelerator) not in ("gpu", "cuda"):
+        return None
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"launcher=slurm with a GPU trainer needs an int trainer.devices, got {devices!r}")
+    return devices
+
+
+if not OmegaConf.has_resolver("ctxlab.gpus_per_node"):
+    OmegaConf.register_new_resolver("ctxlab.gpus_per_node", _gpus_per_node)
+
 # `${ctxlab.smollm2_dir:}`: the packaged SmolLM2 converted once to a checkpoint folder (with its
 # tokenizer), resolved only when a config that names it is used.
 if not OmegaConf.has_resolver("ctxlab.smollm2_dir"):

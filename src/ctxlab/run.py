@@ -23,31 +23,32 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ctxlab import distributed
 from ctxlab.config import ConfigError, validate
 
 log_prefix = "[ctxlab]"
 
 
 def say(msg: str) -> None:
-    print(f"{log_prefix} {msg}", flush=True)
+    if distributed.is_rank_zero():
+        print(f"{log_prefix} {msg}", flush=True)
 
 
 def is_hf(cfg: DictConfig) -> bool:
     return cfg.model.get("kind") == "hf"
 
 
-def build_model(cfg: DictConfig):
-    """ctxlab's own decoder, or (``model.kind=hf``) a transformers model with ctxlab attention."""
+def build_model(cfg: DictConfig, position=None):
+    """ctxlab's own decoder, or (``model.kind=hf``) a transformers model with ctxlab attention;
+    ``position``: an existing position scheme to share (else one is built from ``cfg.position``)."""
+    position = position if position is not None else instantiate(cfg.position)
     if is_hf(cfg):
-        from ctxlab.model.hf import build_hf_model_from_cfg
+        from ctxlab.model.hf import build_hf_model
 
-        return build_hf_model_from_cfg(cfg)
+        return build_hf_model(instantiate(cfg.model), instantiate(cfg.attention), position)
     from ctxlab.model import Llama
 
-    model_cfg = instantiate(cfg.model)
-    position = instantiate(cfg.position)
-    attention = instantiate(cfg.attention)
-    return Llama(model_cfg, attention, position)
+    return Llama(instantiate(cfg.model), instantiate(cfg.attention), position)
 
 
 def eval_configs(cfg: DictConfig):
@@ -142,7 +143,7 @@ class Loggers:
 
         self.csv = CSVLogger(save_dir=str(run_dir), name="csv", version="")
         self.wandb = None
-        if cfg.logger.kind == "wandb":
+        if cfg.logger.kind == "wandb" and distributed.is_rank_zero():  # one W&B run, from rank 0
             try:
                 import wandb  # noqa: F401  (WandbLogger needs it; fail here with a clear message)
                 from lightning.pytorch.loggers import WandbLogger
@@ -205,6 +206,8 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra:
     ppl_cfg, pk_cfg = eval_configs(cfg)
     device = device_of(cfg)
     model = model.to(device).eval()
+    # Every rank evaluates its share of the grid and gets the gathered rows; rank 0 writes.
+    writes = distributed.is_rank_zero()
     results_dir, plots_dir = run_dir / "results", run_dir / "plots"
     summary = {
         "name": str(cfg.name),
@@ -220,8 +223,9 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra:
         rep = causality_audit(model, n_cuts=int(cfg.eval.causality.n_cuts), device=device)
         causal = rep.causal
         summary["causality"] = rep.as_dict()
-        (results_dir).mkdir(parents=True, exist_ok=True)
-        (results_dir / "causality.json").write_text(json.dumps(rep.as_dict(), indent=2))
+        if writes:
+            results_dir.mkdir(parents=True, exist_ok=True)
+            (results_dir / "causality.json").write_text(json.dumps(rep.as_dict(), indent=2))
         if rep.causal != rep.declared_causal:
             say(
                 f"WARNING: the causality audit found causal={rep.causal}, "
@@ -231,13 +235,14 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra:
     if ppl_cfg.enabled:
         docs = dm.eval_documents("test")
         rows = [r.as_row() | {"causal": causal} for r in perplexity_grid(model, docs, ppl_cfg, device=device)]
-        write_rows(results_dir / "perplexity", rows)
         summary["perplexity"] = rows
-        loggers.table("eval/perplexity", rows)
-        img = plot_perplexity(
-            {str(cfg.name): rows}, plots_dir / "perplexity.png", train_length=int(cfg.data.seq_len)
-        )
-        loggers.image("eval/perplexity_plot", img)
+        if writes:
+            write_rows(results_dir / "perplexity", rows)
+            loggers.table("eval/perplexity", rows)
+            img = plot_perplexity(
+                {str(cfg.name): rows}, plots_dir / "perplexity.png", train_length=int(cfg.data.seq_len)
+            )
+            loggers.image("eval/perplexity_plot", img)
         for r in rows:
             flag = "" if causal is not False else "   <- NOT a valid LM perplexity: the model is not causal"
             say(
@@ -246,12 +251,15 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra:
             )
     if pk_cfg.enabled:
         rows = passkey_grid(model, dm.tokenizer, pk_cfg, device=device)
-        write_rows(results_dir / "passkey", rows)
         summary["passkey"] = rows
-        loggers.table("eval/passkey", rows)
-        img = plot_passkey({str(cfg.name): accuracy_matrix(rows)}, plots_dir / "passkey.png")
-        loggers.image("eval/passkey_heatmap", img)
-    (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if writes:
+            write_rows(results_dir / "passkey", rows)
+            loggers.table("eval/passkey", rows)
+            img = plot_passkey({str(cfg.name): accuracy_matrix(rows)}, plots_dir / "passkey.png")
+            loggers.image("eval/passkey_heatmap", img)
+    if writes:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -295,22 +303,22 @@ def run_job(cfg: DictConfig) -> dict:
     from ctxlab.train.module import LMModule
 
     validate(cfg)
+    world = distributed.init(cfg.trainer)  # several ranks: from torchrun or SLURM, else an error
     run_dir = Path(cfg.run_dir).resolve()
-    write_metadata(cfg, run_dir)
+    if distributed.is_rank_zero():
+        write_metadata(cfg, run_dir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dm = instantiate(cfg.data)
     model = build_model(cfg)
-    check_before_work(cfg, dm, model)
+    check_before_work(cfg, dm, model)  # on every rank: the same config fails the same way everywhere
+    if world > 1:
+        distributed.local_zero_first(dm.prepare_data)  # one rank per node tokenizes into the cache
     loggers = Loggers(cfg, run_dir)
     extra: dict = {}
     try:
         if cfg.phase.fit:
             if cfg.phase.init_from:
                 load_weights(model, cfg.phase.init_from, "phase.init_from")
-            module = LMModule(
-                model, instantiate(cfg.phase.optimizer),
-                instantiate(cfg.phase.scheduler) if cfg.phase.scheduler else None, seed=int(cfg.seed),
-            )  # fmt: skip
             ckpt_dir = run_dir / "checkpoints"
             every = int(cfg.trainer.get("val_check_interval") or 0) or None
             callbacks = [
@@ -330,6 +338,12 @@ def run_job(cfg: DictConfig) -> dict:
                 cfg.trainer, callbacks=callbacks, logger=loggers.all, default_root_dir=str(run_dir),
                 plugins=trainer_plugins(),
             )  # fmt: skip
+            # fsdp: the module shards its model per decoder layer in configure_model.
+            module = distributed.module_class(LMModule, trainer.strategy)(
+                model, instantiate(cfg.phase.optimizer),
+                instantiate(cfg.phase.scheduler) if cfg.phase.scheduler else None, seed=int(cfg.seed),
+                loss_chunk=int(cfg.phase.get("loss_chunk", 4096)),
+            )  # fmt: skip
             last = ckpt_dir / "last.ckpt"
             if last.exists():
                 say(f"resuming from {last}")
@@ -341,6 +355,8 @@ def run_job(cfg: DictConfig) -> dict:
             val = trainer.callback_metrics.get("val/loss")
             extra["val_ppl"] = float(torch.exp(val)) if val is not None else None
             extra["steps"] = int(trainer.global_step)
+            if distributed.is_sharded(model):  # evaluation runs different items per rank: whole replicas
+                model = distributed.unsharded_copy(model, lambda: build_model(cfg, position=model.position))
         elif cfg.phase.checkpoint:
             load_weights(model, cfg.phase.checkpoint, "phase.checkpoint")
         else:
@@ -378,11 +394,13 @@ def run_study(cfg: DictConfig) -> dict:
     say(f"study with {len(arms)} arms under {root}")
     t0 = time.perf_counter()
     for i, (name, (arm_cfg, arm_dir)) in enumerate(arms.items()):
-        if (arm_dir / "results" / "summary.json").exists():
+        if distributed.broadcast((arm_dir / "results" / "summary.json").exists()):  # rank 0 decides
             say(f"[{i + 1}/{len(arms)}] {name}: results exist, skipped")
             continue
         say(f"[{i + 1}/{len(arms)}] {name}")
         run_job(arm_cfg)
+    if not distributed.is_rank_zero():
+        return {}
     report = compare_runs([d for _, d in arms.values()], root / "compare", title=str(cfg.name))
     say(f"study finished in {time.perf_counter() - t0:.0f} s")
     print(report["markdown"], flush=True)
@@ -391,8 +409,19 @@ def run_study(cfg: DictConfig) -> dict:
     return report
 
 
+def agree_run_dir(cfg: DictConfig) -> None:
+    """Several ranks: every rank takes rank 0's ``run_dir`` (Hydra's time-stamped default may differ
+    by a second between ranks; the directory Hydra made for another rank is removed)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    cfg.run_dir = str(distributed.agree_run_dir(cfg.run_dir, hydra_dir))
+
+
 def run(cfg: DictConfig) -> dict:
     validate(cfg)
+    if distributed.init(cfg.trainer) > 1:
+        agree_run_dir(cfg)
     if cfg.get("study"):
         return run_study(cfg)
     return run_job(cfg)

@@ -115,7 +115,14 @@ def trial_key(seed: int, length: int, depth: float, trial: int, digits: int) -> 
 
 @torch.no_grad()
 def passkey_grid(model, tokenizer, cfg: PasskeyConfig, *, device="cpu", progress: bool = True) -> list[dict]:
-    """One row per (length, depth): accuracy over ``cfg.trials`` keys, plus the raw answers."""
+    """One row per (length, depth): accuracy over ``cfg.trials`` keys, plus the raw answers.
+
+    Data-parallel when a process group of several ranks exists (``ctxlab.distributed``): the
+    lengths x depths x trials items are dealt round-robin over the ranks and their answers
+    gathered once; every rank returns the single-process rows. The progress bar (this rank's
+    items) shows on rank 0 only."""
+    from ctxlab import distributed
+
     shortest = min_prompt_length(tokenizer, cfg.digits)
     too_short = [n for n in cfg.lengths if n < shortest]
     if too_short:
@@ -123,25 +130,28 @@ def passkey_grid(model, tokenizer, cfg: PasskeyConfig, *, device="cpu", progress
             f"eval.passkey.lengths {too_short} are shorter than the passkey prompt ({shortest} tokens)"
         )
     cells = [(n, d) for n in cfg.lengths for d in cfg.depths]
+    items = [(length, depth, t) for length, depth in cells for t in range(cfg.trials)]
+    mine = distributed.my_items(len(items))
+    bar = tqdm(mine, desc="passkey", disable=not (progress and distributed.is_rank_zero()), leave=False)
+    answers = {}
+    for j in bar:
+        length, depth, t = items[j]
+        key = trial_key(cfg.seed, length, depth, t, cfg.digits)
+        prompt = make_prompt(tokenizer, length, depth, key)
+        ids = torch.tensor([prompt.ids], dtype=torch.long, device=device)
+        n_new = len(tokenizer.encode(" " + key)) + 1
+        out = greedy_generate(model, ids, n_new, chunk_size=cfg.chunk_size)
+        answers[j] = extract_key(tokenizer.decode(out[0].tolist()))
+    gathered = iter(distributed.gather_items(len(items), answers))
     rows = []
-    bar = tqdm(total=len(cells) * cfg.trials, desc="passkey", disable=not progress, leave=False)
     for length, depth in cells:
-        answers, correct = [], 0
-        for t in range(cfg.trials):
-            key = trial_key(cfg.seed, length, depth, t, cfg.digits)
-            prompt = make_prompt(tokenizer, length, depth, key)
-            ids = torch.tensor([prompt.ids], dtype=torch.long, device=device)
-            n_new = len(tokenizer.encode(" " + key)) + 1
-            out = greedy_generate(model, ids, n_new, chunk_size=cfg.chunk_size)
-            answer = extract_key(tokenizer.decode(out[0].tolist()))
-            answers.append(answer)
-            correct += int(answer == key)
-            bar.update(1)
+        got = [next(gathered) for _ in range(cfg.trials)]
+        keys = [trial_key(cfg.seed, length, depth, t, cfg.digits) for t in range(cfg.trials)]
+        correct = sum(a == k for a, k in zip(got, keys))
         rows.append(
             {"length": length, "depth": depth, "accuracy": correct / cfg.trials,
-             "trials": cfg.trials, "answers": " ".join(answers)}
+             "trials": cfg.trials, "answers": " ".join(got)}
         )  # fmt: skip
-    bar.close()
     return rows
 
 

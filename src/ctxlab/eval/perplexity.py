@@ -43,6 +43,8 @@ class PerplexityConfig:
         self.lengths = [int(x) for x in self.lengths]
         if not self.lengths or min(self.lengths) < 2:
             raise ValueError(f"eval.perplexity.lengths must be a non-empty list of ints >= 2: {self.lengths}")
+        if len(set(self.lengths)) != len(self.lengths):
+            raise ValueError(f"eval.perplexity.lengths has repeated lengths: {self.lengths}")
         if self.stride <= 0 or (self.stride > 1 and self.stride != int(self.stride)):
             raise ValueError(
                 f"eval.perplexity.stride must be a fraction in (0, 1] or an int > 1: {self.stride}"
@@ -110,6 +112,25 @@ def window_nll(model, ids: Tensor, n_scored: int, chunk_size: int = 0) -> Tensor
     return F.cross_entropy(logits[0], targets[0, L - n_scored :], reduction="sum")
 
 
+def plan_windows(documents: Sequence[Tensor], cfg: PerplexityConfig) -> list[tuple[int, int, int, int]]:
+    """The work of the grid, ``(length, document index, begin, n_scored)`` per window, in the
+    order one process scores them: lengths in ``cfg`` order, documents, then windows."""
+    plan = []
+    for length in cfg.lengths:
+        stride = cfg.stride_for(length)
+        docs = [i for i, d in enumerate(documents) if len(d) >= length + 1]
+        if cfg.max_docs:
+            docs = docs[: cfg.max_docs]
+        total = 0
+        for i in docs:
+            for begin, n_scored in windows(len(documents[i]), length, stride):
+                if cfg.max_tokens and total >= cfg.max_tokens:
+                    break
+                plan.append((length, i, begin, n_scored))
+                total += n_scored
+    return plan
+
+
 @torch.no_grad()
 def perplexity_grid(
     model,
@@ -119,29 +140,35 @@ def perplexity_grid(
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> list[PerplexityResult]:
-    """Evaluate every length of ``cfg.lengths`` on ``documents`` (1-D token tensors)."""
-    results = []
-    for length in cfg.lengths:
-        stride = cfg.stride_for(length)
-        docs = [(i, d) for i, d in enumerate(documents) if len(d) >= length + 1]
-        if cfg.max_docs:
-            docs = docs[: cfg.max_docs]
-        res = PerplexityResult(length=length, stride=stride, n_docs=0, n_tokens=0, nll_sum=0.0)
-        plan = [(i, d, b, n) for i, d in docs for b, n in windows(len(d), length, stride)]
-        if cfg.max_tokens:
-            kept, total = [], 0
-            for item in plan:
-                if total >= cfg.max_tokens:
-                    break
-                kept.append(item)
-                total += item[3]
-            plan = kept
-        bar = tqdm(plan, desc=f"ppl L={length}", disable=not progress, leave=False)
-        for i, d, begin, n_scored in bar:
-            ids = d[begin : begin + length + 1].to(device)
-            res.nll_sum += float(window_nll(model, ids, n_scored, cfg.chunk_size))
-            res.n_tokens += n_scored
-            res.per_doc_tokens[i] = res.per_doc_tokens.get(i, 0) + n_scored
+    """Evaluate every length of ``cfg.lengths`` on ``documents`` (1-D token tensors).
+
+    Data-parallel when a process group of several ranks exists (``ctxlab.distributed``): the
+    windows are dealt round-robin over the ranks, their NLLs gathered once, and every rank sums
+    them in the single-process order, so the result is the single-process result. The progress
+    bar (this rank's windows) shows on rank 0 only."""
+    from ctxlab import distributed
+
+    plan = plan_windows(documents, cfg)
+    mine = distributed.my_items(len(plan))
+    bar = tqdm(mine, desc="perplexity", disable=not (progress and distributed.is_rank_zero()), leave=False)
+    nll = {}
+    for j in bar:
+        length, i, begin, n_scored = plan[j]
+        bar.set_postfix(L=length)
+        ids = documents[i][begin : begin + length + 1].to(device)
+        nll[j] = float(window_nll(model, ids, n_scored, cfg.chunk_size))
+    nlls = distributed.gather_items(len(plan), nll)
+    results = {
+        length: PerplexityResult(
+            length=length, stride=cfg.stride_for(length), n_docs=0, n_tokens=0, nll_sum=0.0
+        )
+        for length in cfg.lengths
+    }
+    for (length, i, _, n_scored), value in zip(plan, nlls):
+        res = results[length]
+        res.nll_sum += value
+        res.n_tokens += n_scored
+        res.per_doc_tokens[i] = res.per_doc_tokens.get(i, 0) + n_scored
+    for res in results.values():
         res.n_docs = len(res.per_doc_tokens)
-        results.append(res)
-    return results
+    return [results[length] for length in cfg.lengths]

@@ -45,8 +45,9 @@ class Throughput(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - self._t0
-        tps = self._tokens / dt
-        pl_module.log("perf/tokens_per_s", tps, on_step=True)
+        tps = self._tokens / dt  # this rank's tokens: per GPU under DDP/FSDP
+        pl_module.log("perf/tokens_per_s_per_device", tps, on_step=True)
+        pl_module.log("perf/tokens_per_s", tps * trainer.world_size, on_step=True)
         peak = device_peak_flops()
         if peak:
             flops = model_flops_per_token(pl_module.model.config, ids.shape[1] - 1)

@@ -82,7 +82,9 @@ class LMModule(L.LightningModule):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
         pos = self.model.position.position_ids(B, L1 - 1, generator=g).to(ids.device)
         loss = self._loss(ids, pos)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=B)
+        # sync_dist: under DDP/FSDP the logged loss is the mean over every rank's rows.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=B,
+                 sync_dist=True)  # fmt: skip
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
