@@ -100,6 +100,7 @@ def registry(
 PRESETS = {
     # Cases run in this order: the lengths the targets name come before 64K.
     "h100": dict(lengths=("8K", "32K", "128K", "64K")),
+    "h100_long": dict(lengths=("32K", "128K", "256K")),
     "smoke": dict(lengths=("8K",), kv_heads=(8,)),
     "cpu": dict(lengths=("61",), kv_heads=(1,), settings=("tiny",), Hq=2, D=32),
 }

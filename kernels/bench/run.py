@@ -2,14 +2,17 @@
 
     python -m ctxlab.kernels.bench.run --preset h100 --ops gather,triton,dense --out DIR
 
-Per case (bf16, fresh random inputs): the selection (``ms_select_torch``) is timed, then each
+Per case (bf16, fresh random inputs): both selections are timed (``ms_select_torch`` and, on a
+GPU, the fused ``ms_select_triton``, whose indices are compared with torch's), then each
 op is checked before it is timed. The check: the output's last rows (up to two blocks) against
 ``ms_attend_torch`` in float32 (dense causal attention for ``dense``), and dq, dk, dv against
 the ``gather`` op's (an independent PyTorch implementation of the same function). An op that
 fails its check is reported as failed, with its errors and no time. Times are CUDA-event
 medians after a warm-up; ``extra_gib`` is the peak memory of one forward+backward beyond the
 inputs, the output and the three gradients. Results go to ``<out>/<stem>.json`` and ``.md``
-after every case, so a run cut short keeps what it finished.
+after every case, so a run cut short keeps what it finished. ``--fit FIRST,LAST`` then doubles
+L from FIRST (B=1, 32 query heads, 8 kv heads, D=128, paper settings) until a forward+backward
+of ``ms_attention(backend="triton")`` runs out of memory, and records the lengths that fit.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from pathlib import Path
 import torch
 import triton
 
+from ..ms_attention.interface import ms_attention
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
-from ..ms_attention.triton_impl import INTERPRETER_CONFIG
-from .cases import PRESETS, Case, registry
+from ..ms_attention.triton_impl import INTERPRETER_CONFIG, ms_select_triton
+from .cases import PRESETS, SETTINGS, Case, registry
 from .ops import build, launch_config, triton_parts
 
 OUT_TOL = 2e-2  # relative L2 error of a bf16 output against float32
@@ -70,6 +74,15 @@ def cuda_time(fn, budget_ms: float = 400.0, max_reps: int = 20) -> float:
         _sync()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def selection_agreement(got: torch.Tensor, want: torch.Tensor, n: int) -> tuple[float, float]:
+    """(fraction of blocks with identical index rows, mean overlap of the selected sets)."""
+    same = (got.long() == want).all(-1).float().mean().item()
+    member = torch.zeros(*want.shape[:3], n, dtype=torch.int32, device=want.device)
+    member.scatter_add_(-1, got.long(), torch.ones_like(want, dtype=torch.int32))
+    member.scatter_add_(-1, want, torch.ones_like(want, dtype=torch.int32))
+    return same, ((member == 2).sum(-1).float() / want.shape[-1]).mean().item()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -129,14 +142,24 @@ def run_case(
     q, k, v, do = inputs(case, seed, device)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
 
+    sel_opts = dict(region=case.region, budget=case.budget, merge=case.merge, scope=case.scope)
+
     def selection():
-        return ms_select_torch(
-            q, k, region=case.region, budget=case.budget, merge=case.merge, scope=case.scope
-        )
+        return ms_select_torch(q, k, **sel_opts)
+
+    def fused_selection():
+        return ms_select_triton(q, k, pool="mean", select="paper", **sel_opts)
 
     with torch.no_grad():
-        select_ms = cuda_time(selection, budget_ms=200, max_reps=5)
+        torch_select_ms = cuda_time(selection, budget_ms=200, max_reps=5)
         idx = selection()
+        select_same = select_overlap = None
+        if device == "cuda":
+            fused = fused_selection()
+            select_same, select_overlap = selection_agreement(fused, idx, -(-case.L // case.region))
+            select_ms = cuda_time(fused_selection, budget_ms=300, max_reps=5)
+        else:
+            select_ms = torch_select_ms
     tails = {}
     ref_grads = None
     rows = []
@@ -157,6 +180,9 @@ def run_case(
             scope=case.scope,
             pe=case.pe,
             select_ms=select_ms,
+            torch_select_ms=torch_select_ms,
+            select_same_rows=select_same,
+            select_overlap=select_overlap,
         )
         rows.append(row)
         try:
@@ -241,6 +267,60 @@ def time_op(case: Case, fn, leaves, do) -> dict:
     return result
 
 
+def _fit_step(tensors: list[torch.Tensor], region: int, budget: int, merge: int) -> None:
+    q, k, v, do = tensors
+    for x in (q, k, v):
+        x.grad = None
+    ms_attention(q, k, v, region=region, budget=budget, merge=merge, backend="triton").backward(do)
+
+
+def fit_probe(
+    first: int, last: int, kv_heads: int = 8, setting: str = "paper", seed: int = 0, on_row=None
+) -> list[dict]:
+    """Double L from ``first`` until a forward+backward (selection included) runs out of memory
+    or L passes ``last``; each row says whether L fit, one step's milliseconds and peak GiB.
+    ``on_row(rows)`` is called after every length, so a run cut short keeps what it measured."""
+    w, T, m = SETTINGS[setting]
+    rows = []
+    L = first
+    while last >= L:
+        row: dict = dict(L=L, kv=kv_heads, setting=setting, fits=False, ms=None, peak_gib=None)
+        rows.append(row)
+        tensors = []
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            gen = torch.Generator(device="cuda").manual_seed(seed)
+            for heads in (32, kv_heads, kv_heads, 32):
+                tensors.append(
+                    torch.randn(1, L, heads, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
+                )
+            for x in tensors[:3]:
+                x.requires_grad_()
+            _fit_step(tensors, w, T, m)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _fit_step(tensors, w, T, m)
+            end.record()
+            torch.cuda.synchronize()
+            row.update(
+                fits=True, ms=start.elapsed_time(end), peak_gib=torch.cuda.max_memory_allocated() / 2**30
+            )
+        except torch.cuda.OutOfMemoryError as err:
+            row["error"] = str(err).splitlines()[0][:160]
+            break
+        finally:
+            for x in tensors:
+                x.grad = None
+            del tensors
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        if on_row is not None:
+            on_row(rows)
+        L *= 2
+    return rows
+
+
 def environment(device: str) -> dict:
     meta = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -262,10 +342,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; bf16, B=1; "
         "ms are CUDA-event medians; TFLOP/s on computed pairs (dense-equivalent in brackets); "
-        "selection (ms_select_torch) timed apart; 'pairs' is the fraction of causal query-key "
-        "pairs computed; 'extra GiB' is peak memory beyond q, k, v, o and the gradients.",
+        "selection timed apart (fused Triton selection / ms_select_torch); 'pairs' is the "
+        "fraction of causal query-key pairs computed; 'extra GiB' is peak memory beyond q, k, v, "
+        "o and the gradients.",
         "",
-        "| case | op | status | fwd ms | fwd+bwd ms | + select ms | TFLOP/s fwd+bwd | "
+        "| case | op | status | fwd ms | fwd+bwd ms | + select ms (ours / torch) | TFLOP/s fwd+bwd | "
         "pairs | extra GiB | vs dense | vs gather |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -289,7 +370,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         tflops = "-"
         if row.get("fwd+bwd_tflops_computed"):
             tflops = f"{row['fwd+bwd_tflops_computed']:.0f} ({row['fwd+bwd_tflops_dense_equiv']:.0f})"
-        select = "-" if row["op"] == "dense" else f"{row['select_ms']:.1f}"
+        select = "-"
+        if row["op"] != "dense":
+            select = f"{row['select_ms']:.1f} / {row['torch_select_ms']:.1f}"
         lines.append(
             f"| {row['case']} | {row['op']} | {row.get('status', '?')} | {fmt(row, 'fwd_ms')} | "
             f"{fmt(row, 'fwd+bwd_ms')} | {select} | {tflops} | "
@@ -301,6 +384,28 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         if row.get("parts_ms"):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in row["parts_ms"].items())
             lines.append(f"- {row['case']} / {row['op']}: {parts}")
+    lines += ["", "Fused selection vs ms_select_torch (identical index rows; mean overlap of the sets).", ""]
+    for row in rows:
+        if row["op"] == "triton" and row.get("select_same_rows") is not None:
+            lines.append(
+                f"- {row['case']}: identical rows {row['select_same_rows']:.4f}, overlap "
+                f"{row['select_overlap']:.5f}"
+            )
+    fits = meta.get("fit_probe") or []
+    if fits:
+        lines += [
+            "",
+            "Longest length that fits: ms_attention(backend='triton') forward+backward, selection "
+            "included, B=1, 32 query heads, 8 kv heads, D=128, bf16, paper settings; one step timed "
+            "after one warm-up step.",
+            "",
+            "| L | fits | fwd+bwd+select ms | peak GiB |",
+            "|---|---|---|---|",
+        ]
+        for fit in fits:
+            ms = "-" if fit.get("ms") is None else f"{fit['ms']:.0f}"
+            peak = "-" if fit.get("peak_gib") is None else f"{fit['peak_gib']:.1f}"
+            lines.append(f"| {fit['L']} | {fit['fits']} | {ms} | {peak} |")
     lines += ["", "Errors (relative L2): o_tail vs float32 reference; dq, dk, dv vs gather.", ""]
     for row in rows:
         if row.get("errors"):
@@ -335,6 +440,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--time-limit-s", type=float, default=1e9, help="start no new case after this many seconds"
+    )
+    parser.add_argument(
+        "--fit",
+        default="",
+        help="FIRST,LAST: after the cases, double L from FIRST to LAST until fwd+bwd runs out of memory",
     )
     args = parser.parse_args(argv)
 
@@ -371,6 +481,15 @@ def main(argv: list[str] | None = None) -> None:
             )
         (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
         (out / f"{stem}.md").write_text(markdown(meta, rows))
+    if args.fit:
+        first, last = (int(x) for x in args.fit.split(","))
+
+        def save(fits: list[dict]) -> None:
+            meta["fit_probe"] = fits
+            (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+            (out / f"{stem}.md").write_text(markdown(meta, rows))
+
+        save(fit_probe(first, last, seed=args.seed, on_row=save))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Layers (STYLE.md): the ``@triton.jit`` kernels live in ``triton_kernels``; ``ms_
 ``ms_attn_bwd`` are ``torch.library`` custom ops with fake (meta) implementations, so
 ``torch.compile`` traces through them, and the forward op carries the autograd formula;
 ``ms_attention_triton`` is what ``interface.ms_attention(..., backend="triton")`` calls.
-The selection runs in PyTorch (``ms_select_torch``); the kernels take it as indices.
+``ms_select_triton`` is the fused selection (representatives, scores, per-row top-(T-m) and
+the merge; ``ms_select_torch``'s indices); the attention kernels take its indices.
 
 Tensors must be CUDA tensors, or CPU tensors when Triton's interpreter is on
 (``TRITON_INTERPRET=1`` when ``triton_kernels`` is imported; kernels are looked up on that
@@ -29,12 +30,12 @@ from torch import Tensor
 
 from ..rope import rope_cos_sin, rope_inv_freq
 from . import triton_kernels as tk
-from .torch_impl import ms_select_torch, num_blocks
+from .torch_impl import num_blocks
 
 LOG2E = 1.4426950408889634
 
 POISON = False
-"""When True, outputs are allocated NaN-filled, so an element a kernel fails to write shows.
+"""When True, outputs are allocated NaN-filled (-2 for indices), so an element a kernel fails to write shows.
 Tests turn it on; it costs one fill per output."""
 
 
@@ -47,6 +48,11 @@ class LaunchConfig:
     tile's first row). dkv_*: ``block_n`` keys per program (also the reverse index's key tile),
     ``block_m`` query rows per step. sel_*: the atomic kernel for the selected keys' dk, dv,
     ``block_n`` selected tokens per program, ``block_m`` query rows per step.
+    select_*: the selection kernel (``ms_select_triton``): ``rows`` voting rows scored at once
+    against ``block_j`` regions per step, a ``bins``-way bisection per pass for each row's
+    threshold, ``sort_rows`` rows sorted at once, a candidate list of ``capacity`` entries per
+    row (0: twice the next power of two >= T-m), ``programs`` persistent programs (0: four per
+    SM), ``precision`` of the float32 score dots (``tl.dot``'s input_precision).
     """
 
     fwd_block_m: int = 128
@@ -65,6 +71,14 @@ class LaunchConfig:
     sel_block_m: int = 64
     sel_warps: int = 4
     sel_stages: int = 2
+    select_rows: int = 16
+    select_block_j: int = 64
+    select_bins: int = 16
+    select_sort_rows: int = 2
+    select_capacity: int = 0
+    select_programs: int = 0
+    select_warps: int = 4
+    select_precision: str = "ieee"
 
     def __post_init__(self) -> None:
         for name in (
@@ -76,6 +90,10 @@ class LaunchConfig:
             "dkv_block_m",
             "sel_block_n",
             "sel_block_m",
+            "select_rows",
+            "select_block_j",
+            "select_bins",
+            "select_sort_rows",
         ):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -84,6 +102,20 @@ class LaunchConfig:
             raise ValueError("fwd_block_m must be a multiple of fwd_block_n")
         if self.dq_block_m % self.dq_block_n:
             raise ValueError("dq_block_m must be a multiple of dq_block_n")
+        if self.select_rows < 16 or self.select_block_j < 16:
+            raise ValueError("select_rows and select_block_j must be >= 16 (they are tl.dot sides)")
+        if self.select_rows % self.select_sort_rows:
+            raise ValueError("select_rows must be a multiple of select_sort_rows")
+        if self.select_bins < 2:
+            raise ValueError(f"select_bins must be >= 2, got {self.select_bins}")
+        if self.select_capacity < 0 or self.select_capacity & (self.select_capacity - 1):
+            raise ValueError(
+                f"select_capacity must be 0 (auto) or a power of two, got {self.select_capacity}"
+            )
+        if self.select_programs < 0:
+            raise ValueError(f"select_programs must be >= 0 (0: auto), got {self.select_programs}")
+        if self.select_precision not in ("ieee", "tf32x3", "tf32"):
+            raise ValueError(f"select_precision must be ieee, tf32x3 or tf32, got {self.select_precision!r}")
 
 
 GPU_CONFIG = LaunchConfig()
@@ -96,6 +128,9 @@ INTERPRETER_CONFIG = LaunchConfig(
     dkv_block_m=16,
     sel_block_n=16,
     sel_block_m=16,
+    select_block_j=16,
+    select_sort_rows=16,
+    select_programs=3,
 )
 
 
@@ -110,7 +145,9 @@ def default_config(device: torch.device) -> LaunchConfig:
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        # Integer outputs (region indices) get -2: neither a region nor the -1 padding.
+        fill = float("nan") if dtype.is_floating_point else -2
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -296,6 +333,94 @@ def _consts(q: Tensor, k: Tensor, idx: Tensor) -> dict:
         BLOCK_H=max(triton.next_power_of_2(D // 2), 16),
         BLOCK_D=max(triton.next_power_of_2(D), 16),
     )
+
+
+def select_capacity(n_sel: int, config: LaunchConfig) -> tuple[int, int]:
+    """(KP, CAP): the top-list width (a power of two >= n_sel, >= 16) and candidate capacity."""
+    kp = max(triton.next_power_of_2(n_sel), 16)
+    cap = config.select_capacity or 2 * kp
+    if cap < kp:
+        raise ValueError(f"select_capacity={cap} is below the top-list width {kp} (T-m={n_sel})")
+    return kp, cap
+
+
+def region_reps(x: Tensor, heads: int, *, region: int, pool: str) -> Tensor:
+    """Representatives ``[B, heads, n, D]`` float32 of x ``[B, L, H, D]``, each the sum over
+    ``H // heads`` consecutive heads (scope="group" sums a kv group's query heads)."""
+    B, L, H, D = x.shape
+    n = triton.cdiv(L, region)
+    rep = _empty((B, heads, n, D), torch.float32, x.device)
+    block_r = 16
+    tk.ms_select_reps_kernel[(triton.cdiv(n, block_r), B * heads)](
+        x, rep, L, n, region, math.sqrt(D),
+        H=H, HR=heads, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16), BLOCK_R=block_r,
+        ATTN=pool == "attn",
+    )  # fmt: skip
+    return rep
+
+
+def ms_select_triton(
+    q: Tensor,
+    k: Tensor,
+    *,
+    region: int,
+    budget: int,
+    merge: int,
+    pool: str,
+    scope: str,
+    select: str,
+    config: LaunchConfig | None = None,
+) -> Tensor:
+    """The fused selection: int32 ``[B, Hs, G, T-m]`` in merge order, the indices of
+    ``ms_select_torch`` (spec steps 4-8, the same tie rules), G = 0 when ``n <= T``.
+
+    Representatives and scores are float32. Scores are recomputed per pass and never stored:
+    memory beyond the representatives is a few scratch rows per program. Identical float32
+    scores give identical indices; scores computed in another summation order (a GPU GEMM)
+    can differ in the last bit, which may swap near-tied regions.
+    """
+    if q.device.type != "cuda" and not interpreted():
+        raise ValueError(
+            f"q is on {q.device}: the Triton selection needs CUDA tensors, or TRITON_INTERPRET=1"
+        )
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    q, k = q.contiguous(), k.contiguous()
+    cfg = config or default_config(q.device)
+    B, L, Hq, D = q.shape
+    Hkv = k.shape[2]
+    Hs = Hq if scope == "head" else Hkv
+    n_sel = budget - merge
+    n = triton.cdiv(L, region)
+    G = num_blocks(L, region, budget, merge)
+    out = _empty((B, Hs, G, n_sel), torch.int32, q.device)
+    if G == 0:
+        return out
+    qrep = region_reps(q, Hs, region=region, pool=pool)
+    krep = region_reps(k, Hkv, region=region, pool=pool)
+    kp, cap = select_capacity(n_sel, cfg)
+    rm = max(triton.next_power_of_2(merge), 2)
+    n_items = B * Hs * G
+    if cfg.select_programs:
+        programs = cfg.select_programs
+    elif q.device.type == "cuda":
+        programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+    else:
+        programs = 2
+    programs = min(programs, n_items)
+    rows = cfg.select_rows
+    scratch_list = torch.empty((programs, rows, cap), dtype=torch.int64, device=q.device)
+    scratch_top = torch.empty((programs, rm, kp), dtype=torch.int32, device=q.device)
+    seen = torch.zeros((programs, n), dtype=torch.int32, device=q.device)
+    tk.ms_select_kernel[(programs,)](
+        qrep, krep, out, scratch_list, scratch_top, seen,
+        n, G, budget, merge, n_sel, B * Hs, n_items,
+        HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
+        CAUSAL=select == "causal", ROWS=rows, RM=rm, KP=kp, CAP=cap,
+        BLOCK_J=cfg.select_block_j, BINS=cfg.select_bins, SORT_ROWS=cfg.select_sort_rows,
+        PREC=cfg.select_precision, num_warps=cfg.select_warps,
+    )  # fmt: skip
+    return out
 
 
 def ms_attn_fwd(
@@ -588,29 +713,17 @@ def ms_attention_triton(
     """MS attention with Triton kernels -> ``[B, L, Hq, D]`` in q's dtype.
 
     Arguments as ``interface.ms_attention`` (validated there); ``scale`` None means
-    ``1/sqrt(D)``. The selection runs in PyTorch (``ms_select_torch``, no gradient); the
-    attention, its backward and RoPE for ``pe="selected"`` run in the kernels. Gradients
+    ``1/sqrt(D)``. The selection (``ms_select_triton``, no gradient), the attention, its
+    backward and RoPE for ``pe="selected"`` run in the kernels. Gradients
     reach q, k, v; the backward is bitwise deterministic when
     ``torch.use_deterministic_algorithms(True)`` is on, or ``region`` is a multiple of the
     dk/dv key tile (see ``ms_attn_bwd``).
     """
-    B, L, Hq, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    Hs = Hq if scope == "head" else k.shape[2]
-    if num_blocks(L, region, budget, merge) == 0:
-        idx = torch.empty((B, Hs, 0, budget - merge), dtype=torch.int32, device=q.device)
-    else:
-        with torch.no_grad():
-            idx = ms_select_torch(
-                q,
-                k,
-                region=region,
-                budget=budget,
-                merge=merge,
-                pool=pool,
-                scope=scope,
-                select=select,
-            )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    with torch.no_grad():
+        idx = ms_select_triton(
+            q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select
+        )
     return ms_attend_triton(
         q,
         k,
@@ -635,6 +748,7 @@ __all__ = [
     "ms_attention_triton",
     "ms_attn_bwd",
     "ms_attn_fwd",
+    "ms_select_triton",
     "reverse_index",
     "sort_selection",
 ]

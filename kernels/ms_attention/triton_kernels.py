@@ -1,4 +1,4 @@
-"""Triton kernels of MS ("merge and select") attention: forward, and the two backward passes.
+"""Triton kernels of MS ("merge and select") attention: selection, forward, the backward passes.
 
 Shapes (all contiguous):
   B batch, L tokens, HQ query heads, HKV kv heads, HS selection heads (HQ for scope="head",
@@ -91,6 +91,66 @@ def _load_full(base, tok, row_stride, ok, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _rotated(COS, SIN, x1, x2, pos, ok, offs_h, ROPE: tl.constexpr, HALF: tl.constexpr):
+    """Halves rotated at positions pos ([N]) when ROPE, and the tables ([N, BLOCK_H]) that undo
+    it (without ROPE: x1, x2 unchanged and float32 copies standing in for the tables)."""
+    if ROPE:
+        c, s = _cos_sin(COS, SIN, pos, offs_h, ok[:, None] & (offs_h[None, :] < HALF), HALF)
+        r1, r2 = _rotate(x1, x2, c, s)
+        return r1, r2, c, s
+    else:
+        return x1, x2, x1.to(tl.float32), x2.to(tl.float32)
+
+
+@triton.jit
+def _load_rotated(base, tok, row_stride, ok, COS, SIN, pos, offs_h, ROPE: tl.constexpr, HALF: tl.constexpr):
+    """Rows `tok` of one head as halves, rotated at `pos` under RoPE, with the tables."""
+    x1, x2 = _load_halves(base, tok, row_stride, ok, offs_h, HALF)
+    return _rotated(COS, SIN, x1, x2, pos, ok, offs_h, ROPE, HALF)
+
+
+@triton.jit
+def _selected_tokens(sel, start, offs_n, S, W):
+    """Keys start + offs_n of a block's sorted selection `sel` ([S] regions, -1 padded):
+    (their place in the list, the token each reads, whether it is a real key)."""
+    flat = start + offs_n
+    rank = flat // W
+    region = tl.load(sel + rank, mask=rank < S, other=-1)
+    return flat, region * W + (flat - rank * W), region >= 0
+
+
+@triton.jit
+def _query_tile(
+    tile,
+    bh,
+    L,
+    P,
+    W,
+    M,
+    S,
+    n_pre_tiles,
+    tiles_per_block,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    HS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Where the forward's and dq's program (tile, b*HQ + h) works: its rows [lo, hi), its
+    segment [seg_lo, seg_hi), block g (-1 in the prefix), RoPE shift, selection head hs,
+    the q row offset and the k, v head offsets."""
+    b = bh // HQ
+    h = bh % HQ
+    hkv = h // (HQ // HKV)
+    hs = h // (HQ // HS)
+    lo, seg_lo, seg_hi, g, shift = _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M)
+    hi = tl.minimum(lo + BLOCK_M, seg_hi)
+    q_off = b.to(tl.int64) * L * (HQ * HEAD_DIM) + h * HEAD_DIM
+    kv_off = b.to(tl.int64) * L * (HKV * HEAD_DIM) + hkv * HEAD_DIM
+    return b, hs, lo, hi, seg_lo, seg_hi, g, shift, q_off, kv_off
+
+
+@triton.jit
 def _load_keys(
     K,
     V,
@@ -107,10 +167,7 @@ def _load_keys(
     HEAD_DIM: tl.constexpr,
 ):
     """Keys (halves, rotated at kpos under RoPE) and values of the tokens `tok` ([BLOCK_N])."""
-    k1, k2 = _load_halves(K, tok, kv_stride, key_ok, offs_h, HALF)
-    if ROPE:
-        c, s = _cos_sin(COS, SIN, kpos, offs_h, key_ok[:, None] & (offs_h[None, :] < HALF), HALF)
-        k1, k2 = _rotate(k1, k2, c, s)
+    k1, k2, _, _ = _load_rotated(K, tok, kv_stride, key_ok, COS, SIN, kpos, offs_h, ROPE, HALF)
     return k1, k2, _load_full(V, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
 
 
@@ -183,30 +240,23 @@ def ms_attn_fwd_kernel(
 ):
     """Grid (query tiles, B*HQ). Writes o for the tile's rows and their lse (natural log)."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    hkv = h // (HQ // HKV)
-    hs = h // (HQ // HS)
-    lo, seg_lo, seg_hi, g, shift = _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M)
-    hi = tl.minimum(lo + BLOCK_M, seg_hi)
-
+    b, hs, lo, hi, seg_lo, seg_hi, g, shift, q_off, kv_off = _query_tile(
+        tl.program_id(0), bh, L, P, W, M, S, n_pre_tiles, tiles_per_block, HQ, HKV, HS, HEAD_DIM, BLOCK_M
+    )
     q_stride = HQ * HEAD_DIM
     kv_stride = HKV * HEAD_DIM
-    q_off = b.to(tl.int64) * L * q_stride + h * HEAD_DIM
-    k_base = K + b.to(tl.int64) * L * kv_stride + hkv * HEAD_DIM
-    v_base = V + b.to(tl.int64) * L * kv_stride + hkv * HEAD_DIM
+    k_base = K + kv_off
+    v_base = V + kv_off
 
     offs_m = lo + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < hi
-    q1, q2 = _load_halves(Q + q_off, offs_m, q_stride, row_ok, offs_h, HALF)
-    if ROPE:
-        c, s = _cos_sin(COS, SIN, offs_m + shift, offs_h, row_ok[:, None] & (offs_h[None, :] < HALF), HALF)
-        q1, q2 = _rotate(q1, q2, c, s)
+    q1, q2, _, _ = _load_rotated(
+        Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
+    )
 
     # m_i starts finite so that a step whose keys are all masked (padding) yields no NaN.
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
@@ -217,11 +267,7 @@ def ms_attn_fwd_kernel(
     sel_len = tl.where(g >= 0, S * W, 0)
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
     for start in range(0, sel_len, BLOCK_N):
-        flat = start + offs_n
-        rank = flat // W
-        region = tl.load(sel + rank, mask=rank < S, other=-1)
-        key_ok = region >= 0
-        tok = region * W + (flat - rank * W)
+        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
         acc, l_i, m_i = _fwd_step(
             acc,
             l_i,
@@ -404,20 +450,14 @@ def ms_attn_bwd_dq_kernel(
 ):
     """Grid (query tiles, B*HQ): the forward's schedule, P recomputed from lse."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    hkv = h // (HQ // HKV)
-    hs = h // (HQ // HS)
-    lo, seg_lo, seg_hi, g, shift = _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK_M)
-    hi = tl.minimum(lo + BLOCK_M, seg_hi)
-
+    b, hs, lo, hi, seg_lo, seg_hi, g, shift, q_off, kv_off = _query_tile(
+        tl.program_id(0), bh, L, P, W, M, S, n_pre_tiles, tiles_per_block, HQ, HKV, HS, HEAD_DIM, BLOCK_M
+    )
     q_stride = HQ * HEAD_DIM
     kv_stride = HKV * HEAD_DIM
-    q_off = b.to(tl.int64) * L * q_stride + h * HEAD_DIM
-    k_base = K + b.to(tl.int64) * L * kv_stride + hkv * HEAD_DIM
-    v_base = V + b.to(tl.int64) * L * kv_stride + hkv * HEAD_DIM
+    k_base = K + kv_off
+    v_base = V + kv_off
 
     offs_m = lo + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -425,10 +465,9 @@ def ms_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < hi
     h_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
-    q1, q2 = _load_halves(Q + q_off, offs_m, q_stride, row_ok, offs_h, HALF)
-    if ROPE:
-        cq, sq = _cos_sin(COS, SIN, offs_m + shift, offs_h, h_mask, HALF)
-        q1, q2 = _rotate(q1, q2, cq, sq)
+    q1, q2, cq, sq = _load_rotated(
+        Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
+    )
     do = _load_full(DO + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
@@ -439,11 +478,7 @@ def ms_attn_bwd_dq_kernel(
     sel_len = tl.where(g >= 0, S * W, 0)
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
     for start in range(0, sel_len, BLOCK_N):
-        flat = start + offs_n
-        rank = flat // W
-        region = tl.load(sel + rank, mask=rank < S, other=-1)
-        key_ok = region >= 0
-        tok = region * W + (flat - rank * W)
+        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
         dq1, dq2 = _dq_step(
             dq1,
             dq2,
@@ -568,10 +603,7 @@ def _dkv_step(
     is [BLOCK_N, BLOCK_M]. Rows t >= q_hi read lse = +inf, hence P = 0, and add nothing.
     """
     row_ok = t < q_hi
-    q1, q2 = _load_halves(Q, t, q_stride, row_ok, offs_h, HALF)
-    if ROPE:
-        c, s = _cos_sin(COS, SIN, qpos, offs_h, row_ok[:, None] & (offs_h[None, :] < HALF), HALF)
-        q1, q2 = _rotate(q1, q2, c, s)
+    q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE, HALF)
     do = _load_full(DO, t, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + t, mask=row_ok, other=0.0)
@@ -592,17 +624,6 @@ def _dkv_step(
         dk1 = tl.dot(dsT, q1, dk1)
         dk2 = tl.dot(dsT, q2, dk2)
     return dk1, dk2, dv
-
-
-@triton.jit
-def _dkv_keys(COS, SIN, k1, k2, kpos, ok, offs_h, ROPE: tl.constexpr, HALF: tl.constexpr):
-    """Keys rotated at kpos (when ROPE) and the tables ([N, BLOCK_H]) to undo it."""
-    if ROPE:
-        c, s = _cos_sin(COS, SIN, kpos, offs_h, ok[:, None] & (offs_h[None, :] < HALF), HALF)
-        r1, r2 = _rotate(k1, k2, c, s)
-        return r1, r2, c, s
-    else:
-        return k1, k2, k1.to(tl.float32), k2.to(tl.float32)
 
 
 @triton.jit
@@ -677,7 +698,7 @@ def ms_attn_bwd_dkv_kernel(
     key_ok = tok < hi
     k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
     v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
-    k1o, k2o, ck, sk = _dkv_keys(COS, SIN, k1, k2, tok + shift, key_ok, offs_h, ROPE, HALF)
+    k1o, k2o, ck, sk = _rotated(COS, SIN, k1, k2, tok + shift, key_ok, offs_h, ROPE, HALF)
     slot = tok // W - lo // W
     within = tok - (tok // W) * W
 
@@ -764,7 +785,7 @@ def ms_attn_bwd_dkv_kernel(
                 g = tl.load(ENT_G + e)
                 rank = tl.load(ENT_RANK + e * R + slot, mask=key_ok, other=-1)
                 sel_ok = rank >= 0
-                k1s, k2s, cT, sT = _dkv_keys(COS, SIN, k1, k2, rank * W + within, sel_ok, offs_h, ROPE, HALF)
+                k1s, k2s, cT, sT = _rotated(COS, SIN, k1, k2, rank * W + within, sel_ok, offs_h, ROPE, HALF)
                 q_lo = P + g * M * W
                 q_hi = tl.minimum(q_lo + M * W, L)
                 for t0 in range(q_lo, q_hi, BLOCK_M):
@@ -867,15 +888,10 @@ def ms_attn_bwd_dkv_sel_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    flat = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
-    rank = flat // W
     sel = IDX + (bhs.to(tl.int64) * G + g) * S
-    region = tl.load(sel + rank, mask=rank < S, other=-1)
-    key_ok = region >= 0
-    tok = region * W + (flat - rank * W)
-    k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
+    flat, tok, key_ok = _selected_tokens(sel, chunk * BLOCK_N, tl.arange(0, BLOCK_N), S, W)
+    k1s, k2s, cT, sT = _load_rotated(K + kv_off, tok, kv_stride, key_ok, COS, SIN, flat, offs_h, ROPE, HALF)
     v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
-    k1s, k2s, cT, sT = _dkv_keys(COS, SIN, k1, k2, flat, key_ok, offs_h, ROPE, HALF)
 
     q_lo = P + g * M * W
     q_hi = tl.minimum(q_lo + M * W, L)
@@ -924,3 +940,302 @@ def ms_attn_bwd_dkv_sel_kernel(
     tl.atomic_add(DK32 + rows_h, dk1 * scale, mask=h_mask)
     tl.atomic_add(DK32 + rows_h + HALF, dk2 * scale, mask=h_mask)
     tl.atomic_add(DV32 + rows_d, dv, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# --- Selection (spec steps 4-8): representatives, scores, per-row top-(T-m), merge. -------------
+#
+# Shapes: QREP [B, HS, n, D] float32 (query representatives, summed over the group's query heads
+# for scope="group"), KREP [B, HKV, n, D] float32, OUT [B, HS, G, S] int32 (merge order).
+# Scratch, one slice per program: LIST [P, ROWS, CAP] int64, TOPK [P, RM, KP] int32,
+# SEEN [P, n] int32 (zero-initialised; stamped with item + 1, so it is never cleared).
+
+
+@triton.jit
+def ms_select_reps_kernel(
+    X,
+    REP,
+    L,
+    n,
+    W,
+    sqrt_d,
+    H: tl.constexpr,
+    HR: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ATTN: tl.constexpr,
+):
+    """Grid (cdiv(n, BLOCK_R), B*HR): REP[b, hr, i] = sum over the H // HR heads of head group hr
+    of region i's representative (mean over its valid tokens; with ATTN the mean then attends
+    over them, softmax(mean . x / sqrt(D)) x), in float32, as ``region_representatives``."""
+    SUM: tl.constexpr = H // HR
+    bh = tl.program_id(1)
+    b = bh // HR
+    hr = bh % HR
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_ok = offs_r < n
+    count = tl.maximum(tl.minimum(W, L - offs_r * W), 1)
+    stride = H * HEAD_DIM
+    out = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for i in range(SUM):
+        base = X + b.to(tl.int64) * L * stride + (hr * SUM + i) * HEAD_DIM
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for t in range(W):
+            ok = r_ok & (t < count)
+            acc += _load_full(base, offs_r * W + t, stride, ok, offs_d, HEAD_DIM).to(tl.float32)
+        rep = acc / count.to(tl.float32)[:, None]
+        if ATTN:
+            # softmax over the region's tokens, computed as torch does: max, sum of exp, then
+            # the probabilities times the tokens.
+            mx = tl.zeros([BLOCK_R], dtype=tl.float32) - float("inf")
+            for t in range(W):
+                ok = r_ok & (t < count)
+                x = _load_full(base, offs_r * W + t, stride, ok, offs_d, HEAD_DIM).to(tl.float32)
+                mx = tl.maximum(mx, tl.where(ok, tl.sum(x * rep, 1) / sqrt_d, float("-inf")))
+            mx = tl.where(r_ok, mx, 0.0)
+            den = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for t in range(W):
+                ok = r_ok & (t < count)
+                x = _load_full(base, offs_r * W + t, stride, ok, offs_d, HEAD_DIM).to(tl.float32)
+                den += tl.where(ok, tl.exp(tl.sum(x * rep, 1) / sqrt_d - mx), 0.0)
+            den = tl.where(r_ok, den, 1.0)
+            pooled = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+            for t in range(W):
+                ok = r_ok & (t < count)
+                x = _load_full(base, offs_r * W + t, stride, ok, offs_d, HEAD_DIM).to(tl.float32)
+                p = tl.where(ok, tl.exp(tl.sum(x * rep, 1) / sqrt_d - mx) / den, 0.0)
+                pooled += p[:, None] * x
+            rep = pooled
+        out += rep
+    ptrs = REP + (bh.to(tl.int64) * n + offs_r[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(ptrs, out, mask=r_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _sortable(s):
+    """float32 -> int32 with the same order; -0.0 is +0.0 (torch.sort sees them equal)."""
+    s = tl.where(s == 0.0, 0.0, s)
+    bits = s.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """Scores of the rows `qr` ([ROWS, BLOCK_D]) against regions j0 + offs_j, as sortable keys,
+    and which of them are candidates (region <= the row's limit)."""
+    j = j0 + offs_j
+    kt = tl.load(
+        k_base + j.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=(j < n)[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    s = tl.dot(qr, tl.trans(kt), input_precision=PREC)
+    valid = row_ok[:, None] & (j[None, :] <= limit[:, None])
+    return _sortable(s), valid, j
+
+
+@triton.jit
+def _indicator(N_DIMS: tl.constexpr, j: tl.constexpr):
+    return tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - j - 1) + [2] + [1] * j)
+
+
+@triton.jit
+def _compare_and_swap(x, flip, i: tl.constexpr, N_DIMS: tl.constexpr):
+    """One bitonic step on the i-th innermost axis of the [2]*N_DIMS hypercube x. The partner
+    is sum - x (exact in wrapping integer arithmetic), where ``tl.sort`` uses an xor-reduction
+    that Triton's interpreter evaluates element by element in Python."""
+    y = tl.sum(x, N_DIMS - 1 - i, keep_dims=True) - x
+    return tl.where((x > y) != (flip ^ _indicator(N_DIMS, i)).to(tl.int1), y, x)
+
+
+@triton.jit
+def _sort_descending(x, N_DIMS: tl.constexpr, LOG_N: tl.constexpr):
+    """Bitonic sort of an integer tensor of 2**N_DIMS elements along its last axis (2**LOG_N
+    long), largest first: the network of ``tl.sort(x, descending=True)``."""
+    h = tl.reshape(x, [2] * N_DIMS)
+    for stage in tl.static_range(1, LOG_N + 1):
+        for i in tl.static_range(stage):
+            if stage < LOG_N:
+                h = _compare_and_swap(h, _indicator(N_DIMS, stage), stage - 1 - i, N_DIMS)
+            else:
+                h = _compare_and_swap(h, 1, stage - 1 - i, N_DIMS)
+    return tl.reshape(h, x.shape)
+
+
+@triton.jit
+def ms_select_kernel(
+    QREP,
+    KREP,
+    OUT,
+    LIST,
+    TOPK,
+    SEEN,
+    n,
+    G,
+    T,
+    M,
+    S,
+    n_bhs,
+    n_items,
+    HS: tl.constexpr,
+    HKV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ROWS: tl.constexpr,
+    RM: tl.constexpr,
+    KP: tl.constexpr,
+    CAP: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BINS: tl.constexpr,
+    SORT_ROWS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Grid (P,): program p selects the regions of items p, p + P, ...; item = one (b, hs, g),
+    larger g (more candidates) first. Spec steps 5-8, never writing the score matrix:
+
+    1. per tile of ROWS voting rows, the row's candidates are scored tile by tile (BLOCK_J
+       regions, recomputed on every pass) as int32 keys ordered like the float scores;
+    2. a threshold per row by BINS-way bisection over the key range: the smallest key `lo`
+       with K <= count(key >= lo) <= CAP, where K = S. If one key value straddles the window
+       (count(>= v) > CAP but count(> v) < K: a large tie), that value's first occurrences in
+       region order fill the list up to K, as the tie rule (smaller region first) wants;
+    3. the row's surviving regions go to LIST as (key, -region) int64 composites, are sorted
+       descending (score, then smaller region first) and the first K land in TOPK;
+    4. the rank-first merge walks TOPK column by column (rank p of every row, rows in order),
+       dropping regions seen before (SEEN) or earlier in the same column, until S are found.
+    """
+    CAP_DIMS: tl.constexpr = CAP.bit_length() - 1
+    SORT_DIMS: tl.constexpr = CAP_DIMS + SORT_ROWS.bit_length() - 1
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_b = tl.arange(0, BINS)
+    offs_c = tl.arange(0, CAP)
+    offs_rm = tl.arange(0, RM)
+    list_base = LIST + pid.to(tl.int64) * ROWS * CAP
+    topk_base = TOPK + pid.to(tl.int64) * RM * KP
+    seen_base = SEEN + pid.to(tl.int64) * n
+    for item in range(pid, n_items, n_prog):
+        g = G - 1 - item // n_bhs
+        bhs = item % n_bhs
+        b = bhs // HS
+        hs = bhs % HS
+        hkv = hs // (HS // HKV)
+        s = T + g * M
+        if CAUSAL:
+            first_row = s - M
+            n_rows = M
+        else:
+            first_row = s
+            n_rows = tl.minimum(M, n - s)
+        q_base = QREP + bhs.to(tl.int64) * n * HEAD_DIM
+        k_base = KREP + (b * HKV + hkv).to(tl.int64) * n * HEAD_DIM
+
+        for r0 in range(0, n_rows, ROWS):
+            a = r0 + tl.arange(0, ROWS)
+            row_ok = a < n_rows
+            i = first_row + a
+            if CAUSAL:
+                limit = tl.where(row_ok, s - 1, -1)
+                j_end = s
+            else:
+                limit = tl.where(row_ok, i - M, -1)
+                j_end = first_row + tl.minimum(r0 + ROWS, n_rows) - M
+            qr = tl.load(
+                q_base + i.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+                other=0.0,
+            )
+
+            # Pass 1: the key range of every row.
+            k_min = tl.zeros([ROWS], dtype=tl.int32) + 2147483647
+            k_max = tl.zeros([ROWS], dtype=tl.int32) - 2147483647
+            for j0 in range(0, j_end, BLOCK_J):
+                key, valid, _ = _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC)
+                k_min = tl.minimum(k_min, tl.min(tl.where(valid, key, 2147483647), 1))
+                k_max = tl.maximum(k_max, tl.max(tl.where(valid, key, -2147483647), 1))
+            lo = k_min.to(tl.int64)
+            hi = k_max.to(tl.int64) + 1
+            c_lo = limit + 1  # count(key >= lo): every candidate
+            c_hi = tl.zeros([ROWS], dtype=tl.int32)  # count(key >= hi)
+            done = c_lo <= CAP
+
+            # Pass 2..: shrink [lo, hi) BINS-fold per pass, keeping c_lo >= S > c_hi.
+            while tl.min(done.to(tl.int32), 0) == 0:
+                span = hi - lo
+                thr = lo[:, None] + (span[:, None] * offs_b[None, :] + BINS - 1) // BINS  # [ROWS, BINS]
+                thr32 = thr.to(tl.int32)
+                counts = tl.zeros([ROWS, BINS], dtype=tl.int32)
+                for j0 in range(0, j_end, BLOCK_J):
+                    key, valid, _ = _score_keys(
+                        qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC
+                    )
+                    above = (key[:, :, None] >= thr32[:, None, :]) & valid[:, :, None]
+                    counts += tl.sum(above.to(tl.int32), 1)
+                enough = counts >= S
+                new_lo = tl.max(tl.where(enough, thr, lo[:, None]), 1)
+                new_c_lo = tl.min(tl.where(enough, counts, 2147483647), 1)
+                new_hi = tl.min(tl.where(enough, hi[:, None], thr), 1)
+                new_c_hi = tl.max(tl.where(enough, c_hi[:, None], counts), 1)
+                lo = tl.where(done, lo, new_lo)
+                c_lo = tl.where(done, c_lo, new_c_lo)
+                hi = tl.where(done, hi, new_hi)
+                c_hi = tl.where(done, c_hi, new_c_hi)
+                done = done | (c_lo <= CAP) | (hi - lo <= 1)
+
+            # A tie straddling the window: keys > lo all, then key == lo while the quota lasts.
+            tie = c_lo > CAP
+            cut = tl.where(tie, lo, lo - 1).to(tl.int32)
+            quota = tl.where(tie, S - c_hi, 0)
+
+            for c0 in range(0, CAP, BLOCK_J):
+                cols = c0 + offs_j
+                tl.store(
+                    list_base + tl.arange(0, ROWS)[:, None] * CAP + cols[None, :],
+                    tl.zeros([ROWS, BLOCK_J], dtype=tl.int64) - 9223372036854775807 - 1,
+                    mask=(cols < CAP)[None, :],
+                )
+            tl.debug_barrier()
+            filled = tl.zeros([ROWS], dtype=tl.int32)
+            ties = tl.zeros([ROWS], dtype=tl.int32)
+            for j0 in range(0, j_end, BLOCK_J):
+                key, valid, j = _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC)
+                eq = (valid & (key == cut[:, None])).to(tl.int32)
+                tie_rank = ties[:, None] + tl.cumsum(eq, 1) - 1
+                take = valid & ((key > cut[:, None]) | ((eq > 0) & (tie_rank < quota[:, None])))
+                pos = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
+                comp = key.to(tl.int64) * 4294967296 + (2147483647 - j[None, :]).to(tl.int64)
+                tl.store(list_base + tl.arange(0, ROWS)[:, None] * CAP + pos, comp, mask=take)
+                filled += tl.sum(take.to(tl.int32), 1)
+                ties += tl.sum(eq, 1)
+            tl.debug_barrier()
+
+            for rs in range(0, ROWS // SORT_ROWS):
+                rows = rs * SORT_ROWS + tl.arange(0, SORT_ROWS)
+                comp = tl.load(list_base + rows[:, None] * CAP + offs_c[None, :])
+                comp = _sort_descending(comp, SORT_DIMS, CAP_DIMS)
+                region = (2147483647 - (comp & 0xFFFFFFFF)).to(tl.int32)
+                keep = ((r0 + rows) < n_rows)[:, None] & (offs_c[None, :] < S)
+                tl.store(topk_base + (r0 + rows)[:, None] * KP + offs_c[None, :], region, mask=keep)
+            tl.debug_barrier()
+
+        # Rank-first merge with first-occurrence de-duplication.
+        stamp = item + 1
+        row_ok = offs_rm < n_rows
+        out_base = OUT + (bhs.to(tl.int64) * G + g) * S
+        found = 0
+        p = 0
+        while (found < S) & (p < S):
+            col = tl.load(topk_base + offs_rm * KP + p, mask=row_ok, other=-1)
+            earlier = (col[:, None] == col[None, :]) & (offs_rm[None, :] < offs_rm[:, None]) & row_ok[None, :]
+            seen = tl.load(seen_base + col, mask=row_ok, other=0) == stamp
+            new = row_ok & ~seen & (tl.max(earlier.to(tl.int32), 1) == 0)
+            slot = found + tl.cumsum(new.to(tl.int32), 0) - 1
+            tl.store(out_base + slot, col, mask=new & (slot < S))
+            tl.store(seen_base + col, tl.zeros([RM], dtype=tl.int32) + stamp, mask=new)
+            found += tl.sum(new.to(tl.int32), 0)
+            p += 1
+            tl.debug_barrier()

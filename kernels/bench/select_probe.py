@@ -1,0 +1,93 @@
+"""Time the fused Triton selection against ``ms_select_torch`` and check their agreement.
+
+    python -m ctxlab.kernels.bench.select_probe --lengths 32K,128K --out DIR
+
+Per case (bf16 random inputs, B=1, 32 query heads, D=128, scope="head"): the median
+milliseconds of ``ms_select_torch`` and of ``ms_select_triton`` under each launch variant,
+the fraction of blocks whose index rows are identical and the mean overlap of the selected
+sets (float32 scores summed in another order may swap near-tied regions). JSON lines go to
+stdout and to ``<out>/select_probe.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from ..ms_attention import triton_impl
+from ..ms_attention.torch_impl import ms_select_torch
+from .cases import LENGTHS, SETTINGS
+from .run import cuda_time, selection_agreement
+
+
+def probe(
+    length: str, setting: str, kv_heads: int, select: str, variants: list[str], with_torch: bool
+) -> dict:
+    """One case: torch's and every variant's milliseconds, and their agreement."""
+    w, T, m = SETTINGS[setting]
+    L = LENGTHS[length]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, L, 32, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, L, kv_heads, 128, generator=gen, device="cuda", dtype=torch.bfloat16)
+    opts = dict(region=w, budget=T, merge=m, pool="mean", scope="head", select=select)
+    row = dict(length=length, setting=setting, kv=kv_heads, select=select)
+    want = None
+    with torch.no_grad():
+        if with_torch:
+            row["torch_ms"] = cuda_time(lambda: ms_select_torch(q, k, **opts), budget_ms=200, max_reps=5)
+            want = ms_select_torch(q, k, **opts)
+        for variant in variants:
+            overrides = {}
+            for item in variant.split("+"):
+                if "=" in item:
+                    key, value = item.split("=")
+                    overrides[key] = value if key == "select_precision" else int(value)
+            cfg = dataclasses.replace(triton_impl.GPU_CONFIG, **overrides)
+            try:
+                got = triton_impl.ms_select_triton(q, k, config=cfg, **opts)
+                row[f"{variant}_ms"] = cuda_time(
+                    lambda cfg=cfg: triton_impl.ms_select_triton(q, k, config=cfg, **opts),
+                    budget_ms=300,
+                    max_reps=5,
+                )
+                if want is not None:
+                    row[f"{variant}_same_rows"], row[f"{variant}_overlap"] = selection_agreement(
+                        got, want, -(-L // w)
+                    )
+            except Exception as err:  # noqa: BLE001 - a failing variant is reported
+                row[f"{variant}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="32K,128K")
+    parser.add_argument("--settings", default="paper,sparse")
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--select", default="paper")
+    parser.add_argument(
+        "--variants",
+        default="base;select_precision=tf32x3",
+        help="';'-separated launch overrides, '+'-joined, e.g. select_rows=32+select_block_j=32",
+    )
+    parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    out = Path(args.out) / "select_probe.jsonl" if args.out else None
+    for length in args.lengths.split(","):
+        for setting in args.settings.split(","):
+            row = probe(length, setting, args.kv_heads, args.select, args.variants.split(";"), args.torch)
+            line = json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            print(line, flush=True)
+            if out:
+                with out.open("a") as f:
+                    f.write(line + "\n")
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
