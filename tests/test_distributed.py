@@ -372,6 +372,26 @@ def test_decoder_layers_of_ctxlab_and_hf_models():
     assert fsdp.param_dtype is torch.bfloat16 and not fsdp._save_distributed_checkpoint
 
 
+def test_float32_lora_in_bf16_layers_become_their_own_fsdp_units():
+    from ctxlab.distributed import decoder_layers, minority_dtype_modules
+
+    model = _model("hf")
+    model.hf.to(torch.bfloat16)
+    for n, prm in model.named_parameters():
+        if "lora_" in n:
+            prm.data = prm.data.float()  # what peft does for adapters of a bf16 model
+    layer = decoder_layers(model)[0]
+    parts = minority_dtype_modules(layer)
+    lora = [m for n, m in layer.named_modules() if "lora_" in n and list(m.parameters(recurse=False))]
+    assert parts and {id(m) for m in parts} == {id(m) for m in lora}
+    assert all(p.dtype == torch.float32 for m in parts for p in m.parameters())
+    assert minority_dtype_modules(model, skip=decoder_layers(model)) == []  # embeddings, norm, head
+    mixed = torch.nn.Linear(2, 2)
+    mixed.bias.data = mixed.bias.data.double()
+    with pytest.raises(ValueError, match="several dtypes"):
+        minority_dtype_modules(torch.nn.Sequential(mixed, torch.nn.Linear(2, 2, dtype=torch.bfloat16)))
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     worker(Path(sys.argv[1]))

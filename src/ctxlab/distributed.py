@@ -286,6 +286,37 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise TypeError(f"{type(model).__name__} has no decoder layers that FSDP could shard one by one")
 
 
+def minority_dtype_modules(unit: nn.Module, skip: list[nn.Module] = ()) -> list[nn.Module]:
+    """Submodules of ``unit`` whose own parameters are all of a dtype other than the unit's main
+    one (by element count), outside ``skip``: each must be its own FSDP2 unit, because a unit's
+    parameters must share one dtype (peft keeps LoRA adapters in float32 inside bf16 layers).
+    ValueError when one module mixes dtypes in its own parameters."""
+    skipped = {id(m) for s in skip for m in s.modules()}
+    counts: dict[torch.dtype, int] = {}
+    owners = []
+    for m in unit.modules():
+        if id(m) in skipped:
+            continue
+        own = list(m.parameters(recurse=False))
+        for p in own:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+        if own:
+            owners.append((m, {p.dtype for p in own}))
+    if len(counts) <= 1:
+        return []
+    main = max(counts, key=counts.__getitem__)
+    parts = []
+    for m, dtypes in owners:
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"FSDP: {type(m).__name__} holds parameters of several dtypes ({sorted(map(str, dtypes))}); "
+                "cast the model to one dtype (model.dtype) before sharding"
+            )
+        if main not in dtypes and m is not unit:
+            parts.append(m)
+    return parts
+
+
 def apply_fsdp2(
     model: nn.Module,
     mesh,
@@ -302,7 +333,11 @@ def apply_fsdp2(
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for layer in decoder_layers(model):
+        for part in minority_dtype_modules(layer):  # e.g. float32 LoRA adapters in a bf16 layer
+            fully_shard(part, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for part in minority_dtype_modules(model, skip=decoder_layers(model)):
+        fully_shard(part, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     if hasattr(model, "hidden"):
         register_fsdp_forward_method(model, "hidden")
