@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..rope import rope_cos_sin, rope_inv_freq
 from . import triton_kernels as tk
-from .torch_impl import num_blocks
+from .torch_impl import ms_select_torch, num_blocks
 
 LOG2E = 1.4426950408889634
 
@@ -79,6 +79,12 @@ class LaunchConfig:
     select_programs: int = 0
     select_warps: int = 4
     select_precision: str = "ieee"
+    select_impl: str = "torch"
+    """Which selection ``ms_attention_triton`` runs: ``"torch"`` (``ms_select_torch``) or
+    ``"triton"`` (the fused ``ms_select_triton``; the same indices). The GPU default is torch:
+    on the H100 the fused kernel in exact (ieee) mode was slower at 3 of 4 measured cases
+    (paper 32K 11.4 vs 7.7 ms, paper 128K 228.8 vs 225.3, sparse 128K 31.0 vs 12.7; faster
+    only at sparse 32K, 2.0 vs 2.3; kernels/bench/results/*_v4_fused_select.md)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -116,6 +122,8 @@ class LaunchConfig:
             raise ValueError(f"select_programs must be >= 0 (0: auto), got {self.select_programs}")
         if self.select_precision not in ("ieee", "tf32x3", "tf32"):
             raise ValueError(f"select_precision must be ieee, tf32x3 or tf32, got {self.select_precision!r}")
+        if self.select_impl not in ("torch", "triton"):
+            raise ValueError(f"select_impl must be torch or triton, got {self.select_impl!r}")
 
 
 GPU_CONFIG = LaunchConfig()
@@ -131,6 +139,7 @@ INTERPRETER_CONFIG = LaunchConfig(
     select_block_j=16,
     select_sort_rows=16,
     select_programs=3,
+    select_impl="triton",  # CPU tests run the fused selection end to end
 )
 
 
@@ -713,15 +722,17 @@ def ms_attention_triton(
     """MS attention with Triton kernels -> ``[B, L, Hq, D]`` in q's dtype.
 
     Arguments as ``interface.ms_attention`` (validated there); ``scale`` None means
-    ``1/sqrt(D)``. The selection (``ms_select_triton``, no gradient), the attention, its
+    ``1/sqrt(D)``. The selection (``ms_select_torch`` or the fused ``ms_select_triton``, by
+    ``LaunchConfig.select_impl``; no gradient), the attention, its
     backward and RoPE for ``pe="selected"`` run in the kernels. Gradients
     reach q, k, v; the backward is bitwise deterministic when
     ``torch.use_deterministic_algorithms(True)`` is on, or ``region`` is a multiple of the
     dk/dv key tile (see ``ms_attn_bwd``).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    select_fn = ms_select_triton if default_config(q.device).select_impl == "triton" else ms_select_torch
     with torch.no_grad():
-        idx = ms_select_triton(
+        idx = select_fn(
             q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select
         )
     return ms_attend_triton(
