@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The 7B fine-tuning benchmark of the README (issue #6 / #8) on a GPU machine:
+#   source experiments/gpu/device_env.sh   # only where the image lacks ctxlab's packages
+#   bash experiments/gpu/finetune_bench.sh OUT_DIR [stage ...]
+# Stages: short (16K-64K, one GPU), long (128K, one GPU; an OOM case is retried with
+# model.mlp_chunk=16384), ddp (32K on every visible GPU, scaling vs the one-GPU file of this
+# run), fsdp (32K MS under FSDP2). Default: all. Each stage writes <OUT>/<stage>.json and .md.
+set -uo pipefail
+OUT=${1:?usage: finetune_bench.sh OUT_DIR [stage ...]}
+shift
+STAGES=${*:-short long ddp fsdp}
+mkdir -p "$OUT"
+NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
+B=(python3 -m ctxlab.bench.finetune --out "$OUT")
+DIST=(python3 -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m ctxlab.bench.finetune --out "$OUT")
+for stage in $STAGES; do
+  echo "== stage $stage"
+  case $stage in
+    short) CUDA_VISIBLE_DEVICES=0 "${B[@]}" --tag short --lengths 16384,32768,65536 --variants dense,s2,ms,ms_sparse \
+             --steps 2 --long-from 32768 --long-steps 1 ;;
+    long)  CUDA_VISIBLE_DEVICES=0 "${B[@]}" --tag long --lengths 131072 --variants ms,ms_sparse,s2 --long-steps 1
+           CUDA_VISIBLE_DEVICES=0 "${B[@]}" --tag long_dense --lengths 131072 --variants dense --warmup 0 --long-steps 1
+           if grep -q '"status": "oom"' "$OUT/long.json" "$OUT/long_dense.json"; then
+             CUDA_VISIBLE_DEVICES=0 "${B[@]}" --tag long_mlpchunk --lengths 131072 --variants ms,s2 --long-steps 1 \
+               -- model.mlp_chunk=16384
+           fi ;;
+    ddp)   "${DIST[@]}" --tag ddp --lengths 32768 --variants dense,s2,ms --steps 1 --strategy ddp \
+             $( [ -f "$OUT/short.json" ] && echo --baseline "$OUT/short.json" ) ;;
+    fsdp)  "${DIST[@]}" --tag fsdp --lengths 32768 --variants ms --steps 1 --strategy fsdp \
+             $( [ -f "$OUT/short.json" ] && echo --baseline "$OUT/short.json" ) ;;
+    *) echo "unknown stage $stage (short, long, ddp, fsdp)" >&2; exit 2 ;;
+  esac
+done
