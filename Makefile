@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus slurm-up slurm-down sweep compare clean
+.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus slurm-up slurm-down sweep tune compare gpu-wheels bench-finetune clean
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -60,8 +60,29 @@ slurm-down: ## Stop the local SLURM cluster's daemons
 sweep: $(STAMP) ## A declared sweep on SLURM: make sweep EXP=sweep_ms_region (after slurm-up)
 	SLURM_CONF=$${SLURM_CONF:-/tmp/ctxlab-slurm/slurm.conf} $(VENV)/bin/ctxlab experiment=$(or $(EXP),sweep_ms_region) launcher=slurm $(ARGS) -m
 
+tune: $(STAMP) ## An Optuna study: make tune EXP=tune_ms_region [ARGS="launcher=slurm ..."]
+	SLURM_CONF=$${SLURM_CONF:-/tmp/ctxlab-slurm/slurm.conf} $(VENV)/bin/ctxlab experiment=$(or $(EXP),tune_ms_region) $(ARGS) -m
+
 compare: $(STAMP) ## Compare finished runs: make compare RUNS="dir1 dir2" OUT=compare
 	$(VENV)/bin/ctxlab-compare $(RUNS) --out $(or $(OUT),compare)
+
+# What experiments/gpu/device_env.sh installs on a GPU machine without a registry: the versions of
+# this .venv as wheels (pure Python, abi3 or one per CPython 3.11-3.13), carried in .whl/hf.
+GPU_WHEELS := transformers peft huggingface_hub httpx2 httpcore2 truststore tokenizers safetensors hf-xet \
+	accelerate lightning lightning-utilities hydra-core omegaconf
+gpu-wheels: $(STAMP) ## Wheels of ctxlab's Python dependencies for a GPU machine without a registry (.whl/hf)
+	mkdir -p .whl/hf
+	for p in $(GPU_WHEELS); do \
+	  $(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	    -d .whl/hf "$$p==$$($(PY) -m pip show $$p | sed -n 's/^Version: //p')" || exit 1; done
+	for v in 3.11 3.12 3.13; do $(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $$v \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl/hf \
+	    "regex==$$($(PY) -m pip show regex | sed -n 's/^Version: //p')" || exit 1; done
+	$(PY) -m pip wheel --quiet --no-deps -w .whl/hf antlr4-python3-runtime==4.9.3
+
+bench-finetune: ## On a GPU machine: the 7B fine-tuning benchmark (make bench-finetune OUT=dir STAGES="short long ddp fsdp")
+	bash experiments/gpu/finetune_bench.sh $(or $(OUT),experiments/results/bench) $(STAGES)
 
 clean: ## Remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache .mypy_cache

@@ -1,9 +1,10 @@
 """Sweeps on a real single-node SLURM cluster (`.ci/slurm.sh`): a multirun through
 `launcher=slurm`, a cancelled job that the launcher reports instead of waiting for ever, and a
 job that gets the pre-timeout signal, checkpoints, requeues and ends exactly where an
-uninterrupted run with the same seed ends. Plus the cluster-free checks: a sweep with a bad
-job fails before anything is submitted, checkpoints are written atomically, and the
-preemption callback saves a resumable checkpoint at a step boundary."""
+uninterrupted run with the same seed ends; an Optuna study whose trials are SLURM jobs. Plus
+the cluster-free checks: a sweep with a bad job fails before anything is submitted,
+checkpoints are written atomically, and the preemption callback saves a resumable checkpoint
+at a step boundary."""
 
 from __future__ import annotations
 
@@ -241,6 +242,41 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
     assert last_val_loss(run) == last_val_loss(ref)
     got_sum, want_sum = (json.loads((d / "results" / "summary.json").read_text()) for d in (run, ref))
     assert got_sum["val_ppl"] == want_sum["val_ppl"] and got_sum["perplexity"] == want_sum["perplexity"]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_optuna_study_runs_its_trials_on_slurm(cluster, tmp_path):
+    """hydra/sweeper=optuna with launcher=slurm: a batch of n_jobs trials is one SLURM job array,
+    and each trial's value is the metric its SLURM job measured."""
+    sweep, name = tmp_path / "sweep", f"ctxlab-optuna-{uuid.uuid4().hex[:6]}"
+    out = run_ctxlab(
+        "-m", "launcher=slurm", "hydra/sweeper=optuna", "hydra.sweeper.objective=val_ppl",
+        "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "phase.optimizer.lr=tag(log,interval(1e-4,1))",
+        f"hydra.sweep.dir={sweep}", f"hydra.launcher.name={name}", "logger=csv", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "phase.evaluate=false", *TINY, cwd=tmp_path, env=cluster,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    study = json.loads((sweep / "optuna_study.json").read_text())
+    trials = study["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"], trials
+    for t in trials:
+        _, val_loss = last_val_loss(Path(t["job_dir"]))
+        assert t["value"] == pytest.approx(torch.tensor(val_loss).exp().item(), rel=1e-6)
+    assert study["best"] == min(trials, key=lambda t: t["value"])
+    # Both trials ran as the two tasks of one SLURM array, recorded by accounting.
+    wait_until(
+        lambda: (
+            slurm(["sacct", "-n", "-X", "--name", name, "-o", "State"], cluster).split()
+            == ["COMPLETED", "COMPLETED"]
+        ),
+        60,
+        "accounting to record both trials",
+    )
+    ids = slurm(["sacct", "-n", "-X", "--name", name, "-o", "JobID"], cluster).split()
+    assert len({i.split("_")[0] for i in ids}) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1"], (
+        ids
+    )
 
 
 def last_val_loss(run: Path) -> tuple[int, float]:

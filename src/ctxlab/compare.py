@@ -4,6 +4,13 @@ Reads ``<run_dir>/results/summary.json`` of each run. Every perplexity column si
 run's causality flag: a non-causal model's perplexity is not a valid language-model perplexity.
 Usable as ``ctxlab-compare DIR [DIR ...] --out OUT`` (a DIR may be a sweep folder: every run
 below it with results is taken).
+
+The tables and plots also go to a W&B run (``job_type=compare``) in the runs' W&B project and
+group, offline by default as the runs' own logger config is: ``wandb.Table`` for each table and
+``wandb.Image`` for each PNG, under ``OUT/wandb/offline-run-*``; ``wandb sync`` uploads it later.
+
+:func:`metrics_of` flattens a job's summary into the named metrics (``val_ppl``, ``ppl@N``,
+``passkey@N``, ...) that the table's columns and the Optuna sweeper's ``objective`` use.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 from ctxlab.eval.passkey import accuracy_matrix
 from ctxlab.eval.plots import plot_passkey, plot_perplexity
@@ -35,6 +44,53 @@ def _fmt(x, nd=2) -> str:
     return str(x)
 
 
+def metrics_of(summary: dict) -> dict:
+    """A job's summary (``run_job``'s return value, ``results/summary.json``) as flat named
+    metrics: ``val_ppl``, ``steps``, ``fit_seconds``, ``causal``, ``ppl@N`` (sliding-window
+    perplexity at context N), ``ppl_longest`` (at the grid's longest length), ``passkey@N``
+    (exact-match accuracy at length N, averaged over depths and trials) and ``passkey_mean``
+    (over every length and depth). A metric the job did not measure is absent."""
+    out = {k: summary[k] for k in ("val_ppl", "steps", "fit_seconds", "causal") if k in summary}
+    ppl_rows = sorted(summary.get("perplexity") or [], key=lambda r: r["length"])
+    for r in ppl_rows:
+        out[f"ppl@{r['length']}"] = r["ppl"]
+    if ppl_rows:
+        out["ppl_longest"] = ppl_rows[-1]["ppl"]
+    pk: dict[int, list[float]] = {}
+    for r in summary.get("passkey") or []:
+        pk.setdefault(r["length"], []).append(r["accuracy"])
+    for n, accs in sorted(pk.items()):
+        out[f"passkey@{n}"] = sum(accs) / len(accs)
+    if pk:
+        every = [a for accs in pk.values() for a in accs]
+        out["passkey_mean"] = sum(every) / len(every)
+    return out
+
+
+def metric_names(cfg) -> list[str]:
+    """The metrics :func:`metrics_of` will find in the summary of a job with this composed config
+    (so that a sweep's objective is checked before any job runs)."""
+    names = []
+    if cfg.phase.fit:
+        names += ["val_ppl", "steps", "fit_seconds"]
+    if cfg.phase.evaluate:
+        ppl, pk = cfg.eval.perplexity, cfg.eval.passkey
+        if ppl.enabled:
+            names += [f"ppl@{n}" for n in ppl.lengths] + ["ppl_longest"]
+        if pk.enabled:
+            names += [f"passkey@{n}" for n in pk.lengths] + ["passkey_mean"]
+    return names
+
+
+def run_config(run_dir: Path) -> dict:
+    """The resolved config a run wrote (``config.yaml``), or {} where there is none."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "comparison") -> dict:
     summaries = []
     for d in find_runs([Path(p) for p in run_dirs]):
@@ -47,6 +103,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
     pk_lengths = sorted({r["length"] for s in summaries for r in s.get("passkey", [])})
     rows = []
     for s in summaries:
+        m = metrics_of(s)
         row = {
             "name": s["name"],
             "attention": s.get("attention"),
@@ -54,15 +111,11 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
             "causal": s.get("causal"),
             "train_len": s.get("train_length"),
             "val_ppl": s.get("val_ppl"),
+            "steps": s.get("steps"),
+            "fit_seconds": s.get("fit_seconds"),  # CSV and W&B only: wall time depends on the machine's load
         }
-        ppl = {r["length"]: r["ppl"] for r in s.get("perplexity", [])}
-        for n in ppl_lengths:
-            row[f"ppl@{n}"] = ppl.get(n)
-        pk: dict[int, list[float]] = {}
-        for r in s.get("passkey", []):
-            pk.setdefault(r["length"], []).append(r["accuracy"])
-        for n in pk_lengths:
-            row[f"passkey@{n}"] = sum(pk[n]) / len(pk[n]) if n in pk else None
+        row |= {f"ppl@{n}": m.get(f"ppl@{n}") for n in ppl_lengths}
+        row |= {f"passkey@{n}": m.get(f"passkey@{n}") for n in pk_lengths}
         rows.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_csv = out_dir / "table.csv"
@@ -100,7 +153,80 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
     panels = {s["name"]: accuracy_matrix(s["passkey"]) for s in summaries if s.get("passkey")}
     passkey_png = plot_passkey(panels, out_dir / "passkey.png") if panels else None
     return {"rows": rows, "markdown": md, "table_md": table_md, "table_csv": table_csv,
-            "ppl_png": ppl_png, "passkey_png": passkey_png}  # fmt: skip
+            "ppl_png": ppl_png, "passkey_png": passkey_png, "summaries": summaries}  # fmt: skip
+
+
+def wandb_settings(summaries: list[dict], mode: str | None = None, group: str | None = None) -> dict:
+    """Project, entity, group and mode of the compare run, taken from the runs' own logger configs
+    (the group a sweep's runs share; offline unless they say otherwise); ``mode``/``group``
+    override. ``mode`` is ``disabled`` when no run logged to W&B and none is asked for."""
+    loggers = [run_config(Path(s["_dir"])).get("logger") or {} for s in summaries]
+    wandb_loggers = [lg for lg in loggers if lg.get("kind") == "wandb"]
+
+    def common(key: str):
+        values = Counter(lg.get(key) for lg in wandb_loggers)
+        return values.most_common(1)[0][0] if values else None
+
+    if mode is None:
+        mode = (common("mode") or "offline") if wandb_loggers else "disabled"
+    if mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"W&B mode must be offline, online or disabled, got {mode!r}")
+    groups = {lg.get("group") for lg in wandb_loggers}
+    if group is None and len(groups) == 1:
+        group = groups.pop()
+    return {
+        "project": common("project") or "ctxlab",
+        "entity": common("entity"),
+        "group": group,
+        "mode": mode,
+    }
+
+
+WandbMode = Literal["offline", "online", "disabled"]
+
+
+def log_to_wandb(report: dict, out_dir: Path, *, title: str, project: str, entity: str | None,
+                 group: str | None, mode: WandbMode) -> Path | None:  # fmt: skip
+    """One W&B run (``job_type=compare``) with the comparison table, a long-format perplexity and
+    passkey table (one row per run x length (x depth), for W&B's own panels) and every PNG.
+    Returns the run's folder (``out_dir/wandb/<offline-run-...>``), or None when ``mode`` is
+    ``disabled``."""
+    if mode == "disabled":
+        return None
+    import wandb
+
+    summaries = report["summaries"]
+    run = wandb.init(project=project, entity=entity, group=group, job_type="compare", name=f"compare {title}",
+                     dir=str(out_dir), mode=mode, config={"runs": [s["_dir"] for s in summaries]},
+                     settings=wandb.Settings(silent=True))  # fmt: skip
+    try:
+        rows = report["rows"]
+        cols = list(rows[0])
+        data: dict = {"compare/table": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])}
+        ppl = [[s["name"], s.get("causal"), r["length"], r["ppl"], r.get("n_docs"), r.get("n_tokens")]
+               for s in summaries for r in s.get("perplexity") or []]  # fmt: skip
+        if ppl:
+            data["compare/perplexity"] = wandb.Table(
+                columns=["name", "causal", "length", "ppl", "n_docs", "n_tokens"], data=ppl
+            )
+        pk = [
+            [s["name"], r["length"], r["depth"], r["accuracy"]]
+            for s in summaries
+            for r in s.get("passkey") or []
+        ]
+        if pk:
+            data["compare/passkey"] = wandb.Table(columns=["name", "length", "depth", "accuracy"], data=pk)
+        for key, png in (
+            ("compare/perplexity_plot", report["ppl_png"]),
+            ("compare/passkey_plot", report["passkey_png"]),
+        ):
+            if png is not None:
+                data[key] = wandb.Image(str(png))
+        run.log(data)
+        run_dir = Path(run.dir).parent
+    finally:
+        run.finish()
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,12 +234,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="run directories or sweep folders")
     ap.add_argument("--out", type=Path, default=Path("compare"), help="output folder")
     ap.add_argument("--title", default="comparison")
+    ap.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        default=None,
+        help="W&B mode of the compare run (default: the runs' logger.mode; disabled if none used W&B)",
+    )
+    ap.add_argument("--wandb-group", default=None, help="W&B group (default: the group the runs share)")
     args = ap.parse_args(argv)
     report = compare_runs(args.runs, args.out, title=args.title)
     print(report["markdown"])
     print(
         f"\nwritten: {report['table_md']} {report['table_csv']} {report['ppl_png']} {report['passkey_png']}"
     )
+    settings = wandb_settings(report["summaries"], mode=args.wandb, group=args.wandb_group)
+    run_dir = log_to_wandb(report, args.out, title=args.title, **settings)
+    if run_dir is not None:
+        where = f"group {settings['group']!r}" if settings["group"] else "no group"
+        print(f"W&B ({settings['mode']}, project {settings['project']!r}, {where}): {run_dir}")
+        if settings["mode"] == "offline":
+            print(f"upload it later with: wandb sync {run_dir}")
 
 
 if __name__ == "__main__":

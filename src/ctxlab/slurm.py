@@ -250,9 +250,10 @@ class ValidateSweep(HydraCallback):
     writes ``<sweep dir>/sweep.json``: every job's number, directory, overrides and seed, the
     git commit and dirty flag, and package versions (each job's ``meta.json`` repeats its own).
 
-    Only Hydra's basic sweeper has an enumerable grid; with another sweeper (Optuna) the
-    jobs are drawn as the search goes, and this callback validates the command line's config
-    alone, saying so.
+    Only Hydra's basic sweeper has an enumerable grid. ctxlab's Optuna sweeper
+    (``hydra/sweeper=optuna``) draws jobs as the search goes and checks the search space and
+    every trial's config itself before launching it (its record is ``optuna_study.json``);
+    with any other sweeper this callback validates the command line's config alone, saying so.
 
     Hydra turns an exception raised by a callback into a warning and carries on, so a bad
     job is reported on stderr and ends the command with ``SystemExit(1)`` instead.
@@ -277,6 +278,11 @@ class ValidateSweep(HydraCallback):
 
         sweeper = str(config.hydra.sweeper.get("_target_", ""))
         loader = GlobalHydra.instance().config_loader()
+        if sweeper.startswith("hydra_plugins.ctxlab_optuna_sweeper."):
+            print(
+                "[ctxlab] Optuna sweep: every trial's config is validated before it is launched", flush=True
+            )
+            return
         if not sweeper.endswith("BasicSweeper"):
             print(
                 f"[ctxlab] sweeper {sweeper} draws jobs as it goes: validated the base config only",
