@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctxlab.attention.cache import LayerCache
-from ctxlab.kernels.ms_attention import ms_attention, ms_attention_torch, ms_select, validate_ms_args
+from ctxlab.attention.selection import ms_attend, ms_selection
+from ctxlab.kernels.ms_attention import ms_attention_torch, ms_select, validate_ms_args
+from ctxlab.kernels.ms_attention.interface import _check_tensors as check_ms_tensors
 
 DECODE_MODES = ("auto", "dense", "sparse")
 
@@ -91,7 +93,10 @@ class MSAttention(nn.Module):
         scale: float | None = None,
     ) -> None:
         super().__init__()
-        validate_ms_args(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
+        validate_ms_args(
+            region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select, backend=backend,
+            scale=scale,
+        )  # fmt: skip
         if decode not in DECODE_MODES:
             raise ValueError(f"attention.decode must be one of {DECODE_MODES}, got {decode!r}")
         self.region, self.budget, self.merge = region, budget, merge
@@ -138,7 +143,14 @@ class MSAttention(nn.Module):
             if self.record_selection:
                 with torch.no_grad():
                     self.last_selection = ms_select(q.detach(), k.detach(), **self.select_kwargs)
-            return ms_attention(q, k, v, backend=self.backend, **self.ms_kwargs)
+            # Selection, then attention: checkpointing can keep the selection (attention.selection).
+            check_ms_tensors(q, k, v, pe=self.pe)
+            with torch.no_grad():
+                idx = ms_selection(q.detach(), k.detach(), **self.select_kwargs, backend=self.backend)
+            return ms_attend(
+                q, k, v, idx, region=self.region, budget=self.budget, merge=self.merge, scope=self.scope,
+                pe=self.pe, rope_base=self.rope_base, scale=self.scale, backend=self.backend,
+            )  # fmt: skip
         start = cache.length
         if q.shape[1] == 1 and not self.sparse_decode:
             k_all, v_all, _ = cache.append(k, v, q)

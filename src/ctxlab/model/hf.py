@@ -229,7 +229,10 @@ def set_checkpointing(hf_model: nn.Module, on: bool) -> None:
     transformers 5.2x calls this activation checkpointing; earlier 5.x (the GPU image's 5.17)
     only has the gradient-checkpointing names.
     """
-    kwargs = {"use_reentrant": False}
+    from ctxlab.attention.selection import checkpoint_kwargs
+
+    # With MS cores the recomputation reuses each layer's saved selection (attention.selection).
+    kwargs = checkpoint_kwargs([getattr(a, "ctxlab_core", None) for a in hf_attention_modules(hf_model)])
     if hasattr(hf_model, "activation_checkpointing_enable"):
         if on:
             hf_model.activation_checkpointing_enable(kwargs)

@@ -191,6 +191,12 @@ class Llama(nn.Module):
     def cores(self) -> list[nn.Module]:
         return [layer.attn.core for layer in self.layers]
 
+    @property
+    def _ckpt_kwargs(self) -> dict:
+        from ctxlab.attention.selection import checkpoint_kwargs
+
+        return checkpoint_kwargs(self.cores)  # MS cores: the recomputation keeps the selection
+
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))
 
@@ -206,7 +212,7 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and layer_cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, position_ids, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, position_ids, None, **self._ckpt_kwargs)
             else:
                 x = layer(x, position_ids, layer_cache)
         return self.norm(x)

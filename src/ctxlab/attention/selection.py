@@ -1,0 +1,100 @@
+"""MS attention as two steps, selection then attention, so activation checkpointing can keep the
+selection.
+
+Under gradient checkpointing every decoder layer runs its forward twice (once, then again in
+the backward pass), and MS attention's selection with it; at 128K tokens the selection costs as
+much as the attention (kernels/README.md). ``ms_selection`` is a ``torch.library`` custom op
+(``ctxlab::ms_selection``), so a selective-checkpointing policy can name it:
+``save_selection_context`` makes the recomputation reuse the indices of the first forward
+(``[B, Hs, G, T-m]`` int64: 4 MiB per layer at 128K with paper settings) and recompute
+everything else as before. The selection has no gradient, so values and gradients are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ctxlab.kernels.ms_attention import ms_attend_torch, ms_select_torch
+from ctxlab.kernels.ms_attention.torch_impl import num_blocks
+
+
+def _use_triton(q: Tensor, backend: str) -> bool:
+    """As ``ms_attention``: ``triton`` always (CUDA, or Triton's CPU interpreter), ``auto`` for
+    CUDA tensors when the Triton module imports, ``torch`` never."""
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        return False
+    try:
+        import ctxlab.kernels.ms_attention.triton_impl  # noqa: F401
+    except ImportError as err:
+        if backend == "triton":
+            raise RuntimeError(
+                f"backend='triton' is unavailable: importing triton_impl failed ({err})"
+            ) from err  # noqa: E501
+        return False
+    return True
+
+
+@torch.library.custom_op("ctxlab::ms_selection", mutates_args=())
+def ms_selection(
+    q: Tensor, k: Tensor, region: int, budget: int, merge: int, pool: str, scope: str, select: str,
+    backend: str,
+) -> Tensor:  # fmt: skip
+    """``ms_select``'s indices (int64 ``[B, Hs, G, T-m]``) by the backend's selection: the Triton
+    launch config's choice (``LaunchConfig.select_impl``) on CUDA, else ``ms_select_torch``."""
+    opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
+    if _use_triton(q, backend):
+        from ctxlab.kernels.ms_attention.triton_impl import default_config, ms_select_triton
+
+        if default_config(q.device).select_impl == "triton":
+            return ms_select_triton(q, k, **opts).long()
+    return ms_select_torch(q, k, **opts).long()
+
+
+@ms_selection.register_fake
+def _(q, k, region, budget, merge, pool, scope, select, backend):
+    B, L, Hq = q.shape[:3]
+    heads = Hq if scope == "head" else k.shape[2]
+    return q.new_empty((B, heads, num_blocks(L, region, budget, merge), budget - merge), dtype=torch.long)
+
+
+def ms_attend(
+    q: Tensor, k: Tensor, v: Tensor, idx: Tensor, *, region: int, budget: int, merge: int, scope: str,
+    pe: str, rope_base: float, scale: float | None, backend: str,
+) -> Tensor:  # fmt: skip
+    """Attention given ``ms_selection``'s indices, by the Triton kernels on CUDA (backend auto or
+    triton) or the PyTorch path; differentiable in q, k, v."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=float(rope_base), scale=scale)
+    if _use_triton(q, backend):
+        from ctxlab.kernels.ms_attention.triton_impl import ms_attend_triton
+
+        return ms_attend_triton(q, k, v, idx, **opts)
+    return ms_attend_torch(q, k, v, idx, scope=scope, **opts)
+
+
+def _keep_selection(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op is torch.ops.ctxlab.ms_selection.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def save_selection_context():
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
+    recomputed forward reuses the saved MS selection and recomputes everything else."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_keep_selection)
+
+
+def checkpoint_kwargs(cores) -> dict:
+    """Keywords for non-reentrant ``checkpoint`` around layers with these attention cores: the
+    selection-keeping policy when any core is MS attention."""
+    from ctxlab.attention.modules import MSAttention
+
+    kw: dict = {"use_reentrant": False}
+    if any(isinstance(c, MSAttention) for c in cores):
+        kw["context_fn"] = save_selection_context
+    return kw

@@ -1,0 +1,78 @@
+"""MS attention under gradient checkpointing: the recomputed forward reuses the saved selection
+(one selection per layer and step instead of two) and values and gradients are unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model
+
+import ctxlab.attention.selection as selection
+from ctxlab.attention import MSAttention
+from ctxlab.attention.selection import ms_selection
+from ctxlab.kernels.ms_attention import ms_select_torch
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return ms_select_torch(*args, **kwargs)
+
+    monkeypatch.setattr(selection, "ms_select_torch", counted)
+    return calls
+
+
+def _step(model, ids) -> dict:
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, 64), ids[:, 1:].reshape(-1)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _hf_ms_model():
+    import functools
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctxlab.model.hf import HFCausalLM
+    from ctxlab.position import Rope
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    hf = LlamaForCausalLM(cfg)
+    core = functools.partial(MSAttention, region=4, budget=4, merge=2, select="causal", backend="torch")
+    return HFCausalLM(hf, core, Rope(8, base=10000.0))
+
+
+@pytest.mark.parametrize("kind", ["ctxlab", "hf"])
+def test_checkpointed_layers_select_once_with_identical_gradients(kind, monkeypatch):
+    from ctxlab.model.hf import set_checkpointing
+
+    calls = _counting(monkeypatch)
+    model = (tiny_model("causal", seed=2) if kind == "ctxlab" else _hf_ms_model()).train()
+    ids = torch.randint(0, 64, (2, 41), generator=torch.Generator().manual_seed(3))
+    ref = _step(model, ids)
+    assert len(calls) == 2  # no checkpointing: one selection per layer
+    if kind == "ctxlab":
+        model.gradient_checkpointing = True
+    else:
+        set_checkpointing(model.hf, True)
+    calls.clear()
+    got = _step(model, ids)
+    assert len(calls) == 2, "the recomputed forward selected again instead of reusing the saved indices"
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], msg=n)
+
+
+def test_selection_op_matches_ms_select_and_has_a_fake():
+    q, k = torch.randn(1, 37, 4, 8), torch.randn(1, 37, 2, 8)
+    opts = dict(region=4, budget=4, merge=2, pool="mean", scope="group", select="paper")
+    idx = ms_selection(q, k, **opts, backend="torch")
+    assert idx.dtype == torch.long and torch.equal(idx, ms_select_torch(q, k, **opts))
+    torch.library.opcheck(
+        torch.ops.ctxlab.ms_selection.default, (q, k, 4, 4, 2, "mean", "group", "paper", "torch")
+    )
+    with pytest.raises(ValueError, match="backend"):
+        MSAttention(region=4, budget=4, merge=2, backend="cuda")
