@@ -76,3 +76,23 @@ def test_selection_op_matches_ms_select_and_has_a_fake():
     )
     with pytest.raises(ValueError, match="backend"):
         MSAttention(region=4, budget=4, merge=2, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_ms_core_with_kept_selection_matches_the_torch_path():
+    """On CUDA the core runs the Triton attention after the selection op; in float32 it must agree
+    with the PyTorch path, and a checkpointed model's gradients with the unchecked ones."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2100, h, 64, device="cuda", requires_grad=True) for h in (8, 2, 2))
+    opts = dict(region=16, budget=32, merge=4, select="causal")
+    ours = MSAttention(**opts, backend="auto")(q, k, v)
+    ref = MSAttention(**opts, backend="torch")(q, k, v)
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
+    model = tiny_model("causal", seed=2, vocab=64, dim=64, layers=2, heads=4, kv_heads=2).cuda().train()
+    for core in model.cores:
+        core.region, core.budget, core.merge, core.backend = 16, 8, 2, "auto"
+    ids = torch.randint(0, 64, (1, 513), device="cuda")
+    ref_grads = _step(model, ids)
+    model.gradient_checkpointing = True
+    for n, g in _step(model, ids).items():
+        torch.testing.assert_close(g, ref_grads[n], atol=1e-4, rtol=1e-3, msg=n)
