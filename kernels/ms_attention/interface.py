@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
 
 from torch import Tensor
 
@@ -73,7 +72,7 @@ def validate_ms_args(
         raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
 
 
-def _check_tensors(q: Tensor, k: Tensor, v: Tensor | None, *, pe: str) -> None:
+def check_tensors(q: Tensor, k: Tensor, v: Tensor | None, *, pe: str) -> None:
     """Ranks, floating dtypes, matching devices/dtypes/shapes and GQA divisibility."""
     named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
     for name, x in named.items():
@@ -105,12 +104,21 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor | None, *, pe: str) -> None:
         raise ValueError(f"pe='selected' applies rotary embeddings and needs an even head dim, q has D={D}")
 
 
-def _load_triton() -> tuple[Callable[..., Tensor] | None, ImportError | None]:
+def use_triton(q: Tensor, backend: str) -> bool:
+    """Whether ``backend`` runs the Triton kernels for ``q``: ``"triton"`` always (CUDA, or Triton's
+    CPU interpreter), ``"auto"`` for CUDA tensors when the Triton module imports, ``"torch"``
+    never. RuntimeError for ``"triton"`` when the Triton module does not import."""
+    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+        return False
     try:
-        from .triton_impl import ms_attention_triton
+        from .triton_impl import ms_attention_triton  # noqa: F401  (through sys.modules)
     except ImportError as err:
-        return None, err
-    return ms_attention_triton, None
+        if backend == "triton":
+            raise RuntimeError(
+                f"backend='triton' is unavailable: importing triton_impl failed ({err})"
+            ) from err
+        return False
+    return True
 
 
 def ms_attention(
@@ -159,7 +167,7 @@ def ms_attention(
         scale=scale,
         backend=backend,
     )
-    _check_tensors(q, k, v, pe=pe)
+    check_tensors(q, k, v, pe=pe)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     options = dict(
         region=region,
@@ -172,17 +180,10 @@ def ms_attention(
         rope_base=float(rope_base),
         scale=scale,
     )
-    if backend == "torch":
-        return ms_attention_torch(q, k, v, **options)
-    triton_fn, import_error = _load_triton()
-    if backend == "triton":
-        if triton_fn is None:
-            raise RuntimeError(
-                f"backend='triton' is unavailable: importing triton_impl failed ({import_error})"
-            )
-        return triton_fn(q, k, v, **options)
-    if q.is_cuda and triton_fn is not None:
-        return triton_fn(q, k, v, **options)
+    if use_triton(q, backend):
+        from .triton_impl import ms_attention_triton
+
+        return ms_attention_triton(q, k, v, **options)
     return ms_attention_torch(q, k, v, **options)
 
 
@@ -205,7 +206,7 @@ def ms_select(
     occurrence kept); all lie before the block, ``< T + g*m``.
     """
     validate_ms_args(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
-    _check_tensors(q, k, None, pe="pre")
+    check_tensors(q, k, None, pe="pre")
     return ms_select_torch(
         q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select
     )

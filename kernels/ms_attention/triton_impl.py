@@ -704,6 +704,14 @@ def ms_attend_triton(
     return o
 
 
+def ms_select_configured(q: Tensor, k: Tensor, **options) -> Tensor:
+    """The selection the Triton path runs: ``ms_select_triton`` or ``ms_select_torch``, by
+    ``LaunchConfig.select_impl`` of q's device (the same indices; int32 or int64)."""
+    if default_config(q.device).select_impl == "triton":
+        return ms_select_triton(q, k, **options)
+    return ms_select_torch(q, k, **options)
+
+
 def ms_attention_triton(
     q: Tensor,
     k: Tensor,
@@ -730,9 +738,8 @@ def ms_attention_triton(
     dk/dv key tile (see ``ms_attn_bwd``).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    select_fn = ms_select_triton if default_config(q.device).select_impl == "triton" else ms_select_torch
     with torch.no_grad():
-        idx = select_fn(
+        idx = ms_select_configured(
             q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select
         )
     return ms_attend_triton(
@@ -759,6 +766,7 @@ __all__ = [
     "ms_attention_triton",
     "ms_attn_bwd",
     "ms_attn_fwd",
+    "ms_select_configured",
     "ms_select_triton",
     "reverse_index",
     "sort_selection",

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ctxlab.attention.cache import LayerCache
 from ctxlab.attention.selection import ms_attend, ms_selection
 from ctxlab.kernels.ms_attention import ms_attention_torch, ms_select, validate_ms_args
-from ctxlab.kernels.ms_attention.interface import _check_tensors as check_ms_tensors
+from ctxlab.kernels.ms_attention.interface import check_tensors as check_ms_tensors
 
 DECODE_MODES = ("auto", "dense", "sparse")
 

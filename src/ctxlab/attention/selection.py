@@ -16,23 +16,8 @@ import torch
 from torch import Tensor
 
 from ctxlab.kernels.ms_attention import ms_attend_torch, ms_select_torch
+from ctxlab.kernels.ms_attention.interface import use_triton
 from ctxlab.kernels.ms_attention.torch_impl import num_blocks
-
-
-def _use_triton(q: Tensor, backend: str) -> bool:
-    """As ``ms_attention``: ``triton`` always (CUDA, or Triton's CPU interpreter), ``auto`` for
-    CUDA tensors when the Triton module imports, ``torch`` never."""
-    if backend == "torch" or (backend == "auto" and not q.is_cuda):
-        return False
-    try:
-        import ctxlab.kernels.ms_attention.triton_impl  # noqa: F401
-    except ImportError as err:
-        if backend == "triton":
-            raise RuntimeError(
-                f"backend='triton' is unavailable: importing triton_impl failed ({err})"
-            ) from err  # noqa: E501
-        return False
-    return True
 
 
 @torch.library.custom_op("ctxlab::ms_selection", mutates_args=())
@@ -43,11 +28,10 @@ def ms_selection(
     """``ms_select``'s indices (int64 ``[B, Hs, G, T-m]``) by the backend's selection: the Triton
     launch config's choice (``LaunchConfig.select_impl``) on CUDA, else ``ms_select_torch``."""
     opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
-    if _use_triton(q, backend):
-        from ctxlab.kernels.ms_attention.triton_impl import default_config, ms_select_triton
+    if use_triton(q, backend):
+        from ctxlab.kernels.ms_attention.triton_impl import ms_select_configured
 
-        if default_config(q.device).select_impl == "triton":
-            return ms_select_triton(q, k, **opts).long()
+        return ms_select_configured(q, k, **opts).long()
     return ms_select_torch(q, k, **opts).long()
 
 
@@ -66,7 +50,7 @@ def ms_attend(
     triton) or the PyTorch path; differentiable in q, k, v."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=float(rope_base), scale=scale)
-    if _use_triton(q, backend):
+    if use_triton(q, backend):
         from ctxlab.kernels.ms_attention.triton_impl import ms_attend_triton
 
         return ms_attend_triton(q, k, v, idx, **opts)
