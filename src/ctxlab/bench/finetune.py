@@ -75,6 +75,9 @@ def environment() -> dict:
         peft_v = None
     from ctxlab.run import git_state
 
+    git = git_state()
+    if not git["commit"]:  # a device machine gets a copy of the tree without .git: the caller passes it
+        git = {"commit": os.environ.get("CTXLAB_COMMIT"), "dirty": None}
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {
         "device": dev,
@@ -86,10 +89,7 @@ def environment() -> dict:
         "peft": peft_v,
         "lightning": lightning.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        # A device machine gets a copy of the tree without .git: the caller passes the commit.
-        "git": git_state()
-        if git_state()["commit"]
-        else {"commit": os.environ.get("CTXLAB_COMMIT"), "dirty": None},
+        "git": git,
     }
 
 
@@ -155,14 +155,15 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
         torch.cuda.reset_peak_memory_stats()
     row: dict = {"status": "ok"}
     timer = _step_timer(warmup)
-    model = module = trainer = None
+    model = module = trainer = info = None
     try:
         t_build = time.perf_counter()
         model = build_model(cfg)
         if on_gpu:
             model.cuda()
         row["build_s"] = round(time.perf_counter() - t_build, 1)
-        row["params"] = model.config.n_params(include_embedding=True)
+        info = model.config  # for the FLOP count after the model is freed
+        row["params"] = info.n_params(include_embedding=True)
         row["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         kw: dict = {}
         module_cls = LMModule
@@ -208,26 +209,8 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
         row["tokens_per_s_per_gpu"] = round(seq_len / s, 1)
         peak = device_peak_flops() if on_gpu else None
         if peak:
-            info = build_model_info(cfg)
             row["mfu"] = round(seq_len / s * model_flops_per_token(info, seq_len) / peak, 4)
     return row
-
-
-def build_model_info(cfg):
-    """The model's ``HFModelInfo`` / ``LlamaConfig`` without building weights (for FLOP counts)."""
-    from hydra.utils import instantiate
-
-    if cfg.model.get("kind") == "hf":
-        from ctxlab.model.hf import HFModelInfo
-        from ctxlab.model.hf_sources import random_config
-
-        spec = instantiate(cfg.model)
-        with torch.device("meta"):
-            from transformers import AutoModelForCausalLM
-
-            m = AutoModelForCausalLM.from_config(random_config(spec.source, spec.overrides))
-        return HFModelInfo.of(m)
-    return instantiate(cfg.model)
 
 
 def fraction_computed(cfg) -> float:
