@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+# Files of which a tokenizer loads (tokenizers' JSON or a SentencePiece model).
+TOKENIZER_MODELS = ("tokenizer.json", "tokenizer.model")
+
 
 class ExportError(ValueError):
     """An export that cannot work; the message names the culprit."""
@@ -49,12 +52,8 @@ def load_run(run_dir: Path, checkpoint: Path | None):
     return cfg, model.eval(), ckpt
 
 
-def check_logits(model, out_dir: Path, n_tokens: int = 64) -> float:
+def max_logit_diff(model, reloaded, n_tokens: int = 64) -> float:
     """Max |logit difference| between the ctxlab model and the reloaded export on one sample."""
-    from transformers import AutoModelForCausalLM
-
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), local_files_only=True, dtype="auto")
-    reloaded.eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=g)
     with torch.no_grad():
@@ -63,20 +62,14 @@ def check_logits(model, out_dir: Path, n_tokens: int = 64) -> float:
     return float((ours - theirs).abs().max())
 
 
-def generate(out_dir: Path, prompt: str, max_new_tokens: int) -> str:
-    """Greedy continuation of ``prompt`` by plain transformers from the exported folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def generate(reloaded, out_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt`` by the reloaded export and the tokenizer saved with it."""
+    from transformers import AutoTokenizer
 
-    if not (out_dir / "tokenizer.json").exists() and not (out_dir / "tokenizer.model").exists():
-        raise ExportError(
-            f"--prompt: {out_dir} has no tokenizer (a random shape has none); generate from a "
-            "checkpoint that brought its tokenizer, or drop --prompt"
-        )
     tok = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(out_dir), local_files_only=True, dtype="auto").eval()
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        out = reloaded.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
@@ -93,14 +86,14 @@ def export_run(
     """Export, reload, compare logits, generate; returns (and writes to OUT/ctxlab_export.json)
     a report. ``tolerance`` (default: 1e-3 for float32 weights, 0.1 otherwise) bounds the logit
     difference; beyond it the export is refused as wrong."""
-    from ctxlab.model.hf_lora import TOKENIZER_FILES, export_hf
+    from ctxlab.model.hf_lora import export_hf
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"OUT: {out_dir} exists and is not empty; choose a new folder")
     cfg, model, ckpt = load_run(run_dir, Path(checkpoint) if checkpoint else None)
-    src = model.source_dir
-    if prompt is not None and (src is None or not any((src / f).exists() for f in TOKENIZER_FILES[:2])):
+    src = model.source_dir  # its tokenizer files are copied along with the export
+    if prompt is not None and (src is None or not any((src / f).exists() for f in TOKENIZER_MODELS)):
         raise ExportError(
             f"--prompt: the run's model ({cfg.model.source}) brought no tokenizer (a random shape has "
             "none); drop --prompt or export a run of a checkpoint with its tokenizer"
@@ -112,7 +105,10 @@ def export_run(
     export_hf(model, out_dir, dtype=dtype)
     weights_dtype = dtype or str(cfg.model.get("dtype", "float32"))
     tol = tolerance if tolerance is not None else (1e-3 if weights_dtype == "float32" else 0.1)
-    diff = check_logits(model, out_dir)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir), local_files_only=True, dtype="auto").eval()
+    diff = max_logit_diff(model, reloaded)
     if not diff <= tol:
         raise ExportError(
             f"the reloaded export's logits differ from the ctxlab model's by {diff:.3g} > {tol:g}; "
@@ -122,7 +118,7 @@ def export_run(
               "dtype": weights_dtype, "rope_parameters": model.position.hf_rope_scaling(),
               "max_logit_diff": diff, "tolerance": tol}  # fmt: skip
     if prompt is not None:
-        report["prompt"], report["generated"] = prompt, generate(out_dir, prompt, max_new_tokens)
+        report["prompt"], report["generated"] = prompt, generate(reloaded, out_dir, prompt, max_new_tokens)
     (out_dir / "ctxlab_export.json").write_text(json.dumps(report, indent=2, default=str))
     return report
 
