@@ -260,6 +260,11 @@ def _chunked_mlp_forward(self, x: Tensor) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
+def check_mlp_chunk(chunk) -> None:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"model.mlp_chunk must be an int >= 0 (0: off), got {chunk!r}")
+
+
 def set_mlp_chunking(hf_model: nn.Module, chunk: int) -> None:
     """Run every decoder layer's MLP ``chunk`` tokens at a time in training (0: off).
 
@@ -268,8 +273,7 @@ def set_mlp_chunking(hf_model: nn.Module, chunk: int) -> None:
     tensors, about 12 GiB at 128K tokens for a 7B Llama) for one more MLP forward. The forward
     is patched on the module instance, so parameter names, checkpoints and exports are as before.
     """
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise ValueError(f"model.mlp_chunk must be an int >= 0 (0: off), got {chunk!r}")
+    check_mlp_chunk(chunk)
     for layer in hf_model.model.layers:
         mlp = layer.mlp
         if chunk:
@@ -460,8 +464,7 @@ class HFModelSpec:
                 f"model.overrides {dict(self.overrides)} change a random shape's config, but "
                 f"model.source={self.source!r} is not one of {sorted(RANDOM_SHAPES)}"
             )
-        if isinstance(self.mlp_chunk, bool) or not isinstance(self.mlp_chunk, int) or self.mlp_chunk < 0:
-            raise ValueError(f"model.mlp_chunk must be an int >= 0 (0: off), got {self.mlp_chunk!r}")
+        check_mlp_chunk(self.mlp_chunk)  # before any weight is loaded
         self.lora_targets, self.trainable = list(self.lora_targets), list(self.trainable)
         self.overrides = dict(self.overrides)
 
