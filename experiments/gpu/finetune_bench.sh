@@ -3,12 +3,19 @@
 #   source experiments/gpu/device_env.sh   # only where the image lacks ctxlab's packages
 #   bash experiments/gpu/finetune_bench.sh OUT_DIR [stage ...]
 # Stages: short (16K-64K, one GPU), long (128K, one GPU; an OOM case is retried with
-# model.mlp_chunk=16384), ddp (32K on every visible GPU, scaling vs the one-GPU file of this
-# run), fsdp (32K MS under FSDP2). Default: all. Each stage writes <OUT>/<stage>.json and .md.
+# model.mlp_chunk=16384), long_ms (128K MS alone), base (32K and 64K on one GPU: the
+# multi-GPU baseline), ddp and fsdp (32K and 64K, dense/s2/ms on every visible GPU; scaling
+# efficiency against base.json, else short.json, of the same OUT, or of $CTXLAB_BASELINE).
+# Default: short long ddp fsdp. Each stage writes <OUT>/<stage>.json and .md.
 set -uo pipefail
 OUT=${1:?usage: finetune_bench.sh OUT_DIR [stage ...]}
 shift
 STAGES=${*:-short long ddp fsdp}
+baseline() {  # the one-GPU file the multi-GPU stages compare against
+  for f in "$OUT/base.json" "$OUT/short.json" "${CTXLAB_BASELINE:-}"; do
+    [ -n "$f" ] && [ -f "$f" ] && { echo --baseline "$f"; return; }
+  done
+}
 mkdir -p "$OUT"
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 B=(python3 -m ctxlab.bench.finetune --out "$OUT")
@@ -24,10 +31,10 @@ for stage in $STAGES; do
              CUDA_VISIBLE_DEVICES=0 "${B[@]}" --tag long_mlpchunk --lengths 131072 --variants ms,s2 --long-steps 1 \
                -- model.mlp_chunk=16384
            fi ;;
-    ddp)   "${DIST[@]}" --tag ddp --lengths 32768 --variants dense,s2,ms --steps 1 --strategy ddp \
-             $( [ -f "$OUT/short.json" ] && echo --baseline "$OUT/short.json" ) ;;
-    fsdp)  "${DIST[@]}" --tag fsdp --lengths 32768 --variants ms --steps 1 --strategy fsdp \
-             $( [ -f "$OUT/short.json" ] && echo --baseline "$OUT/short.json" ) ;;
-    *) echo "unknown stage $stage (short, long, ddp, fsdp)" >&2; exit 2 ;;
+    long_ms) CUDA_VISIBLE_DEVICES=0 "${B[@]}" --tag long_ms --lengths 131072 --variants ms --warmup 0 --long-steps 1 ;;
+    base)  CUDA_VISIBLE_DEVICES=0 "${B[@]}" --tag base --lengths 32768,65536 --variants dense,s2,ms --steps 1 ;;
+    ddp|fsdp) "${DIST[@]}" --tag "$stage" --lengths 32768,65536 --variants dense,s2,ms --steps 1 \
+             --strategy "$stage" $(baseline) ;;
+    *) echo "unknown stage $stage (short, long, long_ms, base, ddp, fsdp)" >&2; exit 2 ;;
   esac
 done
