@@ -437,6 +437,27 @@ def test_auto_backend_on_cpu_is_the_torch_path():
     assert torch.equal(ms_attention(q, k, v, **shape.ms), ms_attention_torch(q, k, v, **shape.ms))
 
 
+@pytest.mark.parametrize(
+    ("dtype", "d", "takes"),
+    [(torch.bfloat16, 32, True), (torch.float16, 128, True), (torch.float32, 64, True),
+     (torch.float64, 64, False), (torch.bfloat16, 16, False), (torch.float32, 34, True),
+     (torch.float32, 33, False)],
+)  # fmt: skip
+def test_auto_backend_takes_triton_only_for_what_the_kernels_take(dtype, d: int, takes: bool):
+    """``auto`` on CUDA falls back to torch for a dtype or head dim the kernels refuse (a small
+    model's D=16 works on a GPU); ``triton`` never falls back; CPU tensors are always torch."""
+    from ctxlab.kernels.ms_attention import interface
+
+    class FakeCuda:  # only what use_triton reads
+        is_cuda, shape = True, (1, 8, 2, d)
+
+    FakeCuda.dtype = dtype
+    assert interface.triton_takes(FakeCuda()) is takes
+    assert interface.use_triton(FakeCuda(), "auto") is takes
+    assert interface.use_triton(FakeCuda(), "triton") is True
+    assert interface.use_triton(torch.zeros(1, 8, 2, d, dtype=dtype), "auto") is False
+
+
 def max_error(a, b):
     return (a.double() - b.double()).abs().max().item()
 

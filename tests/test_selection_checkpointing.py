@@ -88,7 +88,7 @@ def test_gpu_ms_core_with_kept_selection_matches_the_torch_path():
     ours = MSAttention(**opts, backend="auto")(q, k, v)
     ref = MSAttention(**opts, backend="torch")(q, k, v)
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
-    model = tiny_model("causal", seed=2, vocab=64, dim=64, layers=2, heads=4, kv_heads=2).cuda().train()
+    model = tiny_model("causal", seed=2, vocab=64, dim=128, layers=2, heads=4, kv_heads=2).cuda().train()
     for core in model.cores:
         core.region, core.budget, core.merge, core.backend = 16, 8, 2, "auto"
     ids = torch.randint(0, 64, (1, 513), device="cuda")
@@ -96,3 +96,14 @@ def test_gpu_ms_core_with_kept_selection_matches_the_torch_path():
     model.gradient_checkpointing = True
     for n, g in _step(model, ids).items():
         torch.testing.assert_close(g, ref_grads[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_falls_back_to_torch_for_a_head_dim_the_kernels_refuse():
+    """D=16 on CUDA: ``auto`` runs the PyTorch path (equal to it exactly); ``triton`` names the rule."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 300, h, 16, device="cuda") for h in (4, 2, 2))
+    opts = dict(region=8, budget=8, merge=2, select="causal")
+    assert torch.equal(MSAttention(**opts, backend="auto")(q, k, v), MSAttention(**opts, backend="torch")(q, k, v))
+    with pytest.raises(ValueError, match="D >= 32"):
+        MSAttention(**opts, backend="triton")(q, k, v)

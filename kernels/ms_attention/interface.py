@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import torch
 from torch import Tensor
 
 from .torch_impl import ms_attention_torch, ms_select_torch
@@ -104,11 +105,19 @@ def check_tensors(q: Tensor, k: Tensor, v: Tensor | None, *, pe: str) -> None:
         raise ValueError(f"pe='selected' applies rotary embeddings and needs an even head dim, q has D={D}")
 
 
+def triton_takes(q: Tensor) -> bool:
+    """Whether the compiled kernels take ``q``'s dtype and head dim (``triton_impl`` names the
+    rule when ``backend="triton"`` is forced on a tensor they do not take)."""
+    d = q.shape[-1]
+    return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and d % 2 == 0 and d >= 32
+
+
 def use_triton(q: Tensor, backend: str) -> bool:
     """Whether ``backend`` runs the Triton kernels for ``q``: ``"triton"`` always (CUDA, or Triton's
-    CPU interpreter), ``"auto"`` for CUDA tensors when the Triton module imports, ``"torch"``
-    never. RuntimeError for ``"triton"`` when the Triton module does not import."""
-    if backend == "torch" or (backend == "auto" and not q.is_cuda):
+    CPU interpreter), ``"auto"`` for CUDA tensors the kernels take (:func:`triton_takes`) when the
+    Triton module imports, ``"torch"`` never. RuntimeError for ``"triton"`` when the Triton module
+    does not import."""
+    if backend == "torch" or (backend == "auto" and not (q.is_cuda and triton_takes(q))):
         return False
     try:
         from .triton_impl import ms_attention_triton  # noqa: F401  (through sys.modules)
@@ -149,8 +158,9 @@ def ms_attention(
         pe: ``"pre"`` (RoPE already in q, k) or ``"selected"`` (RoPE applied here at the
             block's re-indexed positions; needs an even D).
         scale: softmax scale, ``1/sqrt(D)`` when None.
-        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors when its
-            module imports, else torch).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors whose dtype
+            and head dim the kernels take, float32/16/bf16 and an even D >= 32, when its module
+            imports; else torch).
 
     Inputs with ``ceil(L / region) <= budget`` give exactly dense causal attention. Gradients
     reach q, k, v through the attention only; the selection is not differentiated.

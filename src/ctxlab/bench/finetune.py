@@ -141,21 +141,51 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int) -> dict:
-    """One (variant, length) case; returns its row (``status`` ok | oom)."""
+    """One (variant, length) case; returns its row (``status`` ok | oom).
+
+    The case's model, module, trainer and strategy live only in :func:`_fit_case`'s frame; they
+    are collected once it has returned. Lightning's objects refer to each other, so they go only
+    at a collection, and a strategy that outlives the fit (FSDP2's keeps its sharded model) would
+    otherwise count the previous case's weights in the next case's peak memory."""
+    timer = _step_timer(warmup)
+    on_gpu = torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    row, info = _fit_case(cfg, timer, warmup=warmup, steps=steps, strategy=strategy, devices=devices)
+    times = timer.times
+    del timer  # the trainer's callback: it may hold the trainer, hence the model
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    seq_len = int(cfg.data.seq_len)
+    timed = times[warmup:]
+    row["step_times_s"] = [round(t, 3) for t in times]
+    if row["status"] == "ok" and timed:
+        from ctxlab.train.callbacks import device_peak_flops, model_flops_per_token
+
+        s = statistics.median(timed)
+        row["s_per_step"] = round(s, 3)
+        row["tokens_per_s_per_gpu"] = round(seq_len / s, 1)
+        peak = device_peak_flops() if on_gpu else None
+        if peak:
+            row["mfu"] = round(seq_len / s * model_flops_per_token(info, seq_len) / peak, 4)
+    return row
+
+
+def _fit_case(cfg, timer, *, warmup: int, steps: int, strategy: str | None, devices: int) -> tuple[dict, object]:
+    """Builds and fits one case; returns its row so far and the model's config (for the FLOPs)."""
     import lightning as L
     from hydra.utils import instantiate
 
     from ctxlab.run import build_model
-    from ctxlab.train.callbacks import device_peak_flops, model_flops_per_token
     from ctxlab.train.module import LMModule
 
     seq_len = int(cfg.data.seq_len)
     on_gpu = torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
     row: dict = {"status": "ok"}
-    timer = _step_timer(warmup)
-    model = module = trainer = info = None
+    info = None
     try:
         t_build = time.perf_counter()
         model = build_model(cfg)
@@ -193,24 +223,10 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
             raise
         row["status"] = "oom"
         row["error"] = str(e).splitlines()[0][:200]
-    finally:
-        if on_gpu:
-            row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-        del model, module, trainer
-        gc.collect()
-        if on_gpu:
-            torch.cuda.empty_cache()
-    timed = timer.times[warmup:]
-    row["step_times_s"] = [round(t, 3) for t in timer.times]
-    if row["status"] == "ok" and timed:
-        s = statistics.median(timed)
-        row["s_per_step"] = round(s, 3)
-        row["tokens_per_s_per_gpu"] = round(seq_len / s, 1)
-        peak = device_peak_flops() if on_gpu else None
-        if peak:
-            row["mfu"] = round(seq_len / s * model_flops_per_token(info, seq_len) / peak, 4)
-    return row
+    if on_gpu:
+        row["peak_alloc_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    return row, info
 
 
 def fraction_computed(cfg) -> float:
@@ -224,6 +240,16 @@ def fraction_computed(cfg) -> float:
         g = int(a.group_size) or int(L * float(a.group_ratio))
         return min(1.0, (L // g) * g * (g + 1) / 2 / (L * (L + 1) / 2)) if g else 1.0
     return 1.0
+
+
+def scaling_efficiency(row: dict, baseline: dict | None) -> float | None:
+    """Tokens/s per GPU of ``row`` over the one-GPU tokens/s of the same variant and length in
+    ``baseline`` (a result of this benchmark), or None where either is missing."""
+    tps = row.get("tokens_per_s_per_gpu")
+    for b in (baseline or {}).get("rows", []):
+        if (b["variant"], b["seq_len"]) == (row["variant"], row["seq_len"]) and tps and b.get("tokens_per_s_per_gpu"):
+            return round(tps / b["tokens_per_s_per_gpu"], 3)
+    return None
 
 
 def markdown(result: dict, baseline: dict | None) -> str:
@@ -242,13 +268,10 @@ def markdown(result: dict, baseline: dict | None) -> str:
         "peak reserved GiB | fits a 40 GB card | pairs computed | scaling eff. |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = {(r["variant"], r["seq_len"]): r for r in (baseline or {}).get("rows", [])}
     for r in result["rows"]:
         tps = r.get("tokens_per_s_per_gpu")
-        eff = "-"
-        b = base.get((r["variant"], r["seq_len"]))
-        if tps and b and b.get("tokens_per_s_per_gpu"):
-            eff = f"{tps / b['tokens_per_s_per_gpu']:.2f}"
+        eff = r.get("scaling_efficiency") or scaling_efficiency(r, baseline)
+        eff = f"{eff:.2f}" if eff else "-"
         alloc, reserved = r.get("peak_alloc_gib"), r.get("peak_reserved_gib")
         # A 40 GB A100 offers 39.4 GiB to PyTorch; judged on memory reserved, not just allocated.
         fits = "-" if reserved is None or r["status"] != "ok" else ("yes" if reserved <= 39.4 else "no")
@@ -319,8 +342,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--warmup must be >= 0, --steps and --long-steps >= 1")
     if a.strategy not in (None, "ddp", "fsdp"):
         p.error(f"--strategy must be ddp or fsdp, got {a.strategy!r}")
-    if a.baseline and not Path(a.baseline).is_file():
-        p.error(f"--baseline: no file at {a.baseline}")
+    a.baseline_rows = None
+    if a.baseline:
+        if not Path(a.baseline).is_file():
+            p.error(f"--baseline: no file at {a.baseline}")
+        try:
+            a.baseline_rows = json.loads(Path(a.baseline).read_text())
+            if not isinstance(a.baseline_rows, dict) or not isinstance(a.baseline_rows.get("rows"), list):
+                raise ValueError("no 'rows' list")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            p.error(f"--baseline: {a.baseline} is not a result file of this benchmark ({e})")
     return a
 
 
@@ -351,9 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
     stem = a.tag or f"finetune_{shape}_{card}_{world}gpu"
     out = Path(a.out)
     result = {"shape": shape, "overrides": base_overrides, "strategy": a.strategy, "world_size": world,
+              "baseline": a.baseline,
               "warmup": a.warmup, "steps": a.steps, "long_steps": a.long_steps, "long_from": a.long_from,
               "environment": env, "rows": []}  # fmt: skip
-    baseline = json.loads(Path(a.baseline).read_text()) if a.baseline else None
+    baseline = a.baseline_rows
     devices = world if a.strategy else 1
     for v, L, cfg, reason in cases:
         row = {"variant": v, "seq_len": L, "fraction_computed": round(fraction_computed(cfg), 4)}
@@ -368,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
                 peak = torch.tensor([row["peak_alloc_gib"]], device="cuda")  # the largest of the GPUs
                 torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
                 row["peak_alloc_gib"] = round(float(peak), 2)
+            if baseline and (eff := scaling_efficiency(row, baseline)):
+                row["scaling_efficiency"] = eff
             if rank == 0:
                 print(f"[bench] {v} L={L}: {json.dumps(row)}", flush=True)
         result["rows"].append(row)

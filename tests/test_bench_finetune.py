@@ -1,0 +1,130 @@
+"""The fine-tuning benchmark (``python -m ctxlab.bench.finetune``) on the CPU.
+
+The real code path of the GPU runs (composition, the HF Llama shape with LoRA+, the Lightning
+trainer, timing, result files) on the ``llama2_7b`` config shrunk through ``model.overrides`` to
+one small layer in float32. Timings here mean nothing; what is checked is that the rows are
+consistent with their own step times, that variants which would be dense are reported as skipped,
+that each case's model is freed before the next is built, and that bad arguments stop the run
+before any model is built.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import weakref
+
+import pytest
+
+import ctxlab.run
+from ctxlab.bench import finetune as bench
+
+SHRINK = [
+    "trainer=cpu",
+    "model.init_device=cpu",
+    "model.dtype=float32",
+    "model.head_dim=16",
+    "+model.overrides.num_hidden_layers=1", "+model.overrides.hidden_size=32",
+    "+model.overrides.intermediate_size=64", "+model.overrides.num_attention_heads=2",
+    "+model.overrides.num_key_value_heads=1", "+model.overrides.head_dim=16",
+    "+model.overrides.vocab_size=97",
+]  # fmt: skip
+MS_TINY = "ms_tiny=attention=ms attention.region=4 attention.budget=6 attention.merge=2"
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Weak references to every model the benchmark builds, and, at each build, which of the
+    earlier models were still alive."""
+    refs: list = []
+    alive_at_build: list[list[bool]] = []
+    real = ctxlab.run.build_model
+
+    def build(cfg):
+        alive_at_build.append([r() is not None for r in refs])
+        model = real(cfg)
+        refs.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(ctxlab.run, "build_model", build)
+    return refs, alive_at_build
+
+
+@pytest.mark.slow
+def test_cpu_run_writes_consistent_rows_and_frees_each_model(tmp_path, builds):
+    refs, alive_at_build = builds
+    args = ["--lengths", "48,64", "--variants", "dense,s2,ms_tiny,ms", "--define", MS_TINY,
+            "--warmup", "1", "--steps", "2", "--long-from", "64", "--long-steps", "1",
+            "--out", str(tmp_path), "--tag", "one", "--", *SHRINK]  # fmt: skip
+    result = bench.main(args)
+    rows = {(r["variant"], r["seq_len"]): r for r in result["rows"]}
+    assert len(rows) == 8
+    # paper MS settings (region 16, budget 512) are exactly dense at 48 and 64 tokens
+    for L in (48, 64):
+        assert rows[("ms", L)]["status"] == "skipped" and "dense" in rows[("ms", L)]["reason"]
+    ran = [r for r in result["rows"] if r["status"] == "ok"]
+    assert len(ran) == 6 and len(refs) == 6
+    for r in ran:
+        steps = 2 if r["seq_len"] < 64 else 1
+        assert len(r["step_times_s"]) == 1 + steps
+        assert r["s_per_step"] == pytest.approx(statistics.median(r["step_times_s"][1:]), abs=1e-3)
+        # tokens/s comes from the unrounded median; s/step is rounded to the millisecond
+        assert r["seq_len"] / r["tokens_per_s_per_gpu"] == pytest.approx(r["s_per_step"], abs=5.1e-4)
+        assert 0 < r["trainable_params"] < r["params"]  # LoRA+: adapters, embeddings, norms
+        assert "peak_alloc_gib" not in r  # no GPU, no GPU memory figure
+    assert rows[("dense", 64)]["fraction_computed"] == 1.0
+    assert rows[("ms_tiny", 64)]["fraction_computed"] < 1.0
+    assert rows[("s2", 64)]["fraction_computed"] == pytest.approx(0.2615, abs=1e-3)  # 4 groups of 16
+    # each case's model is gone before the next one is built
+    assert all(not any(alive) for alive in alive_at_build)
+    assert all(r() is None for r in refs)
+    saved = json.loads((tmp_path / "one.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    assert saved["environment"]["torch"] and saved["world_size"] == 1 and saved["strategy"] is None
+    md = (tmp_path / "one.md").read_text()
+    assert "| ms_tiny | 64 | ok |" in md and "- ms L=48: dense at this length" in md
+
+    # a second run against the first as its baseline: the efficiency is the ratio of the files' rows
+    again = bench.main([*args[:-len(SHRINK) - 1], "--baseline", str(tmp_path / "one.json"),
+                        "--variants", "dense", "--tag", "two", "--", *SHRINK])  # fmt: skip
+    for r in again["rows"]:
+        want = r["tokens_per_s_per_gpu"] / rows[(r["variant"], r["seq_len"])]["tokens_per_s_per_gpu"]
+        assert r["scaling_efficiency"] == pytest.approx(want, abs=1e-3)
+        assert f"| {r['scaling_efficiency']:.2f} |" in (tmp_path / "two.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "culprit"),
+    [
+        (["--variants", "dense,nope"], "--variants: unknown ['nope']"),
+        (["--lengths", "32k"], "--lengths must be comma-separated integers"),
+        (["--lengths", "1"], "--lengths must be integers >= 2"),
+        (["--define", "ms8"], "--define takes NAME=OVERRIDES"),
+        (["--steps", "0"], "--steps and --long-steps >= 1"),
+        (["--strategy", "deepspeed"], "--strategy must be ddp or fsdp"),
+        (["--baseline", "/nonexistent/one.json"], "--baseline: no file at"),
+    ],
+)
+def test_bad_arguments_stop_before_any_model(args, culprit, builds, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main([*args, "--out", str(tmp_path), "--", *SHRINK])
+    assert culprit in capsys.readouterr().err
+    assert builds[0] == [] and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"rows": 3}', "[]"])
+def test_a_baseline_that_is_not_a_result_file_is_refused(text, builds, capsys, tmp_path):
+    (tmp_path / "base.json").write_text(text)
+    with pytest.raises(SystemExit):
+        bench.main(["--baseline", str(tmp_path / "base.json"), "--out", str(tmp_path / "o"), "--", *SHRINK])
+    assert "is not a result file of this benchmark" in capsys.readouterr().err
+    assert builds[0] == []
+
+
+def test_a_bad_override_fails_at_composition_before_any_model(builds, tmp_path):
+    from ctxlab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="merge"):
+        bench.main(["--lengths", "64", "--variants", "ms", "--out", str(tmp_path), "--",
+                    *SHRINK, "attention.merge=600"])  # fmt: skip
+    assert builds[0] == []
