@@ -104,6 +104,8 @@ def test_gpu_auto_backend_falls_back_to_torch_for_a_head_dim_the_kernels_refuse(
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 300, h, 16, device="cuda") for h in (4, 2, 2))
     opts = dict(region=8, budget=8, merge=2, select="causal")
-    assert torch.equal(MSAttention(**opts, backend="auto")(q, k, v), MSAttention(**opts, backend="torch")(q, k, v))
+    assert torch.equal(
+        MSAttention(**opts, backend="auto")(q, k, v), MSAttention(**opts, backend="torch")(q, k, v)
+    )
     with pytest.raises(ValueError, match="D >= 32"):
         MSAttention(**opts, backend="triton")(q, k, v)

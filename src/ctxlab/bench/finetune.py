@@ -174,7 +174,9 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
     return row
 
 
-def _fit_case(cfg, timer, *, warmup: int, steps: int, strategy: str | None, devices: int) -> tuple[dict, object]:
+def _fit_case(
+    cfg, timer, *, warmup: int, steps: int, strategy: str | None, devices: int
+) -> tuple[dict, object]:
     """Builds and fits one case; returns its row so far and the model's config (for the FLOPs)."""
     import lightning as L
     from hydra.utils import instantiate
@@ -247,7 +249,11 @@ def scaling_efficiency(row: dict, baseline: dict | None) -> float | None:
     ``baseline`` (a result of this benchmark), or None where either is missing."""
     tps = row.get("tokens_per_s_per_gpu")
     for b in (baseline or {}).get("rows", []):
-        if (b["variant"], b["seq_len"]) == (row["variant"], row["seq_len"]) and tps and b.get("tokens_per_s_per_gpu"):
+        if (
+            (b["variant"], b["seq_len"]) == (row["variant"], row["seq_len"])
+            and tps
+            and b.get("tokens_per_s_per_gpu")
+        ):
             return round(tps / b["tokens_per_s_per_gpu"], 3)
     return None
 
