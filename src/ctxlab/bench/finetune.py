@@ -403,9 +403,10 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[bench] {v} L={L}: {a.warmup} warm-up + {steps} timed steps", flush=True)
             row |= run_case(cfg, warmup=a.warmup, steps=steps, strategy=a.strategy, devices=devices)
             if world > 1 and torch.distributed.is_initialized() and "peak_alloc_gib" in row:
-                peak = torch.tensor([row["peak_alloc_gib"]], device="cuda")  # the largest of the GPUs
+                keys = ("peak_alloc_gib", "peak_reserved_gib")
+                peak = torch.tensor([row[k] for k in keys], device="cuda")  # the largest of the GPUs
                 torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-                row["peak_alloc_gib"] = round(float(peak), 2)
+                row |= {k: round(float(x), 2) for k, x in zip(keys, peak.tolist())}
             if baseline and (eff := scaling_efficiency(row, baseline)):
                 row["scaling_efficiency"] = eff
             if rank == 0:
