@@ -69,7 +69,7 @@ compare: $(STAMP) ## Compare finished runs: make compare RUNS="dir1 dir2" OUT=co
 # What experiments/gpu/device_env.sh installs on a GPU machine without a registry: the versions of
 # this .venv as wheels (pure Python, abi3 or one per CPython 3.11-3.13), carried in .whl/hf.
 GPU_WHEELS := transformers peft huggingface_hub httpx2 httpcore2 truststore tokenizers safetensors hf-xet \
-	accelerate lightning lightning-utilities hydra-core omegaconf
+	accelerate lightning lightning-utilities hydra-core omegaconf datasets torchdata dill fsspec
 gpu-wheels: $(STAMP) ## Wheels of ctxlab's Python dependencies for a GPU machine without a registry (.whl/hf)
 	mkdir -p .whl/hf
 	for p in $(GPU_WHEELS); do \
@@ -78,7 +78,8 @@ gpu-wheels: $(STAMP) ## Wheels of ctxlab's Python dependencies for a GPU machine
 	    -d .whl/hf "$$p==$$($(PY) -m pip show $$p | sed -n 's/^Version: //p')" || exit 1; done
 	for v in 3.11 3.12 3.13; do $(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $$v \
 	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl/hf \
-	    "regex==$$($(PY) -m pip show regex | sed -n 's/^Version: //p')" || exit 1; done
+	    "regex==$$($(PY) -m pip show regex | sed -n 's/^Version: //p')" \
+	    "multiprocess==$$($(PY) -m pip show multiprocess | sed -n 's/^Version: //p')" || exit 1; done
 	$(PY) -m pip wheel --quiet --no-deps -w .whl/hf antlr4-python3-runtime==4.9.3
 
 bench-finetune: ## On a GPU machine: the 7B fine-tuning benchmark (make bench-finetune OUT=dir STAGES="short long ddp fsdp")

@@ -100,6 +100,56 @@ def test_chunked_window_equals_full_forward_dense():
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("lq", "lk"), [(23, 23), (9, 23), (1, 23)], ids=["causal", "cached-chunk", "decode"])
+def test_dense_attention_with_repeated_kv_heads_equals_grouped(monkeypatch, lq, lk):
+    """Where SDPA's fused kernels cannot take grouped K/V (CUDA float32, or a mask) the heads are
+    repeated instead; both give the same attention."""
+    import ctxlab.attention.modules as modules
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, lq, 6, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, lk, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    grouped = modules.dense_attention(q, k, v)
+    monkeypatch.setattr(modules, "sdpa_keeps_gqa", lambda q, mask: False)
+    torch.testing.assert_close(modules.dense_attention(q, k, v), grouped, rtol=1e-12, atol=1e-12)
+    # and the repeated path is plain per-head attention over the matching kv head
+    ref = modules.dense_attention(
+        q[:, :, :3], k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(-1, -1, 3, -1)
+    )
+    torch.testing.assert_close(grouped[:, :, :3], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_keeps_gqa_only_where_the_flash_kernel_runs():
+    from ctxlab.attention.modules import sdpa_keeps_gqa
+
+    class Cuda:  # what sdpa_keeps_gqa reads
+        is_cuda = True
+
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    assert sdpa_keeps_gqa(Cuda(torch.bfloat16), None) and sdpa_keeps_gqa(Cuda(torch.float16), None)
+    assert not sdpa_keeps_gqa(Cuda(torch.float32), None)  # float32 evaluation: no flash
+    assert not sdpa_keeps_gqa(Cuda(torch.bfloat16), mask)  # a chunk with a cache: no flash
+    assert sdpa_keeps_gqa(torch.zeros(1, dtype=torch.float32), mask)  # CPU: every SDPA path takes GQA
+
+
+@pytest.mark.gpu
+def test_gpu_float32_gqa_dense_attention_at_32k_stays_in_linear_memory():
+    """The evaluation of a GQA model in float32 at 32K: the math fallback would need 64 GiB for
+    the scores of 8 heads; the memory-efficient kernel needs the inputs and output only."""
+    from ctxlab.attention.modules import dense_attention
+
+    q = torch.randn(1, 32768, 8, 64, device="cuda")
+    k, v = (torch.randn(1, 32768, 2, 64, device="cuda") for _ in range(2))
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    o = dense_attention(q, k, v)
+    assert o.shape == q.shape and torch.isfinite(o).all()
+    assert torch.cuda.max_memory_allocated() - before < 2**30  # < 1 GiB: no [H, L, L] scores
+
+
 def test_kv_cache_decoding_equals_full_forward_dense():
     model = tiny_model("dense")
     ids = torch.randint(0, 64, (1, 30))

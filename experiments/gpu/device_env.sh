@@ -7,10 +7,12 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 CTXLAB_OVERLAY=${CTXLAB_OVERLAY:-/tmp/ctxlab-overlay}
 python3 -m pip install --quiet --no-deps --no-index --find-links .whl/hf --target "$CTXLAB_OVERLAY" \
   transformers peft huggingface_hub httpx2 httpcore2 truststore tokenizers safetensors hf-xet regex \
-  accelerate lightning lightning-utilities hydra-core omegaconf antlr4-python3-runtime
-rm -rf "$CTXLAB_OVERLAY/ctxlab"
+  accelerate lightning lightning-utilities hydra-core omegaconf antlr4-python3-runtime \
+  datasets torchdata dill multiprocess fsspec
+rm -rf "$CTXLAB_OVERLAY/ctxlab" "$CTXLAB_OVERLAY/hydra_plugins"
 cp -r src/ctxlab "$CTXLAB_OVERLAY/ctxlab"
+cp -r src/hydra_plugins "$CTXLAB_OVERLAY/hydra_plugins"  # the ctxlab CLI registers its Hydra plugins
 ln -sfn "$PWD/kernels" "$CTXLAB_OVERLAY/ctxlab/kernels"
 export PYTHONPATH="$CTXLAB_OVERLAY" CTXLAB_CFG="$PWD/cfg"
-python3 -c "import torch, triton, transformers, lightning, peft, hydra, ctxlab.kernels; print('device env:', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())"
+python3 -c "import torch, triton, transformers, lightning, peft, hydra, ctxlab.kernels, ctxlab.data.datamodule; print('device env:', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'peft', peft.__version__, 'gpus', torch.cuda.device_count())"
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # less fragmentation at 128K

@@ -23,4 +23,6 @@ for arm in $ARMS; do
   echo "== $arm"
   python3 -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m ctxlab "${COMMON[@]}" "${A[@]}" \
     "name=$arm" "hydra.run.dir=$OUT/$arm"
+  # the tables and plots next to the run's config as well (a copy-back that skips nested folders)
+  cp "$OUT/$arm"/results/* "$OUT/$arm"/plots/* "$OUT/$arm"/ 2>/dev/null || true
 done

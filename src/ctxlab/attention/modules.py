@@ -24,10 +24,21 @@ from ctxlab.kernels.ms_attention.interface import check_tensors as check_ms_tens
 DECODE_MODES = ("auto", "dense", "sparse")
 
 
+def sdpa_keeps_gqa(q: Tensor, mask: Tensor | None) -> bool:
+    """Whether SDPA can take grouped K/V (``enable_gqa``) for ``q`` without its math fallback.
+
+    On CUDA only the flash kernel takes GQA, and it needs fp16/bf16 and no explicit mask; any
+    other CUDA call with ``enable_gqa`` (a float32 evaluation, a chunk with a cache) falls back to
+    the math path, which materialises the ``[B, H, Lq, Lk]`` scores (64 GiB at 32K). There the K/V
+    heads are repeated instead, which the memory-efficient kernel takes (O(L) memory)."""
+    return not q.is_cuda or (mask is None and q.dtype in (torch.float16, torch.bfloat16))
+
+
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
     """Causal SDPA where the ``Lq`` queries are the last ``Lq`` of the ``Lk`` keys' positions.
 
-    GQA is handled without materialising repeated K/V where SDPA supports it.
+    GQA is handled without materialising repeated K/V where SDPA's fused kernels allow it
+    (:func:`sdpa_keeps_gqa`), with repeated K/V heads elsewhere.
     """
     Lq, Lk = q.shape[1], k.shape[1]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D]
@@ -38,8 +49,12 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
     else:
         qpos = torch.arange(Lk - Lq, Lk, device=q.device)[:, None]
         mask, causal = torch.arange(Lk, device=q.device)[None, :] <= qpos, False  # [Lq, Lk]
+    gqa = kt.shape[1] != qt.shape[1]
+    if gqa and not sdpa_keeps_gqa(q, mask):
+        group = qt.shape[1] // kt.shape[1]
+        kt, vt, gqa = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1), False
     o = F.scaled_dot_product_attention(
-        qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=kt.shape[1] != qt.shape[1]
+        qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
     return o.transpose(1, 2)
 
