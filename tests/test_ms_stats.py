@@ -77,3 +77,50 @@ def test_recency_scores_give_a_sliding_window():
     assert stats["local_share"] == 1.0
     assert stats["head_jaccard"] == 1.0
     assert stats["mean_distance"] == pytest.approx(2.5)  # distances 1..4
+
+
+def test_selection_stats_callback_logs_train_and_val_statistics():
+    """The Lightning callback arms the MS cores, logs the mean statistics over the MS layers
+    under selection/train (every ``every`` steps) and selection/val (first batch), then disarms."""
+    import lightning as L
+    from helpers import tiny_model
+    from torch.utils.data import DataLoader
+
+    from ctxlab.attention.stats import selection_stats
+    from ctxlab.train.callbacks import SelectionStats
+    from ctxlab.train.module import LMModule
+
+    model = tiny_model("causal", layers=2).train()
+    ids = torch.randint(0, 64, (4, 41), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row} for row in ids]
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.logged: list[dict] = []
+
+        def on_validation_end(self, trainer, pl_module):
+            self.logged.append(dict(trainer.callback_metrics))
+
+    rec = Record()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, val_check_interval=2, limit_val_batches=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=[SelectionStats(every=1), rec],
+    )  # fmt: skip
+    module = LMModule(model, lambda p: torch.optim.AdamW(p, lr=1e-3), seed=0)
+    trainer.fit(module, DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+    metrics = rec.logged[-1]
+    keys = {k for k in metrics if k.startswith("selection/")}
+    assert {"selection/train/local_share", "selection/val/local_share"} <= keys, keys
+    assert all(not c.record_selection and c.last_selection is None for c in model.cores)  # disarmed
+    # the val figure is the mean over the layers of selection_stats on the first val batch
+    model.eval()
+    for c in model.cores:
+        c.record_selection = True
+    with torch.no_grad():
+        model(ids[:2, :-1])
+    want = sum(
+        selection_stats(c.last_selection, budget=c.budget, merge=c.merge, local_window=4)["local_share"]
+        for c in model.cores
+    ) / len(model.cores)
+    assert float(metrics["selection/val/local_share"]) == pytest.approx(want, abs=1e-6)

@@ -84,10 +84,10 @@ class SelectionStats(L.Callback):
             for c in cores
             if c.last_selection is not None and c.last_selection.shape[2] > 0
         ]
-        if stats:
+        if stats:  # every rank records the same layers at the same step: the ranks' mean is logged
             for key in stats[0]:
                 if isinstance(stats[0][key], int | float):
-                    pl_module.log(f"{prefix}/{key}", sum(s[key] for s in stats) / len(stats))
+                    pl_module.log(f"{prefix}/{key}", sum(s[key] for s in stats) / len(stats), sync_dist=True)
         self._arm(pl_module, False)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
