@@ -45,8 +45,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("grouped_kv", [True, False], ids=["grouped-kv", "repeated-kv"])
 @pytest.mark.parametrize("B,L,H,Hkv,D,group,wrap", CASES)
-def test_s2_matches_naive_forward_and_backward(B, L, H, Hkv, D, group, wrap):
+def test_s2_matches_naive_forward_and_backward(B, L, H, Hkv, D, group, wrap, grouped_kv, monkeypatch):
+    """repeated-kv: the path SDPA takes where its fused kernels cannot take grouped K/V (CUDA float32)."""
+    import ctxlab.attention.modules as modules
+
+    if not grouped_kv:
+        monkeypatch.setattr(modules, "sdpa_keeps_gqa", lambda q, mask: False)
     g = torch.Generator().manual_seed(L * 31 + H)
     q, k, v = (torch.randn(B, L, h, D, generator=g, requires_grad=True) for h in (H, Hkv, Hkv))
     out = s2_attention(q, k, v, group=group, wrap=wrap)

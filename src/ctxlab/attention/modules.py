@@ -49,14 +49,22 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
     else:
         qpos = torch.arange(Lk - Lq, Lk, device=q.device)[:, None]
         mask, causal = torch.arange(Lk, device=q.device)[None, :] <= qpos, False  # [Lq, Lk]
-    gqa = kt.shape[1] != qt.shape[1]
-    if gqa and not sdpa_keeps_gqa(q, mask):
-        group = qt.shape[1] // kt.shape[1]
-        kt, vt, gqa = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1), False
-    o = F.scaled_dot_product_attention(
-        qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+    return sdpa(qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale).transpose(1, 2)
+
+
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:  # fmt: skip
+    """``F.scaled_dot_product_attention`` on ``[..., H, L, D]`` with ``Hkv`` dividing ``H``: grouped
+    K/V where the fused kernels take them (:func:`sdpa_keeps_gqa`), repeated K/V heads elsewhere."""
+    gqa = k.shape[-3] != q.shape[-3]
+    if gqa and not sdpa_keeps_gqa(q, attn_mask):
+        group = q.shape[-3] // k.shape[-3]
+        k, v, gqa = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3), False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
     )
-    return o.transpose(1, 2)
 
 
 class DenseAttention(nn.Module):

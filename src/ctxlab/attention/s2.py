@@ -27,11 +27,10 @@ those of a causal model either way; ``causal`` describes that evaluated function
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ctxlab.attention.cache import LayerCache
-from ctxlab.attention.modules import dense_attention
+from ctxlab.attention.modules import dense_attention, sdpa
 
 
 def s2_group_size(length: int, *, group_ratio: float = 0.25, group_size: int = 0) -> int:
@@ -61,10 +60,7 @@ def _kv_heads(x_BLHD: Tensor, h0: int, h1: int, rep: int) -> Tensor:
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     """Causal SDPA over the leading dims; q ``[..., L, h, D]``, k, v ``[..., L, hkv, D]``."""
-    o = F.scaled_dot_product_attention(
-        q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2),
-        is_causal=True, scale=scale, enable_gqa=q.shape[-2] != k.shape[-2],
-    )  # fmt: skip
+    o = sdpa(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), is_causal=True, scale=scale)
     return o.transpose(-3, -2)
 
 
