@@ -105,11 +105,17 @@ def check_tensors(q: Tensor, k: Tensor, v: Tensor | None, *, pe: str) -> None:
         raise ValueError(f"pe='selected' applies rotary embeddings and needs an even head dim, q has D={D}")
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""The dtypes the Triton kernels take."""
+MIN_GPU_HEAD_DIM = 32
+"""The smallest (even) head dim the compiled kernels take: a tl.dot needs 16 columns per half."""
+
+
 def triton_takes(q: Tensor) -> bool:
     """Whether the compiled kernels take ``q``'s dtype and head dim (``triton_impl`` names the
     rule when ``backend="triton"`` is forced on a tensor they do not take)."""
     d = q.shape[-1]
-    return q.dtype in (torch.float32, torch.float16, torch.bfloat16) and d % 2 == 0 and d >= 32
+    return q.dtype in KERNEL_DTYPES and d % 2 == 0 and d >= MIN_GPU_HEAD_DIM
 
 
 def use_triton(q: Tensor, backend: str) -> bool:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..rope import rope_cos_sin, rope_inv_freq
 from . import triton_kernels as tk
+from .interface import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
 from .torch_impl import ms_select_torch, num_blocks
 
 LOG2E = 1.4426950408889634
@@ -322,12 +323,12 @@ def _check_launch(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> None:
             f"q is on {q.device}: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
             "set before ctxlab.kernels.ms_attention.triton_kernels is imported"
         )
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     if q.shape[-1] % 2:
         raise ValueError(f"the Triton kernels need an even head dim, q has D={q.shape[-1]}")
-    if q.device.type == "cuda" and q.shape[-1] < 32:
-        raise ValueError(f"the Triton kernels need D >= 32 on a GPU, q has D={q.shape[-1]}")
+    if q.device.type == "cuda" and q.shape[-1] < MIN_GPU_HEAD_DIM:
+        raise ValueError(f"the Triton kernels need D >= {MIN_GPU_HEAD_DIM} on a GPU, q has D={q.shape[-1]}")
     if idx.dtype != torch.int32 or not idx.is_contiguous():
         raise ValueError("idx must be a contiguous int32 tensor (see sort_selection)")
 
@@ -392,7 +393,7 @@ def ms_select_triton(
         raise ValueError(
             f"q is on {q.device}: the Triton selection needs CUDA tensors, or TRITON_INTERPRET=1"
         )
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     q, k = q.contiguous(), k.contiguous()
     cfg = config or default_config(q.device)

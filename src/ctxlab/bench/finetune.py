@@ -149,11 +149,9 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
     otherwise count the previous case's weights in the next case's peak memory."""
     timer = _step_timer(warmup)
     on_gpu = torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
-    gc.collect()
     if on_gpu:
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    row, info = _fit_case(cfg, timer, warmup=warmup, steps=steps, strategy=strategy, devices=devices)
+    row, info = _fit_case(cfg, timer, on_gpu, warmup=warmup, steps=steps, strategy=strategy, devices=devices)
     times = timer.times
     del timer  # the trainer's callback: it may hold the trainer, hence the model
     gc.collect()
@@ -175,7 +173,7 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
 
 
 def _fit_case(
-    cfg, timer, *, warmup: int, steps: int, strategy: str | None, devices: int
+    cfg, timer, on_gpu: bool, *, warmup: int, steps: int, strategy: str | None, devices: int
 ) -> tuple[dict, object]:
     """Builds and fits one case; returns its row so far and the model's config (for the FLOPs)."""
     import lightning as L
@@ -185,7 +183,6 @@ def _fit_case(
     from ctxlab.train.module import LMModule
 
     seq_len = int(cfg.data.seq_len)
-    on_gpu = torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
     row: dict = {"status": "ok"}
     info = None
     try:
