@@ -13,6 +13,8 @@ prompt has exactly ``length`` tokens.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctxlab.eval.generate import greedy_generate
+from ctxlab.eval.intervals import wilson
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -113,14 +116,29 @@ def trial_key(seed: int, length: int, depth: float, trial: int, digits: int) -> 
     return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
 
 
+def cell_key(prompt: PasskeyPrompt, length: int, depth: float, trial: int, cfg: PasskeyConfig) -> str:
+    """The store key of one trial: its place in the grid, how it is run, and a hash of its prompt
+    (a changed tokenizer never matches). The model is the store's fingerprint."""
+    digest = hashlib.sha1(json.dumps(prompt.ids).encode()).hexdigest()[:16]
+    return (
+        f"passkey/L={length}/depth={depth:.6f}/trial={trial}/key={prompt.key}"
+        f"/chunk={cfg.chunk_size}/ids={digest}"
+    )
+
+
 @torch.no_grad()
-def passkey_grid(model, tokenizer, cfg: PasskeyConfig, *, device="cpu", progress: bool = True) -> list[dict]:
-    """One row per (length, depth): accuracy over ``cfg.trials`` keys, plus the raw answers.
+def passkey_grid(
+    model, tokenizer, cfg: PasskeyConfig, *, device="cpu", progress: bool = True, store=None
+) -> list[dict]:
+    """One row per (length, depth): ``correct`` of ``trials`` keys, ``accuracy``, the raw answers.
 
     Data-parallel when a process group of several ranks exists (``ctxlab.distributed``): the
     lengths x depths x trials items are dealt round-robin over the ranks and their answers
     gathered once; every rank returns the single-process rows. The progress bar (this rank's
-    items) shows on rank 0 only."""
+    items) shows on rank 0 only.
+
+    ``store``: a :class:`ctxlab.eval.cells.CellStore`; a trial found there is not run again, and
+    each trial's answer is put there as it finishes, so an interrupted grid resumes."""
     from ctxlab import distributed
 
     shortest = min_prompt_length(tokenizer, cfg.digits)
@@ -138,10 +156,16 @@ def passkey_grid(model, tokenizer, cfg: PasskeyConfig, *, device="cpu", progress
         length, depth, t = items[j]
         key = trial_key(cfg.seed, length, depth, t, cfg.digits)
         prompt = make_prompt(tokenizer, length, depth, key)
+        cell = cell_key(prompt, length, depth, t, cfg) if store is not None else None
+        if cell is not None and cell in store:
+            answers[j] = store[cell]
+            continue
         ids = torch.tensor([prompt.ids], dtype=torch.long, device=device)
         n_new = len(tokenizer.encode(" " + key)) + 1
         out = greedy_generate(model, ids, n_new, chunk_size=cfg.chunk_size)
         answers[j] = extract_key(tokenizer.decode(out[0].tolist()))
+        if store is not None:
+            store.put(cell, answers[j])
     gathered = iter(distributed.gather_items(len(items), answers))
     rows = []
     for length, depth in cells:
@@ -149,10 +173,29 @@ def passkey_grid(model, tokenizer, cfg: PasskeyConfig, *, device="cpu", progress
         keys = [trial_key(cfg.seed, length, depth, t, cfg.digits) for t in range(cfg.trials)]
         correct = sum(a == k for a, k in zip(got, keys))
         rows.append(
-            {"length": length, "depth": depth, "accuracy": correct / cfg.trials,
+            {"length": length, "depth": depth, "correct": correct, "accuracy": correct / cfg.trials,
              "trials": cfg.trials, "answers": " ".join(got)}
         )  # fmt: skip
     return rows
+
+
+def passkey_by_length(rows: Sequence[dict], z: float = 1.96) -> list[dict]:
+    """Per length (in the rows' order), pooled over depths: ``length, correct, trials, accuracy``
+    and the Wilson interval ``lo, hi`` (95% for ``z = 1.96``). Rows without ``correct`` (written
+    before it existed) give ``round(accuracy * trials)``."""
+    pooled: dict[int, list[int]] = {}
+    for r in rows:
+        correct = r.get("correct", round(r["accuracy"] * r["trials"]))
+        acc = pooled.setdefault(r["length"], [0, 0])
+        acc[0] += int(correct)
+        acc[1] += int(r["trials"])
+    out = []
+    for length, (correct, trials) in pooled.items():
+        lo, hi = wilson(correct, trials, z)
+        accuracy = correct / trials if trials else float("nan")
+        out.append({"length": length, "correct": correct, "trials": trials,
+                    "accuracy": accuracy, "lo": lo, "hi": hi})  # fmt: skip
+    return out
 
 
 def accuracy_matrix(rows: Sequence[dict]) -> tuple[list[int], list[float], list[list[float]]]:
