@@ -50,7 +50,8 @@ def metrics_of(summary: dict) -> dict:
     perplexity at context N), ``ppl_longest`` (at the grid's longest length), ``passkey@N``
     (exact-match accuracy at length N, averaged over depths and trials) and ``passkey_mean``
     (over every length and depth). A metric the job did not measure is absent."""
-    out = {k: summary[k] for k in ("val_ppl", "steps", "fit_seconds", "causal") if k in summary}
+    keys = ("val_ppl", "steps", "fit_seconds", "causal", "tokens_per_s", "peak_mem_gib", "eval_scale")
+    out = {k: summary[k] for k in keys if summary.get(k) is not None}
     ppl_rows = sorted(summary.get("perplexity") or [], key=lambda r: r["length"])
     for r in ppl_rows:
         out[f"ppl@{r['length']}"] = r["ppl"]
@@ -91,12 +92,36 @@ def run_config(run_dir: Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def read_summary(path: Path) -> dict:
+    """A ``summary.json``; ValueError naming the file when it is not a JSON object."""
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable summary ({e}); rerun that job's evaluation or remove the run") from e
+    if not isinstance(s, dict) or "name" not in s:
+        raise ValueError(f"{path}: not a ctxlab summary (no 'name')")
+    return s
+
+
+def run_summaries(run_dir: Path) -> list[dict]:
+    """Every evaluation of a run: ``results/summary.json`` first, then ``results/eval_*/``, each
+    labelled ``name`` (``<name> @<eval attention>`` where that is not the trained attention)."""
+    first = read_summary(run_dir / "results" / "summary.json")
+    paths = [run_dir / p for p in (first.get("evaluations") or {}).values()]
+    paths = [p for p in paths if p != run_dir / "results"] or sorted((run_dir / "results").glob("eval_*"))
+    out = []
+    for s in [first, *(read_summary(p / "summary.json") for p in paths if (p / "summary.json").exists())]:
+        ev = s.get("eval_attention")
+        s["arm"] = s["name"]
+        if ev not in (None, "trained"):
+            s["name"] = f"{s['name']} @{ev}"
+        s["_dir"] = str(run_dir)
+        out.append(s)
+    return out
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "comparison") -> dict:
-    summaries = []
-    for d in find_runs([Path(p) for p in run_dirs]):
-        s = json.loads((d / "results" / "summary.json").read_text())
-        s["_dir"] = str(d)
-        summaries.append(s)
+    summaries = [s for d in find_runs([Path(p) for p in run_dirs]) for s in run_summaries(d)]
     if not summaries:
         raise FileNotFoundError(f"no results/summary.json under {', '.join(map(str, run_dirs))}")
     ppl_lengths = sorted({r["length"] for s in summaries for r in s.get("perplexity", [])})

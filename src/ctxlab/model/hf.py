@@ -383,6 +383,23 @@ class HFCausalLM(nn.Module):
     def cores(self) -> list[nn.Module]:
         return [attn.ctxlab_core for attn in hf_attention_modules(self.hf)]
 
+    def set_attention(self, attention: Callable[[], nn.Module]) -> None:
+        """Give every layer a new core from ``attention`` (an evaluation attention, say); the
+        cores hold no weights, so the trained weights and adapters are untouched."""
+        for attn in hf_attention_modules(self.hf):
+            core = attention()
+            configure = getattr(core, "configure_position", None)
+            if configure is not None:
+                configure(self.position)
+            attn.ctxlab_core = core
+
+    def refresh_rope_config(self) -> None:
+        """Write the scheme's evaluation rotation into the HF config (after its scale changed),
+        so an export describes what the model computes."""
+        rope = self.position.hf_rope_scaling()
+        if rope is not None:
+            self.hf.config.rope_parameters = rope
+
     @property
     def lm_head(self) -> nn.Module:
         return self.hf.get_output_embeddings()
@@ -440,6 +457,10 @@ class HFModelSpec:
     mlp_chunk: int = 0
     """Training runs each layer's MLP this many tokens at a time, recomputed in the backward
     (0: whole sequence). Cuts the peak memory at long L for one more MLP forward."""
+    trainable_dtype: str = "float32"
+    """dtype of the fully trained modules (``trainable``) in a low-precision model: float32
+    masters (``hf_lora.keep_float32_masters``; a bf16 norm weight cannot take a 1e-4 step) or
+    ``model`` (the model's dtype, as before)."""
     overrides: dict = field(default_factory=dict)
     """Config fields changed in a random shape (e.g. ``num_hidden_layers``); random shapes only."""
     init_device: str = "cpu"
@@ -465,6 +486,8 @@ class HFModelSpec:
                 f"model.source={self.source!r} is not one of {sorted(RANDOM_SHAPES)}"
             )
         check_mlp_chunk(self.mlp_chunk)  # before any weight is loaded
+        if self.trainable_dtype not in ("float32", "model"):
+            raise ValueError(f"model.trainable_dtype must be float32 or model, got {self.trainable_dtype!r}")
         self.lora_targets, self.trainable = list(self.lora_targets), list(self.trainable)
         self.overrides = dict(self.overrides)
 
@@ -490,7 +513,7 @@ def build_hf_model(
     (``position.base == rope_theta``), else its positions would silently change; a random
     shape takes the scheme's base.
     """
-    from ctxlab.model.hf_lora import apply_lora_plus
+    from ctxlab.model.hf_lora import apply_lora_plus, keep_float32_masters
 
     hf_model, folder, pretrained = load_hf_source(spec)
     head_dim = hf_attention_modules(hf_model)[0].head_dim
@@ -510,6 +533,8 @@ def build_hf_model(
                 targets=spec.lora_targets, trainable=spec.trainable,
             )
         )  # fmt: skip
+        if spec.trainable_dtype == "float32":
+            keep_float32_masters(model.hf, spec.trainable)
     if spec.gradient_checkpointing:
         set_checkpointing(model.hf, True)
     if spec.mlp_chunk:

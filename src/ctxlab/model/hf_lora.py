@@ -73,6 +73,45 @@ def apply_lora_plus(
     return peft_model
 
 
+def keep_float32_masters(hf_model: nn.Module, trainable: Sequence[str]) -> list[str]:
+    """Keep LoRA+'s fully trained modules (embeddings, norms) in float32 inside a low-precision
+    model; returns the names of the modules changed.
+
+    In a bfloat16 model an AdamW step of 1e-4 on a norm weight near 1 is below bfloat16's spacing
+    there (2**-7) and rounds away, so without float32 masters the norms never train and the
+    embeddings train coarsely. The weights become float32 (the optimizer updates those); a
+    pre-hook casts each such module's floating inputs to float32 and a hook casts its floating
+    outputs back to the model's dtype, so activations, memory and the residual stream stay as
+    they were. A weight tied to one of these (the output head of tied embeddings) is float32 too,
+    and its module gets the same hooks. peft's LoRA adapters are float32 already.
+    """
+    import torch
+
+    params = [p for p in hf_model.parameters() if p.is_floating_point()]
+    compute = max({p.dtype for p in params}, key=lambda d: sum(p.numel() for p in params if p.dtype == d))
+    if compute == torch.float32:
+        return []
+    for name, module in hf_model.named_modules():
+        if _matches(name, trainable) and "lora_" not in name:
+            module.float()
+    changed = []
+    for name, module in hf_model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
+        if "lora_" in name or not own or any(p.dtype != torch.float32 for p in own):
+            continue
+
+        def to_master(_m, args):
+            return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+        def to_compute(_m, _args, out, dtype=compute):
+            return out.to(dtype) if torch.is_tensor(out) and out.is_floating_point() else out
+
+        module.register_forward_pre_hook(to_master)
+        module.register_forward_hook(to_compute)
+        changed.append(name)
+    return changed
+
+
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters that require gradients (shared parameters listed once)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -147,6 +147,23 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def configured_cores(
+    attention: Callable[[], nn.Module], position: PositionScheme, n_layers: int
+) -> list[nn.Module]:
+    """One core per layer from the factory ``attention``, each told the position scheme."""
+    cores = [attention() for _ in range(n_layers)]
+    for core in cores:
+        configure = getattr(core, "configure_position", None)
+        if position.applies_in_attention and configure is None:
+            raise ValueError(
+                f"position scheme {type(position).__name__} is applied inside attention, "
+                f"which {type(core).__name__} cannot do (use an MS attention)"
+            )
+        if configure is not None:
+            configure(position)
+    return cores
+
+
 class Llama(nn.Module):
     """Decoder-only LM: ``forward(input_ids [B, L], position_ids [B, L]) -> logits [B, L, V]``.
 
@@ -164,16 +181,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.position = position
-        cores = [attention() for _ in range(config.n_layers)]
-        for core in cores:
-            configure = getattr(core, "configure_position", None)
-            if position.applies_in_attention and configure is None:
-                raise ValueError(
-                    f"position scheme {type(position).__name__} is applied inside attention, "
-                    f"which {type(core).__name__} cannot do (use an MS attention)"
-                )
-            if configure is not None:
-                configure(position)
+        cores = configured_cores(attention, position, config.n_layers)
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, core, position) for core in cores)
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -190,6 +198,12 @@ class Llama(nn.Module):
     @property
     def cores(self) -> list[nn.Module]:
         return [layer.attn.core for layer in self.layers]
+
+    def set_attention(self, attention: Callable[[], nn.Module]) -> None:
+        """Give every layer a new core from ``attention`` (an evaluation attention, say); the
+        cores hold no weights, so the trained weights are untouched."""
+        for layer, core in zip(self.layers, configured_cores(attention, self.position, len(self.layers))):
+            layer.attn.core = core
 
     @property
     def _ckpt_kwargs(self) -> dict:

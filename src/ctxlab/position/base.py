@@ -265,6 +265,23 @@ class PositionScheme(nn.Module):
         """The Lightning callback this scheme needs during training, or None (most schemes)."""
         return None
 
+    eval_scale_setting: ClassVar[str | None] = None
+    """The setting (``position.<name>``) that fixes the scale used at evaluation, for schemes
+    whose inference scale is free to choose after training (CRD NTK's ``scale_inf``, a
+    training-free NTK ``scale``); None where there is none. ``eval.scale_search`` tunes it."""
+
+    @property
+    def eval_scale(self) -> float | None:
+        """The evaluation scale now in use (None where the scheme has none)."""
+        return None if self.eval_scale_setting is None else float(getattr(self, self.eval_scale_setting))
+
+    def set_eval_scale(self, scale: float) -> None:
+        """Use ``scale`` from now on in evaluation (rebuilding the tables)."""
+        if self.eval_scale_setting is None:
+            raise ValueError(f"position={self.name} has no evaluation scale to set")
+        setattr(self, self.eval_scale_setting, check_scale(self.eval_scale_setting, scale))
+        self._rebuild_tables(self.inv_freq.device)
+
     def describe(self) -> str:
         """One line naming the scheme and its settings."""
         return f"{self.name}(head_dim={self.head_dim}, base={self.base:g})"

@@ -60,6 +60,7 @@ class CRDNTK(PositionScheme):
     """
 
     name = "crd_ntk"
+    eval_scale_setting = "scale_inf"
     inv_freq_eval: Tensor
 
     def __init__(

@@ -79,7 +79,10 @@ class NTKAware(PositionScheme):
         self._rebuild_tables()
         check_inv_freq(self.inv_freq, f"scale={self.scale:g}")
 
+    eval_scale_setting = "scale"  # training-free: the scale is chosen for the target length
+
     def _build_tables(self, device: torch.device | None) -> dict[str, Tensor]:
+        self._scaled_base = ntk_base(self.base, self.scale, self.head_dim)
         return {"inv_freq": inv_freq64(self.head_dim, self._scaled_base, device)}
 
     @property

@@ -1,0 +1,114 @@
+"""A run's trained weights as small files: what a fit changed, nothing else.
+
+A fine-tune of a pre-trained model changes only its trainable parameters (LoRA+: the adapters,
+the norms and the embeddings); ``save_trainable`` writes exactly those, by parameter name, as
+safetensors in the run's ``weights/`` folder, so an arm of a study can be kept, moved between
+machines and re-evaluated without its multi-GB Lightning checkpoint. Parameters are split by
+size into ``trainable.safetensors`` (each tensor under ``SMALL_NUMEL`` elements: adapters,
+norms) and ``trainable_large.safetensors`` (embeddings), since the small file is what fits
+where space is scarce; ``load_trainable`` needs both when both were written.
+
+``meta.json`` beside them records the step, the parameter names and shapes and the settings
+the weights were trained with (model, attention, position), which ``load_trainable`` checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SMALL_NUMEL = 1 << 20
+FILES = {"small": "trainable.safetensors", "large": "trainable_large.safetensors"}
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name (a tied parameter once), detached, contiguous, on the CPU."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().to("cpu").contiguous()
+    return out
+
+
+def save_trainable(model: nn.Module, folder: str | Path, meta: dict) -> Path:
+    """Write the trainable parameters of ``model`` and ``meta`` into ``folder`` (atomically per
+    file: written under a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = trainable_state(model)
+    if not state:
+        raise ValueError("the model has no trainable parameters to save")
+    parts = {
+        "small": {k: v for k, v in state.items() if v.numel() < SMALL_NUMEL},
+        "large": {k: v for k, v in state.items() if v.numel() >= SMALL_NUMEL},
+    }
+    written = {}
+    for part, tensors in parts.items():
+        if tensors:
+            path = folder / FILES[part]
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(tensors, str(tmp))
+            tmp.replace(path)
+            written[part] = FILES[part]
+    info = {
+        **meta,
+        "files": written,
+        "parameters": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                       for k, v in state.items()},
+    }  # fmt: skip
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(folder / "meta.json")
+    return folder
+
+
+def is_weights_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "meta.json").is_file()
+
+
+def read_meta(folder: str | Path) -> dict:
+    meta_file = Path(folder) / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{folder} holds no meta.json: not a ctxlab weights folder")
+    return json.loads(meta_file.read_text())
+
+
+def load_trainable(model: nn.Module, folder: str | Path, setting: str) -> dict:
+    """Load a ``save_trainable`` folder into ``model`` (built as the weights' run built it);
+    returns its meta. Raises, naming ``setting``, for a missing file or a parameter whose name
+    or shape differs, before changing any weight."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    state: dict[str, torch.Tensor] = {}
+    for part, name in meta.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{setting}: {path} is missing ({part} parameters: "
+                f"{sum(1 for v in meta['parameters'].values() if v)} listed in meta.json); "
+                "copy it from the machine that trained the run, or retrain the arm"
+            )
+        state.update(load_file(str(path)))
+    params = dict(model.named_parameters())
+    missing = sorted(k for k in state if k not in params)
+    if missing:
+        raise ValueError(f"{setting}: {folder} has parameters the model lacks: {missing[:5]}")
+    bad = [
+        f"{k} {tuple(v.shape)} vs model {tuple(params[k].shape)}"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(params[k].shape)
+    ]
+    if bad:
+        raise ValueError(f"{setting}: {folder} does not match the model: {bad[:5]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v.to(dtype=params[k].dtype))
+    return meta
