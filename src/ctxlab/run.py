@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ctxlab import distributed
 from ctxlab.config import ConfigError, validate
@@ -161,6 +161,7 @@ class Loggers:
                 tags=list(cfg.logger.tags), name=str(cfg.name), id=run_id, resume="allow",
                 save_dir=str(run_dir), offline=cfg.logger.mode == "offline",
                 mode=None if cfg.logger.mode == "offline" else cfg.logger.mode,
+                job_type="train" if cfg.phase.fit else "evaluate",
             )  # fmt: skip
             self.wandb.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -176,6 +177,15 @@ class Loggers:
     def image(self, key: str, path: Path) -> None:
         if self.wandb is not None:
             self.wandb.log_image(key=key, images=[str(path)])
+
+    def summary(self, summary: dict, prefix: str = "") -> None:
+        """The run's named metrics (``compare.metrics_of``: ``val_ppl``, ``ppl@N``, ``passkey@N``,
+        fit time, throughput, memory) into W&B's run summary, so its run table sorts by them."""
+        if self.wandb is None:
+            return
+        from ctxlab.compare import metrics_of
+
+        self.wandb.experiment.summary.update({prefix + k: v for k, v in metrics_of(summary).items()})
 
     def finish(self) -> None:
         if self.wandb is not None:
@@ -196,71 +206,13 @@ def write_rows(path: Path, rows: list[dict]) -> None:
             w.writerows(rows)
 
 
-def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra: dict) -> dict:
-    """The extrapolation grid: causality audit, perplexity against length, passkey."""
-    from ctxlab.eval.causality import causality_audit
-    from ctxlab.eval.passkey import accuracy_matrix, passkey_grid
-    from ctxlab.eval.perplexity import perplexity_grid
-    from ctxlab.eval.plots import plot_passkey, plot_perplexity
+def evaluate(
+    model, dm, cfg: DictConfig, run_dir: Path, loggers: Loggers, extra: dict, weights: Path | None = None
+) -> dict:
+    """The extrapolation grid under every evaluation attention (``ctxlab.evaluation``)."""
+    from ctxlab.evaluation import evaluate as run_evaluations
 
-    ppl_cfg, pk_cfg = eval_configs(cfg)
-    device = device_of(cfg)
-    model = model.to(device).eval()
-    # Every rank evaluates its share of the grid and gets the gathered rows; rank 0 writes.
-    writes = distributed.is_rank_zero()
-    results_dir, plots_dir = run_dir / "results", run_dir / "plots"
-    summary = {
-        "name": str(cfg.name),
-        "attention": model.cores[0].describe(),
-        "position": model.position.describe()
-        if hasattr(model.position, "describe")
-        else type(model.position).__name__,
-        "train_length": int(cfg.data.seq_len),
-        **extra,
-    }
-    causal = None
-    if cfg.eval.causality.enabled:
-        rep = causality_audit(model, n_cuts=int(cfg.eval.causality.n_cuts), device=device)
-        causal = rep.causal
-        summary["causality"] = rep.as_dict()
-        if writes:
-            results_dir.mkdir(parents=True, exist_ok=True)
-            (results_dir / "causality.json").write_text(json.dumps(rep.as_dict(), indent=2))
-        if rep.causal != rep.declared_causal:
-            say(
-                f"WARNING: the causality audit found causal={rep.causal}, "
-                f"but the configuration declares {rep.declared_causal}"
-            )
-    summary["causal"] = causal
-    if ppl_cfg.enabled:
-        docs = dm.eval_documents("test")
-        rows = [r.as_row() | {"causal": causal} for r in perplexity_grid(model, docs, ppl_cfg, device=device)]
-        summary["perplexity"] = rows
-        if writes:
-            write_rows(results_dir / "perplexity", rows)
-            loggers.table("eval/perplexity", rows)
-            img = plot_perplexity(
-                {str(cfg.name): rows}, plots_dir / "perplexity.png", train_length=int(cfg.data.seq_len)
-            )
-            loggers.image("eval/perplexity_plot", img)
-        for r in rows:
-            flag = "" if causal is not False else "   <- NOT a valid LM perplexity: the model is not causal"
-            say(
-                f"ppl @ {r['length']:>7}: {r['ppl']:10.3f}  "
-                f"({r['n_docs']} docs, {r['n_tokens']} tokens){flag}"
-            )
-    if pk_cfg.enabled:
-        rows = passkey_grid(model, dm.tokenizer, pk_cfg, device=device)
-        summary["passkey"] = rows
-        if writes:
-            write_rows(results_dir / "passkey", rows)
-            loggers.table("eval/passkey", rows)
-            img = plot_passkey({str(cfg.name): accuracy_matrix(rows)}, plots_dir / "passkey.png")
-            loggers.image("eval/passkey_heatmap", img)
-    if writes:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        (results_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return run_evaluations(model, dm, cfg, run_dir, loggers, extra, weights)
 
 
 def check_before_work(cfg: DictConfig, dm, model) -> None:
@@ -284,14 +236,25 @@ def check_before_work(cfg: DictConfig, dm, model) -> None:
     if check is not None:
         longest = max([*ppl_cfg.lengths, *pk_cfg.lengths]) if cfg.phase.evaluate else int(cfg.data.seq_len)
         check(int(cfg.data.seq_len), longest, torch.float32)
+    if cfg.phase.evaluate:
+        from ctxlab.evaluation import check_eval_attentions
+
+        try:
+            check_eval_attentions(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 def write_metadata(cfg: DictConfig, run_dir: Path) -> None:
+    """``config.yaml`` and ``meta.json``; a later evaluation of the run's own weights writes
+    ``config.evaluate.yaml`` and ``meta.evaluate.json`` instead, keeping the fit's record."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    own = cfg.phase.get("checkpoint") and Path(str(cfg.phase.checkpoint)).resolve() == (run_dir / "weights").resolve()
+    suffix = ".evaluate" if (not cfg.phase.fit and own) else ""
+    (run_dir / f"config{suffix}.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     meta = {"git": git_state(), "versions": package_versions(), "seed": int(cfg.seed),
             "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    (run_dir / f"meta{suffix}.json").write_text(json.dumps(meta, indent=2))
 
 
 def run_job(cfg: DictConfig) -> dict:
@@ -348,6 +311,8 @@ def run_job(cfg: DictConfig) -> dict:
             if last.exists():
                 say(f"resuming from {last}")
             t0 = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
             extra["fit_seconds"] = round(time.perf_counter() - t0, 1)
             if not trainer.fast_dev_run:
@@ -355,17 +320,69 @@ def run_job(cfg: DictConfig) -> dict:
             val = trainer.callback_metrics.get("val/loss")
             extra["val_ppl"] = float(torch.exp(val)) if val is not None else None
             extra["steps"] = int(trainer.global_step)
+            extra |= fit_throughput(cfg, extra, world)
             if distributed.is_sharded(model):  # evaluation runs different items per rank: whole replicas
                 model = distributed.unsharded_copy(model, lambda: build_model(cfg, position=model.position))
+            weights = run_dir / "weights"
+            if distributed.is_rank_zero() and not trainer.fast_dev_run:
+                save_run_weights(model, weights, cfg, extra)
+                (run_dir / "results").mkdir(parents=True, exist_ok=True)
+                (run_dir / "results" / "fit.json").write_text(json.dumps(extra, indent=2))
         elif cfg.phase.checkpoint:
-            load_weights(model, cfg.phase.checkpoint, "phase.checkpoint")
+            weights = Path(cfg.phase.checkpoint)
+            load_any_weights(model, weights, "phase.checkpoint")
+            fit = run_dir / "results" / "fit.json"
+            if weights.resolve() == (run_dir / "weights").resolve() and fit.exists():
+                extra |= json.loads(fit.read_text())  # re-evaluating this run's own fit
         else:
+            weights = None
             say("evaluating the model's pre-trained weights (no phase.checkpoint)")
-        summary = evaluate(model, dm, cfg, run_dir, loggers, extra) if cfg.phase.evaluate else extra
+        summary = evaluate(model, dm, cfg, run_dir, loggers, extra, weights) if cfg.phase.evaluate else extra
+        if cfg.phase.evaluate and distributed.is_rank_zero():
+            grid = OmegaConf.to_container(cfg.eval, resolve=True)
+            (run_dir / "results" / "grid.json").write_text(json.dumps(grid, indent=2))
     finally:
         loggers.finish()
     say(f"run directory: {run_dir}")
     return summary
+
+
+def fit_throughput(cfg: DictConfig, extra: dict, world: int) -> dict:
+    """Training tokens per second (all ranks) and the peak GPU memory of the fit."""
+    out: dict = {}
+    rows = extra["steps"] * int(cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1)
+    if extra.get("fit_seconds"):
+        out["train_tokens"] = rows * world * int(cfg.data.seq_len)
+        out["tokens_per_s"] = round(out["train_tokens"] / extra["fit_seconds"], 1)
+    if torch.cuda.is_available():
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def save_run_weights(model, folder: Path, cfg: DictConfig, extra: dict) -> None:
+    """The fit's trainable parameters (``ctxlab.weights``) with what they were trained with."""
+    from ctxlab.weights import save_trainable
+
+    meta = {"steps": extra.get("steps"), "name": str(cfg.name),
+            "settings": {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "attention", "position")}}  # fmt: skip
+    save_trainable(model, folder, meta)
+    say(f"trained weights: {folder}")
+
+
+def load_any_weights(model, path: Path, setting: str) -> None:
+    """A Lightning checkpoint file (``load_weights``) or a ``weights/`` folder of a finished run
+    (``ctxlab.weights``); a run directory means its ``weights/``."""
+    from ctxlab.weights import is_weights_dir, load_trainable
+
+    if path.is_dir() and not is_weights_dir(path) and is_weights_dir(path / "weights"):
+        path = path / "weights"
+    if path.is_dir():
+        if not is_weights_dir(path):
+            raise FileNotFoundError(f"{setting}: {path} is neither a checkpoint file nor a weights folder")
+        meta = load_trainable(model, path, setting)
+        say(f"loaded {setting} {path} (trained {meta.get('steps')} steps)")
+    else:
+        load_weights(model, path, setting)
 
 
 def slug(name: str) -> str:
@@ -393,11 +410,23 @@ def run_study(cfg: DictConfig) -> dict:
         arms[name] = (arm_cfg, arm_dir)
     say(f"study with {len(arms)} arms under {root}")
     t0 = time.perf_counter()
+    only = list(cfg.study.get("only") or [])
+    unknown = [n for n in only if n not in arms]
+    if unknown:
+        raise ConfigError(f"study.only names arms the study does not have: {unknown} (arms: {list(arms)})")
     for i, (name, (arm_cfg, arm_dir)) in enumerate(arms.items()):
-        if distributed.broadcast((arm_dir / "results" / "summary.json").exists()):  # rank 0 decides
-            say(f"[{i + 1}/{len(arms)}] {name}: results exist, skipped")
+        if only and name not in only:
+            say(f"[{i + 1}/{len(arms)}] {name}: not in study.only, left for later")
             continue
-        say(f"[{i + 1}/{len(arms)}] {name}")
+        state = distributed.broadcast(arm_state(arm_cfg, arm_dir))  # rank 0 decides
+        if state == "done":
+            say(f"[{i + 1}/{len(arms)}] {name}: results exist for this grid, skipped")
+            continue
+        if state == "evaluate":
+            say(f"[{i + 1}/{len(arms)}] {name}: trained earlier; evaluating its saved weights")
+            arm_cfg = evaluation_only(arm_cfg, arm_dir)
+        else:
+            say(f"[{i + 1}/{len(arms)}] {name}")
         run_job(arm_cfg)
     if not distributed.is_rank_zero():
         return {}
@@ -407,6 +436,30 @@ def run_study(cfg: DictConfig) -> dict:
     say(f"tables: {report['table_md']}  {report['table_csv']}")
     say(f"plots:  {report['ppl_png']}  {report['passkey_png']}")
     return report
+
+
+def arm_state(cfg: DictConfig, run_dir: Path) -> str:
+    """``done`` (results of this very grid exist), ``evaluate`` (trained weights exist, the grid
+    is new or unfinished: evaluate them, finished cells are kept) or ``run``."""
+    grid = run_dir / "results" / "grid.json"
+    current = OmegaConf.to_container(cfg.eval, resolve=True)
+    if (run_dir / "results" / "summary.json").exists() and grid.exists():
+        if json.loads(grid.read_text()) == current:
+            return "done"
+    if cfg.phase.fit and (run_dir / "weights" / "meta.json").exists() and (run_dir / "results" / "fit.json").exists():
+        return "evaluate"
+    if not cfg.phase.fit and (run_dir / "results" / "summary.json").exists() and not grid.exists():
+        return "done"  # an evaluation-only arm from before grids were recorded
+    return "run"
+
+
+def evaluation_only(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """``cfg`` turned into an evaluation of the run's own saved weights (``weights/``)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.phase.fit = False
+        cfg.phase.checkpoint = str(run_dir / "weights")
+    return cfg
 
 
 def agree_run_dir(cfg: DictConfig) -> None:
