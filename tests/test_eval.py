@@ -71,6 +71,7 @@ def test_perplexity_of_a_bigram_model_matches_hand_computation():
     assert res.ppl == pytest.approx(math.exp(nll / 10), rel=1e-6)
     row = res.as_row()
     assert row["stride"] == 2 and row["n_docs"] == 1 and row["n_tokens"] == 10
+    assert row["ppl_lo"] == row["ppl_hi"] == pytest.approx(res.ppl)  # 10 tokens: one bootstrap block
 
 
 def test_perplexity_token_cap_and_fraction_stride():
@@ -223,9 +224,9 @@ def test_passkey_grid_scores_an_oracle_and_a_wrong_model():
     pk.greedy_generate = fake_generate
     try:
         rows = passkey_grid(Oracle(True), tok, cfg, progress=False)
-        assert [r["accuracy"] for r in rows] == [1.0] * 4
+        assert [(r["accuracy"], r["correct"]) for r in rows] == [(1.0, 2)] * 4
         rows = passkey_grid(Oracle(False), tok, cfg, progress=False)
-        assert [r["accuracy"] for r in rows] == [0.0] * 4
+        assert [(r["accuracy"], r["correct"]) for r in rows] == [(0.0, 0)] * 4
     finally:
         pk.greedy_generate = orig
 

@@ -286,14 +286,12 @@ def block_pieces(w: Window, block_tokens: int) -> list[tuple[int, int]]:
 
 
 def cell_key(w: Window, ids: Tensor, cfg: PerplexityConfig) -> str:
-    """The store key of window ``w`` (``ids``: its tokens): where it sits, how its scored tokens
-    are cut into block pieces, how it is run, and a hash of its tokens (a changed corpus never
+    """The store key of window ``w`` (``ids``: its tokens): where it sits, the sizes of the block
+    pieces its value sums, how it is run, and a hash of its tokens (a changed corpus never
     matches). What the key cannot see (the model, its attention) is the store's fingerprint."""
     digest = hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()[:16]
-    return (
-        f"ppl/L={w.length}/doc={w.doc}/begin={w.begin}/scored={w.n_scored}"
-        f"/blocks={cfg.block_tokens}@{w.targets.start - w.origin}/chunk={cfg.chunk_size}/ids={digest}"
-    )
+    pieces = "+".join(str(n) for _, n in block_pieces(w, cfg.block_tokens))
+    return f"ppl/L={w.length}/doc={w.doc}/begin={w.begin}/pieces={pieces}/chunk={cfg.chunk_size}/ids={digest}"
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Result figures: perplexity against context length, passkey accuracy heat maps (PNG)."""
+"""Result figures (PNG): perplexity against context length, passkey accuracy heat maps and passkey
+accuracy against length."""
 
 from __future__ import annotations
 
@@ -19,14 +20,19 @@ def plot_perplexity(
     train_length: int | None = None,
     title: str = "Perplexity against context length",
 ) -> Path:
-    """``series``: name -> rows with ``length`` and ``ppl`` (and optional ``causal``)."""
+    """``series``: name -> rows with ``length`` and ``ppl`` (and optional ``causal``); rows that all
+    carry ``ppl_lo``/``ppl_hi`` draw their interval as a shaded band."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, rows in series.items():
         rows = sorted(rows, key=lambda r: r["length"])
         noncausal = any(r.get("causal") is False for r in rows)
         label = f"{name} (NOT causal)" if noncausal else name
-        ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], marker="o",
-                linestyle="--" if noncausal else "-", label=label)  # fmt: skip
+        lengths = [r["length"] for r in rows]
+        (line,) = ax.plot(lengths, [r["ppl"] for r in rows], marker="o",
+                          linestyle="--" if noncausal else "-", label=label)  # fmt: skip
+        if rows and all("ppl_lo" in r and "ppl_hi" in r for r in rows):
+            lo, hi = [r["ppl_lo"] for r in rows], [r["ppl_hi"] for r in rows]
+            ax.fill_between(lengths, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     if train_length:
         ax.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
     ax.set_xscale("log", base=2)
@@ -66,5 +72,36 @@ def plot_passkey(panels: Mapping[str, tuple[list[int], list[float], list[list[fl
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_passkey_by_length(
+    series: Mapping[str, Sequence[dict]],
+    path: Path,
+    *,
+    train_length: int | None = None,
+    title: str = "Passkey accuracy against prompt length",
+) -> Path:
+    """``series``: name -> rows of :func:`ctxlab.eval.passkey.passkey_by_length` (``length``,
+    ``accuracy``, Wilson ``lo``/``hi``); one line per model with the intervals as error bars."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda r: r["length"])
+        acc = [r["accuracy"] for r in rows]
+        yerr = [[a - r["lo"] for a, r in zip(acc, rows)], [r["hi"] - a for a, r in zip(acc, rows)]]
+        ax.errorbar([r["length"] for r in rows], acc, yerr=yerr, marker="o", capsize=3, label=name)
+    if train_length:
+        ax.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("accuracy (95% Wilson interval)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
