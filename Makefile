@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus slurm-up slurm-down sweep tune compare gpu-wheels bench-finetune clean
+.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus slurm-up slurm-down sweep tune compare gpu-wheels gpu-wheels-extra bench-finetune clean
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -81,6 +81,20 @@ gpu-wheels: $(STAMP) ## Wheels of ctxlab's Python dependencies for a GPU machine
 	    "regex==$$($(PY) -m pip show regex | sed -n 's/^Version: //p')" \
 	    "multiprocess==$$($(PY) -m pip show multiprocess | sed -n 's/^Version: //p')" || exit 1; done
 	$(PY) -m pip wheel --quiet --no-deps -w .whl/hf antlr4-python3-runtime==4.9.3
+
+# W&B and gguf (SmolLM2) with what they need beyond the GPU image's packages, for device_env.sh.
+GPU_EXTRA := wandb gguf pydantic pydantic-core annotated-types typing-inspection cwevals distro \
+	googleapis-common-protos opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions \
+	opentelemetry-proto opentelemetry-exporter-otlp-proto-http opentelemetry-exporter-otlp-proto-common \
+	opentelemetry-exporter-http-transport opentelemetry-exporter-otlp-common platformdirs protobuf sniffio click
+gpu-wheels-extra: $(STAMP) ## W&B and gguf wheels for a GPU machine without a registry (.whl/extra)
+	mkdir -p .whl/extra
+	$(PY) -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl/extra.all "wandb==$$($(PY) -m pip show wandb | sed -n 's/^Version: //p')" \
+	    "gguf==$$($(PY) -m pip show gguf | sed -n 's/^Version: //p')"
+	for p in $(GPU_EXTRA); do cp .whl/extra.all/$$(echo $$p | tr - _)-[0-9]*.whl .whl/extra/ || exit 1; done
+	rm -rf .whl/extra.all
 
 bench-finetune: ## On a GPU machine: the 7B fine-tuning benchmark (make bench-finetune OUT=dir STAGES="short long ddp fsdp")
 	bash experiments/gpu/finetune_bench.sh $(or $(OUT),experiments/results/bench) $(STAGES)
