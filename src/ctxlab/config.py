@@ -1,11 +1,26 @@
 """Composition-time checks: combinations the code cannot honour fail here, naming the settings,
-before any data is read or any weight is built."""
+before any data is read or any weight is built.
+
+An option's own settings apply to the options that have them. A setting given for config group
+G (by an experiment or on the command line) that the chosen option of G does not have, but
+another option of G does, is dropped for this job and recorded in ``not_applied``; a setting no
+option of G has is an error (:func:`scope_options`). An option "has" the settings its file
+declares (``ctxlab.options.declared_keys``) and the named parameters of its ``_target_``.
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from functools import cache
+from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from ctxlab import options
 
 
 class ConfigError(ValueError):
@@ -30,10 +45,265 @@ def choice(cfg: DictConfig, group: str) -> str:
         return _target(cfg.get(group)).rsplit(".", 1)[-1] or "?"
 
 
+# Hydra's own keys in a node it instantiates.
+INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+# Nodes built by calling their _target_ with their keys: every key must be one of its parameters.
+TARGET_NODES = ("attention", "position", "model", "data", "trainer", "eval.perplexity", "eval.passkey")
+# `G.key...=value` on the command line: a setting of config group G (group choices have no dot).
+_SETTING = re.compile(r"(?P<group>\w+)\.(?P<key>[^.=\[\]@\s]+)[^=]*=")
+
+
+@cache
+def target_parameters(target: str) -> frozenset[str] | None:
+    """The keyword parameters of ``target`` (a class's ``__init__`` or dataclass fields, or a
+    function); None when it takes ``**kwargs``, so that any key may be meant for it."""
+    from hydra.utils import get_object
+
+    params = inspect.signature(get_object(target)).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _named_parameters(target: str) -> frozenset[str]:
+    """What a target's signature tells about the settings it takes: nothing for ``**kwargs``, no
+    target, or one that cannot be imported here (:func:`check_targets` reports that one)."""
+    if not target:
+        return frozenset()
+    try:
+        return target_parameters(target) or frozenset()
+    except Exception:
+        return frozenset()
+
+
+def _is_global(path) -> bool:
+    """An option file whose header places it at the root (``# @package _global_``)."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            return False
+        if re.match(r"#\s*@package\s+_global_", line):
+            return True
+    return False
+
+
+@cache
+def _scoped_groups(root: str) -> tuple[str, ...]:
+    return tuple(
+        g for g in options.groups() if not any(_is_global(p) for p in (Path(root) / g).glob("*.yaml"))
+    )
+
+
+def scoped_groups() -> tuple[str, ...]:
+    """The config groups whose option is the node of the group's name (``attention``, ...), not
+    those whose options patch the whole config (``launcher``, ``experiment``)."""
+    return _scoped_groups(str(options.config_dir()))
+
+
+@cache
+def _option_settings(root: str, group: str, name: str) -> frozenset[str]:
+    return frozenset(options.declared_keys(group, name)) | _named_parameters(
+        _target(options.option_node(group, name))
+    )
+
+
+def option_settings(group: str, name: str) -> frozenset[str]:
+    """The settings option ``name`` of ``group`` has: the keys its file declares and the named
+    parameters of its ``_target_``."""
+    return _option_settings(str(options.config_dir()), group, name)
+
+
+def _holders(group: str, key: str) -> list[str]:
+    return [name for name in options.option_names(group) if key in option_settings(group, name)]
+
+
+def _unknown_setting(group: str, key: str) -> str:
+    declared = {
+        name: sorted(k for k in options.declared_keys(group, name) if not k.startswith("_"))
+        for name in options.option_names(group)
+    }
+    known = set().union(*(option_settings(group, name) for name in declared))
+    close = difflib.get_close_matches(key, sorted(k for k in known if not k.startswith("_")), n=1)
+    hint = f" (did you mean {group}.{close[0]}?)" if close else ""
+    by_keys: dict[tuple[str, ...], list[str]] = {}
+    for name, keys in declared.items():
+        by_keys.setdefault(tuple(keys), []).append(name)
+    listing = "; ".join(f"{', '.join(names)}: {', '.join(keys) or '-'}" for keys, names in by_keys.items())
+    targets = sorted(
+        {
+            _target(options.option_node(group, name))
+            for name in declared
+            if option_settings(group, name) - set(options.declared_keys(group, name))
+        }
+    )
+    also = f", and any parameter of {', '.join(targets)}" if targets else ""
+    return (
+        f"{group}.{key}: no option of {group} has a setting {key}{hint}; their settings are {listing}{also}"
+    )
+
+
+def _not_applied_line(group: str, name: str, holders: Mapping[str, list[str]]) -> str:
+    by_holders: dict[tuple[str, ...], list[str]] = {}
+    for key, names in holders.items():
+        by_holders.setdefault(tuple(names), []).append(key)
+    parts = [f"{', '.join(keys)} (settings of {', '.join(names)})" for names, keys in by_holders.items()]
+    return f"{group}={name} has no setting {'; '.join(parts)}; not applied"
+
+
+def scope_options(cfg: DictConfig, choices: Mapping, say: Callable[[str], None] | None = None) -> DictConfig:
+    """Apply each group's settings only where the chosen option has them (the module docstring's
+    rule), in place: a setting of group G that ``choices[G]`` lacks but another option of G has is
+    removed and recorded in ``cfg.not_applied`` (``{"G.key": value}``; ``say`` gets one line per
+    group); one that no option of G has raises ``ConfigError`` naming it and the options'
+    settings. Nested settings are judged by their top-level key. Returns ``cfg``."""
+    dropped: dict[str, object] = {}
+    for group in scoped_groups():
+        name, node = choices.get(group), cfg.get(group)
+        if name is None or not isinstance(node, DictConfig):
+            continue
+        try:
+            own = options.declared_keys(group, str(name)) | _named_parameters(_target(node))
+        except ValueError:  # an option from another config source: nothing to compare with
+            continue
+        holders = {key: _holders(group, key) for key in node if key not in own}
+        if not holders:
+            continue
+        unknown = [key for key, names in holders.items() if not names]
+        if unknown:
+            raise ConfigError(_unknown_setting(group, unknown[0]))
+        raw = OmegaConf.to_container(node, resolve=False)
+        with read_write(node), open_dict(node):
+            for key in holders:
+                dropped[f"{group}.{key}"] = raw[key]
+                del node[key]
+        if say is not None:
+            say(_not_applied_line(group, str(name), holders))
+    before = OmegaConf.to_container(cfg.not_applied, resolve=False) if "not_applied" in cfg else {}
+    with read_write(cfg), open_dict(cfg):
+        cfg.not_applied = {**before, **dropped}
+    return cfg
+
+
+def _swept_keys(overrides: list[str]) -> set[str]:
+    """The keys that the experiments named in ``overrides`` sweep (their ``hydra.sweeper.params``)."""
+    keys: set[str] = set()
+    for override in overrides:
+        m = re.fullmatch(r"\+{0,2}experiment=(.+)", override)
+        for name in re.split(r"[\s,()]+", m[1]) if m else []:
+            path = options.config_dir() / "experiment" / f"{name}.yaml"
+            if name and path.is_file():
+                keys |= set(OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.params") or {})
+    return keys
+
+
+def force_add_settings(overrides: Iterable[str]) -> list[str]:
+    """``overrides`` with each plain setting ``G.key=value`` of a config group G that some option of
+    G does not declare written as a force-add, ``++G.key=value``: Hydra refuses a plain override of
+    a key the chosen option lacks before :func:`scope_options` can apply ctxlab's rule. Left as
+    they are: ``+``, ``++`` and ``~`` overrides, group choices, other keys, settings every option
+    declares, and keys that an experiment named in ``overrides`` sweeps (Hydra's sweepers match a
+    command-line override to ``hydra.sweeper.params`` by its written key, ``++`` included, and the
+    command line's value must still replace the sweep's)."""
+    overrides = list(overrides)
+    groups = set(scoped_groups())
+    swept = _swept_keys(overrides)
+    out = []
+    for override in overrides:
+        m = _SETTING.match(override)
+        if (
+            m
+            and m["group"] in groups
+            and override.split("=", 1)[0] not in swept
+            and not all(
+                m["key"] in options.declared_keys(m["group"], n) for n in options.option_names(m["group"])
+            )
+        ):
+            override = f"++{override}"
+        out.append(override)
+    return out
+
+
+def compose_job(overrides: Iterable[str], say: Callable[[str], None] | None = None) -> DictConfig:
+    """A job's config through Hydra's compose API (inside the app, or an ``initialize_config_dir``
+    block): ``overrides`` through :func:`force_add_settings`, composed, scoped by
+    :func:`scope_options` with the composition's own choices, without the ``hydra`` node."""
+    from hydra import compose
+
+    cfg = compose(config_name="config", overrides=force_add_settings(overrides), return_hydra_config=True)
+    choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return scope_options(cfg, choices, say)
+
+
+def _collides(cli_key: str, arm_key: str, groups: set[str]) -> bool:
+    if arm_key == cli_key or arm_key.startswith(f"{cli_key}."):
+        return True  # the arm sets what the command line sets, or a part of it
+    # The arm sets a whole node the command line sets a part of; an arm's group choice does not
+    # collide with a command-line setting of that group (the setting applies to the arm's option).
+    return cli_key.startswith(f"{arm_key}.") and arm_key not in groups
+
+
+def check_study_overrides(command_line: Iterable[str], arms: Mapping[str, Iterable[str]]) -> None:
+    """A command-line override applies to every arm of a study, or is refused here: raise
+    ``ConfigError`` naming each command-line override that an arm also sets (a group choice
+    ``G=option`` collides with an arm's ``G=...`` or any ``G.*`` setting, a setting ``G.key=value``
+    with the arm's ``G.key``), the arms and their colliding overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    groups = set(options.groups())
+    arm_keys = {
+        name: [(o.key_or_group, o.input_line) for o in parser.parse_overrides(list(ovs))]
+        for name, ovs in arms.items()
+    }
+    problems = []
+    for override in parser.parse_overrides(list(command_line)):
+        hits = []
+        for name, keys in arm_keys.items():
+            clash = [
+                line.removeprefix("++") for key, line in keys if _collides(override.key_or_group, key, groups)
+            ]
+            if clash:
+                hits.append(f"{name} ({', '.join(clash)})")
+        if hits:
+            problems.append(
+                f"{override.input_line.removeprefix('++')} collides with study arms {', '.join(hits)}"
+            )
+    if problems:
+        raise ConfigError(
+            "; ".join(problems) + ". A command-line setting applies to every arm of a study or is "
+            "refused: remove it from the command line, or change the arms (study.arms)"
+        )
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Every key of a node built from its ``_target_`` (``TARGET_NODES``) is a parameter of the
+    target, unless it takes ``**kwargs``: a clear error now instead of a TypeError at build time."""
+    for path in TARGET_NODES:
+        node = OmegaConf.select(cfg, path)
+        target = _target(node) if isinstance(node, DictConfig) else ""
+        if not target:
+            continue
+        try:
+            accepted = target_parameters(target)
+        except Exception as e:
+            raise ConfigError(f"{path}._target_={target} cannot be imported: {e}") from e
+        if accepted is None:
+            continue
+        bad = [key for key in node if key not in accepted and key not in INSTANTIATE_KEYS]
+        if bad:
+            group = path.split(".")[0]
+            raise ConfigError(
+                f"{path}.{bad[0]} is not a setting of {group}={choice(cfg, group)}: {target} takes "
+                f"{', '.join(sorted(accepted))}"
+            )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for any combination that cannot work."""
     from ctxlab.kernels.ms_attention import validate_ms_args
 
+    check_targets(cfg)
     pos_target = _target(cfg.position)
     if pos_target.endswith("Selected") and not is_ms(cfg):
         raise ConfigError(
