@@ -98,8 +98,8 @@ def join_documents(docs: list[torch.Tensor], eos_id: int, min_tokens: int) -> li
     streams, parts, n = [], [], 0
     eos = torch.tensor([eos_id], dtype=torch.long)
     for d in sorted(docs, key=len):
-        parts += [d, eos]
-        n += len(d) + 1
+        parts += [eos, d.long()] if parts else [d.long()]
+        n += len(d) + (1 if n else 0)
         if n >= min_tokens:
             streams.append(torch.cat(parts))
             parts, n = [], 0
