@@ -1,4 +1,7 @@
-"""The `ctxlab` Hydra app: `ctxlab [group=option ...] [key=value ...]`, `ctxlab --cfg job`."""
+"""The `ctxlab` Hydra app: `ctxlab [group=option ...] [key=value ...]`, `ctxlab --cfg job`.
+
+An option's own settings apply to the options that have them (ctxlab.config.scope_options):
+every job's config is scoped before it runs, and ``--cfg job`` prints the scoped config."""
 
 from __future__ import annotations
 
@@ -20,10 +23,15 @@ def config_dir() -> str:
 
 
 def _task(cfg: DictConfig) -> dict:
-    from ctxlab.config import ConfigError
-    from ctxlab.run import run
+    from hydra.core.hydra_config import HydraConfig
+
+    from ctxlab.config import ConfigError, scope_options
+    from ctxlab.run import run, say
 
     try:
+        # Every job of a multirun passes here. A study's arms are composed, scoped and reported
+        # one by one (run_study); its base config is only scoped.
+        scope_options(cfg, HydraConfig.get().runtime.choices, say=None if cfg.get("study") else say)
         # The job's summary is its return value: sweepers (hydra/sweeper=optuna) read metrics from it.
         return run(cfg)
     except (ConfigError, FileNotFoundError) as e:
@@ -43,12 +51,77 @@ def expose_plugins() -> None:
         hydra_plugins.__path__.append(here)
 
 
+def show_job_config(argv: list[str]) -> bool:
+    """``ctxlab --cfg job [-p PACKAGE] [--resolve] [overrides]``: print the job's config as its task
+    gets it, scoped by ctxlab.config.scope_options (Hydra's own ``--cfg job`` prints the
+    composition before ctxlab's rule applies). False, printing nothing, for any other command line
+    (``--cfg hydra|all``, ``--config-name``, ``--info``, ...), which Hydra handles as usual."""
+    if not {"--cfg", "-c"} & set(argv) or "--version" in argv:
+        return False
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def refuse(message: str):
+        raise ValueError(message)
+
+    parser.error = refuse  # a malformed command line: Hydra reports it
+    try:
+        args = parser.parse_args(argv)
+    except ValueError:
+        return False
+    others = ("help", "hydra_help", "info", "shell_completion", "config_path", "config_name", "config_dir",
+              "experimental_rerun")  # fmt: skip
+    if args.cfg != "job" or any(getattr(args, name) for name in others):
+        return False
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ctxlab.config import ConfigError, compose_job
+
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="cli"):
+            cfg = compose_job(args.overrides, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves under --resolve, as in Hydra
+            OmegaConf.set_readonly(cfg.hydra, None)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            package = None if args.package in (None, "_global_") else args.package
+            node = cfg if package is None else OmegaConf.select(cfg, package)
+            if node is None:
+                raise SystemExit(f"package '{package}' not found in config")
+            if not OmegaConf.is_config(node):
+                print(node)
+                return True
+            if package is not None:
+                print(f"# @package {package}")
+            if args.resolve:
+                OmegaConf.resolve(node)
+            sys.stdout.write(OmegaConf.to_yaml(node))
+    except ConfigError as e:
+        raise SystemExit(f"ctxlab: error: {e}") from e
+    except (HydraException, OmegaConfBaseException) as e:
+        raise SystemExit(
+            f"{e}\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+        ) from e
+    return True
+
+
 def main() -> None:
-    import ctxlab.config  # noqa: F401  (registers ctxlab's OmegaConf resolvers)
+    from ctxlab.config import force_add_settings  # also registers ctxlab's OmegaConf resolvers
 
     expose_plugins()
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    # A setting of a config group that the chosen option lacks must reach ctxlab's rule
+    # (ctxlab.config.scope_options, in _task) instead of Hydra's "not in struct" error: pass it to
+    # Hydra as a force-add, ++G.key=value. Flags start with "-" and are left as they are.
+    sys.argv[1:] = force_add_settings(sys.argv[1:])
+    if show_job_config(sys.argv[1:]):
+        return
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(_task)()
 
 

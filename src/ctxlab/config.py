@@ -161,9 +161,12 @@ def scope_options(cfg: DictConfig, choices: Mapping, say: Callable[[str], None] 
         if name is None or not isinstance(node, DictConfig):
             continue
         try:
-            own = options.declared_keys(group, str(name)) | _named_parameters(_target(node))
+            own = options.declared_keys(group, str(name))
         except ValueError:  # an option from another config source: nothing to compare with
             continue
+        if all(key in own for key in node):
+            continue
+        own |= _named_parameters(_target(node))  # imports the target: only when needed
         holders = {key: _holders(group, key) for key in node if key not in own}
         if not holders:
             continue
@@ -222,16 +225,20 @@ def force_add_settings(overrides: Iterable[str]) -> list[str]:
     return out
 
 
-def compose_job(overrides: Iterable[str], say: Callable[[str], None] | None = None) -> DictConfig:
+def compose_job(
+    overrides: Iterable[str], say: Callable[[str], None] | None = None, *, return_hydra_config: bool = False
+) -> DictConfig:
     """A job's config through Hydra's compose API (inside the app, or an ``initialize_config_dir``
     block): ``overrides`` through :func:`force_add_settings`, composed, scoped by
-    :func:`scope_options` with the composition's own choices, without the ``hydra`` node."""
+    :func:`scope_options` with the composition's own choices; without the ``hydra`` node unless
+    ``return_hydra_config``."""
     from hydra import compose
 
     cfg = compose(config_name="config", overrides=force_add_settings(overrides), return_hydra_config=True)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
-    with read_write(cfg), open_dict(cfg):
-        del cfg["hydra"]
+    if not return_hydra_config:
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
     return scope_options(cfg, choices, say)
 
 
