@@ -391,19 +391,22 @@ def slug(name: str) -> str:
 
 def run_study(cfg: DictConfig) -> dict:
     """Compose every arm first (so a bad arm fails before any work), then run them in turn."""
-    from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
     from ctxlab.compare import compare_runs
+    from ctxlab.config import check_study_overrides, compose_job
 
     root = Path(cfg.run_dir).resolve()
     base = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "hydra/", "study"))]
+    # A command-line override applies to every arm, or is refused here, before any arm runs.
+    check_study_overrides(base, cfg.study.arms)
     arms = {}
     for name, overrides in cfg.study.arms.items():
         arm_dir = root / "arms" / slug(name)
         ov = [*base, *overrides, f"run_dir={arm_dir}", "study=null", f"name={name}"]
-        arm_cfg = compose(config_name="config", overrides=ov)
         try:
+            # Scoped with the arm's own choices: settings its options lack are dropped and reported.
+            arm_cfg = compose_job(ov, say=lambda line, name=name: say(f"study arm {name!r}: {line}"))
             validate(arm_cfg)
         except ConfigError as e:
             raise ConfigError(f"study arm {name!r}: {e}") from e
