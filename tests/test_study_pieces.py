@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from test_hf import HD, V, ids, tiny_hf
 
 from ctxlab.attention import DenseAttention, MSAttention
 from ctxlab.evaluation import join_documents
@@ -14,7 +15,6 @@ from ctxlab.model.hf import HFCausalLM
 from ctxlab.model.hf_lora import apply_lora_plus, keep_float32_masters
 from ctxlab.position import CRDNTK, NTKAware, Rope
 from ctxlab.weights import load_trainable, save_trainable
-from test_hf import HD, V, ids, tiny_hf
 
 
 def bf16_lora_model(tie: bool = False) -> HFCausalLM:
@@ -55,7 +55,9 @@ def test_without_masters_a_bf16_norm_does_not_move():
     before = norm.detach().clone()
     opt = torch.optim.AdamW([norm], lr=1e-4, weight_decay=0.0)
     x = ids(2, 17)
-    torch.nn.functional.cross_entropy(model(x[:, :-1]).float().reshape(-1, V), x[:, 1:].reshape(-1)).backward()
+    torch.nn.functional.cross_entropy(
+        model(x[:, :-1]).float().reshape(-1, V), x[:, 1:].reshape(-1)
+    ).backward()
     opt.step()
     assert torch.equal(norm.detach(), before)  # the reason keep_float32_masters exists
 
@@ -105,7 +107,9 @@ def test_saved_weights_refuse_another_model(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda: CRDNTK(head_dim=HD, scale_inf=8.0), lambda: NTKAware(HD, 10000.0, 8.0)], ids=["crd", "ntk"]
+    "make",
+    [lambda: CRDNTK(head_dim=HD, scale_inf=8.0), lambda: NTKAware(HD, 10000.0, 8.0)],
+    ids=["crd", "ntk"],
 )
 def test_eval_scale_is_settable_and_rebuilds_the_evaluation_tables(make):
     pos = make().eval()

@@ -97,7 +97,9 @@ def read_summary(path: Path) -> dict:
     try:
         s = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable summary ({e}); rerun that job's evaluation or remove the run") from e
+        raise ValueError(
+            f"{path}: unreadable summary ({e}); rerun that job's evaluation or remove the run"
+        ) from e
     if not isinstance(s, dict) or "name" not in s:
         raise ValueError(f"{path}: not a ctxlab summary (no 'name')")
     return s

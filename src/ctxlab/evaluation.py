@@ -142,7 +142,10 @@ def search_eval_scale(model, dm, cfg: DictConfig, device) -> dict | None:
         set_eval_scale(model, c)
         r = perplexity_grid(model, docs, pcfg, device=device, progress=False)[0]
         rows.append({"scale": c, "val_ppl": r.ppl, "n_tokens": r.n_tokens, "n_docs": r.n_docs})
-        say(f"scale search: {position.eval_scale_setting}={c:g} -> validation ppl@{pcfg.lengths[0]} {r.ppl:.3f}")
+        say(
+            f"scale search: {position.eval_scale_setting}={c:g} -> "
+            f"validation ppl@{pcfg.lengths[0]} {r.ppl:.3f}"
+        )
     best = min(rows, key=lambda r: r["val_ppl"])
     set_eval_scale(model, best["scale"])
     say(f"scale search: chose {position.eval_scale_setting}={best['scale']:g} (validation split)")
@@ -171,7 +174,9 @@ def fingerprint(cfg: DictConfig, model, weights_id: str, eval_name: str) -> dict
         "position": model.position.describe(),
         "eval_scale": model.position.eval_scale,
         "grid": grid_settings(cfg),
-        "data": {k: cfg.data.get(k) for k in ("source", "tokenizer", "seed", "val_fraction", "test_fraction")},
+        "data": {
+            k: cfg.data.get(k) for k in ("source", "tokenizer", "seed", "val_fraction", "test_fraction")
+        },
     }
 
 
@@ -232,10 +237,14 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers, extra: dict, we
         if scale is not None:
             ev["scale_search"] = scale
         say(f"evaluation {i + 1}/{len(names)}: eval.attention={name} ({model.cores[0].describe()})")
-        summaries[name] = evaluate_one(model, dm, cfg, out, loggers, ev, name, fingerprint(cfg, model, wid, name))
+        summaries[name] = evaluate_one(
+            model, dm, cfg, out, loggers, ev, name, fingerprint(cfg, model, wid, name)
+        )
     _use(model, None, trained_cores)
     first = summaries[names[0]]
-    first["evaluations"] = {n: str(results_dir(run_dir, i, n).relative_to(run_dir)) for i, n in enumerate(names)}
+    first["evaluations"] = {
+        n: str(results_dir(run_dir, i, n).relative_to(run_dir)) for i, n in enumerate(names)
+    }
     if distributed.is_rank_zero():
         (run_dir / "results" / "summary.json").write_text(json.dumps(first, indent=2))
     return first
@@ -255,16 +264,10 @@ def _use(model, factory, trained_cores) -> None:
 
 
 def evaluate_one(model, dm, cfg, out: Path, loggers, extra: dict, eval_name: str, fp: dict) -> dict:
-    """One evaluation: causality audit, perplexity (causal evaluations only), passkey."""
+    """One evaluation: causality audit, perplexity (causal evaluations only), passkey; every
+    finished cell kept in ``out/cells.jsonl`` under the fingerprint ``fp``."""
     from ctxlab.eval.cells import CellStore
-    from ctxlab.eval.causality import causality_audit
-    from ctxlab.eval.passkey import accuracy_matrix, passkey_by_length, passkey_grid
-    from ctxlab.eval.perplexity import perplexity_grid
-    from ctxlab.eval.plots import plot_passkey, plot_passkey_by_length, plot_perplexity
-    from ctxlab.run import device_of, eval_configs, write_rows
 
-    ppl_cfg, pk_cfg = eval_configs(cfg)
-    device = device_of(cfg)
     writes = distributed.is_rank_zero()
     plots = out / "plots"
     tag = "" if out.name == "results" else f"/{eval_name}"
@@ -279,7 +282,20 @@ def evaluate_one(model, dm, cfg, out: Path, loggers, extra: dict, eval_name: str
     }
     if writes:
         out.mkdir(parents=True, exist_ok=True)
-    store = CellStore(out / "cells.jsonl", fp)
+    with CellStore(out / "cells.jsonl", fp) as store:
+        return _grid(model, dm, cfg, out, loggers, summary, eval_name, store, tag, plots, writes)
+
+
+def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, store, tag: str, plots: Path,
+          writes: bool) -> dict:  # fmt: skip
+    from ctxlab.eval.causality import causality_audit
+    from ctxlab.eval.passkey import accuracy_matrix, passkey_by_length, passkey_grid
+    from ctxlab.eval.perplexity import perplexity_grid
+    from ctxlab.eval.plots import plot_passkey, plot_passkey_by_length, plot_perplexity
+    from ctxlab.run import device_of, eval_configs, write_rows
+
+    ppl_cfg, pk_cfg = eval_configs(cfg)
+    device = device_of(cfg)
     causal = None
     if cfg.eval.causality.enabled:
         rep = causality_audit(model, n_cuts=int(cfg.eval.causality.n_cuts), device=device)
@@ -297,14 +313,21 @@ def evaluate_one(model, dm, cfg, out: Path, loggers, extra: dict, eval_name: str
         rows = [r.as_row() | {"causal": causal}
                 for r in perplexity_grid(model, docs, ppl_cfg, device=device, store=store)]  # fmt: skip
         summary["perplexity"] = rows
+        summary["perplexity_protocol"] = {
+            "protocol": ppl_cfg.protocol, "targets": ppl_cfg.targets,
+            "documents": len(docs), "tokens": [len(d) for d in docs],
+        }  # fmt: skip
         if writes:
             write_rows(out / "perplexity", rows)
             loggers.table(f"eval{tag}/perplexity", rows)
-            img = plot_perplexity({str(cfg.name): rows}, plots / "perplexity.png", train_length=int(cfg.data.seq_len))
+            img = plot_perplexity(
+                {str(cfg.name): rows}, plots / "perplexity.png", train_length=int(cfg.data.seq_len)
+            )
             loggers.image(f"eval{tag}/perplexity_plot", img)
         for r in rows:
-            say(f"ppl @ {r['length']:>7}: {r['ppl']:10.3f} [{r.get('ppl_lo', float('nan')):.3f}, "
-                f"{r.get('ppl_hi', float('nan')):.3f}]  ({r['n_docs']} docs, {r['n_tokens']} tokens)")  # fmt: skip
+            lo, hi = r.get("ppl_lo", float("nan")), r.get("ppl_hi", float("nan"))
+            say(f"ppl @ {r['length']:>7}: {r['ppl']:10.3f} [{lo:.3f}, {hi:.3f}]  "
+                f"({r['n_docs']} docs, {r['n_tokens']} tokens)")  # fmt: skip
     elif ppl_cfg.enabled:
         summary["perplexity_skipped"] = "not causal: no valid language-model perplexity"
         say(f"perplexity not computed for eval.attention={eval_name}: the model is not causal")
@@ -317,8 +340,10 @@ def evaluate_one(model, dm, cfg, out: Path, loggers, extra: dict, eval_name: str
             loggers.table(f"eval{tag}/passkey", rows)
             img = plot_passkey({str(cfg.name): accuracy_matrix(rows)}, plots / "passkey.png")
             loggers.image(f"eval{tag}/passkey_heatmap", img)
-            plot_passkey_by_length({str(cfg.name): summary["passkey_by_length"]}, plots / "passkey_by_length.png",
-                                   train_length=int(cfg.data.seq_len))  # fmt: skip
+            plot_passkey_by_length(
+                {str(cfg.name): summary["passkey_by_length"]}, plots / "passkey_by_length.png",
+                train_length=int(cfg.data.seq_len),
+            )  # fmt: skip
         for r in summary["passkey_by_length"]:
             say(f"passkey @ {r['length']:>7}: {r['correct']}/{r['trials']} = {r['accuracy']:.2f} "
                 f"[{r['lo']:.2f}, {r['hi']:.2f}]")  # fmt: skip

@@ -249,7 +249,10 @@ def write_metadata(cfg: DictConfig, run_dir: Path) -> None:
     """``config.yaml`` and ``meta.json``; a later evaluation of the run's own weights writes
     ``config.evaluate.yaml`` and ``meta.evaluate.json`` instead, keeping the fit's record."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    own = cfg.phase.get("checkpoint") and Path(str(cfg.phase.checkpoint)).resolve() == (run_dir / "weights").resolve()
+    own = (
+        cfg.phase.get("checkpoint")
+        and Path(str(cfg.phase.checkpoint)).resolve() == (run_dir / "weights").resolve()
+    )
     suffix = ".evaluate" if (not cfg.phase.fit and own) else ""
     (run_dir / f"config{suffix}.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     meta = {"git": git_state(), "versions": package_versions(), "seed": int(cfg.seed),
@@ -363,8 +366,8 @@ def save_run_weights(model, folder: Path, cfg: DictConfig, extra: dict) -> None:
     """The fit's trainable parameters (``ctxlab.weights``) with what they were trained with."""
     from ctxlab.weights import save_trainable
 
-    meta = {"steps": extra.get("steps"), "name": str(cfg.name),
-            "settings": {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "attention", "position")}}  # fmt: skip
+    settings = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "attention", "position")}
+    meta = {"steps": extra.get("steps"), "name": str(cfg.name), "settings": settings}
     save_trainable(model, folder, meta)
     say(f"trained weights: {folder}")
 
@@ -446,10 +449,14 @@ def arm_state(cfg: DictConfig, run_dir: Path) -> str:
     is new or unfinished: evaluate them, finished cells are kept) or ``run``."""
     grid = run_dir / "results" / "grid.json"
     current = OmegaConf.to_container(cfg.eval, resolve=True)
-    if (run_dir / "results" / "summary.json").exists() and grid.exists():
-        if json.loads(grid.read_text()) == current:
-            return "done"
-    if cfg.phase.fit and (run_dir / "weights" / "meta.json").exists() and (run_dir / "results" / "fit.json").exists():
+    finished = (run_dir / "results" / "summary.json").exists()
+    if finished and grid.exists() and json.loads(grid.read_text()) == current:
+        return "done"
+    if (
+        cfg.phase.fit
+        and (run_dir / "weights" / "meta.json").exists()
+        and (run_dir / "results" / "fit.json").exists()
+    ):
         return "evaluate"
     if not cfg.phase.fit and (run_dir / "results" / "summary.json").exists() and not grid.exists():
         return "done"  # an evaluation-only arm from before grids were recorded
