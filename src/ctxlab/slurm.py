@@ -273,11 +273,17 @@ class ValidateSweep(HydraCallback):
     def _validate_and_record(self, config: DictConfig) -> None:
         from hydra.core.global_hydra import GlobalHydra
 
-        from ctxlab.config import ConfigError, validate
+        from ctxlab.config import ConfigError, scope_options, validate
         from ctxlab.run import git_state, package_versions
 
         sweeper = str(config.hydra.sweeper.get("_target_", ""))
         loader = GlobalHydra.instance().config_loader()
+
+        def job_config(overrides: list[str]) -> DictConfig:
+            """A job's config as its task gets it: composed as the launcher will, then scoped."""
+            cfg = loader.load_sweep_config(config, overrides)
+            return scope_options(cfg, cfg.hydra.runtime.choices)
+
         if sweeper.startswith("hydra_plugins.ctxlab_optuna_sweeper."):
             print(
                 "[ctxlab] Optuna sweep: every trial's config is validated before it is launched", flush=True
@@ -288,13 +294,13 @@ class ValidateSweep(HydraCallback):
                 f"[ctxlab] sweeper {sweeper} draws jobs as it goes: validated the base config only",
                 file=sys.stderr,
             )
-            validate(loader.load_sweep_config(config, []))
+            validate(job_config([]))
             return
         jobs = sweep_jobs(config)
         records = []
         for num, overrides in enumerate(jobs):
-            job_cfg = loader.load_sweep_config(config, overrides)
             try:
+                job_cfg = job_config(overrides)
                 validate(job_cfg)
             except ConfigError as e:
                 raise ConfigError(f"sweep job #{num} ({' '.join(overrides)}): {e}") from e

@@ -192,7 +192,7 @@ class OptunaSweeper(Sweeper):
     def _check_trials(self, overrides: list[list[str]]) -> None:
         """Compose each trial's config as the launcher will and check it before anything runs."""
         from ctxlab.compare import metric_names
-        from ctxlab.config import ConfigError, validate
+        from ctxlab.config import ConfigError, scope_options, validate
 
         assert self.config is not None and self.hydra_context is not None
         for job_overrides in overrides:
@@ -200,6 +200,7 @@ class OptunaSweeper(Sweeper):
             if cfg.get("study"):
                 raise ConfigError("a study (study.arms) cannot be an Optuna trial; tune one job's config")
             try:
+                scope_options(cfg, cfg.hydra.runtime.choices)  # as the trial's task will (ctxlab.cli)
                 validate(cfg)
             except ConfigError as e:
                 raise ConfigError(f"Optuna trial ({' '.join(job_overrides)}): {e}") from e
