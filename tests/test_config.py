@@ -12,7 +12,15 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ctxlab.config import ConfigError, check_study_overrides, compose_job, force_add_settings, is_ms, validate
+from ctxlab.config import (
+    ConfigError,
+    check_study_overrides,
+    compose_job,
+    force_add_settings,
+    is_ms,
+    swept_keys,
+    validate,
+)
 from ctxlab.run import build_model, eval_configs
 
 CFG = Path(__file__).resolve().parents[1] / "cfg"
@@ -151,7 +159,12 @@ def test_only_group_settings_some_option_lacks_are_force_added():
             "++attention.merge=2", "trainer.max_steps=5", "seed=1", "hydra.run.dir=x"]  # fmt: skip
     assert force_add_settings([*forced, *kept]) == [*(f"++{o}" for o in forced), *kept]
     # A key that an experiment named here sweeps stays plain: it still replaces the sweep's values.
-    assert force_add_settings(["experiment=sweep_ms_region", "attention.region=8"])[1] == "attention.region=8"
+    overrides = ["experiment=sweep_ms_region", "attention.region=8", "attention.merge=2"]
+    assert swept_keys(overrides) == {"attention.region", "position"}
+    assert force_add_settings(overrides, plain=swept_keys(overrides))[1:] == [
+        "attention.region=8",
+        "++attention.merge=2",
+    ]
 
 
 def test_a_setting_no_option_has_is_refused_naming_it():

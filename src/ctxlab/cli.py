@@ -111,7 +111,7 @@ def show_job_config(argv: list[str]) -> bool:
 
 
 def main() -> None:
-    from ctxlab.config import force_add_settings  # also registers ctxlab's OmegaConf resolvers
+    from ctxlab.config import force_add_settings, swept_keys  # also registers ctxlab's resolvers
 
     expose_plugins()
 
@@ -119,7 +119,7 @@ def main() -> None:
     # A setting of a config group that the chosen option lacks must reach ctxlab's rule
     # (ctxlab.config.scope_options, in _task) instead of Hydra's "not in struct" error: pass it to
     # Hydra as a force-add, ++G.key=value. Flags start with "-" and are left as they are.
-    sys.argv[1:] = force_add_settings(sys.argv[1:])
+    sys.argv[1:] = force_add_settings(sys.argv[1:], plain=swept_keys(sys.argv[1:]))
     if show_job_config(sys.argv[1:]):
         return
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(_task)()

@@ -14,7 +14,7 @@ import difflib
 import inspect
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -186,8 +186,9 @@ def scope_options(cfg: DictConfig, choices: Mapping, say: Callable[[str], None] 
     return cfg
 
 
-def _swept_keys(overrides: list[str]) -> set[str]:
-    """The keys that the experiments named in ``overrides`` sweep (their ``hydra.sweeper.params``)."""
+def swept_keys(overrides: Iterable[str]) -> set[str]:
+    """The keys, as written, that the experiments named in ``overrides`` sweep (their
+    ``hydra.sweeper.params``)."""
     keys: set[str] = set()
     for override in overrides:
         m = re.fullmatch(r"\+{0,2}experiment=(.+)", override)
@@ -198,24 +199,22 @@ def _swept_keys(overrides: list[str]) -> set[str]:
     return keys
 
 
-def force_add_settings(overrides: Iterable[str]) -> list[str]:
+def force_add_settings(overrides: Iterable[str], plain: Collection[str] = ()) -> list[str]:
     """``overrides`` with each plain setting ``G.key=value`` of a config group G that some option of
     G does not declare written as a force-add, ``++G.key=value``: Hydra refuses a plain override of
     a key the chosen option lacks before :func:`scope_options` can apply ctxlab's rule. Left as
     they are: ``+``, ``++`` and ``~`` overrides, group choices, other keys, settings every option
-    declares, and keys that an experiment named in ``overrides`` sweeps (Hydra's sweepers match a
-    command-line override to ``hydra.sweeper.params`` by its written key, ``++`` included, and the
-    command line's value must still replace the sweep's)."""
-    overrides = list(overrides)
+    declares, and the keys in ``plain`` (a command line passes the keys its experiment sweeps:
+    Hydra's sweepers match a command-line override to ``hydra.sweeper.params`` by its key as
+    written, and the command line's value must still replace the sweep's)."""
     groups = set(scoped_groups())
-    swept = _swept_keys(overrides)
     out = []
     for override in overrides:
         m = _SETTING.match(override)
         if (
             m
             and m["group"] in groups
-            and override.split("=", 1)[0] not in swept
+            and override.split("=", 1)[0] not in plain
             and not all(
                 m["key"] in options.declared_keys(m["group"], n) for n in options.option_names(m["group"])
             )
