@@ -181,7 +181,9 @@ def test_keys_must_be_parameters_of_the_target():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CFG), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["run_dir=/x", "name=t", "++attention.region=8"])
-    with pytest.raises(ConfigError, match=r"attention\.region is not a setting.*DenseAttention takes scale"):
+    with pytest.raises(
+        ConfigError, match=r"attention\.region is not a setting of attention=dense: .*takes scale$"
+    ):
         validate(cfg)
     cfg = make(["+eval.perplexity.strides=2"])  # eval's own settings are declared: scoping keeps it
     with pytest.raises(ConfigError, match=r"eval\.perplexity\.strides.*PerplexityConfig takes.*stride"):

@@ -36,13 +36,22 @@ def is_ms(cfg: DictConfig) -> bool:
 
 
 def choice(cfg: DictConfig, group: str) -> str:
-    """The option chosen for ``group`` when known (Hydra app), else the target's class name."""
+    """The option chosen for ``group``: the Hydra app's choice when its target is the node's (a
+    study arm composed inside the app has its own), else the options with the node's target."""
+    target = _target(cfg.get(group))
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        return str(HydraConfig.get().runtime.choices[group])
+        name = str(HydraConfig.get().runtime.choices[group])
+        if _target(options.option_node(group, name)) == target:
+            return name
     except Exception:
-        return _target(cfg.get(group)).rsplit(".", 1)[-1] or "?"
+        pass
+    try:
+        names = [n for n in options.option_names(group) if _target(options.option_node(group, n)) == target]
+    except ValueError:
+        names = []
+    return "/".join(names) or target.rsplit(".", 1)[-1] or "?"
 
 
 # Hydra's own keys in a node it instantiates.
@@ -298,10 +307,9 @@ def check_targets(cfg: DictConfig) -> None:
             continue
         bad = [key for key in node if key not in accepted and key not in INSTANTIATE_KEYS]
         if bad:
-            group = path.split(".")[0]
+            where = f"{path}={choice(cfg, path)}" if path in scoped_groups() else path
             raise ConfigError(
-                f"{path}.{bad[0]} is not a setting of {group}={choice(cfg, group)}: {target} takes "
-                f"{', '.join(sorted(accepted))}"
+                f"{path}.{bad[0]} is not a setting of {where}: {target} takes {', '.join(sorted(accepted))}"
             )
 
 
