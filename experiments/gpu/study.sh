@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # A declared study on a lent GPU machine, resumable across calls and leases:
-#   bash experiments/gpu/study.sh STUDY OUT [ctxlab overrides ...]
+#   [CTXLAB_STUDY_TIMEOUT=seconds] bash experiments/gpu/study.sh STUDY OUT [ctxlab overrides ...]
 # Runs `ctxlab experiment=STUDY` in a run folder outside the working tree
 # ($CTXLAB_STUDY_ROOT/STUDY, default /root/studies/STUDY), which survives between the calls of one
 # held machine; on a fresh machine it is first seeded from the results committed in
-# experiments/results/STUDY (finished arms are then skipped, trained arms whose weights came back
-# are re-evaluated). Packs what should come back (results, weights' small files, configs,
-# metadata, logs; never checkpoints) into OUT/STUDY-results.tgz, after every arm and at the end.
-# SmolLM2 needs its GGUF: stage_smollm2 joins parts that earlier calls copied to $CTXLAB_STAGE.
+# experiments/results/STUDY (finished arms are then skipped; arms whose weights came back are
+# re-evaluated from them). CTXLAB_STUDY_TIMEOUT stops the study (SIGTERM) in time for packing.
+# At the end, each arm changed since the last pack goes into OUT/arm-<arm>.tgz (results, the small
+# weights file, configs, metadata, CSV and W&B logs; never checkpoints nor the large weights), and
+# the study's own files (compare/, study.log) into OUT/study.tgz: files of at most a few MB each,
+# within what a device call brings back.
 set -uo pipefail
 STUDY=${1:?usage: study.sh STUDY OUT [overrides ...]}
 OUT=${2:?usage: study.sh STUDY OUT [overrides ...]}
@@ -17,15 +19,25 @@ COMMITTED=experiments/results/$STUDY
 mkdir -p "$ROOT" "$OUT"
 if [ -d "$COMMITTED/arms" ] && [ ! -e "$ROOT/.seeded" ]; then
   cp -rn "$COMMITTED/arms" "$ROOT/" && touch "$ROOT/.seeded"
+  find "$ROOT/arms" -mindepth 1 -maxdepth 1 -type d -exec touch {}/.packed \;
 fi
 pack() {
-  (cd "$ROOT" && find . -path ./wandb -prune -o -type f \
-      \( -path '*/results/*' -o -name 'config*.yaml' -o -name 'meta*.json' -o -name '*.log' \
-         -o -path '*/weights/trainable.safetensors' -o -path '*/weights/meta.json' -o -path '*/csv/*' \
-         -o -path '*/compare/*' -o -path '*/wandb/*' \) -print0 |
-     tar --null -czf "$OUT/$STUDY-results.tgz.tmp" -T - ) && mv "$OUT/$STUDY-results.tgz.tmp" "$OUT/$STUDY-results.tgz"
-  ls -la "$OUT/$STUDY-results.tgz"
+  for arm in "$ROOT"/arms/*/; do
+    [ -d "$arm" ] || continue
+    name=$(basename "$arm")
+    if [ -e "$arm/.packed" ] && [ -z "$(find "$arm" -type f -newer "$arm/.packed" -not -path '*/checkpoints/*' | head -1)" ]; then
+      continue
+    fi
+    (cd "$arm" && find . -path ./checkpoints -prune -o -type f \( -path './results/*' -o -name 'config*.yaml' \
+        -o -name 'meta*.json' -o -path './weights/trainable.safetensors' -o -path './weights/meta.json' \
+        -o -path './csv/*' -o -path './wandb/*' -o -name 'wandb_id.txt' \) -print0 |
+       tar --null -czf "$OUT/arm-$name.tgz" -T -) && touch "$arm/.packed"
+  done
+  (cd "$ROOT" && tar -czf "$OUT/study.tgz" --exclude=arms --exclude='*.ckpt' .)
+  ls -la "$OUT"
 }
 trap pack EXIT
-python3 -m ctxlab.cli experiment="$STUDY" hydra.run.dir="$ROOT" "$@" 2>&1 | tee -a "$ROOT/study.log" |
-  grep --line-buffered -v -E '^\s*$|it/s\]|s/it\]|Warning|warn\(' 
+limit=()
+[ -n "${CTXLAB_STUDY_TIMEOUT:-}" ] && limit=(timeout --signal=TERM --kill-after=30 "$CTXLAB_STUDY_TIMEOUT")
+"${limit[@]}" python3 -m ctxlab.cli experiment="$STUDY" hydra.run.dir="$ROOT" "$@" 2>&1 |
+  tr '\r' '\n' | tee -a "$ROOT/study.log" | grep --line-buffered -a -E '^\[ctxlab\]|Error|error|Traceback|^  File'
