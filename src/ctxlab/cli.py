@@ -58,17 +58,17 @@ def show_job_config(argv: list[str]) -> bool:
     (``--cfg hydra|all``, ``--config-name``, ``--info``, ...), which Hydra handles as usual."""
     if not {"--cfg", "-c"} & set(argv) or "--version" in argv:
         return False
+    import argparse
+
     from hydra._internal.utils import get_args_parser
 
     parser = get_args_parser()
-
-    def refuse(message: str):
-        raise ValueError(message)
-
-    parser.error = refuse  # a malformed command line: Hydra reports it
+    parser.exit_on_error = False
     try:
-        args = parser.parse_args(argv)
-    except ValueError:
+        args, unknown = parser.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return False
+    if unknown:  # a malformed command line: Hydra reports it
         return False
     others = ("help", "hydra_help", "info", "shell_completion", "config_path", "config_name", "config_dir",
               "experimental_rerun")  # fmt: skip

@@ -176,22 +176,25 @@ def scope_options(cfg: DictConfig, choices: Mapping, say: Callable[[str], None] 
         if all(key in own for key in node):
             continue
         own |= _named_parameters(_target(node))  # imports the target: only when needed
-        holders = {key: _holders(group, key) for key in node if key not in own}
+        holders = {str(key): _holders(group, str(key)) for key in node if key not in own}
         if not holders:
             continue
         unknown = [key for key, names in holders.items() if not names]
         if unknown:
             raise ConfigError(_unknown_setting(group, unknown[0]))
         raw = OmegaConf.to_container(node, resolve=False)
+        assert isinstance(raw, dict)
         with read_write(node), open_dict(node):
             for key in holders:
                 dropped[f"{group}.{key}"] = raw[key]
                 del node[key]
         if say is not None:
             say(_not_applied_line(group, str(name), holders))
-    before = OmegaConf.to_container(cfg.not_applied, resolve=False) if "not_applied" in cfg else {}
+    before = cfg.get("not_applied")
+    previous = OmegaConf.to_container(before, resolve=False) if isinstance(before, DictConfig) else {}
+    assert isinstance(previous, dict)
     with read_write(cfg), open_dict(cfg):
-        cfg.not_applied = {**before, **dropped}
+        cfg.not_applied = {**previous, **dropped}
     return cfg
 
 
@@ -244,6 +247,7 @@ def compose_job(
 
     cfg = compose(config_name="config", overrides=force_add_settings(overrides), return_hydra_config=True)
     choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+    assert isinstance(choices, dict)
     if not return_hydra_config:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
@@ -268,7 +272,7 @@ def check_study_overrides(command_line: Iterable[str], arms: Mapping[str, Iterab
     parser = OverridesParser.create()
     groups = set(options.groups())
     arm_keys = {
-        name: [(o.key_or_group, o.input_line) for o in parser.parse_overrides(list(ovs))]
+        name: [(o.key_or_group, str(o.input_line)) for o in parser.parse_overrides(list(ovs))]
         for name, ovs in arms.items()
     }
     problems = []
@@ -282,7 +286,7 @@ def check_study_overrides(command_line: Iterable[str], arms: Mapping[str, Iterab
                 hits.append(f"{name} ({', '.join(clash)})")
         if hits:
             problems.append(
-                f"{override.input_line.removeprefix('++')} collides with study arms {', '.join(hits)}"
+                f"{str(override.input_line).removeprefix('++')} collides with study arms {', '.join(hits)}"
             )
     if problems:
         raise ConfigError(
