@@ -452,15 +452,22 @@ def arm_state(cfg: DictConfig, run_dir: Path) -> str:
     finished = (run_dir / "results" / "summary.json").exists()
     if finished and grid.exists() and json.loads(grid.read_text()) == current:
         return "done"
-    if (
-        cfg.phase.fit
-        and (run_dir / "weights" / "meta.json").exists()
-        and (run_dir / "results" / "fit.json").exists()
-    ):
+    trained = weights_complete(run_dir / "weights") and (run_dir / "results" / "fit.json").exists()
+    if cfg.phase.fit and trained:
         return "evaluate"
-    if not cfg.phase.fit and (run_dir / "results" / "summary.json").exists() and not grid.exists():
+    if not cfg.phase.fit and finished and not grid.exists():
         return "done"  # an evaluation-only arm from before grids were recorded
     return "run"
+
+
+def weights_complete(folder: Path) -> bool:
+    """A ``weights/`` folder with every file its ``meta.json`` lists (a copy that left its large
+    file behind on the training machine is not: that arm is trained again)."""
+    from ctxlab.weights import read_meta
+
+    if not (folder / "meta.json").exists():
+        return False
+    return all((folder / f).is_file() for f in read_meta(folder).get("files", {}).values())
 
 
 def evaluation_only(cfg: DictConfig, run_dir: Path) -> DictConfig:
