@@ -310,9 +310,11 @@ def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, sto
     summary["causal"] = causal if causal is not None else declared
     if ppl_cfg.enabled and summary["causal"]:
         docs = test_documents(dm, cfg)
-        rows = [r.as_row() | {"causal": causal}
-                for r in perplexity_grid(model, docs, ppl_cfg, device=device, store=store)]  # fmt: skip
+        results = perplexity_grid(model, docs, ppl_cfg, device=device, store=store)
+        rows = [r.as_row() | {"causal": causal} for r in results]
         summary["perplexity"] = rows
+        if writes:  # per-block NLLs: paired comparisons between models scored on the same tokens
+            (out / "perplexity_blocks.json").write_text(json.dumps([r.as_blocks() for r in results]))
         summary["perplexity_protocol"] = {
             "protocol": ppl_cfg.protocol, "targets": ppl_cfg.targets,
             "documents": len(docs), "tokens": [len(d) for d in docs],
