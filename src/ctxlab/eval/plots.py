@@ -13,6 +13,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
 
+def _axes(n_series: int):
+    """A figure whose lines stay distinguishable: past 10 series, 20 colours and a second
+    marker/line-style cycle (a study compares a dozen evaluations)."""
+    from cycler import cycler
+
+    fig, ax = plt.subplots(figsize=(7, 4.5) if n_series <= 10 else (9, 5.5))
+    n = max(1, n_series)
+    colors = plt.get_cmap("tab10" if n <= 10 else "tab20").colors
+    markers = ["o"] if n <= 10 else ["o", "s", "^", "D", "v", "P", "X"]
+    ax.set_prop_cycle(cycler(color=[colors[i % len(colors)] for i in range(n)])
+                      + cycler(marker=[markers[i % len(markers)] for i in range(n)]))  # fmt: skip
+    return fig, ax
+
+
 def plot_perplexity(
     series: Mapping[str, Sequence[dict]],
     path: Path,
@@ -22,13 +36,13 @@ def plot_perplexity(
 ) -> Path:
     """``series``: name -> rows with ``length`` and ``ppl`` (and optional ``causal``); rows that all
     carry ``ppl_lo``/``ppl_hi`` draw their interval as a shaded band."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes(len(series))
     for name, rows in series.items():
         rows = sorted(rows, key=lambda r: r["length"])
         noncausal = any(r.get("causal") is False for r in rows)
         label = f"{name} (NOT causal)" if noncausal else name
         lengths = [r["length"] for r in rows]
-        (line,) = ax.plot(lengths, [r["ppl"] for r in rows], marker="o",
+        (line,) = ax.plot(lengths, [r["ppl"] for r in rows],
                           linestyle="--" if noncausal else "-", label=label)  # fmt: skip
         if rows and all("ppl_lo" in r and "ppl_hi" in r for r in rows):
             lo, hi = [r["ppl_lo"] for r in rows], [r["ppl_hi"] for r in rows]
@@ -85,12 +99,12 @@ def plot_passkey_by_length(
 ) -> Path:
     """``series``: name -> rows of :func:`ctxlab.eval.passkey.passkey_by_length` (``length``,
     ``accuracy``, Wilson ``lo``/``hi``); one line per model with the intervals as error bars."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _axes(len(series))
     for name, rows in series.items():
         rows = sorted(rows, key=lambda r: r["length"])
         acc = [r["accuracy"] for r in rows]
         yerr = [[a - r["lo"] for a, r in zip(acc, rows)], [r["hi"] - a for a, r in zip(acc, rows)]]
-        ax.errorbar([r["length"] for r in rows], acc, yerr=yerr, marker="o", capsize=3, label=name)
+        ax.errorbar([r["length"] for r in rows], acc, yerr=yerr, capsize=3, label=name)
     if train_length:
         ax.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
     ax.set_xscale("log", base=2)
