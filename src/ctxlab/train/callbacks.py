@@ -26,35 +26,62 @@ def model_flops_per_token(config, seq_len: int) -> float:
 
 
 class Throughput(L.Callback):
-    """Logs tokens/s and, on a known GPU, MFU (6 N tokens + attention FLOPs, dense-equivalent)."""
+    """Logs tokens/s and, on a known GPU, MFU (6 N tokens + attention FLOPs, dense-equivalent).
+
+    The clock runs from the first training batch and stops while Lightning validates inside the
+    fit (``val_check_interval``), so validation time never counts as training time; the data
+    loader's time between batches does. Every ``log_every`` batches the tokens and seconds since
+    the last log give the window's rate. ``train_tokens`` and ``train_seconds`` total the whole
+    fit (this rank's tokens, validation excluded).
+    """
 
     def __init__(self, log_every: int = 10) -> None:
         self.log_every = log_every
-        self._t0: float | None = None
+        self._t0: float | None = None  # start of the running stretch of training time; None: stopped
+        self._window_seconds = 0.0  # training seconds of the window before the running stretch
         self._tokens = 0
+        self.train_tokens = 0
+        self.train_seconds = 0.0
+
+    def _lap(self, pl_module) -> None:
+        """Move the running stretch into the window and the totals, restarting it now."""
+        if self._t0 is None:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self._window_seconds += now - self._t0
+        self.train_seconds += now - self._t0
+        self._t0 = now
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t0 is None:
             self._t0 = time.perf_counter()
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._lap(pl_module)  # the clock stops; the next training batch restarts it
+        self._t0 = None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = batch["input_ids"]
         self._tokens += ids.shape[0] * (ids.shape[1] - 1)
+        self.train_tokens += ids.shape[0] * (ids.shape[1] - 1)
         if (batch_idx + 1) % self.log_every:
             return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - self._t0
-        tps = self._tokens / dt  # this rank's tokens: per GPU under DDP/FSDP
+        self._lap(pl_module)
+        if self._window_seconds <= 0:
+            return
+        tps = self._tokens / self._window_seconds  # this rank's tokens: per GPU under DDP/FSDP
         pl_module.log("perf/tokens_per_s_per_device", tps, on_step=True)
         pl_module.log("perf/tokens_per_s", tps * trainer.world_size, on_step=True)
-        peak = device_peak_flops()
+        on_gpu = pl_module.device.type == "cuda"
+        peak = device_peak_flops() if on_gpu else None
         if peak:
             flops = model_flops_per_token(pl_module.model.config, ids.shape[1] - 1)
             pl_module.log("perf/mfu", tps * flops / peak, on_step=True)
-        if torch.cuda.is_available():
+        if on_gpu:
             pl_module.log("perf/peak_mem_gib", torch.cuda.max_memory_allocated() / 2**30, on_step=True)
-        self._t0, self._tokens = time.perf_counter(), 0
+        self._window_seconds, self._tokens = 0.0, 0
 
 
 class SelectionStats(L.Callback):
