@@ -35,10 +35,19 @@ def ctxlab(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPro
     return proc
 
 
-# What a CPU fast dev run of a GPU-sized experiment changes (its file says the same).
+# What a CPU fast dev run of a GPU-sized experiment changes (its file says the same). Studies
+# with the fixed-targets perplexity protocol score a fixed number of targets, not max_tokens.
+FIXED_TARGETS = ["eval.perplexity.max_tokens=0", "eval.perplexity.targets=32", "eval.join_documents=3000",
+                 "eval.perplexity.chunk_size=0", "eval.passkey.chunk_size=0"]
 CPU_SIZED = {
     "finetune_smollm2": ["trainer=cpu", "data.seq_len=256", "attention.region=8", "attention.budget=8",
                          "attention.merge=2"],
+    "study_smollm2_16k": ["trainer=cpu", "model.dtype=float32", "data.seq_len=256", "attention.region=8",
+                          "attention.budget=8", "attention.merge=2", "eval.scale_search.length=512",
+                          "eval.scale_search.max_tokens=512", "eval.scale_search.candidates=[1,4]",
+                          *FIXED_TARGETS, "study.only=[base+ntk,ms_paper+crd,s2+pi]"],
+    "study_pretrain_books_2k": ["trainer=cpu", "data.seq_len=256", "attention.budget=8", "attention.merge=2",
+                                *FIXED_TARGETS, "study.only=[dense+rope/s1,ms_causal+selected/s1]"],
 }  # fmt: skip
 
 
@@ -49,19 +58,25 @@ def test_every_experiment_runs_as_fast_dev_run(experiment, tmp_path):
         f"experiment={experiment}", f"hydra.run.dir={tmp_path}", "trainer.fast_dev_run=true", "logger=csv",
         "data.batch_size=2", *TINY_EVAL, *CPU_SIZED.get(experiment, []), cwd=tmp_path,
     )  # fmt: skip
-    summaries = list(tmp_path.glob("**/results/summary.json"))
+    summaries = [*tmp_path.glob("**/results/summary.json"), *tmp_path.glob("**/results/eval_*/summary.json")]
     assert summaries, out.stdout[-2000:]
     for s in summaries:
         data = json.loads(s.read_text())
-        assert data["perplexity"] and data["passkey"] and data["causal"] in (True, False)
+        assert data["passkey"] and data["causal"] in (True, False)
+        # A perplexity only from a causal evaluation; the paper's selection gets none.
+        assert bool(data.get("perplexity")) == data["causal"], (s, data.get("perplexity_skipped"))
     if experiment == "quickstart":
         table = (tmp_path / "compare" / "table.md").read_text()
         for arm in ("dense+rope", "ms_paper+rope", "ms_causal+selected", "ms_paper+selected"):
             assert f"| {arm} |" in table
         # The audit flags the paper's selection as non-causal and the causal mode as causal.
-        causal = {json.loads(s.read_text())["name"]: json.loads(s.read_text())["causal"] for s in summaries}
-        assert causal == {"dense+rope": True, "ms_paper+rope": False, "ms_causal+selected": True,
-                          "ms_paper+selected": False}  # fmt: skip
+        found = [json.loads(s.read_text()) for s in summaries]
+        causal = {(d["name"], d["eval_attention"]): d["causal"] for d in found}
+        assert causal == {("dense+rope", "trained"): True, ("ms_paper+rope", "trained"): False,
+                          ("ms_paper+rope", "ms_causal"): True, ("ms_causal+selected", "trained"): True,
+                          ("ms_paper+selected", "trained"): False,
+                          ("ms_paper+selected", "ms_causal"): True}  # fmt: skip
+        assert "| ms_paper+selected @ms_causal |" in table
         assert (tmp_path / "compare" / "perplexity.png").stat().st_size > 0
         assert (tmp_path / "compare" / "passkey.png").stat().st_size > 0
 

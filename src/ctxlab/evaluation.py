@@ -269,7 +269,7 @@ def evaluate_one(model, dm, cfg, out: Path, loggers, extra: dict, eval_name: str
     from ctxlab.eval.cells import CellStore
 
     writes = distributed.is_rank_zero()
-    plots = out / "plots"
+    plots = out.parent / "plots" if out.name == "results" else out / "plots"  # the run's own: <run>/plots
     tag = "" if out.name == "results" else f"/{eval_name}"
     summary = {
         "name": str(cfg.name),
