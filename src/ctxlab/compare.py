@@ -168,7 +168,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "ppl@N: sliding-window perplexity at context N (test split); passkey@N: exact-match "
               "accuracy averaged over depths. causal=NO: the audit found outputs depending on later "
-              "tokens, so that row's perplexity is not a valid language-model perplexity."]  # fmt: skip
+              "tokens; no perplexity is computed for such an evaluation. `name @attention`: the same "
+              "weights evaluated with another attention (eval.attention)."]  # fmt: skip
     md = "\n".join(lines)
     table_md = out_dir / "table.md"
     table_md.write_text(md + "\n")
