@@ -21,3 +21,35 @@ def tiny_model(
         factory = lambda: MSAttention(**kw)  # noqa: E731
     position = position or Rope(head_dim=cfg.head_dim, base=10000.0)
     return Llama(cfg, factory, position).eval()
+
+
+def wandb_summary_keys(run_file) -> set[str]:
+    """The summary keys recorded in an offline W&B run file (``run-<id>.wandb``).
+
+    The file is a ``:W&B`` header (7 bytes) followed by LevelDB-log records in 32 KiB blocks
+    (4-byte checksum, 2-byte length, 1-byte type: full, first, middle, last), each record a
+    ``wandb_internal_pb2.Record``; wandb 0.31 ships no Python reader of its own."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, block, keys, parts = 7, 32768, set(), b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        parts = chunk if kind in (1, 2) else parts + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(parts)
+            if rec.WhichOneof("record_type") == "summary":
+                keys |= {u.key or "/".join(u.nested_key) for u in rec.summary.update}
+    return keys

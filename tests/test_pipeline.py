@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import wandb_summary_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
@@ -97,6 +98,9 @@ def test_pretrain_resume_extrapolate_with_wandb_offline(tmp_path):
     assert len(offline) == 1 and offline[0].stat().st_size > 0
     tables = list((run / "wandb").glob("offline-run-*/files/media/table/eval/*.json"))
     assert any("perplexity" in t.name for t in tables), tables
+    # The run's summary holds the named metrics, so W&B's run table sorts by them (read back).
+    keys = wandb_summary_keys(offline[0])
+    assert {"val_ppl", "steps", "ppl@32", "ppl@96", "passkey@300", "passkey_mean", "causal"} <= keys, keys
     summary = json.loads((run / "results" / "summary.json").read_text())
     assert summary["causal"] is True and summary["steps"] == 4
     assert (run / "plots" / "perplexity.png").exists() and (run / "plots" / "passkey.png").exists()
