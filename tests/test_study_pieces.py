@@ -145,3 +145,34 @@ def test_join_documents_puts_the_longest_last_and_keeps_a_short_split_whole():
     streams = join_documents(docs, eos_id=99, min_tokens=40)
     assert [len(s) for s in streams] == [41, 50]  # 10+1+30, then the longest on its own
     assert [len(s) for s in join_documents([*docs, torch.zeros(3)], eos_id=99, min_tokens=60)] == [96]
+
+
+class _Data:
+    """A datamodule stand-in that records which splits were read."""
+
+    def __init__(self):
+        self.read = []
+        self.tokenizer = type("T", (), {"eos_id": 0})()
+
+    def eval_documents(self, split):
+        self.read.append(split)
+        g = torch.Generator().manual_seed(0 if split == "validation" else 1)
+        return [torch.randint(0, 64, (400,), generator=g)]
+
+
+def test_scale_search_reads_only_validation_and_keeps_the_best_scale():
+    from helpers import tiny_model
+    from omegaconf import OmegaConf
+
+    from ctxlab.evaluation import search_eval_scale
+
+    cfg = OmegaConf.create({"eval": {"join_documents": 0, "perplexity": {"chunk_size": 0},
+                                     "scale_search": {"candidates": [1, 2, 8], "length": 128,
+                                                      "max_tokens": 256}}})  # fmt: skip
+    model = tiny_model(position=NTKAware(8, 10000.0, 4.0))
+    dm = _Data()
+    found = search_eval_scale(model, dm, cfg, "cpu")
+    assert dm.read == ["validation"] and found["split"] == "validation"
+    best = min(found["candidates"], key=lambda r: r["val_ppl"])
+    assert found["chosen"] == best["scale"] == model.position.eval_scale
+    assert [r["scale"] for r in found["candidates"]] == [1.0, 2.0, 8.0]
