@@ -16,7 +16,10 @@ Choices the spec leaves to the implementation:
   output is cast back to q's dtype. Representatives are computed from detached q and k, so
   gradients reach q, k, v through the attention only.
 - ``pool="attn"`` scales its pooling logits by ``1/sqrt(D)`` whatever ``scale`` is.
-- Top-k ties go to the smaller region index (a stable descending sort over the candidates).
+- Top-k ties go to the smaller region index. Scores compare as IEEE numbers: -0.0 equals
+  +0.0 (both are ranked as +0.0 on every device). ``method="topk"`` (default) finds each row's
+  top-(T-m) without sorting whole rows and is checked to give ``method="sort"``'s indices (a
+  stable descending sort of every row, the original path) on every input; see ``row_top``.
 - Every row has at least T-m+1 candidates (``select="paper"``: row i >= T may pick
   0..i-m; ``select="causal"``: any region before s >= T), so a row's top-(T-m) never holds a
   forbidden region and the merge always yields T-m distinct regions: ``ms_select_torch``
@@ -41,6 +44,8 @@ from ..rope import rope_cos_sin, rope_inv_freq, rotate_half
 
 DEFAULT_MAX_CHUNK_ELEMS = 1 << 24
 """Largest score/logit tensor (in elements) formed at once, 64 MiB in float32."""
+SELECT_METHODS = ("topk", "sort")
+"""How ``select_blocks`` finds each row's top-(T-m): see ``row_top`` and ``row_top_sorted``."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -106,6 +111,81 @@ def block_rows(
     return s - merge + offset, (s - 1).expand(-1, merge)
 
 
+def row_top_sorted(scores: Tensor, n_sel: int) -> Tensor:
+    """Each row's ``n_sel`` best columns, best first, ties to the smaller column: a stable
+    descending sort of whole rows (``method="sort"``, the original path and the reference).
+
+    scores ``[..., n]`` -> LongTensor ``[..., n_sel]``. -0.0 is ranked as +0.0 (adding +0.0
+    turns -0.0 into +0.0), so that equal scores tie whatever sort the device runs.
+    """
+    return (scores + 0.0).sort(dim=-1, descending=True, stable=True).indices[..., :n_sel]
+
+
+def _row_top_unchecked(scores: Tensor, n_sel: int) -> tuple[Tensor, Tensor]:
+    """``row_top_sorted``'s answer for the rows where it can be had without a full sort.
+
+    Returns ``top [..., n_sel]`` and ``exact [...]`` (bool). An unsorted ``topk`` returns a set
+    R of n_sel columns; with v = min(R), the row has exactly ``n - n_sel`` scores ``< v`` iff R
+    is the set of all scores ``>= v`` and no score is NaN (a NaN compares false both ways).
+    Then R is the row's top set under any tie rule, and ordering R by (score descending,
+    column ascending) gives the stable sort's first n_sel entries. Otherwise (a tie group
+    straddles v, a NaN, v = -inf) ``exact`` is False and ``top`` is to be recomputed by
+    ``row_top_sorted``. Which of several equal scores ``topk`` picks never matters: the count
+    rejects the row whenever that choice was possible.
+    """
+    n = scores.shape[-1]
+    values, cols = scores.topk(n_sel, dim=-1, largest=True, sorted=False)
+    kth = values.amin(dim=-1, keepdim=True)
+    exact = (scores < kth).sum(dim=-1) == n - n_sel
+    cols, perm = cols.sort(dim=-1)  # column ascending: the stable sort's tie order
+    order = (values.gather(-1, perm) + 0.0).sort(dim=-1, descending=True, stable=True).indices
+    return cols.gather(-1, order), exact
+
+
+def row_top(scores: Tensor, n_sel: int) -> Tensor:
+    """``row_top_sorted(scores, n_sel)`` exactly, with a full sort only for the rows that need
+    it (``method="topk"``): ``topk`` and a sort of the n_sel survivors per row, then the rows
+    whose threshold is tied (or that hold a NaN) are sorted whole. scores ``[..., n]``."""
+    top, exact = _row_top_unchecked(scores, n_sel)
+    if not bool(exact.all()):
+        redo = ~exact
+        top[redo] = row_top_sorted(scores[redo], n_sel)
+    return top
+
+
+def _select_chunk(
+    qrows: Tensor, kbar: Tensor, limit: Tensor, row_in_range: Tensor, *, merge: int, n_sel: int, method: str
+) -> tuple[Tensor, Tensor | None]:
+    """Steps 5, 7 and 8 for a few blocks: ``[B, Hs, Gc, T-m]`` and, for ``method="topk"``
+    without its row check, whether every row was exact (a 0-dim bool tensor; None otherwise).
+
+    qrows ``[B, Hs, r, Gc*m, D]`` (the blocks' voting rows), kbar ``[B, Hs, n, D]``, limit and
+    row_in_range ``[Gc, m]``. ``method``: "sort", "topk" (row check done by the caller) or
+    "topk-checked" (``row_top``).
+    """
+    B, Hs, n = kbar.shape[0], kbar.shape[1], kbar.shape[2]
+    Gc = limit.shape[0]
+    dev = kbar.device
+    scores = torch.einsum("bsrid,bsjd->bsij", qrows, kbar).reshape(B, Hs, Gc, merge, n)
+    scores = scores.masked_fill(torch.arange(n, device=dev) > limit[..., None], float("-inf"))
+    exact = None
+    if method == "sort":
+        top = row_top_sorted(scores, n_sel)
+    elif method == "topk-checked":
+        top = row_top(scores, n_sel)
+    else:
+        top, exact_rows = _row_top_unchecked(scores, n_sel)
+        exact = exact_rows.all()
+    # Rank-major merge list: rank p of row a sits at p*m + a; rows past n - 1 sit past its end.
+    ranks, rows = torch.arange(n_sel, device=dev), torch.arange(merge, device=dev)
+    rank_major_pos = merge * ranks[None, :] + rows[:, None]  # [m, T-m]
+    past_end = n_sel * merge
+    pos = torch.where(row_in_range[:, :, None], rank_major_pos, past_end)  # [Gc, m, T-m]
+    first_pos = torch.full((B, Hs, Gc, n), past_end, dtype=torch.long, device=dev)
+    first_pos.scatter_reduce_(-1, top.flatten(-2), pos.flatten(-2).expand(B, Hs, -1, -1), reduce="amin")
+    return first_pos.topk(n_sel, dim=-1, largest=False, sorted=True).indices, exact
+
+
 def select_blocks(
     q: Tensor,
     k: Tensor,
@@ -118,15 +198,19 @@ def select_blocks(
     select: str,
     first_block: int = 0,
     max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
+    method: str = "topk",
 ) -> Tensor:
     """Selected regions of blocks ``[first_block, G)``: LongTensor ``[B, Hs, G - first_block, T-m]``.
 
-    Per block: score rows against all regions, keep each row's T-m best allowed regions
-    (stable sort: ties to the smaller j), then merge. The merge list is rank-major (rank p of
+    Per block: score rows against all regions, keep each row's T-m best allowed regions (ties
+    to the smaller j; ``method`` in ``SELECT_METHODS``: "topk" as ``row_top``, "sort" as
+    ``row_top_sorted``, identical indices), then merge. The merge list is rank-major (rank p of
     row a sits at position ``p*m + a``); each region's first position in it is found with a
     scatter-min, and the T-m regions with the smallest first positions, in that order, are the
     block's selection. Rows past ``n - 1`` (paper mode, last block) sit at a position past the
-    end of the list, so they never count.
+    end of the list, so they never count. With "topk" the row checks of all chunks are read
+    once at the end (one device sync per call); a chunk with an inexact row is redone with
+    the per-row fallback.
     """
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -142,25 +226,22 @@ def select_blocks(
     rows, limit = block_rows(first_block, G, budget=budget, merge=merge, select=select, device=q.device)
     row_in_range = rows < n  # [G', m]
     rows = rows.clamp_max(n - 1)
-    regions = torch.arange(n, device=q.device)
-    rank_major_pos = (
-        merge * torch.arange(n_sel, device=q.device)[None, :] + torch.arange(merge, device=q.device)[:, None]
-    )  # [m, T-m]
-    past_end = n_sel * merge
 
     per_chunk = max(1, max_chunk_elems // (B * Hs * merge * n))
-    selected = []
-    for g0 in range(0, rows.shape[0], per_chunk):
-        rows_c, limit_c = rows[g0 : g0 + per_chunk], limit[g0 : g0 + per_chunk]
-        Gc = rows_c.shape[0]
-        qrows = qbar[:, :, :, rows_c.flatten()]  # [B, Hs, r, Gc*m, D]
-        scores = torch.einsum("bsrid,bsjd->bsij", qrows, kbar).reshape(B, Hs, Gc, merge, n)
-        scores = scores.masked_fill(regions > limit_c[..., None], float("-inf"))
-        top = scores.sort(dim=-1, descending=True, stable=True).indices[..., :n_sel]
-        pos = torch.where(row_in_range[g0 : g0 + Gc, :, None], rank_major_pos, past_end)
-        first_pos = torch.full((B, Hs, Gc, n), past_end, dtype=torch.long, device=q.device)
-        first_pos.scatter_reduce_(-1, top.flatten(-2), pos.flatten(-2).expand(B, Hs, -1, -1), reduce="amin")
-        selected.append(first_pos.topk(n_sel, dim=-1, largest=False, sorted=True).indices)
+    chunks = [slice(g0, g0 + per_chunk) for g0 in range(0, rows.shape[0], per_chunk)]
+
+    def chunk(c: slice, chunk_method: str) -> tuple[Tensor, Tensor | None]:
+        qrows = qbar[:, :, :, rows[c].flatten()]  # [B, Hs, r, Gc*m, D]
+        return _select_chunk(
+            qrows, kbar, limit[c], row_in_range[c], merge=merge, n_sel=n_sel, method=chunk_method
+        )
+
+    selected, exact = zip(*(chunk(c, method) for c in chunks))
+    selected = list(selected)
+    if method == "topk" and not bool(torch.stack(exact).all()):
+        for i, c in enumerate(chunks):
+            if not bool(exact[i]):
+                selected[i] = chunk(c, "topk-checked")[0]
     return torch.cat(selected, dim=2)
 
 
@@ -175,13 +256,17 @@ def ms_select_torch(
     scope: str = "head",
     select: str = "paper",
     max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
+    method: str = "topk",
 ) -> Tensor:
     """Selected key regions per block, LongTensor ``[B, Hs, G, T-m]`` in merge order.
 
     q ``[B, L, Hq, D]``, k ``[B, L, Hkv, D]``; arguments are not validated here (the public
     ``ms_select`` does). Returns an empty ``[B, Hs, 0, T-m]`` tensor when ``n <= T``. Every
     entry of block g is a distinct region ``< T + g*m``; no padding occurs (module docstring).
+    ``method`` ("topk" or "sort", ``SELECT_METHODS``) changes the speed, never the indices.
     """
+    if method not in SELECT_METHODS:
+        raise ValueError(f"method must be one of {SELECT_METHODS}, got {method!r}")
     return select_blocks(
         q,
         k,
@@ -192,6 +277,7 @@ def ms_select_torch(
         scope=scope,
         select=select,
         max_chunk_elems=max_chunk_elems,
+        method=method,
     )
 
 

@@ -40,6 +40,10 @@ POISON = False
 Tests turn it on; it costs one fill per output."""
 
 
+DKV_PATHS = ("auto", "atomic", "partial", "reverse")
+"""Values of ``LaunchConfig.dkv_path``."""
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and launch parameters of the three kernels.
@@ -54,6 +58,8 @@ class LaunchConfig:
     threshold, ``sort_rows`` rows sorted at once, a candidate list of ``capacity`` entries per
     row (0: twice the next power of two >= T-m), ``programs`` persistent programs (0: four per
     SM), ``precision`` of the float32 score dots (``tl.dot``'s input_precision).
+    deterministic, dkv_path, dkv_partial_gib: how the backward sums the selected keys' dk/dv
+    (``dkv_path``).
     """
 
     fwd_block_m: int = 128
@@ -86,6 +92,18 @@ class LaunchConfig:
     on the H100 the fused kernel in exact (ieee) mode was slower at 3 of 4 measured cases
     (paper 32K 11.4 vs 7.7 ms, paper 128K 228.8 vs 225.3, sparse 128K 31.0 vs 12.7; faster
     only at sparse 32K, 2.0 vs 2.3; kernels/bench/results/*_v4_fused_select.md)."""
+    deterministic: bool = False
+    """Bitwise-identical gradients run to run, as ``torch.use_deterministic_algorithms(True)``
+    asks (either one is enough): the selected keys' dk/dv then never go through atomics."""
+    dkv_path: str = "auto"
+    """How the selected keys' dk/dv are summed over the blocks that selected them: "atomic"
+    (relaxed float32 atomics), "partial" (per-block partial sums, then a fixed-order reduction;
+    deterministic), "reverse" (the reverse index; deterministic) or "auto": "reverse" when w is a
+    multiple of ``dkv_block_n`` (no lane wasted; the faster path on the H100 then), else
+    "partial" in deterministic mode and "atomic" otherwise. See ``dkv_path``."""
+    dkv_partial_gib: float = 1.0
+    """GiB of float32 partial sums "partial" may hold at once (dk and dv together): the blocks
+    go through it in windows, one window's partial sums and reduction at a time."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -125,6 +143,17 @@ class LaunchConfig:
             raise ValueError(f"select_precision must be ieee, tf32x3 or tf32, got {self.select_precision!r}")
         if self.select_impl not in ("torch", "triton"):
             raise ValueError(f"select_impl must be torch or triton, got {self.select_impl!r}")
+        if self.dkv_path not in DKV_PATHS:
+            raise ValueError(f"dkv_path must be one of {DKV_PATHS}, got {self.dkv_path!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be a bool, got {self.deterministic!r}")
+        if self.deterministic and self.dkv_path == "atomic":
+            raise ValueError(
+                "deterministic=True cannot be honoured with dkv_path='atomic' (float atomics add in "
+                "a varying order): choose dkv_path 'auto', 'partial' or 'reverse'"
+            )
+        if not self.dkv_partial_gib > 0:
+            raise ValueError(f"dkv_partial_gib must be > 0, got {self.dkv_partial_gib!r}")
 
 
 GPU_CONFIG = LaunchConfig()
@@ -491,27 +520,49 @@ def ms_attn_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward launch: dq ``[B, L, Hq, D]``, dk, dv ``[B, L, Hkv, D]``, in the inputs' dtype.
 
-    dq is always deterministic. dk, dv of the selected keys: ``deterministic=True`` goes
-    through the reverse index (every element written once, summed in a fixed order, so two
-    calls return identical bits); ``False`` adds them with float32 atomics (two float32
-    [B, L, Hkv, D] buffers, last bits vary run to run). ``None`` (the default) takes the reverse
-    index when ``torch.are_deterministic_algorithms_enabled()``, and also when ``region`` is a
-    multiple of ``config.dkv_block_n``: then no key tile mixes regions, no lane is wasted, and
-    the reverse index was the faster path on an H100 (w=64: 43 vs 89 ms at 128K, 32 kv heads);
-    with w=16 and 64-key tiles it wastes 3/4 of its lanes and the atomics win (108 vs 212 ms).
+    dq is always deterministic. dk, dv of the selected keys go the way ``dkv_path`` picks:
+    ``deterministic`` None (the default) means ``config.deterministic`` or
+    ``torch.are_deterministic_algorithms_enabled()``; in deterministic mode two calls return
+    identical bits.
     """
     _check_launch(q, k, v, idx_sorted)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     cfg = config or default_config(q.device)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled() or region % cfg.dkv_block_n == 0
+    path = dkv_path(region, cfg, deterministic)
     delta = bwd_preprocess(o, do)
     dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget, merge=merge,
                 rope=rope, rope_base=rope_base, scale=scale, config=cfg)  # fmt: skip
     dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget,
                      merge=merge, rope=rope, rope_base=rope_base, scale=scale, config=cfg,
-                     deterministic=deterministic)  # fmt: skip
+                     path=path)  # fmt: skip
     return dq, dk, dv
+
+
+def dkv_path(region: int, config: LaunchConfig, deterministic: bool | None = None) -> str:
+    """The way ``ms_attn_bwd`` sums the selected keys' dk/dv: "atomic", "partial" or "reverse".
+
+    Deterministic mode: ``deterministic``, or when it is None ``config.deterministic`` or
+    ``torch.are_deterministic_algorithms_enabled()``. ``config.dkv_path="auto"`` takes
+    "reverse" when ``region`` is a multiple of ``config.dkv_block_n`` (no key tile mixes
+    regions, no lane is wasted, and it was the faster path on an H100: w=64, 43 vs 89 ms at
+    128K with 32 kv heads), else "partial" in deterministic mode (the reverse index wastes
+    3/4 of its lanes at w=16: 434.8 vs 107.4 ms for the atomics at paper-128K) and "atomic"
+    otherwise. ValueError for "atomic" in deterministic mode (it cannot be honoured).
+    """
+    if deterministic is None:
+        deterministic = config.deterministic or torch.are_deterministic_algorithms_enabled()
+    path = config.dkv_path
+    if path == "auto":
+        if region % config.dkv_block_n == 0:
+            return "reverse"
+        return "partial" if deterministic else "atomic"
+    if deterministic and path == "atomic":
+        raise ValueError(
+            "deterministic mode (deterministic=True, LaunchConfig.deterministic or "
+            "torch.use_deterministic_algorithms(True)) cannot be honoured with "
+            "LaunchConfig.dkv_path='atomic': choose 'auto', 'partial' or 'reverse'"
+        )
+    return path
 
 
 def bwd_preprocess(o: Tensor, do: Tensor) -> Tensor:
@@ -548,16 +599,68 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
     return dq
 
 
+@dataclass(frozen=True)
+class PartialIndex:
+    """Where the "partial" dk/dv path finds each region's partial sums, window by window.
+
+    Blocks go ``window`` at a time (``n_windows`` windows). ``offsets`` int64
+    ``[n_windows*B*Hkv*n + 1]`` (CSR over ``((win*B + b)*Hkv + hkv)*n + region``) into ``src``
+    int64 ``[E]``: the partial row ``((b*Hs + hs)*window + g - win*window)*S + rank`` of each
+    (selection head of the group, block of the window) that selected the region, ascending in
+    (hs, g): the fixed order of the reduction.
+    """
+
+    offsets: Tensor
+    src: Tensor
+    window: int
+    n_windows: int
+
+
+def partial_index(idx_sorted: Tensor, num_kv_heads: int, n: int, window: int) -> PartialIndex:
+    """Build the reduction's index from the sorted selection ``[B, Hs, G, S]`` (-1 = ignored).
+
+    A stable sort by (window, b, kv head, region) of the entries, taken in (b, hs, g, rank)
+    order: a unique result, whatever the device's sort does with equal keys."""
+    B, Hs, G, S = idx_sorted.shape
+    dev = idx_sorted.device
+    n_windows = triton.cdiv(G, window)
+    region = idx_sorted.long()
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    hs = torch.arange(Hs, device=dev).view(1, Hs, 1, 1)
+    g = torch.arange(G, device=dev).view(1, 1, G, 1)
+    rank = torch.arange(S, device=dev).view(1, 1, 1, S)
+    win, g_in = torch.div(g, window, rounding_mode="floor"), torch.remainder(g, window)
+    hkv = torch.div(hs, Hs // num_kv_heads, rounding_mode="floor")
+    key = ((win * B + b) * num_kv_heads + hkv) * n + region
+    src = ((b * Hs + hs) * window + g_in) * S + rank
+    valid = region >= 0
+    key, src = key[valid], src.expand_as(region)[valid]
+    order = torch.argsort(key, stable=True)
+    key, src = key[order], src[order]
+    bounds = torch.arange(n_windows * B * num_kv_heads * n + 1, device=dev)
+    return PartialIndex(torch.searchsorted(key, bounds), src.contiguous(), window, n_windows)
+
+
+def partial_window(shape: tuple[int, int, int, int], region: int, head_dim: int, config: LaunchConfig) -> int:
+    """Blocks per window of the "partial" path: as many as ``config.dkv_partial_gib`` holds,
+    at least one. shape is the selection's ``[B, Hs, G, S]``."""
+    B, Hs, G, S = shape
+    per_block = B * Hs * S * region * head_dim * 4 * 2  # float32 dk and dv
+    return max(1, min(G, int(config.dkv_partial_gib * 2**30) // per_block))
+
+
 def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, rope_base,
-            scale, config: LaunchConfig, deterministic: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
+            scale, config: LaunchConfig, path: str) -> tuple[Tensor, Tensor]:  # fmt: skip
     """dk, dv ``[B, L, Hkv, D]``: one program per key tile (own segment, causally), plus the
-    selecting blocks' queries, through the reverse index or the atomic kernel."""
+    selecting blocks' queries by ``path`` ("atomic", "partial" or "reverse", see ``dkv_path``)."""
+    if path not in DKV_PATHS[1:]:
+        raise ValueError(f"path must be atomic, partial or reverse, got {path!r}")
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
     consts = _consts(q, k, idx_sorted)
     geo = Geometry.of(L, region, budget, merge, config.dkv_block_n)
     cos, sin = _tables(rope, geo, D, rope_base, q.device)
-    if deterministic:
+    if path == "reverse":
         rev = reverse_index(idx_sorted, geo)
         dk32 = dv32 = torch.zeros(1, dtype=torch.float32, device=q.device)
     else:
@@ -567,12 +670,17 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
         Hs, G, S = idx_sorted.shape[1:]
         if G > 0:
             n_chunks = triton.cdiv(S * region, config.sel_block_n)
-            tk.ms_attn_bwd_dkv_sel_kernel[(G * n_chunks, B * Hs)](
-                q, k, v, do, dk32, dv32, lse, delta, idx_sorted, cos, sin,
-                L, geo.P, region, merge, S, G, n_chunks, scale * LOG2E, scale,
-                ROPE=rope, BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n,
-                num_warps=config.sel_warps, num_stages=config.sel_stages, **consts,
-            )  # fmt: skip
+            sel_args = (L, geo.P, region, merge, S, G, n_chunks)
+            sel_consts = dict(ROPE=rope, BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n,
+                              num_warps=config.sel_warps, num_stages=config.sel_stages, **consts)  # fmt: skip
+            if path == "atomic":
+                tk.ms_attn_bwd_dkv_sel_kernel[(G * n_chunks, B * Hs)](
+                    q, k, v, do, dk32, dv32, lse, delta, idx_sorted, cos, sin,
+                    *sel_args, 0, G, scale * LOG2E, scale, PARTIAL=False, **sel_consts,
+                )  # fmt: skip
+            else:
+                _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args,
+                              sel_consts, region=region, scale=scale, config=config)  # fmt: skip
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     tk.ms_attn_bwd_dkv_kernel[(geo.n_tiles, B * Hkv)](
@@ -580,11 +688,41 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
         rev.order, rev.offsets, rev.block, rev.rank,
         L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
         geo.tiles_per_block, scale * LOG2E, scale,
-        ROPE=rope, SELECTED=deterministic, BLOCK_M=config.dkv_block_m,
+        ROPE=rope, SELECTED=path == "reverse", BLOCK_M=config.dkv_block_m,
         BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
         **consts,
     )  # fmt: skip
     return dk, dv
+
+
+def _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args, sel_consts,
+                  *, region, scale, config: LaunchConfig) -> None:  # fmt: skip
+    """The "partial" path: per window of blocks, every (block, chunk of selected tokens)
+    program stores its dk, dv sums into float32 partial buffers, then one program per (region,
+    kv head) adds the region's partial sums into dk32, dv32 in a fixed order. Windows run one
+    after the other on the stream, so every element of dk32, dv32 gets the same additions in
+    the same order on every run."""
+    B, Hs, G, S = idx_sorted.shape
+    Hkv, D = k.shape[2], k.shape[3]
+    n = triton.cdiv(q.shape[1], region)
+    n_chunks = sel_args[-1]
+    window = partial_window((B, Hs, G, S), region, D, config)
+    index = partial_index(idx_sorted, Hkv, n, window)
+    pdk = _empty((B * Hs, window, S * region, D), torch.float32, q.device)
+    pdv = _empty((B * Hs, window, S * region, D), torch.float32, q.device)
+    for win in range(index.n_windows):
+        g0 = win * window
+        blocks = min(window, G - g0)
+        tk.ms_attn_bwd_dkv_sel_kernel[(blocks * n_chunks, B * Hs)](
+            q, k, v, do, pdk, pdv, lse, delta, idx_sorted, cos, sin,
+            *sel_args, g0, window, scale * LOG2E, scale, PARTIAL=True, **sel_consts,
+        )  # fmt: skip
+        tk.ms_attn_bwd_dkv_reduce_kernel[(n, B * Hkv)](
+            pdk, pdv, dk32, dv32, index.offsets[win * B * Hkv * n :], index.src,
+            q.shape[1], region, n,
+            HKV=Hkv, HEAD_DIM=D, BLOCK_W=max(triton.next_power_of_2(region), 2),
+            BLOCK_D=max(triton.next_power_of_2(D), 16),
+        )  # fmt: skip
 
 
 @torch.library.custom_op("ctxlab::ms_attn_fwd", mutates_args=())
@@ -735,8 +873,8 @@ def ms_attention_triton(
     ``LaunchConfig.select_impl``; no gradient), the attention, its
     backward and RoPE for ``pe="selected"`` run in the kernels. Gradients
     reach q, k, v; the backward is bitwise deterministic when
-    ``torch.use_deterministic_algorithms(True)`` is on, or ``region`` is a multiple of the
-    dk/dv key tile (see ``ms_attn_bwd``).
+    ``torch.use_deterministic_algorithms(True)`` is on or ``LaunchConfig.deterministic`` is
+    set, or ``region`` is a multiple of the dk/dv key tile (see ``dkv_path``).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     with torch.no_grad():
@@ -758,17 +896,21 @@ def ms_attention_triton(
 
 
 __all__ = [
+    "DKV_PATHS",
     "GPU_CONFIG",
     "INTERPRETER_CONFIG",
     "Geometry",
     "LaunchConfig",
+    "PartialIndex",
     "ReverseIndex",
+    "dkv_path",
     "ms_attend_triton",
     "ms_attention_triton",
     "ms_attn_bwd",
     "ms_attn_fwd",
     "ms_select_configured",
     "ms_select_triton",
+    "partial_index",
     "reverse_index",
     "sort_selection",
 ]

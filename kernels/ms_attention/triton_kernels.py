@@ -21,9 +21,13 @@ q and k are loaded as two [*, HALF] tiles so the rotate-half rotation needs no s
 scores are then dot(q1, k1^T) + dot(q2, k2^T). Scores are kept in the log2 domain
 (qk_scale = scale * log2(e)); LSE is stored in natural-log units. The backward is
 FlashAttention-2's: delta = rowsum(do * o); dq per query tile on the forward's schedule;
-dk/dv per key tile through a reverse index (per key tile, the blocks that selected one of its
-regions and the rank of each region there), so the backward writes every gradient once:
-deterministic, no atomics, no float32 scratch copy of dk/dv.
+dk/dv of the own segment per key tile. The selected keys' dk/dv come one of three ways
+(``triton_impl.dkv_path``): a reverse index (per key tile, the blocks that selected one of its
+regions and the rank of each region there: every gradient written once, deterministic); per
+(block, chunk of selected tokens) programs adding into float32 buffers with relaxed atomics
+(fast, last bits vary run to run); or the same programs writing per-block partial sums
+(PDK, PDV [B*HS, Gw, S*w, D] float32, a window of Gw blocks at a time) that
+``ms_attn_bwd_dkv_reduce_kernel`` then adds per region in a fixed order (deterministic).
 """
 
 from __future__ import annotations
@@ -675,8 +679,9 @@ def ms_attn_bwd_dkv_kernel(
     [+1] hold, in ascending block order, a block g (ENT_G) that selected one of the tile's
     regions and, for each of the tile's R region slots (slot = tok // w - lo // w), the
     region's rank in g's sorted selection, -1 if g did not select it (ENT_RANK, [entries, R]);
-    ORDER lists tiles heaviest first. Without SELECTED, `ms_attn_bwd_dkv_sel_kernel` has
-    already summed that part into the float32 DK32, DV32 ([B, L, HKV, D]), added here.
+    ORDER lists tiles heaviest first. Without SELECTED, `ms_attn_bwd_dkv_sel_kernel` (atomics)
+    or it and `ms_attn_bwd_dkv_reduce_kernel` (partial sums) have already summed that part
+    into the float32 DK32, DV32 ([B, L, HKV, D]), added here.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     GROUP: tl.constexpr = HQ // HKV
@@ -854,6 +859,8 @@ def ms_attn_bwd_dkv_sel_kernel(
     S,
     G,
     n_chunks,
+    g0,
+    window,
     qk_scale,
     scale,
     HQ: tl.constexpr,
@@ -863,19 +870,25 @@ def ms_attn_bwd_dkv_sel_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
+    PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (G * n_chunks, B*HS): dk, dv of the selected keys, the fast (atomic) way.
+    """Grid (Gw * n_chunks, B*HS): dk, dv of the selected keys of blocks g0 .. g0 + Gw - 1.
 
     One program takes chunk c of block g's selected tokens (BLOCK_N of the S*w, read by index
-    like the forward: every lane a real key, none wasted), runs over all the block's queries
-    of every query head sharing the selection, and adds the keys' dk, dv into the float32
-    DK32, DV32 with atomics. The sum's order, hence its last bits, varies from run to run.
+    like the forward: every lane a real key, none wasted) and runs over all the block's queries
+    of every query head sharing the selection. Without PARTIAL it adds the keys' dk, dv into
+    the float32 DK32, DV32 ([B, L, HKV, D]) with relaxed atomics: only the sum is wanted, no
+    ordering of other memory accesses, and the sum's order (hence its last bits) varies from
+    run to run anyway. With PARTIAL, DK32, DV32 are the partial buffers
+    ([B*HS, window, S*w, D]) and the program stores its sums at (b*HS + hs, g - g0, place in
+    the selection): every element written once, by one program, so the values are the same on
+    every run; ``ms_attn_bwd_dkv_reduce_kernel`` adds them up.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     REP: tl.constexpr = HQ // HS
-    g = tl.program_id(0) // n_chunks
+    g = g0 + tl.program_id(0) // n_chunks
     chunk = tl.program_id(0) % n_chunks
     bhs = tl.program_id(1)
     b = bhs // HS
@@ -935,11 +948,70 @@ def ms_attn_bwd_dkv_sel_kernel(
             )
 
     h_mask = key_ok[:, None] & (offs_h[None, :] < HALF)
-    rows_h = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
-    rows_d = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
-    tl.atomic_add(DK32 + rows_h, dk1 * scale, mask=h_mask)
-    tl.atomic_add(DK32 + rows_h + HALF, dk2 * scale, mask=h_mask)
-    tl.atomic_add(DV32 + rows_d, dv, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    d_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if PARTIAL:
+        part = ((bhs.to(tl.int64) * window + (g - g0)) * S * W + flat.to(tl.int64)) * HEAD_DIM
+        tl.store(DK32 + part[:, None] + offs_h[None, :], dk1 * scale, mask=h_mask)
+        tl.store(DK32 + part[:, None] + HALF + offs_h[None, :], dk2 * scale, mask=h_mask)
+        tl.store(DV32 + part[:, None] + offs_d[None, :], dv, mask=d_mask)
+    else:
+        rows_h = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
+        rows_d = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
+        tl.atomic_add(DK32 + rows_h, dk1 * scale, mask=h_mask, sem="relaxed")
+        tl.atomic_add(DK32 + rows_h + HALF, dk2 * scale, mask=h_mask, sem="relaxed")
+        tl.atomic_add(DV32 + rows_d, dv, mask=d_mask, sem="relaxed")
+
+
+@triton.jit
+def ms_attn_bwd_dkv_reduce_kernel(
+    PDK,
+    PDV,
+    DK32,
+    DV32,
+    OFFSETS,
+    SRC,
+    L,
+    W,
+    n,
+    HKV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (n, B*HKV): region j of kv head hkv gets the partial sums of one window of blocks.
+
+    OFFSETS[(b*HKV + hkv)*n + j] .. [+1] index SRC (int64): each entry is a partial row
+    (b*HS + hs)*window*S + (g - g0)*S + rank, i.e. the region's w tokens in the partial
+    buffers ``ms_attn_bwd_dkv_sel_kernel`` filled, for every selection head hs of the group
+    and block g of the window that selected j, ascending in (hs, g). They are summed in that
+    order and added to DK32, DV32 ([B, L, HKV, D] float32) by this program alone: a fixed
+    order of additions, so the result is bitwise the same on every run.
+    """
+    j = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = bkv // HKV
+    hkv = bkv % HKV
+    key = bkv.to(tl.int64) * n + j
+    e_lo = tl.load(OFFSETS + key)
+    e_hi = tl.load(OFFSETS + key + 1)
+    if e_hi > e_lo:
+        offs_t = tl.arange(0, BLOCK_W)
+        offs_d = tl.arange(0, BLOCK_D)
+        t_ok = offs_t < W
+        mask = t_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        acc_k = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
+        acc_v = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
+        for e in range(e_lo, e_hi):
+            src = tl.load(SRC + e)
+            ptrs = (src * W + offs_t.to(tl.int64))[:, None] * HEAD_DIM + offs_d[None, :]
+            acc_k += tl.load(PDK + ptrs, mask=mask, other=0.0)
+            acc_v += tl.load(PDV + ptrs, mask=mask, other=0.0)
+        tok = j * W + offs_t
+        ok = mask & (tok < L)[:, None]
+        stride = HKV * HEAD_DIM
+        rows = (b.to(tl.int64) * L + tok.to(tl.int64))[:, None] * stride + hkv * HEAD_DIM + offs_d[None, :]
+        tl.store(DK32 + rows, tl.load(DK32 + rows, mask=ok, other=0.0) + acc_k, mask=ok)
+        tl.store(DV32 + rows, tl.load(DV32 + rows, mask=ok, other=0.0) + acc_v, mask=ok)
 
 
 # --- Selection (spec steps 4-8): representatives, scores, per-row top-(T-m), merge. -------------
