@@ -14,11 +14,16 @@ from omegaconf import DictConfig
 
 
 def config_dir() -> str:
-    """``cfg/`` of the source tree (editable install), or ``$CTXLAB_CFG``."""
-    env = os.environ.get("CTXLAB_CFG")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "cfg"
-    if not (path / "config.yaml").exists():
-        raise SystemExit(f"ctxlab: no config.yaml in {path}; set CTXLAB_CFG to ctxlab's cfg/ folder")
+    """ctxlab's config folder (``ctxlab.options.config_dir``: ``$CTXLAB_CFG``, the source tree's
+    ``cfg/``, the installed copy); exits naming the folder where it has no ``config.yaml``."""
+    from ctxlab.options import config_dir as find
+
+    path = find()
+    if not (path / "config.yaml").is_file():
+        where = "CTXLAB_CFG" if os.environ.get("CTXLAB_CFG") else "nor in the installed ctxlab/cfg"
+        raise SystemExit(
+            f"ctxlab: no config.yaml in {path} ({where}); set CTXLAB_CFG to ctxlab's cfg/ folder"
+        )
     return str(path)
 
 

@@ -19,9 +19,18 @@ from omegaconf import DictConfig, OmegaConf
 
 
 def config_dir() -> Path:
-    """``cfg/`` of the source tree (editable install), or ``$CTXLAB_CFG``."""
+    """ctxlab's config folder: ``$CTXLAB_CFG`` if set, else ``cfg/`` of the source tree this
+    module runs from (an editable install or a checkout on ``PYTHONPATH``), else the copy the
+    wheel ships as ``ctxlab/cfg`` (``experiment/`` holds the copied ``experiments/*.yaml``).
+    Where none has a ``config.yaml``, the source tree's path, which callers report as missing."""
     env = os.environ.get("CTXLAB_CFG")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "cfg"
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    source, packaged = here.parents[1] / "cfg", here / "cfg"
+    if (here.parents[1] / "pyproject.toml").is_file() and (source / "config.yaml").is_file():
+        return source
+    return packaged if (packaged / "config.yaml").is_file() else source
 
 
 def groups() -> list[str]:
