@@ -97,8 +97,8 @@ def check_tensors(q: Tensor, k: Tensor, v: Tensor | None, *, pe: str) -> None:
             raise ValueError(f"{name} has head dim {x.shape[3]} but q has {D}")
     if v is not None and v.shape[2] != k.shape[2]:
         raise ValueError(f"v has {v.shape[2]} heads but k has {k.shape[2]}")
-    if L < 1 or D < 1 or Hq < 1 or k.shape[2] < 1:
-        raise ValueError(f"q and k need L, H, D >= 1, got q {list(q.shape)} and k {list(k.shape)}")
+    if B < 1 or L < 1 or D < 1 or Hq < 1 or k.shape[2] < 1:
+        raise ValueError(f"q and k need B, L, H, D >= 1, got q {list(q.shape)} and k {list(k.shape)}")
     if Hq % k.shape[2]:
         raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({k.shape[2]})")
     if pe == "selected" and D % 2:

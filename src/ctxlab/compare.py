@@ -122,10 +122,32 @@ def run_summaries(run_dir: Path) -> list[dict]:
     return out
 
 
+def distinguish_names(summaries: list[dict]) -> None:
+    """Runs that share a name (two sweeps' ``dense+rope``) get the shortest tail of their run
+    directory that tells them apart, ``dense+rope (sweep_a/3)``, in place, so neither their table
+    rows nor their plot lines merge."""
+    by_name: dict[str, list[dict]] = {}
+    for s in summaries:
+        by_name.setdefault(s["name"], []).append(s)
+    for name, same in by_name.items():
+        dirs = {s["_dir"] for s in same}
+        if len(dirs) < 2:
+            continue
+        parts = {d: Path(d).resolve().parts for d in dirs}
+        depth = max(len(p) for p in parts.values())
+        for k in range(1, depth + 1):
+            tails = {d: "/".join(p[-k:]) for d, p in parts.items()}
+            if len(set(tails.values())) == len(tails):
+                break
+        for s in same:
+            s["name"] = f"{name} ({tails[s['_dir']]})"
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "comparison") -> dict:
     summaries = [s for d in find_runs([Path(p) for p in run_dirs]) for s in run_summaries(d)]
     if not summaries:
         raise FileNotFoundError(f"no results/summary.json under {', '.join(map(str, run_dirs))}")
+    distinguish_names(summaries)
     ppl_lengths = sorted({r["length"] for s in summaries for r in s.get("perplexity", [])})
     pk_lengths = sorted({r["length"] for s in summaries for r in s.get("passkey", [])})
     rows = []
@@ -153,6 +175,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
     cols = [
         "name",
         "causal",
+        "train_len",
         "val_ppl",
         *[f"ppl@{n}" for n in ppl_lengths],
         *[f"passkey@{n}" for n in pk_lengths],
@@ -166,7 +189,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
                 v = {True: "yes", False: "NO", None: "?"}[v]
             cells.append(_fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "ppl@N: sliding-window perplexity at context N (test split); passkey@N: exact-match "
+    lines += ["", "train_len: the training length in tokens; "
+              "ppl@N: sliding-window perplexity at context N (test split); passkey@N: exact-match "
               "accuracy averaged over depths. causal=NO: the audit found outputs depending on later "
               "tokens; no perplexity is computed for such an evaluation. `name @attention`: the same "
               "weights evaluated with another attention (eval.attention)."]  # fmt: skip

@@ -10,13 +10,17 @@ results already exist.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import shlex
+import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -99,13 +103,29 @@ def device_of(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def read_checkpoint(path: Path, setting: str) -> dict:
+    """``torch.load`` of a checkpoint file, with an error naming ``setting`` for a file that is
+    not one (a truncated copy, a text file) instead of torch's unpickling error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(
+            f"{setting}: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            "a truncated copy or another kind of file? Give the path of a complete .ckpt file or of "
+            "a run's weights/ folder"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{setting}: {path} holds a {type(ckpt).__name__}, not a checkpoint")
+    return ckpt
+
+
 def load_weights(model, path: str | os.PathLike, setting: str) -> dict:
     """Load a ctxlab checkpoint's model weights, refusing one made for a different model."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{setting}: no checkpoint file at {p}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    meta = ckpt.get("ctxlab") if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint(p, setting)
+    meta = ckpt.get("ctxlab")
     if meta is None or "state_dict" not in ckpt:
         raise ValueError(f"{setting}: {p} is not a ctxlab checkpoint (no ctxlab metadata)")
     saved, current = meta["model"], model.config.to_dict()
@@ -135,13 +155,152 @@ def load_weights(model, path: str | os.PathLike, setting: str) -> dict:
     return ckpt
 
 
+def scheme_record(position) -> dict:
+    """How a position scheme enters the model: what ``check_trained_settings`` compares."""
+    return {"name": position.name, "base": float(position.base),
+            "applies_in_attention": bool(position.applies_in_attention)}  # fmt: skip
+
+
+def trained_settings(cfg: DictConfig, model) -> dict:
+    """What a checkpoint or a ``weights/`` folder records about how it was trained: the model,
+    attention and position settings, the options chosen, and how the position scheme enters
+    the model (``check_trained_settings`` compares them with an evaluation's)."""
+    from ctxlab.config import choice
+
+    groups = ("model", "attention", "position")
+    return {
+        "settings": {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups},
+        "choices": {g: choice(cfg, g) for g in ("attention", "position")},
+        "position_scheme": scheme_record(model.position),
+    }
+
+
+# Attention settings that choose an implementation of the same function, not the function.
+IMPLEMENTATION_KEYS = frozenset({"backend"})
+
+
+def _recorded_scheme(meta: dict) -> dict | None:
+    """The recorded position scheme, or (records from before it was kept) the one its settings
+    build; None when they no longer build."""
+    if meta.get("position_scheme"):
+        return meta["position_scheme"]
+    try:
+        return scheme_record(instantiate(meta["settings"]["position"]))
+    except Exception:
+        return None
+
+
+def _scheme_line(scheme: dict) -> str:
+    where = "inside MS attention" if scheme["applies_in_attention"] else "before attention"
+    return f"position={scheme['name']} (base={scheme['base']:g}, RoPE {where})"
+
+
+def _attention_difference(meta: dict, cfg: DictConfig) -> str | None:
+    def comparable(node: dict) -> dict:
+        return {k: v for k, v in node.items() if k not in IMPLEMENTATION_KEYS}
+
+    from ctxlab.config import choice
+
+    trained = comparable(meta["settings"]["attention"])
+    current = comparable(OmegaConf.to_container(cfg.attention, resolve=True))  # type: ignore[arg-type]
+    if trained == current:
+        return None
+    was = (meta.get("choices") or {}).get("attention") or str(trained.get("_target_")).rsplit(".", 1)[-1]
+    now = choice(cfg, "attention")
+    if trained.get("_target_") != current.get("_target_"):
+        return f"trained with attention={was}, evaluated with attention={now}"
+    keys = [k for k in sorted(set(trained) | set(current)) if trained.get(k) != current.get(k)]
+    return (
+        f"trained with attention={was} " + ", ".join(f"{k}={trained.get(k)!r}" for k in keys)
+        + ", evaluated with " + ", ".join(f"attention.{k}={current.get(k)!r}" for k in keys)
+    )  # fmt: skip
+
+
+def check_trained_settings(meta: dict, cfg: DictConfig, model, path: Path, setting: str) -> list[str]:
+    """Compare what ``path`` was trained with (``trained_settings``, in ``meta``) with the
+    attention and position this job evaluates it under. The attention must be the same option
+    with the same settings (``eval.attention`` evaluates under others on purpose); positions must
+    enter the model the same way with the same RoPE base (RoPE scalings at inference, ``ntk``,
+    ``yarn``, ..., of a RoPE-trained model are what ``phase=extrapolate`` is for). Raises
+    ConfigError naming both settings, unless ``phase.allow_other_settings``; returns the
+    differences allowed so (for the summary)."""
+    if not meta.get("settings"):
+        say(f"{setting}: {path} records no training settings (made before they were kept): not checked")
+        return []
+    problems = [p for p in [_attention_difference(meta, cfg)] if p]
+    scheme, now = _recorded_scheme(meta), scheme_record(model.position)
+    if scheme is None:
+        target = meta["settings"]["position"].get("_target_")
+        if target != OmegaConf.select(cfg, "position._target_"):
+            problems.append(f"trained with position {target}, evaluated with {_scheme_line(now)}")
+    elif (scheme["applies_in_attention"], scheme["base"]) != (now["applies_in_attention"], now["base"]):
+        problems.append(f"trained with {_scheme_line(scheme)}, evaluated with {_scheme_line(now)}")
+    if problems and not cfg.phase.get("allow_other_settings", False):
+        raise ConfigError(
+            f"{setting}: {path} was not trained with this job's settings: {'; '.join(problems)}. Choose "
+            "the settings it was trained with, evaluate it under other attentions with eval.attention, "
+            "or set phase.allow_other_settings=true to evaluate it like this on purpose"
+        )
+    for p in problems:
+        say(f"WARNING (phase.allow_other_settings=true): {setting} {p}")
+    return problems
+
+
+class CSVMetrics:
+    """Lightning's CSV logger, but a restarted run keeps what earlier attempts wrote: rows are
+    appended to ``csv/metrics.csv`` (Lightning's own writer deletes it on start), each with an
+    ``attempt`` column (1, 2, ... per start of the run directory), since steps after an attempt's
+    last checkpoint are trained and logged again by the next one. Rows are on disk at every
+    checkpoint and every ``flush_every`` steps, so a killed attempt keeps them."""
+
+    @staticmethod
+    def create(run_dir: Path, flush_every: int):
+        from lightning.pytorch.loggers import CSVLogger
+        from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+        from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+        class AppendingWriter(ExperimentWriter):
+            def __init__(self, log_dir: str) -> None:
+                super().__init__(log_dir)
+                self.attempt = 1
+                path = Path(self.metrics_file_path)
+                if path.is_file():
+                    import csv
+
+                    with path.open(newline="") as f:
+                        reader = csv.DictReader(f)
+                        self.metrics_keys = sorted(reader.fieldnames or [])
+                        done = [int(r["attempt"]) for r in reader if (r.get("attempt") or "").isdigit()]
+                    self.attempt = max(done, default=1) + 1
+
+            def _check_log_dir_exists(self) -> None:
+                """Lightning's deletes an existing metrics.csv: keep it."""
+
+            def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
+                super().log_metrics(metrics_dict, step)
+                self.metrics[-1]["attempt"] = self.attempt
+
+        class AppendingCSVLogger(CSVLogger):
+            @property
+            @rank_zero_experiment
+            def experiment(self):
+                if self._experiment is None:
+                    self._fs.makedirs(self.root_dir, exist_ok=True)
+                    self._experiment = AppendingWriter(log_dir=self.log_dir)
+                return self._experiment
+
+            def after_save_checkpoint(self, checkpoint_callback) -> None:
+                self.save()  # the rows up to a checkpoint outlive a kill -9 after it
+
+        return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="",
+                                  flush_logs_every_n_steps=max(1, flush_every))  # fmt: skip
+
+
 class Loggers:
     """CSV always; W&B when ``logger.kind=wandb`` (offline by default), one run id per run_dir."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
-        from lightning.pytorch.loggers import CSVLogger
-
-        self.csv = CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        self.csv = CSVMetrics.create(run_dir, int(cfg.trainer.get("log_every_n_steps") or 50))
         self.wandb = None
         if cfg.logger.kind == "wandb" and distributed.is_rank_zero():  # one W&B run, from rank 0
             try:
@@ -245,32 +404,188 @@ def check_before_work(cfg: DictConfig, dm, model) -> None:
             raise ConfigError(str(e)) from e
 
 
-def write_metadata(cfg: DictConfig, run_dir: Path) -> None:
-    """``config.yaml`` and ``meta.json``; a later evaluation of the run's own weights writes
-    ``config.evaluate.yaml`` and ``meta.evaluate.json`` instead, keeping the fit's record."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def record_suffix(cfg: DictConfig, run_dir: Path) -> str:
+    """``""`` (``config.yaml``, the run's own record) or ``".evaluate"`` for an evaluation of the
+    run's own weights, which keeps the fit's record."""
     own = (
         cfg.phase.get("checkpoint")
         and Path(str(cfg.phase.checkpoint)).resolve() == (run_dir / "weights").resolve()
     )
-    suffix = ".evaluate" if (not cfg.phase.fit and own) else ""
+    return ".evaluate" if (not cfg.phase.fit and own) else ""
+
+
+def write_metadata(cfg: DictConfig, run_dir: Path) -> None:
+    """``config.yaml`` and ``meta.json``; a later evaluation of the run's own weights writes
+    ``config.evaluate.yaml`` and ``meta.evaluate.json`` instead, keeping the fit's record."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    suffix = record_suffix(cfg, run_dir)
     (run_dir / f"config{suffix}.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     meta = {"git": git_state(), "versions": package_versions(), "seed": int(cfg.seed),
             "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
     (run_dir / f"meta{suffix}.json").write_text(json.dumps(meta, indent=2))
 
 
+def check_numbers(cfg: DictConfig) -> None:
+    """Settings that must be whole numbers, named when they are not (``data.seq_len=abc``)
+    before anything computes with them."""
+    wanted = {"data.seq_len": 1, "data.batch_size": 1}
+    if OmegaConf.select(cfg, "data.eval_batch_size") is not None:
+        wanted["data.eval_batch_size"] = 1
+    for key, minimum in wanted.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+    steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < -1:
+        raise ConfigError(f"trainer.max_steps={steps!r} must be an integer > 0 (or -1 with max_epochs)")
+
+
+class Interrupted(SystemExit):
+    """The job got SIGTERM; exits with 128 + SIGTERM after saying where it stopped."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+class _Signals:
+    """SIGTERM outside a fit ends the job with :class:`Interrupted` (Python's default would kill it
+    without a word); inside one, Lightning's handler (which keeps ours in its chain) lets the
+    current step finish first, and ``fitting`` makes ours leave it at that."""
+
+    def __init__(self) -> None:
+        self.fitting = False
+        self.previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if not self.fitting:
+            raise Interrupted()
+
+    def __enter__(self) -> _Signals:
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def resume_command() -> str:
+    """The command line that resumes this job: the same one, pinned to its run or sweep
+    directory (Hydra's default directory is a new time stamp)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    args = [a for a in sys.argv[1:]]
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            key, where = "hydra.sweep.dir", hc.sweep.dir
+        else:
+            key, where = "hydra.run.dir", hc.runtime.output_dir
+        if not any(a.lstrip("+").startswith(f"{key}=") for a in args):
+            args.append(f"{key}={Path(where).resolve()}")
+    return shlex.join(["ctxlab", *(a.removeprefix("++") for a in args)])
+
+
+def newest_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """The checkpoint with the highest step: ``step<N>.ckpt`` by name, ``last.ckpt`` by its
+    ``global_step`` (memory-mapped: its tensors are not read)."""
+    found = []
+    for p in ckpt_dir.glob("*.ckpt"):
+        if m := re.fullmatch(r"step(\d+)\.ckpt", p.name):
+            found.append((p, int(m[1])))
+        elif p.name == "last.ckpt":
+            with contextlib.suppress(Exception):
+                ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+                found.append((p, int(ckpt["global_step"])))
+    return max(found, key=lambda t: t[1]) if found else None
+
+
+def report_interrupt(run_dir: Path, during: str, saved_step: int | None) -> None:
+    ckpt = newest_checkpoint(run_dir / "checkpoints")
+    if saved_step is not None:
+        where = f"saved checkpoints/last.ckpt at step {saved_step}"
+    elif ckpt is not None:
+        where = f"the newest checkpoint is {ckpt[0].relative_to(run_dir)} (step {ckpt[1]})"
+    else:
+        where = "no checkpoint was written: a restart trains from the start"
+    print(
+        f"ctxlab: interrupted by SIGTERM during {during} in {run_dir}; {where}."
+        + (" The evaluation cells finished so far are kept." if during == "evaluation" else "")
+        + f" Resume with the same command:\n  {resume_command()}",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path, world: int):
+    """Rank 0 takes ``run_dir`` before any work: writable folders, the lock (``ctxlab.rundir``),
+    a restart's settings against the recorded ones, and the temporary files a killed attempt
+    left. Every rank fails the same way. Returns rank 0's lock (None on the others)."""
+    from ctxlab import rundir
+
+    lock, problem = None, None
+    if distributed.is_rank_zero():
+        try:
+            folders = [run_dir] + [run_dir / d for d in ("checkpoints", "results", "csv", "weights")]
+            rundir.check_writable(folders)
+            lock = rundir.RunLock(run_dir, say).acquire()
+            if record_suffix(cfg, run_dir) == "":
+                rundir.check_restart(cfg, run_dir)
+            removed = rundir.remove_orphans(run_dir)
+            if removed:
+                say(f"removed {len(removed)} temporary files a killed attempt left: "
+                    f"{', '.join(p.name for p in removed[:5])}")  # fmt: skip
+        except ConfigError as e:
+            if lock is not None:
+                lock.release()
+            problem = e
+    if world > 1:
+        message = distributed.broadcast(str(problem) if problem else None)
+        if message and problem is None:
+            raise ConfigError(message)
+    if problem is not None:
+        raise problem
+    return lock
+
+
+def check_resumable(last: Path) -> None:
+    """A ``last.ckpt`` that is not a whole zip archive (torch's format) is refused before the fit,
+    naming it, instead of failing inside Lightning. Reads only the archive's directory."""
+    try:
+        with zipfile.ZipFile(last) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ConfigError(
+            f"{last} is damaged ({e}): move it away to resume from an earlier checkpoint of "
+            f"{last.parent} (copy it to last.ckpt) or to train from the start"
+        ) from e
+
+
 def run_job(cfg: DictConfig) -> dict:
-    import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
-    from ctxlab.slurm import PreemptionCheckpoint, trainer_plugins
-    from ctxlab.train.callbacks import SelectionStats, Throughput
-    from ctxlab.train.module import LMModule
-
     validate(cfg)
     world = distributed.init(cfg.trainer)  # several ranks: from torchrun or SLURM, else an error
     run_dir = Path(cfg.run_dir).resolve()
+    lock = claim_run_dir(cfg, run_dir, world)
+    try:
+        with _Signals() as signals:
+            return _run_job(cfg, run_dir, world, signals)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ctxlab.slurm import PreemptionCheckpoint, trainer_plugins
+    from ctxlab.train.callbacks import SelectionStats, SigtermCheckpoint, Throughput
+    from ctxlab.train.module import LMModule
+
     if distributed.is_rank_zero():
         write_metadata(cfg, run_dir)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -281,17 +596,21 @@ def run_job(cfg: DictConfig) -> dict:
         distributed.local_zero_first(dm.prepare_data)  # one rank per node tokenizes into the cache
     loggers = Loggers(cfg, run_dir)
     extra: dict = {}
+    stage = "training" if cfg.phase.fit else "evaluation"
+    sigterm = None
     try:
         if cfg.phase.fit:
             if cfg.phase.init_from:
                 load_weights(model, cfg.phase.init_from, "phase.init_from")
             ckpt_dir = run_dir / "checkpoints"
             every = int(cfg.trainer.get("val_check_interval") or 0) or None
+            sigterm = SigtermCheckpoint(ckpt_dir / "last.ckpt")
             callbacks = [
                 ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step}", save_last=True,
                                 every_n_train_steps=every, auto_insert_metric_name=False),
                 Throughput(log_every=int(cfg.trainer.log_every_n_steps)),
                 LearningRateMonitor(logging_interval="step"),
+                sigterm,
             ]  # fmt: skip
             if any(hasattr(c, "record_selection") for c in model.cores):
                 callbacks.append(SelectionStats(every=max(1, int(cfg.trainer.log_every_n_steps) * 5)))
@@ -308,15 +627,20 @@ def run_job(cfg: DictConfig) -> dict:
             module = distributed.module_class(LMModule, trainer.strategy)(
                 model, instantiate(cfg.phase.optimizer),
                 instantiate(cfg.phase.scheduler) if cfg.phase.scheduler else None, seed=int(cfg.seed),
-                loss_chunk=int(cfg.phase.get("loss_chunk", 4096)),
+                loss_chunk=int(cfg.phase.get("loss_chunk", 4096)), record=trained_settings(cfg, model),
             )  # fmt: skip
             last = ckpt_dir / "last.ckpt"
             if last.exists():
+                check_resumable(last)
                 say(f"resuming from {last}")
             t0 = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+            signals.fitting = True
+            try:
+                trainer.fit(module, datamodule=dm, ckpt_path=str(last) if last.exists() else None)
+            finally:
+                signals.fitting = False
             extra["fit_seconds"] = round(time.perf_counter() - t0, 1)
             if not trainer.fast_dev_run:
                 trainer.save_checkpoint(str(last))
@@ -333,17 +657,25 @@ def run_job(cfg: DictConfig) -> dict:
                 (run_dir / "results" / "fit.json").write_text(json.dumps(extra, indent=2))
         elif cfg.phase.checkpoint:
             weights = Path(cfg.phase.checkpoint)
-            load_any_weights(model, weights, "phase.checkpoint")
+            meta = load_any_weights(model, weights, "phase.checkpoint")
+            allowed = check_trained_settings(meta, cfg, model, weights, "phase.checkpoint")
+            if allowed:  # recorded in every summary of this evaluation
+                extra["other_settings"] = {"allowed_by": "phase.allow_other_settings", "differences": allowed}
             fit = run_dir / "results" / "fit.json"
             if weights.resolve() == (run_dir / "weights").resolve() and fit.exists():
                 extra |= json.loads(fit.read_text())  # re-evaluating this run's own fit
         else:
             weights = None
             say("evaluating the model's pre-trained weights (no phase.checkpoint)")
+        stage = "evaluation"
         summary = evaluate(model, dm, cfg, run_dir, loggers, extra, weights) if cfg.phase.evaluate else extra
         if cfg.phase.evaluate and distributed.is_rank_zero():
             grid = OmegaConf.to_container(cfg.eval, resolve=True)
             (run_dir / "results" / "grid.json").write_text(json.dumps(grid, indent=2))
+    except (SIGTERMException, Interrupted) as e:
+        if distributed.is_rank_zero():
+            report_interrupt(run_dir, stage, sigterm.saved_step if sigterm is not None else None)
+        raise Interrupted() from e
     finally:
         loggers.finish()
     say(f"run directory: {run_dir}")
@@ -366,15 +698,15 @@ def save_run_weights(model, folder: Path, cfg: DictConfig, extra: dict) -> None:
     """The fit's trainable parameters (``ctxlab.weights``) with what they were trained with."""
     from ctxlab.weights import save_trainable
 
-    settings = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("model", "attention", "position")}
-    meta = {"steps": extra.get("steps"), "name": str(cfg.name), "settings": settings}
+    meta = {"steps": extra.get("steps"), "name": str(cfg.name), **trained_settings(cfg, model)}
     save_trainable(model, folder, meta)
     say(f"trained weights: {folder}")
 
 
-def load_any_weights(model, path: Path, setting: str) -> None:
+def load_any_weights(model, path: Path, setting: str) -> dict:
     """A Lightning checkpoint file (``load_weights``) or a ``weights/`` folder of a finished run
-    (``ctxlab.weights``); a run directory means its ``weights/``."""
+    (``ctxlab.weights``); a run directory means its ``weights/``. Returns what the weights
+    record about their training (``trained_settings``; empty where they record nothing)."""
     from ctxlab.weights import is_weights_dir, load_trainable
 
     if path.is_dir() and not is_weights_dir(path) and is_weights_dir(path / "weights"):
@@ -382,10 +714,18 @@ def load_any_weights(model, path: Path, setting: str) -> None:
     if path.is_dir():
         if not is_weights_dir(path):
             raise FileNotFoundError(f"{setting}: {path} is neither a checkpoint file nor a weights folder")
-        meta = load_trainable(model, path, setting)
+        try:
+            meta = load_trainable(model, path, setting)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{setting}: {path / 'meta.json'} is not valid JSON ({e})") from e
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:  # a damaged safetensors file
+            why = f"{type(e).__name__}: {e}"
+            raise ValueError(f"{setting}: {path} is not a readable weights folder ({why})") from e
         say(f"loaded {setting} {path} (trained {meta.get('steps')} steps)")
-    else:
-        load_weights(model, path, setting)
+        return meta
+    return load_weights(model, path, setting).get("ctxlab") or {}
 
 
 def slug(name: str) -> str:
@@ -420,6 +760,9 @@ def run_study(cfg: DictConfig) -> dict:
     unknown = [n for n in only if n not in arms]
     if unknown:
         raise ConfigError(f"study.only names arms the study does not have: {unknown} (arms: {list(arms)})")
+    for name, (arm_cfg, arm_dir) in arms.items():  # an arm whose settings changed: refused before any work
+        if not only or name in only:
+            arm_state(arm_cfg, arm_dir)
     for i, (name, (arm_cfg, arm_dir)) in enumerate(arms.items()):
         if only and name not in only:
             say(f"[{i + 1}/{len(arms)}] {name}: not in study.only, left for later")
@@ -446,7 +789,14 @@ def run_study(cfg: DictConfig) -> dict:
 
 def arm_state(cfg: DictConfig, run_dir: Path) -> str:
     """``done`` (results of this very grid exist), ``evaluate`` (trained weights exist, the grid
-    is new or unfinished: evaluate them, finished cells are kept) or ``run``."""
+    is new or unfinished: evaluate them, finished cells are kept) or ``run``. An arm whose
+    directory holds training under other settings than the arm's now (other than those a
+    restart may change, ``ctxlab.rundir.MAY_CHANGE``: the evaluation grid among them) is
+    refused with ConfigError naming them, instead of reusing stale weights and results."""
+    from ctxlab.rundir import check_restart
+
+    if cfg.phase.fit:
+        check_restart(cfg, run_dir, what=f"study arm {str(cfg.name)!r}: its directory")
     grid = run_dir / "results" / "grid.json"
     current = OmegaConf.to_container(cfg.eval, resolve=True)
     finished = (run_dir / "results" / "summary.json").exists()
@@ -489,6 +839,7 @@ def agree_run_dir(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_numbers(cfg)
     validate(cfg)
     if distributed.init(cfg.trainer) > 1:
         agree_run_dir(cfg)

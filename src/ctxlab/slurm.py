@@ -274,7 +274,7 @@ class ValidateSweep(HydraCallback):
         from hydra.core.global_hydra import GlobalHydra
 
         from ctxlab.config import ConfigError, scope_options, validate
-        from ctxlab.run import git_state, package_versions
+        from ctxlab.run import check_numbers, git_state, package_versions
 
         sweeper = str(config.hydra.sweeper.get("_target_", ""))
         loader = GlobalHydra.instance().config_loader()
@@ -294,13 +294,16 @@ class ValidateSweep(HydraCallback):
                 f"[ctxlab] sweeper {sweeper} draws jobs as it goes: validated the base config only",
                 file=sys.stderr,
             )
-            validate(job_config([]))
+            base = job_config([])
+            check_numbers(base)
+            validate(base)
             return
         jobs = sweep_jobs(config)
         records = []
         for num, overrides in enumerate(jobs):
             try:
                 job_cfg = job_config(overrides)
+                check_numbers(job_cfg)
                 validate(job_cfg)
             except ConfigError as e:
                 raise ConfigError(f"sweep job #{num} ({' '.join(overrides)}): {e}") from e

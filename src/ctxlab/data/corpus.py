@@ -217,6 +217,43 @@ def _read_text_files(files: Sequence[Path]) -> Dataset:
     return Dataset.from_dict({"id": ids, "title": titles, "text": texts})
 
 
+def _raise_bad_json(files: Sequence[Path], err: Exception) -> None:
+    """After ``datasets`` failed on JSON files: ValueError naming the first file and line that is
+    not JSON (a JSON Lines file), or the file that is neither JSON Lines nor one JSON document.
+    Read only on that failure, so a good corpus is never parsed twice."""
+    for path in files:
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise ValueError(f"paths: {str(path)!r} is not UTF-8 text ({bad})") from err
+        first_bad = None
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as bad:
+                first_bad = first_bad or (number, f"not valid JSON ({bad.msg}, column {bad.colno})", line)
+                continue
+            if not isinstance(record, dict):
+                first_bad = first_bad or (number, f"a JSON {type(record).__name__}, not an object", line)
+        if first_bad is None:
+            continue
+        try:
+            json.loads(text)  # one JSON document (a .json file), not JSON Lines
+            continue
+        except json.JSONDecodeError:
+            pass
+        number, why, line = first_bad
+        shown = line if len(line) <= 80 else line[:77] + "..."
+        raise ValueError(
+            f"paths: {str(path)!r} line {number} is {why}: {shown!r} (JSON Lines files hold one "
+            "JSON object per line)"
+        ) from err
+    raise ValueError(f"paths: cannot read JSON files {[str(f) for f in files]}: {err}") from err
+
+
 def load_documents(
     *,
     source: str,
@@ -264,7 +301,12 @@ def load_documents(
     for builder in ("json", "parquet"):
         mine = [str(p) for p in files if _SUFFIXES[_suffix(p)] == builder]
         if mine:
-            records = load_dataset(builder, data_files=mine, split="train", cache_dir=cache)
+            try:
+                records = load_dataset(builder, data_files=mine, split="train", cache_dir=cache)
+            except Exception as err:
+                if builder == "json":
+                    _raise_bad_json([Path(m) for m in mine], err)
+                raise ValueError(f"paths: cannot read {builder} files {mine}: {err}") from err
             parts.append(_standardize(records, **fields, what=f"{builder} files {mine}"))
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 

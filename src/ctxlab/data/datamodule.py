@@ -112,9 +112,9 @@ class DataConfig:
             positive["eval_batch_size"] = self.eval_batch_size
         if self.vocab_size is not None:
             positive["vocab_size"] = self.vocab_size
-        for name, value in positive.items():
+        for name, value in positive.items():  # named as the config names them (data.seq_len)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+                raise ValueError(f"data.{name}={value!r} must be a positive integer")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers={self.num_workers!r} must be an integer >= 0")
         if self.max_train_tokens is not None and self.max_train_tokens < self.seq_len + 1:

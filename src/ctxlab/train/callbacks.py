@@ -1,4 +1,4 @@
-"""Training callbacks: throughput/MFU and MS selection statistics."""
+"""Training callbacks: throughput/MFU, MS selection statistics, a checkpoint on SIGTERM."""
 
 from __future__ import annotations
 
@@ -134,3 +134,23 @@ class SelectionStats(L.Callback):
     ) -> None:
         if batch_idx == 0:
             self._log(pl_module, "selection/val")
+
+
+class SigtermCheckpoint(L.Callback):
+    """On SIGTERM (which Lightning notes and answers by ending the fit after the current step),
+    save ``path`` at the end of that step, where model, optimizer, scheduler and data position
+    agree, so a restart resumes exactly there. One process only: with several ranks the signal
+    reaches them at different steps, and a save is collective, so they keep their last periodic
+    checkpoint. ``saved_step``: the step saved, None if none was."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.saved_step: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.received_sigterm or self.saved_step is not None:
+            return
+        if trainer.world_size > 1 or trainer.fast_dev_run:
+            return
+        trainer.save_checkpoint(str(self.path))
+        self.saved_step = int(trainer.global_step)

@@ -57,8 +57,11 @@ class LMModule(L.LightningModule):
         *,
         seed: int = 0,
         loss_chunk: int = 4096,
+        record: dict | None = None,
     ) -> None:
-        """``loss_chunk``: tokens of logits computed at a time for the loss (0: all at once)."""
+        """``loss_chunk``: tokens of logits computed at a time for the loss (0: all at once);
+        ``record``: what the training ran with (``ctxlab.run.trained_settings``: the model,
+        attention and position settings), kept in every checkpoint."""
         super().__init__()
         if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
             raise ValueError(f"phase.loss_chunk must be an int >= 0 (0: no chunking), got {loss_chunk!r}")
@@ -67,6 +70,7 @@ class LMModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.seed = seed
         self.loss_chunk = loss_chunk
+        self.record = dict(record or {})
 
     def _loss(self, input_ids: Tensor, position_ids: Tensor | None) -> Tensor:
         x, y = input_ids[:, :-1], input_ids[:, 1:]
@@ -99,10 +103,12 @@ class LMModule(L.LightningModule):
             self.log("val/ppl", torch.exp(loss.detach().float()), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # What ``load_weights`` checks before it accepts the checkpoint for another job.
+        # What ``load_weights`` and ``check_trained_settings`` check before a job takes the
+        # checkpoint: the model's shape, and the attention and positions it was trained with.
         checkpoint["ctxlab"] = {
             "model": self.model.config.to_dict(),
             "model_class": type(self.model).__name__,
+            **self.record,
         }
 
     def configure_optimizers(self):
