@@ -554,6 +554,8 @@ def ms_attention_torch(
     which differs from training, where all of the block's rows vote.
     """
     B, L, Hq, _ = q.shape
+    if B < 1:  # the chunk sizes below divide by B
+        raise ValueError(f"ms_attention needs a batch of at least 1, got q of shape {list(q.shape)}")
     _check_start(start, L)
     first_block = first_block_at(start, region=region, budget=budget, merge=merge)
     idx = select_blocks(
