@@ -101,6 +101,8 @@ PRESETS = {
     # Cases run in this order: the lengths the issue's targets name come before 64K.
     "h100": dict(lengths=("8K", "32K", "128K", "64K")),
     "h100_long": dict(lengths=("32K", "128K", "256K")),
+    # Issue 14's lengths and kv heads: both settings at 32K-256K, 8 kv heads.
+    "h100_issue14": dict(lengths=("32K", "64K", "128K", "256K"), kv_heads=(8,)),
     "smoke": dict(lengths=("8K",), kv_heads=(8,)),
     "cpu": dict(lengths=("61",), kv_heads=(1,), settings=("tiny",), Hq=2, D=32),
 }

@@ -8,7 +8,10 @@ per block, Hs = Hq for scope="head"), outputs [B, L, Hq, D].
 - ``gather``: the paper's approach: gather every block's selected K/V (plus its own tokens)
   into a copy, then one masked SDPA call over all blocks (plus a causal SDPA for the prefix).
 - ``flex``: FlexAttention (compiled) with a BlockMask built from the same selection.
-- ``triton``: ours, ``ms_attend_triton``.
+- ``triton``: ours, ``ms_attend_triton`` (the GPU launch config: dk/dv of the selected keys
+  by relaxed atomics at w=16, by the reverse index when w is a multiple of the key tile).
+- ``triton_det``: ours in deterministic mode (``LaunchConfig.deterministic``: bitwise-identical
+  gradients run to run; partial sums and a fixed-order reduction at w=16).
 Each builder returns ``fn(q, k, v) -> o`` with the selection bound in. ``gather`` and ``flex``
 implement ``pe="pre"`` only (RoPE already in q and k).
 """
@@ -163,7 +166,7 @@ def flex(case: Case, idx: Tensor, block: int = 128):
     return fn
 
 
-def triton(case: Case, idx: Tensor, **overrides: int):
+def triton(case: Case, idx: Tensor, **overrides):
     """Ours. ``overrides`` replace fields of the GPU launch config; the runner installs it
     (``launch_config``) around forward and backward alike."""
     opts = dict(region=case.region, budget=case.budget, merge=case.merge, pe=case.pe)
@@ -173,6 +176,11 @@ def triton(case: Case, idx: Tensor, **overrides: int):
 
     fn.config = dataclasses.replace(triton_impl.GPU_CONFIG, **overrides)
     return fn
+
+
+def triton_det(case: Case, idx: Tensor, **overrides):
+    """Ours, deterministic mode (any other launch overrides as for ``triton``)."""
+    return triton(case, idx, **{"deterministic": True, **overrides})
 
 
 @contextlib.contextmanager
@@ -190,8 +198,9 @@ def launch_config(fn):
 
 
 def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[str, float]:
-    """Milliseconds of each stage of ours: forward, dq (with delta), dk/dv atomic and
-    deterministic (reverse index, its construction included)."""
+    """Milliseconds of each stage of ours: forward, dq (with delta), and dk/dv by each path:
+    ``dkv`` relaxed atomics, ``dkv_partial`` partial sums + fixed-order reduction and
+    ``dkv_reverse`` the reverse index (both deterministic; their index construction included)."""
     idx_sorted = sort_selection(idx)
     opts = dict(region=case.region, budget=case.budget, merge=case.merge, rope=case.pe != "pre",
                 rope_base=10000.0, scale=case.D**-0.5)  # fmt: skip
@@ -206,21 +215,33 @@ def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[
             )
         ),
     }  # fmt: skip
-    for det in (False, True):
-        parts["dkv_deterministic" if det else "dkv"] = time_fn(
-            lambda det=det: triton_impl.bwd_dkv(
-                do, q, k, v, lse, delta, idx_sorted, config=config, deterministic=det, **opts
+    for path in ("atomic", "partial", "reverse"):
+        parts["dkv" if path == "atomic" else f"dkv_{path}"] = time_fn(
+            lambda path=path: triton_impl.bwd_dkv(
+                do, q, k, v, lse, delta, idx_sorted, config=config, path=path, **opts
             )
         )
     return parts
 
 
-OPS = {"dense": dense, "gather": gather, "flex": flex, "triton": triton}
+OPS = {"dense": dense, "gather": gather, "flex": flex, "triton": triton, "triton_det": triton_det}
+
+
+def _value(text: str):
+    """A launch override's value: an int, a float, true/false, or else the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def build(op: str, case: Case, idx: Tensor):
     """``op`` is a key of OPS, optionally with launch overrides joined by "+":
-    ``triton:sel_block_n=128+sel_warps=8``."""
+    ``triton:sel_block_n=128+sel_warps=8``, ``triton:dkv_path=partial``."""
     name, _, spec = op.partition(":")
-    overrides = {k: int(v) for k, v in (item.split("=") for item in spec.split("+") if item)}
+    overrides = {k: _value(v) for k, v in (item.split("=") for item in spec.split("+") if item)}
     return OPS[name](case, idx, **overrides)

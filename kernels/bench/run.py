@@ -2,9 +2,12 @@
 
     python -m ctxlab.kernels.bench.run --preset h100 --ops gather,triton,dense --out DIR
 
-Per case (bf16, fresh random inputs): both selections are timed (``ms_select_torch`` and, on a
-GPU, the fused ``ms_select_triton``, whose indices are compared with torch's), then each
-op is checked before it is timed. The check: the output's last rows (up to two blocks) against
+Per case (bf16, fresh random inputs): the selections are timed: ``ms_select_torch`` (its
+sort-free default, ``method="topk"``, whose indices must equal those of the stable-sort path
+``method="sort"``, also timed: if they differ the topk time is not reported) and, on a GPU, the
+fused ``ms_select_triton``, whose indices are compared with torch's. Then each op is checked
+before it is timed (``triton_det`` is the deterministic mode, timed beside ``triton``). The
+check: the output's last rows (up to two blocks) against
 ``ms_attend_torch`` in float32 (dense causal attention for ``dense``), and dq, dk, dv against
 the ``gather`` op's (an independent PyTorch implementation of the same function). An op that
 fails its check is reported as failed, with its errors and no time. Times are CUDA-event
@@ -29,12 +32,13 @@ import triton
 
 from ..ms_attention.interface import ms_attention
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
-from ..ms_attention.triton_impl import INTERPRETER_CONFIG, ms_select_triton
+from ..ms_attention.triton_impl import GPU_CONFIG, INTERPRETER_CONFIG, ms_select_triton
 from .cases import PRESETS, SETTINGS, Case, registry
 from .ops import build, launch_config, triton_parts
 
 OUT_TOL = 2e-2  # relative L2 error of a bf16 output against float32
 GRAD_TOL = 5e-2  # relative L2 error between two bf16 implementations' gradients
+SELECT_KEYS = ("select_ms", "torch_select_ms", "torch_sort_select_ms")  # fused, topk, sort
 
 
 class _HostEvent:
@@ -144,15 +148,17 @@ def run_case(
 
     sel_opts = dict(region=case.region, budget=case.budget, merge=case.merge, scope=case.scope)
 
-    def selection():
-        return ms_select_torch(q, k, **sel_opts)
+    def selection(method: str = "topk"):
+        return ms_select_torch(q, k, method=method, **sel_opts)
 
     def fused_selection():
         return ms_select_triton(q, k, pool="mean", select="paper", **sel_opts)
 
     with torch.no_grad():
-        torch_select_ms = cuda_time(selection, budget_ms=200, max_reps=5)
-        idx = selection()
+        torch_sort_select_ms = cuda_time(lambda: selection("sort"), budget_ms=200, max_reps=5)
+        idx = selection("sort")
+        torch_methods_same = torch.equal(selection(), idx)
+        torch_select_ms = cuda_time(selection, budget_ms=200, max_reps=5) if torch_methods_same else None
         select_same = select_overlap = None
         if device == "cuda":
             fused = fused_selection()
@@ -160,6 +166,7 @@ def run_case(
             select_ms = cuda_time(fused_selection, budget_ms=300, max_reps=5)
         else:
             select_ms = torch_select_ms
+    configured = GPU_CONFIG.select_impl if device == "cuda" else INTERPRETER_CONFIG.select_impl
     tails = {}
     ref_grads = None
     rows = []
@@ -181,6 +188,9 @@ def run_case(
             pe=case.pe,
             select_ms=select_ms,
             torch_select_ms=torch_select_ms,
+            torch_sort_select_ms=torch_sort_select_ms,
+            torch_topk_equals_sort=torch_methods_same,
+            configured_select=configured,
             select_same_rows=select_same,
             select_overlap=select_overlap,
         )
@@ -194,7 +204,7 @@ def run_case(
             if op == "gather" and row.get("grads") is not None:
                 ref_grads = row.pop("grads")
             row.pop("grads", None)
-            if op.startswith("triton") and row.get("status") == "ok":
+            if op.startswith("triton") and op != "triton_det" and row.get("status") == "ok":
                 with torch.no_grad():
                     parts = triton_parts(case, idx, q, k, v, do, fn.config, cuda_time)
                 row["parts_ms"] = parts
@@ -218,7 +228,8 @@ def run_case(
 
 
 def check_and_time(case, op, fn, row, leaves, q, k, v, do, idx, tails, ref_grads) -> None:
-    """Check op's output tail and gradients, then time it; results go into ``row``."""
+    """Check op's output tail and gradients (and, in deterministic mode, that a second backward
+    gives the same bits), then time it; results go into ``row``."""
     for x in leaves:
         x.grad = None
     out = fn(*leaves)
@@ -237,6 +248,14 @@ def check_and_time(case, op, fn, row, leaves, q, k, v, do, idx, tails, ref_grads
     if not ok:
         row["status"] = "failed check"
         return
+    if getattr(getattr(fn, "config", None), "deterministic", False):
+        for x in leaves:
+            x.grad = None
+        fn(*leaves).backward(do)
+        row["bitwise_repeatable"] = all(torch.equal(x.grad, g) for x, g in zip(leaves, grads))
+        if not row["bitwise_repeatable"]:
+            row["status"] = "failed check: deterministic mode gave other bits on a second backward"
+            return
     row.update(time_op(case, fn, leaves, do))
     row["status"] = "ok"
 
@@ -342,11 +361,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; bf16, B=1; "
         "ms are CUDA-event medians; TFLOP/s on computed pairs (dense-equivalent in brackets); "
-        "selection timed apart (fused Triton selection / ms_select_torch); 'pairs' is the "
+        "selection timed apart (fused Triton selection / ms_select_torch sort-free / "
+        "ms_select_torch stable sort); 'pairs' is the "
         "fraction of causal query-key pairs computed; 'extra GiB' is peak memory beyond q, k, v, "
         "o and the gradients.",
         "",
-        "| case | op | status | fwd ms | fwd+bwd ms | + select ms (ours / torch) | TFLOP/s fwd+bwd | "
+        "| case | op | status | fwd ms | fwd+bwd ms | + select ms (fused / topk / sort) | TFLOP/s fwd+bwd | "
         "pairs | extra GiB | vs dense | vs gather |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -372,20 +392,34 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             tflops = f"{row['fwd+bwd_tflops_computed']:.0f} ({row['fwd+bwd_tflops_dense_equiv']:.0f})"
         select = "-"
         if row["op"] != "dense":
-            select = f"{row['select_ms']:.1f} / {row['torch_select_ms']:.1f}"
+            select = " / ".join(fmt(row, key) for key in SELECT_KEYS)
         lines.append(
             f"| {row['case']} | {row['op']} | {row.get('status', '?')} | {fmt(row, 'fwd_ms')} | "
             f"{fmt(row, 'fwd+bwd_ms')} | {select} | {tflops} | "
             f"{row['computed_pair_fraction']:.3f} | {fmt(row, 'extra_gib', 2)} | "
             f"{ratio.get('dense', '-')} | {ratio.get('gather', '-')} |"
         )
-    lines += ["", "Stages of ours (ms): forward, dq, dk/dv atomic, dk/dv deterministic.", ""]
+    lines += summary(rows, dense_by_len)
+    lines += [
+        "",
+        "Stages of ours (ms): forward, dq, dk/dv by relaxed atomics (dkv), by partial sums and a "
+        "fixed-order reduction (dkv_partial, deterministic), by the reverse index (dkv_reverse, "
+        "deterministic).",
+        "",
+    ]
     for row in rows:
         if row.get("parts_ms"):
             parts = ", ".join(f"{k} {v:.1f}" for k, v in row["parts_ms"].items())
             lines.append(f"- {row['case']} / {row['op']}: {parts}")
-    lines += ["", "Fused selection vs ms_select_torch (identical index rows; mean overlap of the sets).", ""]
+    lines += [
+        "",
+        "Selections: ms_select_torch sort-free (topk) vs stable sort (indices must be identical); "
+        "fused vs ms_select_torch (identical index rows; mean overlap of the sets).",
+        "",
+    ]
     for row in rows:
+        if row["op"] == "triton":
+            lines.append(f"- {row['case']}: topk == sort: {row.get('torch_topk_equals_sort')}")
         if row["op"] == "triton" and row.get("select_same_rows") is not None:
             lines.append(
                 f"- {row['case']}: identical rows {row['select_same_rows']:.4f}, overlap "
@@ -414,14 +448,57 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(rows: list[dict], dense_by_len: dict[int, dict]) -> list[str]:
+    """One line per case, the kernels README's table: dense, gather, ours (fast and
+    deterministic), the selections, ours + the configured selection, and the issue's bound
+    (dense fwd+bwd x fraction of causal pairs computed)."""
+    lines = [
+        "",
+        "Summary (fwd+bwd ms; 'sel' fused / torch topk / torch sort; 'ours + sel' adds the selection "
+        "ms_attention runs (LaunchConfig.select_impl); 'bound' = dense x pair fraction).",
+        "",
+        "| case | dense | gather | ours | ours det | sel | ours + sel | bound | (ours + sel) / bound | "
+        "dense / (ours + sel) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_case: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["op"]] = row
+
+    def ms(row: dict | None) -> float | None:
+        return None if row is None or row.get("status") != "ok" else row.get("fwd+bwd_ms")
+
+    def num(x: float | None, digits: int = 1) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    for case, ops in by_case.items():
+        ours_row = ops.get("triton")
+        if ours_row is None:
+            continue
+        dense_ms, ours = ms(dense_by_len.get(ours_row["L"])), ms(ours_row)
+        sel_key = "select_ms" if ours_row.get("configured_select") == "triton" else "torch_select_ms"
+        sel = ours_row.get(sel_key)
+        total = None if ours is None or sel is None else ours + sel
+        bound = None if dense_ms is None else dense_ms * ours_row["computed_pair_fraction"]
+        sels = " / ".join(num(ours_row.get(k)) for k in SELECT_KEYS)
+        lines.append(
+            f"| {case} | {num(dense_ms)} | {num(ms(ops.get('gather')))} | {num(ours)} | "
+            f"{num(ms(ops.get('triton_det')))} | {sels} | {num(total)} | {num(bound)} | "
+            f"{num(total / bound if total and bound else None, 2)} | "
+            f"{num(dense_ms / total if total and dense_ms else None, 2)} |"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="h100", choices=sorted(PRESETS))
     parser.add_argument(
         "--ops",
         default="gather,triton,dense,flex",
-        help="comma list; gather first (its gradients are the check's reference); "
-        "launch overrides as triton:sel_block_n=128+sel_warps=8",
+        help="comma list of dense, gather, flex, triton, triton_det (deterministic mode); gather "
+        "first (its gradients are the check's reference); launch overrides as "
+        "triton:sel_block_n=128+sel_warps=8 or triton:dkv_path=partial",
     )
     parser.add_argument("--cases", default="", help="comma list; run cases containing any")
     parser.add_argument(

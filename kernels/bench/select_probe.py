@@ -3,9 +3,11 @@
     python -m ctxlab.kernels.bench.select_probe --lengths 32K,128K --out DIR
 
 Per case (bf16 random inputs, B=1, 32 query heads, D=128, scope="head"): the median
-milliseconds of ``ms_select_torch`` and of ``ms_select_triton`` under each launch variant,
-the fraction of blocks whose index rows are identical and the mean overlap of the selected
-sets (float32 scores summed in another order may swap near-tied regions). JSON lines go to
+milliseconds of ``ms_select_torch`` (``torch_ms``: the sort-free default; ``torch_sort_ms``: the
+stable-sort path, and whether the two gave identical indices, which they must) and of
+``ms_select_triton`` under each launch variant, the fraction of blocks whose index rows are
+identical to torch's and the mean overlap of the selected sets (float32 scores summed in
+another order may swap near-tied regions). JSON lines go to
 stdout and to ``<out>/select_probe.jsonl``.
 """
 
@@ -39,7 +41,11 @@ def probe(
     with torch.no_grad():
         if with_torch:
             row["torch_ms"] = cuda_time(lambda: ms_select_torch(q, k, **opts), budget_ms=200, max_reps=5)
-            want = ms_select_torch(q, k, **opts)
+            row["torch_sort_ms"] = cuda_time(
+                lambda: ms_select_torch(q, k, method="sort", **opts), budget_ms=200, max_reps=5
+            )
+            want = ms_select_torch(q, k, method="sort", **opts)
+            row["torch_topk_equals_sort"] = torch.equal(ms_select_torch(q, k, **opts), want)
         for variant in variants:
             overrides = {}
             for item in variant.split("+"):
