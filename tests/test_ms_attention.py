@@ -113,10 +113,11 @@ EDGE_CASES = [
 def test_torch_matches_naive_edge_shapes(shape: Shape, opts: dict):
     q, k, v = make_qkv(shape, seed=3)
     kwargs = {**shape.ms, **opts}
-    torch.testing.assert_close(
-        ms_select_torch(q, k, **shape.ms, pool=opts["pool"], scope=opts["scope"], select=opts["select"]),
-        ms_select_naive(q, k, **shape.ms, pool=opts["pool"], scope=opts["scope"], select=opts["select"]),
-    )
+    sel = dict(pool=opts["pool"], scope=opts["scope"], select=opts["select"])
+    for method in ("topk", "sort"):  # the sort-free default and the stable sort agree with the oracle
+        torch.testing.assert_close(
+            ms_select_torch(q, k, **shape.ms, **sel, method=method), ms_select_naive(q, k, **shape.ms, **sel)
+        )
     expected = output_and_grads(lambda *x: ms_attention_naive(*x, **kwargs), q, k, v)
     actual = output_and_grads(lambda *x: ms_attention_torch(*x, **kwargs), q, k, v)
     assert_all_close(actual, expected, rtol=1e-10, atol=1e-12)

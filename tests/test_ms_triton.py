@@ -16,13 +16,16 @@ import contextlib
 import dataclasses
 import math
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import triton
 
-from ctxlab.kernels.ms_attention import ms_attention, triton_impl
+from ctxlab.kernels.ms_attention import exact, ms_attention, triton_impl
 from ctxlab.kernels.ms_attention.torch_impl import (
     ms_attend_torch,
     ms_attention_torch,
@@ -101,35 +104,78 @@ def deterministic_algorithms(on: bool):
         torch.use_deterministic_algorithms(before)
 
 
-# Each case: (id, shape B L Hq Hkv D, region w, budget T, merge m, scope, pe, deterministic dk/dv
-# path (reverse index) or atomic, seed). Lengths are odd and leave a partial last region and
-# block; w=20 spans two 16-key tiles of the dk/dv kernel, w=3 puts several regions into one;
-# the dense case has n <= T.
+@contextlib.contextmanager
+def launch(**overrides):
+    """The kernels' launch configs (GPU and interpreter) with ``overrides`` for the block."""
+    saved = triton_impl.GPU_CONFIG, triton_impl.INTERPRETER_CONFIG
+    triton_impl.GPU_CONFIG = dataclasses.replace(saved[0], **overrides)
+    triton_impl.INTERPRETER_CONFIG = dataclasses.replace(saved[1], **overrides)
+    try:
+        yield
+    finally:
+        triton_impl.GPU_CONFIG, triton_impl.INTERPRETER_CONFIG = saved
+
+
+@contextlib.contextmanager
+def dkv_mode(mode: str):
+    """How the selected keys' dk/dv are summed: a ``dkv_path`` forced by the launch config
+    ("atomic", "partial", "reverse"), "partial-windows" (partial sums one block at a time),
+    "flag" (torch.use_deterministic_algorithms(True), the default path choice) or "config"
+    (LaunchConfig.deterministic, the default path choice)."""
+    if mode == "flag":
+        with deterministic_algorithms(True):
+            yield
+    elif mode == "config":
+        with launch(deterministic=True):
+            yield
+    elif mode == "partial-windows":
+        with launch(dkv_path="partial", dkv_partial_gib=1e-12):
+            yield
+    else:
+        with launch(dkv_path=mode):
+            yield
+
+
+# Each case: (id, shape B L Hq Hkv D, region w, budget T, merge m, scope, pe, dk/dv mode
+# (``dkv_mode``), seed). Lengths are odd and leave a partial last region and block; w=20 spans
+# two 16-key tiles of the dk/dv kernel, w=3 puts several regions into one; the dense case has
+# n <= T.
 ATTEND_CASES = [
-    ("gqa1-w4-L51-pre-head", (1, 51, 2, 2, 32), 4, 5, 2, "head", "pre", False, 0),
-    ("gqa3-w4-L37-pre-group-B2-det", (2, 37, 3, 1, 32), 4, 4, 1, "group", "pre", True, 1),
-    ("gqa4-w4-L47-rope-head-det", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", True, 2),
-    ("gqa2-w3-L50-rope-group-D20", (1, 50, 4, 2, 20), 3, 5, 3, "group", "selected", False, 3),
-    ("gqa1-w20-L97-rope-head-det", (1, 97, 1, 1, 32), 20, 3, 1, "head", "selected", True, 4),
-    ("gqa3-w5-L71-rope-head", (1, 71, 3, 1, 32), 5, 4, 1, "head", "selected", False, 5),
-    ("dense-n-le-T-L29", (1, 29, 2, 1, 32), 4, 8, 2, "head", "selected", False, 6),
+    ("gqa1-w4-L51-pre-head-atomic", (1, 51, 2, 2, 32), 4, 5, 2, "head", "pre", "atomic", 0),
+    ("gqa3-w4-L37-pre-group-B2-flag", (2, 37, 3, 1, 32), 4, 4, 1, "group", "pre", "flag", 1),
+    ("gqa4-w4-L47-rope-head-reverse", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", "reverse", 2),
+    (
+        "gqa2-w3-L50-rope-group-D20-windows",
+        (1, 50, 4, 2, 20),
+        3,
+        5,
+        3,
+        "group",
+        "selected",
+        "partial-windows",
+        3,
+    ),
+    ("gqa1-w20-L97-rope-head-reverse", (1, 97, 1, 1, 32), 20, 3, 1, "head", "selected", "reverse", 4),
+    ("gqa3-w5-L71-rope-head-partial", (1, 71, 3, 1, 32), 5, 4, 1, "head", "selected", "partial", 5),
+    ("gqa2-w20-L97-pre-head-B2-config", (2, 97, 4, 2, 32), 20, 3, 1, "head", "pre", "config", 6),
+    ("dense-n-le-T-L29", (1, 29, 2, 1, 32), 4, 8, 2, "head", "selected", "atomic", 7),
 ]
 
 
 @pytest.mark.parametrize(
-    "shape, region, budget, merge, scope, pe, deterministic, seed",
+    "shape, region, budget, merge, scope, pe, dkv, seed",
     [c[1:] for c in ATTEND_CASES],
     ids=[c[0] for c in ATTEND_CASES],
 )
 @on_interpreter
-def test_attend_matches_torch(shape, region, budget, merge, scope, pe, deterministic, seed):
+def test_attend_matches_torch(shape, region, budget, merge, scope, pe, dkv, seed):
     """Given one selection, outputs and dq, dk, dv match ms_attend_torch (float64)."""
     q, k, v, do = _inputs(*shape, seed=seed)
     opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=100.0)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
     scale = 1.0 / math.sqrt(shape[-1])
 
-    with deterministic_algorithms(deterministic):
+    with dkv_mode(dkv):
         out, grads = _grads(
             lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=scale, **opts),
             q, k, v, do,
@@ -143,9 +189,9 @@ def test_attend_matches_torch(shape, region, budget, merge, scope, pe, determini
         _assert_close(name, g, r, 1e-5)
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("dkv", ["atomic", "partial-windows", "reverse"])
 @on_interpreter
-def test_padding_entries_are_ignored(deterministic):
+def test_padding_entries_are_ignored(dkv):
     """-1 entries (a hand-made, partly filled selection) drop keys, and under pe="selected"
     the valid regions keep the positions 0.. in ascending order, as in ms_attend_torch."""
     region, budget, merge = 4, 6, 2
@@ -158,7 +204,7 @@ def test_padding_entries_are_ignored(deterministic):
     idx[0, 0, :, 1] = -1
     idx[0, 1, 1:, :3] = -1
     opts = dict(region=region, budget=budget, merge=merge, pe="selected", rope_base=50.0)
-    with deterministic_algorithms(deterministic):
+    with dkv_mode(dkv):
         out, grads = _grads(
             lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, **opts),
             q, k, v, do,
@@ -247,29 +293,93 @@ def test_select_dense_input_has_no_blocks():
     assert got.shape == (1, 2, 0, 6)
 
 
-def _twice_identical(device, shape, dtype, region, budget, merge):
-    """Under deterministic algorithms, two backward passes give identical bits."""
+def _twice_identical(device, shape, dtype, region, budget, merge, mode):
+    """In deterministic mode two backward passes give identical bits, and the path taken is
+    the one the mode names."""
     q, k, v, do = _inputs(*shape, dtype=dtype, device=device, seed=8)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge)
     opts = dict(region=region, budget=budget, merge=merge, pe="pre", rope_base=1e4, scale=0.1)
-    with deterministic_algorithms(True):
+    with dkv_mode(mode):
+        path = triton_impl.dkv_path(region, triton_impl.default_config(q.device))
         runs = [
             _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), q, k, v, do)
             for _ in range(2)
         ]
+    assert path == ("reverse" if mode == "reverse" else "partial")
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["flag", "config", "partial-windows", "reverse"])
 @on_interpreter
-def test_backward_is_deterministic():
-    _twice_identical("cpu", (1, 41, 2, 1, 32), torch.float32, 4, 4, 2)
+def test_backward_is_deterministic(mode):
+    _twice_identical("cpu", (1, 41, 2, 1, 32), torch.float32, 4, 4, 2, mode)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
-def test_gpu_backward_is_deterministic():
-    _twice_identical("cuda", (1, 6000, 8, 2, 128), torch.bfloat16, 16, 64, 8)
+@pytest.mark.parametrize("mode", ["flag", "config", "partial-windows", "reverse"])
+def test_gpu_backward_is_deterministic(mode):
+    _twice_identical("cuda", (1, 6000, 8, 2, 128), torch.bfloat16, 16, 64, 8, mode)
+
+
+def test_dkv_path_choice():
+    """auto: the reverse index when w is a multiple of the dk/dv key tile, else partial sums in
+    deterministic mode (argument, launch setting or torch's flag) and atomics otherwise; a forced
+    path is kept; atomics in deterministic mode are refused, naming both settings."""
+    cfg = triton_impl.LaunchConfig(dkv_block_n=16)
+    assert triton_impl.dkv_path(32, cfg) == "reverse"
+    assert triton_impl.dkv_path(20, cfg) == "atomic"
+    assert triton_impl.dkv_path(20, cfg, deterministic=True) == "partial"
+    assert triton_impl.dkv_path(20, dataclasses.replace(cfg, deterministic=True)) == "partial"
+    assert (
+        triton_impl.dkv_path(20, dataclasses.replace(cfg, deterministic=True), deterministic=False)
+        == "atomic"
+    )
+    with deterministic_algorithms(True):
+        assert triton_impl.dkv_path(20, cfg) == "partial"
+        with pytest.raises(ValueError, match="dkv_path='atomic'"):
+            triton_impl.dkv_path(20, dataclasses.replace(cfg, dkv_path="atomic"))
+    assert triton_impl.dkv_path(32, dataclasses.replace(cfg, dkv_path="partial")) == "partial"
+    assert (
+        triton_impl.dkv_path(20, dataclasses.replace(cfg, dkv_path="reverse"), deterministic=True)
+        == "reverse"
+    )
+    with pytest.raises(ValueError, match="dkv_path='atomic'"):
+        triton_impl.LaunchConfig(deterministic=True, dkv_path="atomic")
+    with pytest.raises(ValueError, match="dkv_path must be one of"):
+        triton_impl.LaunchConfig(dkv_path="fast")
+    with pytest.raises(ValueError, match="dkv_partial_gib"):
+        triton_impl.LaunchConfig(dkv_partial_gib=0)
+
+
+def test_partial_index_lists_every_selecting_block():
+    """For every (window, b, kv head, region): the partial rows of exactly the (selection head,
+    block of the window) pairs that selected the region, at its rank, ascending in (head, block)."""
+    region, budget, merge, L = 3, 6, 2, 97
+    q, k, _, _ = _inputs(2, L, 4, 2, 8, seed=9)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope="head")
+    idx[0, 1, 2, 1] = -1  # an ignored entry is never listed
+    idx = triton_impl.sort_selection(idx)
+    B, Hs, G, S = idx.shape
+    Hkv, n = 2, -(-L // region)
+    for window in (1, 3, G):
+        index = triton_impl.partial_index(idx, Hkv, n, window)
+        assert index.n_windows == -(-G // window)
+        for win in range(index.n_windows):
+            for b in range(B):
+                for hkv in range(Hkv):
+                    for j in range(n):
+                        key = ((win * B + b) * Hkv + hkv) * n + j
+                        got = index.src[index.offsets[key] : index.offsets[key + 1]].tolist()
+                        want = [
+                            ((b * Hs + hs) * window + g - win * window) * S + rank
+                            for hs in range(hkv * (Hs // Hkv), (hkv + 1) * (Hs // Hkv))
+                            for g in range(win * window, min((win + 1) * window, G))
+                            for rank in range(S)
+                            if idx[b, hs, g, rank] == j
+                        ]
+                        assert got == want, (window, win, b, hkv, j)
 
 
 def test_reverse_index_lists_every_selecting_block():
@@ -431,22 +541,32 @@ def _attend_in_dtype(q, k, v, idx, *, region, budget, merge, pe, rope_base, scal
 
 
 GPU_CASES = [
-    ("L4133-gqa4-w16-pre-head", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", False),
-    ("L4133-gqa4-w16-pre-head-det", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", True),
-    ("L3001-gqa1-w32-rope-group-det", (2, 3001, 4, 4, 64), 32, 32, 4, "group", "selected", True),
-    ("L2500-gqa3-w16-rope-head", (1, 2500, 6, 2, 128), 16, 48, 16, "head", "selected", False),
-    ("L5000-gqa4-w64-pre-group", (1, 5000, 8, 2, 128), 64, 16, 2, "group", "pre", False),
+    ("L4133-gqa4-w16-pre-head-atomic", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic"),
+    ("L4133-gqa4-w16-pre-head-partial", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "partial"),
+    ("L4133-gqa4-w16-pre-head-reverse", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "reverse"),
+    ("L3001-gqa1-w32-rope-group-flag", (2, 3001, 4, 4, 64), 32, 32, 4, "group", "selected", "flag"),
+    (
+        "L2500-gqa3-w16-rope-head-windows",
+        (1, 2500, 6, 2, 128),
+        16,
+        48,
+        16,
+        "head",
+        "selected",
+        "partial-windows",
+    ),
+    ("L5000-gqa4-w64-pre-group", (1, 5000, 8, 2, 128), 64, 16, 2, "group", "pre", "atomic"),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
 @pytest.mark.parametrize(
-    "shape, region, budget, merge, scope, pe, deterministic",
+    "shape, region, budget, merge, scope, pe, dkv",
     [c[1:] for c in GPU_CASES],
     ids=[c[0] for c in GPU_CASES],
 )
-def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope, pe, deterministic):
+def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope, pe, dkv):
     """bf16 kernel error <= 2x (forward) and 3x (gradients) PyTorch's own bf16 error."""
     q, k, v, do = _inputs(*shape, dtype=torch.float32, device="cuda", seed=11)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
@@ -454,7 +574,7 @@ def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope
     ref, ref_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), q, k, v, do)
     bf = [x.bfloat16() for x in (q, k, v, do)]
     torch_out, torch_grads = _grads(lambda q, k, v: _attend_in_dtype(q, k, v, idx, **opts), *bf)
-    with deterministic_algorithms(deterministic):
+    with dkv_mode(dkv):
         out, grads = _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), *bf)
     for name, mine, theirs, want, factor in [("o", out, torch_out, ref, 2.0)] + [
         (n, g, t, r, 3.0) for n, g, t, r in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads)
@@ -491,15 +611,98 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     gen = torch.Generator(device="cuda").manual_seed(12)
     q = torch.randint(-2, 3, (B, L, Hq, D), generator=gen, device="cuda").bfloat16()
     k = torch.randint(-2, 3, (B, L, Hkv, D), generator=gen, device="cuda").bfloat16()
+    # ms_select_torch's sort-free path against its stable sort: CUDA's topk and sort, ties.
+    want = ms_select_torch(q, k, method="sort", **opts)
+    assert torch.equal(ms_select_torch(q, k, **opts), want)
     if pool == "mean":
         got = triton_impl.ms_select_triton(q, k, **opts)
-        assert torch.equal(got.long(), ms_select_torch(q, k, **opts))
+        assert torch.equal(got.long(), want)
     q, k = torch.randn_like(q.float()).bfloat16(), torch.randn_like(k.float()).bfloat16()
     got = triton_impl.ms_select_triton(q, k, **opts).long()
     want = ms_select_torch(q, k, **opts)
+    assert torch.equal(want, ms_select_torch(q, k, method="sort", **opts))
+    # The contract for rounded scores: the float64 selection on every separated block.
+    separated = exact.separated_blocks(q, k, **opts)
+    reference = ms_select_torch(q.double(), k.double(), **opts)
+    for name, idx in (("fused", got), ("torch", want)):
+        differs = ~(idx == reference).all(-1)
+        assert not (differs & separated).any(), (
+            f"{name}: {(differs & separated).sum()} separated blocks differ"
+        )
     n = -(-L // region)
     member = torch.zeros(*want.shape[:3], n, dtype=torch.int32, device="cuda")
     member.scatter_add_(-1, got, torch.ones_like(got, dtype=torch.int32))
     member.scatter_add_(-1, want, torch.ones_like(want, dtype=torch.int32))
     overlap = (member == 2).sum(-1).float() / want.shape[-1]  # [B, Hs, G]
     assert overlap.mean() >= 0.99 and overlap.min() >= 0.9, (overlap.mean(), overlap.min())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
+@pytest.mark.parametrize(
+    "kernel, mode",
+    [("sel", "atomic"), ("sel", "partial"), ("reduce", 16), ("reduce", 3)],
+    ids=["sel-atomic", "sel-partial", "reduce-w16", "reduce-w3"],
+)
+def test_dkv_kernels_compile_for_h100(kernel, mode):
+    """The dk/dv kernels of the selected keys compile for an H100 (sm_90: PTX and cubin)
+    without a GPU, with the installed Triton: the atomic one emits relaxed reductions, the
+    partial one plain stores and no atomics."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ctxlab.kernels.ms_attention import triton_kernels as tk
+
+    def ptr(t):
+        return "*" + t
+
+    if kernel == "sel":
+        fn = tk.ms_attn_bwd_dkv_sel_kernel
+        sig = {name: ptr("bf16") for name in ("Q", "K", "V", "DO")}
+        sig |= {name: ptr("fp32") for name in ("DK32", "DV32", "LSE", "DELTA")}
+        sig |= dict(IDX=ptr("i32"), COS=ptr("fp32"), SIN=ptr("fp32"))
+        sig |= {name: "i32" for name in ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window")}
+        sig |= dict(qk_scale="fp32", scale="fp32")
+        consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=True,
+                      PARTIAL=mode == "partial", BLOCK_M=64, BLOCK_N=64)  # fmt: skip
+    else:
+        fn = tk.ms_attn_bwd_dkv_reduce_kernel
+        sig = {name: ptr("fp32") for name in ("PDK", "PDV", "DK32", "DV32")}
+        sig |= dict(OFFSETS=ptr("i64"), SRC=ptr("i64"), L="i32", W="i32", n="i32")
+        consts = dict(HKV=8, HEAD_DIM=128, BLOCK_W=triton.next_power_of_2(mode), BLOCK_D=128)
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton build has no CUDA backend with ptxas")
+    source = ASTSource(fn=fn, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)
+    )
+    ptx = compiled.asm["ptx"]
+    atomics = re.findall(r"\b(?:red|atom)\.[\w.]+", ptx)  # PTX reductions and atomics
+    if mode == "atomic":
+        assert atomics and all(".relaxed." in a for a in atomics), set(atomics)
+    if mode == "partial":
+        assert atomics == []
+
+
+def test_bench_launch_overrides_and_summary():
+    """The benchmark's op strings set launch fields of any type, ``triton_det`` is the
+    deterministic mode, and the summary row divides by the bound (dense x pair fraction)."""
+    from ctxlab.kernels.bench import ops, run
+    from ctxlab.kernels.bench.cases import registry
+
+    case = registry(**run.PRESETS["cpu"])["tiny-L61-kv1-head-pre"]
+    idx = torch.zeros(1, 2, 1, 2, dtype=torch.long)
+    fn = ops.build("triton:dkv_path=partial+dkv_partial_gib=0.5+sel_warps=8", case, idx)
+    assert (fn.config.dkv_path, fn.config.dkv_partial_gib, fn.config.sel_warps) == ("partial", 0.5, 8)
+    assert ops.build("triton_det", case, idx).config.deterministic is True
+    assert ops.build("triton:deterministic=true", case, idx).config.deterministic is True
+    rows = [
+        dict(case="c", op="dense", L=61, status="ok", **{"fwd+bwd_ms": 10.0}),
+        dict(case="c", op="triton", L=61, status="ok", computed_pair_fraction=0.25,
+             configured_select="torch", select_ms=3.0, torch_select_ms=1.0, torch_sort_select_ms=2.0,
+             **{"fwd+bwd_ms": 4.0}),
+        dict(case="c", op="triton_det", L=61, status="ok", **{"fwd+bwd_ms": 5.0}),
+    ]  # fmt: skip
+    line = run.summary(rows, {61: rows[0]})[-1]
+    assert line == "| c | 10.0 | - | 4.0 | 5.0 | 3.0 / 1.0 / 2.0 | 5.0 | 2.5 | 2.00 | 2.00 |"
