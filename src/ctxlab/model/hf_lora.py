@@ -117,14 +117,70 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def export_hf(model, out_dir: str | os.PathLike, *, dtype: str | None = None, inplace: bool = False) -> Path:
+def source_rope_parameters(model) -> dict | None:
+    """The ``rope_parameters`` the source checkpoint of ``model`` (an ``HFCausalLM``) was
+    pre-trained with, read from its folder's config (building the model replaced the live
+    config's); None for a random shape, which has no pre-training."""
+    if model.source_dir is None or not (model.source_dir / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    rope = AutoConfig.from_pretrained(str(model.source_dir), local_files_only=True).rope_parameters
+    return dict(rope) if rope else None
+
+
+def check_source_rope(model) -> None:
+    """Refuse a scheme whose export would drop the source checkpoint's own RoPE scaling: a
+    source pre-trained with a non-default ``rope_type`` (Llama 3's ``llama3``, a YaRN model's
+    ``yarn``) exported with another type would reload computing positions it never saw."""
+    source, ours = source_rope_parameters(model), model.position.hf_rope_scaling()
+    kind = (source or {}).get("rope_type", "default")
+    if kind != "default" and ours is not None and ours.get("rope_type") != kind:
+        raise ValueError(
+            f"{model.source_dir} was pre-trained with rope_type={kind!r} ({source}); position="
+            f"{model.position.name} exports rope_type={ours.get('rope_type')!r}, which would drop it. "
+            "Use a position scheme of that type, or a source checkpoint with default RoPE"
+        )
+
+
+def exported_window(model, rope: dict, trained_length: int | None) -> int:
+    """``max_position_embeddings`` of the export: the context the fine-tuned model is for.
+
+    HF's ``dynamic`` reads its original window there (beyond it the base grows), so it is the
+    scheme's ``original_max_position``. Otherwise: the pre-trained window (the source config's)
+    times the scheme's factor (``pi``/``yarn``'s ``factor``, from YaRN's own original window;
+    the NTK evaluation scale of ``ntk``/``crd_ntk``), PoSE's ``target_length``, and at least
+    the rows it was fine-tuned on (``trained_length``).
+    """
+    position = model.position
+    frequencies = getattr(position, "frequencies", None) or position  # PoSE rotates with another scheme
+    if rope.get("rope_type") == "dynamic":
+        return int(frequencies.original_max_position)
+    pretrained = int(model.hf.config.max_position_embeddings)
+    factor = rope.get("factor") or frequencies.eval_scale or 1.0
+    window = int(round(int(rope.get("original_max_position_embeddings") or pretrained) * factor))
+    return max(window, pretrained, int(getattr(position, "target_length", 0)), trained_length or 0)
+
+
+def export_hf(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    inplace: bool = False,
+    trained_length: int | None = None,
+) -> Path:
     """Save ``model`` (an ``HFCausalLM``) as a checkpoint that plain transformers loads.
 
     LoRA adapters are merged into the weights, ctxlab's attention and rotary are replaced by
-    SDPA and HF's rotary, and the config's ``rope_parameters`` are the scheme's
-    ``hf_rope_scaling()``, so ``AutoModelForCausalLM.from_pretrained(out_dir)`` computes what
-    the model computes at evaluation with dense attention. Tokenizer files of the source
-    checkpoint are copied along. ``inplace=False`` works on a copy (the model stays
+    SDPA and HF's rotary, the config's ``rope_parameters`` are the scheme's
+    ``hf_rope_scaling()`` and its ``max_position_embeddings`` the fine-tuned window
+    (``exported_window``; ``trained_length``: the rows it was fine-tuned on), so
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` computes what the model computes at
+    evaluation with dense attention, at any length. A source pre-trained with its own RoPE
+    scaling that the scheme would drop is refused (``check_source_rope``). The source
+    checkpoint's tokenizer is loaded and written with ``save_pretrained`` (its
+    ``model_max_length`` set to the window). ``inplace=False`` works on a copy (the model stays
     trainable; a 7B bf16 copy needs 13.5 GB more); ``inplace=True`` merges the model itself.
     ``dtype`` (float32, bfloat16, float16) casts the saved weights.
     """
@@ -137,11 +193,14 @@ def export_hf(model, out_dir: str | os.PathLike, *, dtype: str | None = None, in
             f"position={model.position.name} has no transformers equivalent; the exported model "
             "would not reload with the positions it was trained with"
         )
+    check_source_rope(model)
+    window = exported_window(model, rope, trained_length)
     target = model.peft if model.peft is not None else model.hf
     if not inplace:
         target = copy.deepcopy(target)
     hf_model = target.merge_and_unload() if model.peft is not None else target
     hf_model.config.rope_parameters = rope
+    hf_model.config.max_position_embeddings = window  # before HF's rotary is rebuilt from the config
     detach_ctxlab_attention(hf_model)
     if is_checkpointing(hf_model):
         set_checkpointing(hf_model, False)
@@ -150,9 +209,15 @@ def export_hf(model, out_dir: str | os.PathLike, *, dtype: str | None = None, in
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(out))
-    if model.source_dir is not None:
+    src = model.source_dir
+    if src is not None and any((src / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+        tokenizer.model_max_length = window
+        tokenizer.save_pretrained(str(out))
+    if src is not None:  # what neither save_pretrained wrote (a generation config, say)
         for name in TOKENIZER_FILES:
-            src = model.source_dir / name
-            if src.is_file() and not (out / name).exists():
-                shutil.copy2(src, out / name)
+            if (src / name).is_file() and not (out / name).exists():
+                shutil.copy2(src / name, out / name)
     return out
