@@ -7,8 +7,9 @@ config and saves weights and tokenizer (``save_pretrained``) to ``OUT``
 (``ctxlab.model.hf_lora.export_hf``). It says which training step it exports and refuses a
 checkpoint that is not the finished run's last step unless ``--allow-unfinished``. It then
 reloads ``OUT`` with ``AutoModelForCausalLM`` alone, checks that its logits equal the ctxlab
-model's (dense attention, evaluation positions) on a sample at the first positions and on one
-ending beyond the source model's window, and generates from ``--prompt``::
+model's (dense attention, evaluation positions) on a sample and that its rotary tables equal the
+scheme's, to float32's rounding, at positions up to the exported window (at least twice the
+source model's), and generates from ``--prompt``::
 
     ctxlab-export outputs/2026-11-25/12-00-00 exported/ --prompt "The passkey is"
     python -c "from transformers import AutoModelForCausalLM as M; M.from_pretrained('exported')"
