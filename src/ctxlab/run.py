@@ -251,10 +251,13 @@ class CSVMetrics:
     appended to ``csv/metrics.csv`` (Lightning's own writer deletes it on start), each with an
     ``attempt`` column (1, 2, ... per start of the run directory), since steps after an attempt's
     last checkpoint are trained and logged again by the next one. Rows are on disk at every
-    checkpoint and every ``flush_every`` steps, so a killed attempt keeps them."""
+    checkpoint and every ``flush_every`` steps, so a killed attempt keeps them; a row it left
+    half-written is dropped, and a new column rewrites the file atomically."""
 
     @staticmethod
     def create(run_dir: Path, flush_every: int):
+        import csv
+
         from lightning.pytorch.loggers import CSVLogger
         from lightning.pytorch.loggers.csv_logs import ExperimentWriter
         from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -264,17 +267,31 @@ class CSVMetrics:
                 super().__init__(log_dir)
                 self.attempt = 1
                 path = Path(self.metrics_file_path)
-                if path.is_file():
-                    import csv
-
-                    with path.open(newline="") as f:
-                        reader = csv.DictReader(f)
-                        self.metrics_keys = sorted(reader.fieldnames or [])
-                        done = [int(r["attempt"]) for r in reader if (r.get("attempt") or "").isdigit()]
-                    self.attempt = max(done, default=1) + 1
+                if not path.is_file():
+                    return
+                data = path.read_bytes()
+                if data and not data.endswith(b"\n"):  # a row cut short by a kill
+                    with path.open("r+b") as f:
+                        f.truncate(data.rfind(b"\n") + 1)
+                with path.open(newline="") as f:
+                    reader = csv.DictReader(f)
+                    self.metrics_keys = sorted(reader.fieldnames or [])
+                    done = [int(r["attempt"]) for r in reader if (r.get("attempt") or "").isdigit()]
+                self.attempt = max(done, default=1) + 1
 
             def _check_log_dir_exists(self) -> None:
                 """Lightning's deletes an existing metrics.csv: keep it."""
+
+            def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+                path = Path(self.metrics_file_path)
+                with path.open(newline="") as f:
+                    rows = list(csv.DictReader(f))
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                with tmp.open("w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=fieldnames)
+                    writer.writeheader()
+                    writer.writerows(rows)
+                os.replace(tmp, path)
 
             def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
                 super().log_metrics(metrics_dict, step)

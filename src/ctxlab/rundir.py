@@ -11,7 +11,7 @@ attempt left behind, and whether it can be written at all.
   only the settings in ``MAY_CHANGE`` (the step budget, logging, validation cadence,
   evaluation); anything else differs from what the checkpoint was trained with.
 - :func:`remove_orphans`: temporary files of atomic writes (``.<name>.tmp-<PID>``,
-  ``*.tmp``) that a killed attempt left in ``checkpoints/`` and ``weights/``.
+  ``*.tmp``) that a killed attempt left in ``checkpoints/``, ``weights/`` and ``csv/``.
 - :func:`check_writable`: the run directory and its ``checkpoints/`` and ``results/`` take a
   file, checked before any training instead of after it.
 """
@@ -282,10 +282,10 @@ def check_restart(cfg: DictConfig, run_dir: Path, what: str = "run directory") -
 
 def remove_orphans(run_dir: Path) -> list[Path]:
     """Delete the temporary files of atomic writes (``.<name>.tmp-<PID>``, ``<name>.tmp``) left in
-    ``checkpoints/`` and ``weights/`` by an attempt that was killed while writing. Call only
+    ``checkpoints/``, ``weights/`` and ``csv/`` by an attempt that was killed while writing. Call only
     while holding the run's lock (no other writer). Returns what was removed."""
     removed = []
-    for folder in (run_dir / "checkpoints", run_dir / "weights"):
+    for folder in (run_dir / "checkpoints", run_dir / "weights", run_dir / "csv"):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
@@ -296,15 +296,21 @@ def remove_orphans(run_dir: Path) -> list[Path]:
 
 
 def check_writable(folders: list[Path]) -> None:
-    """Create each folder and a file in it; ConfigError naming the first folder that refuses."""
+    """ConfigError naming the first folder that cannot take a file: each existing folder gets a
+    probe file; a missing one is judged by the folder that would hold it (nothing is created,
+    so a job that fails its checks leaves no empty folders behind)."""
     for folder in folders:
+        target = folder
+        while not target.exists() and target.parent != target:
+            target = target.parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{os.getpid()}"
+            if not target.is_dir():
+                raise NotADirectoryError(20, "a file is in the way, not a folder")
+            probe = target / f".write-test-{os.getpid()}"
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
             raise ConfigError(
-                f"{folder} is not writable ({e.strerror or e}): a run writes its checkpoints, "
-                "results and logs there; fix its permissions or choose another hydra.run.dir"
+                f"{folder} is not writable ({e.strerror or e}): a run writes its checkpoints, results "
+                "and logs there; fix its permissions or choose another hydra.run.dir"
             ) from e
