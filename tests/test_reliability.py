@@ -161,8 +161,8 @@ def test_restart_with_other_settings_is_refused_naming_them(tmp_path, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     recorded = (run / "config.yaml").read_text()
-    out = ctxlab("trainer.max_steps=6", "trainer.val_check_interval=2", f"hydra.run.dir={run}", *TINY, *NO_EVAL,
-                 *MS, cwd=tmp_path, check=False)  # fmt: skip
+    out = ctxlab("trainer.max_steps=6", "trainer.val_check_interval=2", f"hydra.run.dir={run}", *TINY,
+                 *NO_EVAL, *MS, cwd=tmp_path, check=False)  # fmt: skip
     assert out.returncode != 0
     for needle in (
         "trained with other settings",
@@ -175,7 +175,8 @@ def test_restart_with_other_settings_is_refused_naming_them(tmp_path, trained):
     assert step_of(run / "checkpoints" / "last.ckpt") == 4
 
     # A longer budget (the scheduler's total_steps follows it) and other logging resume.
-    out = ctxlab("trainer.max_steps=6", "trainer.val_check_interval=2", f"hydra.run.dir={run}", *TINY, *NO_EVAL,
+    out = ctxlab("trainer.max_steps=6", "trainer.val_check_interval=2", f"hydra.run.dir={run}", *TINY,
+                 *NO_EVAL,
                  "trainer.log_every_n_steps=2", cwd=tmp_path)  # fmt: skip
     assert "resuming from" in out.stdout
     assert step_of(run / "checkpoints" / "last.ckpt") == 6
@@ -188,7 +189,8 @@ def test_changed_settings_ignores_what_may_change():
             "eval": {"lengths": [1]}, "attention": {"region": 4}}  # fmt: skip
     now = OmegaConf.create({"trainer": {"max_steps": 9, "log_every_n_steps": 5},
                             "phase": {"lr": 1.0, "total": "${trainer.max_steps}"},
-                            "eval": {"lengths": [1, 2]}, "attention": {"region": 8, "new": None}})  # fmt: skip
+                            "eval": {"lengths": [1, 2]},
+                            "attention": {"region": 8, "new": None}})  # fmt: skip
     assert changed_settings(now, base) == {"attention.region": (4, 8)}
 
 
@@ -213,7 +215,8 @@ def test_study_arm_with_changed_training_settings_is_refused(tmp_path, trained):
 @pytest.mark.slow
 def test_checkpoint_records_settings_and_is_not_evaluated_under_others(tmp_path):
     run = tmp_path / "ms"
-    ctxlab("trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={run}", *TINY, *NO_EVAL, *MS,
+    ctxlab("trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={run}", *TINY, *NO_EVAL,
+           *MS,
            cwd=tmp_path)  # fmt: skip
     meta = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["ctxlab"]
     assert meta["choices"] == {"attention": "ms_causal", "position": "selected"}
@@ -224,7 +227,8 @@ def test_checkpoint_records_settings_and_is_not_evaluated_under_others(tmp_path)
     )
 
     for ckpt in (run / "checkpoints" / "last.ckpt", run / "weights"):
-        out = ctxlab("phase=extrapolate", f"phase.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'ev'}", *TINY,
+        out = ctxlab("phase=extrapolate", f"phase.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'ev'}",
+                     *TINY,
                      cwd=tmp_path, check=False)  # fmt: skip
         assert out.returncode != 0
         for needle in ("phase.checkpoint", "attention=ms_causal", "attention=dense", "position=selected",
@@ -327,9 +331,8 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
     from ctxlab.rundir import RunDirBusy, RunLock
 
     said = []
-    with RunLock(tmp_path, said.append):
-        with pytest.raises(RunDirBusy, match=f"in use by PID {os.getpid()}"):
-            RunLock(tmp_path).acquire()
+    with RunLock(tmp_path, said.append), pytest.raises(RunDirBusy, match=f"in use by PID {os.getpid()}"):
+        RunLock(tmp_path).acquire()
     assert (tmp_path / ".lock").read_text() == "" and not said
     # A holder killed without releasing: its record stays, its flock went with it.
     dead = subprocess.run(
