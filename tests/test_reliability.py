@@ -176,8 +176,7 @@ def test_restart_with_other_settings_is_refused_naming_them(tmp_path, trained):
 
     # A longer budget (the scheduler's total_steps follows it) and other logging resume.
     out = ctxlab("trainer.max_steps=6", "trainer.val_check_interval=2", f"hydra.run.dir={run}", *TINY,
-                 *NO_EVAL,
-                 "trainer.log_every_n_steps=2", cwd=tmp_path)  # fmt: skip
+                 *NO_EVAL, "trainer.log_every_n_steps=2", cwd=tmp_path)  # fmt: skip
     assert "resuming from" in out.stdout
     assert step_of(run / "checkpoints" / "last.ckpt") == 6
 
@@ -216,8 +215,7 @@ def test_study_arm_with_changed_training_settings_is_refused(tmp_path, trained):
 def test_checkpoint_records_settings_and_is_not_evaluated_under_others(tmp_path):
     run = tmp_path / "ms"
     ctxlab("trainer.max_steps=2", "trainer.val_check_interval=2", f"hydra.run.dir={run}", *TINY, *NO_EVAL,
-           *MS,
-           cwd=tmp_path)  # fmt: skip
+           *MS, cwd=tmp_path)  # fmt: skip
     meta = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["ctxlab"]
     assert meta["choices"] == {"attention": "ms_causal", "position": "selected"}
     assert meta["settings"]["attention"]["region"] == 4
