@@ -21,10 +21,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
 TINY = ["logger=csv", "data.seq_len=64", "data.batch_size=2", "trainer.limit_val_batches=1",
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]  # fmt: skip
 NO_EVAL = ["phase.evaluate=false"]
+TINY_EVAL = ["eval.perplexity.lengths=[32,96]", "eval.perplexity.max_tokens=96", "eval.passkey.lengths=[300]",
+             "eval.passkey.depths=[0.5]", "eval.passkey.trials=1"]  # fmt: skip
 MS = [
     "attention=ms_causal",
     "position=selected",
@@ -34,9 +37,9 @@ MS = [
 ]
 
 
-def ctxlab(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def ctxlab(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ctxlab", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV | (env or {}), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"ctxlab {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -226,13 +229,31 @@ def test_checkpoint_records_settings_and_is_not_evaluated_under_others(tmp_path)
 
     for ckpt in (run / "checkpoints" / "last.ckpt", run / "weights"):
         out = ctxlab("phase=extrapolate", f"phase.checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'ev'}",
-                     *TINY,
-                     cwd=tmp_path, check=False)  # fmt: skip
+                     *TINY, cwd=tmp_path, check=False)  # fmt: skip
         assert out.returncode != 0
-        for needle in ("phase.checkpoint", "attention=ms_causal", "attention=dense", "position=selected",
-                       "position=rope", "phase.allow_other_settings"):  # fmt: skip
+        for needle in (
+            f"phase.checkpoint: {ckpt} was not trained with this job's settings",
+            "attention=ms_causal",
+            "attention=dense",
+            "position=selected",
+            "position=rope",
+            "phase.allow_other_settings",
+        ):
             assert needle in out.stderr, (needle, out.stderr[-3000:])
         assert not (tmp_path / "ev" / "results").exists()
+
+    # On purpose: evaluated, and the summary says under which settings.
+    cfg = tmp_path / "cfg"
+    shutil.copytree(ROOT / "cfg", cfg)
+    phase = cfg / "phase" / "pretrain.yaml"
+    if "allow_other_settings" not in phase.read_text():  # until cfg/phase declares it
+        phase.write_text(phase.read_text() + "allow_other_settings: false\n")
+    ev = tmp_path / "ev2"
+    ctxlab("phase=extrapolate", f"phase.checkpoint={run / 'weights'}", "phase.allow_other_settings=true",
+           f"hydra.run.dir={ev}", *TINY, *TINY_EVAL, cwd=tmp_path, env={"CTXLAB_CFG": str(cfg)})  # fmt: skip
+    summary = json.loads((ev / "results" / "summary.json").read_text())
+    assert summary["other_settings"]["allowed_by"] == "phase.allow_other_settings"
+    assert any("position=selected" in d for d in summary["other_settings"]["differences"])
 
 
 @pytest.mark.slow
