@@ -12,7 +12,7 @@ attention of ``eval.attention``).
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +36,8 @@ def config_dir() -> Path:
 def groups() -> list[str]:
     """Every config group (a folder of ``cfg/`` holding options)."""
     root = config_dir()
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.yaml")) and p.name != "hydra")
+    folders = (p for p in root.iterdir() if p.is_dir() and p.name != "hydra")
+    return sorted(p.name for p in folders if any(p.glob("*.yaml")))
 
 
 def option_names(group: str) -> list[str]:
@@ -47,7 +48,7 @@ def option_names(group: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _option_node(root: str, group: str, name: str) -> DictConfig:
     path = Path(root) / group / f"{name}.yaml"
     if not path.is_file():

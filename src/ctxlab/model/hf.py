@@ -526,6 +526,10 @@ def build_hf_model(
             f"{theta:g}; set position.base={theta:g}"
         )
     model = HFCausalLM(hf_model, attention, position, source_dir=folder)
+    if pretrained:  # before any training: a scheme that would drop the source's own RoPE scaling
+        from ctxlab.model.hf_lora import check_source_rope
+
+        check_source_rope(model)
     if spec.lora_rank:
         model.set_peft(
             apply_lora_plus(
