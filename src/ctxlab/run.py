@@ -495,7 +495,7 @@ def resume_command() -> str:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    args = [a for a in sys.argv[1:]]
+    args = list(sys.argv[1:])
     if HydraConfig.initialized():
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
@@ -504,7 +504,7 @@ def resume_command() -> str:
             key, where = "hydra.run.dir", hc.runtime.output_dir
         if not any(a.lstrip("+").startswith(f"{key}=") for a in args):
             args.append(f"{key}={Path(where).resolve()}")
-    return shlex.join(["ctxlab", *(a.removeprefix("++") for a in args)])
+    return shlex.join(["ctxlab", *args])
 
 
 def newest_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
@@ -521,18 +521,19 @@ def newest_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
     return max(found, key=lambda t: t[1]) if found else None
 
 
-def report_interrupt(run_dir: Path, during: str, saved_step: int | None) -> None:
-    ckpt = newest_checkpoint(run_dir / "checkpoints")
+def report_interrupt(run_dir: Path, during: str, saved_step: int | None, fit: bool) -> None:
     if saved_step is not None:
-        where = f"saved checkpoints/last.ckpt at step {saved_step}"
-    elif ckpt is not None:
-        where = f"the newest checkpoint is {ckpt[0].relative_to(run_dir)} (step {ckpt[1]})"
+        where = f"; saved checkpoints/last.ckpt at step {saved_step}"
+    elif fit and (ckpt := newest_checkpoint(run_dir / "checkpoints")) is not None:
+        where = f"; the newest checkpoint is {ckpt[0].relative_to(run_dir)} (step {ckpt[1]})"
+    elif fit:
+        where = "; no checkpoint was written: a restart trains from the start"
     else:
-        where = "no checkpoint was written: a restart trains from the start"
+        where = ""
+    kept = " The evaluation cells finished so far are kept." if during == "evaluation" else ""
     print(
-        f"ctxlab: interrupted by SIGTERM during {during} in {run_dir}; {where}."
-        + (" The evaluation cells finished so far are kept." if during == "evaluation" else "")
-        + f" Resume with the same command:\n  {resume_command()}",
+        f"ctxlab: interrupted by SIGTERM during {during} in {run_dir}{where}.{kept} Resume with the same "
+        f"command:\n  {resume_command()}",
         file=sys.stderr, flush=True,
     )  # fmt: skip
 
@@ -691,7 +692,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
             (run_dir / "results" / "grid.json").write_text(json.dumps(grid, indent=2))
     except (SIGTERMException, Interrupted) as e:
         if distributed.is_rank_zero():
-            report_interrupt(run_dir, stage, sigterm.saved_step if sigterm is not None else None)
+            report_interrupt(run_dir, stage, sigterm.saved_step if sigterm else None, bool(cfg.phase.fit))
         raise Interrupted() from e
     finally:
         loggers.finish()
