@@ -200,6 +200,9 @@ def _standardize(
         else pa.array([f"doc-{i:06d}" for i in range(len(table))], pa.string())
     )
     titles = pc.cast(table[title_field], pa.string()) if title_field is not None else ids
+    kind = table[text_field].type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):
+        raise ValueError(f"text_field={text_field!r} of {what} holds {kind} values, not text")
     texts = pc.cast(table[text_field], pa.string())
     return Dataset(pa.table({"id": ids, "title": titles, "text": texts}))
 
@@ -222,7 +225,10 @@ def _raise_bad_json(files: Sequence[Path], err: Exception) -> None:
     not JSON (a JSON Lines file), or the file that is neither JSON Lines nor one JSON document.
     Read only on that failure, so a good corpus is never parsed twice."""
     for path in files:
-        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        try:
+            raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        except (OSError, EOFError) as bad:  # a truncated or damaged .gz
+            raise ValueError(f"paths: {str(path)!r} cannot be read ({type(bad).__name__}: {bad})") from err
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as bad:
