@@ -394,3 +394,29 @@ def test_compare_names_a_corrupt_summary_and_tells_same_named_runs_apart(tmp_pat
         ValueError, match=re.escape(str(tmp_path / "sweep_c" / "0" / "results" / "summary.json"))
     ):
         compare_runs([tmp_path / "sweep_a", tmp_path / "sweep_c"], tmp_path / "out2")
+
+
+@pytest.mark.parametrize("fault", ["malformed line", "not an object", "truncated gzip", "numbers as text"])
+def test_record_file_faults_name_the_file(fault, tmp_path):
+    import gzip
+
+    from ctxlab.data.corpus import load_corpus
+
+    good = [json.dumps({"text": f"document {i} " * 20}) for i in range(8)]
+    path = tmp_path / "docs.jsonl"
+    if fault == "malformed line":
+        path.write_text("\n".join([*good[:2], '{"text": "cut', *good[2:]]) + "\n")
+        needle = f"{str(path)!r} line 3 is not valid JSON"
+    elif fault == "not an object":
+        path.write_text("\n".join([*good[:4], "[1, 2]", *good[4:]]) + "\n")
+        needle = f"{str(path)!r} line 5 is a JSON list, not an object"
+    elif fault == "truncated gzip":
+        path = tmp_path / "docs.jsonl.gz"
+        data = gzip.compress(("\n".join(good) + "\n").encode())
+        path.write_bytes(data[: len(data) // 2])
+        needle = f"{str(path)!r} cannot be read"
+    else:
+        path.write_text("\n".join(json.dumps({"text": i}) for i in range(8)) + "\n")
+        needle = "text_field='text' of json files"
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        load_corpus(source="local", paths=[str(path)], cache_dir=str(tmp_path / "cache"))
