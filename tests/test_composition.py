@@ -53,13 +53,18 @@ def make(overrides: list[str], run_dir: Path | str = "/tmp/ctxlab-test") -> Dict
 def cpu_sized(experiment: str) -> list[str]:
     """The command line that runs ``experiment`` on a CPU at tiny sizes: the small MS settings too,
     unless it is a study whose arms set their own (the command line would collide with them)."""
-    study = make([f"experiment={experiment}"]).get("study")
+    cfg = make([f"experiment={experiment}"])
+    tiny = TINY
+    if cfg.eval.perplexity.get("protocol") == "fixed_targets":  # scores targets, not max_tokens
+        tiny = [*TINY[:-2], "eval.perplexity.max_tokens=0", "eval.perplexity.targets=32",
+                "eval.join_documents=3000", "eval.perplexity.chunk_size=0", "eval.passkey.enabled=false",
+                "eval.scale_search.length=512", "eval.scale_search.max_tokens=512"]  # fmt: skip
     try:
-        if study:
-            check_study_overrides(MS_SMALL, study.arms)
-        return [*TINY, *MS_SMALL]
+        if cfg.get("study"):
+            check_study_overrides(MS_SMALL, cfg.study.arms)
+        return [*tiny, *MS_SMALL]
     except ConfigError:
-        return TINY
+        return tiny
 
 
 def is_hf(cfg: DictConfig) -> bool:
