@@ -626,7 +626,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
             callbacks = [
                 ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step}", save_last=True,
                                 every_n_train_steps=every, auto_insert_metric_name=False),
-                Throughput(log_every=int(cfg.trainer.log_every_n_steps)),
+                throughput := Throughput(log_every=int(cfg.trainer.log_every_n_steps)),
                 LearningRateMonitor(logging_interval="step"),
                 sigterm,
             ]  # fmt: skip
@@ -665,7 +665,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
             val = trainer.callback_metrics.get("val/loss")
             extra["val_ppl"] = float(torch.exp(val)) if val is not None else None
             extra["steps"] = int(trainer.global_step)
-            extra |= fit_throughput(cfg, extra, world)
+            extra |= fit_throughput(throughput, world)
             if distributed.is_sharded(model):  # evaluation runs different items per rank: whole replicas
                 model = distributed.unsharded_copy(model, lambda: build_model(cfg, position=model.position))
             weights = run_dir / "weights"
@@ -700,13 +700,14 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
     return summary
 
 
-def fit_throughput(cfg: DictConfig, extra: dict, world: int) -> dict:
-    """Training tokens per second (all ranks) and the peak GPU memory of the fit."""
+def fit_throughput(throughput, world: int) -> dict:
+    """Training tokens (all ranks), training seconds (validation excluded: ``Throughput``'s
+    clock), their rate, and the peak GPU memory of the fit."""
     out: dict = {}
-    rows = extra["steps"] * int(cfg.data.batch_size) * int(cfg.trainer.get("accumulate_grad_batches") or 1)
-    if extra.get("fit_seconds"):
-        out["train_tokens"] = rows * world * int(cfg.data.seq_len)
-        out["tokens_per_s"] = round(out["train_tokens"] / extra["fit_seconds"], 1)
+    if throughput.train_seconds > 0:
+        out["train_tokens"] = throughput.train_tokens * world
+        out["train_seconds"] = round(throughput.train_seconds, 1)
+        out["tokens_per_s"] = round(out["train_tokens"] / throughput.train_seconds, 1)
     if torch.cuda.is_available():
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out

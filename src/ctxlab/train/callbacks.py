@@ -62,6 +62,10 @@ class Throughput(L.Callback):
         self._lap(pl_module)  # the clock stops; the next training batch restarts it
         self._t0 = None
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._lap(pl_module)  # the last stretch after the last log counts in the totals
+        self._t0 = None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = batch["input_ids"]
         self._tokens += ids.shape[0] * (ids.shape[1] - 1)
