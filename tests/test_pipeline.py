@@ -38,8 +38,13 @@ def ctxlab(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPro
 
 # What a CPU fast dev run of a GPU-sized experiment changes (its file says the same). Studies
 # with the fixed-targets perplexity protocol score a fixed number of targets, not max_tokens.
-FIXED_TARGETS = ["eval.perplexity.max_tokens=0", "eval.perplexity.targets=32", "eval.join_documents=3000",
-                 "eval.perplexity.chunk_size=0", "eval.passkey.chunk_size=0"]
+FIXED_TARGETS = [
+    "eval.perplexity.max_tokens=0",
+    "eval.perplexity.targets=32",
+    "eval.join_documents=3000",
+    "eval.perplexity.chunk_size=0",
+    "eval.passkey.chunk_size=0",
+]
 CPU_SIZED = {
     "finetune_smollm2": ["trainer=cpu", "data.seq_len=256", "attention.region=8", "attention.budget=8",
                          "attention.merge=2"],
