@@ -21,3 +21,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Every test leaves os.environ as it found it: a job run in-process sets Lightning's
+    ``PL_GLOBAL_SEED``/``PL_SEED_WORKERS`` (seed_everything), which subprocesses of later tests
+    would inherit (DDP workers re-seed from it and then differ from an in-process reference)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -24,7 +24,9 @@ PASSKEY = {"lengths": [260, 300], "depths": [0.0, 1.0], "trials": 2}
 
 def _env() -> dict:
     # One thread per process: every window then reduces in the same order in both runs.
-    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    # Lightning's seed variables of an earlier in-process job would re-seed the workers.
+    env = {k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
 
 
 # The script side ----------------------------------------------------------------------------
