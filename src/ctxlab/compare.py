@@ -107,17 +107,20 @@ def read_summary(path: Path) -> dict:
 
 def run_summaries(run_dir: Path) -> list[dict]:
     """Every evaluation of a run: ``results/summary.json`` first, then ``results/eval_*/``, each
-    labelled ``name`` (``<name> @<eval attention>`` where that is not the trained attention)."""
+    labelled ``name`` (``<name> @<eval attention>`` where that is not the trained attention), with
+    its run folder (``_dir``) and its results folder (``_results``)."""
     first = read_summary(run_dir / "results" / "summary.json")
     paths = [run_dir / p for p in (first.get("evaluations") or {}).values()]
     paths = [p for p in paths if p != run_dir / "results"] or sorted((run_dir / "results").glob("eval_*"))
+    found = [(first, run_dir / "results")]
+    found += [(read_summary(p / "summary.json"), p) for p in paths if (p / "summary.json").exists()]
     out = []
-    for s in [first, *(read_summary(p / "summary.json") for p in paths if (p / "summary.json").exists())]:
+    for s, folder in found:
         ev = s.get("eval_attention")
         s["arm"] = s["name"]
         if ev not in (None, "trained"):
             s["name"] = f"{s['name']} @{ev}"
-        s["_dir"] = str(run_dir)
+        s["_dir"], s["_results"] = str(run_dir), str(folder)
         out.append(s)
     return out
 

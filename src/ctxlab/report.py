@@ -29,7 +29,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from ctxlab.compare import read_summary, run_summaries
+from ctxlab.compare import run_summaries
 from ctxlab.eval.intervals import paired_bootstrap_ppl_ratio, wilson
 from ctxlab.eval.passkey import accuracy_matrix, passkey_by_length
 from ctxlab.eval.plots import plot_passkey, plot_passkey_by_length, plot_perplexity
@@ -44,17 +44,7 @@ def evaluations(root: Path) -> list[dict]:
         runs = [root]
     if not runs:
         raise FileNotFoundError(f"no arms with results under {root}")
-    out = []
-    for run in runs:
-        first = read_summary(run / "results" / "summary.json")
-        dirs = {"trained": run / "results"} | {
-            n: run / p for n, p in (first.get("evaluations") or {}).items()
-        }
-        for s in run_summaries(run):
-            ev = s.get("eval_attention") or "trained"
-            s["_results"] = str(dirs.get(ev, run / "results"))
-            out.append(s)
-    return out
+    return [s for run in runs for s in run_summaries(run)]
 
 
 def blocks(ev: dict, length: int) -> tuple[list[float], list[int]] | None:

@@ -27,6 +27,23 @@ def _axes(n_series: int):
     return fig, ax
 
 
+def _finish(fig, ax, path: Path, train_length: int | None, title: str, xlabel: str, ylabel: str) -> Path:
+    """A curve against length: the training length marked, log2 x axis, labels, grid, legend; saved."""
+    if train_length:
+        ax.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_perplexity(
     series: Mapping[str, Sequence[dict]],
     path: Path,
@@ -47,20 +64,8 @@ def plot_perplexity(
         if rows and all("ppl_lo" in r and "ppl_hi" in r for r in rows):
             lo, hi = [r["ppl_lo"] for r in rows], [r["ppl_hi"] for r in rows]
             ax.fill_between(lengths, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-    if train_length:
-        ax.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
-    ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, train_length, title, "context length (tokens)", "perplexity")
 
 
 def plot_passkey(panels: Mapping[str, tuple[list[int], list[float], list[list[float]]]], path: Path) -> Path:
@@ -105,17 +110,7 @@ def plot_passkey_by_length(
         acc = [r["accuracy"] for r in rows]
         yerr = [[a - r["lo"] for a, r in zip(acc, rows)], [r["hi"] - a for a, r in zip(acc, rows)]]
         ax.errorbar([r["length"] for r in rows], acc, yerr=yerr, capsize=3, label=name)
-    if train_length:
-        ax.axvline(train_length, color="grey", linestyle=":", label=f"train length {train_length}")
-    ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("accuracy (95% Wilson interval)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(
+        fig, ax, path, train_length, title, "prompt length (tokens)", "accuracy (95% Wilson interval)"
+    )
