@@ -8,7 +8,7 @@
 # carries the SmolLM2 GGUF beside them in two calls.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 CTXLAB_OVERLAY=${CTXLAB_OVERLAY:-/tmp/ctxlab-overlay}
-wheels=$(find .whl -name '*.whl' 2>/dev/null | sort)
+wheels=$(find .whl -type f -name '*.whl' 2>/dev/null | sort)
 if [ -n "$wheels" ]; then
   # Every carried wheel, whatever its folder: a lease may bring them over several calls (each
   # call's set is added to the overlay; packages the image already has at a suitable version,

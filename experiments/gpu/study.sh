@@ -35,8 +35,8 @@ pack() {
       continue
     fi
     (cd "$arm" && find . -path ./checkpoints -prune -o -type f \( -path './results/*' -o -name 'config*.yaml' \
-        -o -name 'meta*.json' -o -path './weights/trainable.safetensors' -o -path './weights/meta.json' \
-        -o -path './csv/*' -o -path './wandb/*' -o -name 'wandb_id.txt' \) -print0 |
+        -o -name 'meta*.json' -o \( -path './weights/trainable.safetensors' -size -8M \) -o -path './weights/meta.json' \
+        -o -path './plots/*' -o -path './csv/*' -o -path './wandb/*' -o -name 'wandb_id.txt' \) -print0 |
        tar --null -czf "$staging/arm-$name.tgz" -T -) && touch "$arm/.packed"
   done
   (cd "$ROOT" && tar -czf "$staging/study-$TAG.tgz" --exclude=arms --exclude='*.ckpt' .)

@@ -19,7 +19,8 @@ for f in "$tmp"/arm-*.tgz; do
   [ -e "$f" ] || continue
   arm=$(basename "$f" .tgz); arm=${arm#arm-}
   where=arms
-  if ! tar -tzf "$f" | grep -q '^\./results/grid\.json$' || ! tar -tzf "$f" | grep -q '^\./results/summary\.json$'; then
+  tar -tzf "$f" > "$tmp/list"  # (not piped into grep -q: pipefail would count tar's SIGPIPE)
+  if ! grep -qx './results/grid.json' "$tmp/list" || ! grep -qx './results/summary.json' "$tmp/list"; then
     where=partial
   fi
   rm -rf "${DEST:?}/$where/$arm" && mkdir -p "$DEST/$where/$arm"
