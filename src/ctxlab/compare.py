@@ -48,8 +48,9 @@ def metrics_of(summary: dict) -> dict:
     """A job's summary (``run_job``'s return value, ``results/summary.json``) as flat named
     metrics: ``val_ppl``, ``steps``, ``fit_seconds``, ``causal``, ``ppl@N`` (sliding-window
     perplexity at context N), ``ppl_longest`` (at the grid's longest length), ``passkey@N``
-    (exact-match accuracy at length N, averaged over depths and trials) and ``passkey_mean``
-    (over every length and depth). A metric the job did not measure is absent."""
+    (exact-match accuracy at length N, averaged over depths and trials), ``passkey_mean``
+    (over every length and depth), ``niah@N`` (the fraction of needle values found at length N,
+    over every NIAH variant) and ``niah_mean``. A metric the job did not measure is absent."""
     keys = ("val_ppl", "steps", "fit_seconds", "causal", "tokens_per_s", "peak_mem_gib", "eval_scale")
     out = {k: summary[k] for k in keys if summary.get(k) is not None}
     ppl_rows = sorted(summary.get("perplexity") or [], key=lambda r: r["length"])
@@ -65,6 +66,11 @@ def metrics_of(summary: dict) -> dict:
     if pk:
         every = [a for accs in pk.values() for a in accs]
         out["passkey_mean"] = sum(every) / len(every)
+    niah = sorted(summary.get("niah_by_length") or [], key=lambda r: r["length"])
+    for r in niah:
+        out[f"niah@{r['length']}"] = r["score"]
+    if niah:
+        out["niah_mean"] = sum(r["found"] for r in niah) / sum(r["asked"] for r in niah)
     return out
 
 
@@ -80,6 +86,9 @@ def metric_names(cfg) -> list[str]:
             names += [f"ppl@{n}" for n in ppl.lengths] + ["ppl_longest"]
         if pk.enabled:
             names += [f"passkey@{n}" for n in pk.lengths] + ["passkey_mean"]
+        niah = cfg.eval.get("niah")
+        if niah is not None and niah.enabled:
+            names += [f"niah@{n}" for n in niah.lengths] + ["niah_mean"]
     return names
 
 
@@ -248,6 +257,9 @@ def log_to_wandb(report: dict, out_dir: Path, *, title: str, project: str, entit
     ``disabled``."""
     if mode == "disabled":
         return None
+    from ctxlab.extras import require
+
+    require("wandb", why=f"the comparison's W&B run (mode {mode}; --wandb disabled needs nothing)")
     import wandb
 
     summaries = report["summaries"]

@@ -47,6 +47,9 @@ def build_model(cfg: DictConfig, position=None):
     ``position``: an existing position scheme to share (else one is built from ``cfg.position``)."""
     position = position if position is not None else instantiate(cfg.position)
     if is_hf(cfg):
+        from ctxlab.extras import require
+
+        require("hf", why=f"model.kind=hf (model.source={cfg.model.get('source')})")
         from ctxlab.model.hf import build_hf_model
 
         return build_hf_model(instantiate(cfg.model), instantiate(cfg.attention), position)
@@ -320,11 +323,11 @@ class Loggers:
         self.csv = CSVMetrics.create(run_dir, int(cfg.trainer.get("log_every_n_steps") or 50))
         self.wandb = None
         if cfg.logger.kind == "wandb" and distributed.is_rank_zero():  # one W&B run, from rank 0
-            try:
-                import wandb  # noqa: F401  (WandbLogger needs it; fail here with a clear message)
-                from lightning.pytorch.loggers import WandbLogger
-            except ImportError as e:
-                raise ConfigError("logger=wandb needs the wandb package: install it or use logger=csv") from e
+            from lightning.pytorch.loggers import WandbLogger
+
+            from ctxlab.extras import require
+
+            require("wandb", why="logger=wandb (logger=csv needs nothing)")
             id_file = run_dir / "wandb_id.txt"
             if id_file.exists():
                 run_id = id_file.read_text().strip()
@@ -408,9 +411,22 @@ def check_before_work(cfg: DictConfig, dm, model) -> None:
             raise ConfigError(
                 f"eval.passkey.lengths {bad} are shorter than the passkey prompt itself ({shortest} tokens)"
             )
+    niah = cfg.eval.get("niah")
+    niah_lengths = list(niah.lengths) if cfg.phase.evaluate and niah is not None and niah.enabled else []
+    if niah_lengths:
+        from ctxlab.eval.niah import check_niah
+
+        try:
+            check_niah(instantiate(niah), dm.tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"eval.niah: {e}") from e
     check = getattr(model.position, "check_lengths", None)
     if check is not None:
-        longest = max([*ppl_cfg.lengths, *pk_cfg.lengths]) if cfg.phase.evaluate else int(cfg.data.seq_len)
+        longest = (
+            max([*ppl_cfg.lengths, *pk_cfg.lengths, *niah_lengths])
+            if cfg.phase.evaluate
+            else int(cfg.data.seq_len)
+        )
         check(int(cfg.data.seq_len), longest, torch.float32)
     if cfg.phase.evaluate:
         from ctxlab.evaluation import check_eval_attentions
@@ -816,10 +832,12 @@ def arm_state(cfg: DictConfig, run_dir: Path) -> str:
 
     if cfg.phase.fit:
         check_restart(cfg, run_dir, what=f"study arm {str(cfg.name)!r}: its directory")
+    from ctxlab.eval.niah import comparable_grid
+
     grid = run_dir / "results" / "grid.json"
-    current = OmegaConf.to_container(cfg.eval, resolve=True)
+    current = comparable_grid(OmegaConf.to_container(cfg.eval, resolve=True))
     finished = (run_dir / "results" / "summary.json").exists()
-    if finished and grid.exists() and json.loads(grid.read_text()) == current:
+    if finished and grid.exists() and comparable_grid(json.loads(grid.read_text())) == current:
         return "done"
     trained = weights_complete(run_dir / "weights") and (run_dir / "results" / "fit.json").exists()
     if cfg.phase.fit and trained:
