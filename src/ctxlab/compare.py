@@ -46,12 +46,15 @@ def _fmt(x, nd=2) -> str:
 
 def metrics_of(summary: dict) -> dict:
     """A job's summary (``run_job``'s return value, ``results/summary.json``) as flat named
-    metrics: ``val_ppl``, ``steps``, ``fit_seconds``, ``causal``, ``ppl@N`` (sliding-window
+    metrics: ``val_ppl``, ``steps``, ``fit_seconds`` (the whole fit), ``train_seconds`` and
+    ``train_tokens`` (training alone), ``tokens_per_s``, ``peak_mem_gib`` (GPU), ``peak_rss_gib``
+    (host), ``causal``, ``ppl@N`` (sliding-window
     perplexity at context N), ``ppl_longest`` (at the grid's longest length), ``passkey@N``
     (exact-match accuracy at length N, averaged over depths and trials), ``passkey_mean``
     (over every length and depth), ``niah@N`` (the fraction of needle values found at length N,
     over every NIAH variant) and ``niah_mean``. A metric the job did not measure is absent."""
-    keys = ("val_ppl", "steps", "fit_seconds", "causal", "tokens_per_s", "peak_mem_gib", "eval_scale")
+    keys = ("val_ppl", "steps", "fit_seconds", "train_seconds", "train_tokens", "causal", "tokens_per_s",
+            "peak_mem_gib", "peak_rss_gib", "eval_scale")  # fmt: skip
     out = {k: summary[k] for k in keys if summary.get(k) is not None}
     ppl_rows = sorted(summary.get("perplexity") or [], key=lambda r: r["length"])
     for r in ppl_rows:

@@ -366,6 +366,19 @@ class Loggers:
 
         self.wandb.experiment.summary.update({prefix + k: v for k, v in metrics_of(summary).items()})
 
+    def weights(self, folder: Path, meta: dict) -> None:
+        """The run's trained weights (``weights/``: the fit's trainable parameters, adapters for a
+        fine-tune) as a W&B artifact of type ``model``, named after the run and aliased with its
+        step; offline it waits in the run's files for ``wandb sync``."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        run = self.wandb.experiment
+        artifact = wandb.Artifact(f"weights-{run.id}", type="model", metadata=meta)
+        artifact.add_dir(str(folder))
+        run.log_artifact(artifact, aliases=["latest", f"step{meta.get('steps')}"])
+
     def finish(self) -> None:
         if self.wandb is not None:
             import wandb
@@ -687,6 +700,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
             weights = run_dir / "weights"
             if distributed.is_rank_zero() and not trainer.fast_dev_run:
                 save_run_weights(model, weights, cfg, extra)
+                loggers.weights(weights, {"steps": extra.get("steps"), "name": str(cfg.name)})
                 (run_dir / "results").mkdir(parents=True, exist_ok=True)
                 (run_dir / "results" / "fit.json").write_text(json.dumps(extra, indent=2))
         elif cfg.phase.checkpoint:
@@ -718,7 +732,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
 
 def fit_throughput(throughput, world: int) -> dict:
     """Training tokens (all ranks), training seconds (validation excluded: ``Throughput``'s
-    clock), their rate, and the peak GPU memory of the fit."""
+    clock), their rate, the peak GPU memory of the fit and the process's peak host memory."""
     out: dict = {}
     if throughput.train_seconds > 0:
         out["train_tokens"] = throughput.train_tokens * world
@@ -726,7 +740,18 @@ def fit_throughput(throughput, world: int) -> dict:
         out["tokens_per_s"] = round(out["train_tokens"] / throughput.train_seconds, 1)
     if torch.cuda.is_available():
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["peak_rss_gib"] = peak_rss_gib()
     return out
+
+
+def peak_rss_gib() -> float | None:
+    """The process's peak resident memory so far (host memory: what a CPU run's peak is)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return round(kib * (1 if sys.platform == "darwin" else 1024) / 2**30, 3)
 
 
 def save_run_weights(model, folder: Path, cfg: DictConfig, extra: dict) -> None:
