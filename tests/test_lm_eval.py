@@ -143,7 +143,7 @@ def test_model_args_choose_attention_and_refuse_what_does_not_apply(run):
         CtxlabLM(run=str(run), device="cpu", attention="nosuch")
     with pytest.raises(TypeError, match=r"\['pretrained'\]: not arguments of the ctxlab model"):
         CtxlabLM(run=str(run), device="cpu", pretrained="gpt2")
-    with pytest.raises(FileNotFoundError, match="no config.yaml"):
+    with pytest.raises(FileNotFoundError, match="no config.yaml .* nor config.json"):
         CtxlabLM(run=str(run / "weights"), device="cpu")
     # A setting of the run's config, changed before the model is built: another RoPE base.
     other = CtxlabLM(run=str(run), device="cpu", **{"position.base": 500000.0})
@@ -168,6 +168,35 @@ def test_hf_tokenizer_model_through_the_evaluator(tmp_path):
         assert len(tok.encode(doc["prompt"])) == doc["n_tokens"] <= LENGTH
         mine = own_loglikelihood(model, tok, doc["prompt"], " " + doc["answer"])
         assert s["resps"][0][0][0] == pytest.approx(mine, rel=1e-4)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0}, {"rope_type": "default"}])
+def test_an_exported_folder_scores_as_transformers_does(tmp_path, rope):
+    from test_data import _train_tiny_bpe
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from ctxlab.model.hf_sources import random_model
+
+    shape = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 300,
+             "max_position_embeddings": 64}  # fmt: skip
+    hf = random_model("llama2_7b", overrides=shape)
+    hf.config.rope_parameters = {**rope, "rope_theta": 10000.0}
+    folder = tmp_path / "exported"
+    hf.save_pretrained(str(folder))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(_train_tiny_bpe(tmp_path / "tokenizer.json")), eos_token="<eos>"
+    )
+    tok.save_pretrained(str(folder))
+    lm = CtxlabLM(run=str(folder), device="cpu")
+    assert lm.model.position.name == {"linear": "pi", "default": "rope"}[rope["rope_type"]]
+    assert int(lm.cfg.data.seq_len) == 64 and lm.tokenizer.name == f"hf:{folder.resolve()}"
+    ctx, cont = lm.tok_encode("the cat sat on the mat; the dog"), lm.tok_encode(" sat on the log")
+    reference = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).eval()
+    with torch.no_grad():
+        logits = reference(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1].float()
+    want = float(torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum())
+    assert lm.score(ctx, cont)[0] == pytest.approx(want, rel=1e-4, abs=1e-4)
 
 
 def test_niah_samples_need_a_tokenizer():

@@ -12,7 +12,9 @@ lm-eval's task folders and runs lm-eval's own command line, with all of its flag
 ``--model_args`` (``CtxlabLM``'s arguments):
 
 - ``run``: a ctxlab run directory (its ``config.yaml`` says how to build the model: ctxlab's own
-  decoder or an HF model with ctxlab attention and positions); required.
+  decoder or an HF model with ctxlab attention and positions), or a transformers folder
+  (``ctxlab-export``'s output: its ``rope_parameters`` choose the position scheme, see
+  :func:`exported_config`); required.
 - ``weights``: what to load: a ``weights/`` folder or a Lightning checkpoint file (default: the
   run's ``weights/``, else its ``checkpoints/last.ckpt``; an HF run with neither evaluates the
   pre-trained model).
@@ -61,16 +63,67 @@ TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 HARNESS_ARGS = ("batch_size", "max_batch_size")
 
 
+# transformers' rope_type -> the ctxlab position option that rotates the same way
+ROPE_OPTIONS = {"default": "rope", "linear": "pi", "yarn": "yarn", "dynamic": "dynamic_ntk"}
+YARN_KEYS = {"beta_fast": "beta_fast", "beta_slow": "beta_slow", "mscale": "mscale",
+             "mscale_all_dim": "mscale_all_dim", "attention_factor": "attention_factor"}  # fmt: skip
+
+
+def exported_config(folder: Path):
+    """A ctxlab config for a transformers checkpoint folder (``ctxlab-export``'s output, or any
+    Llama/Mistral folder with its tokenizer): ``model=hf`` from the folder, the position option
+    of its ``rope_parameters``, dense attention, its tokenizer; ``data.seq_len`` is its window."""
+    from hydra import initialize_config_dir
+
+    from ctxlab.cli import config_dir
+    from ctxlab.config import compose_job
+
+    config = json.loads((folder / "config.json").read_text())
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ROPE_OPTIONS:
+        raise ValueError(
+            f"run={folder}: rope_type={kind!r} has no ctxlab position scheme ({', '.join(ROPE_OPTIONS)})"
+        )
+    theta = float(rope.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    window = int(config.get("max_position_embeddings") or 2048)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+    overrides = [
+        "model=hf", f"model.source={folder}", f"model.head_dim={head_dim}", "model.dtype=float32",
+        "model.lora_rank=0", "model.gradient_checkpointing=false", "attention=dense",
+        f"position={ROPE_OPTIONS[kind]}", f"position.base={theta}", f"data.tokenizer=hf:{folder}",
+        f"data.vocab_size={config['vocab_size']}", f"data.seq_len={window}", "name=export",
+        f"run_dir={folder}", "logger=csv",
+    ]  # fmt: skip
+    if kind != "default":
+        overrides.append(f"position.scale={float(rope['factor'])}")
+    if kind in ("yarn", "dynamic"):
+        original = rope.get("original_max_position_embeddings") or window
+        overrides.append(f"position.original_max_position={int(original)}")
+    if kind == "yarn":
+        overrides += [
+            f"position.{ours}={rope[k]}" for k, ours in YARN_KEYS.items() if rope.get(k) is not None
+        ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name="lm_eval"):
+        return compose_job(overrides)
+
+
 def run_config(run: str | Path, overrides: dict | None = None):
-    """The resolved config a ctxlab run wrote (``config.yaml``), with ``group.key`` overrides."""
+    """The resolved config a ctxlab run wrote (``config.yaml``), or the one
+    :func:`exported_config` makes for a transformers folder, with ``group.key`` overrides."""
     from omegaconf import OmegaConf, open_dict
 
     import ctxlab.config  # noqa: F401  (ctxlab's resolvers, for configs with unresolved parts)
 
     path = Path(run) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"run={run}: no config.yaml there; pass the directory of a ctxlab run")
-    cfg = OmegaConf.load(path)
+    if path.is_file():
+        cfg = OmegaConf.load(path)
+    elif (Path(run) / "config.json").is_file():
+        cfg = exported_config(Path(run).resolve())
+    else:
+        raise FileNotFoundError(
+            f"run={run}: no config.yaml (a ctxlab run) nor config.json (an exported model) there"
+        )
     for key, value in (overrides or {}).items():
         if OmegaConf.select(cfg, key.rsplit(".", 1)[0]) is None:
             raise ValueError(f"{key}={value!r}: the run's config has no {key.rsplit('.', 1)[0]}")
