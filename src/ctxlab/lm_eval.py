@@ -152,15 +152,19 @@ def run_tokenizer(cfg, spec: str | None = None):
 
 
 def default_weights(run: Path, cfg) -> Path | None:
-    from ctxlab.run import weights_complete
-
-    if weights_complete(run / "weights"):
+    """The run's ``weights/`` (a copy missing a file it lists fails when loaded, naming it), else
+    its ``checkpoints/last.ckpt``; None (the pre-trained model) for an HF run with neither and
+    for an exported folder (its weights are the model's own)."""
+    if not (run / "config.yaml").is_file():
+        return None
+    if (run / "weights" / "meta.json").is_file():
         return run / "weights"
     last = run / "checkpoints" / "last.ckpt"
     if last.is_file():
         return last
     if cfg.model.get("kind") == "hf":
-        return None  # the pre-trained model itself
+        log.warning("ctxlab model: %s holds no trained weights: evaluating the pre-trained model", run)
+        return None
     raise FileNotFoundError(
         f"run={run}: no weights/ folder nor checkpoints/last.ckpt; a ctxlab decoder needs its trained "
         "weights (pass weights=<folder or .ckpt>)"
@@ -249,10 +253,14 @@ class CtxlabLM(TemplateLM):
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
-    def __init__(self, run: str, weights: str | None = None, attention: str = "trained", eval_scale=None,
+    def __init__(self, run: str | None = None, weights: str | None = None, attention: str = "trained", eval_scale=None,
                  chunk_size: int = 0, max_length: int | None = None, max_gen_toks: int = 256,
                  tokenizer: str | None = None, device: str | None = None, **settings) -> None:  # fmt: skip
         super().__init__()
+        if not run:
+            raise ValueError(
+                "the ctxlab model needs run=<ctxlab run directory or exported folder> in --model_args"
+            )
         for name in HARNESS_ARGS:
             value = settings.pop(name, None)
             if name == "batch_size" and value not in (None, 1, "1", "auto"):
