@@ -253,8 +253,8 @@ class CtxlabLM(TemplateLM):
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
-    def __init__(self, run: str | None = None, weights: str | None = None, attention: str = "trained", eval_scale=None,
-                 chunk_size: int = 0, max_length: int | None = None, max_gen_toks: int = 256,
+    def __init__(self, run: str | None = None, weights: str | None = None, attention: str = "trained",
+                 eval_scale=None, chunk_size: int = 0, max_length: int | None = None, max_gen_toks: int = 256,
                  tokenizer: str | None = None, device: str | None = None, **settings) -> None:  # fmt: skip
         super().__init__()
         if not run:
