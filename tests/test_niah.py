@@ -141,6 +141,10 @@ def test_job_with_niah_writes_results_and_a_sortable_wandb_run(tmp_path):
     assert [r["length"] for r in summary["niah_by_length"]] == [400, 512]
     cells = (run / "results" / "cells.jsonl").read_text()
     assert cells.count('"key":"niah/') == 4
+    from ctxlab.compare import compare_runs
+
+    table = Path(compare_runs([run], tmp_path / "compare")["table_md"]).read_text()
+    assert "| niah@400 | niah@512 |" in table
 
     (run_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")
     keys = wandb_summary_keys(run_file)

@@ -165,6 +165,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
     distinguish_names(summaries)
     ppl_lengths = sorted({r["length"] for s in summaries for r in s.get("perplexity", [])})
     pk_lengths = sorted({r["length"] for s in summaries for r in s.get("passkey", [])})
+    niah_lengths = sorted({r["length"] for s in summaries for r in s.get("niah_by_length", [])})
     rows = []
     for s in summaries:
         m = metrics_of(s)
@@ -180,6 +181,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
         }
         row |= {f"ppl@{n}": m.get(f"ppl@{n}") for n in ppl_lengths}
         row |= {f"passkey@{n}": m.get(f"passkey@{n}") for n in pk_lengths}
+        row |= {f"niah@{n}": m.get(f"niah@{n}") for n in niah_lengths}
         rows.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_csv = out_dir / "table.csv"
@@ -194,6 +196,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
         "val_ppl",
         *[f"ppl@{n}" for n in ppl_lengths],
         *[f"passkey@{n}" for n in pk_lengths],
+        *[f"niah@{n}" for n in niah_lengths],
     ]
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -209,6 +212,10 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
               "accuracy averaged over depths. causal=NO: the audit found outputs depending on later "
               "tokens; no perplexity is computed for such an evaluation. `name @attention`: the same "
               "weights evaluated with another attention (eval.attention)."]  # fmt: skip
+    if niah_lengths:
+        lines.append(
+            "niah@N: the fraction of needle values found at N tokens (eval.niah), over its variants."
+        )
     md = "\n".join(lines)
     table_md = out_dir / "table.md"
     table_md.write_text(md + "\n")

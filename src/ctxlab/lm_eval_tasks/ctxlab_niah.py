@@ -4,9 +4,11 @@ file; ``ctxlab.eval.niah`` makes the samples).
 Task settings come from lm-eval's metadata, which holds the ``--model_args`` too:
 ``max_seq_lengths`` (prompt lengths in tokens, default [512, 1024]), ``trials`` (samples per
 length, default 20), ``seed`` (default 0); the prompts are sized in the tokens of ``tokenizer``
-(a ctxlab tokenizer spec) or else of the run's tokenizer (``run=<dir>``)."""
+(a ctxlab tokenizer spec, or a tokenizer folder) or else of the run's tokenizer (``run=<dir>``)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ctxlab.eval import niah
 
@@ -17,8 +19,10 @@ LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 def _tokenizer(kwargs: dict):
     from ctxlab.data.tokenizers import build_tokenizer
 
-    if kwargs.get("tokenizer"):
-        return build_tokenizer(str(kwargs["tokenizer"]))
+    spec = str(kwargs.get("tokenizer") or "")
+    if spec:
+        # A bare folder too: lm-eval's RULER tasks read the same key as a transformers name or path.
+        return build_tokenizer(f"hf:{spec}" if Path(spec).is_dir() else spec)
     if kwargs.get("run"):
         from ctxlab.lm_eval import run_config, run_tokenizer
 
