@@ -160,3 +160,17 @@ def test_job_with_niah_writes_results_and_a_sortable_wandb_run(tmp_path):
     files = {e.path for e in artifact.manifest.contents}
     assert {"meta.json", "trainable.safetensors"} <= files
     assert {"latest", "step2"} <= set(artifact.aliases)
+
+
+def test_a_niah_length_too_short_stops_the_job_before_work(tmp_path):
+    env = os.environ | {"WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxlab", "logger=csv", "eval.niah.enabled=true",
+         "eval.niah.lengths=[300,512]", f"hydra.run.dir={tmp_path / 'r'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "eval.niah: NIAH length 300 is too short for the multikey prompt" in proc.stderr, proc.stderr[
+        -2000:
+    ]
+    assert not (tmp_path / "r" / "checkpoints").exists()
