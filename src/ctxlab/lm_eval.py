@@ -391,18 +391,20 @@ class CtxlabLM(TemplateLM):
             raise ValueError("the ctxlab model decodes greedily: num_beams=1")
         if kwargs:  # sampling settings (top_p, top_k, ...) mean nothing to greedy decoding
             log.info("ctxlab model: generation settings %s do not apply to greedy decoding", sorted(kwargs))
-        ids = self.tok_encode(context)
+        if n_max < 1:
+            return ""
+        ids = self.tok_encode(context) or [self.prefix_token_id]
         if self.max_length and len(ids) + n_max > self.max_length:
             ids = ids[-max(1, self.max_length - n_max) :]
         new: list[int] = []
         text = ""
         for tok in greedy_stream(self.model, torch.tensor([ids], device=self._device), self.chunk_size):
-            if tok == self.eot_token_id or len(new) >= n_max:
+            if tok == self.eot_token_id:
                 break
             new.append(tok)
             text = self.tok_decode(new)
-            if any(s and s in text for s in until):
-                break
+            if len(new) >= n_max or any(s and s in text for s in until):
+                break  # before the stream computes another token
         cut = min([text.index(s) for s in until if s and s in text], default=len(text))
         return text[:cut]
 

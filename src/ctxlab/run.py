@@ -49,7 +49,9 @@ def build_model(cfg: DictConfig, position=None):
     if is_hf(cfg):
         from ctxlab.extras import require
 
-        require("hf", why=f"model.kind=hf (model.source={cfg.model.get('source')})")
+        source = cfg.model.get("source")
+        needed = ("transformers", "peft", "gguf") if source == "smollm2" else ("transformers", "peft")
+        require("hf", *needed, why=f"model.kind=hf (model.source={source})")
         from ctxlab.model.hf import build_hf_model
 
         return build_hf_model(instantiate(cfg.model), instantiate(cfg.attention), position)
