@@ -47,6 +47,11 @@ def build_model(cfg: DictConfig, position=None):
     ``position``: an existing position scheme to share (else one is built from ``cfg.position``)."""
     position = position if position is not None else instantiate(cfg.position)
     if is_hf(cfg):
+        from ctxlab.extras import require
+
+        source = cfg.model.get("source")
+        needed = ("transformers", "peft", "gguf") if source == "smollm2" else ("transformers", "peft")
+        require("hf", *needed, why=f"model.kind=hf (model.source={source})")
         from ctxlab.model.hf import build_hf_model
 
         return build_hf_model(instantiate(cfg.model), instantiate(cfg.attention), position)
@@ -320,11 +325,11 @@ class Loggers:
         self.csv = CSVMetrics.create(run_dir, int(cfg.trainer.get("log_every_n_steps") or 50))
         self.wandb = None
         if cfg.logger.kind == "wandb" and distributed.is_rank_zero():  # one W&B run, from rank 0
-            try:
-                import wandb  # noqa: F401  (WandbLogger needs it; fail here with a clear message)
-                from lightning.pytorch.loggers import WandbLogger
-            except ImportError as e:
-                raise ConfigError("logger=wandb needs the wandb package: install it or use logger=csv") from e
+            from lightning.pytorch.loggers import WandbLogger
+
+            from ctxlab.extras import require
+
+            require("wandb", why="logger=wandb (logger=csv needs nothing)")
             id_file = run_dir / "wandb_id.txt"
             if id_file.exists():
                 run_id = id_file.read_text().strip()
@@ -362,6 +367,19 @@ class Loggers:
         from ctxlab.compare import metrics_of
 
         self.wandb.experiment.summary.update({prefix + k: v for k, v in metrics_of(summary).items()})
+
+    def weights(self, folder: Path, meta: dict) -> None:
+        """The run's trained weights (``weights/``: the fit's trainable parameters, adapters for a
+        fine-tune) as a W&B artifact of type ``model``, named after the run and aliased with its
+        step; offline it waits in the run's files for ``wandb sync``."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        run = self.wandb.experiment
+        artifact = wandb.Artifact(f"weights-{run.id}", type="model", metadata=meta)
+        artifact.add_dir(str(folder))
+        run.log_artifact(artifact, aliases=["latest", f"step{meta.get('steps')}"])
 
     def finish(self) -> None:
         if self.wandb is not None:
@@ -408,9 +426,22 @@ def check_before_work(cfg: DictConfig, dm, model) -> None:
             raise ConfigError(
                 f"eval.passkey.lengths {bad} are shorter than the passkey prompt itself ({shortest} tokens)"
             )
+    niah = cfg.eval.get("niah")
+    niah_lengths = list(niah.lengths) if cfg.phase.evaluate and niah is not None and niah.enabled else []
+    if niah_lengths:
+        from ctxlab.eval.niah import check_niah
+
+        try:
+            check_niah(instantiate(niah), dm.tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"eval.niah: {e}") from e
     check = getattr(model.position, "check_lengths", None)
     if check is not None:
-        longest = max([*ppl_cfg.lengths, *pk_cfg.lengths]) if cfg.phase.evaluate else int(cfg.data.seq_len)
+        longest = (
+            max([*ppl_cfg.lengths, *pk_cfg.lengths, *niah_lengths])
+            if cfg.phase.evaluate
+            else int(cfg.data.seq_len)
+        )
         check(int(cfg.data.seq_len), longest, torch.float32)
     if cfg.phase.evaluate:
         from ctxlab.evaluation import check_eval_attentions
@@ -671,6 +702,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
             weights = run_dir / "weights"
             if distributed.is_rank_zero() and not trainer.fast_dev_run:
                 save_run_weights(model, weights, cfg, extra)
+                loggers.weights(weights, {"steps": extra.get("steps"), "name": str(cfg.name)})
                 (run_dir / "results").mkdir(parents=True, exist_ok=True)
                 (run_dir / "results" / "fit.json").write_text(json.dumps(extra, indent=2))
         elif cfg.phase.checkpoint:
@@ -702,7 +734,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
 
 def fit_throughput(throughput, world: int) -> dict:
     """Training tokens (all ranks), training seconds (validation excluded: ``Throughput``'s
-    clock), their rate, and the peak GPU memory of the fit."""
+    clock), their rate, the peak GPU memory of the fit and the process's peak host memory."""
     out: dict = {}
     if throughput.train_seconds > 0:
         out["train_tokens"] = throughput.train_tokens * world
@@ -710,7 +742,18 @@ def fit_throughput(throughput, world: int) -> dict:
         out["tokens_per_s"] = round(out["train_tokens"] / throughput.train_seconds, 1)
     if torch.cuda.is_available():
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["peak_rss_gib"] = peak_rss_gib()
     return out
+
+
+def peak_rss_gib() -> float | None:
+    """The process's peak resident memory so far (host memory: what a CPU run's peak is)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return round(kib * (1 if sys.platform == "darwin" else 1024) / 2**30, 3)
 
 
 def save_run_weights(model, folder: Path, cfg: DictConfig, extra: dict) -> None:
@@ -816,10 +859,12 @@ def arm_state(cfg: DictConfig, run_dir: Path) -> str:
 
     if cfg.phase.fit:
         check_restart(cfg, run_dir, what=f"study arm {str(cfg.name)!r}: its directory")
+    from ctxlab.eval.niah import comparable_grid
+
     grid = run_dir / "results" / "grid.json"
-    current = OmegaConf.to_container(cfg.eval, resolve=True)
+    current = comparable_grid(OmegaConf.to_container(cfg.eval, resolve=True))
     finished = (run_dir / "results" / "summary.json").exists()
-    if finished and grid.exists() and json.loads(grid.read_text()) == current:
+    if finished and grid.exists() and comparable_grid(json.loads(grid.read_text())) == current:
         return "done"
     trained = weights_complete(run_dir / "weights") and (run_dir / "results" / "fit.json").exists()
     if cfg.phase.fit and trained:

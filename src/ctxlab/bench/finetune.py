@@ -63,6 +63,9 @@ def rank_info() -> tuple[int, int]:
 
 
 def environment() -> dict:
+    from ctxlab.extras import require
+
+    require("hf", "transformers", why="the fine-tuning benchmark")
     import lightning
     import transformers
     import triton
