@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ctxlab import context_parallel
+
 
 def _chunk_loss_sum(head: nn.Module, h: Tensor, y: Tensor) -> Tensor:
     logits = head(h)  # float32 at least (bf16 logits lose the loss's precision)
@@ -71,10 +73,23 @@ class LMModule(L.LightningModule):
         self.seed = seed
         self.loss_chunk = loss_chunk
         self.record = dict(record or {})
+        self.context_parallel: context_parallel.ContextParallel | None = None
+
+    def on_fit_start(self) -> None:
+        # A context-parallel strategy splits every sequence during fit (ctxlab.context_parallel).
+        self.context_parallel = context_parallel.of(self.trainer.strategy)
+        if self.context_parallel is not None:
+            self.context_parallel.attach(self.model)
+
+    def on_fit_end(self) -> None:
+        if self.context_parallel is not None:
+            self.context_parallel.detach(self.model)
+            self.context_parallel = None
 
     def _loss(self, input_ids: Tensor, position_ids: Tensor | None) -> Tensor:
         x, y = input_ids[:, :-1], input_ids[:, 1:]
-        if self.loss_chunk:
+        if self.context_parallel is not None:  # this rank's tokens; the loss is their mean
+            x, y, position_ids = self.context_parallel.shard_batch(self.model, x, y, position_ids)
             h = self.model.hidden(x, position_ids)
             return chunked_cross_entropy(h, self.model.lm_head, y, self.loss_chunk)
         logits = self.model(x, position_ids)

@@ -1,0 +1,201 @@
+"""Context parallelism on CPU processes (gloo): a fit whose sequences are split over 2 or 4 ranks
+gives the losses and gradients of one process with the same global batch, for dense, S2 and MS
+attention (causal and paper selection), with CRD NTK's random offsets and with data parallel over
+the remaining ranks; the layout and the refusals are checked in this process.
+
+The multi-process parts run this file as a script under ``python -m torch.distributed.run``
+(:func:`worker`), as ``test_distributed.py`` does; the one-process reference runs in the test's own
+process."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctxlab import context_parallel as cpl
+from ctxlab.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, ROWS, SEQ = 3, 4, 32  # ROWS: the global batch
+# name -> (world, context_parallel, arms): each arm is fitted once per run
+RUNS = {
+    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper"]),
+    "w4_cp2_dp2": (4, 2, ["dense", "ms_causal"]),
+    "w4_cp4": (4, 4, ["s2_causal", "ms_paper"]),
+}
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# The script side ----------------------------------------------------------------------------
+
+
+def _data(n_rows: int):
+    g = torch.Generator().manual_seed(7)
+    return [{"input_ids": r} for r in torch.randint(0, 64, (n_rows, SEQ + 1), generator=g)]
+
+
+def _model(arm: str):
+    """A tiny ctxlab Llama (4 query, 2 kv heads: GQA) with the arm's attention and positions."""
+    from helpers import tiny_model
+
+    from ctxlab.attention.s2 import S2Attention
+    from ctxlab.position import CRDNTK
+
+    if arm == "dense_crd":  # cyclic ids (cycle < SEQ) with a random offset per row
+        crd = CRDNTK(head_dim=8, cycle=24, max_offset=1000, scale_init=2.0, scale_max=2.0, scale_inf=2.0)
+        return tiny_model("dense", position=crd, seed=3).train()
+    if arm in ("s2", "s2_causal"):
+        model = tiny_model("dense", seed=3)
+        model.set_attention(functools.partial(S2Attention, wrap=arm == "s2"))
+        return model.train()
+    if arm.startswith("ms_"):  # 8 regions of 4 tokens, budget 4, merge 2: sparse at SEQ
+        return tiny_model(arm[3:], seed=3).train()
+    return tiny_model("dense", seed=3).train()
+
+
+def _fit(arm: str, world: int, cp: int | None) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    """``STEPS`` steps on ``ROWS`` rows per step; returns every rank's loss per step and the
+    gradients of the first step (after the all-reduce)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ctxlab import distributed
+    from ctxlab.train.module import LMModule
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[list[float]] = []
+            self.grads: dict[str, torch.Tensor] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if not self.grads:
+                self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(distributed.all_gather(float(outputs["loss"].detach())))
+
+    model = _model(arm)
+    strategy = distributed.build_strategy("ddp", context_parallel=cp) if cp else "auto"
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, gradient_clip_val=1.0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec := Record()],
+    )  # fmt: skip
+    module = LMModule(model, lambda params: torch.optim.AdamW(params, lr=1e-2), seed=0)
+    # The samplers deal a permutation over the dp ranks (DistributedSampler(shuffle=True, seed=0));
+    # the single process reads the same permutation in order.
+    dp = world // (cp or 1)
+    data = _data(STEPS * ROWS)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    loader = DataLoader(data, batch_size=ROWS // dp, sampler=order if world == 1 else None)
+    trainer.fit(module, train_dataloaders=loader)
+    assert all(not isinstance(c, cpl.ContextParallelCore) for c in model.cores)  # detached after fit
+    return rec.losses, rec.grads
+
+
+def worker(out: Path, run: str) -> None:
+    from ctxlab import distributed
+
+    world, cp, arms = RUNS[run]
+    assert distributed.world_size() in (1, world)
+    result = {}
+    for arm in arms:
+        losses, grads = _fit(arm, world, cp)
+        result[arm] = losses
+        if distributed.is_rank_zero():
+            torch.save(grads, out / f"{run}_{arm}_grads.pt")
+    if distributed.is_rank_zero():
+        (out / f"{run}.json").write_text(json.dumps(result))
+
+
+# The tests ----------------------------------------------------------------------------------
+
+
+def _torchrun(run: str, out: Path) -> None:
+    world = RUNS[run][0]
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    args += [str(Path(__file__).resolve()), str(out), run]
+    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_split_fit_matches_one_process(run, tmp_path):
+    _torchrun(run, tmp_path)
+    got = json.loads((tmp_path / f"{run}.json").read_text())
+    world, cp, arms = RUNS[run]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1)
+    try:
+        for arm in arms:
+            ref_losses, ref_grads = _fit(arm, 1, None)
+            single = torch.tensor([s[0] for s in ref_losses], dtype=torch.float64)
+            per_rank = torch.tensor(got[arm], dtype=torch.float64)  # [steps, ranks]
+            # Each rank's loss is the mean over its own tokens: they differ (other tokens), and
+            # their mean is the one-process loss of the global batch at every step (after two
+            # optimizer steps on the split gradients).
+            assert (per_rank.max(1).values - per_rank.min(1).values).min() > 1e-3, (arm, per_rank)
+            torch.testing.assert_close(per_rank.mean(1), single, rtol=1e-5, atol=0, msg=f"{run} {arm}")
+            grads = torch.load(tmp_path / f"{run}_{arm}_grads.pt")
+            assert grads.keys() == ref_grads.keys()
+            for name, g in grads.items():
+                assert ref_grads[name].abs().max() > 0, name
+                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{run} {arm} {name}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_load_balanced_layout_and_global_position_ids():
+    ids = torch.arange(16).expand(2, 16)
+    parts = [cpl.shard(ids, 4, r) for r in range(4)]
+    # Rank r holds chunks r and 2n-1-r of 2n = 8 chunks of 2 tokens: the same causal work each.
+    assert parts[0][0].tolist() == [0, 1, 14, 15] and parts[3][0].tolist() == [6, 7, 8, 9]
+    assert torch.equal(cpl.unshard(parts), ids)
+    assert cpl.chunk_order(4) == [0, 7, 1, 6, 2, 5, 3, 4]
+
+    from ctxlab.position import CRDNTK
+
+    crd = CRDNTK(head_dim=8, cycle=24, max_offset=1000, scale_init=2.0, scale_max=2.0, scale_inf=2.0).train()
+    full = crd.position_ids(3, 16, generator=torch.Generator().manual_seed(5))
+
+    class Split(cpl.ContextParallel):  # the layout without a process group
+        def __init__(self, rank: int) -> None:
+            self.cp, self.cp_rank = 4, rank
+
+    class Model:
+        position = crd
+
+    x = torch.arange(48).view(3, 16)
+    shards = [Split(r).shard_batch(Model, x, x + 1, full) for r in range(4)]
+    assert torch.equal(cpl.unshard([s[2] for s in shards]), full)  # ids are the global ones
+    assert torch.equal(cpl.unshard([s[0] for s in shards]), x)
+
+
+def test_bad_settings_are_refused_naming_them():
+    from ctxlab import distributed
+
+    with pytest.raises(ConfigError, match=r"context_parallel=3 must divide the number of processes \(4"):
+        cpl.check_sizes(3, 4)
+    with pytest.raises(ConfigError, match="context_parallel must be an int >= 1"):
+        cpl.check_sizes(0, 4)
+    with pytest.raises(ConfigError, match=r"context_parallel=2 .* data.seq_len=30 is not divisible by 4"):
+        cpl.shard(torch.zeros(1, 30), 2, 0)
+    with pytest.raises(ConfigError, match="strategy.name=ddp only, not 'fsdp'"):
+        distributed.build_strategy("fsdp", context_parallel=2)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    worker(Path(sys.argv[1]), sys.argv[2])
