@@ -235,6 +235,24 @@ def check_sizes(cp: Any, world: int) -> None:
         )
 
 
+def check_config(cfg) -> None:
+    """ConfigError, before any work, for a composed job config whose sequence split cannot run:
+    ``trainer.strategy.context_parallel`` must be an int dividing the processes the trainer asks
+    for, on the ``ddp`` strategy, with ``data.seq_len`` divisible by twice its value."""
+    from ctxlab.distributed import requested_processes
+
+    strategy = cfg.trainer.get("strategy")
+    cp = strategy.get("context_parallel") if hasattr(strategy, "get") else None
+    if cp is None:
+        return
+    if strategy.get("name") != "ddp":
+        raise ConfigError(
+            f"{SETTING}={cp} runs on trainer.strategy.name=ddp only, not {strategy.get('name')!r}"
+        )
+    check_sizes(cp, requested_processes(cfg.trainer))
+    check_length(int(cfg.data.seq_len), cp)
+
+
 def of(strategy) -> ContextParallel | None:
     """The strategy's sequence split, or None when it splits no sequence."""
     return getattr(strategy, "context_parallel_plan", None)
