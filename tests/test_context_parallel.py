@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, ROWS, SEQ = 3, 4, 32  # ROWS: the global batch
 # name -> (world, context_parallel, arms): each arm is fitted once per run
 RUNS = {
-    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper"]),
+    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper", "hf_s2"]),
     "w4_cp2_dp2": (4, 2, ["dense", "ms_causal"]),
     "w4_cp4": (4, 4, ["s2_causal", "ms_paper"]),
 }
@@ -59,6 +59,21 @@ def _model(arm: str):
         model = tiny_model("dense", seed=3)
         model.set_attention(functools.partial(S2Attention, wrap=arm == "s2"))
         return model.train()
+    if arm == "hf_s2":  # a transformers Llama with LoRA+ (the 7B recipe's path), S2 attention
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ctxlab.model.hf import HFCausalLM
+        from ctxlab.model.hf_lora import apply_lora_plus
+        from ctxlab.position import Rope
+
+        torch.manual_seed(4)
+        hf = LlamaForCausalLM(
+            LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+        )  # fmt: skip
+        model = HFCausalLM(hf, S2Attention, Rope(head_dim=8))
+        model.set_peft(apply_lora_plus(model.hf))
+        return model.train()
     if arm.startswith("ms_"):  # 8 regions of 4 tokens, budget 4, merge 2: sparse at SEQ
         return tiny_model(arm[3:], seed=3).train()
     return tiny_model("dense", seed=3).train()
@@ -80,7 +95,10 @@ def _fit(arm: str, world: int, cp: int | None) -> tuple[list[list[float]], dict[
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if not self.grads:
-                self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()}
+                self.grads = {
+                    n: None if p.grad is None else p.grad.detach().clone()
+                    for n, p in pl_module.model.named_parameters()
+                }
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(distributed.all_gather(float(outputs["loss"].detach())))
@@ -150,8 +168,12 @@ def test_split_fit_matches_one_process(run, tmp_path):
             torch.testing.assert_close(per_rank.mean(1), single, rtol=1e-5, atol=0, msg=f"{run} {arm}")
             grads = torch.load(tmp_path / f"{run}_{arm}_grads.pt")
             assert grads.keys() == ref_grads.keys()
+            trained = [g for g in ref_grads.values() if g is not None]
+            assert sum(bool(g.abs().max() > 0) for g in trained) > len(trained) // 2  # LoRA A: 0 at first
             for name, g in grads.items():
-                assert ref_grads[name].abs().max() > 0, name
+                if ref_grads[name] is None:  # frozen (LoRA+)
+                    assert g is None, name
+                    continue
                 torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{run} {arm} {name}")
     finally:
         torch.set_num_threads(threads)
