@@ -174,7 +174,8 @@ def test_split_fit_matches_one_process(run, tmp_path):
                 if ref_grads[name] is None:  # frozen (LoRA+)
                     assert g is None, name
                     continue
-                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{run} {arm} {name}")
+                msg = f"{run} {arm} {name}"
+                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=msg)
     finally:
         torch.set_num_threads(threads)
 

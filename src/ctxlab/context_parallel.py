@@ -113,16 +113,18 @@ class _GatherSequence(torch.autograd.Function):
 # The attention core -------------------------------------------------------------------------
 
 
-def _dense_own_queries(core: nn.Module, q: Tensor, k_full: Tensor, v_full: Tensor, n: int, rank: int) -> Tensor:
+def _dense_own_queries(
+    core: nn.Module, q: Tensor, k_full: Tensor, v_full: Tensor, n: int, rank: int
+) -> Tensor:
     """Causal attention of the rank's two query chunks, each over the keys up to its end.
 
     q ``[B, 2c, H, D]``, k_full, v_full ``[B, L, Hkv, D]`` -> ``[B, 2c, H, D]``."""
     from torch.nn.attention.bias import causal_lower_right
 
     c = q.shape[1] // 2
-    H, Hkv = q.shape[2], k_full.shape[2]
-    if H != Hkv:  # the lower-right causal kernels take no grouped K/V
-        k_full, v_full = k_full.repeat_interleave(H // Hkv, dim=2), v_full.repeat_interleave(H // Hkv, dim=2)
+    group = q.shape[2] // k_full.shape[2]
+    if group > 1:  # the lower-right causal kernels take no grouped K/V
+        k_full, v_full = k_full.repeat_interleave(group, dim=2), v_full.repeat_interleave(group, dim=2)
     out = []
     for q_chunk, j in zip(q.split(c, dim=1), (rank, 2 * n - 1 - rank)):
         end = (j + 1) * c
@@ -270,7 +272,8 @@ def _cp_ddp_class():
 
         def __init__(self, *, context_parallel: int, **kw) -> None:
             super().__init__(**kw)
-            check_sizes(context_parallel, dist.get_world_size() if dist.is_initialized() else context_parallel)
+            world = dist.get_world_size() if dist.is_initialized() else context_parallel
+            check_sizes(context_parallel, world)
             self.context_parallel = context_parallel
             self.context_parallel_plan: ContextParallel | None = None
 
