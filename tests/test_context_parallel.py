@@ -219,6 +219,44 @@ def test_bad_settings_are_refused_naming_them():
         distributed.build_strategy("fsdp", context_parallel=2)
 
 
+def test_gpu_benchmark_script_runs_its_cases_and_records_failures(tmp_path):
+    """experiments/gpu/cp_bench.sh on CPU processes with a tiny model: a split case and a
+    one-process case are measured, a length the split refuses is recorded as an error naming the
+    setting, a case needing more processes than there are is not run, and one table is written."""
+    bin_dir = tmp_path / "bin"  # the script calls python3, as on the GPU machine
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    shrink = (
+        "trainer=cpu model.init_device=cpu model.dtype=float32 model.head_dim=16 "
+        "+model.overrides.num_hidden_layers=1 +model.overrides.hidden_size=32 "
+        "+model.overrides.intermediate_size=64 +model.overrides.num_attention_heads=2 "
+        "+model.overrides.num_key_value_heads=1 +model.overrides.head_dim=16 +model.overrides.vocab_size=97"
+    )
+    env = _env() | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "CTXLAB_CP_NGPU": "2", "CTXLAB_CP_MIN_CASE_S": "5",
+        "CTXLAB_CP_TIME_LIMIT": "240", "CTXLAB_CP_OVERRIDES": shrink,
+    }  # fmt: skip
+    out = tmp_path / "out"
+    cases = ["s2@64x2", "dense@32x1", "dense@66x2", "dense@64x4"]
+    proc = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(out), *cases],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "cp_bench.json").read_text())["rows"]
+    assert [(r["variant"], r["seq_len"], r["gpus"]) for r in rows] == [
+        ("s2", 64, 2),
+        ("dense", 32, 1),
+        ("dense", 66, 2),
+        ("dense", 64, 4),
+    ]
+    split, one, refused, missing = rows
+    assert split["status"] == one["status"] == "ok" and split["tokens_per_s_per_gpu"] > 0
+    assert split["tokens_per_s_total"] == pytest.approx(2 * split["tokens_per_s_per_gpu"], abs=0.2)
+    assert refused["status"] == "error" and "data.seq_len=66 is not divisible by 4" in refused["note"]
+    assert missing["status"] == "not run"
+    assert "| s2 | 64 | 2 | ok |" in (out / "cp_bench.md").read_text()
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     worker(Path(sys.argv[1]), sys.argv[2])

@@ -391,6 +391,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from ctxlab.config import ConfigError, validate
+    from ctxlab.context_parallel import check_length
 
     a = parse(sys.argv[1:] if argv is None else argv)
     rank, world = rank_info()
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = compose([*base_overrides, *a.known[v], f"data.seq_len={L}"])
             try:
                 validate(cfg)
+                if a.context_parallel:
+                    check_length(L, a.context_parallel)
                 reason = None
             except ConfigError as e:
                 if "exactly dense attention" not in str(e):
