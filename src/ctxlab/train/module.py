@@ -10,6 +10,10 @@ The loss never holds the whole ``[B, L, V]`` logits: ``chunked_cross_entropy`` r
 head over ``loss_chunk`` tokens at a time and recomputes each chunk's logits in the backward
 pass. At 128K tokens and a 32,000 vocabulary, full float32 logits and their gradient would take
 33 GiB; chunks of 4,096 tokens take 1 GiB.
+
+Under a context-parallel strategy (``ctxlab.context_parallel``) each rank computes the loss of
+its own share of every row's tokens (their mean: the DDP average over ranks is then the
+one-process gradient); the split is attached in ``on_fit_start`` and removed in ``on_fit_end``.
 """
 
 from __future__ import annotations
