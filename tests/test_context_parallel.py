@@ -122,6 +122,32 @@ def _fit(arm: str, world: int, cp: int | None) -> tuple[list[list[float]], dict[
     return rec.losses, rec.grads
 
 
+def _check_reduce_scatter_backward(split: cpl.ContextParallel) -> None:
+    """The all-gather's NCCL backward (reduce-scatter of every rank's shard of the gradient), run
+    on gloo through an emulated ``reduce_scatter_tensor``, equals the gloo backward (all-reduce,
+    then this rank's shard)."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(11 + split.cp_rank)
+    x = torch.randn(2, 8, 3, generator=g, requires_grad=True)
+    weight = torch.randn(2, 8 * split.cp, 3, generator=torch.Generator().manual_seed(12 + split.cp_rank))
+    (split.gather(x) * weight).sum().backward()
+    want, x.grad = x.grad, None
+
+    def emulated(out, stacked, group):  # sum over the group, then this rank's slice of dim 0
+        dist.all_reduce(stacked, group=group)
+        out.copy_(stacked[dist.get_rank(group)])
+
+    real = (dist.get_backend, dist.reduce_scatter_tensor)
+    dist.get_backend, dist.reduce_scatter_tensor = (lambda group=None: "nccl"), emulated
+    try:
+        (split.gather(x) * weight).sum().backward()
+    finally:
+        dist.get_backend, dist.reduce_scatter_tensor = real
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-6)
+    assert want.abs().min() > 0
+
+
 def worker(out: Path, run: str) -> None:
     from ctxlab import distributed
 
@@ -133,6 +159,8 @@ def worker(out: Path, run: str) -> None:
         result[arm] = losses
         if distributed.is_rank_zero():
             torch.save(grads, out / f"{run}_{arm}_grads.pt")
+    if run == "w2_cp2":  # the fits initialised the process group
+        _check_reduce_scatter_backward(cpl.ContextParallel(cp))
     if distributed.is_rank_zero():
         (out / f"{run}.json").write_text(json.dumps(result))
 
