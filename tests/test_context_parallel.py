@@ -75,7 +75,10 @@ def _model(arm: str):
         model.set_peft(apply_lora_plus(model.hf))
         return model.train()
     if arm.startswith("ms_"):  # 8 regions of 4 tokens, budget 4, merge 2: sparse at SEQ
-        return tiny_model(arm[3:], seed=3).train()
+        model = tiny_model(arm[3:], seed=3)
+        # Recomputed layers gather again in the backward pass (the 7B recipe checkpoints).
+        model.gradient_checkpointing = arm == "ms_paper"
+        return model.train()
     return tiny_model("dense", seed=3).train()
 
 
