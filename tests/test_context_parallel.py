@@ -237,6 +237,25 @@ def test_load_balanced_layout_and_global_position_ids():
     assert torch.equal(cpl.unshard([s[0] for s in shards]), x)
 
 
+def test_the_loss_stays_chunked_next_to_the_split_hook():
+    """``LMModule._loss`` (which the split hooks into) still runs the output head in chunks, never
+    over the whole ``[B, L, V]`` logits."""
+    from helpers import tiny_model
+
+    from ctxlab.train.module import LMModule
+
+    model = tiny_model("dense")
+
+    def whole_logits(*args, **kwargs):
+        raise AssertionError("the loss asked for the whole logits")
+
+    model.forward = whole_logits
+    module = LMModule(model, lambda params: torch.optim.AdamW(params), loss_chunk=8)
+    assert module.context_parallel is None
+    loss = module._loss(torch.randint(0, 64, (2, 33)), None)
+    assert loss.isfinite() and loss > 0
+
+
 def test_bad_settings_are_refused_naming_them():
     from ctxlab import distributed
 

@@ -94,6 +94,7 @@ class LMModule(L.LightningModule):
         x, y = input_ids[:, :-1], input_ids[:, 1:]
         if self.context_parallel is not None:  # this rank's tokens; the loss is their mean
             x, y, position_ids = self.context_parallel.shard_batch(self.model, x, y, position_ids)
+        if self.loss_chunk:
             h = self.model.hidden(x, position_ids)
             return chunked_cross_entropy(h, self.model.lm_head, y, self.loss_chunk)
         logits = self.model(x, position_ids)
