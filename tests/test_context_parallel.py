@@ -237,6 +237,34 @@ def test_load_balanced_layout_and_global_position_ids():
     assert torch.equal(cpl.unshard([s[0] for s in shards]), x)
 
 
+@pytest.mark.parametrize(
+    ("length", "n", "heads", "kv_heads", "group_size", "wrap"),
+    [(48, 2, 4, 2, 0, True), (48, 3, 6, 2, 0, False), (40, 2, 6, 3, 6, False), (96, 4, 4, 4, 8, True),
+     (32, 2, 2, 1, 16, True), (24, 3, 3, 1, 7, False)],
+    ids=["quarter-wrap", "n3-gqa3", "G6-partial", "n4-G8-wrap", "G16-wrap", "odd-heads-G7"],
+)  # fmt: skip
+def test_own_query_cores_equal_the_whole_sequence_core(length, n, heads, kv_heads, group_size, wrap):
+    """Each rank's own query chunks through the dense and S2 own-query paths give exactly the
+    rows of the one-process core on the whole sequence (S2's groups sized from the whole length,
+    a partial last group, the wrapped group, GQA with a split kv group), outputs and gradients."""
+    from ctxlab.attention import DenseAttention
+    from ctxlab.attention.s2 import S2Attention
+
+    g = torch.Generator().manual_seed(length + n)
+    q = torch.randn(2, length, heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, length, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, length, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, length, heads, 8, generator=g, dtype=torch.float64)
+    for core in (DenseAttention(), S2Attention(group_size=group_size, wrap=wrap).train()):
+        own = cpl._own_query_paths()[type(core)]
+        want = core(q, k, v)
+        grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
+        got = cpl.unshard([own(core, cpl.shard(q, n, r), k, v, n, r) for r in range(n)])
+        torch.testing.assert_close(got, want, msg=type(core).__name__)
+        for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), grads_want):
+            torch.testing.assert_close(a, b, msg=type(core).__name__)
+
+
 def test_the_loss_stays_chunked_next_to_the_split_hook():
     """``LMModule._loss`` (which the split hooks into) still runs the output head in chunks, never
     over the whole ``[B, L, V]`` logits."""

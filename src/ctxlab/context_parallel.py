@@ -15,13 +15,16 @@ the loss) runs on the rank's own 2c tokens; only attention needs other tokens:
   an autograd-aware all-gather whose backward sums the gradient slices of every cp rank
   (reduce-scatter; all-reduce then slice on gloo, which has no reduce-scatter);
 - dense attention computes only the rank's own query chunks, each over the keys up to its end
-  (SDPA with a lower-right causal mask: memory-efficient kernel on CUDA, no ``[c, L]`` mask);
-- every other core (S2, MS with paper or causal selection) runs on the whole gathered sequence
-  and the rank keeps its own rows. Its selection (MS) and its groups (S2, sized from the whole
-  length) are then exactly the one-process ones, for every variant; the price is that each rank
-  computes the whole attention layer (the projections, MLP and loss are still split n ways).
-  Gradients stay exact: rows a rank drops get a zero output gradient, so they add exactly
-  nothing to dq, dk, dv.
+  (SDPA with a lower-right causal mask: flash attention on CUDA, no ``[c, L]`` mask);
+- S2 likewise: each run of the rank's queries inside one of S2's groups (sized from the whole
+  length, shifted for half the heads, wrapped around the end with LongLoRA's roll) attends over
+  that group's keys with a lower-right causal mask;
+- every other core (MS with paper or causal selection) runs on the whole gathered sequence
+  (queries gathered too) and the rank keeps its own rows. Its selection is then exactly the
+  one-process one for both selection rules (the paper's reads a block's own later queries); the
+  price is that each rank computes the whole MS layer (the projections, MLP and loss are still
+  split n ways). Gradients stay exact: rows a rank drops get a zero output gradient, so they add
+  exactly nothing to dq, dk, dv.
 
 The loss of a rank is the mean over its own tokens; with equal token counts per rank, the DDP
 gradient average over dp x cp ranks is then exactly the one-process gradient of the global batch
@@ -136,11 +139,83 @@ def _dense_own_queries(
     return torch.cat(out, dim=1)
 
 
+def _group_causal(
+    q: Tensor, k_full: Tensor, v_full: Tensor, kv_heads: Tensor, *, first: int, group: int, shift: int,
+    wrap: bool, scale: float | None,
+) -> Tensor:  # fmt: skip
+    """Causal attention inside S2's groups for queries at ``first .. first + len - 1``.
+
+    q ``[B, len, h, D]`` (h query heads reading kv heads ``kv_heads`` of k_full, v_full
+    ``[B, L, Hkv, D]``). Query t attends to keys ``[start, t]``, start being the first token of its
+    group: groups ``[0, shift)``, then ``[shift + iG, shift + (i+1)G)``. With ``wrap`` (LongLoRA's
+    roll; ``L % G == 0``) the first group is the tail of the last one: queries ``t < shift`` also
+    see keys ``[L - G + shift, L)``. Each run of queries sharing a group is one SDPA call with a
+    lower-right causal mask over its group's keys."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    L, end_q = k_full.shape[1], first + q.shape[1]
+    out, t = [], first
+    while t < end_q:
+        start = 0 if t < shift else shift + (t - shift) // group * group
+        end = min(shift if t < shift else start + group, end_q)
+        keys = [slice(start, end)]
+        if wrap and t < shift:
+            keys.insert(0, slice(L - group + shift, L))
+        k = torch.cat([k_full[:, r] for r in keys], dim=1).index_select(2, kv_heads)  # [B, n, h, D]
+        v = torch.cat([v_full[:, r] for r in keys], dim=1).index_select(2, kv_heads)
+        o = F.scaled_dot_product_attention(
+            q[:, t - first : end - first].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=causal_lower_right(end - t, k.shape[1]), scale=scale,
+        )  # fmt: skip
+        out.append(o.transpose(1, 2))
+        t = end
+    return torch.cat(out, dim=1)
+
+
+def _s2_own_queries(core: nn.Module, q: Tensor, k_full: Tensor, v_full: Tensor, n: int, rank: int) -> Tensor:
+    """S2 attention (``ctxlab.attention.s2``) of the rank's two query chunks: the first H/2 heads
+    in groups of G tokens, the others in groups shifted by G/2 (wrapping around the end when
+    ``core.wrap``), G sized from the whole length as on one process. Dense when not training."""
+    from ctxlab.attention.s2 import s2_group_size
+
+    if not core.training:
+        return _dense_own_queries(core, q, k_full, v_full, n, rank)
+    L, H, c = k_full.shape[1], q.shape[2], q.shape[1] // 2
+    group = s2_group_size(L, group_ratio=core.group_ratio, group_size=core.group_size)
+    if core.wrap and L % group:
+        raise ValueError(
+            f"s2 attention with wrap=True (LongLoRA's roll) needs the length L={L} to be a "
+            f"multiple of the group size {group}; use wrap=False or another group size"
+        )
+    rep = H // k_full.shape[2]
+    heads = [(0, H // 2, 0, False), (H // 2, H, group // 2, core.wrap)]  # (h0, h1, shift, wrap)
+    out = []
+    for q_chunk, j in zip(q.split(c, dim=1), (rank, 2 * n - 1 - rank)):
+        halves = [
+            _group_causal(
+                q_chunk[:, :, h0:h1],
+                k_full,
+                v_full,
+                torch.arange(h0, h1, device=q.device) // rep,
+                first=j * c,
+                group=group,
+                shift=shift,
+                wrap=wrap,
+                scale=core.scale,
+            )  # fmt: skip
+            for h0, h1, shift, wrap in heads
+            if h1 > h0
+        ]
+        out.append(torch.cat(halves, dim=2))
+    return torch.cat(out, dim=1)
+
+
 def _own_query_paths() -> dict[type, Any]:
     """Cores that compute only the rank's own query chunks; every other core runs whole."""
     from ctxlab.attention.modules import DenseAttention
+    from ctxlab.attention.s2 import S2Attention
 
-    return {DenseAttention: _dense_own_queries}
+    return {DenseAttention: _dense_own_queries, S2Attention: _s2_own_queries}
 
 
 class ContextParallelCore(nn.Module):
