@@ -27,7 +27,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ctxlab import distributed
+from ctxlab import context_parallel, distributed
 from ctxlab.config import ConfigError, validate
 
 log_prefix = "[ctxlab]"
@@ -615,6 +615,7 @@ def check_resumable(last: Path) -> None:
 
 def run_job(cfg: DictConfig) -> dict:
     validate(cfg)
+    context_parallel.check_config(cfg)
     world = distributed.init(cfg.trainer)  # several ranks: from torchrun or SLURM, else an error
     run_dir = Path(cfg.run_dir).resolve()
     lock = claim_run_dir(cfg, run_dir, world)
