@@ -146,7 +146,8 @@ class SelectionStats(L.Callback):
 class SigtermCheckpoint(L.Callback):
     """On SIGTERM, end the fit at the end of the current step with ``path`` saved there, where
     model, optimizer, scheduler and data position agree, so a restart resumes exactly there;
-    then raise Lightning's ``SIGTERMException`` (``saved_step``: the step saved, None if none was).
+    then raise Lightning's ``SIGTERMException`` before the next batch (``saved_step``: the step
+    saved, None if none was; a signal during the last step lets the fit finish).
 
     From the start of training this callback owns SIGTERM: its handler only raises a flag.
     Lightning's own handler broadcasts from inside the signal handler, a collective that can
@@ -161,6 +162,7 @@ class SigtermCheckpoint(L.Callback):
         self.path = path
         self.saved_step: int | None = None
         self.requested = False
+        self.stopping = False  # saved; the fit ends before the next batch
         self._previous = None
 
     def _flag(self, signum, frame) -> None:
@@ -185,16 +187,22 @@ class SigtermCheckpoint(L.Callback):
         self._restore()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         if (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)):
             return
         stop = self.requested
         if trainer.world_size > 1:  # every rank reaches here once per step: the same collectives
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
+        if not stop or self.stopping:
             return
         if not trainer.fast_dev_run:
             trainer.save_checkpoint(str(self.path))
             self.saved_step = int(trainer.global_step)
-        raise SIGTERMException()
+        self.stopping = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Stop here, not where the checkpoint was saved: Lightning logs a step's metrics after its
+        # batch-end hooks, and that step is in the checkpoint, so a restart does not log it again.
+        if self.stopping:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
