@@ -468,6 +468,25 @@ def test_hydra_of_other_ranks_writes_nothing_into_the_run_directory(monkeypatch,
     assert not (tmp_path / "r").exists() and rundir.held(tmp_path / "r") is None  # rank 0 locks
 
 
+def test_a_multirun_holds_its_sweep_directory_before_writing_it(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ctxlab import rundir
+
+    sweep = tmp_path / "sweep"
+    with initialize_config_dir(config_dir=str(ROOT / "cfg"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.sweep.dir={sweep}"], return_hydra_config=True)
+    busy = re.escape(f"{sweep} is in use by PID {os.getpid()}")
+    with rundir.RunLock(sweep), pytest.raises(SystemExit, match=busy):
+        rundir.HoldRunDir().on_multirun_start(cfg)
+    assert sorted(os.listdir(sweep)) == [".lock"]
+    hold = rundir.HoldRunDir()
+    hold.on_multirun_start(cfg)
+    assert rundir.held(sweep) is not None and json.loads((sweep / ".lock").read_text())["pid"] == os.getpid()
+    hold.on_multirun_end(cfg)
+    assert rundir.held(sweep) is None and (sweep / ".lock").read_text() == ""
+
+
 # SIGTERM under several ranks ------------------------------------------------------------------
 
 

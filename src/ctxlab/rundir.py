@@ -14,7 +14,8 @@ attempt left behind, and whether it can be written at all.
   ``*.tmp``) that a killed attempt left in ``checkpoints/``, ``weights/`` and ``csv/``.
 - :func:`check_writable`: the run directory and its ``checkpoints/`` and ``results/`` take a
   file, checked before any training instead of after it.
-- :class:`HoldRunDir`: the lock, taken before Hydra writes ``.hydra/`` and its log file.
+- :class:`HoldRunDir`: the lock, taken before Hydra writes ``.hydra/`` and its log file (a
+  multirun: before it writes its sweep directory).
 """
 
 from __future__ import annotations
@@ -335,39 +336,58 @@ class HoldRunDir(HydraCallback):
     run has already overwritten the first's ``.hydra/config.yaml``. ``on_run_start`` runs before
     that: a directory that cannot take a file, or that another run holds, stops this run there,
     having written nothing into it. The task (``ctxlab.run.claim_run_dir``) takes this lock over.
+    A multirun holds its sweep directory the same way (before ``multirun.yaml`` is written); each
+    of its jobs locks its own directory in the task.
 
     Under torchrun or SLURM only rank 0 writes the run directory: the other ranks' Hydra writes no
     ``.hydra/`` and no log file (their output would overwrite rank 0's with the same content, or
-    another run's with theirs). Multiruns lock each job's directory in the task, as before."""
+    another run's with theirs)."""
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+    def _hold(self, config: DictConfig, key: str) -> None:
         global _HELD
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import open_dict, read_write
 
-        from ctxlab import distributed
-
-        if not distributed.is_rank_zero():
-            with read_write(config.hydra), open_dict(config.hydra):
-                config.hydra.output_subdir = None
-                handlers = config.hydra.job_logging.get("handlers") or {}
-                files = [name for name, h in handlers.items() if "filename" in h]
-                for name in files:
-                    del handlers[name]
-                root = config.hydra.job_logging.get("root")
-                if root is not None and root.get("handlers"):
-                    root.handlers = [h for h in root.handlers if h not in files]
-            return
-        HydraConfig.instance().set_config(config)  # ${hydra:...} in hydra.run.dir; Hydra does it next
-        run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir"))).resolve()
+        self._release()  # an earlier app of this process that ended without its end hook (an error)
+        HydraConfig.instance().set_config(config)  # ${hydra:...} in the directory; Hydra does it next
+        folder = Path(str(OmegaConf.select(config, key))).resolve()
         try:
-            check_writable([run_dir])
-            _HELD = RunLock(run_dir, lambda msg: print(f"[ctxlab] {msg}", flush=True)).acquire()
+            check_writable([folder])
+            _HELD = RunLock(folder, lambda msg: print(f"[ctxlab] {msg}", flush=True)).acquire()
         except ConfigError as e:
             raise SystemExit(f"ctxlab: error: {e}") from None
 
-    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+    def _release(self) -> None:
         global _HELD
         if _HELD is not None:
             _HELD.release()
             _HELD = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import open_dict, read_write
+
+        from ctxlab import distributed
+
+        if distributed.is_rank_zero():
+            self._hold(config, "hydra.run.dir")
+            return
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.output_subdir = None
+            handlers = config.hydra.job_logging.get("handlers") or {}
+            files = [name for name, h in handlers.items() if "filename" in h]
+            for name in files:
+                del handlers[name]
+            root = config.hydra.job_logging.get("root")
+            if root is not None and root.get("handlers"):
+                root.handlers = [h for h in root.handlers if h not in files]
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ctxlab import distributed
+
+        if distributed.is_rank_zero():
+            self._hold(config, "hydra.sweep.dir")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()
