@@ -68,7 +68,10 @@ def write_error(path: str | os.PathLike, exc: BaseException, hint: str | None = 
     """``exc``, raised while writing ``path``, as a :class:`RunWriteError` naming ``path``, the free
     space of its file system and the settings to change (``hint``: one more)."""
     path = Path(path)
-    code = getattr(exc, "errno", None)
+    cause = exc  # torch.save's RuntimeError holds the OSError of the file in its context
+    while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    code = getattr(cause, "errno", None)
     why = os.strerror(code) if code else f"{type(exc).__name__}: {str(exc)[:200]}"
     full = code in (errno.ENOSPC, errno.EDQUOT) or (code is None and "unexpected pos" in str(exc))
     what = (
