@@ -299,7 +299,7 @@ class CSVMetrics:
                 writer.writeheader()
                 writer.writerows(rows)
                 atomic_write(path, text.getvalue())
-                self.kept = (path.stat().st_size, list(fieldnames))
+                self.kept: tuple[int | None, list[str]] = (path.stat().st_size, list(fieldnames))
 
             def save(self) -> None:
                 """Append the rows; a failed write (a full disk) cuts the file back to the rows it

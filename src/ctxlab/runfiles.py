@@ -40,10 +40,11 @@ class RunWriteError(OSError):
 def human(n: int | None) -> str:
     if n is None:
         return "an unknown amount"
+    size = float(n)
     for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
     raise AssertionError
 
 
@@ -68,8 +69,8 @@ def write_error(path: str | os.PathLike, exc: BaseException, hint: str | None = 
     """``exc``, raised while writing ``path``, as a :class:`RunWriteError` naming ``path``, the free
     space of its file system and the settings to change (``hint``: one more)."""
     path = Path(path)
-    cause = exc  # torch.save's RuntimeError holds the OSError of the file in its context
-    while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+    cause: BaseException | None = exc  # torch.save's RuntimeError holds the file's OSError
+    while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
     code = getattr(cause, "errno", None)
     why = os.strerror(code) if code else f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -163,7 +164,7 @@ class SigtermCheckpoint(L.Callback):
         self.saved_step: int | None = None
         self.requested = False
         self.stopping = False  # saved; the fit ends before the next batch
-        self._previous = None
+        self._previous: Any = None
 
     def _flag(self, signum, frame) -> None:
         self.requested = True
