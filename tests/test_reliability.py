@@ -420,3 +420,300 @@ def test_record_file_faults_name_the_file(fault, tmp_path):
         needle = "text_field='text' of json files"
     with pytest.raises(ValueError, match=re.escape(needle)):
         load_corpus(source="local", paths=[str(path)], cache_dir=str(tmp_path / "cache"))
+
+
+# Two runs into one directory: the second touches none of the first's files ---------------------
+
+
+def hydra_files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / ".hydra").iterdir())}
+
+
+@pytest.mark.slow
+def test_a_second_run_is_refused_before_hydra_writes_into_the_directory(tmp_path):
+    run = tmp_path / "run"
+    args = [f"hydra.run.dir={run}", "trainer.max_steps=2000", "trainer.val_check_interval=1000", *TINY,
+            *NO_EVAL]  # fmt: skip
+    first = start(*args, cwd=tmp_path)
+    try:
+        wait_for(lambda: (run / "csv" / "metrics.csv").is_file(), first, "the first run's training")
+        before, record = hydra_files(run), (run / "config.yaml").read_bytes()
+        second = ctxlab(*args, "seed=7", cwd=tmp_path, check=False)  # another config, same directory
+        assert second.returncode != 0
+        assert f"is in use by PID {first.pid}" in second.stderr, second.stderr[-3000:]
+        assert hydra_files(run) == before  # Hydra's .hydra/config.yaml of the second was never written
+        assert (run / "config.yaml").read_bytes() == record
+        assert "Traceback" not in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM
+
+
+def test_hydra_of_other_ranks_writes_nothing_into_the_run_directory(monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ctxlab import rundir
+
+    for key, value in {"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    with initialize_config_dir(config_dir=str(ROOT / "cfg"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=csv", f"hydra.run.dir={tmp_path / 'r'}"],
+                      return_hydra_config=True)  # fmt: skip
+    assert cfg.hydra.callbacks.run_dir_lock._target_ == "ctxlab.rundir.HoldRunDir"
+    assert "file" in cfg.hydra.job_logging.handlers
+    rundir.HoldRunDir().on_run_start(cfg)
+    assert cfg.hydra.output_subdir is None
+    assert "file" not in cfg.hydra.job_logging.handlers and "file" not in cfg.hydra.job_logging.root.handlers
+    assert not (tmp_path / "r").exists() and rundir.held(tmp_path / "r") is None  # rank 0 locks
+
+
+def test_a_multirun_holds_its_sweep_directory_before_writing_it(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from ctxlab import rundir
+
+    sweep = tmp_path / "sweep"
+    with initialize_config_dir(config_dir=str(ROOT / "cfg"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.sweep.dir={sweep}"], return_hydra_config=True)
+    busy = re.escape(f"{sweep} is in use by PID {os.getpid()}")
+    with rundir.RunLock(sweep), pytest.raises(SystemExit, match=busy):
+        rundir.HoldRunDir().on_multirun_start(cfg)
+    assert sorted(os.listdir(sweep)) == [".lock"]
+    hold = rundir.HoldRunDir()
+    hold.on_multirun_start(cfg)
+    assert rundir.held(sweep) is not None and json.loads((sweep / ".lock").read_text())["pid"] == os.getpid()
+    hold.on_multirun_end(cfg)
+    assert rundir.held(sweep) is None and (sweep / ".lock").read_text() == ""
+
+
+# SIGTERM under several ranks ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_saves_the_step_it_stopped_at_and_resumes_there(tmp_path):
+    """SIGTERM to torchrun's process group (every rank and the launcher, as SLURM sends it): the
+    ranks agree on one step, save it, exit non-zero saying how to resume, and the restart resumes
+    from that very step keeping the first attempt's metrics rows."""
+    run = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "ctxlab", "trainer=ddp_cpu"]  # fmt: skip
+    # No periodic checkpoint before the signal: the checkpoint found afterwards is the SIGTERM's.
+    args = [f"hydra.run.dir={run}", "trainer.val_check_interval=1000", *TINY, *NO_EVAL]
+    env = ENV | {"OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*torchrun, "trainer.max_steps=2000", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # fmt: skip
+    rows = lambda: metric_rows(run) if (run / "csv" / "metrics.csv").is_file() else []  # noqa: E731
+    wait_for(lambda: len(train_losses(rows())) >= 3, first, "three training steps")
+    os.killpg(first.pid, signal.SIGTERM)
+    _, err = first.communicate(timeout=180)
+    assert first.returncode != 0, err[-3000:]
+    m = re.search(
+        r"interrupted by SIGTERM during training .* saved checkpoints/last\.ckpt at step (\d+)", err
+    )
+    assert m, err[-4000:]
+    stopped = int(m[1])
+    assert stopped >= 3 and step_of(run / "checkpoints" / "last.ckpt") == stopped
+    assert checkpoint_steps(run) == []
+    assert "torchrun --nproc_per_node 2 -m ctxlab" in err and f"hydra.run.dir={run}" in err
+    first_rows = train_losses(metric_rows(run))
+    assert {int(s) for _, s, _ in first_rows} >= set(range(stopped))
+
+    final = stopped + 2
+    second = subprocess.run([*torchrun, f"trainer.max_steps={final}", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resuming from" in second.stdout
+    assert step_of(run / "checkpoints" / "last.ckpt") == final
+    rows_after = metric_rows(run)
+    assert first_rows <= train_losses(rows_after)
+    resumed = sorted(int(r["step"]) for r in rows_after if r["attempt"] == "2" and r["train/loss"])
+    assert resumed == [stopped, stopped + 1]  # the first step trained again is the one after the save
+
+
+# A full disk ----------------------------------------------------------------------------------
+
+# Runs ctxlab with checkpoint temporaries that take 4096 bytes and then fail as a full disk does,
+# from the FULL_AFTER+1-th checkpoint write on.
+FULL_DISK = """
+import errno, os, pathlib, sys
+real_open, opened = pathlib.Path.open, []
+
+class Full:
+    def __init__(self, f):
+        self.f, self.room = f, 4096
+    def write(self, data):
+        if len(data) > self.room:
+            self.f.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+
+def open_(self, mode="r", *args, **kwargs):
+    f = real_open(self, mode, *args, **kwargs)
+    if ".ckpt.tmp-" in self.name and "w" in mode:
+        opened.append(self.name)
+        if len(opened) > int(os.environ["FULL_AFTER"]):
+            return Full(f)
+    return f
+
+pathlib.Path.open = open_
+from ctxlab.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_at_a_checkpoint_names_the_file_and_keeps_what_was_written(tmp_path):
+    run = tmp_path / "run"
+    args = [f"hydra.run.dir={run}", "trainer.max_steps=6", "trainer.val_check_interval=2", *TINY, *NO_EVAL]
+    # step2.ckpt and last.ckpt are written; step4.ckpt meets a full disk.
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env=ENV | {"FULL_AFTER": "2"})  # fmt: skip
+    assert proc.returncode != 0
+    err = next((line for line in proc.stderr.splitlines() if line.startswith("ctxlab: error:")), "")
+    assert f"ctxlab: error: could not write {run / 'checkpoints' / 'step4.ckpt'}" in err, proc.stderr[-4000:]
+    for needle in ("No space left on device", "free on its file system", "the disk is full",
+                   "hydra.run.dir", "trainer.val_check_interval"):  # fmt: skip
+        assert needle in err, (needle, err)
+    left = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert left == ["last.ckpt", "step2.ckpt"]  # the temporary file is gone
+    assert step_of(run / "checkpoints" / "last.ckpt") == 2  # and the last checkpoint intact
+    steps = {int(s) for _, s, _ in train_losses(metric_rows(run))}
+    assert steps >= {0, 1, 2}  # every row logged before the failure (step 3 was being saved)
+
+    out = ctxlab("trainer.max_steps=6", *args[1:], f"hydra.run.dir={run}", cwd=tmp_path)  # space again
+    assert "resuming from" in out.stdout and step_of(run / "checkpoints" / "last.ckpt") == 6
+
+
+def test_checkpoint_and_file_writes_on_a_full_disk_leave_the_old_file(tmp_path, monkeypatch):
+    from ctxlab.runfiles import RunWriteError, atomic_write
+    from ctxlab.slurm import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    real_save = torch.save
+
+    def full(obj, f, *args, **kwargs):  # what torch.save raises when the file stops taking bytes
+        real_save(obj, f, *args, **kwargs)
+        raise RuntimeError("[enforce fail at inline_container.cc:858] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed")  # fmt: skip
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(RunWriteError, match=re.escape(f"could not write {target}")) as e:
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, target)
+    assert "free on its file system" in str(e.value) and "hydra.run.dir" in str(e.value)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(target)["step"] == 1 and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+    # Not a write failure (an object that cannot be pickled): torch's own error, file kept.
+    with pytest.raises(Exception, match="pickle|lambda") as e:
+        AtomicCheckpointIO().save_checkpoint({"f": lambda: 0}, target)
+    assert not isinstance(e.value, RunWriteError) and sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+    record = tmp_path / "summary.json"
+    atomic_write(record, "old")
+
+    def no_space(fd):
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(RunWriteError, match=re.escape(f"could not write {record} (No space left on device)")):
+        atomic_write(record, "new")
+    assert record.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["last.ckpt", "summary.json"]
+
+
+def test_metrics_csv_on_a_full_disk_keeps_its_rows(tmp_path):
+    from ctxlab.run import CSVMetrics
+    from ctxlab.runfiles import RunWriteError
+
+    logger = CSVMetrics.create(tmp_path, flush_every=100)
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.save()
+    path = tmp_path / "csv" / "metrics.csv"
+    good = path.read_bytes()
+    writer = logger.experiment
+    real_open = writer._fs.open
+
+    class Full:  # takes 5 bytes of the append, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:5])
+            raise OSError(28, os.strerror(28))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    writer._fs.open = lambda p, mode="r", **kw: (
+        Full(real_open(p, mode, **kw)) if "a" in mode else real_open(p, mode, **kw)
+    )
+    logger.log_metrics({"train/loss": 2.0}, step=1)
+    with pytest.raises(RunWriteError, match=re.escape(f"could not write {path}")):
+        logger.save()
+    assert path.read_bytes() == good  # the half row is cut off again
+    writer._fs.open = real_open
+    logger.save()  # the row kept in memory is written once there is room
+    assert [r["train/loss"] for r in metric_rows(tmp_path)] == ["1.0", "2.0"]
+
+
+def test_free_space_is_checked_before_training(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from ctxlab import runfiles
+    from ctxlab.config import ConfigError
+
+    model = torch.nn.Linear(1000, 1000)  # 1001000 float32 parameters: 4.0 MB, 12 MB with AdamW's moments
+    model.bias.requires_grad_(False)
+    ckpt = 4 * 1001000 + 2 * 4 * 1000000
+    assert runfiles.checkpoint_bytes(model) == ckpt
+    need = 3 * ckpt + 4 * 1000000 + runfiles.MARGIN_BYTES
+    assert runfiles.space_needed(tmp_path, ckpt, 4 * 1000000) == need
+
+    def free(n):
+        monkeypatch.setattr(
+            runfiles.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10**12, 10**12 - n, n)
+        )
+
+    free(need)
+    runfiles.check_free_space(tmp_path, model)
+    free(need - 1)
+    with pytest.raises(ConfigError, match=r"free, but this fit needs about .*hydra\.run\.dir") as e:
+        runfiles.check_free_space(tmp_path, model)
+    assert str(tmp_path) in str(e.value) and "checkpoints of 11.4 MiB each" in str(e.value)
+    # A restart replaces its checkpoints and weights: it needs only the temporary copy's room.
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("last.ckpt", "step4.ckpt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "meta.json").write_text("{}")
+    free(ckpt + runfiles.MARGIN_BYTES)
+    runfiles.check_free_space(tmp_path, model)
+
+
+@pytest.mark.slow
+def test_a_fit_that_would_fill_the_disk_is_refused_before_training(tmp_path):
+    run = tmp_path / "run"
+    patch = ("import shutil, sys; real = shutil.disk_usage; shutil.disk_usage = lambda p: "
+             "real(p)._replace(free=2 << 20); from ctxlab.cli import main; main()")  # fmt: skip
+    args = [f"hydra.run.dir={run}", "trainer.max_steps=4", *TINY, *NO_EVAL]
+    proc = subprocess.run([sys.executable, "-c", patch, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=ENV)  # fmt: skip
+    assert proc.returncode != 0
+    assert f"ctxlab: error: {run} is on a file system with 2.0 MiB free" in proc.stderr, proc.stderr[-3000:]
+    assert not (run / "checkpoints").exists() and not (run / "csv").exists()

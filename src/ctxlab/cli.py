@@ -5,6 +5,7 @@ every job's config is scoped before it runs, and ``--cfg job`` prints the scoped
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ def _task(cfg: DictConfig) -> dict:
 
     from ctxlab.config import ConfigError, scope_options
     from ctxlab.run import run, say
+    from ctxlab.runfiles import RunWriteError, write_error
 
     try:
         # Every job of a multirun passes here. A study's arms are composed, scoped and reported
@@ -39,9 +41,15 @@ def _task(cfg: DictConfig) -> dict:
         scope_options(cfg, HydraConfig.get().runtime.choices, say=None if cfg.get("study") else say)
         # The job's summary is its return value: sweepers (hydra/sweeper=optuna) read metrics from it.
         return run(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, RunWriteError) as e:
         print(f"ctxlab: error: {e}", file=sys.stderr, flush=True)
         raise
+    except OSError as e:  # a write that no run-file writer wrapped: still name the file and the space
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        error = write_error(e.filename or cfg.run_dir, e)
+        print(f"ctxlab: error: {error}", file=sys.stderr, flush=True)
+        raise error from e
 
 
 def expose_plugins() -> None:

@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ctxlab import distributed
+from ctxlab.runfiles import atomic_write
 
 TRAINED = "trained"
 
@@ -247,7 +248,7 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers, extra: dict, we
         n: str(results_dir(run_dir, i, n).relative_to(run_dir)) for i, n in enumerate(names)
     }
     if distributed.is_rank_zero():
-        (run_dir / "results" / "summary.json").write_text(json.dumps(first, indent=2))
+        atomic_write(run_dir / "results" / "summary.json", json.dumps(first, indent=2))
     return first
 
 
@@ -303,7 +304,7 @@ def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, sto
         causal = rep.causal
         summary["causality"] = rep.as_dict()
         if writes:
-            (out / "causality.json").write_text(json.dumps(rep.as_dict(), indent=2))
+            atomic_write(out / "causality.json", json.dumps(rep.as_dict(), indent=2))
         if rep.causal != rep.declared_causal:
             say(f"WARNING: the causality audit found causal={rep.causal}, but the configuration declares "
                 f"{rep.declared_causal}")  # fmt: skip
@@ -315,7 +316,7 @@ def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, sto
         rows = [r.as_row() | {"causal": causal} for r in results]
         summary["perplexity"] = rows
         if writes:  # per-block NLLs: paired comparisons between models scored on the same tokens
-            (out / "perplexity_blocks.json").write_text(json.dumps([r.as_blocks() for r in results]))
+            atomic_write(out / "perplexity_blocks.json", json.dumps([r.as_blocks() for r in results]))
         summary["perplexity_protocol"] = {
             "protocol": ppl_cfg.protocol, "targets": ppl_cfg.targets,
             "documents": len(docs), "tokens": [len(d) for d in docs],
@@ -355,6 +356,6 @@ def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, sto
 
         evaluate_niah(model, dm.tokenizer, cfg, out, loggers, summary, store, tag, writes)
     if writes:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
         loggers.summary(summary, prefix="" if not tag else f"{eval_name}/")
     return summary

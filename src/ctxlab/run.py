@@ -11,6 +11,7 @@ results already exist.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ctxlab import context_parallel, distributed
 from ctxlab.config import ConfigError, validate
+from ctxlab.runfiles import RunWriteError, atomic_write, check_fit_space, write_error
 
 log_prefix = "[ctxlab]"
 
@@ -257,7 +259,8 @@ class CSVMetrics:
     ``attempt`` column (1, 2, ... per start of the run directory), since steps after an attempt's
     last checkpoint are trained and logged again by the next one. Rows are on disk at every
     checkpoint and every ``flush_every`` steps, so a killed attempt keeps them; a row it left
-    half-written is dropped, and a new column rewrites the file atomically."""
+    half-written is dropped, and a new column rewrites the file atomically. A write that fails (a
+    full disk) leaves the rows written before intact and raises ``RunWriteError`` naming the file."""
 
     @staticmethod
     def create(run_dir: Path, flush_every: int):
@@ -291,12 +294,28 @@ class CSVMetrics:
                 path = Path(self.metrics_file_path)
                 with path.open(newline="") as f:
                     rows = list(csv.DictReader(f))
-                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-                with tmp.open("w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=fieldnames)
-                    writer.writeheader()
-                    writer.writerows(rows)
-                os.replace(tmp, path)
+                text = io.StringIO(newline="")
+                writer = csv.DictWriter(text, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+                atomic_write(path, text.getvalue())
+                self.kept: tuple[int | None, list[str]] = (path.stat().st_size, list(fieldnames))
+
+            def save(self) -> None:
+                """Append the rows; a failed write (a full disk) cuts the file back to the rows it
+                had, keeps this save's rows for the next, and names the file."""
+                path = Path(self.metrics_file_path)
+                self.kept = (path.stat().st_size if path.is_file() else None, list(self.metrics_keys))
+                try:
+                    super().save()
+                except OSError as e:
+                    size, self.metrics_keys = self.kept
+                    with contextlib.suppress(OSError):
+                        if size is None:
+                            path.unlink(missing_ok=True)
+                        else:
+                            os.truncate(path, size)
+                    raise e if isinstance(e, RunWriteError) else write_error(path, e) from e
 
             def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
                 super().log_metrics(metrics_dict, step)
@@ -313,6 +332,15 @@ class CSVMetrics:
 
             def after_save_checkpoint(self, checkpoint_callback) -> None:
                 self.save()  # the rows up to a checkpoint outlive a kill -9 after it
+
+            def finalize(self, status: str) -> None:
+                try:
+                    super().finalize(status)
+                except RunWriteError as e:
+                    if status != "failed":
+                        raise
+                    # The fit failed already (its error follows): this one must not replace it.
+                    print(f"ctxlab: error: {e}", file=sys.stderr, flush=True)
 
         return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="",
                                   flush_logs_every_n_steps=max(1, flush_every))  # fmt: skip
@@ -392,12 +420,13 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     import csv
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    atomic_write(path.with_suffix(".json"), json.dumps(rows, indent=2))
     if rows:
-        with path.with_suffix(".csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(path.with_suffix(".csv"), text.getvalue())
 
 
 def evaluate(
@@ -467,10 +496,10 @@ def write_metadata(cfg: DictConfig, run_dir: Path) -> None:
     ``config.evaluate.yaml`` and ``meta.evaluate.json`` instead, keeping the fit's record."""
     run_dir.mkdir(parents=True, exist_ok=True)
     suffix = record_suffix(cfg, run_dir)
-    (run_dir / f"config{suffix}.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write(run_dir / f"config{suffix}.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     meta = {"git": git_state(), "versions": package_versions(), "seed": int(cfg.seed),
             "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-    (run_dir / f"meta{suffix}.json").write_text(json.dumps(meta, indent=2))
+    atomic_write(run_dir / f"meta{suffix}.json", json.dumps(meta, indent=2))
 
 
 def check_numbers(cfg: DictConfig) -> None:
@@ -535,7 +564,13 @@ def resume_command() -> str:
             key, where = "hydra.run.dir", hc.runtime.output_dir
         if not any(a.lstrip("+").startswith(f"{key}=") for a in args):
             args.append(f"{key}={Path(where).resolve()}")
-    return shlex.join(["ctxlab", *args])
+    launcher = ["ctxlab"]
+    if distributed.started_by_torchrun():  # the ranks must be started again as they were
+        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1")]
+        if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":  # plus the rendezvous options used before
+            launcher += ["--nnodes", os.environ["GROUP_WORLD_SIZE"]]
+        launcher += ["-m", "ctxlab"]
+    return shlex.join([*launcher, *args])
 
 
 def newest_checkpoint(ckpt_dir: Path) -> tuple[Path, int] | None:
@@ -580,7 +615,7 @@ def claim_run_dir(cfg: DictConfig, run_dir: Path, world: int):
         try:
             folders = [run_dir] + [run_dir / d for d in ("checkpoints", "results", "csv", "weights")]
             rundir.check_writable(folders)
-            lock = rundir.RunLock(run_dir, say).acquire()
+            lock = rundir.held(run_dir) or rundir.RunLock(run_dir, say).acquire()  # held: since Hydra's start
             if record_suffix(cfg, run_dir) == "":
                 rundir.check_restart(cfg, run_dir)
             removed = rundir.remove_orphans(run_dir)
@@ -642,6 +677,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
     dm = instantiate(cfg.data)
     model = build_model(cfg)
     check_before_work(cfg, dm, model)  # on every rank: the same config fails the same way everywhere
+    check_fit_space(cfg, run_dir, model)
     if world > 1:
         distributed.local_zero_first(dm.prepare_data)  # one rank per node tokenizes into the cache
     loggers = Loggers(cfg, run_dir)
@@ -705,7 +741,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
                 save_run_weights(model, weights, cfg, extra)
                 loggers.weights(weights, {"steps": extra.get("steps"), "name": str(cfg.name)})
                 (run_dir / "results").mkdir(parents=True, exist_ok=True)
-                (run_dir / "results" / "fit.json").write_text(json.dumps(extra, indent=2))
+                atomic_write(run_dir / "results" / "fit.json", json.dumps(extra, indent=2))
         elif cfg.phase.checkpoint:
             weights = Path(cfg.phase.checkpoint)
             meta = load_any_weights(model, weights, "phase.checkpoint")
@@ -722,7 +758,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
         summary = evaluate(model, dm, cfg, run_dir, loggers, extra, weights) if cfg.phase.evaluate else extra
         if cfg.phase.evaluate and distributed.is_rank_zero():
             grid = OmegaConf.to_container(cfg.eval, resolve=True)
-            (run_dir / "results" / "grid.json").write_text(json.dumps(grid, indent=2))
+            atomic_write(run_dir / "results" / "grid.json", json.dumps(grid, indent=2))
     except (SIGTERMException, Interrupted) as e:
         if distributed.is_rank_zero():
             report_interrupt(run_dir, stage, sigterm.saved_step if sigterm else None, bool(cfg.phase.fit))

@@ -14,6 +14,8 @@ attempt left behind, and whether it can be written at all.
   ``*.tmp``) that a killed attempt left in ``checkpoints/``, ``weights/`` and ``csv/``.
 - :func:`check_writable`: the run directory and its ``checkpoints/`` and ``results/`` take a
   file, checked before any training instead of after it.
+- :class:`HoldRunDir`: the lock, taken before Hydra writes ``.hydra/`` and its log file (a
+  multirun: before it writes its sweep directory).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from ctxlab.config import ConfigError
@@ -314,3 +317,77 @@ def check_writable(folders: list[Path]) -> None:
                 f"{folder} is not writable ({e.strerror or e}): a run writes its checkpoints, results "
                 "and logs there; fix its permissions or choose another hydra.run.dir"
             ) from e
+
+
+_HELD: RunLock | None = None
+
+
+def held(run_dir: Path) -> RunLock | None:
+    """The lock :class:`HoldRunDir` took for ``run_dir`` before Hydra wrote into it, if any."""
+    if _HELD is not None and _HELD.fd is not None and _HELD.path.parent.resolve() == Path(run_dir).resolve():
+        return _HELD
+    return None
+
+
+class HoldRunDir(HydraCallback):
+    """Hydra callback (``hydra.callbacks`` in cfg/config.yaml): take the run directory's lock
+    before Hydra writes into it. Hydra saves ``.hydra/*.yaml`` and opens its log file in the
+    output directory before the task starts, so a lock taken by the task comes after a second
+    run has already overwritten the first's ``.hydra/config.yaml``. ``on_run_start`` runs before
+    that: a directory that cannot take a file, or that another run holds, stops this run there,
+    having written nothing into it. The task (``ctxlab.run.claim_run_dir``) takes this lock over.
+    A multirun holds its sweep directory the same way (before ``multirun.yaml`` is written); each
+    of its jobs locks its own directory in the task.
+
+    Under torchrun or SLURM only rank 0 writes the run directory: the other ranks' Hydra writes no
+    ``.hydra/`` and no log file (their output would overwrite rank 0's with the same content, or
+    another run's with theirs)."""
+
+    def _hold(self, config: DictConfig, key: str) -> None:
+        global _HELD
+        from hydra.core.hydra_config import HydraConfig
+
+        self._release()  # an earlier app of this process that ended without its end hook (an error)
+        HydraConfig.instance().set_config(config)  # ${hydra:...} in the directory; Hydra does it next
+        folder = Path(str(OmegaConf.select(config, key))).resolve()
+        try:
+            check_writable([folder])
+            _HELD = RunLock(folder, lambda msg: print(f"[ctxlab] {msg}", flush=True)).acquire()
+        except ConfigError as e:
+            raise SystemExit(f"ctxlab: error: {e}") from None
+
+    def _release(self) -> None:
+        global _HELD
+        if _HELD is not None:
+            _HELD.release()
+            _HELD = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import open_dict, read_write
+
+        from ctxlab import distributed
+
+        if distributed.is_rank_zero():
+            self._hold(config, "hydra.run.dir")
+            return
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.output_subdir = None
+            handlers = config.hydra.job_logging.get("handlers") or {}
+            files = [name for name, h in handlers.items() if "filename" in h]
+            for name in files:
+                del handlers[name]
+            root = config.hydra.job_logging.get("root")
+            if root is not None and root.get("handlers"):
+                root.handlers = [h for h in root.handlers if h not in files]
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ctxlab import distributed
+
+        if distributed.is_rank_zero():
+            self._hold(config, "hydra.sweep.dir")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._release()

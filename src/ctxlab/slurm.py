@@ -37,6 +37,8 @@ from hydra.experimental.callback import Callback as HydraCallback
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ctxlab.runfiles import is_write_failure, write_error
+
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +75,8 @@ def slurm_job_id() -> str:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO, but a reader never sees a half-written file: the
     checkpoint goes to a temporary file in the same folder, is fsynced, then ``os.replace``d
-    onto the target (atomic on POSIX file systems). Local paths only."""
+    onto the target (atomic on POSIX file systems). Local paths only. A failed write (a full disk)
+    removes the temporary file and raises ``ctxlab.runfiles.RunWriteError`` naming the checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -87,6 +90,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)
+        except Exception as e:  # a full disk: torch.save reports "unexpected pos", not ENOSPC
+            if is_write_failure(e):
+                raise write_error(target, e, "checkpoint less often (trainer.val_check_interval)") from e
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -36,8 +36,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_trainable(model: nn.Module, folder: str | Path, meta: dict) -> Path:
     """Write the trainable parameters of ``model`` and ``meta`` into ``folder`` (atomically per
-    file: written under a temporary name, then renamed)."""
+    file: written under a temporary name, then renamed; a failed write removes it and raises
+    ``ctxlab.runfiles.RunWriteError`` naming the file)."""
     from safetensors.torch import save_file
+
+    from ctxlab.runfiles import atomic_write, is_write_failure, write_error
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,8 +56,14 @@ def save_trainable(model: nn.Module, folder: str | Path, meta: dict) -> Path:
         if tensors:
             path = folder / FILES[part]
             tmp = path.with_name(path.name + ".tmp")
-            save_file(tensors, str(tmp))
-            tmp.replace(path)
+            try:
+                save_file(tensors, str(tmp))
+                tmp.replace(path)
+            except Exception as e:
+                tmp.unlink(missing_ok=True)
+                if is_write_failure(e):
+                    raise write_error(path, e) from e
+                raise
             written[part] = FILES[part]
     info = {
         **meta,
@@ -62,9 +71,7 @@ def save_trainable(model: nn.Module, folder: str | Path, meta: dict) -> Path:
         "parameters": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                        for k, v in state.items()},
     }  # fmt: skip
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(folder / "meta.json")
+    atomic_write(folder / "meta.json", json.dumps(info, indent=2))
     return folder
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -143,20 +145,65 @@ class SelectionStats(L.Callback):
 
 
 class SigtermCheckpoint(L.Callback):
-    """On SIGTERM (which Lightning notes and answers by ending the fit after the current step),
-    save ``path`` at the end of that step, where model, optimizer, scheduler and data position
-    agree, so a restart resumes exactly there. One process only: with several ranks the signal
-    reaches them at different steps, and a save is collective, so they keep their last periodic
-    checkpoint. ``saved_step``: the step saved, None if none was."""
+    """On SIGTERM, end the fit at the end of the current step with ``path`` saved there, where
+    model, optimizer, scheduler and data position agree, so a restart resumes exactly there;
+    then raise Lightning's ``SIGTERMException`` before the next batch (``saved_step``: the step
+    saved, None if none was; a signal during the last step lets the fit finish).
+
+    From the start of training this callback owns SIGTERM: its handler only raises a flag.
+    Lightning's own handler broadcasts from inside the signal handler, a collective that can
+    pair with another rank's gradient all-reduce, and leaves ranks that got the signal at
+    different steps without a common step to save at. Here, at every step's end, the ranks
+    agree with one boolean all-reduce (any rank's flag stops every rank: SLURM and torchrun
+    signal all of them, not necessarily between the same two steps), then all save together (a
+    save is collective under FSDP; DDP writes from rank 0) and stop at the same step. With
+    gradient accumulation, only a step that updated the weights is a place to stop."""
 
     def __init__(self, path) -> None:
         self.path = path
         self.saved_step: int | None = None
+        self.requested = False
+        self.stopping = False  # saved; the fit ends before the next batch
+        self._previous: Any = None
+
+    def _flag(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.requested = self.requested or trainer.received_sigterm  # one that came during setup
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._flag)
+        except ValueError:  # not the main thread: Lightning's handling stays
+            self._previous = None
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.received_sigterm or self.saved_step is not None:
+        if (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)):
             return
-        if trainer.world_size > 1 or trainer.fast_dev_run:
+        stop = self.requested
+        if trainer.world_size > 1:  # every rank reaches here once per step: the same collectives
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop or self.stopping:
             return
-        trainer.save_checkpoint(str(self.path))
-        self.saved_step = int(trainer.global_step)
+        if not trainer.fast_dev_run:
+            trainer.save_checkpoint(str(self.path))
+            self.saved_step = int(trainer.global_step)
+        self.stopping = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Stop here, not where the checkpoint was saved: Lightning logs a step's metrics after its
+        # batch-end hooks, and that step is in the checkpoint, so a restart does not log it again.
+        if self.stopping:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException()
