@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -319,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--wandb-group", default=None, help="W&B group (default: the group the runs share)")
     args = ap.parse_args(argv)
-    report = compare_runs(args.runs, args.out, title=args.title)
+    try:
+        report = compare_runs(args.runs, args.out, title=args.title)
+    except (FileNotFoundError, ValueError) as e:  # no runs, an unreadable summary: named, no traceback
+        sys.exit(f"ctxlab-compare: error: {e}")
     print(report["markdown"])
     print(
         f"\nwritten: {report['table_md']} {report['table_csv']} {report['ppl_png']} {report['passkey_png']}"

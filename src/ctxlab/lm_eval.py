@@ -473,7 +473,10 @@ def main(argv: list[str] | None = None) -> None:
     include_ctxlab_tasks()
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (FileNotFoundError, ValueError) as e:  # a run that is not one, a bad model argument: named
+        sys.exit(f"ctxlab-lm-eval: error: {e}")
 
 
 if __name__ == "__main__":

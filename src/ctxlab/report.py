@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -249,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experiment", type=Path, default=None, help="the study's file (for its comparisons)")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default ROOT/report)")
     args = ap.parse_args(argv)
-    r = report(args.root, args.experiment, args.out)
+    try:
+        r = report(args.root, args.experiment, args.out)
+    except (FileNotFoundError, ValueError) as e:  # no study there, an unreadable file: named, no traceback
+        sys.exit(f"ctxlab-report: error: {e}")
     print(f"report: {r['evaluations']} evaluations, {r['comparisons']} comparison rows -> {r['out']}")
 
 
