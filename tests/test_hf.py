@@ -347,7 +347,7 @@ def test_s2_config_instantiates():
     from hydra.utils import instantiate
 
     core = instantiate(OmegaConf.load(CFG_DIR / "attention" / "s2.yaml"))()
-    assert isinstance(core, S2Attention) and core.group_ratio == 0.25 and core.wrap
+    assert isinstance(core, S2Attention) and core.settings.group_ratio == 0.25 and core.settings.wrap
 
 
 @pytest.mark.slow

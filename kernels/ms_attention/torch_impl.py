@@ -63,6 +63,20 @@ def num_blocks(length: int, region: int, budget: int, merge: int) -> int:
     return 0 if n <= budget else -(-(n - budget) // merge)
 
 
+def ms_pair_count(length: int, region: int, budget: int, merge: int) -> int:
+    """Causal query-key pairs MS attention computes for one head at ``length`` tokens: the dense
+    prefix's ``P(P+1)/2`` (``P = T*w``), then per block of ``q`` query tokens its ``(T-m)*w``
+    selected keys each plus its own causal ``q(q+1)/2``. ``L(L+1)/2`` when ``n <= T`` (dense)."""
+    if num_regions(length, region) <= budget:
+        return length * (length + 1) // 2
+    prefix = budget * region
+    pairs = prefix * (prefix + 1) // 2
+    for lo in range(prefix, length, merge * region):
+        size = min(merge * region, length - lo)
+        pairs += size * (budget - merge) * region + size * (size + 1) // 2
+    return pairs
+
+
 def first_block_at(start: int, *, region: int, budget: int, merge: int) -> int:
     """Index of the block holding token ``start`` (0 while ``start`` lies in the dense prefix)."""
     return max(0, (start // region - budget) // merge)

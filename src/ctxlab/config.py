@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from functools import cache
@@ -29,10 +28,6 @@ class ConfigError(ValueError):
 
 def _target(node) -> str:
     return str(node.get("_target_", "")) if node is not None else ""
-
-
-def is_ms(cfg: DictConfig) -> bool:
-    return _target(cfg.attention).endswith("MSAttention")
 
 
 def choice(cfg: DictConfig, group: str) -> str:
@@ -317,35 +312,45 @@ def check_targets(cfg: DictConfig) -> None:
             )
 
 
+def attention_core(cfg: DictConfig):
+    """One core of ``cfg.attention`` (cheap: cores hold no weights), its settings validated;
+    ``ConfigError`` naming the setting otherwise."""
+    from hydra.utils import instantiate
+
+    from ctxlab.attention.base import check_core
+
+    try:
+        return check_core(instantiate(cfg.attention)())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"attention={choice(cfg, 'attention')}: {e}") from e
+
+
+def _applies_positions(name: str) -> bool:
+    from hydra.utils import get_object
+
+    return bool(
+        getattr(get_object(_target(options.option_node("attention", name))), "applies_positions", False)
+    )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for any combination that cannot work."""
-    from ctxlab.kernels.ms_attention import validate_ms_args
+    from hydra.utils import get_object
 
     check_targets(cfg)
-    pos_target = _target(cfg.position)
-    if pos_target.endswith("Selected") and not is_ms(cfg):
+    core = attention_core(cfg)
+    if get_object(_target(cfg.position)).applies_in_attention and not core.applies_positions:
+        able = [n for n in options.option_names("attention") if _applies_positions(n)]
         raise ConfigError(
-            f"position=selected applies RoPE only to the tokens MS attention selects, but "
-            f"attention={choice(cfg, 'attention')} selects nothing; use attention=ms or ms_causal"
+            f"position={choice(cfg, 'position')} is applied inside attention, which "
+            f"attention={choice(cfg, 'attention')} cannot do; use attention={' or '.join(able)}"
         )
     seq_len = int(cfg.data.seq_len)
-    if is_ms(cfg):
-        a = cfg.attention
+    if cfg.phase.fit:
         try:
-            validate_ms_args(
-                region=a.region, budget=a.budget, merge=a.merge, pool=a.pool, scope=a.scope, select=a.select
-            )
+            core.check_training_length(seq_len)
         except ValueError as e:
-            raise ConfigError(f"attention.{e}") from e
-        n = math.ceil(seq_len / a.region)
-        if cfg.phase.fit and n <= a.budget:
-            raise ConfigError(
-                f"attention={choice(cfg, 'attention')} with attention.region={a.region} and "
-                f"attention.budget={a.budget} covers {a.region * a.budget} tokens, but "
-                f"data.seq_len={seq_len} is only {n} regions: at the training length MS attention "
-                f"would be exactly dense attention. Lower attention.budget or attention.region, "
-                f"or raise data.seq_len."
-            )
+            raise ConfigError(f"attention={choice(cfg, 'attention')} at data.seq_len={seq_len}: {e}") from e
     own_model = cfg.model.get("kind") != "hf"  # an HF model brings pre-trained weights
     if own_model and not cfg.phase.fit and not cfg.phase.get("checkpoint"):
         raise ConfigError("phase=extrapolate evaluates trained weights: set phase.checkpoint=<path to .ckpt>")

@@ -155,10 +155,8 @@ def search_eval_scale(model, dm, cfg: DictConfig, device) -> dict | None:
 
 def set_eval_scale(model, scale: float) -> None:
     model.position.set_eval_scale(scale)
-    for core in model.cores:  # cores that apply positions themselves take the new base
-        configure = getattr(core, "configure_position", None)
-        if configure is not None:
-            configure(model.position)
+    for core in model.cores:  # cores that apply positions themselves take the new tables
+        core.configure_position(model.position)
     refresh = getattr(model, "refresh_rope_config", None)
     if refresh is not None:
         refresh()
@@ -252,7 +250,7 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers, extra: dict, we
 
 def _declared_causal(factory, trained_cores) -> bool:
     core = factory() if factory is not None else trained_cores[0]
-    return bool(getattr(core, "causal", True))
+    return core.causal
 
 
 def _use(model, factory, trained_cores) -> None:
@@ -306,7 +304,7 @@ def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, sto
         if rep.causal != rep.declared_causal:
             say(f"WARNING: the causality audit found causal={rep.causal}, but the configuration declares "
                 f"{rep.declared_causal}")  # fmt: skip
-    declared = all(bool(getattr(c, "causal", True)) for c in model.cores)
+    declared = all(c.causal for c in model.cores)
     summary["causal"] = causal if causal is not None else declared
     if ppl_cfg.enabled and summary["causal"]:
         docs = test_documents(dm, cfg)

@@ -630,7 +630,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
                 LearningRateMonitor(logging_interval="step"),
                 sigterm,
             ]  # fmt: skip
-            if any(hasattr(c, "record_selection") for c in model.cores):
+            if any(c.records_selection for c in model.cores):
                 callbacks.append(SelectionStats(every=max(1, int(cfg.trainer.log_every_n_steps) * 5)))
             growth = getattr(model.position, "growth_callback", None)
             if growth is not None and growth() is not None:

@@ -229,16 +229,10 @@ def _fit_case(
 
 
 def fraction_computed(cfg) -> float:
-    from ctxlab.attention import ms_fraction_computed
-    from ctxlab.config import is_ms
+    """The fraction of causal pairs the configured attention computes at ``data.seq_len``."""
+    from hydra.utils import instantiate
 
-    a, L = cfg.attention, int(cfg.data.seq_len)
-    if is_ms(cfg):
-        return ms_fraction_computed(L, int(a.region), int(a.budget), int(a.merge))
-    if str(a.get("_target_", "")).endswith("S2Attention"):
-        g = int(a.group_size) or int(L * float(a.group_ratio))
-        return min(1.0, (L // g) * g * (g + 1) / 2 / (L * (L + 1) / 2)) if g else 1.0
-    return 1.0
+    return instantiate(cfg.attention)().pair_fraction(int(cfg.data.seq_len))
 
 
 def scaling_efficiency(row: dict, baseline: dict | None) -> float | None:

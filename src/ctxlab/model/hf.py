@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ctxlab.attention.base import AttentionCore, build_cores, checkpoint_kwargs
 from ctxlab.attention.cache import KVCache, LayerCache
-from ctxlab.attention.modules import MSAttention
 from ctxlab.model.hf_sources import (
     RANDOM_SHAPES,
     SUPPORTED_ARCHITECTURES,
@@ -82,8 +82,8 @@ def ctxlab_attention_forward(
     (``[B, L, H, D]``, None). Runs ``module.ctxlab_core``; never returns attention weights.
 
     With ``ctxlab_cache`` (``HFCausalLM.new_cache()``) the layer's ctxlab cache is used. Without
-    it, keys longer than the queries mean HF's own cache holds the history: dense-at-inference
-    cores (dense, S2) attend over it; MS attention needs its query history and refuses.
+    it, keys longer than the queries mean HF's own cache holds the history: cores that can
+    (``AttentionCore.continues_foreign_cache``) attend over it, the others refuse.
     """
     core = getattr(module, "ctxlab_core", None)
     if core is None:
@@ -104,10 +104,10 @@ def ctxlab_attention_forward(
     elif k.shape[1] == n_new:
         out = core(q, k, v)
     else:
-        if isinstance(core, MSAttention) and (n_new > 1 or core.sparse_decode):
+        if not core.continues_foreign_cache(n_new):
             raise ValueError(
-                "MS attention cannot continue from transformers' own KV cache (it keeps no query "
-                "history); decode through HFCausalLM with cache=model.new_cache()"
+                f"{core.describe()} cannot continue from transformers' own KV cache (it keeps no "
+                "query history); decode through HFCausalLM with cache=model.new_cache()"
             )
         out = core(q, k[:, -n_new:], v[:, -n_new:], cache=_PrefilledCache(k, v, n_new))
     return out, None
@@ -207,14 +207,10 @@ def attach_ctxlab_attention(
             f"position.head_dim={position.head_dim} does not match the model's head_dim={head_dim}"
         )
     register_ctxlab_attention()
-    cores = []
-    for attn in hf_attention_modules(hf_model):
-        core = attention()
-        configure = getattr(core, "configure_position", None)
-        if configure is not None:
-            configure(position)
+    modules = hf_attention_modules(hf_model)
+    cores = build_cores(attention, position, len(modules))
+    for attn, core in zip(modules, cores):
         attn.ctxlab_core = core
-        cores.append(core)
     hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
     rope = position.hf_rope_scaling()
     if rope is not None:
@@ -229,10 +225,9 @@ def set_checkpointing(hf_model: nn.Module, on: bool) -> None:
     transformers 5.2x calls this activation checkpointing; earlier 5.x (the GPU image's 5.17)
     only has the gradient-checkpointing names.
     """
-    from ctxlab.attention.selection import checkpoint_kwargs
-
-    # With MS cores the recomputation reuses each layer's saved selection (attention.selection).
-    kwargs = checkpoint_kwargs([getattr(a, "ctxlab_core", None) for a in hf_attention_modules(hf_model)])
+    # The cores' checkpoint policies (MS: the recomputation reuses each layer's saved selection).
+    cores = [getattr(a, "ctxlab_core", None) for a in hf_attention_modules(hf_model)]
+    kwargs = checkpoint_kwargs([c for c in cores if c is not None])  # none: a plain HF model
     if hasattr(hf_model, "activation_checkpointing_enable"):
         if on:
             hf_model.activation_checkpointing_enable(kwargs)
@@ -380,17 +375,14 @@ class HFCausalLM(nn.Module):
         self._peft[:] = [peft_model]
 
     @property
-    def cores(self) -> list[nn.Module]:
+    def cores(self) -> list[AttentionCore]:
         return [attn.ctxlab_core for attn in hf_attention_modules(self.hf)]
 
     def set_attention(self, attention: Callable[[], nn.Module]) -> None:
         """Give every layer a new core from ``attention`` (an evaluation attention, say); the
         cores hold no weights, so the trained weights and adapters are untouched."""
-        for attn in hf_attention_modules(self.hf):
-            core = attention()
-            configure = getattr(core, "configure_position", None)
-            if configure is not None:
-                configure(self.position)
+        modules = hf_attention_modules(self.hf)
+        for attn, core in zip(modules, build_cores(attention, self.position, len(modules))):
             attn.ctxlab_core = core
 
     def refresh_rope_config(self) -> None:

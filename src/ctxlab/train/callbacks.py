@@ -89,8 +89,9 @@ class Throughput(L.Callback):
 
 
 class SelectionStats(L.Callback):
-    """Every ``every`` training steps (and on each validation's first batch) records the MS
-    selection of every MS layer for one batch and logs its statistics: how often each region
+    """Every ``every`` training steps (and on each validation's first batch) records the
+    selection of every layer whose core records one (``AttentionCore.records_selection``) for
+    one batch and logs its statistics: how often each region
     distance is selected, the share inside the local neighbourhood, overlap between heads."""
 
     def __init__(self, every: int = 50, local_window: int = 4) -> None:
@@ -98,23 +99,17 @@ class SelectionStats(L.Callback):
         self.local_window = local_window
 
     def _cores(self, pl_module):
-        return [c for c in pl_module.model.cores if hasattr(c, "record_selection")]
+        return [c for c in pl_module.model.cores if c.records_selection]
 
     def _arm(self, pl_module, on: bool) -> None:
         for c in self._cores(pl_module):
-            c.record_selection = on
-            if not on:
-                c.last_selection = None
+            if on:
+                c.record_selection = True
+            else:
+                c.clear_selection()
 
     def _log(self, pl_module, prefix: str) -> None:
-        from ctxlab.attention.stats import selection_stats
-
-        cores = self._cores(pl_module)
-        stats = [
-            selection_stats(c.last_selection, budget=c.budget, merge=c.merge, local_window=self.local_window)
-            for c in cores
-            if c.last_selection is not None and c.last_selection.shape[2] > 0
-        ]
+        stats = [s for c in self._cores(pl_module) if (s := c.selection_stats(self.local_window)) is not None]
         if stats:  # every rank records the same layers at the same step: the ranks' mean is logged
             for key in stats[0]:
                 if isinstance(stats[0][key], int | float):
