@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..ms_attention import triton_impl
 from ..ms_attention.triton_impl import ms_attend_triton, sort_selection
+from ..rope import rope_inv_freq
 from .cases import Case
 
 
@@ -172,7 +173,7 @@ def triton(case: Case, idx: Tensor, **overrides):
     opts = dict(region=case.region, budget=case.budget, merge=case.merge, pe=case.pe)
 
     def fn(q, k, v):
-        return ms_attend_triton(q, k, v, idx, rope_base=10000.0, scale=case.D**-0.5, **opts)
+        return ms_attend_triton(q, k, v, idx, scale=case.D**-0.5, **opts)
 
     fn.config = dataclasses.replace(triton_impl.GPU_CONFIG, **overrides)
     return fn
@@ -203,7 +204,7 @@ def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[
     ``dkv_reverse`` the reverse index (both deterministic; their index construction included)."""
     idx_sorted = sort_selection(idx)
     opts = dict(region=case.region, budget=case.budget, merge=case.merge, rope=case.pe != "pre",
-                rope_base=10000.0, scale=case.D**-0.5)  # fmt: skip
+                inv_freq=rope_inv_freq(case.D, 10000.0, q.device).double(), scale=case.D**-0.5)  # fmt: skip
     o, lse = triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
     delta = triton_impl.bwd_preprocess(o, do)
     parts = {

@@ -91,7 +91,7 @@ class MSAttention(AttentionCore):
     def __init__(self, settings: MSSettings | None = None, /, **fields) -> None:
         super().__init__(settings, **fields)
         self.pe = "pre"
-        self.rope_base = 10000.0
+        self._position: list = []  # the scheme it rotates with (pe="selected"); not a child
         self.last_selection: Tensor | None = None
 
     @property
@@ -99,14 +99,28 @@ class MSAttention(AttentionCore):
         return self.settings.select == "causal"
 
     def configure_position(self, position) -> None:
-        """RoPE inside attention when the scheme asks for it."""
+        """Rotate inside attention, by the scheme's frequencies, when the scheme asks for it."""
         if position.applies_in_attention:
             if self.settings.decode == "dense":
                 raise ValueError(
                     "attention.decode=dense cannot be combined with position=selected: dense "
                     "decoding has no re-indexed positions; use attention.decode=sparse or auto"
                 )
-            self.pe, self.rope_base = "selected", float(position.rope_base)
+            self.pe, self._position = "selected", [position]
+
+    def _rotation(self, length: int, head_dim: int) -> tuple[Tensor | None, float | None]:
+        """(inverse frequencies or None, softmax scale) for a sequence of ``length`` tokens.
+
+        With ``pe="selected"`` the positions rotated run below ``min(L, T*w)``; the scheme's
+        frequencies are asked for now, so a scale that grows in training or differs in
+        evaluation is followed. Its attention scaling (YaRN's temperature) multiplies both
+        rotated q and k, so it enters as its square in the softmax scale."""
+        s = self.settings
+        if self.pe != "selected":
+            return None, s.scale
+        inv_freq, mscale = self._position[0].frequencies_at(min(length, s.budget * s.region))
+        scale = head_dim**-0.5 if s.scale is None else s.scale
+        return inv_freq, scale * mscale**2
 
     @property
     def sparse_decode(self) -> bool:
@@ -160,18 +174,19 @@ class MSAttention(AttentionCore):
             check_ms_tensors(q, k, v, pe=self.pe)
             with torch.no_grad():
                 idx = ms_selection(q.detach(), k.detach(), **s.select_kwargs, backend=s.backend)
+            inv_freq, scale = self._rotation(q.shape[1], q.shape[-1])
             return ms_attend(
                 q, k, v, idx, region=s.region, budget=s.budget, merge=s.merge, scope=s.scope, pe=self.pe,
-                rope_base=self.rope_base, scale=s.scale, backend=s.backend,
+                inv_freq=inv_freq, scale=scale, backend=s.backend,
             )  # fmt: skip
         start = cache.length
         if q.shape[1] == 1 and not self.sparse_decode:
             k_all, v_all, _ = cache.append(k, v, q)
             return dense_attention(q, k_all, v_all, scale=s.scale)
         k_all, v_all, q_all = cache.append(k, v, q)
+        inv_freq, scale = self._rotation(k_all.shape[1], q.shape[-1])
         return ms_attention_torch(
-            q_all, k_all, v_all, start=start, **s.select_kwargs, pe=self.pe, rope_base=self.rope_base,
-            scale=s.scale,
+            q_all, k_all, v_all, start=start, **s.select_kwargs, pe=self.pe, inv_freq=inv_freq, scale=scale
         )  # fmt: skip
 
     def describe(self) -> str:

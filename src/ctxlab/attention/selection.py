@@ -47,12 +47,13 @@ def _(q, k, region, budget, merge, pool, scope, select, backend):
 
 def ms_attend(
     q: Tensor, k: Tensor, v: Tensor, idx: Tensor, *, region: int, budget: int, merge: int, scope: str,
-    pe: str, rope_base: float, scale: float | None, backend: str,
+    pe: str, inv_freq: Tensor | None, scale: float | None, backend: str,
 ) -> Tensor:  # fmt: skip
     """Attention given ``ms_selection``'s indices, by the Triton kernels on CUDA (backend auto or
-    triton) or the PyTorch path; differentiable in q, k, v."""
+    triton) or the PyTorch path; differentiable in q, k, v. ``inv_freq``: ``pe="selected"``'s
+    rotary inverse frequencies ``[D/2]`` (the position scheme's)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=float(rope_base), scale=scale)
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, inv_freq=inv_freq, scale=scale)
     if use_triton(q, backend):
         from ctxlab.kernels.ms_attention.triton_impl import ms_attend_triton
 

@@ -158,6 +158,14 @@ class PositionScheme(nn.Module):
         """Inverse frequencies, float64 ``[D/2]``, used to rotate these ids."""
         return self.inv_freq
 
+    def frequencies_at(self, length: int) -> tuple[Tensor, float]:
+        """(inverse frequencies float64 ``[D/2]``, attention scaling) that rotate the positions
+        ``0 .. length-1`` now (training or evaluation): the tables an attention core that
+        applies positions itself (``position=selected``) hands its kernels."""
+        check_int("length", length, 1)
+        ids = torch.full((1, 1), length - 1, dtype=torch.long, device=self.inv_freq.device)
+        return self._inv_freq_for(ids), self.attention_scaling
+
     def position_ids(
         self,
         batch: int,

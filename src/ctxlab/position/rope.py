@@ -1,4 +1,4 @@
-"""Plain RoPE and ``selected`` (RoPE applied inside MS attention to the selected tokens only).
+"""Plain RoPE and ``selected`` (RoPE applied inside attention to the selected tokens only).
 
 Shapes: B batch, L tokens, H heads, D head_dim; ids int64 ``[B, L]``; tables float32 ``[B, L, D]``.
 """
@@ -35,22 +35,57 @@ class Rope(PositionScheme):
 
 
 class Selected(Rope):
-    """``selected``: positional encoding only on the tokens MS attention selects.
+    """``selected``: positional encoding only on the tokens a sparse attention selects.
 
-    The model does not rotate q and k (``rotate`` is the identity); MS attention with
-    ``pe="selected"`` applies plain RoPE with ``rope_base`` inside each block's key set, with
-    positions re-indexed there (see SPEC-ms-attention.md). ``position_ids`` and ``cos_sin``
-    still give the natural ids and their plain-RoPE tables, for callers that want them.
-    HF has no equivalent, so ``hf_rope_scaling`` is None: such a model does not reload as a
-    plain HF Llama with the same positions.
+    The model does not rotate q and k (``rotate`` is the identity); an attention core that
+    applies positions itself (MS attention with ``pe="selected"``) rotates inside each block's
+    key set, with positions re-indexed there (docs/ms-attention-contract.md), by the
+    frequencies of ``frequencies`` (``frequencies_at``): plain RoPE of ``base`` by default, or
+    any RoPE scaling (``pi``, ``ntk``, ``dynamic_ntk``, ``yarn``, ``crd_ntk``; its training
+    state, CRD NTK's growing scale included, is followed). ``position_ids`` and ``cos_sin``
+    still give the natural ids and their tables, for callers that want them. HF has no
+    equivalent, so ``hf_rope_scaling`` is None: such a model does not reload as a plain HF
+    Llama with the same positions.
 
     Args:
         head_dim: D, even.
-        base: the RoPE base MS attention rotates with.
+        base: the RoPE base (must equal the ``base`` of a given ``frequencies``).
+        frequencies: the scheme whose frequencies rotate the selected tokens (default plain
+            RoPE of ``base``).
     """
 
     name = "selected"
     applies_in_attention = True
+    FREQUENCY_SCHEMES = ("rope", "pi", "ntk", "dynamic_ntk", "yarn", "crd_ntk")
+
+    def __init__(self, head_dim: int, base: float = 10000.0, frequencies: PositionScheme | None = None):
+        super().__init__(head_dim, base)
+        frequencies = Rope(head_dim, base) if frequencies is None else frequencies
+        if frequencies.name not in self.FREQUENCY_SCHEMES:
+            raise ValueError(
+                f"position.frequencies must be one of {', '.join(self.FREQUENCY_SCHEMES)}, "
+                f"got position={frequencies.name}"
+            )
+        if frequencies.head_dim != head_dim or frequencies.base != self.base:
+            raise ValueError(
+                f"position.frequencies ({frequencies.describe()}) must have head_dim={head_dim} "
+                f"and base={self.base:g}"
+            )
+        self.frequencies = frequencies
+
+    def _inv_freq_for(self, position_ids: Tensor) -> Tensor:
+        return self.frequencies._inv_freq_for(position_ids)
+
+    @property
+    def attention_scaling(self) -> float:
+        return self.frequencies.attention_scaling
+
+    @property
+    def rope_base(self) -> float:
+        return self.frequencies.rope_base
+
+    def frequencies_at(self, length: int) -> tuple[Tensor, float]:
+        return self.frequencies.frequencies_at(length)
 
     def rotate(self, q_BLHD: Tensor, k_BLHD: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Identity: MS attention applies RoPE itself (``pe="selected"``)."""
@@ -61,5 +96,6 @@ class Selected(Rope):
         return None
 
     def describe(self) -> str:
-        settings = f"head_dim={self.head_dim}, base={self.base:g}"
-        return f"selected({settings}, applied inside MS attention)"
+        if self.frequencies.name == "rope":  # the description recorded before frequencies existed
+            return f"selected(head_dim={self.head_dim}, base={self.base:g}, applied inside MS attention)"
+        return f"selected({self.frequencies.describe()}, applied inside attention)"
