@@ -24,6 +24,7 @@ Hooks with defaults (a dense, causal core that rotates nothing needs none of the
   recomputing (``checkpoint_kwargs``);
 - ``configure_position(scheme)``: take the model's position scheme (only cores with
   ``applies_positions`` can apply one inside attention, ``position=selected``);
+- ``decode_exact``: whether one-token KV-cache steps reproduce the full forward;
 - ``continues_foreign_cache(n_new)``: whether the core can continue from a cache that holds
   only k and v (transformers' own), or needs ctxlab's ``KVCache``;
 - ``record_selection`` / ``selection_stats(local_window)``: what a sparse core chose, for
@@ -95,6 +96,12 @@ class AttentionCore(nn.Module):
     @property
     def training_causal(self) -> bool:
         """Whether the training-time function is causal."""
+        return self.causal
+
+    @property
+    def decode_exact(self) -> bool:
+        """Whether one-token steps through a KV cache give exactly the full forward's outputs
+        (prefill chunks of a causal core always do)."""
         return self.causal
 
     def describe(self) -> str:

@@ -127,6 +127,11 @@ class MSAttention(AttentionCore):
         decode = self.settings.decode
         return decode == "sparse" or (decode == "auto" and self.pe == "selected")
 
+    @property
+    def decode_exact(self) -> bool:
+        # Dense decoding (the paper's inference) is not the sparse function that was trained.
+        return self.causal and self.sparse_decode
+
     def continues_foreign_cache(self, n_new: int) -> bool:
         # A prefill chunk or a sparse decode step selects over past queries, which only ctxlab's
         # KVCache keeps.

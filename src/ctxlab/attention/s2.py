@@ -180,9 +180,14 @@ class S2Attention(AttentionCore):
         return not self.settings.wrap
 
     def pair_fraction(self, length: int) -> float:
-        """In training: the whole groups' causal pairs (the shifted heads' partial groups aside)."""
-        g = self.settings.group(length)
-        return min(1.0, (length // g) * g * (g + 1) / 2 / (length * (length + 1) / 2))
+        """In training, the unshifted heads' pairs: causal inside whole groups of G and a partial
+        last one (1 where no group of 2 tokens fits: such a length does not train)."""
+        s = self.settings
+        g = s.group_size if s.group_size > 0 else int(length * s.group_ratio)
+        if g < 2:
+            return 1.0
+        whole, rest = divmod(length, g)
+        return (whole * g * (g + 1) + rest * (rest + 1)) / (length * (length + 1))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache | None = None) -> Tensor:
         s = self.settings
