@@ -13,13 +13,17 @@ per block, Hs = Hq for scope="head"), outputs [B, L, Hq, D].
 - ``triton_det``: ours in deterministic mode (``LaunchConfig.deterministic``: bitwise-identical
   gradients run to run; partial sums and a fixed-order reduction at w=16).
 Each builder returns ``fn(q, k, v) -> o`` with the selection bound in. ``gather`` and ``flex``
-implement ``pe="pre"`` only (RoPE already in q and k).
+implement ``pe="pre"`` only (RoPE already in q and k). An op of another attention function
+lives in its own folder (``kernels/<op>/bench.py``, registered here through ``_elsewhere``); its
+``fn`` carries ``reference(q, k, v, start)`` and ``pairs``, which the runner checks and counts
+with (``run.check_and_time``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -225,7 +229,23 @@ def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[
     return parts
 
 
-OPS = {"dense": dense, "gather": gather, "flex": flex, "triton": triton, "triton_det": triton_det}
+def _elsewhere(module: str, name: str):
+    """The builder ``name`` of ``module`` (an op of another folder, ``kernels/<op>/bench.py``),
+    imported when first built."""
+
+    def build(case: Case, idx: Tensor, **overrides):
+        return getattr(importlib.import_module(module, __package__), name)(case, idx, **overrides)
+
+    return build
+
+
+OPS = {
+    "dense": dense,
+    "gather": gather,
+    "flex": flex,
+    "triton": triton,
+    "triton_det": triton_det,
+}
 
 
 def _value(text: str):

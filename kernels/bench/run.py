@@ -9,7 +9,10 @@ fused ``ms_select_triton``, whose indices are compared with torch's. Then each o
 before it is timed (``triton_det`` is the deterministic mode, timed beside ``triton``). The
 check: the output's last rows (up to two blocks) against
 ``ms_attend_torch`` in float32 (dense causal attention for ``dense``), and dq, dk, dv against
-the ``gather`` op's (an independent PyTorch implementation of the same function). An op that
+the ``gather`` op's (an independent PyTorch implementation of the same function). An op of
+another function (``fn.reference(q, k, v, start)`` gives its float32 output rows from
+``start``; ``fn.pairs`` the query-key pairs it computes) is checked on its output tail against
+that reference; its gradients are checked by its own tests. An op that
 fails its check is reported as failed, with its errors and no time. Times are CUDA-event
 medians after a warm-up; ``extra_gib`` is the peak memory of one forward+backward beyond the
 inputs, the output and the three gradients. Results go to ``<out>/<stem>.json`` and ``.md``
@@ -197,6 +200,7 @@ def run_case(
         rows.append(row)
         try:
             fn = build(op, case, idx)
+            row["pairs"] = getattr(fn, "pairs", None)
             if device != "cuda" and hasattr(fn, "config"):
                 fn.config = INTERPRETER_CONFIG
             with launch_config(fn):
@@ -217,7 +221,7 @@ def run_case(
             torch.cuda.empty_cache()
     dense_pairs, ms_pairs = case.dense_pairs(), case.ms_pairs()
     for row in rows:
-        pairs = dense_pairs if row["op"] == "dense" else ms_pairs
+        pairs = row.pop("pairs", None) or (dense_pairs if row["op"] == "dense" else ms_pairs)
         row["computed_pair_fraction"] = pairs / dense_pairs
         for pass_ in ("fwd", "fwd+bwd"):
             ms = row.get(f"{pass_}_ms")
@@ -235,11 +239,17 @@ def check_and_time(case, op, fn, row, leaves, q, k, v, do, idx, tails, ref_grads
     out = fn(*leaves)
     out.backward(do)
     grads = [x.grad.detach().clone() for x in leaves]
-    is_dense = op == "dense"
-    if is_dense not in tails:
-        tails[is_dense] = reference_tail(case, q, k, v, idx, is_dense)
-    errs = {"o_tail": rel_err(out[:, probe_start(case, is_dense) :], tails[is_dense])}
-    if not is_dense and ref_grads is not None:
+    own = getattr(fn, "reference", None)  # an op of another function: its own reference
+    if own is not None:
+        start = probe_start(case, True)
+        errs = {"o_tail": rel_err(out[:, start:], own(q.float(), k.float(), v.float(), start))}
+        ref_grads = None
+    else:
+        is_dense = op == "dense"
+        if is_dense not in tails:
+            tails[is_dense] = reference_tail(case, q, k, v, idx, is_dense)
+        errs = {"o_tail": rel_err(out[:, probe_start(case, is_dense) :], tails[is_dense])}
+    if op != "dense" and ref_grads is not None:
         errs |= {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)}
     row["errors"] = errs
     row["grads"] = grads if op == "gather" else None
