@@ -8,6 +8,16 @@ from ctxlab.attention import DenseAttention, MSAttention
 from ctxlab.model import Llama, LlamaConfig
 from ctxlab.position import Rope
 
+SMALL = {
+    "region": 8,
+    "budget": 8,
+    "merge": 2,
+}
+"""The settings of the sparse attention options (by setting name) at which 256 tokens, or the
+conformance test's 128, show each one's pattern: MS has a 64-token dense prefix, then blocks of
+16 queries. A new sparse option adds its own settings here (every option takes the ones it has)."""
+SMALL_OVERRIDES = [f"attention.{key}={value}" for key, value in SMALL.items()]
+
 
 def tiny_model(
     attention="dense", *, vocab=64, dim=32, layers=2, heads=4, kv_heads=2, position=None, seed=0, **ms

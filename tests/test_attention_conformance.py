@@ -10,14 +10,15 @@
 - ``pair_fraction`` is a fraction and ``describe`` a line.
 
 Every experiment composing with every option is ``tests/test_composition.py``'s matrix, which
-reads the same folder. A new option is covered by adding its file; ``SMALL`` shrinks the settings
-a sparse core has so that its pattern shows at 48 tokens.
+reads the same folder. A new option is covered by adding its file; ``helpers.SMALL`` shrinks the
+settings a sparse core has so that its pattern shows at 128 tokens.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import SMALL
 from hydra.utils import instantiate
 from test_hf import HD, V, ctxlab_twin, tiny_hf
 
@@ -30,13 +31,11 @@ from ctxlab.options import option_names, option_node
 from ctxlab.position import Rope
 
 ATTENTIONS = option_names("attention")
-L = 48
-# Small values for the settings an option has (by name), so that 48 tokens hold several blocks.
-SMALL = {"region": 4, "budget": 4, "merge": 2, "block_size": 4, "top_k": 2, "backend": "torch"}
+L = 128
 
 
 def factory(name: str):
-    """The option's core factory with the small settings it has."""
+    """The option's core factory with the small settings it has (``helpers.SMALL``)."""
     node = option_node("attention", name)
     for key, value in SMALL.items():
         if key in node:
@@ -81,11 +80,11 @@ def test_kv_cache_continues_the_full_forward(name):
     with torch.no_grad():
         full = model(x)
         cache = model.new_cache()
-        chunks = [model(x[:, :20], cache=cache), model(x[:, 20:33], cache=cache)]
+        chunks = [model(x[:, :50], cache=cache), model(x[:, 50:83], cache=cache)]
         if model.cores[0].decode_exact:
-            chunks += [model(x[:, t : t + 1], cache=cache) for t in range(33, L)]
+            chunks += [model(x[:, t : t + 1], cache=cache) for t in range(83, L)]
         else:
-            chunks.append(model(x[:, 33:], cache=cache))
+            chunks.append(model(x[:, 83:], cache=cache))
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SMALL_OVERRIDES
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -51,7 +52,7 @@ def make(overrides: list[str], run_dir: Path | str = "/tmp/ctxlab-test") -> Dict
 
 
 def cpu_sized(experiment: str) -> list[str]:
-    """The command line that runs ``experiment`` on a CPU at tiny sizes: the small MS settings too,
+    """The command line that runs ``experiment`` on a CPU at tiny sizes: the small sparse settings too,
     unless it is a study whose arms set their own (the command line would collide with them)."""
     cfg = make([f"experiment={experiment}"])
     tiny = TINY
@@ -61,8 +62,8 @@ def cpu_sized(experiment: str) -> list[str]:
                 "eval.scale_search.length=512", "eval.scale_search.max_tokens=512"]  # fmt: skip
     try:
         if cfg.get("study"):
-            check_study_overrides(MS_SMALL, cfg.study.arms)
-        return [*tiny, *MS_SMALL]
+            check_study_overrides(SMALL_OVERRIDES, cfg.study.arms)
+        return [*tiny, *SMALL_OVERRIDES]
     except ConfigError:
         return tiny
 

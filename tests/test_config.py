@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMALL_OVERRIDES
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -40,9 +41,9 @@ def make(overrides: list[str]):
 
 
 def fixups(group: str, option: str) -> list[str]:
-    """The other settings an option needs to make a valid job (stated, never implied). The small MS
-    settings go with every option: they apply to the MS options only."""
-    extra = list(MS_SMALL)
+    """The other settings an option needs to make a valid job (stated, never implied). The small
+    sparse settings go with every option: each applies to the options that have it."""
+    extra = list(SMALL_OVERRIDES)
     if group == "phase" and option == "finetune":
         extra.append("phase.init_from=/nonexistent.ckpt")
     if group == "phase" and option == "extrapolate":

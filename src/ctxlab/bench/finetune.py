@@ -34,12 +34,11 @@ from pathlib import Path
 
 import torch
 
-# Variants: the attention group and its settings, as Hydra overrides.
-VARIANTS: dict[str, list[str]] = {
-    "dense": ["attention=dense"],
-    "s2": ["attention=s2"],
-    "ms": ["attention=ms"],  # the paper's settings: region 16, budget 512, merge 64
-    "ms_causal": ["attention=ms_causal"],
+from ctxlab.options import option_names
+
+# Variants: every option of the attention group with its own settings (ms: the paper's, region 16,
+# budget 512, merge 64), plus named settings of an option, as Hydra overrides.
+VARIANTS: dict[str, list[str]] = {name: [f"attention={name}"] for name in option_names("attention")} | {
     "ms_sparse": ["attention=ms", "attention.region=64", "attention.budget=64", "attention.merge=8"],
 }
 DEFAULT_OVERRIDES = ["model=llama2_7b", "position=crd_ntk", "phase=finetune", "trainer=gpu"]
