@@ -12,6 +12,7 @@ SMALL = {
     "region": 8,
     "budget": 8,
     "merge": 2,
+    "block_size": 16,
 }
 """The settings of the sparse attention options (by setting name) at which 256 tokens, or the
 conformance test's 128, show each one's pattern: MS has a 64-token dense prefix, then blocks of

@@ -245,6 +245,7 @@ OPS = {
     "flex": flex,
     "triton": triton,
     "triton_det": triton_det,
+    "moba": _elsewhere("..moba.bench", "moba"),
 }
 
 
