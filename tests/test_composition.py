@@ -24,9 +24,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ctxlab.build import build_model
 from ctxlab.config import ConfigError, check_study_overrides, compose_job, option_settings, validate
 from ctxlab.options import option_names
-from ctxlab.run import build_model, run_job
+from ctxlab.train.job import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "cfg"

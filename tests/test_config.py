@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ctxlab.build import build_model, eval_configs
 from ctxlab.config import (
     ConfigError,
     check_study_overrides,
@@ -22,7 +23,6 @@ from ctxlab.config import (
     target_parameters,
     validate,
 )
-from ctxlab.run import build_model, eval_configs
 
 CFG = Path(__file__).resolve().parents[1] / "cfg"
 GROUPS = ["attention", "position", "phase", "model", "data", "eval", "trainer", "logger", "launcher"]

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from ctxlab.attention import DenseAttention, MSAttention
 from ctxlab.attention.s2 import S2Attention
 from ctxlab.model import Llama, LlamaConfig
-from ctxlab.model.hf import HFCausalLM, HFModelSpec, build_hf_model, is_checkpointing
+from ctxlab.model.hf import HFCausalLM, HFModelSpec, is_checkpointing
+from ctxlab.model.hf_build import build_hf_model
 from ctxlab.model.hf_lora import apply_lora_plus, export_hf, trainable_parameter_names
 from ctxlab.model.hf_sources import check_checkpoint_dir, random_config, random_model
 from ctxlab.position.crd_ntk import CRDNTK

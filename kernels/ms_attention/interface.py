@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
 from torch import Tensor
 
 from ..rope import selected_inv_freq
+from .limits import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
 from .torch_impl import ms_attention_torch, ms_select_torch
 
 POOLS = ("mean", "attn")
@@ -104,12 +104,6 @@ def check_tensors(q: Tensor, k: Tensor, v: Tensor | None, *, pe: str) -> None:
         raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({k.shape[2]})")
     if pe == "selected" and D % 2:
         raise ValueError(f"pe='selected' applies rotary embeddings and needs an even head dim, q has D={D}")
-
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""The dtypes the Triton kernels take."""
-MIN_GPU_HEAD_DIM = 32
-"""The smallest (even) head dim the compiled kernels take: a tl.dot needs 16 columns per half."""
 
 
 def triton_takes(q: Tensor) -> bool:

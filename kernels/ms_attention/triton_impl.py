@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..rope import rope_cos_sin, selected_inv_freq
 from . import triton_kernels as tk
-from .interface import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
+from .limits import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
 from .torch_impl import ms_select_torch, num_blocks
 
 LOG2E = 1.4426950408889634

@@ -31,7 +31,8 @@ def _task(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from ctxlab.config import ConfigError, scope_options
-    from ctxlab.run import run, say
+    from ctxlab.loggers import say
+    from ctxlab.run import run
 
     try:
         # Every job of a multirun passes here. A study's arms are composed, scoped and reported

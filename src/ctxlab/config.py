@@ -370,6 +370,21 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"study.arms.{name} must be a list of overrides, got {overrides!r}")
 
 
+def check_numbers(cfg: DictConfig) -> None:
+    """Settings that must be whole numbers, named when they are not (``data.seq_len=abc``)
+    before anything computes with them."""
+    wanted = {"data.seq_len": 1, "data.batch_size": 1}
+    if OmegaConf.select(cfg, "data.eval_batch_size") is not None:
+        wanted["data.eval_batch_size"] = 1
+    for key, minimum in wanted.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+    steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < -1:
+        raise ConfigError(f"trainer.max_steps={steps!r} must be an integer > 0 (or -1 with max_epochs)")
+
+
 def _smollm2_dir() -> str:
     from ctxlab.model.hf_sources import smollm2_checkpoint
 

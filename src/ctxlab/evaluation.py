@@ -212,7 +212,7 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers, extra: dict, we
     with ``evaluations`` naming every summary written."""
     from hydra.utils import instantiate
 
-    from ctxlab.run import device_of
+    from ctxlab.build import device_of
 
     device = device_of(cfg)
     model = model.to(device).eval()
@@ -286,11 +286,12 @@ def evaluate_one(model, dm, cfg, out: Path, loggers, extra: dict, eval_name: str
 
 def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, store, tag: str, plots: Path,
           writes: bool) -> dict:  # fmt: skip
+    from ctxlab.build import device_of, eval_configs
     from ctxlab.eval.causality import causality_audit
     from ctxlab.eval.passkey import accuracy_matrix, passkey_by_length, passkey_grid
     from ctxlab.eval.perplexity import perplexity_grid
     from ctxlab.eval.plots import plot_passkey, plot_passkey_by_length, plot_perplexity
-    from ctxlab.run import device_of, eval_configs, write_rows
+    from ctxlab.loggers import write_rows
 
     ppl_cfg, pk_cfg = eval_configs(cfg)
     device = device_of(cfg)

@@ -72,7 +72,7 @@ def environment() -> dict:
         peft_v = peft.__version__
     except ImportError:
         peft_v = None
-    from ctxlab.run import git_state
+    from ctxlab.provenance import git_state
 
     git = git_state()
     if not git["commit"]:  # a device machine gets a copy of the tree without .git: the caller passes it
@@ -178,7 +178,7 @@ def _fit_case(
     import lightning as L
     from hydra.utils import instantiate
 
-    from ctxlab.run import build_model
+    from ctxlab.build import build_model
     from ctxlab.train.module import LMModule
 
     seq_len = int(cfg.data.seq_len)

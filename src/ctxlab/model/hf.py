@@ -42,9 +42,6 @@ from ctxlab.attention.cache import KVCache, LayerCache
 from ctxlab.model.hf_sources import (
     RANDOM_SHAPES,
     SUPPORTED_ARCHITECTURES,
-    load_checkpoint,
-    random_model,
-    smollm2_checkpoint,
     torch_dtype,
 )
 from ctxlab.position.base import PositionScheme
@@ -426,7 +423,7 @@ class HFModelSpec:
     """An HF model for ctxlab (the ``model`` group's ``_target_`` for ``kind: hf``)."""
 
     kind: str = "hf"
-    """Tells ``run.build_model`` to build through ``build_hf_model_from_cfg``; must be "hf"."""
+    """Tells ``ctxlab.build.build_model`` to build through ``hf_build.build_hf_model``; must be "hf"."""
     source: str
     """``smollm2`` (the packaged SmolLM2-135M), a random shape (``llama2_7b``, ``mistral_7b``)
     or a local Llama/Mistral checkpoint folder."""
@@ -482,65 +479,3 @@ class HFModelSpec:
             raise ValueError(f"model.trainable_dtype must be float32 or model, got {self.trainable_dtype!r}")
         self.lora_targets, self.trainable = list(self.lora_targets), list(self.trainable)
         self.overrides = dict(self.overrides)
-
-
-def load_hf_source(spec: HFModelSpec) -> tuple[nn.Module, Path | None, bool]:
-    """(HF model, checkpoint folder or None, pre-trained?) for ``spec.source``."""
-    if spec.source in RANDOM_SHAPES:
-        return (
-            random_model(spec.source, overrides=spec.overrides, dtype=spec.dtype, device=spec.init_device),
-            None,
-            False,
-        )
-    folder = smollm2_checkpoint(spec.cache_dir) if spec.source == "smollm2" else Path(spec.source)
-    return load_checkpoint(folder, dtype=spec.dtype), folder, True
-
-
-def build_hf_model(
-    spec: HFModelSpec, attention: Callable[[], nn.Module], position: PositionScheme
-) -> HFCausalLM:
-    """Load ``spec.source``, swap in ``attention`` and ``position``, add LoRA+ and checkpointing.
-
-    A pre-trained checkpoint must have been trained with the scheme's RoPE base
-    (``position.base == rope_theta``), else its positions would silently change; a random
-    shape takes the scheme's base.
-    """
-    from ctxlab.model.hf_lora import apply_lora_plus, keep_float32_masters
-
-    hf_model, folder, pretrained = load_hf_source(spec)
-    head_dim = hf_attention_modules(hf_model)[0].head_dim
-    if spec.head_dim != head_dim:
-        raise ValueError(f"model.head_dim={spec.head_dim} but {spec.source} has head_dim={head_dim}")
-    theta = float(hf_model.config.rope_parameters["rope_theta"])
-    if pretrained and abs(position.base - theta) > 1e-6 * theta:
-        raise ValueError(
-            f"position.base={position.base:g} but {spec.source} was pre-trained with rope_theta="
-            f"{theta:g}; set position.base={theta:g}"
-        )
-    model = HFCausalLM(hf_model, attention, position, source_dir=folder)
-    if pretrained:  # before any training: a scheme that would drop the source's own RoPE scaling
-        from ctxlab.model.hf_lora import check_source_rope
-
-        check_source_rope(model)
-    if spec.lora_rank:
-        model.set_peft(
-            apply_lora_plus(
-                model.hf, rank=spec.lora_rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                targets=spec.lora_targets, trainable=spec.trainable,
-            )
-        )  # fmt: skip
-        if spec.trainable_dtype == "float32":
-            keep_float32_masters(model.hf, spec.trainable)
-    if spec.gradient_checkpointing:
-        set_checkpointing(model.hf, True)
-    if spec.mlp_chunk:
-        set_mlp_chunking(model.hf, spec.mlp_chunk)
-    return model
-
-
-def build_hf_model_from_cfg(cfg) -> HFCausalLM:
-    """``run.build_model`` for ``model.kind == "hf"``: instantiate the model, attention and
-    position groups of a composed config and build."""
-    from hydra.utils import instantiate
-
-    return build_hf_model(instantiate(cfg.model), instantiate(cfg.attention), instantiate(cfg.position))
