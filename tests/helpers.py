@@ -34,6 +34,20 @@ def tiny_model(
     return Llama(cfg, factory, position).eval()
 
 
+def assert_within_pytorch_error(mine, theirs, reference) -> None:
+    """A low-precision kernel's output and gradients against PyTorch's own computation in the same
+    precision, both judged against a float32 ``reference``: at most 2x PyTorch's error forward and
+    3x backward (flash-attention's rule). Each argument is ``(output, [dq, dk, dv])``."""
+    (out, grads), (torch_out, torch_grads), (ref, ref_grads) = mine, theirs, reference
+    for name, a, b, want, factor in [("o", out, torch_out, ref, 2.0)] + [
+        (n, g, t, r, 3.0) for n, g, t, r in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads)
+    ]:
+        assert not a.isnan().any(), name
+        err = (a.float() - want).abs().max().item()
+        torch_err = (b.float() - want).abs().max().item()
+        assert err <= factor * torch_err + 1e-5, f"{name}: {err:.3g} vs PyTorch bf16 {torch_err:.3g}"
+
+
 def wandb_summary_keys(run_file) -> set[str]:
     """The summary keys recorded in an offline W&B run file (``run-<id>.wandb``).
 

@@ -25,7 +25,18 @@ from ctxlab.config import (
 )
 
 CFG = Path(__file__).resolve().parents[1] / "cfg"
-GROUPS = ["attention", "position", "phase", "model", "data", "eval", "trainer", "logger", "launcher"]
+GROUPS = [
+    "attention",
+    "position",
+    "phase",
+    "model",
+    "data",
+    "eval",
+    "trainer",
+    "callbacks",
+    "logger",
+    "launcher",
+]
 MS_SMALL = ["attention.region=8", "attention.budget=8", "attention.merge=2"]
 
 
@@ -85,6 +96,11 @@ def test_every_option_composes_and_instantiates(group, option):
     elif group == "trainer":
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_steps == cfg.trainer.max_steps
+    elif group == "callbacks":
+        from ctxlab.train.callbacks import instantiate_callbacks
+
+        built = instantiate_callbacks(cfg.callbacks)
+        assert set(built) == {k for k, v in cfg.callbacks.items() if v is not None}
     elif group == "data" and option in ("books", "books_bpe"):
         dm = instantiate(cfg.data)
         assert dm.tokenizer.vocab_size <= cfg.data.vocab_size

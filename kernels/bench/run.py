@@ -1,4 +1,5 @@
-"""Check, then time, MS attention implementations on the registry's cases; write result files.
+"""Check, then time, attention implementations (MS's, and other ops such as MoBA's) on the
+registry's cases; write result files.
 
     python -m ctxlab.kernels.bench.run --preset h100 --ops gather,triton,dense --out DIR
 
@@ -37,7 +38,7 @@ from ..ms_attention.interface import ms_attention
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
 from ..ms_attention.triton_impl import GPU_CONFIG, INTERPRETER_CONFIG, ms_select_triton
 from .cases import PRESETS, SETTINGS, Case, registry
-from .ops import build, launch_config, triton_parts
+from .ops import OPS, build, launch_config, triton_parts
 
 OUT_TOL = 2e-2  # relative L2 error of a bf16 output against float32
 GRAD_TOL = 5e-2  # relative L2 error between two bf16 implementations' gradients
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ops",
         default="gather,triton,dense,flex",
-        help="comma list of dense, gather, flex, triton, triton_det (deterministic mode); gather "
+        help=f"comma list of {', '.join(OPS)} (triton_det: deterministic mode); gather "
         "first (its gradients are the check's reference); launch overrides as "
         "triton:sel_block_n=128+sel_warps=8 or triton:dkv_path=partial",
     )

@@ -401,6 +401,20 @@ def _gpus_per_node(accelerator: str, devices):
     return devices
 
 
+def _steps_or_null(value):
+    """A step interval for a callback: the whole number of ``value``, or None for none (null, 0, or
+    a fraction of an epoch such as ``trainer.val_check_interval=0.5``)."""
+    return int(value or 0) or None
+
+
+def _times(a, b):
+    return int(a) * int(b)
+
+
+for _name, _fn in (("ctxlab.steps_or_null", _steps_or_null), ("ctxlab.times", _times)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+
 if not OmegaConf.has_resolver("ctxlab.gpus_per_node"):
     OmegaConf.register_new_resolver("ctxlab.gpus_per_node", _gpus_per_node)
 

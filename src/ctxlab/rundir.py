@@ -45,6 +45,7 @@ MAY_CHANGE = (
     "trainer.limit_val_batches",
     "trainer.num_sanity_val_steps",
     "logger",
+    "callbacks",
     "eval",
     "hydra",
     "run_dir",

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctxlab.position.base import PositionScheme, check_rotate_inputs, inv_freq64
+from ctxlab.position.base import PositionScheme, RotatesByFrequencies, check_rotate_inputs, inv_freq64
 
 
 class Rope(PositionScheme):
@@ -34,7 +34,7 @@ class Rope(PositionScheme):
         return {"rope_type": "default", "rope_theta": self.base}
 
 
-class Selected(Rope):
+class Selected(RotatesByFrequencies, Rope):
     """``selected``: positional encoding only on the tokens a sparse attention selects.
 
     The model does not rotate q and k (``rotate`` is the identity); an attention core that
@@ -60,32 +60,9 @@ class Selected(Rope):
 
     def __init__(self, head_dim: int, base: float = 10000.0, frequencies: PositionScheme | None = None):
         super().__init__(head_dim, base)
-        frequencies = Rope(head_dim, base) if frequencies is None else frequencies
-        if frequencies.name not in self.FREQUENCY_SCHEMES:
-            raise ValueError(
-                f"position.frequencies must be one of {', '.join(self.FREQUENCY_SCHEMES)}, "
-                f"got position={frequencies.name}"
-            )
-        if frequencies.head_dim != head_dim or frequencies.base != self.base:
-            raise ValueError(
-                f"position.frequencies ({frequencies.describe()}) must have head_dim={head_dim} "
-                f"and base={self.base:g}"
-            )
-        self.frequencies = frequencies
-
-    def _inv_freq_for(self, position_ids: Tensor) -> Tensor:
-        return self.frequencies._inv_freq_for(position_ids)
-
-    @property
-    def attention_scaling(self) -> float:
-        return self.frequencies.attention_scaling
-
-    @property
-    def rope_base(self) -> float:
-        return self.frequencies.rope_base
-
-    def frequencies_at(self, length: int) -> tuple[Tensor, float]:
-        return self.frequencies.frequencies_at(length)
+        self._take_frequencies(
+            Rope(head_dim, base) if frequencies is None else frequencies, self.FREQUENCY_SCHEMES
+        )
 
     def rotate(self, q_BLHD: Tensor, k_BLHD: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Identity: MS attention applies RoPE itself (``pe="selected"``)."""

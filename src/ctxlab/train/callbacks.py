@@ -1,4 +1,5 @@
-"""Training callbacks: throughput/MFU, MS selection statistics, a checkpoint on SIGTERM."""
+"""Training callbacks (throughput/MFU, selection statistics, a checkpoint on SIGTERM) and the
+loop that builds the ``callbacks`` config group's."""
 
 from __future__ import annotations
 
@@ -6,6 +7,23 @@ import time
 
 import lightning as L
 import torch
+
+
+def instantiate_callbacks(node) -> dict[str, L.Callback]:
+    """Every entry of the ``callbacks`` config node that has a ``_target_``, built, by name (an
+    entry set to null is dropped); ValueError naming an entry that builds no Lightning callback."""
+    from hydra.utils import instantiate
+
+    built = {}
+    for name, entry in (node or {}).items():
+        if entry is None or "_target_" not in entry:
+            continue
+        callback = instantiate(entry)
+        if not isinstance(callback, L.Callback):
+            raise ValueError(f"callbacks.{name}: {entry._target_} is not a Lightning callback")
+        built[str(name)] = callback
+    return built
+
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices log throughput only.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

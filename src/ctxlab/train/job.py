@@ -48,10 +48,8 @@ def check_before_work(cfg: DictConfig, dm, model) -> None:
             raise ConfigError(
                 f"eval.passkey.lengths {bad} are shorter than the passkey prompt itself ({shortest} tokens)"
             )
-    check = getattr(model.position, "check_lengths", None)
-    if check is not None:
-        longest = max([*ppl_cfg.lengths, *pk_cfg.lengths]) if cfg.phase.evaluate else int(cfg.data.seq_len)
-        check(int(cfg.data.seq_len), longest, torch.float32)
+    longest = max([*ppl_cfg.lengths, *pk_cfg.lengths]) if cfg.phase.evaluate else int(cfg.data.seq_len)
+    model.position.check_lengths(int(cfg.data.seq_len), longest, torch.float32)
     if cfg.phase.evaluate:
         from ctxlab.evaluation import check_eval_attentions
 
@@ -201,11 +199,10 @@ def run_job(cfg: DictConfig) -> dict:
 
 def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> dict:
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from ctxlab.slurm import PreemptionCheckpoint, trainer_plugins
-    from ctxlab.train.callbacks import SelectionStats, SigtermCheckpoint, Throughput
+    from ctxlab.slurm import trainer_plugins
+    from ctxlab.train.callbacks import instantiate_callbacks
     from ctxlab.train.module import LMModule
 
     if distributed.is_rank_zero():
@@ -225,22 +222,12 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
             if cfg.phase.init_from:
                 load_weights(model, cfg.phase.init_from, "phase.init_from")
             ckpt_dir = run_dir / "checkpoints"
-            every = int(cfg.trainer.get("val_check_interval") or 0) or None
-            sigterm = SigtermCheckpoint(ckpt_dir / "last.ckpt")
-            callbacks = [
-                ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step}", save_last=True,
-                                every_n_train_steps=every, auto_insert_metric_name=False),
-                throughput := Throughput(log_every=int(cfg.trainer.log_every_n_steps)),
-                LearningRateMonitor(logging_interval="step"),
-                sigterm,
-            ]  # fmt: skip
-            if any(c.records_selection for c in model.cores):
-                callbacks.append(SelectionStats(every=max(1, int(cfg.trainer.log_every_n_steps) * 5)))
-            growth = getattr(model.position, "growth_callback", None)
-            if growth is not None and growth() is not None:
-                callbacks.append(growth())
-            # Inside a SLURM job: on the pre-timeout signal, save last.ckpt after this step and requeue.
-            callbacks.append(PreemptionCheckpoint(ckpt_dir / "last.ckpt"))
+            built = instantiate_callbacks(cfg.get("callbacks"))  # the callbacks config group
+            sigterm, throughput = built.get("sigterm_checkpoint"), built.get("throughput")
+            callbacks = list(built.values())
+            growth = model.position.growth_callback()  # a scheme's own (CRD NTK's growing scale)
+            if growth is not None:
+                callbacks.append(growth)
             trainer = instantiate(
                 cfg.trainer, callbacks=callbacks, logger=loggers.all, default_root_dir=str(run_dir),
                 plugins=trainer_plugins(),
@@ -269,7 +256,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
             val = trainer.callback_metrics.get("val/loss")
             extra["val_ppl"] = float(torch.exp(val)) if val is not None else None
             extra["steps"] = int(trainer.global_step)
-            extra |= fit_throughput(throughput, world)
+            extra |= fit_throughput(throughput, world) if throughput is not None else {}
             if distributed.is_sharded(model):  # evaluation runs different items per rank: whole replicas
                 model = distributed.unsharded_copy(model, lambda: build_model(cfg, position=model.position))
             weights = run_dir / "weights"
