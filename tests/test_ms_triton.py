@@ -707,6 +707,30 @@ def test_bench_launch_overrides_and_summary():
              configured_select="torch", select_ms=3.0, torch_select_ms=1.0, torch_sort_select_ms=2.0,
              **{"fwd+bwd_ms": 4.0}),
         dict(case="c", op="triton_det", L=61, status="ok", **{"fwd+bwd_ms": 5.0}),
+        dict(case="c", op="s2", L=61, status="ok", **{"fwd+bwd_ms": 7.5}),
     ]  # fmt: skip
     line = run.summary(rows, {61: rows[0]})[-1]
-    assert line == "| c | 10.0 | - | 4.0 | 5.0 | 3.0 / 1.0 / 2.0 | 5.0 | 2.5 | 2.00 | 2.00 |"
+    assert line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 3.0 / 1.0 / 2.0 | 5.0 | 2.5 | 2.00 | 2.00 | 1.50 |"
+
+
+@pytest.mark.parametrize("L, Hq, Hkv", [(256, 4, 2), (512, 8, 2), (384, 6, 6)], ids=["gqa2", "gqa4", "mha"])
+def test_bench_s2_is_longlora_s2_and_its_reference_checks_it(L, Hq, Hkv):
+    """The benchmark's S2 op computes ``ctxlab.attention.s2.s2_attention`` with LongLoRA's wrap
+    at G = L/4, and the benchmark's float32 reference of the probed rows (each head half's own
+    window of keys) agrees with it, while dense attention's rows do not pass as S2."""
+    from ctxlab.attention.s2 import s2_attention
+    from ctxlab.kernels.bench import ops, run
+    from ctxlab.kernels.bench.cases import Case
+
+    case = Case("s2-test", L, Hkv, "paper", Hq=Hq, D=16)
+    gen = torch.Generator().manual_seed(L + Hq)
+    q, k, v = (torch.randn(1, L, h, 16, generator=gen) for h in (Hq, Hkv, Hkv))
+    out = ops.build("s2", case, torch.zeros(1))(q, k, v)
+    torch.testing.assert_close(out, s2_attention(q, k, v, group=L // 4, wrap=True), rtol=1e-5, atol=1e-5)
+    start, end = run.probe_rows(case, "s2")
+    assert (start, end) == (L - L // 4, L - L // 8)
+    ref = run.reference_tail(case, q, k, v, None, "s2")
+    assert run.rel_err(out[:, start:end], ref) < 1e-5
+    dense = run.reference_tail(case, q, k, v, None, "dense")  # the last 256 rows
+    assert run.rel_err(dense[:, -(L - start) :][:, : end - start], ref) > 1e-2
+    assert case.s2_pairs() == Hq * 4 * (L // 4) * (L // 4 + 1) // 2

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import wandb_summary_keys
+from helpers import wandb_records, wandb_summary_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
@@ -105,7 +105,16 @@ def test_pretrain_resume_extrapolate_with_wandb_offline(tmp_path):
     assert any("perplexity" in t.name for t in tables), tables
     # The run's summary holds the named metrics, so W&B's run table sorts by them (read back).
     keys = wandb_summary_keys(offline[0])
-    assert {"val_ppl", "steps", "ppl@32", "ppl@96", "passkey@300", "passkey_mean", "causal"} <= keys, keys
+    assert {"val_ppl", "steps", "ppl@32", "ppl@96", "passkey@300", "passkey_mean", "causal", "fit_seconds",
+            "train_seconds", "tokens_per_s", "peak_rss_gib"} <= keys, keys  # fmt: skip
+    records = wandb_records(offline[0])
+    assert {r.run.job_type for r in records if r.WhichOneof("record_type") == "run"} == {"train"}
+    models = [
+        r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"
+    ]
+    assert [m.name for m in models] == [f"weights-{run_id}"]  # the trained weights/, for wandb sync
     summary = json.loads((run / "results" / "summary.json").read_text())
     assert summary["causal"] is True and summary["steps"] == 4
     assert (run / "plots" / "perplexity.png").exists() and (run / "plots" / "passkey.png").exists()

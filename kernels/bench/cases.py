@@ -61,6 +61,15 @@ class Case:
     def dense_pairs(self) -> int:
         return self.B * self.Hq * self.L * (self.L + 1) // 2
 
+    def s2_group(self) -> int:
+        """LongLoRA's S2 group: a quarter of the length (its default ratio)."""
+        return self.L // 4
+
+    def s2_pairs(self) -> int:
+        """S2 (with LongLoRA's wrap): causal attention inside groups of G for every head."""
+        G = self.s2_group()
+        return self.B * self.Hq * (self.L // G) * G * (G + 1) // 2
+
     def ms_pairs(self) -> int:
         return self.B * self.Hq * ms_pair_count(self.L, self.region, self.budget, self.merge)
 

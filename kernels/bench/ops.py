@@ -10,6 +10,11 @@ per block, Hs = Hq for scope="head"), outputs [B, L, Hq, D].
 - ``flex``: FlexAttention (compiled) with a BlockMask built from the same selection.
 - ``triton``: ours, ``ms_attend_triton`` (the GPU launch config: dk/dv of the selected keys
   by relaxed atomics at w=16, by the reverse index when w is a multiple of the key tile).
+- ``s2``: LongLoRA's shifted sparse attention (S2-Attn with its wrap-around roll, G = L/4), the
+  baseline MS must beat: the first half of the heads attend causally inside groups of G tokens,
+  the other half inside groups shifted by G/2, each group one flash SDPA call. The same function
+  as ``ctxlab.attention.s2.s2_attention(wrap=True)`` (tests compare them), written here because
+  the kernels layer imports nothing from ``src``.
 - ``triton_det``: ours in deterministic mode (``LaunchConfig.deterministic``: bitwise-identical
   gradients run to run; partial sums and a fixed-order reduction at w=16).
 Each builder returns ``fn(q, k, v) -> o`` with the selection bound in. ``gather`` and ``flex``
@@ -52,6 +57,31 @@ def dense(case: Case, idx: Tensor):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
         return o.transpose(1, 2)
+
+    return fn
+
+
+def s2(case: Case, idx: Tensor):
+    G = case.s2_group()
+    if G < 2 or case.L % G or case.Hq % 2 or case.Hkv % 2:
+        raise ValueError(f"s2 needs L % (L/4) == 0 and even head counts, got {case}")
+
+    def in_groups(q, k, v):  # [B, L, h, D] -> causal attention inside groups of G tokens
+        B, L, h, D = q.shape
+
+        def grouped(x):  # [B*n, h, G, D]
+            return x.reshape(B * (L // G), G, x.shape[2], D).transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(
+            grouped(q), grouped(k), grouped(v), is_causal=True, enable_gqa=k.shape[2] != h
+        )
+        return o.transpose(1, 2).reshape(B, L, h, D)
+
+    def fn(q, k, v):
+        h0, kv0, shift = q.shape[2] // 2, k.shape[2] // 2, G // 2
+        first = in_groups(q[:, :, :h0], k[:, :, :kv0], v[:, :, :kv0])
+        rolled = [x[:, :, cut:].roll(-shift, dims=1) for x, cut in ((q, h0), (k, kv0), (v, kv0))]
+        return torch.cat([first, in_groups(*rolled).roll(shift, dims=1)], dim=2)
 
     return fn
 
@@ -241,6 +271,7 @@ def _elsewhere(module: str, name: str):
 
 OPS = {
     "dense": dense,
+    "s2": s2,
     "gather": gather,
     "flex": flex,
     "triton": triton,

@@ -111,23 +111,39 @@ def inputs(case: Case, seed: int, device: str):
     return q, k, v, rand(case.B, case.L, case.Hq, case.D)
 
 
-def probe_start(case: Case, dense: bool) -> int:
-    """First probed row: the last 256 rows for dense attention, else the last two blocks."""
-    return max(case.L - (256 if dense else 2 * case.merge * case.region), 0)
+def kind_of(op: str) -> str:
+    """Which function an op computes: ``dense``, ``s2`` or ``ms`` (every MS implementation)."""
+    return op if op in ("dense", "s2") else "ms"
 
 
-def reference_tail(case: Case, q, k, v, idx, dense: bool) -> torch.Tensor:
-    start = probe_start(case, dense)
+def probe_rows(case: Case, kind: str) -> tuple[int, int]:
+    """The probed rows ``[start, end)``: the last 256 rows for dense attention; for S2 the 256
+    rows before the last G/2 (where both head halves sit in whole groups: the plain halves in the
+    last group, the shifted ones in the group before the roll's wrap); else the last two blocks."""
+    if kind == "s2":
+        end = case.L - case.s2_group() // 2
+        return max(end - 256, case.L - case.s2_group()), end
+    return max(case.L - (256 if kind == "dense" else 2 * case.merge * case.region), 0), case.L
+
+
+def reference_tail(case: Case, q, k, v, idx, kind: str) -> torch.Tensor:
+    """float32 outputs of the probed rows, from a plain softmax over each row's visible keys."""
+    start, end = probe_rows(case, kind)
     with torch.no_grad():
-        if dense:
+        if kind in ("dense", "s2"):
             rep = case.Hq // case.Hkv
-            qf = q[:, start:].float().transpose(1, 2)
+            qf = q[:, start:end].float().transpose(1, 2)
             kf = k.float().repeat_interleave(rep, 2).transpose(1, 2)
             vf = v.float().repeat_interleave(rep, 2).transpose(1, 2)
-            logits = qf @ kf.transpose(-1, -2) * case.D**-0.5
-            keep = (
-                torch.arange(case.L, device=q.device) <= torch.arange(start, case.L, device=q.device)[:, None]
-            )
+            logits = qf @ kf.transpose(-1, -2) * case.D**-0.5  # [B, Hq, rows, L]
+            pos = torch.arange(case.L, device=q.device)
+            rows = torch.arange(start, end, device=q.device)[:, None]
+            keep = (pos <= rows)[None]  # [1, rows, L]
+            if kind == "s2":  # plain heads: keys from L - G on; shifted heads: from L - 3G/2 on
+                G = case.s2_group()
+                lo = torch.full((case.Hq, 1, 1), case.L - G, device=q.device)
+                lo[case.Hq // 2 :] = case.L - G - G // 2
+                keep = keep & (pos >= lo)
             out = logits.masked_fill(~keep, float("-inf")).softmax(-1) @ vf
             return out.transpose(1, 2)
         return ms_attend_torch(
@@ -222,7 +238,9 @@ def run_case(
             torch.cuda.empty_cache()
     dense_pairs, ms_pairs = case.dense_pairs(), case.ms_pairs()
     for row in rows:
-        pairs = row.pop("pairs", None) or (dense_pairs if row["op"] == "dense" else ms_pairs)
+        pairs = row.pop("pairs", None) or {"dense": dense_pairs, "s2": case.s2_pairs()}.get(
+            row["op"], ms_pairs
+        )
         row["computed_pair_fraction"] = pairs / dense_pairs
         for pass_ in ("fwd", "fwd+bwd"):
             ms = row.get(f"{pass_}_ms")
@@ -242,15 +260,16 @@ def check_and_time(case, op, fn, row, leaves, q, k, v, do, idx, tails, ref_grads
     grads = [x.grad.detach().clone() for x in leaves]
     own = getattr(fn, "reference", None)  # an op of another function: its own reference
     if own is not None:
-        start = probe_start(case, True)
+        start, _ = probe_rows(case, "dense")
         errs = {"o_tail": rel_err(out[:, start:], own(q.float(), k.float(), v.float(), start))}
-        ref_grads = None
+        kind, ref_grads = "own", None
     else:
-        is_dense = op == "dense"
-        if is_dense not in tails:
-            tails[is_dense] = reference_tail(case, q, k, v, idx, is_dense)
-        errs = {"o_tail": rel_err(out[:, probe_start(case, is_dense) :], tails[is_dense])}
-    if op != "dense" and ref_grads is not None:
+        kind = kind_of(op)
+        if kind not in tails:
+            tails[kind] = reference_tail(case, q, k, v, idx, kind)
+        start, end = probe_rows(case, kind)
+        errs = {"o_tail": rel_err(out[:, start:end], tails[kind])}
+    if kind == "ms" and ref_grads is not None:
         errs |= {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)}
     row["errors"] = errs
     row["grads"] = grads if op == "gather" else None
@@ -460,18 +479,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def summary(rows: list[dict], dense_by_len: dict[int, dict]) -> list[str]:
-    """One line per case, the kernels README's table: dense, gather, ours (fast and
+    """One line per case, the kernels README's table: dense, S2, gather, ours (fast and
     deterministic), the selections, ours + the configured selection, and the issue's bound
     (dense fwd+bwd x fraction of causal pairs computed)."""
     lines = [
         "",
         "Summary (fwd+bwd ms; 'sel' fused / torch topk / torch sort; 'ours + sel' adds the selection "
-        "ms_attention runs (LaunchConfig.select_impl); 'bound' = dense x pair fraction).",
+        "ms_attention runs (LaunchConfig.select_impl); 'bound' = dense x pair fraction; S2 = "
+        "LongLoRA's S2-Attn at G = L/4, which computes 1/4 of the causal pairs).",
         "",
-        "| case | dense | gather | ours | ours det | sel | ours + sel | bound | (ours + sel) / bound | "
-        "dense / (ours + sel) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| case | dense | S2 | gather | ours | ours det | sel | ours + sel | bound | "
+        "(ours + sel) / bound | dense / (ours + sel) | S2 / (ours + sel) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    s2_by_len = {r["L"]: r for r in rows if r["op"] == "s2" and r.get("status") == "ok"}
     by_case: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_case.setdefault(row["case"], {})[row["op"]] = row
@@ -487,16 +508,18 @@ def summary(rows: list[dict], dense_by_len: dict[int, dict]) -> list[str]:
         if ours_row is None:
             continue
         dense_ms, ours = ms(dense_by_len.get(ours_row["L"])), ms(ours_row)
+        s2_ms = ms(s2_by_len.get(ours_row["L"]))
         sel_key = "select_ms" if ours_row.get("configured_select") == "triton" else "torch_select_ms"
         sel = ours_row.get(sel_key)
         total = None if ours is None or sel is None else ours + sel
         bound = None if dense_ms is None else dense_ms * ours_row["computed_pair_fraction"]
         sels = " / ".join(num(ours_row.get(k)) for k in SELECT_KEYS)
         lines.append(
-            f"| {case} | {num(dense_ms)} | {num(ms(ops.get('gather')))} | {num(ours)} | "
+            f"| {case} | {num(dense_ms)} | {num(s2_ms)} | {num(ms(ops.get('gather')))} | {num(ours)} | "
             f"{num(ms(ops.get('triton_det')))} | {sels} | {num(total)} | {num(bound)} | "
             f"{num(total / bound if total and bound else None, 2)} | "
-            f"{num(dense_ms / total if total and dense_ms else None, 2)} |"
+            f"{num(dense_ms / total if total and dense_ms else None, 2)} | "
+            f"{num(s2_ms / total if total and s2_ms else None, 2)} |"
         )
     return lines
 
@@ -552,7 +575,8 @@ def main(argv: list[str] | None = None) -> None:
         if time.monotonic() - began > args.time_limit_s:
             print(f"time limit: skipping {case.name} and later cases", flush=True)
             break
-        case_ops = [op for op in ops if op != "dense" or case.L not in dense_done]
+        # dense and S2 do not depend on the MS setting: once per length
+        case_ops = [op for op in ops if kind_of(op) == "ms" or case.L not in dense_done]
         dense_done.add(case.L)
         new = run_case(case, case_ops, args.seed, flex_cases, args.device)
         rows += new

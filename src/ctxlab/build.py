@@ -17,6 +17,11 @@ def build_model(cfg: DictConfig, position=None):
     ``position``: an existing position scheme to share (else one is built from ``cfg.position``)."""
     position = position if position is not None else instantiate(cfg.position)
     if is_hf(cfg):
+        from ctxlab.extras import require
+
+        source = cfg.model.get("source")
+        needed = ("transformers", "peft", "gguf") if source == "smollm2" else ("transformers", "peft")
+        require("hf", *needed, why=f"model.kind=hf (model.source={source})")
         from ctxlab.model.hf_build import build_hf_model
 
         return build_hf_model(instantiate(cfg.model), instantiate(cfg.attention), position)

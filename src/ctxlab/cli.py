@@ -116,10 +116,29 @@ def show_job_config(argv: list[str]) -> bool:
     return True
 
 
+# Command-line choices that need an optional part (``ctxlab.extras``) before Hydra can compose them:
+# Hydra alone would report a missing config group option, not the missing package.
+PLUGIN_EXTRAS = {"launcher=slurm": "slurm", "hydra/launcher=submitit_slurm": "slurm",
+                 "hydra/sweeper=optuna": "tune"}  # fmt: skip
+
+
+def check_plugin_extras(argv: list[str]) -> None:
+    from ctxlab.extras import MissingExtra, require
+
+    for arg in argv:
+        extra = PLUGIN_EXTRAS.get(arg.lstrip("+"))
+        if extra is not None:
+            try:
+                require(extra, why=arg)
+            except MissingExtra as e:
+                raise SystemExit(f"ctxlab: error: {e}") from e
+
+
 def main() -> None:
     from ctxlab.config import force_add_settings, swept_keys  # also registers ctxlab's resolvers
 
     expose_plugins()
+    check_plugin_extras(sys.argv[1:])
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     # A setting of a config group that the chosen option lacks must reach ctxlab's rule

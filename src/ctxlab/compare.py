@@ -46,11 +46,15 @@ def _fmt(x, nd=2) -> str:
 
 def metrics_of(summary: dict) -> dict:
     """A job's summary (``run_job``'s return value, ``results/summary.json``) as flat named
-    metrics: ``val_ppl``, ``steps``, ``fit_seconds``, ``causal``, ``ppl@N`` (sliding-window
+    metrics: ``val_ppl``, ``steps``, ``fit_seconds`` (the whole fit), ``train_seconds`` and
+    ``train_tokens`` (training alone), ``tokens_per_s``, ``peak_mem_gib`` (GPU), ``peak_rss_gib``
+    (host), ``causal``, ``ppl@N`` (sliding-window
     perplexity at context N), ``ppl_longest`` (at the grid's longest length), ``passkey@N``
-    (exact-match accuracy at length N, averaged over depths and trials) and ``passkey_mean``
-    (over every length and depth). A metric the job did not measure is absent."""
-    keys = ("val_ppl", "steps", "fit_seconds", "causal", "tokens_per_s", "peak_mem_gib", "eval_scale")
+    (exact-match accuracy at length N, averaged over depths and trials), ``passkey_mean``
+    (over every length and depth), ``niah@N`` (the fraction of needle values found at length N,
+    over every NIAH variant) and ``niah_mean``. A metric the job did not measure is absent."""
+    keys = ("val_ppl", "steps", "fit_seconds", "train_seconds", "train_tokens", "causal", "tokens_per_s",
+            "peak_mem_gib", "peak_rss_gib", "eval_scale")  # fmt: skip
     out = {k: summary[k] for k in keys if summary.get(k) is not None}
     ppl_rows = sorted(summary.get("perplexity") or [], key=lambda r: r["length"])
     for r in ppl_rows:
@@ -65,6 +69,11 @@ def metrics_of(summary: dict) -> dict:
     if pk:
         every = [a for accs in pk.values() for a in accs]
         out["passkey_mean"] = sum(every) / len(every)
+    niah = sorted(summary.get("niah_by_length") or [], key=lambda r: r["length"])
+    for r in niah:
+        out[f"niah@{r['length']}"] = r["score"]
+    if niah:
+        out["niah_mean"] = sum(r["found"] for r in niah) / sum(r["asked"] for r in niah)
     return out
 
 
@@ -80,6 +89,9 @@ def metric_names(cfg) -> list[str]:
             names += [f"ppl@{n}" for n in ppl.lengths] + ["ppl_longest"]
         if pk.enabled:
             names += [f"passkey@{n}" for n in pk.lengths] + ["passkey_mean"]
+        niah = cfg.eval.get("niah")
+        if niah is not None and niah.enabled:
+            names += [f"niah@{n}" for n in niah.lengths] + ["niah_mean"]
     return names
 
 
@@ -153,6 +165,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
     distinguish_names(summaries)
     ppl_lengths = sorted({r["length"] for s in summaries for r in s.get("perplexity", [])})
     pk_lengths = sorted({r["length"] for s in summaries for r in s.get("passkey", [])})
+    niah_lengths = sorted({r["length"] for s in summaries for r in s.get("niah_by_length", [])})
     rows = []
     for s in summaries:
         m = metrics_of(s)
@@ -168,6 +181,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
         }
         row |= {f"ppl@{n}": m.get(f"ppl@{n}") for n in ppl_lengths}
         row |= {f"passkey@{n}": m.get(f"passkey@{n}") for n in pk_lengths}
+        row |= {f"niah@{n}": m.get(f"niah@{n}") for n in niah_lengths}
         rows.append(row)
     out_dir.mkdir(parents=True, exist_ok=True)
     table_csv = out_dir / "table.csv"
@@ -182,6 +196,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
         "val_ppl",
         *[f"ppl@{n}" for n in ppl_lengths],
         *[f"passkey@{n}" for n in pk_lengths],
+        *[f"niah@{n}" for n in niah_lengths],
     ]
     lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -197,6 +212,10 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, *, title: str = "compariso
               "accuracy averaged over depths. causal=NO: the audit found outputs depending on later "
               "tokens; no perplexity is computed for such an evaluation. `name @attention`: the same "
               "weights evaluated with another attention (eval.attention)."]  # fmt: skip
+    if niah_lengths:
+        lines.append(
+            "niah@N: the fraction of needle values found at N tokens (eval.niah), over its variants."
+        )
     md = "\n".join(lines)
     table_md = out_dir / "table.md"
     table_md.write_text(md + "\n")
@@ -248,6 +267,9 @@ def log_to_wandb(report: dict, out_dir: Path, *, title: str, project: str, entit
     ``disabled``."""
     if mode == "disabled":
         return None
+    from ctxlab.extras import require
+
+    require("wandb", why=f"the comparison's W&B run (mode {mode}; --wandb disabled needs nothing)")
     import wandb
 
     summaries = report["summaries"]

@@ -186,7 +186,8 @@ def grid_settings(cfg: DictConfig) -> dict:
     for part in ("perplexity", "passkey"):
         for key in ("lengths", "enabled"):
             ev.get(part, {}).pop(key, None)
-    for key in ("attention", "scale_search", "causality"):
+    # niah: its cells' keys hold all its settings (and its grid came after cells were first kept)
+    for key in ("attention", "scale_search", "causality", "niah"):
         ev.pop(key, None)
     return ev
 
@@ -348,6 +349,10 @@ def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, sto
         for r in summary["passkey_by_length"]:
             say(f"passkey @ {r['length']:>7}: {r['correct']}/{r['trials']} = {r['accuracy']:.2f} "
                 f"[{r['lo']:.2f}, {r['hi']:.2f}]")  # fmt: skip
+    if cfg.eval.get("niah") is not None and cfg.eval.niah.enabled:
+        from ctxlab.eval.niah import evaluate_niah
+
+        evaluate_niah(model, dm.tokenizer, cfg, out, loggers, summary, store, tag, writes)
     if writes:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         loggers.summary(summary, prefix="" if not tag else f"{eval_name}/")

@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="export a checkpoint that is not the finished run's last step")  # fmt: skip
     a = p.parse_args(argv)
     try:
+        from ctxlab.extras import require
+
+        require("hf", "transformers", "peft", why="ctxlab-export")
         report = export_run(
             a.run_dir, a.out_dir, checkpoint=a.checkpoint, dtype=a.dtype, prompt=a.prompt,
             max_new_tokens=a.max_new_tokens, tolerance=a.tolerance, allow_unfinished=a.allow_unfinished,

@@ -11,7 +11,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ctxlab import distributed
-from ctxlab.config import ConfigError
 
 log_prefix = "[ctxlab]"
 
@@ -95,11 +94,11 @@ class Loggers:
         self.csv = CSVMetrics.create(run_dir, int(cfg.trainer.get("log_every_n_steps") or 50))
         self.wandb = None
         if cfg.logger.kind == "wandb" and distributed.is_rank_zero():  # one W&B run, from rank 0
-            try:
-                import wandb  # noqa: F401  (WandbLogger needs it; fail here with a clear message)
-                from lightning.pytorch.loggers import WandbLogger
-            except ImportError as e:
-                raise ConfigError("logger=wandb needs the wandb package: install it or use logger=csv") from e
+            from lightning.pytorch.loggers import WandbLogger
+
+            from ctxlab.extras import require
+
+            require("wandb", why="logger=wandb (logger=csv needs nothing)")
             id_file = run_dir / "wandb_id.txt"
             if id_file.exists():
                 run_id = id_file.read_text().strip()
@@ -137,6 +136,19 @@ class Loggers:
         from ctxlab.compare import metrics_of
 
         self.wandb.experiment.summary.update({prefix + k: v for k, v in metrics_of(summary).items()})
+
+    def weights(self, folder: Path, meta: dict) -> None:
+        """The run's trained weights (``weights/``: the fit's trainable parameters, adapters for a
+        fine-tune) as a W&B artifact of type ``model``, named after the run and aliased with its
+        step; offline it waits in the run's files for ``wandb sync``."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        run = self.wandb.experiment
+        artifact = wandb.Artifact(f"weights-{run.id}", type="model", metadata=meta)
+        artifact.add_dir(str(folder))
+        run.log_artifact(artifact, aliases=["latest", f"step{meta.get('steps')}"])
 
     def finish(self) -> None:
         if self.wandb is not None:

@@ -88,10 +88,12 @@ def arm_state(cfg: DictConfig, run_dir: Path) -> str:
 
     if cfg.phase.fit:
         check_restart(cfg, run_dir, what=f"study arm {str(cfg.name)!r}: its directory")
+    from ctxlab.eval.niah import comparable_grid
+
     grid = run_dir / "results" / "grid.json"
-    current = OmegaConf.to_container(cfg.eval, resolve=True)
+    current = comparable_grid(OmegaConf.to_container(cfg.eval, resolve=True))
     finished = (run_dir / "results" / "summary.json").exists()
-    if finished and grid.exists() and json.loads(grid.read_text()) == current:
+    if finished and grid.exists() and comparable_grid(json.loads(grid.read_text())) == current:
         return "done"
     trained = weights_complete(run_dir / "weights") and (run_dir / "results" / "fit.json").exists()
     if cfg.phase.fit and trained:

@@ -18,6 +18,11 @@ measured.
 Under ``torchrun --nproc_per_node N`` (or a SLURM allocation) every rank runs the same cases
 with ``--strategy ddp|fsdp``: tokens/s is reported per GPU and in total, memory per GPU, and
 ``--baseline one_gpu.json`` adds the scaling efficiency against a one-GPU run of the same lease.
+``--context-parallel N`` (``ddp``) splits each row's sequence over N GPUs
+(``ctxlab.context_parallel``): a step is then ``world / N`` rows of L tokens, tokens/s per GPU is
+``world / N * L / s / world``, and an out-of-memory error is not caught (one rank alone cannot
+leave the others' collectives: the process exits and torchrun stops every rank, so the caller
+records the OOM, as ``experiments/gpu/cp_bench.sh`` does).
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ def rank_info() -> tuple[int, int]:
 
 
 def environment() -> dict:
+    from ctxlab.extras import require
+
+    require("hf", "transformers", why="the fine-tuning benchmark")
     import lightning
     import transformers
     import triton
@@ -139,7 +147,9 @@ def _is_oom(e: BaseException) -> bool:
     return False
 
 
-def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int) -> dict:
+def run_case(
+    cfg, *, warmup: int, steps: int, strategy: str | None, devices: int, context_parallel: int = 0
+) -> dict:
     """One (variant, length) case; returns its row (``status`` ok | oom).
 
     The case's model, module, trainer and strategy live only in :func:`_fit_case`'s frame; they
@@ -150,7 +160,10 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
     on_gpu = torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    row, info = _fit_case(cfg, timer, on_gpu, warmup=warmup, steps=steps, strategy=strategy, devices=devices)
+    row, info = _fit_case(
+        cfg, timer, on_gpu, warmup=warmup, steps=steps, strategy=strategy, devices=devices,
+        context_parallel=context_parallel,
+    )  # fmt: skip
     times = timer.times
     del timer  # the trainer's callback: it may hold the trainer, hence the model
     gc.collect()
@@ -164,15 +177,24 @@ def run_case(cfg, *, warmup: int, steps: int, strategy: str | None, devices: int
 
         s = statistics.median(timed)
         row["s_per_step"] = round(s, 3)
-        row["tokens_per_s_per_gpu"] = round(seq_len / s, 1)
+        tps = seq_len / s / max(1, context_parallel)  # a split row's tokens are shared by its GPUs
+        row["tokens_per_s_per_gpu"] = round(tps, 1)
         peak = device_peak_flops() if on_gpu else None
         if peak:
-            row["mfu"] = round(seq_len / s * model_flops_per_token(info, seq_len) / peak, 4)
+            row["mfu"] = round(tps * model_flops_per_token(info, seq_len) / peak, 4)
     return row
 
 
 def _fit_case(
-    cfg, timer, on_gpu: bool, *, warmup: int, steps: int, strategy: str | None, devices: int
+    cfg,
+    timer,
+    on_gpu: bool,
+    *,
+    warmup: int,
+    steps: int,
+    strategy: str | None,
+    devices: int,
+    context_parallel: int = 0,
 ) -> tuple[dict, object]:
     """Builds and fits one case; returns its row so far and the model's config (for the FLOPs)."""
     import lightning as L
@@ -198,7 +220,8 @@ def _fit_case(
         if strategy:
             from ctxlab.distributed import build_strategy, module_class
 
-            kw["strategy"] = build_strategy(strategy)
+            split = {"context_parallel": context_parallel} if context_parallel else {}
+            kw["strategy"] = build_strategy(strategy, **split)
             module_cls = module_class(LMModule, kw["strategy"])  # fsdp shards in configure_model
         module = module_cls(
             model, instantiate(cfg.phase.optimizer),
@@ -217,7 +240,7 @@ def _fit_case(
         )  # fmt: skip
         trainer.fit(module, train_dataloaders=data)
     except Exception as e:  # noqa: BLE001  (an OOM is a result; anything else is re-raised)
-        if not _is_oom(e):
+        if not _is_oom(e) or context_parallel:
             raise
         row["status"] = "oom"
         row["error"] = str(e).splitlines()[0][:200]
@@ -257,7 +280,12 @@ def markdown(result: dict, baseline: dict | None) -> str:
         f"transformers {env['transformers']}, peft {env['peft']}, lightning {env['lightning']}; "
         f"commit {(env['git'].get('commit') or '?')[:14]}{' (dirty)' if env['git'].get('dirty') else ''}.",
         f"Overrides: `{' '.join(result['overrides'])}`; strategy {result['strategy'] or 'single device'}; "
-        f"batch 1 per GPU; {result['warmup']} warm-up + {result['steps']} timed steps (median)"
+        + (
+            f"each row split over {cp} GPUs (context parallel), batch 1 per {cp} GPUs; "
+            if (cp := result.get("context_parallel"))
+            else "batch 1 per GPU; "
+        )
+        + f"{result['warmup']} warm-up + {result['steps']} timed steps (median)"
         + (f", {result['long_steps']} from L={result['long_from']} on." if "long_from" in result else "."),
         "",
         "| variant | L | status | s/step | tokens/s/GPU | tokens/s total | MFU | peak alloc GiB | "
@@ -313,6 +341,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--long-steps", type=int, default=1, help="timed steps from --long-from on")
     p.add_argument("--long-from", type=int, default=65536)
     p.add_argument("--strategy", default=None, help="ddp | fsdp (under torchrun / SLURM)")
+    p.add_argument(
+        "--context-parallel", type=int, default=0, metavar="N",
+        help="split each row over N GPUs (with --strategy ddp, under torchrun)",
+    )  # fmt: skip
     p.add_argument("--baseline", default=None, help="one-GPU result JSON for scaling efficiency")
     p.add_argument("--out", default="experiments/results/bench", help="folder for the result files")
     p.add_argument("--tag", default=None, help="file name stem (default: finetune_<shape>_<card>_<n>gpu)")
@@ -338,6 +370,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--warmup must be >= 0, --steps and --long-steps >= 1")
     if a.strategy not in (None, "ddp", "fsdp"):
         p.error(f"--strategy must be ddp or fsdp, got {a.strategy!r}")
+    if a.context_parallel < 0 or (a.context_parallel and a.strategy != "ddp"):
+        p.error(f"--context-parallel {a.context_parallel} needs --strategy ddp and N >= 1")
     a.baseline_rows = None
     if a.baseline:
         if not Path(a.baseline).is_file():
@@ -353,6 +387,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from ctxlab.config import ConfigError, validate
+    from ctxlab.context_parallel import check_length
 
     a = parse(sys.argv[1:] if argv is None else argv)
     rank, world = rank_info()
@@ -366,6 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = compose([*base_overrides, *a.known[v], f"data.seq_len={L}"])
             try:
                 validate(cfg)
+                if a.context_parallel:
+                    check_length(L, a.context_parallel)
                 reason = None
             except ConfigError as e:
                 if "exactly dense attention" not in str(e):
@@ -378,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
     stem = a.tag or f"finetune_{shape}_{card}_{world}gpu"
     out = Path(a.out)
     result = {"shape": shape, "overrides": base_overrides, "strategy": a.strategy, "world_size": world,
+              "context_parallel": a.context_parallel,
               "baseline": a.baseline,
               "warmup": a.warmup, "steps": a.steps, "long_steps": a.long_steps, "long_from": a.long_from,
               "environment": env, "rows": []}  # fmt: skip
@@ -391,7 +429,10 @@ def main(argv: list[str] | None = None) -> dict:
             steps = a.long_steps if a.long_from <= L else a.steps
             if rank == 0:
                 print(f"[bench] {v} L={L}: {a.warmup} warm-up + {steps} timed steps", flush=True)
-            row |= run_case(cfg, warmup=a.warmup, steps=steps, strategy=a.strategy, devices=devices)
+            row |= run_case(
+                cfg, warmup=a.warmup, steps=steps, strategy=a.strategy, devices=devices,
+                context_parallel=a.context_parallel,
+            )  # fmt: skip
             if world > 1 and torch.distributed.is_initialized() and "peak_alloc_gib" in row:
                 keys = ("peak_alloc_gib", "peak_reserved_gib")
                 peak = torch.tensor([row[k] for k in keys], device="cuda")  # the largest of the GPUs

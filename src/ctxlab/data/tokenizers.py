@@ -111,6 +111,9 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str | Path, eos_token: str | None = None) -> None:
+        from ctxlab.extras import require
+
+        require("hf", "transformers", why=f"tokenizer=hf:{path}")
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         path = Path(path).expanduser()

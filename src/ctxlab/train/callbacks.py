@@ -86,8 +86,10 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = batch["input_ids"]
-        self._tokens += ids.shape[0] * (ids.shape[1] - 1)
-        self.train_tokens += ids.shape[0] * (ids.shape[1] - 1)
+        split = getattr(pl_module, "context_parallel", None)  # this rank computes 1/cp of each row
+        tokens = ids.shape[0] * (ids.shape[1] - 1) // (split.cp if split is not None else 1)
+        self._tokens += tokens
+        self.train_tokens += tokens
         if (batch_idx + 1) % self.log_every:
             return
         self._lap(pl_module)

@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ctxlab import distributed
+from ctxlab import context_parallel, distributed
 from ctxlab.build import build_model, eval_configs
 from ctxlab.config import ConfigError, validate
 from ctxlab.evaluation import evaluate
@@ -48,7 +48,20 @@ def check_before_work(cfg: DictConfig, dm, model) -> None:
             raise ConfigError(
                 f"eval.passkey.lengths {bad} are shorter than the passkey prompt itself ({shortest} tokens)"
             )
-    longest = max([*ppl_cfg.lengths, *pk_cfg.lengths]) if cfg.phase.evaluate else int(cfg.data.seq_len)
+    niah = cfg.eval.get("niah")
+    niah_lengths = list(niah.lengths) if cfg.phase.evaluate and niah is not None and niah.enabled else []
+    if niah_lengths:
+        from ctxlab.eval.niah import check_niah
+
+        try:
+            check_niah(instantiate(niah), dm.tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"eval.niah: {e}") from e
+    longest = (
+        max([*ppl_cfg.lengths, *pk_cfg.lengths, *niah_lengths])
+        if cfg.phase.evaluate
+        else int(cfg.data.seq_len)
+    )
     model.position.check_lengths(int(cfg.data.seq_len), longest, torch.float32)
     if cfg.phase.evaluate:
         from ctxlab.evaluation import check_eval_attentions
@@ -186,6 +199,7 @@ def check_resumable(last: Path) -> None:
 
 def run_job(cfg: DictConfig) -> dict:
     validate(cfg)
+    context_parallel.check_config(cfg)
     world = distributed.init(cfg.trainer)  # several ranks: from torchrun or SLURM, else an error
     run_dir = Path(cfg.run_dir).resolve()
     lock = claim_run_dir(cfg, run_dir, world)
@@ -262,6 +276,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
             weights = run_dir / "weights"
             if distributed.is_rank_zero() and not trainer.fast_dev_run:
                 save_run_weights(model, weights, cfg, extra)
+                loggers.weights(weights, {"steps": extra.get("steps"), "name": str(cfg.name)})
                 (run_dir / "results").mkdir(parents=True, exist_ok=True)
                 (run_dir / "results" / "fit.json").write_text(json.dumps(extra, indent=2))
         elif cfg.phase.checkpoint:
@@ -293,7 +308,7 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
 
 def fit_throughput(throughput, world: int) -> dict:
     """Training tokens (all ranks), training seconds (validation excluded: ``Throughput``'s
-    clock), their rate, and the peak GPU memory of the fit."""
+    clock), their rate, the peak GPU memory of the fit and the process's peak host memory."""
     out: dict = {}
     if throughput.train_seconds > 0:
         out["train_tokens"] = throughput.train_tokens * world
@@ -301,4 +316,15 @@ def fit_throughput(throughput, world: int) -> dict:
         out["tokens_per_s"] = round(out["train_tokens"] / throughput.train_seconds, 1)
     if torch.cuda.is_available():
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["peak_rss_gib"] = peak_rss_gib()
     return out
+
+
+def peak_rss_gib() -> float | None:
+    """The process's peak resident memory so far (host memory: what a CPU run's peak is)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return round(kib * (1 if sys.platform == "darwin" else 1024) / 2**30, 3)

@@ -10,6 +10,10 @@ The loss never holds the whole ``[B, L, V]`` logits: ``chunked_cross_entropy`` r
 head over ``loss_chunk`` tokens at a time and recomputes each chunk's logits in the backward
 pass. At 128K tokens and a 32,000 vocabulary, full float32 logits and their gradient would take
 33 GiB; chunks of 4,096 tokens take 1 GiB.
+
+Under a context-parallel strategy (``ctxlab.context_parallel``) each rank computes the loss of
+its own share of every row's tokens (their mean: the DDP average over ranks is then the
+one-process gradient); the split is attached in ``on_fit_start`` and removed in ``on_fit_end``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from ctxlab import context_parallel
 
 
 def _chunk_loss_sum(head: nn.Module, h: Tensor, y: Tensor) -> Tensor:
@@ -71,9 +77,23 @@ class LMModule(L.LightningModule):
         self.seed = seed
         self.loss_chunk = loss_chunk
         self.record = dict(record or {})
+        self.context_parallel: context_parallel.ContextParallel | None = None
+
+    def on_fit_start(self) -> None:
+        # A context-parallel strategy splits every sequence during fit (ctxlab.context_parallel).
+        self.context_parallel = context_parallel.of(self.trainer.strategy)
+        if self.context_parallel is not None:
+            self.context_parallel.attach(self.model)
+
+    def on_fit_end(self) -> None:
+        if self.context_parallel is not None:
+            self.context_parallel.detach(self.model)
+            self.context_parallel = None
 
     def _loss(self, input_ids: Tensor, position_ids: Tensor | None) -> Tensor:
         x, y = input_ids[:, :-1], input_ids[:, 1:]
+        if self.context_parallel is not None:  # this rank's tokens; the loss is their mean
+            x, y, position_ids = self.context_parallel.shard_batch(self.model, x, y, position_ids)
         if self.loss_chunk:
             h = self.model.hidden(x, position_ids)
             return chunked_cross_entropy(h, self.model.lm_head, y, self.loss_chunk)

@@ -168,6 +168,9 @@ class OptunaSweeper(Sweeper):
         self.launcher = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from ctxlab.extras import require
+
+        require("tune", why="hydra/sweeper=optuna")
         self.config = config
         self.hydra_context = hydra_context
         self.launcher = Plugins.instance().instantiate_launcher(

@@ -1,0 +1,340 @@
+"""Context parallelism on CPU processes (gloo): a fit whose sequences are split over 2 or 4 ranks
+gives the losses and gradients of one process with the same global batch, for dense, S2 and MS
+attention (causal and paper selection), with CRD NTK's random offsets and with data parallel over
+the remaining ranks; the layout and the refusals are checked in this process.
+
+The multi-process parts run this file as a script under ``python -m torch.distributed.run``
+(:func:`worker`), as ``test_distributed.py`` does; the one-process reference runs in the test's own
+process."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctxlab import context_parallel as cpl
+from ctxlab.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, ROWS, SEQ = 3, 4, 32  # ROWS: the global batch
+# name -> (world, context_parallel, arms): each arm is fitted once per run
+RUNS = {
+    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper", "hf_s2"]),
+    "w4_cp2_dp2": (4, 2, ["dense", "ms_causal"]),
+    "w4_cp4": (4, 4, ["s2_causal", "ms_paper"]),
+}
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# The script side ----------------------------------------------------------------------------
+
+
+def _data(n_rows: int):
+    g = torch.Generator().manual_seed(7)
+    return [{"input_ids": r} for r in torch.randint(0, 64, (n_rows, SEQ + 1), generator=g)]
+
+
+def _model(arm: str):
+    """A tiny ctxlab Llama (4 query, 2 kv heads: GQA) with the arm's attention and positions."""
+    from helpers import tiny_model
+
+    from ctxlab.attention.s2 import S2Attention
+    from ctxlab.position import CRDNTK
+
+    if arm == "dense_crd":  # cyclic ids (cycle < SEQ) with a random offset per row
+        crd = CRDNTK(head_dim=8, cycle=24, max_offset=1000, scale_init=2.0, scale_max=2.0, scale_inf=2.0)
+        return tiny_model("dense", position=crd, seed=3).train()
+    if arm in ("s2", "s2_causal"):
+        model = tiny_model("dense", seed=3)
+        model.set_attention(functools.partial(S2Attention, wrap=arm == "s2"))
+        return model.train()
+    if arm == "hf_s2":  # a transformers Llama with LoRA+ (the 7B recipe's path), S2 attention
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from ctxlab.model.hf import HFCausalLM
+        from ctxlab.model.hf_lora import apply_lora_plus
+        from ctxlab.position import Rope
+
+        torch.manual_seed(4)
+        hf = LlamaForCausalLM(
+            LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+        )  # fmt: skip
+        model = HFCausalLM(hf, S2Attention, Rope(head_dim=8))
+        model.set_peft(apply_lora_plus(model.hf))
+        return model.train()
+    if arm.startswith("ms_"):  # 8 regions of 4 tokens, budget 4, merge 2: sparse at SEQ
+        model = tiny_model(arm[3:], seed=3)
+        # Recomputed layers gather again in the backward pass (the 7B recipe checkpoints).
+        model.gradient_checkpointing = arm == "ms_paper"
+        return model.train()
+    return tiny_model("dense", seed=3).train()
+
+
+def _fit(arm: str, world: int, cp: int | None) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    """``STEPS`` steps on ``ROWS`` rows per step; returns every rank's loss per step and the
+    gradients of the first step (after the all-reduce)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from ctxlab import distributed
+    from ctxlab.train.module import LMModule
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[list[float]] = []
+            self.grads: dict[str, torch.Tensor] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if not self.grads:
+                self.grads = {
+                    n: None if p.grad is None else p.grad.detach().clone()
+                    for n, p in pl_module.model.named_parameters()
+                }
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(distributed.all_gather(float(outputs["loss"].detach())))
+
+    model = _model(arm)
+    strategy = distributed.build_strategy("ddp", context_parallel=cp) if cp else "auto"
+    trainer = L.Trainer(
+        accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, gradient_clip_val=1.0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec := Record()],
+    )  # fmt: skip
+    module = LMModule(model, lambda params: torch.optim.AdamW(params, lr=1e-2), seed=0)
+    # The samplers deal a permutation over the dp ranks (DistributedSampler(shuffle=True, seed=0));
+    # the single process reads the same permutation in order.
+    dp = world // (cp or 1)
+    data = _data(STEPS * ROWS)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    loader = DataLoader(data, batch_size=ROWS // dp, sampler=order if world == 1 else None)
+    trainer.fit(module, train_dataloaders=loader)
+    assert all(not isinstance(c, cpl.ContextParallelCore) for c in model.cores)  # detached after fit
+    return rec.losses, rec.grads
+
+
+def _check_reduce_scatter_backward(split: cpl.ContextParallel) -> None:
+    """The all-gather's NCCL backward (reduce-scatter of every rank's shard of the gradient), run
+    on gloo through an emulated ``reduce_scatter_tensor``, equals the gloo backward (all-reduce,
+    then this rank's shard)."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(11 + split.cp_rank)
+    x = torch.randn(2, 8, 3, generator=g, requires_grad=True)
+    weight = torch.randn(2, 8 * split.cp, 3, generator=torch.Generator().manual_seed(12 + split.cp_rank))
+    (split.gather(x) * weight).sum().backward()
+    want, x.grad = x.grad, None
+
+    def emulated(out, stacked, group):  # sum over the group, then this rank's slice of dim 0
+        dist.all_reduce(stacked, group=group)
+        out.copy_(stacked[dist.get_rank(group)])
+
+    real = (dist.get_backend, dist.reduce_scatter_tensor)
+    dist.get_backend, dist.reduce_scatter_tensor = (lambda group=None: "nccl"), emulated
+    try:
+        (split.gather(x) * weight).sum().backward()
+    finally:
+        dist.get_backend, dist.reduce_scatter_tensor = real
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=1e-6)
+    assert want.abs().min() > 0
+
+
+def worker(out: Path, run: str) -> None:
+    from ctxlab import distributed
+
+    world, cp, arms = RUNS[run]
+    assert distributed.world_size() in (1, world)
+    result = {}
+    for arm in arms:
+        losses, grads = _fit(arm, world, cp)
+        result[arm] = losses
+        if distributed.is_rank_zero():
+            torch.save(grads, out / f"{run}_{arm}_grads.pt")
+    if run == "w2_cp2":  # the fits initialised the process group
+        _check_reduce_scatter_backward(cpl.ContextParallel(cp))
+    if distributed.is_rank_zero():
+        (out / f"{run}.json").write_text(json.dumps(result))
+
+
+# The tests ----------------------------------------------------------------------------------
+
+
+def _torchrun(run: str, out: Path) -> None:
+    world = RUNS[run][0]
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    args += [str(Path(__file__).resolve()), str(out), run]
+    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_split_fit_matches_one_process(run, tmp_path):
+    _torchrun(run, tmp_path)
+    got = json.loads((tmp_path / f"{run}.json").read_text())
+    world, cp, arms = RUNS[run]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1)
+    try:
+        for arm in arms:
+            ref_losses, ref_grads = _fit(arm, 1, None)
+            single = torch.tensor([s[0] for s in ref_losses], dtype=torch.float64)
+            per_rank = torch.tensor(got[arm], dtype=torch.float64)  # [steps, ranks]
+            # Each rank's loss is the mean over its own tokens: they differ (other tokens), and
+            # their mean is the one-process loss of the global batch at every step (after two
+            # optimizer steps on the split gradients).
+            assert (per_rank.max(1).values - per_rank.min(1).values).min() > 1e-3, (arm, per_rank)
+            torch.testing.assert_close(per_rank.mean(1), single, rtol=1e-5, atol=0, msg=f"{run} {arm}")
+            grads = torch.load(tmp_path / f"{run}_{arm}_grads.pt")
+            assert grads.keys() == ref_grads.keys()
+            trained = [g for g in ref_grads.values() if g is not None]
+            assert sum(bool(g.abs().max() > 0) for g in trained) > len(trained) // 2  # LoRA A: 0 at first
+            for name, g in grads.items():
+                if ref_grads[name] is None:  # frozen (LoRA+)
+                    assert g is None, name
+                    continue
+                msg = f"{run} {arm} {name}"
+                torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=msg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_load_balanced_layout_and_global_position_ids():
+    ids = torch.arange(16).expand(2, 16)
+    parts = [cpl.shard(ids, 4, r) for r in range(4)]
+    # Rank r holds chunks r and 2n-1-r of 2n = 8 chunks of 2 tokens: the same causal work each.
+    assert parts[0][0].tolist() == [0, 1, 14, 15] and parts[3][0].tolist() == [6, 7, 8, 9]
+    assert torch.equal(cpl.unshard(parts), ids)
+    assert cpl.chunk_order(4) == [0, 7, 1, 6, 2, 5, 3, 4]
+
+    from ctxlab.position import CRDNTK
+
+    crd = CRDNTK(head_dim=8, cycle=24, max_offset=1000, scale_init=2.0, scale_max=2.0, scale_inf=2.0).train()
+    full = crd.position_ids(3, 16, generator=torch.Generator().manual_seed(5))
+
+    class Split(cpl.ContextParallel):  # the layout without a process group
+        def __init__(self, rank: int) -> None:
+            self.cp, self.cp_rank = 4, rank
+
+    class Model:
+        position = crd
+
+    x = torch.arange(48).view(3, 16)
+    shards = [Split(r).shard_batch(Model, x, x + 1, full) for r in range(4)]
+    assert torch.equal(cpl.unshard([s[2] for s in shards]), full)  # ids are the global ones
+    assert torch.equal(cpl.unshard([s[0] for s in shards]), x)
+
+
+@pytest.mark.parametrize(
+    ("length", "n", "heads", "kv_heads", "group_size", "wrap"),
+    [(48, 2, 4, 2, 0, True), (48, 3, 6, 2, 0, False), (40, 2, 6, 3, 6, False), (96, 4, 4, 4, 8, True),
+     (32, 2, 2, 1, 16, True), (24, 3, 3, 1, 7, False)],
+    ids=["quarter-wrap", "n3-gqa3", "G6-partial", "n4-G8-wrap", "G16-wrap", "odd-heads-G7"],
+)  # fmt: skip
+def test_own_query_cores_equal_the_whole_sequence_core(length, n, heads, kv_heads, group_size, wrap):
+    """Each rank's own query chunks through the dense and S2 own-query paths give exactly the
+    rows of the one-process core on the whole sequence (S2's groups sized from the whole length,
+    a partial last group, the wrapped group, GQA with a split kv group), outputs and gradients."""
+    from ctxlab.attention import DenseAttention
+    from ctxlab.attention.s2 import S2Attention
+
+    g = torch.Generator().manual_seed(length + n)
+    q = torch.randn(2, length, heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, length, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, length, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, length, heads, 8, generator=g, dtype=torch.float64)
+    for core in (DenseAttention(), S2Attention(group_size=group_size, wrap=wrap).train()):
+        own = cpl._own_query_paths()[type(core)]
+        want = core(q, k, v)
+        grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
+        got = cpl.unshard([own(core, cpl.shard(q, n, r), k, v, n, r) for r in range(n)])
+        torch.testing.assert_close(got, want, msg=type(core).__name__)
+        for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), grads_want):
+            torch.testing.assert_close(a, b, msg=type(core).__name__)
+
+
+def test_the_loss_stays_chunked_next_to_the_split_hook():
+    """``LMModule._loss`` (which the split hooks into) still runs the output head in chunks, never
+    over the whole ``[B, L, V]`` logits."""
+    from helpers import tiny_model
+
+    from ctxlab.train.module import LMModule
+
+    model = tiny_model("dense")
+
+    def whole_logits(*args, **kwargs):
+        raise AssertionError("the loss asked for the whole logits")
+
+    model.forward = whole_logits
+    module = LMModule(model, lambda params: torch.optim.AdamW(params), loss_chunk=8)
+    assert module.context_parallel is None
+    loss = module._loss(torch.randint(0, 64, (2, 33)), None)
+    assert loss.isfinite() and loss > 0
+
+
+def test_bad_settings_are_refused_naming_them():
+    from ctxlab import distributed
+
+    with pytest.raises(ConfigError, match=r"context_parallel=3 must divide the number of processes \(4"):
+        cpl.check_sizes(3, 4)
+    with pytest.raises(ConfigError, match="context_parallel must be an int >= 1"):
+        cpl.check_sizes(0, 4)
+    with pytest.raises(ConfigError, match=r"context_parallel=2 .* data.seq_len=30 is not divisible by 4"):
+        cpl.shard(torch.zeros(1, 30), 2, 0)
+    with pytest.raises(ConfigError, match="strategy.name=ddp only, not 'fsdp'"):
+        distributed.build_strategy("fsdp", context_parallel=2)
+
+
+def test_gpu_benchmark_script_runs_its_cases_and_records_failures(tmp_path):
+    """experiments/gpu/cp_bench.sh on CPU processes with a tiny model: a split case and a
+    one-process case are measured, a length the split refuses is recorded as an error naming the
+    setting, a case needing more processes than there are is not run, and one table is written."""
+    bin_dir = tmp_path / "bin"  # the script calls python3, as on the GPU machine
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    shrink = (
+        "trainer=cpu model.init_device=cpu model.dtype=float32 model.head_dim=16 "
+        "+model.overrides.num_hidden_layers=1 +model.overrides.hidden_size=32 "
+        "+model.overrides.intermediate_size=64 +model.overrides.num_attention_heads=2 "
+        "+model.overrides.num_key_value_heads=1 +model.overrides.head_dim=16 +model.overrides.vocab_size=97"
+    )
+    env = _env() | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "CTXLAB_CP_NGPU": "2", "CTXLAB_CP_MIN_CASE_S": "5",
+        "CTXLAB_CP_TIME_LIMIT": "240", "CTXLAB_CP_OVERRIDES": shrink,
+    }  # fmt: skip
+    out = tmp_path / "out"
+    cases = ["s2@64x2", "dense@32x1", "dense@66x2", "dense@64x4"]
+    proc = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(out), *cases],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "cp_bench.json").read_text())["rows"]
+    assert [(r["variant"], r["seq_len"], r["gpus"]) for r in rows] == [
+        ("s2", 64, 2),
+        ("dense", 32, 1),
+        ("dense", 66, 2),
+        ("dense", 64, 4),
+    ]
+    split, one, refused, missing = rows
+    assert split["status"] == one["status"] == "ok" and split["tokens_per_s_per_gpu"] > 0
+    assert split["tokens_per_s_total"] == pytest.approx(2 * split["tokens_per_s_per_gpu"], abs=0.2)
+    assert refused["status"] == "error" and "data.seq_len=66 is not divisible by 4" in refused["note"]
+    assert missing["status"] == "not run"
+    assert "| s2 | 64 | 2 | ok |" in (out / "cp_bench.md").read_text()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    worker(Path(sys.argv[1]), sys.argv[2])
