@@ -21,6 +21,22 @@ def rope_inv_freq(head_dim: int, base: float, device: torch.device | None = None
     return (1.0 / (base**exponent)).to(torch.float32)
 
 
+def selected_inv_freq(
+    head_dim: int, rope_base: float, inv_freq: Tensor | None, device: torch.device
+) -> Tensor:
+    """The inverse frequencies a kernel rotates with: ``inv_freq`` (a position scheme's, any
+    RoPE scaling) on ``device`` in float64, else plain RoPE's for ``rope_base``. ValueError
+    unless ``inv_freq`` is ``[D/2]``, finite and positive."""
+    if inv_freq is None:
+        return rope_inv_freq(head_dim, rope_base, device).to(torch.float64)
+    if not isinstance(inv_freq, Tensor) or inv_freq.shape != (head_dim // 2,):
+        got = tuple(inv_freq.shape) if isinstance(inv_freq, Tensor) else type(inv_freq).__name__
+        raise ValueError(f"inv_freq must be a tensor [D/2] = [{head_dim // 2}], got {got}")
+    if not bool(torch.isfinite(inv_freq).all()) or not bool((inv_freq > 0).all()):
+        raise ValueError("inv_freq must be finite and positive")
+    return inv_freq.to(device=device, dtype=torch.float64)
+
+
 def rope_cos_sin(positions: Tensor, inv_freq: Tensor, scaling: float = 1.0) -> tuple[Tensor, Tensor]:
     """cos/sin tables for integer or float ``positions`` (any shape ``[...]``) -> ``[..., D]``.
 

@@ -8,6 +8,17 @@ from ctxlab.attention import DenseAttention, MSAttention
 from ctxlab.model import Llama, LlamaConfig
 from ctxlab.position import Rope
 
+SMALL = {
+    "region": 8,
+    "budget": 8,
+    "merge": 2,
+    "block_size": 16,
+}
+"""The settings of the sparse attention options (by setting name) at which 256 tokens, or the
+conformance test's 128, show each one's pattern: MS has a 64-token dense prefix, then blocks of
+16 queries. A new sparse option adds its own settings here (every option takes the ones it has)."""
+SMALL_OVERRIDES = [f"attention.{key}={value}" for key, value in SMALL.items()]
+
 
 def tiny_model(
     attention="dense", *, vocab=64, dim=32, layers=2, heads=4, kv_heads=2, position=None, seed=0, **ms
@@ -21,6 +32,20 @@ def tiny_model(
         factory = lambda: MSAttention(**kw)  # noqa: E731
     position = position or Rope(head_dim=cfg.head_dim, base=10000.0)
     return Llama(cfg, factory, position).eval()
+
+
+def assert_within_pytorch_error(mine, theirs, reference) -> None:
+    """A low-precision kernel's output and gradients against PyTorch's own computation in the same
+    precision, both judged against a float32 ``reference``: at most 2x PyTorch's error forward and
+    3x backward (flash-attention's rule). Each argument is ``(output, [dq, dk, dv])``."""
+    (out, grads), (torch_out, torch_grads), (ref, ref_grads) = mine, theirs, reference
+    for name, a, b, want, factor in [("o", out, torch_out, ref, 2.0)] + [
+        (n, g, t, r, 3.0) for n, g, t, r in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads)
+    ]:
+        assert not a.isnan().any(), name
+        err = (a.float() - want).abs().max().item()
+        torch_err = (b.float() - want).abs().max().item()
+        assert err <= factor * torch_err + 1e-5, f"{name}: {err:.3g} vs PyTorch bf16 {torch_err:.3g}"
 
 
 def wandb_records(run_file) -> list:

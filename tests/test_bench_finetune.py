@@ -16,7 +16,7 @@ import weakref
 
 import pytest
 
-import ctxlab.run
+import ctxlab.build
 from ctxlab.bench import finetune as bench
 
 SHRINK = [
@@ -38,7 +38,7 @@ def builds(monkeypatch):
     earlier models were still alive."""
     refs: list = []
     alive_at_build: list[list[bool]] = []
-    real = ctxlab.run.build_model
+    real = ctxlab.build.build_model
 
     def build(cfg):
         alive_at_build.append([r() is not None for r in refs])
@@ -46,7 +46,7 @@ def builds(monkeypatch):
         refs.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(ctxlab.run, "build_model", build)
+    monkeypatch.setattr(ctxlab.build, "build_model", build)
     return refs, alive_at_build
 
 

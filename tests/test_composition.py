@@ -18,14 +18,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import SMALL, SMALL_OVERRIDES
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ctxlab.build import build_model
 from ctxlab.config import ConfigError, check_study_overrides, compose_job, option_settings, validate
 from ctxlab.options import option_names
-from ctxlab.run import build_model, run_job
+from ctxlab.train.job import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "cfg"
@@ -51,7 +53,7 @@ def make(overrides: list[str], run_dir: Path | str = "/tmp/ctxlab-test") -> Dict
 
 
 def cpu_sized(experiment: str) -> list[str]:
-    """The command line that runs ``experiment`` on a CPU at tiny sizes: the small MS settings too,
+    """The command line that runs ``experiment`` on a CPU at tiny sizes: the small sparse settings too,
     unless it is a study whose arms set their own (the command line would collide with them)."""
     cfg = make([f"experiment={experiment}"])
     tiny = TINY
@@ -61,8 +63,8 @@ def cpu_sized(experiment: str) -> list[str]:
                 "eval.scale_search.length=512", "eval.scale_search.max_tokens=512"]  # fmt: skip
     try:
         if cfg.get("study"):
-            check_study_overrides(MS_SMALL, cfg.study.arms)
-        return [*tiny, *MS_SMALL]
+            check_study_overrides(SMALL_OVERRIDES, cfg.study.arms)
+        return [*tiny, *SMALL_OVERRIDES]
     except ConfigError:
         return tiny
 
@@ -141,7 +143,8 @@ def test_settings_reach_only_the_options_that_have_them():
     )
     ms_crd = make([*base, "attention=ms", "position=crd_ntk"])
     assert (ms_crd.attention.region, ms_crd.position.cycle) == (8, 32768)
-    assert not any(k.startswith(("attention.", "position.")) for k in ms_crd.not_applied)
+    ms_lacks = {f"attention.{k}" for k in SMALL if k not in option_settings("attention", "ms")}
+    assert {k for k in ms_crd.not_applied if k.startswith(("attention.", "position."))} == ms_lacks
 
 
 @pytest.mark.parametrize("experiment", STUDIES)

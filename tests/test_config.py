@@ -6,25 +6,37 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SMALL_OVERRIDES
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ctxlab.build import build_model, eval_configs
 from ctxlab.config import (
     ConfigError,
     check_study_overrides,
     compose_job,
     force_add_settings,
-    is_ms,
     swept_keys,
+    target_parameters,
     validate,
 )
-from ctxlab.run import build_model, eval_configs
 
 CFG = Path(__file__).resolve().parents[1] / "cfg"
-GROUPS = ["attention", "position", "phase", "model", "data", "eval", "trainer", "logger", "launcher"]
+GROUPS = [
+    "attention",
+    "position",
+    "phase",
+    "model",
+    "data",
+    "eval",
+    "trainer",
+    "callbacks",
+    "logger",
+    "launcher",
+]
 MS_SMALL = ["attention.region=8", "attention.budget=8", "attention.merge=2"]
 
 
@@ -40,9 +52,9 @@ def make(overrides: list[str]):
 
 
 def fixups(group: str, option: str) -> list[str]:
-    """The other settings an option needs to make a valid job (stated, never implied). The small MS
-    settings go with every option: they apply to the MS options only."""
-    extra = list(MS_SMALL)
+    """The other settings an option needs to make a valid job (stated, never implied). The small
+    sparse settings go with every option: each applies to the options that have it."""
+    extra = list(SMALL_OVERRIDES)
     if group == "phase" and option == "finetune":
         extra.append("phase.init_from=/nonexistent.ckpt")
     if group == "phase" and option == "extrapolate":
@@ -65,8 +77,9 @@ def test_every_option_composes_and_instantiates(group, option):
     validate(cfg)
     assert OmegaConf.select(cfg, group) is not None or group == "launcher"
     # The MS settings reach the MS options only; elsewhere they are recorded as not applied.
-    assert ("region" in cfg.attention) == is_ms(cfg)
-    assert ("attention.region" in cfg.not_applied) == (not is_ms(cfg))
+    has_region = "region" in target_parameters(cfg.attention._target_)
+    assert ("region" in cfg.attention) == has_region
+    assert ("attention.region" in cfg.not_applied) == (not has_region)
     if group == "model" and cfg.model.get("kind") == "hf":
         # The spec only: building needs a checkpoint (hf), a conversion (smollm2) or 7B of
         # random weights; tests/test_hf.py builds tiny HF models through the same code.
@@ -83,6 +96,11 @@ def test_every_option_composes_and_instantiates(group, option):
     elif group == "trainer":
         trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert trainer.max_steps == cfg.trainer.max_steps
+    elif group == "callbacks":
+        from ctxlab.train.callbacks import instantiate_callbacks
+
+        built = instantiate_callbacks(cfg.callbacks)
+        assert set(built) == {k for k, v in cfg.callbacks.items() if v is not None}
     elif group == "data" and option in ("books", "books_bpe"):
         dm = instantiate(cfg.data)
         assert dm.tokenizer.vocab_size <= cfg.data.vocab_size

@@ -202,7 +202,7 @@ def _tiny_checkpoint(tmp_path: Path) -> Path:
     from hydra import compose, initialize_config_dir
 
     import ctxlab.config  # noqa: F401  (resolvers)
-    from ctxlab.run import build_model
+    from ctxlab.build import build_model
 
     with initialize_config_dir(config_dir=str(ROOT / "cfg"), version_base="1.3"):
         cfg = compose("config", overrides=["logger=csv"])
@@ -225,7 +225,7 @@ def test_app_under_torchrun_agrees_on_run_dir_and_gathers_evaluation(tmp_path):
     from ctxlab.data.datamodule import TextDataModule
     from ctxlab.eval.passkey import PasskeyConfig, passkey_grid
     from ctxlab.eval.perplexity import PerplexityConfig, perplexity_grid
-    from ctxlab.run import load_weights
+    from ctxlab.weights import load_weights
 
     ckpt = _tiny_checkpoint(tmp_path)
     _run([*TORCHRUN, "-m", "ctxlab", "trainer=ddp_cpu", "phase=extrapolate", f"phase.checkpoint={ckpt}",
@@ -239,7 +239,7 @@ def test_app_under_torchrun_agrees_on_run_dir_and_gathers_evaluation(tmp_path):
 
     from hydra import compose, initialize_config_dir
 
-    from ctxlab.run import build_model
+    from ctxlab.build import build_model
 
     with initialize_config_dir(config_dir=str(ROOT / "cfg"), version_base="1.3"):
         cfg = compose("config", overrides=["logger=csv", *EVAL])

@@ -264,7 +264,8 @@ def test_saved_and_reloaded_model_gives_identical_logits(scheme, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ctxlab.run import build_model, load_weights
+    from ctxlab.build import build_model
+    from ctxlab.weights import load_weights
 
     GlobalHydra.instance().clear()
     cfg_dir = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "cfg")

@@ -210,7 +210,8 @@ def test_source_rope_scaling_is_checked_and_tokenizer_saved(tmp_path, source_rop
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ctxlab.attention import DenseAttention
-    from ctxlab.model.hf import HFModelSpec, build_hf_model
+    from ctxlab.model.hf import HFModelSpec
+    from ctxlab.model.hf_build import build_hf_model
     from ctxlab.model.hf_lora import export_hf
     from ctxlab.position import LinearPI, NTKAware, Rope
 

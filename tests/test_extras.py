@@ -50,7 +50,7 @@ def test_unknown_names_are_errors():
 
 
 def test_wandb_logger_without_wandb(monkeypatch, tmp_path):
-    from ctxlab.run import Loggers
+    from ctxlab.loggers import Loggers
 
     hide(monkeypatch, "wandb")
     cfg = OmegaConf.create({"trainer": {"log_every_n_steps": 1}, "logger": {"kind": "wandb"}})
@@ -59,8 +59,8 @@ def test_wandb_logger_without_wandb(monkeypatch, tmp_path):
 
 
 def test_hf_tokenizer_and_model_without_transformers(monkeypatch, tmp_path):
+    from ctxlab.build import build_model
     from ctxlab.data.tokenizers import build_tokenizer
-    from ctxlab.run import build_model
 
     hide(monkeypatch, "transformers")
     with pytest.raises(MissingExtra, match=r"tokenizer=hf:.*ctxlab\[hf\]"):

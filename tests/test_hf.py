@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from ctxlab.attention import DenseAttention, MSAttention
 from ctxlab.attention.s2 import S2Attention
 from ctxlab.model import Llama, LlamaConfig
-from ctxlab.model.hf import HFCausalLM, HFModelSpec, build_hf_model, is_checkpointing
+from ctxlab.model.hf import HFCausalLM, HFModelSpec, is_checkpointing
+from ctxlab.model.hf_build import build_hf_model
 from ctxlab.model.hf_lora import apply_lora_plus, export_hf, trainable_parameter_names
 from ctxlab.model.hf_sources import check_checkpoint_dir, random_config, random_model
 from ctxlab.position.crd_ntk import CRDNTK
@@ -347,7 +348,7 @@ def test_s2_config_instantiates():
     from hydra.utils import instantiate
 
     core = instantiate(OmegaConf.load(CFG_DIR / "attention" / "s2.yaml"))()
-    assert isinstance(core, S2Attention) and core.group_ratio == 0.25 and core.wrap
+    assert isinstance(core, S2Attention) and core.settings.group_ratio == 0.25 and core.settings.wrap
 
 
 @pytest.mark.slow

@@ -120,7 +120,9 @@ def test_selection_stats_callback_logs_train_and_val_statistics():
     with torch.no_grad():
         model(ids[:2, :-1])
     want = sum(
-        selection_stats(c.last_selection, budget=c.budget, merge=c.merge, local_window=4)["local_share"]
+        selection_stats(c.last_selection, budget=c.settings.budget, merge=c.settings.merge, local_window=4)[
+            "local_share"
+        ]
         for c in model.cores
     ) / len(model.cores)
     assert float(metrics["selection/val/local_share"]) == pytest.approx(want, abs=1e-6)

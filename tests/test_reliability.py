@@ -199,7 +199,7 @@ def test_changed_settings_ignores_what_may_change():
 @pytest.mark.slow
 def test_study_arm_with_changed_training_settings_is_refused(tmp_path, trained):
     from ctxlab.config import ConfigError
-    from ctxlab.run import arm_state
+    from ctxlab.study import arm_state
 
     arm = tmp_path / "arm"
     shutil.copytree(trained, arm)
@@ -258,8 +258,9 @@ def test_checkpoint_records_settings_and_is_not_evaluated_under_others(tmp_path)
 
 @pytest.mark.slow
 def test_allow_other_settings_evaluates_and_records_it(trained):
+    from ctxlab.build import build_model
     from ctxlab.config import ConfigError
-    from ctxlab.run import build_model, check_trained_settings
+    from ctxlab.provenance import check_trained_settings
 
     cfg = OmegaConf.load(trained / "config.yaml")
     meta = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=False)["ctxlab"]
@@ -632,7 +633,7 @@ def test_checkpoint_and_file_writes_on_a_full_disk_leave_the_old_file(tmp_path, 
 
 
 def test_metrics_csv_on_a_full_disk_keeps_its_rows(tmp_path):
-    from ctxlab.run import CSVMetrics
+    from ctxlab.loggers import CSVMetrics
     from ctxlab.runfiles import RunWriteError
 
     logger = CSVMetrics.create(tmp_path, flush_every=100)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import tiny_model
@@ -90,7 +92,7 @@ def test_gpu_ms_core_with_kept_selection_matches_the_torch_path():
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
     model = tiny_model("causal", seed=2, vocab=64, dim=128, layers=2, heads=4, kv_heads=2).cuda().train()
     for core in model.cores:
-        core.region, core.budget, core.merge, core.backend = 16, 8, 2, "auto"
+        core.settings = dataclasses.replace(core.settings, region=16, budget=8, merge=2, backend="auto")
     ids = torch.randint(0, 64, (1, 513), device="cuda")
     ref_grads = _step(model, ids)
     model.gradient_checkpointing = True

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ms_attention.torch_impl import ms_pair_count
+
 KILO = 1024
 
 SETTINGS = {
@@ -69,16 +71,7 @@ class Case:
         return self.B * self.Hq * (self.L // G) * G * (G + 1) // 2
 
     def ms_pairs(self) -> int:
-        w, T, m, L = self.region, self.budget, self.merge, self.L
-        n = -(-L // w)
-        if n <= T:
-            return self.dense_pairs()
-        P = T * w
-        pairs = P * (P + 1) // 2
-        for lo in range(P, L, m * w):
-            size = min(m * w, L - lo)
-            pairs += size * (T - m) * w + size * (size + 1) // 2
-        return self.B * self.Hq * pairs
+        return self.B * self.Hq * ms_pair_count(self.L, self.region, self.budget, self.merge)
 
     def flops(self, pairs: int, pass_: str) -> float:
         """FLOPs of ``pass_`` in {"fwd", "bwd", "fwd+bwd"} over ``pairs`` query-key pairs."""

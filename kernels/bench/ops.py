@@ -18,13 +18,17 @@ per block, Hs = Hq for scope="head"), outputs [B, L, Hq, D].
 - ``triton_det``: ours in deterministic mode (``LaunchConfig.deterministic``: bitwise-identical
   gradients run to run; partial sums and a fixed-order reduction at w=16).
 Each builder returns ``fn(q, k, v) -> o`` with the selection bound in. ``gather`` and ``flex``
-implement ``pe="pre"`` only (RoPE already in q and k).
+implement ``pe="pre"`` only (RoPE already in q and k). An op of another attention function
+lives in its own folder (``kernels/<op>/bench.py``, registered here through ``_elsewhere``); its
+``fn`` carries ``reference(q, k, v, start)`` and ``pairs``, which the runner checks and counts
+with (``run.check_and_time``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,7 @@ from torch import Tensor
 
 from ..ms_attention import triton_impl
 from ..ms_attention.triton_impl import ms_attend_triton, sort_selection
+from ..rope import rope_inv_freq
 from .cases import Case
 
 
@@ -202,7 +207,7 @@ def triton(case: Case, idx: Tensor, **overrides):
     opts = dict(region=case.region, budget=case.budget, merge=case.merge, pe=case.pe)
 
     def fn(q, k, v):
-        return ms_attend_triton(q, k, v, idx, rope_base=10000.0, scale=case.D**-0.5, **opts)
+        return ms_attend_triton(q, k, v, idx, scale=case.D**-0.5, **opts)
 
     fn.config = dataclasses.replace(triton_impl.GPU_CONFIG, **overrides)
     return fn
@@ -233,7 +238,7 @@ def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[
     ``dkv_reverse`` the reverse index (both deterministic; their index construction included)."""
     idx_sorted = sort_selection(idx)
     opts = dict(region=case.region, budget=case.budget, merge=case.merge, rope=case.pe != "pre",
-                rope_base=10000.0, scale=case.D**-0.5)  # fmt: skip
+                inv_freq=rope_inv_freq(case.D, 10000.0, q.device).double(), scale=case.D**-0.5)  # fmt: skip
     o, lse = triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
     delta = triton_impl.bwd_preprocess(o, do)
     parts = {
@@ -254,7 +259,25 @@ def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[
     return parts
 
 
-OPS = {"dense": dense, "s2": s2, "gather": gather, "flex": flex, "triton": triton, "triton_det": triton_det}
+def _elsewhere(module: str, name: str):
+    """The builder ``name`` of ``module`` (an op of another folder, ``kernels/<op>/bench.py``),
+    imported when first built."""
+
+    def build(case: Case, idx: Tensor, **overrides):
+        return getattr(importlib.import_module(module, __package__), name)(case, idx, **overrides)
+
+    return build
+
+
+OPS = {
+    "dense": dense,
+    "s2": s2,
+    "gather": gather,
+    "flex": flex,
+    "triton": triton,
+    "triton_det": triton_det,
+    "moba": _elsewhere("..moba.bench", "moba"),
+}
 
 
 def _value(text: str):

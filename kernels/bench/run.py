@@ -1,4 +1,5 @@
-"""Check, then time, MS attention implementations on the registry's cases; write result files.
+"""Check, then time, attention implementations (MS's, and other ops such as MoBA's) on the
+registry's cases; write result files.
 
     python -m ctxlab.kernels.bench.run --preset h100 --ops gather,triton,dense --out DIR
 
@@ -9,7 +10,10 @@ fused ``ms_select_triton``, whose indices are compared with torch's. Then each o
 before it is timed (``triton_det`` is the deterministic mode, timed beside ``triton``). The
 check: the output's last rows (up to two blocks) against
 ``ms_attend_torch`` in float32 (dense causal attention for ``dense``), and dq, dk, dv against
-the ``gather`` op's (an independent PyTorch implementation of the same function). An op that
+the ``gather`` op's (an independent PyTorch implementation of the same function). An op of
+another function (``fn.reference(q, k, v, start)`` gives its float32 output rows from
+``start``; ``fn.pairs`` the query-key pairs it computes) is checked on its output tail against
+that reference; its gradients are checked by its own tests. An op that
 fails its check is reported as failed, with its errors and no time. Times are CUDA-event
 medians after a warm-up; ``extra_gib`` is the peak memory of one forward+backward beyond the
 inputs, the output and the three gradients. Results go to ``<out>/<stem>.json`` and ``.md``
@@ -34,7 +38,7 @@ from ..ms_attention.interface import ms_attention
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
 from ..ms_attention.triton_impl import GPU_CONFIG, INTERPRETER_CONFIG, ms_select_triton
 from .cases import PRESETS, SETTINGS, Case, registry
-from .ops import build, launch_config, triton_parts
+from .ops import OPS, build, launch_config, triton_parts
 
 OUT_TOL = 2e-2  # relative L2 error of a bf16 output against float32
 GRAD_TOL = 5e-2  # relative L2 error between two bf16 implementations' gradients
@@ -213,6 +217,7 @@ def run_case(
         rows.append(row)
         try:
             fn = build(op, case, idx)
+            row["pairs"] = getattr(fn, "pairs", None)
             if device != "cuda" and hasattr(fn, "config"):
                 fn.config = INTERPRETER_CONFIG
             with launch_config(fn):
@@ -233,7 +238,9 @@ def run_case(
             torch.cuda.empty_cache()
     dense_pairs, ms_pairs = case.dense_pairs(), case.ms_pairs()
     for row in rows:
-        pairs = {"dense": dense_pairs, "s2": case.s2_pairs()}.get(row["op"], ms_pairs)
+        pairs = row.pop("pairs", None) or {"dense": dense_pairs, "s2": case.s2_pairs()}.get(
+            row["op"], ms_pairs
+        )
         row["computed_pair_fraction"] = pairs / dense_pairs
         for pass_ in ("fwd", "fwd+bwd"):
             ms = row.get(f"{pass_}_ms")
@@ -251,11 +258,17 @@ def check_and_time(case, op, fn, row, leaves, q, k, v, do, idx, tails, ref_grads
     out = fn(*leaves)
     out.backward(do)
     grads = [x.grad.detach().clone() for x in leaves]
-    kind = kind_of(op)
-    if kind not in tails:
-        tails[kind] = reference_tail(case, q, k, v, idx, kind)
-    start, end = probe_rows(case, kind)
-    errs = {"o_tail": rel_err(out[:, start:end], tails[kind])}
+    own = getattr(fn, "reference", None)  # an op of another function: its own reference
+    if own is not None:
+        start, _ = probe_rows(case, "dense")
+        errs = {"o_tail": rel_err(out[:, start:], own(q.float(), k.float(), v.float(), start))}
+        kind, ref_grads = "own", None
+    else:
+        kind = kind_of(op)
+        if kind not in tails:
+            tails[kind] = reference_tail(case, q, k, v, idx, kind)
+        start, end = probe_rows(case, kind)
+        errs = {"o_tail": rel_err(out[:, start:end], tails[kind])}
     if kind == "ms" and ref_grads is not None:
         errs |= {n: rel_err(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)}
     row["errors"] = errs
@@ -517,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ops",
         default="gather,triton,dense,flex",
-        help="comma list of dense, s2, gather, flex, triton, triton_det (deterministic mode); gather "
+        help=f"comma list of {', '.join(OPS)} (triton_det: deterministic mode); gather "
         "first (its gradients are the check's reference); launch overrides as "
         "triton:sel_block_n=128+sel_warps=8 or triton:dkv_path=partial",
     )

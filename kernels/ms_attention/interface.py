@@ -2,7 +2,7 @@
 
 Layout: q ``[B, L, Hq, D]``, k, v ``[B, L, Hkv, D]`` (BTHD), causal self-attention, query head
 h reads kv head ``h // (Hq // Hkv)``. Softmax scale ``1/sqrt(D)`` unless given. The function
-is defined in /work/shared/SPEC-ms-attention.md; ``torch_impl`` documents the choices the
+is defined in docs/ms-attention-contract.md; ``torch_impl`` documents the choices the
 spec leaves open. Every bad argument raises ``ValueError`` naming it.
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
 from torch import Tensor
 
+from ..rope import selected_inv_freq
+from .limits import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
 from .torch_impl import ms_attention_torch, ms_select_torch
 
 POOLS = ("mean", "attn")
@@ -105,12 +106,6 @@ def check_tensors(q: Tensor, k: Tensor, v: Tensor | None, *, pe: str) -> None:
         raise ValueError(f"pe='selected' applies rotary embeddings and needs an even head dim, q has D={D}")
 
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-"""The dtypes the Triton kernels take."""
-MIN_GPU_HEAD_DIM = 32
-"""The smallest (even) head dim the compiled kernels take: a tl.dot needs 16 columns per half."""
-
-
 def triton_takes(q: Tensor) -> bool:
     """Whether the compiled kernels take ``q``'s dtype and head dim (``triton_impl`` names the
     rule when ``backend="triton"`` is forced on a tensor they do not take)."""
@@ -149,6 +144,7 @@ def ms_attention(
     select: str = "paper",
     pe: str = "pre",
     rope_base: float = 10000.0,
+    inv_freq: Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -163,6 +159,9 @@ def ms_attention(
         select: ``"paper"`` (not causal: a block's own queries vote) or ``"causal"``.
         pe: ``"pre"`` (RoPE already in q, k) or ``"selected"`` (RoPE applied here at the
             block's re-indexed positions; needs an even D).
+        rope_base, inv_freq: ``pe="selected"``'s rotation: a position scheme's inverse
+            frequencies ``[D/2]`` (any RoPE scaling: NTK, YaRN, CRD NTK), or when None plain
+            RoPE of ``rope_base``.
         scale: softmax scale, ``1/sqrt(D)`` when None.
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors whose dtype
             and head dim the kernels take, float32/16/bf16 and an even D >= 32, when its module
@@ -193,7 +192,7 @@ def ms_attention(
         scope=scope,
         select=select,
         pe=pe,
-        rope_base=float(rope_base),
+        inv_freq=selected_inv_freq(q.shape[-1], rope_base, inv_freq, q.device) if pe == "selected" else None,
         scale=scale,
     )
     if use_triton(q, backend):

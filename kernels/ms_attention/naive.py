@@ -1,7 +1,7 @@
 """MS attention, deliberately naive: loops over batch, head, block, row and query token.
 
 The test oracle for ``torch_impl`` (and through it, the Triton kernels). It follows
-/work/shared/SPEC-ms-attention.md step by step with Python lists wherever the spec speaks of
+docs/ms-attention-contract.md step by step with Python lists wherever the spec speaks of
 lists, so it shares no indexing trick with the vectorised path. Slow: use small L only.
 
 Shape legend: B batch, L tokens, Hq query heads, Hkv kv heads, D head dim, Hs selection heads
@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..rope import rope_cos_sin, rope_inv_freq, rotate_half
+from ..rope import rope_cos_sin, rotate_half, selected_inv_freq
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,6 +101,7 @@ def ms_attend_naive(
     scope: str = "head",
     pe: str = "pre",
     rope_base: float = 10000.0,
+    inv_freq: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """Attention given the selection ``idx [B, Hs, G, T-m]``, one query token at a time.
@@ -117,7 +118,7 @@ def ms_attend_naive(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dtype = _compute_dtype(q.dtype)
     qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
-    inv_freq = rope_inv_freq(D, rope_base, device=q.device)
+    inv_freq = selected_inv_freq(D, rope_base, inv_freq, q.device)
 
     rows_b = []
     for b in range(B):
@@ -163,6 +164,7 @@ def ms_attention_naive(
     select: str = "paper",
     pe: str = "pre",
     rope_base: float = 10000.0,
+    inv_freq: Tensor | None = None,
     scale: float | None = None,
 ) -> Tensor:
     """``ms_select_naive`` then ``ms_attend_naive`` -> ``[B, L, Hq, D]`` in q's dtype."""
@@ -180,5 +182,6 @@ def ms_attention_naive(
         scope=scope,
         pe=pe,
         rope_base=rope_base,
+        inv_freq=inv_freq,
         scale=scale,
     )

@@ -1,6 +1,6 @@
 """MS ("merge and select") attention in vectorised PyTorch: the readable reference path.
 
-Implements /work/shared/SPEC-ms-attention.md on any device. The Triton kernels are tested
+Implements docs/ms-attention-contract.md on any device. The Triton kernels are tested
 against ``ms_attend_torch`` (attention given the selection) and ``ms_select_torch``.
 
 Shape legend
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rope import rope_cos_sin, rope_inv_freq, rotate_half
+from ..rope import rope_cos_sin, rotate_half, selected_inv_freq
 
 DEFAULT_MAX_CHUNK_ELEMS = 1 << 24
 """Largest score/logit tensor (in elements) formed at once, 64 MiB in float32."""
@@ -61,6 +61,20 @@ def num_blocks(length: int, region: int, budget: int, merge: int) -> int:
     """G = ceil((n - T) / m), or 0 when ``n <= T`` (the input is attended densely)."""
     n = num_regions(length, region)
     return 0 if n <= budget else -(-(n - budget) // merge)
+
+
+def ms_pair_count(length: int, region: int, budget: int, merge: int) -> int:
+    """Causal query-key pairs MS attention computes for one head at ``length`` tokens: the dense
+    prefix's ``P(P+1)/2`` (``P = T*w``), then per block of ``q`` query tokens its ``(T-m)*w``
+    selected keys each plus its own causal ``q(q+1)/2``. ``L(L+1)/2`` when ``n <= T`` (dense)."""
+    if num_regions(length, region) <= budget:
+        return length * (length + 1) // 2
+    prefix = budget * region
+    pairs = prefix * (prefix + 1) // 2
+    for lo in range(prefix, length, merge * region):
+        size = min(merge * region, length - lo)
+        pairs += size * (budget - merge) * region + size * (size + 1) // 2
+    return pairs
 
 
 def first_block_at(start: int, *, region: int, budget: int, merge: int) -> int:
@@ -457,6 +471,7 @@ def ms_attend_torch(
     scope: str = "head",
     pe: str = "pre",
     rope_base: float = 10000.0,
+    inv_freq: Tensor | None = None,
     scale: float | None = None,
     start: int = 0,
     max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
@@ -469,6 +484,8 @@ def ms_attend_torch(
             Hs = Hq for ``scope="head"``, Hkv for ``scope="group"``, whose selection is shared
             by the group's query heads). -1 entries are ignored keys; every other entry of
             block g must be a region before the block, ``< T + g*m``.
+        inv_freq: ``pe="selected"``'s rotary inverse frequencies ``[D/2]`` (a position
+            scheme's: NTK, YaRN, CRD NTK, ...); None: plain RoPE of ``rope_base``.
         scale: softmax scale, ``1/sqrt(D)`` when None.
         start: only query positions ``[start, L)`` are computed (KV-cache decoding: q, k, v
             are the full histories); blocks wholly before ``start`` are not read from idx.
@@ -477,7 +494,7 @@ def ms_attend_torch(
         ``[B, L - start, Hq, D]`` in q's dtype. Tokens ``t < T*w`` (all tokens when
         ``n <= T``) attend causally to keys ``<= t``. Block g's tokens attend to the tokens of
         its selected regions and causally to the block's own tokens. With ``pe="selected"``
-        RoPE (rotate-half, base ``rope_base``) is applied here: natural positions in the dense
+        RoPE (rotate-half, ``inv_freq``) is applied here: natural positions in the dense
         prefix; in a block, the selected regions in ascending order take positions
         ``0 .. (T-m)*w - 1`` and the block's tokens continue from ``(T-m)*w``. Softmax runs in
         float32 (float64 for float64 inputs).
@@ -493,7 +510,7 @@ def ms_attend_torch(
     dtype = compute_dtype(q.dtype)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    inv_freq = rope_inv_freq(D, rope_base, device=q.device) if pe == "selected" else None
+    inv_freq = selected_inv_freq(D, rope_base, inv_freq, q.device) if pe == "selected" else None
     prefix = min(budget * region, L)
     out = []
     if start < prefix:
@@ -540,6 +557,7 @@ def ms_attention_torch(
     select: str = "paper",
     pe: str = "pre",
     rope_base: float = 10000.0,
+    inv_freq: Tensor | None = None,
     scale: float | None = None,
     start: int = 0,
     max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
@@ -585,6 +603,7 @@ def ms_attention_torch(
         scope=scope,
         pe=pe,
         rope_base=rope_base,
+        inv_freq=inv_freq,
         scale=scale,
         start=start,
         max_chunk_elems=max_chunk_elems,

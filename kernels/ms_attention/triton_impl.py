@@ -28,9 +28,9 @@ import torch
 import triton
 from torch import Tensor
 
-from ..rope import rope_cos_sin, rope_inv_freq
+from ..rope import rope_cos_sin, selected_inv_freq
 from . import triton_kernels as tk
-from .interface import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
+from .limits import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
 from .torch_impl import ms_select_torch, num_blocks
 
 LOG2E = 1.4426950408889634
@@ -332,16 +332,19 @@ def reverse_index(idx_sorted: Tensor, geo: Geometry) -> ReverseIndex:
     )
 
 
-def rope_tables(n_pos: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos, sin ``[n_pos, D/2]`` float32 (angles in float64, as ``kernels/rope.py``)."""
-    cos, sin = rope_cos_sin(torch.arange(n_pos, device=device), rope_inv_freq(head_dim, base, device))
-    half = head_dim // 2
+def rope_tables(n_pos: int, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin ``[n_pos, D/2]`` float32 of positions ``0 .. n_pos-1`` rotated by ``inv_freq``
+    ``[D/2]`` (a position scheme's; angles in float64, as ``kernels/rope.py``)."""
+    cos, sin = rope_cos_sin(torch.arange(n_pos, device=inv_freq.device), inv_freq)
+    half = inv_freq.shape[0]
     return cos[:, :half].contiguous(), sin[:, :half].contiguous()
 
 
-def _tables(rope: bool, geo: Geometry, head_dim: int, base: float, device: torch.device):
+def _tables(rope: bool, geo: Geometry, head_dim: int, inv_freq: Tensor, device: torch.device):
     if rope:
-        return rope_tables(max(geo.P, 1), head_dim, base, device)
+        if inv_freq.shape != (head_dim // 2,):
+            raise ValueError(f"inv_freq must be [D/2] = [{head_dim // 2}], got {tuple(inv_freq.shape)}")
+        return rope_tables(max(geo.P, 1), inv_freq.to(device))
     dummy = torch.zeros(1, dtype=torch.float32, device=device)
     return dummy, dummy
 
@@ -472,7 +475,7 @@ def ms_attn_fwd(
     budget: int,
     merge: int,
     rope: bool,
-    rope_base: float,
+    inv_freq: Tensor,
     scale: float,
     config: LaunchConfig | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -488,7 +491,7 @@ def ms_attn_fwd(
     geo = Geometry.of(L, region, budget, merge, cfg.fwd_block_m)
     o = _empty((B, L, Hq, D), q.dtype, q.device)
     lse = _empty((B, Hq, L), torch.float32, q.device)
-    cos, sin = _tables(rope, geo, D, rope_base, q.device)
+    cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     tk.ms_attn_fwd_kernel[(geo.n_tiles, B * Hq)](
         q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
         L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
@@ -513,7 +516,7 @@ def ms_attn_bwd(
     budget: int,
     merge: int,
     rope: bool,
-    rope_base: float,
+    inv_freq: Tensor,
     scale: float,
     config: LaunchConfig | None = None,
     deterministic: bool | None = None,
@@ -531,9 +534,9 @@ def ms_attn_bwd(
     path = dkv_path(region, cfg, deterministic)
     delta = bwd_preprocess(o, do)
     dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget, merge=merge,
-                rope=rope, rope_base=rope_base, scale=scale, config=cfg)  # fmt: skip
+                rope=rope, inv_freq=inv_freq, scale=scale, config=cfg)  # fmt: skip
     dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget,
-                     merge=merge, rope=rope, rope_base=rope_base, scale=scale, config=cfg,
+                     merge=merge, rope=rope, inv_freq=inv_freq, scale=scale, config=cfg,
                      path=path)  # fmt: skip
     return dq, dk, dv
 
@@ -582,12 +585,12 @@ def _idx_arg(idx_sorted: Tensor) -> Tensor:
     return torch.full((1,), -1, dtype=torch.int32, device=idx_sorted.device)
 
 
-def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, rope_base,
+def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, inv_freq,
            scale, config: LaunchConfig) -> Tensor:  # fmt: skip
     """dq ``[B, L, Hq, D]``: the forward's schedule, one program per query tile."""
     B, L, Hq, D = q.shape
     geo = Geometry.of(L, region, budget, merge, config.dq_block_m)
-    cos, sin = _tables(rope, geo, D, rope_base, q.device)
+    cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     dq = _empty(q.shape, q.dtype, q.device)
     tk.ms_attn_bwd_dq_kernel[(geo.n_tiles, B * Hq)](
         q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
@@ -649,7 +652,7 @@ def partial_window(shape: tuple[int, int, int, int], region: int, head_dim: int,
     return max(1, min(G, int(config.dkv_partial_gib * 2**30) // per_block))
 
 
-def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, rope_base,
+def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, inv_freq,
             scale, config: LaunchConfig, path: str) -> tuple[Tensor, Tensor]:  # fmt: skip
     """dk, dv ``[B, L, Hkv, D]``: one program per key tile (own segment, causally), plus the
     selecting blocks' queries by ``path`` ("atomic", "partial" or "reverse", see ``dkv_path``)."""
@@ -659,7 +662,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     Hkv = k.shape[2]
     consts = _consts(q, k, idx_sorted)
     geo = Geometry.of(L, region, budget, merge, config.dkv_block_n)
-    cos, sin = _tables(rope, geo, D, rope_base, q.device)
+    cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     if path == "reverse":
         rev = reverse_index(idx_sorted, geo)
         dk32 = dv32 = torch.zeros(1, dtype=torch.float32, device=q.device)
@@ -735,7 +738,7 @@ def _fwd_op(
     budget: int,
     merge: int,
     rope: bool,
-    rope_base: float,
+    inv_freq: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     return ms_attn_fwd(
@@ -747,13 +750,13 @@ def _fwd_op(
         budget=budget,
         merge=merge,
         rope=rope,
-        rope_base=rope_base,
+        inv_freq=inv_freq,
         scale=scale,
     )
 
 
 @_fwd_op.register_fake
-def _(q, k, v, idx_sorted, region, budget, merge, rope, rope_base, scale):
+def _(q, k, v, idx_sorted, region, budget, merge, rope, inv_freq, scale):
     B, L, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, L), dtype=torch.float32)
 
@@ -771,7 +774,7 @@ def _bwd_op(
     budget: int,
     merge: int,
     rope: bool,
-    rope_base: float,
+    inv_freq: Tensor,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return ms_attn_bwd(
@@ -786,22 +789,22 @@ def _bwd_op(
         budget=budget,
         merge=merge,
         rope=rope,
-        rope_base=rope_base,
+        inv_freq=inv_freq,
         scale=scale,
     )
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, idx_sorted, region, budget, merge, rope, rope_base, scale):
+def _(do, q, k, v, o, lse, idx_sorted, region, budget, merge, rope, inv_freq, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, idx_sorted, region, budget, merge, rope, rope_base, scale = inputs
+    q, k, v, idx_sorted, region, budget, merge, rope, inv_freq, scale = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, idx_sorted, o, lse)
-    ctx.options = (region, budget, merge, rope, rope_base, scale)
+    ctx.options = (region, budget, merge, rope, inv_freq, scale)
 
 
 def _backward(ctx, do: Tensor, _dlse: Tensor | None):
@@ -811,6 +814,14 @@ def _backward(ctx, do: Tensor, _dlse: Tensor | None):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _frequencies(pe: str, inv_freq: Tensor | None, q: Tensor) -> Tensor:
+    """The op's ``inv_freq`` argument: the rotation's ``[D/2]`` float64 for ``pe="selected"``
+    (plain RoPE of base 10000 when None), an unused empty tensor otherwise."""
+    if pe != "selected":
+        return q.new_empty(0, dtype=torch.float64)
+    return selected_inv_freq(q.shape[-1], 10000.0, inv_freq, q.device)
 
 
 def ms_attend_triton(
@@ -823,11 +834,12 @@ def ms_attend_triton(
     budget: int,
     merge: int,
     pe: str,
-    rope_base: float,
+    inv_freq: Tensor | None = None,
     scale: float,
 ) -> Tensor:
     """Attention given a selection ``idx [B, Hs, G, S]`` (any order, -1 = ignored entry):
-    the Triton counterpart of ``ms_attend_torch``; differentiable in q, k, v."""
+    the Triton counterpart of ``ms_attend_torch``; differentiable in q, k, v. ``inv_freq``:
+    ``pe="selected"``'s rotary inverse frequencies ``[D/2]`` (None: plain RoPE, base 10000)."""
     o, _ = _fwd_op(
         q,
         k,
@@ -837,7 +849,7 @@ def ms_attend_triton(
         budget,
         merge,
         pe == "selected",
-        float(rope_base),
+        _frequencies(pe, inv_freq, q),
         float(scale),
     )
     return o
@@ -863,7 +875,7 @@ def ms_attention_triton(
     scope: str,
     select: str,
     pe: str,
-    rope_base: float,
+    inv_freq: Tensor | None,
     scale: float | None,
 ) -> Tensor:
     """MS attention with Triton kernels -> ``[B, L, Hq, D]`` in q's dtype.
@@ -890,7 +902,7 @@ def ms_attention_triton(
         budget=budget,
         merge=merge,
         pe=pe,
-        rope_base=rope_base,
+        inv_freq=inv_freq,
         scale=scale,
     )
 

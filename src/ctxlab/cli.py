@@ -32,7 +32,8 @@ def _task(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     from ctxlab.config import ConfigError, scope_options
-    from ctxlab.run import run, say
+    from ctxlab.loggers import say
+    from ctxlab.run import run
     from ctxlab.runfiles import RunWriteError, write_error
 
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from functools import cache
@@ -29,10 +28,6 @@ class ConfigError(ValueError):
 
 def _target(node) -> str:
     return str(node.get("_target_", "")) if node is not None else ""
-
-
-def is_ms(cfg: DictConfig) -> bool:
-    return _target(cfg.attention).endswith("MSAttention")
 
 
 def choice(cfg: DictConfig, group: str) -> str:
@@ -317,35 +312,45 @@ def check_targets(cfg: DictConfig) -> None:
             )
 
 
+def attention_core(cfg: DictConfig):
+    """One core of ``cfg.attention`` (cheap: cores hold no weights), its settings validated;
+    ``ConfigError`` naming the setting otherwise."""
+    from hydra.utils import instantiate
+
+    from ctxlab.attention.base import check_core
+
+    try:
+        return check_core(instantiate(cfg.attention)())
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"attention={choice(cfg, 'attention')}: {e}") from e
+
+
+def _applies_positions(name: str) -> bool:
+    from hydra.utils import get_object
+
+    return bool(
+        getattr(get_object(_target(options.option_node("attention", name))), "applies_positions", False)
+    )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` for any combination that cannot work."""
-    from ctxlab.kernels.ms_attention import validate_ms_args
+    from hydra.utils import get_object
 
     check_targets(cfg)
-    pos_target = _target(cfg.position)
-    if pos_target.endswith("Selected") and not is_ms(cfg):
+    core = attention_core(cfg)
+    if get_object(_target(cfg.position)).applies_in_attention and not core.applies_positions:
+        able = [n for n in options.option_names("attention") if _applies_positions(n)]
         raise ConfigError(
-            f"position=selected applies RoPE only to the tokens MS attention selects, but "
-            f"attention={choice(cfg, 'attention')} selects nothing; use attention=ms or ms_causal"
+            f"position={choice(cfg, 'position')} is applied inside attention, which "
+            f"attention={choice(cfg, 'attention')} cannot do; use attention={' or '.join(able)}"
         )
     seq_len = int(cfg.data.seq_len)
-    if is_ms(cfg):
-        a = cfg.attention
+    if cfg.phase.fit:
         try:
-            validate_ms_args(
-                region=a.region, budget=a.budget, merge=a.merge, pool=a.pool, scope=a.scope, select=a.select
-            )
+            core.check_training_length(seq_len)
         except ValueError as e:
-            raise ConfigError(f"attention.{e}") from e
-        n = math.ceil(seq_len / a.region)
-        if cfg.phase.fit and n <= a.budget:
-            raise ConfigError(
-                f"attention={choice(cfg, 'attention')} with attention.region={a.region} and "
-                f"attention.budget={a.budget} covers {a.region * a.budget} tokens, but "
-                f"data.seq_len={seq_len} is only {n} regions: at the training length MS attention "
-                f"would be exactly dense attention. Lower attention.budget or attention.region, "
-                f"or raise data.seq_len."
-            )
+            raise ConfigError(f"attention={choice(cfg, 'attention')} at data.seq_len={seq_len}: {e}") from e
     own_model = cfg.model.get("kind") != "hf"  # an HF model brings pre-trained weights
     if own_model and not cfg.phase.fit and not cfg.phase.get("checkpoint"):
         raise ConfigError("phase=extrapolate evaluates trained weights: set phase.checkpoint=<path to .ckpt>")
@@ -365,6 +370,21 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"study.arms.{name} must be a list of overrides, got {overrides!r}")
 
 
+def check_numbers(cfg: DictConfig) -> None:
+    """Settings that must be whole numbers, named when they are not (``data.seq_len=abc``)
+    before anything computes with them."""
+    wanted = {"data.seq_len": 1, "data.batch_size": 1}
+    if OmegaConf.select(cfg, "data.eval_batch_size") is not None:
+        wanted["data.eval_batch_size"] = 1
+    for key, minimum in wanted.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}")
+    steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < -1:
+        raise ConfigError(f"trainer.max_steps={steps!r} must be an integer > 0 (or -1 with max_epochs)")
+
+
 def _smollm2_dir() -> str:
     from ctxlab.model.hf_sources import smollm2_checkpoint
 
@@ -380,6 +400,20 @@ def _gpus_per_node(accelerator: str, devices):
         raise ConfigError(f"launcher=slurm with a GPU trainer needs an int trainer.devices, got {devices!r}")
     return devices
 
+
+def _steps_or_null(value):
+    """A step interval for a callback: the whole number of ``value``, or None for none (null, 0, or
+    a fraction of an epoch such as ``trainer.val_check_interval=0.5``)."""
+    return int(value or 0) or None
+
+
+def _times(a, b):
+    return int(a) * int(b)
+
+
+for _name, _fn in (("ctxlab.steps_or_null", _steps_or_null), ("ctxlab.times", _times)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 if not OmegaConf.has_resolver("ctxlab.gpus_per_node"):
     OmegaConf.register_new_resolver("ctxlab.gpus_per_node", _gpus_per_node)

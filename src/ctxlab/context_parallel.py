@@ -50,6 +50,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctxlab.attention.base import AttentionCore, check_core
 from ctxlab.config import ConfigError
 
 SETTING = "trainer.strategy.context_parallel"
@@ -133,7 +134,7 @@ def _dense_own_queries(
         end = (j + 1) * c
         kt, vt = k_full[:, :end].transpose(1, 2), v_full[:, :end].transpose(1, 2)  # [B, H, end, D]
         o = F.scaled_dot_product_attention(
-            q_chunk.transpose(1, 2), kt, vt, attn_mask=causal_lower_right(c, end), scale=core.scale
+            q_chunk.transpose(1, 2), kt, vt, attn_mask=causal_lower_right(c, end), scale=core.settings.scale
         )
         out.append(o.transpose(1, 2))
     return torch.cat(out, dim=1)
@@ -181,14 +182,14 @@ def _s2_own_queries(core: nn.Module, q: Tensor, k_full: Tensor, v_full: Tensor, 
     if not core.training:
         return _dense_own_queries(core, q, k_full, v_full, n, rank)
     L, H, c = k_full.shape[1], q.shape[2], q.shape[1] // 2
-    group = s2_group_size(L, group_ratio=core.group_ratio, group_size=core.group_size)
-    if core.wrap and L % group:
+    group = s2_group_size(L, group_ratio=core.settings.group_ratio, group_size=core.settings.group_size)
+    if core.settings.wrap and L % group:
         raise ValueError(
             f"s2 attention with wrap=True (LongLoRA's roll) needs the length L={L} to be a "
             f"multiple of the group size {group}; use wrap=False or another group size"
         )
     rep = H // k_full.shape[2]
-    heads = [(0, H // 2, 0, False), (H // 2, H, group // 2, core.wrap)]  # (h0, h1, shift, wrap)
+    heads = [(0, H // 2, 0, False), (H // 2, H, group // 2, core.settings.wrap)]  # (h0, h1, shift, wrap)
     out = []
     for q_chunk, j in zip(q.split(c, dim=1), (rank, 2 * n - 1 - rank)):
         halves = [
@@ -201,7 +202,7 @@ def _s2_own_queries(core: nn.Module, q: Tensor, k_full: Tensor, v_full: Tensor, 
                 group=group,
                 shift=shift,
                 wrap=wrap,
-                scale=core.scale,
+                scale=core.settings.scale,
             )  # fmt: skip
             for h0, h1, shift, wrap in heads
             if h1 > h0
@@ -218,24 +219,60 @@ def _own_query_paths() -> dict[type, Any]:
     return {DenseAttention: _dense_own_queries, S2Attention: _s2_own_queries}
 
 
-class ContextParallelCore(nn.Module):
+class ContextParallelCore(AttentionCore):
     """Stands where an attention core was during a context-parallel fit: gathers the sequence
     over the cp group and runs the core as one process would (module docstring). Calls with a
-    KV cache (evaluation) go to the core unchanged."""
+    KV cache (evaluation) go to the core unchanged; every hook of the contract is the core's."""
 
-    def __init__(self, inner: nn.Module, split: ContextParallel) -> None:
+    def __init__(self, inner: AttentionCore, split: ContextParallel) -> None:
+        self._inner = [check_core(inner)]  # before the base's __init__ sets record_selection
         super().__init__()
         self.inner = inner
         self._split = [split]  # not a child module
+        self.applies_positions = inner.applies_positions
+        self.checkpoint_saves = inner.checkpoint_saves
+        self.records_selection = inner.records_selection
+
+    @property
+    def record_selection(self) -> bool:
+        return self._inner[0].record_selection
+
+    @record_selection.setter
+    def record_selection(self, on: bool) -> None:
+        self._inner[0].record_selection = on
 
     @property
     def causal(self) -> bool:
         return self.inner.causal
 
+    @property
+    def training_causal(self) -> bool:
+        return self.inner.training_causal
+
+    @property
+    def decode_exact(self) -> bool:
+        return self.inner.decode_exact
+
+    def pair_fraction(self, length: int) -> float:
+        return self.inner.pair_fraction(length)
+
+    def audit_length(self, minimum: int) -> int:
+        return self.inner.audit_length(minimum)
+
+    def check_training_length(self, length: int) -> None:
+        self.inner.check_training_length(length)
+
     def configure_position(self, position) -> None:
-        configure = getattr(self.inner, "configure_position", None)
-        if configure is not None:
-            configure(position)
+        self.inner.configure_position(position)
+
+    def continues_foreign_cache(self, n_new: int) -> bool:
+        return self.inner.continues_foreign_cache(n_new)
+
+    def selection_stats(self, local_window: int) -> dict | None:
+        return self.inner.selection_stats(local_window)
+
+    def clear_selection(self) -> None:
+        self.inner.clear_selection()
 
     def describe(self) -> str:
         return f"{self.inner.describe()} [context parallel x{self._split[0].cp}]"

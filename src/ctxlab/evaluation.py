@@ -156,10 +156,8 @@ def search_eval_scale(model, dm, cfg: DictConfig, device) -> dict | None:
 
 def set_eval_scale(model, scale: float) -> None:
     model.position.set_eval_scale(scale)
-    for core in model.cores:  # cores that apply positions themselves take the new base
-        configure = getattr(core, "configure_position", None)
-        if configure is not None:
-            configure(model.position)
+    for core in model.cores:  # cores that apply positions themselves take the new tables
+        core.configure_position(model.position)
     refresh = getattr(model, "refresh_rope_config", None)
     if refresh is not None:
         refresh()
@@ -216,7 +214,7 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers, extra: dict, we
     with ``evaluations`` naming every summary written."""
     from hydra.utils import instantiate
 
-    from ctxlab.run import device_of
+    from ctxlab.build import device_of
 
     device = device_of(cfg)
     model = model.to(device).eval()
@@ -254,7 +252,7 @@ def evaluate(model, dm, cfg: DictConfig, run_dir: Path, loggers, extra: dict, we
 
 def _declared_causal(factory, trained_cores) -> bool:
     core = factory() if factory is not None else trained_cores[0]
-    return bool(getattr(core, "causal", True))
+    return core.causal
 
 
 def _use(model, factory, trained_cores) -> None:
@@ -290,11 +288,12 @@ def evaluate_one(model, dm, cfg, out: Path, loggers, extra: dict, eval_name: str
 
 def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, store, tag: str, plots: Path,
           writes: bool) -> dict:  # fmt: skip
+    from ctxlab.build import device_of, eval_configs
     from ctxlab.eval.causality import causality_audit
     from ctxlab.eval.passkey import accuracy_matrix, passkey_by_length, passkey_grid
     from ctxlab.eval.perplexity import perplexity_grid
     from ctxlab.eval.plots import plot_passkey, plot_passkey_by_length, plot_perplexity
-    from ctxlab.run import device_of, eval_configs, write_rows
+    from ctxlab.loggers import write_rows
 
     ppl_cfg, pk_cfg = eval_configs(cfg)
     device = device_of(cfg)
@@ -308,7 +307,7 @@ def _grid(model, dm, cfg, out: Path, loggers, summary: dict, eval_name: str, sto
         if rep.causal != rep.declared_causal:
             say(f"WARNING: the causality audit found causal={rep.causal}, but the configuration declares "
                 f"{rep.declared_causal}")  # fmt: skip
-    declared = all(bool(getattr(c, "causal", True)) for c in model.cores)
+    declared = all(c.causal for c in model.cores)
     summary["causal"] = causal if causal is not None else declared
     if ppl_cfg.enabled and summary["causal"]:
         docs = test_documents(dm, cfg)

@@ -72,8 +72,9 @@ def load_run(run_dir: Path, checkpoint: Path | None, *, allow_unfinished: bool =
     from omegaconf import OmegaConf
 
     import ctxlab.config  # noqa: F401  (resolvers)
+    from ctxlab.build import build_model, is_hf
     from ctxlab.model.hf_lora import check_source_rope
-    from ctxlab.run import build_model, is_hf, load_weights
+    from ctxlab.weights import load_weights
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():

@@ -186,8 +186,9 @@ def load_model(run: str | Path, *, weights=None, attention: str = "trained", eva
     and the inference scale applied."""
     from hydra.utils import instantiate
 
+    from ctxlab.build import build_model
     from ctxlab.evaluation import TRAINED, attention_node, set_eval_scale
-    from ctxlab.run import build_model, load_any_weights
+    from ctxlab.weights import load_any_weights
 
     run = Path(run)
     cfg = run_config(run, overrides)

@@ -48,6 +48,7 @@ MAY_CHANGE = (
     "trainer.limit_val_batches",
     "trainer.num_sanity_val_steps",
     "logger",
+    "callbacks",
     "eval",
     "hydra",
     "run_dir",
@@ -335,7 +336,7 @@ class HoldRunDir(HydraCallback):
     output directory before the task starts, so a lock taken by the task comes after a second
     run has already overwritten the first's ``.hydra/config.yaml``. ``on_run_start`` runs before
     that: a directory that cannot take a file, or that another run holds, stops this run there,
-    having written nothing into it. The task (``ctxlab.run.claim_run_dir``) takes this lock over.
+    having written nothing into it. The task (``ctxlab.train.job.claim_run_dir``) takes this lock over.
     A multirun holds its sweep directory the same way (before ``multirun.yaml`` is written); each
     of its jobs locks its own directory in the task.
 

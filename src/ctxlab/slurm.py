@@ -12,7 +12,7 @@ its DDP ranks from SLURM), and :class:`PreemptionCheckpoint` sits between them: 
 only raises a flag; at the end of the current training step (a consistent state) it writes
 ``run_dir/checkpoints/last.ckpt`` atomically, then hands over to submitit's handler. The
 requeued job composes the same config, finds the same ``run_dir`` and resumes from
-``last.ckpt`` with the same W&B run id (:func:`ctxlab.run.run_job`).
+``last.ckpt`` with the same W&B run id (:func:`ctxlab.train.job.run_job`).
 
 Every checkpoint Lightning writes goes through :class:`AtomicCheckpointIO` (temporary file,
 fsync, ``os.replace``), so a job killed while saving leaves the previous ``last.ckpt`` intact.
@@ -280,8 +280,8 @@ class ValidateSweep(HydraCallback):
     def _validate_and_record(self, config: DictConfig) -> None:
         from hydra.core.global_hydra import GlobalHydra
 
-        from ctxlab.config import ConfigError, scope_options, validate
-        from ctxlab.run import check_numbers, git_state, package_versions
+        from ctxlab.config import ConfigError, check_numbers, scope_options, validate
+        from ctxlab.provenance import git_state, package_versions
 
         sweeper = str(config.hydra.sweeper.get("_target_", ""))
         loader = GlobalHydra.instance().config_loader()

@@ -15,10 +15,15 @@ the weights were trained with (model, attention, position), which ``load_trainab
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
+
+from ctxlab.loggers import say
+from ctxlab.provenance import trained_settings
 
 SMALL_NUMEL = 1 << 20
 FILES = {"small": "trainable.safetensors", "large": "trainable_large.safetensors"}
@@ -119,3 +124,93 @@ def load_trainable(model: nn.Module, folder: str | Path, setting: str) -> dict:
         for k, v in state.items():
             params[k].copy_(v.to(dtype=params[k].dtype))
     return meta
+
+
+def read_checkpoint(path: Path, setting: str) -> dict:
+    """``torch.load`` of a checkpoint file, with an error naming ``setting`` for a file that is
+    not one (a truncated copy, a text file) instead of torch's unpickling error."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(
+            f"{setting}: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            "a truncated copy or another kind of file? Give the path of a complete .ckpt file or of "
+            "a run's weights/ folder"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{setting}: {path} holds a {type(ckpt).__name__}, not a checkpoint")
+    return ckpt
+
+
+def load_weights(model, path: str | os.PathLike, setting: str) -> dict:
+    """Load a ctxlab checkpoint's model weights, refusing one made for a different model."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{setting}: no checkpoint file at {p}")
+    ckpt = read_checkpoint(p, setting)
+    meta = ckpt.get("ctxlab")
+    if meta is None or "state_dict" not in ckpt:
+        raise ValueError(f"{setting}: {p} is not a ctxlab checkpoint (no ctxlab metadata)")
+    saved, current = meta["model"], model.config.to_dict()
+    ignore = {"gradient_checkpointing"}
+    diff = {
+        k: (saved.get(k), current.get(k))
+        for k in current
+        if k not in ignore and saved.get(k) != current.get(k)
+    }
+    if diff:
+        details = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"{setting}: {p} was trained with a different model ({details})")
+    # Rotary tables are derived from the position config, not learned: never load them.
+    state = {
+        k[len("model.") :]: v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("model.") and not k.startswith("model.position.")
+    }
+    own = {k for k in model.state_dict() if not k.startswith("position.")}
+    missing, unexpected = own - set(state), set(state) - own
+    if missing or unexpected:
+        raise ValueError(
+            f"{setting}: {p} does not match the model "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    model.load_state_dict(state, strict=False)
+    return ckpt
+
+
+def save_run_weights(model, folder: Path, cfg: DictConfig, extra: dict) -> None:
+    """The fit's trainable parameters (``ctxlab.weights``) with what they were trained with."""
+    meta = {"steps": extra.get("steps"), "name": str(cfg.name), **trained_settings(cfg, model)}
+    save_trainable(model, folder, meta)
+    say(f"trained weights: {folder}")
+
+
+def load_any_weights(model, path: Path, setting: str) -> dict:
+    """A Lightning checkpoint file (``load_weights``) or a ``weights/`` folder of a finished run
+    (``ctxlab.weights``); a run directory means its ``weights/``. Returns what the weights
+    record about their training (``trained_settings``; empty where they record nothing)."""
+    if path.is_dir() and not is_weights_dir(path) and is_weights_dir(path / "weights"):
+        path = path / "weights"
+    if path.is_dir():
+        if not is_weights_dir(path):
+            raise FileNotFoundError(f"{setting}: {path} is neither a checkpoint file nor a weights folder")
+        try:
+            meta = load_trainable(model, path, setting)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{setting}: {path / 'meta.json'} is not valid JSON ({e})") from e
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:  # a damaged safetensors file
+            why = f"{type(e).__name__}: {e}"
+            raise ValueError(f"{setting}: {path} is not a readable weights folder ({why})") from e
+        say(f"loaded {setting} {path} (trained {meta.get('steps')} steps)")
+        return meta
+    return load_weights(model, path, setting).get("ctxlab") or {}
+
+
+def weights_complete(folder: Path) -> bool:
+    """A ``weights/`` folder with every file its ``meta.json`` lists (a copy that left its large
+    file behind on the training machine is not: that arm is trained again)."""
+    if not (folder / "meta.json").exists():
+        return False
+    return all((folder / f).is_file() for f in read_meta(folder).get("files", {}).values())

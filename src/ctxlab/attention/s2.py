@@ -26,11 +26,14 @@ those of a causal model either way; ``causal`` describes that evaluated function
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
+from ctxlab.attention.base import AttentionCore
 from ctxlab.attention.cache import LayerCache
-from ctxlab.attention.modules import dense_attention, sdpa
+from ctxlab.attention.modules import check_scale, dense_attention, sdpa
 
 
 def s2_group_size(length: int, *, group_ratio: float = 0.25, group_size: int = 0) -> int:
@@ -136,56 +139,66 @@ def s2_attention(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
-class S2Attention(nn.Module):
-    """S2-Attn as a layer core: ``s2_attention`` in training, dense causal attention otherwise.
+@dataclass(frozen=True, kw_only=True)
+class S2Settings:
+    """S2-Attn's settings (``cfg/attention/s2.yaml``), validated when built."""
 
-    Args:
-        group_ratio: group size as a fraction of the training length (LongLoRA: 1/4).
-        group_size: fixed group size in tokens; 0 uses ``group_ratio``.
-        wrap: LongLoRA's wrap-around shift (True, not causal in training) or the causal
-            variant (False); see the module docstring.
-        scale: softmax scale, ``1/sqrt(D)`` when None.
-    """
+    group_ratio: float = 0.25
+    """Group size as a fraction of the training length (LongLoRA: 1/4)."""
+    group_size: int = 0
+    """Fixed group size in tokens; 0 uses ``group_ratio``."""
+    wrap: bool = True
+    """LongLoRA's wrap-around shift (not causal in training) or the causal variant (False)."""
+    scale: float | None = None
+    """Softmax scale, ``1/sqrt(D)`` when None."""
 
-    causal = True  # what is evaluated: dense causal attention (training with wrap is not)
+    def __post_init__(self) -> None:
+        ratio, size = self.group_ratio, self.group_size
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+            raise ValueError(f"attention.group_ratio must be a number in (0, 1], got {ratio!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
+            raise ValueError(f"attention.group_size must be 0 (use group_ratio) or an int >= 2, got {size!r}")
+        if not isinstance(self.wrap, bool):
+            raise ValueError(f"attention.wrap must be a bool, got {self.wrap!r}")
+        check_scale(self.scale)
+        object.__setattr__(self, "group_ratio", float(ratio))
 
-    def __init__(
-        self, *, group_ratio: float = 0.25, group_size: int = 0, wrap: bool = True, scale: float | None = None
-    ) -> None:
-        super().__init__()
-        if (
-            isinstance(group_ratio, bool)
-            or not isinstance(group_ratio, (int, float))
-            or not 0 < group_ratio <= 1
-        ):
-            raise ValueError(f"attention.group_ratio must be a number in (0, 1], got {group_ratio!r}")
-        if (
-            isinstance(group_size, bool)
-            or not isinstance(group_size, int)
-            or group_size < 0
-            or group_size == 1
-        ):
-            raise ValueError(
-                f"attention.group_size must be 0 (use group_ratio) or an int >= 2, got {group_size!r}"
-            )
-        if not isinstance(wrap, bool):
-            raise ValueError(f"attention.wrap must be a bool, got {wrap!r}")
-        self.group_ratio, self.group_size, self.wrap, self.scale = float(group_ratio), group_size, wrap, scale
+    def group(self, length: int) -> int:
+        """Tokens per group at ``length`` tokens (``s2_group_size``)."""
+        return s2_group_size(length, group_ratio=self.group_ratio, group_size=self.group_size)
+
+
+class S2Attention(AttentionCore):
+    """S2-Attn as a layer core: ``s2_attention`` in training, dense causal attention otherwise
+    (what is evaluated is causal; training with ``wrap`` is not)."""
+
+    Settings = S2Settings
 
     @property
     def training_causal(self) -> bool:
         """Whether the training-time function is causal (only without LongLoRA's wrap)."""
-        return not self.wrap
+        return not self.settings.wrap
+
+    def pair_fraction(self, length: int) -> float:
+        """In training, the unshifted heads' pairs: causal inside whole groups of G and a partial
+        last one (1 where no group of 2 tokens fits: such a length does not train)."""
+        s = self.settings
+        g = s.group_size if s.group_size > 0 else int(length * s.group_ratio)
+        if g < 2:
+            return 1.0
+        whole, rest = divmod(length, g)
+        return (whole * g * (g + 1) + rest * (rest + 1)) / (length * (length + 1))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache | None = None) -> Tensor:
+        s = self.settings
         if cache is not None:
             k, v, _ = cache.append(k, v)
-            return dense_attention(q, k, v, scale=self.scale)
+            return dense_attention(q, k, v, scale=s.scale)
         if not self.training:
-            return dense_attention(q, k, v, scale=self.scale)
-        group = s2_group_size(q.shape[1], group_ratio=self.group_ratio, group_size=self.group_size)
-        return s2_attention(q, k, v, group=group, wrap=self.wrap, scale=self.scale)
+            return dense_attention(q, k, v, scale=s.scale)
+        return s2_attention(q, k, v, group=s.group(q.shape[1]), wrap=s.wrap, scale=s.scale)
 
     def describe(self) -> str:
-        size = f"G={self.group_size}" if self.group_size else f"G=L*{self.group_ratio:g}"
-        return f"s2({size},wrap={self.wrap}; dense at eval)"
+        s = self.settings
+        size = f"G={s.group_size}" if s.group_size else f"G=L*{s.group_ratio:g}"
+        return f"s2({size},wrap={s.wrap}; dense at eval)"

@@ -4,8 +4,9 @@ selection.
 Under gradient checkpointing every decoder layer runs its forward twice (once, then again in
 the backward pass), and MS attention's selection with it; at 128K tokens the selection costs as
 much as the attention (kernels/README.md). ``ms_selection`` is a ``torch.library`` custom op
-(``ctxlab::ms_selection``), so a selective-checkpointing policy can name it:
-``save_selection_context`` makes the recomputation reuse the indices of the first forward
+(``ctxlab::ms_selection``), so a selective-checkpointing policy can name it: ``MSAttention``
+lists it in ``checkpoint_saves``, and ``ctxlab.attention.base.checkpoint_kwargs`` makes the
+recomputation reuse the indices of the first forward
 (``[B, Hs, G, T-m]`` int64: 4 MiB per layer at 128K with paper settings) and recompute
 everything else as before. The selection has no gradient, so values and gradients are unchanged.
 """
@@ -19,8 +20,10 @@ from ctxlab.kernels.ms_attention import ms_attend_torch, ms_select_torch
 from ctxlab.kernels.ms_attention.interface import use_triton
 from ctxlab.kernels.ms_attention.torch_impl import num_blocks
 
+SELECTION_OP = "ctxlab::ms_selection"
 
-@torch.library.custom_op("ctxlab::ms_selection", mutates_args=())
+
+@torch.library.custom_op(SELECTION_OP, mutates_args=())
 def ms_selection(
     q: Tensor, k: Tensor, region: int, budget: int, merge: int, pool: str, scope: str, select: str,
     backend: str,
@@ -44,41 +47,15 @@ def _(q, k, region, budget, merge, pool, scope, select, backend):
 
 def ms_attend(
     q: Tensor, k: Tensor, v: Tensor, idx: Tensor, *, region: int, budget: int, merge: int, scope: str,
-    pe: str, rope_base: float, scale: float | None, backend: str,
+    pe: str, inv_freq: Tensor | None, scale: float | None, backend: str,
 ) -> Tensor:  # fmt: skip
     """Attention given ``ms_selection``'s indices, by the Triton kernels on CUDA (backend auto or
-    triton) or the PyTorch path; differentiable in q, k, v."""
+    triton) or the PyTorch path; differentiable in q, k, v. ``inv_freq``: ``pe="selected"``'s
+    rotary inverse frequencies ``[D/2]`` (the position scheme's)."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    opts = dict(region=region, budget=budget, merge=merge, pe=pe, rope_base=float(rope_base), scale=scale)
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, inv_freq=inv_freq, scale=scale)
     if use_triton(q, backend):
         from ctxlab.kernels.ms_attention.triton_impl import ms_attend_triton
 
         return ms_attend_triton(q, k, v, idx, **opts)
     return ms_attend_torch(q, k, v, idx, scope=scope, **opts)
-
-
-def _keep_selection(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    if op is torch.ops.ctxlab.ms_selection.default:
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def save_selection_context():
-    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the
-    recomputed forward reuses the saved MS selection and recomputes everything else."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return create_selective_checkpoint_contexts(_keep_selection)
-
-
-def checkpoint_kwargs(cores) -> dict:
-    """Keywords for non-reentrant ``checkpoint`` around layers with these attention cores: the
-    selection-keeping policy when any core is MS attention."""
-    from ctxlab.attention.modules import MSAttention
-
-    kw: dict = {"use_reentrant": False}
-    if any(isinstance(c, MSAttention) for c in cores):
-        kw["context_fn"] = save_selection_context
-    return kw

@@ -39,12 +39,11 @@ from pathlib import Path
 
 import torch
 
-# Variants: the attention group and its settings, as Hydra overrides.
-VARIANTS: dict[str, list[str]] = {
-    "dense": ["attention=dense"],
-    "s2": ["attention=s2"],
-    "ms": ["attention=ms"],  # the paper's settings: region 16, budget 512, merge 64
-    "ms_causal": ["attention=ms_causal"],
+from ctxlab.options import option_names
+
+# Variants: every option of the attention group with its own settings (ms: the paper's, region 16,
+# budget 512, merge 64), plus named settings of an option, as Hydra overrides.
+VARIANTS: dict[str, list[str]] = {name: [f"attention={name}"] for name in option_names("attention")} | {
     "ms_sparse": ["attention=ms", "attention.region=64", "attention.budget=64", "attention.merge=8"],
 }
 DEFAULT_OVERRIDES = ["model=llama2_7b", "position=crd_ntk", "phase=finetune", "trainer=gpu"]
@@ -81,7 +80,7 @@ def environment() -> dict:
         peft_v = peft.__version__
     except ImportError:
         peft_v = None
-    from ctxlab.run import git_state
+    from ctxlab.provenance import git_state
 
     git = git_state()
     if not git["commit"]:  # a device machine gets a copy of the tree without .git: the caller passes it
@@ -201,7 +200,7 @@ def _fit_case(
     import lightning as L
     from hydra.utils import instantiate
 
-    from ctxlab.run import build_model
+    from ctxlab.build import build_model
     from ctxlab.train.module import LMModule
 
     seq_len = int(cfg.data.seq_len)
@@ -252,16 +251,10 @@ def _fit_case(
 
 
 def fraction_computed(cfg) -> float:
-    from ctxlab.attention import ms_fraction_computed
-    from ctxlab.config import is_ms
+    """The fraction of causal pairs the configured attention computes at ``data.seq_len``."""
+    from hydra.utils import instantiate
 
-    a, L = cfg.attention, int(cfg.data.seq_len)
-    if is_ms(cfg):
-        return ms_fraction_computed(L, int(a.region), int(a.budget), int(a.merge))
-    if str(a.get("_target_", "")).endswith("S2Attention"):
-        g = int(a.group_size) or int(L * float(a.group_ratio))
-        return min(1.0, (L // g) * g * (g + 1) / 2 / (L * (L + 1) / 2)) if g else 1.0
-    return 1.0
+    return instantiate(cfg.attention)().pair_fraction(int(cfg.data.seq_len))
 
 
 def scaling_efficiency(row: dict, baseline: dict | None) -> float | None:

@@ -28,16 +28,12 @@ class CausalityReport:
 
 
 def audit_length(model, minimum: int = 64) -> int:
-    """A length at which every core's sparse schedule has several blocks."""
-    L = minimum
-    for core in model.cores:
-        if hasattr(core, "budget"):
-            L = max(L, (core.budget + 3 * core.merge) * core.region + core.region // 2 + 1)
-    return L
+    """A length at which every core's pattern is exercised (``AttentionCore.audit_length``)."""
+    return max(core.audit_length(minimum) for core in model.cores)
 
 
 def declared_causal(model) -> bool:
-    return all(bool(getattr(core, "causal", True)) for core in model.cores)
+    return all(core.causal for core in model.cores)
 
 
 @torch.no_grad()

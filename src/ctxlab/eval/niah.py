@@ -322,7 +322,8 @@ def evaluate_niah(
     ``niah_by_length``), ``out/niah.{csv,json}``, a W&B table; cells kept in ``store``."""
     from hydra.utils import instantiate
 
-    from ctxlab.run import device_of, say, write_rows
+    from ctxlab.build import device_of
+    from ctxlab.loggers import say, write_rows
 
     ncfg = instantiate(cfg.eval.niah)
     rows = niah_grid(model, tokenizer, ncfg, device=device_of(cfg), store=store)

@@ -37,14 +37,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ctxlab.attention.base import AttentionCore, build_cores, checkpoint_kwargs
 from ctxlab.attention.cache import KVCache, LayerCache
-from ctxlab.attention.modules import MSAttention
 from ctxlab.model.hf_sources import (
     RANDOM_SHAPES,
     SUPPORTED_ARCHITECTURES,
-    load_checkpoint,
-    random_model,
-    smollm2_checkpoint,
     torch_dtype,
 )
 from ctxlab.position.base import PositionScheme
@@ -82,8 +79,8 @@ def ctxlab_attention_forward(
     (``[B, L, H, D]``, None). Runs ``module.ctxlab_core``; never returns attention weights.
 
     With ``ctxlab_cache`` (``HFCausalLM.new_cache()``) the layer's ctxlab cache is used. Without
-    it, keys longer than the queries mean HF's own cache holds the history: dense-at-inference
-    cores (dense, S2) attend over it; MS attention needs its query history and refuses.
+    it, keys longer than the queries mean HF's own cache holds the history: cores that can
+    (``AttentionCore.continues_foreign_cache``) attend over it, the others refuse.
     """
     core = getattr(module, "ctxlab_core", None)
     if core is None:
@@ -104,10 +101,10 @@ def ctxlab_attention_forward(
     elif k.shape[1] == n_new:
         out = core(q, k, v)
     else:
-        if isinstance(core, MSAttention) and (n_new > 1 or core.sparse_decode):
+        if not core.continues_foreign_cache(n_new):
             raise ValueError(
-                "MS attention cannot continue from transformers' own KV cache (it keeps no query "
-                "history); decode through HFCausalLM with cache=model.new_cache()"
+                f"{core.describe()} cannot continue from transformers' own KV cache (it keeps no "
+                "query history); decode through HFCausalLM with cache=model.new_cache()"
             )
         out = core(q, k[:, -n_new:], v[:, -n_new:], cache=_PrefilledCache(k, v, n_new))
     return out, None
@@ -207,14 +204,10 @@ def attach_ctxlab_attention(
             f"position.head_dim={position.head_dim} does not match the model's head_dim={head_dim}"
         )
     register_ctxlab_attention()
-    cores = []
-    for attn in hf_attention_modules(hf_model):
-        core = attention()
-        configure = getattr(core, "configure_position", None)
-        if configure is not None:
-            configure(position)
+    modules = hf_attention_modules(hf_model)
+    cores = build_cores(attention, position, len(modules))
+    for attn, core in zip(modules, cores):
         attn.ctxlab_core = core
-        cores.append(core)
     hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
     rope = position.hf_rope_scaling()
     if rope is not None:
@@ -229,10 +222,9 @@ def set_checkpointing(hf_model: nn.Module, on: bool) -> None:
     transformers 5.2x calls this activation checkpointing; earlier 5.x (the GPU image's 5.17)
     only has the gradient-checkpointing names.
     """
-    from ctxlab.attention.selection import checkpoint_kwargs
-
-    # With MS cores the recomputation reuses each layer's saved selection (attention.selection).
-    kwargs = checkpoint_kwargs([getattr(a, "ctxlab_core", None) for a in hf_attention_modules(hf_model)])
+    # The cores' checkpoint policies (MS: the recomputation reuses each layer's saved selection).
+    cores = [getattr(a, "ctxlab_core", None) for a in hf_attention_modules(hf_model)]
+    kwargs = checkpoint_kwargs([c for c in cores if c is not None])  # none: a plain HF model
     if hasattr(hf_model, "activation_checkpointing_enable"):
         if on:
             hf_model.activation_checkpointing_enable(kwargs)
@@ -380,17 +372,14 @@ class HFCausalLM(nn.Module):
         self._peft[:] = [peft_model]
 
     @property
-    def cores(self) -> list[nn.Module]:
+    def cores(self) -> list[AttentionCore]:
         return [attn.ctxlab_core for attn in hf_attention_modules(self.hf)]
 
     def set_attention(self, attention: Callable[[], nn.Module]) -> None:
         """Give every layer a new core from ``attention`` (an evaluation attention, say); the
         cores hold no weights, so the trained weights and adapters are untouched."""
-        for attn in hf_attention_modules(self.hf):
-            core = attention()
-            configure = getattr(core, "configure_position", None)
-            if configure is not None:
-                configure(self.position)
+        modules = hf_attention_modules(self.hf)
+        for attn, core in zip(modules, build_cores(attention, self.position, len(modules))):
             attn.ctxlab_core = core
 
     def refresh_rope_config(self) -> None:
@@ -434,7 +423,7 @@ class HFModelSpec:
     """An HF model for ctxlab (the ``model`` group's ``_target_`` for ``kind: hf``)."""
 
     kind: str = "hf"
-    """Tells ``run.build_model`` to build through ``build_hf_model_from_cfg``; must be "hf"."""
+    """Tells ``ctxlab.build.build_model`` to build through ``hf_build.build_hf_model``; must be "hf"."""
     source: str
     """``smollm2`` (the packaged SmolLM2-135M), a random shape (``llama2_7b``, ``mistral_7b``)
     or a local Llama/Mistral checkpoint folder."""
@@ -490,65 +479,3 @@ class HFModelSpec:
             raise ValueError(f"model.trainable_dtype must be float32 or model, got {self.trainable_dtype!r}")
         self.lora_targets, self.trainable = list(self.lora_targets), list(self.trainable)
         self.overrides = dict(self.overrides)
-
-
-def load_hf_source(spec: HFModelSpec) -> tuple[nn.Module, Path | None, bool]:
-    """(HF model, checkpoint folder or None, pre-trained?) for ``spec.source``."""
-    if spec.source in RANDOM_SHAPES:
-        return (
-            random_model(spec.source, overrides=spec.overrides, dtype=spec.dtype, device=spec.init_device),
-            None,
-            False,
-        )
-    folder = smollm2_checkpoint(spec.cache_dir) if spec.source == "smollm2" else Path(spec.source)
-    return load_checkpoint(folder, dtype=spec.dtype), folder, True
-
-
-def build_hf_model(
-    spec: HFModelSpec, attention: Callable[[], nn.Module], position: PositionScheme
-) -> HFCausalLM:
-    """Load ``spec.source``, swap in ``attention`` and ``position``, add LoRA+ and checkpointing.
-
-    A pre-trained checkpoint must have been trained with the scheme's RoPE base
-    (``position.base == rope_theta``), else its positions would silently change; a random
-    shape takes the scheme's base.
-    """
-    from ctxlab.model.hf_lora import apply_lora_plus, keep_float32_masters
-
-    hf_model, folder, pretrained = load_hf_source(spec)
-    head_dim = hf_attention_modules(hf_model)[0].head_dim
-    if spec.head_dim != head_dim:
-        raise ValueError(f"model.head_dim={spec.head_dim} but {spec.source} has head_dim={head_dim}")
-    theta = float(hf_model.config.rope_parameters["rope_theta"])
-    if pretrained and abs(position.base - theta) > 1e-6 * theta:
-        raise ValueError(
-            f"position.base={position.base:g} but {spec.source} was pre-trained with rope_theta="
-            f"{theta:g}; set position.base={theta:g}"
-        )
-    model = HFCausalLM(hf_model, attention, position, source_dir=folder)
-    if pretrained:  # before any training: a scheme that would drop the source's own RoPE scaling
-        from ctxlab.model.hf_lora import check_source_rope
-
-        check_source_rope(model)
-    if spec.lora_rank:
-        model.set_peft(
-            apply_lora_plus(
-                model.hf, rank=spec.lora_rank, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                targets=spec.lora_targets, trainable=spec.trainable,
-            )
-        )  # fmt: skip
-        if spec.trainable_dtype == "float32":
-            keep_float32_masters(model.hf, spec.trainable)
-    if spec.gradient_checkpointing:
-        set_checkpointing(model.hf, True)
-    if spec.mlp_chunk:
-        set_mlp_chunking(model.hf, spec.mlp_chunk)
-    return model
-
-
-def build_hf_model_from_cfg(cfg) -> HFCausalLM:
-    """``run.build_model`` for ``model.kind == "hf"``: instantiate the model, attention and
-    position groups of a composed config and build."""
-    from hydra.utils import instantiate
-
-    return build_hf_model(instantiate(cfg.model), instantiate(cfg.attention), instantiate(cfg.position))

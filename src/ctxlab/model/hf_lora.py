@@ -17,6 +17,9 @@ from pathlib import Path
 
 from torch import nn
 
+from ctxlab.model.hf import detach_ctxlab_attention, is_checkpointing, set_checkpointing
+from ctxlab.model.hf_sources import torch_dtype
+
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
@@ -184,9 +187,6 @@ def export_hf(
     trainable; a 7B bf16 copy needs 13.5 GB more); ``inplace=True`` merges the model itself.
     ``dtype`` (float32, bfloat16, float16) casts the saved weights.
     """
-    from ctxlab.model.hf import detach_ctxlab_attention, is_checkpointing, set_checkpointing
-    from ctxlab.model.hf_sources import torch_dtype
-
     rope = model.position.hf_rope_scaling()
     if rope is None:
         raise ValueError(

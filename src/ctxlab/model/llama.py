@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ctxlab.attention.base import AttentionCore, build_cores, checkpoint_kwargs
 from ctxlab.attention.cache import KVCache, LayerCache
 from ctxlab.position.base import PositionScheme
 
@@ -106,11 +107,11 @@ class Attention(nn.Module):
     """Projections + position + a pluggable attention core.
 
     ``core(q, k, v, cache=...)`` returns ``[B, L, H, D]``; it owns the attention pattern
-    (dense, MS, ...). The position scheme rotates q/k here unless it says that the core applies
-    it (``pe="selected"``: RoPE on the re-indexed selected tokens inside MS attention).
+    (an ``AttentionCore``). The position scheme rotates q/k here unless it says that the core
+    applies it (``position=selected``: RoPE on the tokens a sparse core selects).
     """
 
-    def __init__(self, cfg: LlamaConfig, core: nn.Module, position: PositionScheme) -> None:
+    def __init__(self, cfg: LlamaConfig, core: AttentionCore, position: PositionScheme) -> None:
         super().__init__()
         hd = cfg.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
@@ -135,7 +136,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LlamaConfig, core: nn.Module, position: PositionScheme) -> None:
+    def __init__(self, cfg: LlamaConfig, core: AttentionCore, position: PositionScheme) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, core, position)
@@ -145,23 +146,6 @@ class Block(nn.Module):
     def forward(self, x: Tensor, position_ids: Tensor, cache: LayerCache | None) -> Tensor:
         x = x + self.attn(self.attn_norm(x), position_ids, cache)
         return x + self.ffn(self.ffn_norm(x))
-
-
-def configured_cores(
-    attention: Callable[[], nn.Module], position: PositionScheme, n_layers: int
-) -> list[nn.Module]:
-    """One core per layer from the factory ``attention``, each told the position scheme."""
-    cores = [attention() for _ in range(n_layers)]
-    for core in cores:
-        configure = getattr(core, "configure_position", None)
-        if position.applies_in_attention and configure is None:
-            raise ValueError(
-                f"position scheme {type(position).__name__} is applied inside attention, "
-                f"which {type(core).__name__} cannot do (use an MS attention)"
-            )
-        if configure is not None:
-            configure(position)
-    return cores
 
 
 class Llama(nn.Module):
@@ -175,13 +159,13 @@ class Llama(nn.Module):
     def __init__(
         self,
         config: LlamaConfig,
-        attention: Callable[[], nn.Module],
+        attention: Callable[[], AttentionCore],
         position: PositionScheme,
     ) -> None:
         super().__init__()
         self.config = config
         self.position = position
-        cores = configured_cores(attention, position, config.n_layers)
+        cores = build_cores(attention, position, config.n_layers)
         self.embed = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config, core, position) for core in cores)
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -196,20 +180,18 @@ class Llama(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
     @property
-    def cores(self) -> list[nn.Module]:
+    def cores(self) -> list[AttentionCore]:
         return [layer.attn.core for layer in self.layers]
 
-    def set_attention(self, attention: Callable[[], nn.Module]) -> None:
+    def set_attention(self, attention: Callable[[], AttentionCore]) -> None:
         """Give every layer a new core from ``attention`` (an evaluation attention, say); the
         cores hold no weights, so the trained weights are untouched."""
-        for layer, core in zip(self.layers, configured_cores(attention, self.position, len(self.layers))):
+        for layer, core in zip(self.layers, build_cores(attention, self.position, len(self.layers))):
             layer.attn.core = core
 
     @property
     def _ckpt_kwargs(self) -> dict:
-        from ctxlab.attention.selection import checkpoint_kwargs
-
-        return checkpoint_kwargs(self.cores)  # MS cores: the recomputation keeps the selection
+        return checkpoint_kwargs(self.cores)  # what each core's checkpoint policy keeps
 
     def new_cache(self) -> KVCache:
         return KVCache(len(self.layers))

@@ -158,6 +158,14 @@ class PositionScheme(nn.Module):
         """Inverse frequencies, float64 ``[D/2]``, used to rotate these ids."""
         return self.inv_freq
 
+    def frequencies_at(self, length: int) -> tuple[Tensor, float]:
+        """(inverse frequencies float64 ``[D/2]``, attention scaling) that rotate the positions
+        ``0 .. length-1`` now (training or evaluation): the tables an attention core that
+        applies positions itself (``position=selected``) hands its kernels."""
+        check_int("length", length, 1)
+        ids = torch.full((1, 1), length - 1, dtype=torch.long, device=self.inv_freq.device)
+        return self._inv_freq_for(ids), self.attention_scaling
+
     def position_ids(
         self,
         batch: int,
@@ -288,6 +296,40 @@ class PositionScheme(nn.Module):
 
     def extra_repr(self) -> str:
         return self.describe()
+
+
+class RotatesByFrequencies:
+    """Mixin (before ``PositionScheme`` in the bases) for a scheme that rotates by another scheme's
+    frequencies, ``self.frequencies``: PoSE (its own training ids) and ``selected`` (positions
+    applied inside attention). ``_take_frequencies`` checks and registers that scheme."""
+
+    frequencies: PositionScheme
+
+    def _take_frequencies(self, frequencies: PositionScheme, allowed: tuple[str, ...]) -> None:
+        if frequencies.name not in allowed:
+            raise ValueError(
+                f"position.frequencies must be one of {', '.join(allowed)}, got position={frequencies.name}"
+            )
+        if frequencies.head_dim != self.head_dim or frequencies.base != self.base:
+            raise ValueError(
+                f"position.frequencies ({frequencies.describe()}) must have position={self.name}'s "
+                f"head_dim={self.head_dim} and base={self.base:g}"
+            )
+        self.frequencies = frequencies
+
+    def _inv_freq_for(self, position_ids: Tensor) -> Tensor:
+        return self.frequencies._inv_freq_for(position_ids)
+
+    @property
+    def attention_scaling(self) -> float:
+        return self.frequencies.attention_scaling
+
+    @property
+    def rope_base(self) -> float:
+        return self.frequencies.rope_base
+
+    def frequencies_at(self, length: int) -> tuple[Tensor, float]:
+        return self.frequencies.frequencies_at(length)
 
 
 def check_position_ids(position_ids: Tensor) -> None:

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctxlab.position.base import PositionScheme, check_int
+from ctxlab.position.base import PositionScheme, RotatesByFrequencies, check_int
 from ctxlab.position.rope import Rope
 
 
-class PoSE(PositionScheme):
+class PoSE(RotatesByFrequencies, PositionScheme):
     """Positional skip-wise training ids; natural ids and ``frequencies``' rotation at evaluation.
 
     Args:
@@ -65,35 +65,13 @@ class PoSE(PositionScheme):
         self.chunks = check_int("chunks", chunks, 2)
         if chunks > train_length:
             raise ValueError(f"chunks={chunks} cannot exceed train_length={train_length}")
-        if frequencies is None:
-            frequencies = Rope(head_dim, base)
-        if frequencies.name not in ("rope", "pi", "ntk", "dynamic_ntk", "yarn"):
-            raise ValueError(
-                "frequencies must be a frequency-only scheme (rope, pi, ntk, dynamic_ntk, yarn), "
-                f"got position={frequencies.name}"
-            )
-        if frequencies.head_dim != head_dim or frequencies.base != self.base:
-            raise ValueError(
-                f"frequencies ({frequencies.describe()}) must have PoSE's head_dim={head_dim} "
-                f"and base={self.base:g}"
-            )
-        self.frequencies = frequencies
+        frequencies = Rope(head_dim, base) if frequencies is None else frequencies
+        self._take_frequencies(frequencies, ("rope", "pi", "ntk", "dynamic_ntk", "yarn"))
         self._rebuild_tables()
 
     def _build_tables(self, device: torch.device | None) -> dict[str, Tensor]:
         # PoSE's own buffer only records the device; rotation uses `frequencies`.
         return {"inv_freq": self.frequencies.inv_freq.to(device)}
-
-    def _inv_freq_for(self, position_ids: Tensor) -> Tensor:
-        return self.frequencies._inv_freq_for(position_ids)
-
-    @property
-    def attention_scaling(self) -> float:
-        return self.frequencies.attention_scaling
-
-    @property
-    def rope_base(self) -> float:
-        return self.frequencies.rope_base
 
     def _training_ids(
         self,

@@ -1,4 +1,5 @@
-"""Training callbacks: throughput/MFU, MS selection statistics, a checkpoint on SIGTERM."""
+"""Training callbacks (throughput/MFU, selection statistics, a checkpoint on SIGTERM) and the
+loop that builds the ``callbacks`` config group's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ from typing import Any
 
 import lightning as L
 import torch
+
+
+def instantiate_callbacks(node) -> dict[str, L.Callback]:
+    """Every entry of the ``callbacks`` config node that has a ``_target_``, built, by name (an
+    entry set to null is dropped); ValueError naming an entry that builds no Lightning callback."""
+    from hydra.utils import instantiate
+
+    built = {}
+    for name, entry in (node or {}).items():
+        if entry is None or "_target_" not in entry:
+            continue
+        callback = instantiate(entry)
+        if not isinstance(callback, L.Callback):
+            raise ValueError(f"callbacks.{name}: {entry._target_} is not a Lightning callback")
+        built[str(name)] = callback
+    return built
+
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices log throughput only.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -93,8 +111,9 @@ class Throughput(L.Callback):
 
 
 class SelectionStats(L.Callback):
-    """Every ``every`` training steps (and on each validation's first batch) records the MS
-    selection of every MS layer for one batch and logs its statistics: how often each region
+    """Every ``every`` training steps (and on each validation's first batch) records the
+    selection of every layer whose core records one (``AttentionCore.records_selection``) for
+    one batch and logs its statistics: how often each region
     distance is selected, the share inside the local neighbourhood, overlap between heads."""
 
     def __init__(self, every: int = 50, local_window: int = 4) -> None:
@@ -102,23 +121,17 @@ class SelectionStats(L.Callback):
         self.local_window = local_window
 
     def _cores(self, pl_module):
-        return [c for c in pl_module.model.cores if hasattr(c, "record_selection")]
+        return [c for c in pl_module.model.cores if c.records_selection]
 
     def _arm(self, pl_module, on: bool) -> None:
         for c in self._cores(pl_module):
-            c.record_selection = on
-            if not on:
-                c.last_selection = None
+            if on:
+                c.record_selection = True
+            else:
+                c.clear_selection()
 
     def _log(self, pl_module, prefix: str) -> None:
-        from ctxlab.attention.stats import selection_stats
-
-        cores = self._cores(pl_module)
-        stats = [
-            selection_stats(c.last_selection, budget=c.budget, merge=c.merge, local_window=self.local_window)
-            for c in cores
-            if c.last_selection is not None and c.last_selection.shape[2] > 0
-        ]
+        stats = [s for c in self._cores(pl_module) if (s := c.selection_stats(self.local_window)) is not None]
         if stats:  # every rank records the same layers at the same step: the ranks' mean is logged
             for key in stats[0]:
                 if isinstance(stats[0][key], int | float):

@@ -66,7 +66,7 @@ class LMModule(L.LightningModule):
         record: dict | None = None,
     ) -> None:
         """``loss_chunk``: tokens of logits computed at a time for the loss (0: all at once);
-        ``record``: what the training ran with (``ctxlab.run.trained_settings``: the model,
+        ``record``: what the training ran with (``ctxlab.provenance.trained_settings``: the model,
         attention and position settings), kept in every checkpoint."""
         super().__init__()
         if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:

@@ -3,7 +3,7 @@
 Why not hydra-optuna-sweeper: its 1.3 release pins ``optuna<3``; pip resolves that to optuna
 2.10 with SQLAlchemy 2, where a study in an RDB storage (``sqlite:///...``) fails on creation,
 and it reads the objective as the job's return value cast to float. ctxlab's jobs return a
-summary dict (:func:`ctxlab.run.run_job`), so the metric is picked by name
+summary dict (:func:`ctxlab.train.job.run_job`), so the metric is picked by name
 (``objective``, one of :func:`ctxlab.compare.metrics_of`'s keys) with a ``direction``.
 
 Flow (one batch = ``n_jobs`` trials, launched together through whatever launcher is
