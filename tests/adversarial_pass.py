@@ -27,27 +27,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# this folder is on sys.path when run as a script: the reliability tests' environment and settings
+from test_reliability import ENV, MS, NO_EVAL
+from test_reliability import TINY as RELIABILITY_TINY
+
 ROOT = Path(__file__).resolve().parents[1]
-ENV = os.environ | {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-TINY = [
-    "logger=csv",
-    "model=tiny",
-    "data.seq_len=64",
-    "data.batch_size=2",
-    "trainer.limit_val_batches=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.max_steps=2",
-    "trainer.val_check_interval=2",
-]
-NO_EVAL = ["phase.evaluate=false"]
+# two steps, a checkpoint at step 2
+TINY = [*RELIABILITY_TINY, "model=tiny", "trainer.max_steps=2", "trainer.val_check_interval=2"]
 HELD: list[int] = []
-MS = [
-    "attention=ms_causal",
-    "position=selected",
-    "attention.region=4",
-    "attention.budget=8",
-    "attention.merge=2",
-]
 
 
 @dataclass
