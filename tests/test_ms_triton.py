@@ -289,6 +289,67 @@ def test_select_matches_torch(shape, region, budget, merge, pool, scope, select,
     assert torch.equal(got.long(), want), (got - want).abs().amax(-1)
 
 
+# The shallow selection (``ms_select_shallow``): (id, shape, w, T, m, pool, scope, select, integer
+# inputs or None, launch overrides, how its blocks must be decided). "shallow": every block by the
+# two-pass top-K path alone (no item redone), so that path is what the comparison checks;
+# "redo": some blocks must go to the full-depth kernel, by the reason the id names. "overflow":
+# a row has more than shallow_cap candidates at or above its bound (here ties at the bound,
+# n > cap); "deep": identical query regions vote identically, so K ranks hold K < T-m regions.
+SHALLOW_CASES = [
+    ("random-paper-head-L400", (1, 400, 2, 1, 16), 2, 40, 8, "mean", "head", "paper", None, {}, "shallow"),
+    ("random-causal-attn-group-L403", (1, 403, 4, 2, 16), 2, 40, 8, "attn", "group", "causal", None, {}, "shallow"),
+    ("ties-paper-group-L97", (1, 97, 3, 1, 8), 4, 6, 2, "mean", "group", "paper", (-1, 2), {}, "shallow"),
+    ("ties-causal-B2-L73", (2, 73, 4, 2, 8), 2, 20, 3, "mean", "group", "causal", (-1, 2), {}, "shallow"),
+    ("tie-branch-paper-L61", (1, 61, 2, 1, 4), 1, 6, 2, "mean", "head", "paper", (0, 2), {}, "shallow"),
+    ("overflow-ties-L200", (1, 200, 2, 1, 2), 1, 40, 8, "mean", "head", "paper", (0, 2), {}, "redo"),
+    ("overflow-cap-L400", (1, 400, 2, 1, 16), 2, 40, 8, "mean", "head", "causal", None,
+     dict(shallow_cap=16, shallow_block_j=16), "redo"),
+    ("deep-identical-regions-L300", (1, 300, 2, 1, 16), 2, 40, 8, "mean", "head", "paper", "same", {}, "redo"),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, pool, scope, select, values, overrides, decided",
+    [c[1:] for c in SHALLOW_CASES],
+    ids=[c[0] for c in SHALLOW_CASES],
+)
+@on_interpreter
+def test_shallow_select_matches_torch(shape, region, budget, merge, pool, scope, select, values, overrides, decided):
+    B, L, Hq, Hkv, D = shape
+    gen = torch.Generator().manual_seed(7)
+    if values == "same":  # every region of q alike: all rows rank the keys the same way
+        q = torch.randn(B, 1, Hq, D, generator=gen).expand(B, L, Hq, D).contiguous()
+        k = torch.randn(B, L, Hkv, D, generator=gen)
+    elif values is not None:
+        q = torch.randint(*values, (B, L, Hq, D), generator=gen).float()
+        k = torch.randint(*values, (B, L, Hkv, D), generator=gen).float()
+    else:
+        q, k, _, _ = _inputs(B, L, Hq, Hkv, D, seed=7)
+    opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
+    config = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, **overrides)
+    got, redone = triton_impl.select_shallow_counted(q, k, config=config, **opts)
+    want = ms_select_torch(q, k, **opts)
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert torch.equal(got.long(), want), (got - want).abs().amax(-1)
+    items = want.shape[0] * want.shape[1] * want.shape[2]
+    if decided == "shallow":
+        assert redone == 0, f"{redone} of {items} items were redone"
+    else:
+        assert 0 < redone <= items
+
+
+def test_shallow_config_is_validated():
+    for bad, match in (
+        (dict(shallow_k=8), "shallow_k"),
+        (dict(shallow_k=64, shallow_block_j=32), "shallow_k"),
+        (dict(shallow_cap=16, shallow_block_j=32), "shallow_cap"),
+        (dict(shallow_cap=48), "power of two"),
+        (dict(select_impl="fast"), "select_impl"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(triton_impl.GPU_CONFIG, **bad)
+
+
 @on_interpreter
 def test_select_dense_input_has_no_blocks():
     q, k, _, _ = _inputs(1, 29, 2, 1, 16)
@@ -621,8 +682,12 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     if pool == "mean":
         got = triton_impl.ms_select_triton(q, k, **opts)
         assert torch.equal(got.long(), want)
+        assert torch.equal(triton_impl.ms_select_shallow(q, k, **opts).long(), want)
     q, k = torch.randn_like(q.float()).bfloat16(), torch.randn_like(k.float()).bfloat16()
     got = triton_impl.ms_select_triton(q, k, **opts).long()
+    shallow, redone = triton_impl.select_shallow_counted(q, k, **opts)
+    # The same float32 scores (tl.dot, ieee) as the full-depth kernel: the same indices.
+    assert torch.equal(shallow.long(), got), f"{redone} items redone"
     want = ms_select_torch(q, k, **opts)
     assert torch.equal(want, ms_select_torch(q, k, method="sort", **opts))
     # The contract for rounded scores: the float64 selection on every separated block.

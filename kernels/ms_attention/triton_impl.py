@@ -43,6 +43,9 @@ Tests turn it on; it costs one fill per output."""
 DKV_PATHS = ("auto", "atomic", "partial", "reverse")
 """Values of ``LaunchConfig.dkv_path``."""
 
+SELECT_IMPLS = ("torch", "triton", "shallow")
+"""Values of ``LaunchConfig.select_impl``."""
+
 
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -87,11 +90,21 @@ class LaunchConfig:
     select_warps: int = 4
     select_precision: str = "ieee"
     select_impl: str = "torch"
-    """Which selection ``ms_attention_triton`` runs: ``"torch"`` (``ms_select_torch``) or
-    ``"triton"`` (the fused ``ms_select_triton``; the same indices). The GPU default is torch:
-    on the H100 the fused kernel in exact (ieee) mode was slower at 3 of 4 measured cases
-    (paper 32K 11.4 vs 7.7 ms, paper 128K 228.8 vs 225.3, sparse 128K 31.0 vs 12.7; faster
-    only at sparse 32K, 2.0 vs 2.3; kernels/bench/results/*_v4_fused_select.md)."""
+    """Which selection ``ms_attention_triton`` runs: ``"torch"`` (``ms_select_torch``),
+    ``"triton"`` (the fused full-depth ``ms_select_triton``) or ``"shallow"``
+    (``ms_select_shallow``: each row's ``shallow_k`` best only, the full-depth kernel for the
+    blocks that need more); the same indices. The GPU default is torch until the shallow
+    kernel is measured faster on the card (kernels/README.md, "Selection")."""
+    shallow_k: int = 32
+    """Ranks per row the shallow selection keeps (a power of two, >= 16 for the sort)."""
+    shallow_cap: int = 128
+    """Candidates per row the shallow selection's second pass may collect (a power of two,
+    >= shallow_k and >= shallow_block_j); a row with more sends its block to the full kernel."""
+    shallow_block_j: int = 64
+    """Regions per step of the shallow selection (its lane count; >= shallow_k, >= 16)."""
+    shallow_sort_rows: int = 4
+    """Rows the shallow selection sorts at once."""
+    shallow_warps: int = 8
     deterministic: bool = False
     """Bitwise-identical gradients run to run, as ``torch.use_deterministic_algorithms(True)``
     asks (either one is enough): the selected keys' dk/dv then never go through atomics."""
@@ -119,6 +132,10 @@ class LaunchConfig:
             "select_block_j",
             "select_bins",
             "select_sort_rows",
+            "shallow_k",
+            "shallow_cap",
+            "shallow_block_j",
+            "shallow_sort_rows",
         ):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -141,8 +158,18 @@ class LaunchConfig:
             raise ValueError(f"select_programs must be >= 0 (0: auto), got {self.select_programs}")
         if self.select_precision not in ("ieee", "tf32x3", "tf32"):
             raise ValueError(f"select_precision must be ieee, tf32x3 or tf32, got {self.select_precision!r}")
-        if self.select_impl not in ("torch", "triton"):
-            raise ValueError(f"select_impl must be torch or triton, got {self.select_impl!r}")
+        if self.select_impl not in SELECT_IMPLS:
+            raise ValueError(f"select_impl must be one of {SELECT_IMPLS}, got {self.select_impl!r}")
+        if self.shallow_k < 16 or self.shallow_block_j < self.shallow_k:
+            raise ValueError(
+                f"shallow_k must be >= 16 and <= shallow_block_j, got {self.shallow_k} and "
+                f"{self.shallow_block_j}"
+            )
+        if self.shallow_cap < self.shallow_block_j:
+            raise ValueError(
+                f"shallow_cap must be >= shallow_block_j (the lanes are sorted in its rows), got "
+                f"{self.shallow_cap} < {self.shallow_block_j}"
+            )
         if self.dkv_path not in DKV_PATHS:
             raise ValueError(f"dkv_path must be one of {DKV_PATHS}, got {self.dkv_path!r}")
         if not isinstance(self.deterministic, bool):
@@ -169,7 +196,12 @@ INTERPRETER_CONFIG = LaunchConfig(
     select_block_j=16,
     select_sort_rows=16,
     select_programs=3,
-    select_impl="triton",  # CPU tests run the fused selection end to end
+    select_impl="shallow",  # CPU tests run the Triton selections (shallow, then full) end to end
+    shallow_k=16,
+    shallow_cap=64,
+    shallow_block_j=32,
+    shallow_sort_rows=16,
+    shallow_warps=4,
 )
 
 
@@ -401,6 +433,50 @@ def region_reps(x: Tensor, heads: int, *, region: int, pool: str) -> Tensor:
     return rep
 
 
+def _select_prologue(q: Tensor, k: Tensor, scope: str) -> tuple[Tensor, Tensor]:
+    if q.device.type != "cuda" and not interpreted():
+        raise ValueError(
+            f"q is on {q.device}: the Triton selection needs CUDA tensors, or TRITON_INTERPRET=1"
+        )
+    if q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    return q.contiguous(), k.contiguous()
+
+
+def _programs(cfg: LaunchConfig, device: torch.device, n_items: int) -> int:
+    if cfg.select_programs:
+        programs = cfg.select_programs
+    elif device.type == "cuda":
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 2
+    return max(1, min(programs, n_items))
+
+
+def _select_full(qrep: Tensor, krep: Tensor, out: Tensor, cfg: LaunchConfig, items: Tensor | None, *,
+                 budget: int, merge: int, select: str) -> None:
+    """The full-depth fused kernel into ``out`` [B, Hs, G, S] for every item, or for the items
+    listed in ``items`` (int32)."""
+    B, Hs, n, D = qrep.shape
+    G, n_sel = out.shape[2], out.shape[3]
+    kp, cap = select_capacity(n_sel, cfg)
+    rm = max(triton.next_power_of_2(merge), 2)
+    n_items = B * Hs * G if items is None else items.numel()
+    programs = _programs(cfg, qrep.device, n_items)
+    rows = cfg.select_rows
+    scratch_list = torch.empty((programs, rows, cap), dtype=torch.int64, device=qrep.device)
+    scratch_top = torch.empty((programs, rm, kp), dtype=torch.int32, device=qrep.device)
+    seen = torch.zeros((programs, n), dtype=torch.int32, device=qrep.device)
+    tk.ms_select_kernel[(programs,)](
+        qrep, krep, out, scratch_list, scratch_top, seen, out if items is None else items,
+        n, G, budget, merge, n_sel, B * Hs, n_items,
+        HS=Hs, HKV=krep.shape[1], HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
+        CAUSAL=select == "causal", HAS_ITEMS=items is not None, ROWS=rows, RM=rm, KP=kp, CAP=cap,
+        BLOCK_J=cfg.select_block_j, BINS=cfg.select_bins, SORT_ROWS=cfg.select_sort_rows,
+        PREC=cfg.select_precision, num_warps=cfg.select_warps,
+    )  # fmt: skip
+
+
 def ms_select_triton(
     q: Tensor,
     k: Tensor,
@@ -421,13 +497,37 @@ def ms_select_triton(
     scores give identical indices; scores computed in another summation order (a GPU GEMM)
     can differ in the last bit, which may swap near-tied regions.
     """
-    if q.device.type != "cuda" and not interpreted():
-        raise ValueError(
-            f"q is on {q.device}: the Triton selection needs CUDA tensors, or TRITON_INTERPRET=1"
-        )
-    if q.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    q, k = q.contiguous(), k.contiguous()
+    q, k = _select_prologue(q, k, scope)
+    cfg = config or default_config(q.device)
+    B, L, Hq, D = q.shape
+    Hkv = k.shape[2]
+    Hs = Hq if scope == "head" else Hkv
+    n_sel = budget - merge
+    G = num_blocks(L, region, budget, merge)
+    out = _empty((B, Hs, G, n_sel), torch.int32, q.device)
+    if G == 0:
+        return out
+    qrep = region_reps(q, Hs, region=region, pool=pool)
+    krep = region_reps(k, Hkv, region=region, pool=pool)
+    _select_full(qrep, krep, out, cfg, None, budget=budget, merge=merge, select=select)
+    return out
+
+
+def select_shallow_counted(
+    q: Tensor,
+    k: Tensor,
+    *,
+    region: int,
+    budget: int,
+    merge: int,
+    pool: str,
+    scope: str,
+    select: str,
+    config: LaunchConfig | None = None,
+) -> tuple[Tensor, int]:
+    """``ms_select_shallow``'s indices and the number of items (b, hs, g) the full-depth kernel
+    redid (one device sync)."""
+    q, k = _select_prologue(q, k, scope)
     cfg = config or default_config(q.device)
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -437,32 +537,39 @@ def ms_select_triton(
     G = num_blocks(L, region, budget, merge)
     out = _empty((B, Hs, G, n_sel), torch.int32, q.device)
     if G == 0:
-        return out
+        return out, 0
     qrep = region_reps(q, Hs, region=region, pool=pool)
     krep = region_reps(k, Hkv, region=region, pool=pool)
-    kp, cap = select_capacity(n_sel, cfg)
-    rm = max(triton.next_power_of_2(merge), 2)
+    rm = max(triton.next_power_of_2(merge), 16, cfg.shallow_sort_rows)
     n_items = B * Hs * G
-    if cfg.select_programs:
-        programs = cfg.select_programs
-    elif q.device.type == "cuda":
-        programs = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
-    else:
-        programs = 2
-    programs = min(programs, n_items)
-    rows = cfg.select_rows
-    scratch_list = torch.empty((programs, rows, cap), dtype=torch.int64, device=q.device)
-    scratch_top = torch.empty((programs, rm, kp), dtype=torch.int32, device=q.device)
+    programs = _programs(cfg, q.device, n_items)
+    flag = torch.zeros(n_items, dtype=torch.int32, device=q.device)
+    scratch_list = torch.empty((programs, rm, cfg.shallow_cap), dtype=torch.int64, device=q.device)
+    scratch_top = torch.empty((programs, rm, cfg.shallow_k), dtype=torch.int32, device=q.device)
     seen = torch.zeros((programs, n), dtype=torch.int32, device=q.device)
-    tk.ms_select_kernel[(programs,)](
-        qrep, krep, out, scratch_list, scratch_top, seen,
+    tk.ms_select_shallow_kernel[(programs,)](
+        qrep, krep, out, flag, scratch_list, scratch_top, seen,
         n, G, budget, merge, n_sel, B * Hs, n_items,
         HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
-        CAUSAL=select == "causal", ROWS=rows, RM=rm, KP=kp, CAP=cap,
-        BLOCK_J=cfg.select_block_j, BINS=cfg.select_bins, SORT_ROWS=cfg.select_sort_rows,
-        PREC=cfg.select_precision, num_warps=cfg.select_warps,
+        CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
+        BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
+        PREC=cfg.select_precision, num_warps=cfg.shallow_warps,
     )  # fmt: skip
-    return out
+    redo = flag.nonzero().flatten().to(torch.int32)
+    if redo.numel():
+        _select_full(qrep, krep, out, cfg, redo, budget=budget, merge=merge, select=select)
+    return out, int(redo.numel())
+
+
+def ms_select_shallow(q: Tensor, k: Tensor, **options) -> Tensor:
+    """The shallow exact selection (``ms_select_shallow_kernel``): int32 ``[B, Hs, G, T-m]``,
+    the indices of ``ms_select_triton`` (and of ``ms_select_torch`` under the exactness
+    contract). Each row keeps its ``LaunchConfig.shallow_k`` best candidates, found in two
+    passes over the scores (a lower bound on the k-th best from per-lane maxima, then every
+    candidate above it); the blocks whose merge needs a deeper rank, or whose rows had more
+    than ``shallow_cap`` candidates above the bound, are redone by the full-depth kernel.
+    Arguments as ``ms_select_triton``."""
+    return select_shallow_counted(q, k, **options)[0]
 
 
 def ms_attn_fwd(
@@ -858,8 +965,11 @@ def ms_attend_triton(
 def ms_select_configured(q: Tensor, k: Tensor, **options) -> Tensor:
     """The selection the Triton path runs: ``ms_select_triton`` or ``ms_select_torch``, by
     ``LaunchConfig.select_impl`` of q's device (the same indices; int32 or int64)."""
-    if default_config(q.device).select_impl == "triton":
+    impl = default_config(q.device).select_impl
+    if impl == "triton":
         return ms_select_triton(q, k, **options)
+    if impl == "shallow":
+        return ms_select_shallow(q, k, **options)
     return ms_select_torch(q, k, **options)
 
 
@@ -921,6 +1031,7 @@ __all__ = [
     "ms_attn_bwd",
     "ms_attn_fwd",
     "ms_select_configured",
+    "ms_select_shallow",
     "ms_select_triton",
     "partial_index",
     "reverse_index",

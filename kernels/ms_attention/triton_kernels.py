@@ -1136,6 +1136,50 @@ def _sort_descending(x, N_DIMS: tl.constexpr, LOG_N: tl.constexpr):
 
 
 @triton.jit
+def _select_item(item, n, G, T, M, n_bhs, HS: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr):
+    """Item (b, hs, g), larger g first: (g, b*HS + hs, b, kv head, the block's first region s,
+    its first voting row, the number of voting rows)."""
+    g = G - 1 - item // n_bhs
+    bhs = item % n_bhs
+    b = bhs // HS
+    hkv = (bhs % HS) // (HS // HKV)
+    s = T + g * M
+    if CAUSAL:
+        first_row = s - M
+        n_rows = M
+    else:
+        first_row = s
+        n_rows = tl.minimum(M, n - s)
+    return g, bhs, b, hkv, s, first_row, n_rows
+
+
+@triton.jit
+def _merge_ranks(topk_base, seen_base, out_base, stamp, n_rows, n, S, max_rank,
+                 KP: tl.constexpr, RM: tl.constexpr):
+    """Spec step 8 on the rows' top lists TOPK [RM, KP] (rank p of row a at a*KP + p; entries
+    >= n are absent): walk rank by rank (every row's p-th region, rows in order), dropping
+    regions seen before (SEEN == stamp) or earlier in the same rank, until S are found or
+    ``max_rank`` ranks are read. Returns how many were found."""
+    offs_rm = tl.arange(0, RM)
+    row_ok = offs_rm < n_rows
+    found = 0
+    p = 0
+    while (found < S) & (p < max_rank):
+        col = tl.load(topk_base + offs_rm * KP + p, mask=row_ok, other=-1)
+        ok = row_ok & (col >= 0) & (col < n)
+        earlier = (col[:, None] == col[None, :]) & (offs_rm[None, :] < offs_rm[:, None]) & ok[None, :]
+        seen = tl.load(seen_base + col, mask=ok, other=0) == stamp
+        new = ok & ~seen & (tl.max(earlier.to(tl.int32), 1) == 0)
+        slot = found + tl.cumsum(new.to(tl.int32), 0) - 1
+        tl.store(out_base + slot, col, mask=new & (slot < S))
+        tl.store(seen_base + col, tl.zeros([RM], dtype=tl.int32) + stamp, mask=new)
+        found += tl.sum(new.to(tl.int32), 0)
+        p += 1
+        tl.debug_barrier()
+    return found
+
+
+@triton.jit
 def ms_select_kernel(
     QREP,
     KREP,
@@ -1143,6 +1187,7 @@ def ms_select_kernel(
     LIST,
     TOPK,
     SEEN,
+    ITEMS,
     n,
     G,
     T,
@@ -1155,6 +1200,7 @@ def ms_select_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_ITEMS: tl.constexpr,
     ROWS: tl.constexpr,
     RM: tl.constexpr,
     KP: tl.constexpr,
@@ -1165,7 +1211,8 @@ def ms_select_kernel(
     PREC: tl.constexpr,
 ):
     """Grid (P,): program p selects the regions of items p, p + P, ...; item = one (b, hs, g),
-    larger g (more candidates) first. Spec steps 5-8, never writing the score matrix:
+    larger g (more candidates) first (with HAS_ITEMS, the items listed in ITEMS [n_items] int32:
+    the shallow selection's fallback). Spec steps 5-8, never writing the score matrix:
 
     1. per tile of ROWS voting rows, the row's candidates are scored tile by tile (BLOCK_J
        regions, recomputed on every pass) as int32 keys ordered like the float scores;
@@ -1190,19 +1237,12 @@ def ms_select_kernel(
     list_base = LIST + pid.to(tl.int64) * ROWS * CAP
     topk_base = TOPK + pid.to(tl.int64) * RM * KP
     seen_base = SEEN + pid.to(tl.int64) * n
-    for item in range(pid, n_items, n_prog):
-        g = G - 1 - item // n_bhs
-        bhs = item % n_bhs
-        b = bhs // HS
-        hs = bhs % HS
-        hkv = hs // (HS // HKV)
-        s = T + g * M
-        if CAUSAL:
-            first_row = s - M
-            n_rows = M
+    for it in range(pid, n_items, n_prog):
+        if HAS_ITEMS:
+            item = tl.load(ITEMS + it)
         else:
-            first_row = s
-            n_rows = tl.minimum(M, n - s)
+            item = it
+        g, bhs, b, hkv, s, first_row, n_rows = _select_item(item, n, G, T, M, n_bhs, HS, HKV, CAUSAL)
         q_base = QREP + bhs.to(tl.int64) * n * HEAD_DIM
         k_base = KREP + (b * HKV + hkv).to(tl.int64) * n * HEAD_DIM
 
@@ -1295,19 +1335,136 @@ def ms_select_kernel(
             tl.debug_barrier()
 
         # Rank-first merge with first-occurrence de-duplication.
-        stamp = item + 1
-        row_ok = offs_rm < n_rows
         out_base = OUT + (bhs.to(tl.int64) * G + g) * S
-        found = 0
-        p = 0
-        while (found < S) & (p < S):
-            col = tl.load(topk_base + offs_rm * KP + p, mask=row_ok, other=-1)
-            earlier = (col[:, None] == col[None, :]) & (offs_rm[None, :] < offs_rm[:, None]) & row_ok[None, :]
-            seen = tl.load(seen_base + col, mask=row_ok, other=0) == stamp
-            new = row_ok & ~seen & (tl.max(earlier.to(tl.int32), 1) == 0)
-            slot = found + tl.cumsum(new.to(tl.int32), 0) - 1
-            tl.store(out_base + slot, col, mask=new & (slot < S))
-            tl.store(seen_base + col, tl.zeros([RM], dtype=tl.int32) + stamp, mask=new)
-            found += tl.sum(new.to(tl.int32), 0)
-            p += 1
-            tl.debug_barrier()
+        _merge_ranks(topk_base, seen_base, out_base, item + 1, n_rows, n, S, S, KP, RM)
+
+
+@triton.jit
+def _sort_rows_desc(base, stride, width_dims: tl.constexpr, SORT_ROWS: tl.constexpr, WIDTH: tl.constexpr, r0):
+    """Load rows r0 .. r0 + SORT_ROWS of a [*, stride] integer scratch (WIDTH columns) and
+    return them sorted descending along the row."""
+    rows = r0 + tl.arange(0, SORT_ROWS)
+    cols = tl.arange(0, WIDTH)
+    x = tl.load(base + rows[:, None] * stride + cols[None, :])
+    return _sort_descending(x, width_dims + SORT_ROWS.bit_length() - 1, width_dims)
+
+
+@triton.jit
+def ms_select_shallow_kernel(
+    QREP,
+    KREP,
+    OUT,
+    FLAG,
+    LIST,
+    TOPK,
+    SEEN,
+    n,
+    G,
+    T,
+    M,
+    S,
+    n_bhs,
+    n_items,
+    HS: tl.constexpr,
+    HKV: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    RM: tl.constexpr,
+    K: tl.constexpr,
+    CAP: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    SORT_ROWS: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The shallow exact selection. Grid (P,), persistent over items (b, hs, g) like
+    ``ms_select_kernel``; all RM >= m voting rows of a block are scored together.
+
+    The merge (spec step 8) reads a row's list rank by rank, and a block's S regions are
+    normally found within the first few ranks of every row. So each row keeps only its K best
+    candidates (score descending, smaller region first), and the block is exact whenever the
+    rank-first walk over those K ranks finds S distinct regions: every region with a rank < K in
+    some row comes before every region without one, and those are exactly what the walk sees.
+    Otherwise FLAG[item] = 1 and the caller redoes the item with the full-depth kernel.
+
+    1. Pass 1 scores the rows against every candidate, BLOCK_J regions at a time, keeping per
+       row and lane c the largest key of the regions j = c (mod BLOCK_J). The K-th largest of
+       these BLOCK_J lane maxima (K distinct regions) is a lower bound theta on the row's K-th
+       best key.
+    2. Pass 2 recomputes the scores and appends every candidate with key >= theta (K or more:
+       typically 1.1-1.5 K) to the row's list of CAP (key, -region) composites, in region order;
+       a row with more than CAP flags the item.
+    3. Each list is sorted descending; its first K regions are the row's top list (TOPK).
+    4. The rank-first merge over K ranks (``_merge_ranks``); fewer than S found flags the item.
+    """
+    CAP_DIMS: tl.constexpr = CAP.bit_length() - 1
+    J_DIMS: tl.constexpr = BLOCK_J.bit_length() - 1
+    INT32_MIN: tl.constexpr = -2147483648
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CAP)
+    a = tl.arange(0, RM)
+    list_base = LIST + pid.to(tl.int64) * RM * CAP
+    topk_base = TOPK + pid.to(tl.int64) * RM * K
+    seen_base = SEEN + pid.to(tl.int64) * n
+    for item in range(pid, n_items, n_prog):
+        g, bhs, b, hkv, s, first_row, n_rows = _select_item(item, n, G, T, M, n_bhs, HS, HKV, CAUSAL)
+        q_base = QREP + bhs.to(tl.int64) * n * HEAD_DIM
+        k_base = KREP + (b * HKV + hkv).to(tl.int64) * n * HEAD_DIM
+        row_ok = a < n_rows
+        i = first_row + a
+        if CAUSAL:
+            limit = tl.where(row_ok, s - 1, -1)
+            j_end = s
+        else:
+            limit = tl.where(row_ok, i - M, -1)
+            j_end = first_row + n_rows - M
+        qr = tl.load(
+            q_base + i.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+            other=0.0,
+        )
+
+        # Pass 1: lane maxima, then theta = the K-th largest of them (via LIST as scratch).
+        lanes = tl.zeros([RM, BLOCK_J], dtype=tl.int32) + INT32_MIN
+        for j0 in range(0, j_end, BLOCK_J):
+            key, valid, _ = _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC)
+            lanes = tl.maximum(lanes, tl.where(valid, key, INT32_MIN))
+        tl.store(list_base + a[:, None] * CAP + offs_j[None, :], lanes.to(tl.int64))
+        tl.debug_barrier()
+        for r0 in range(0, RM, SORT_ROWS):
+            srt = _sort_rows_desc(list_base, CAP, J_DIMS, SORT_ROWS, BLOCK_J, r0)
+            theta = tl.sum(tl.where(offs_j[None, :] == K - 1, srt, 0), 1)  # [SORT_ROWS]
+            tl.store(topk_base + (r0 + tl.arange(0, SORT_ROWS)) * K, theta.to(tl.int32))
+        tl.debug_barrier()
+        theta = tl.load(topk_base + a * K)
+        tl.debug_barrier()
+
+        # Pass 2: every candidate at or above theta, in region order.
+        tl.store(list_base + a[:, None] * CAP + offs_c[None, :],
+                 tl.zeros([RM, CAP], dtype=tl.int64) - 9223372036854775807 - 1)
+        tl.debug_barrier()
+        filled = tl.zeros([RM], dtype=tl.int32)
+        for j0 in range(0, j_end, BLOCK_J):
+            key, valid, j = _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC)
+            take = valid & (key >= theta[:, None])
+            pos = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
+            comp = key.to(tl.int64) * 4294967296 + (2147483647 - j[None, :]).to(tl.int64)
+            tl.store(list_base + a[:, None] * CAP + pos, comp, mask=take & (pos < CAP))
+            filled += tl.sum(take.to(tl.int32), 1)
+        overflow = tl.max((filled > CAP).to(tl.int32), 0)
+        tl.debug_barrier()
+
+        # Each row's top K, best first (absent entries decode to a region >= n).
+        for r0 in range(0, RM, SORT_ROWS):
+            srt = _sort_rows_desc(list_base, CAP, CAP_DIMS, SORT_ROWS, CAP, r0)
+            region = (2147483647 - (srt & 0xFFFFFFFF)).to(tl.int32)
+            rows = r0 + tl.arange(0, SORT_ROWS)
+            tl.store(topk_base + rows[:, None] * K + offs_c[None, :], region, mask=(offs_c < K)[None, :])
+        tl.debug_barrier()
+
+        out_base = OUT + (bhs.to(tl.int64) * G + g) * S
+        found = _merge_ranks(topk_base, seen_base, out_base, item + 1, n_rows, n, S, K, K, RM)
+        tl.store(FLAG + item, ((found < S) | (overflow > 0)).to(tl.int32))
