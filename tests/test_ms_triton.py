@@ -769,13 +769,16 @@ def test_bench_launch_overrides_and_summary():
     rows = [
         dict(case="c", op="dense", L=61, status="ok", **{"fwd+bwd_ms": 10.0}),
         dict(case="c", op="triton", L=61, status="ok", computed_pair_fraction=0.25,
-             configured_select="torch", select_ms=3.0, torch_select_ms=1.0, torch_sort_select_ms=2.0,
-             **{"fwd+bwd_ms": 4.0}),
+             configured_select="shallow", shallow_select_ms=0.5, select_ms=3.0, torch_select_ms=1.0,
+             torch_sort_select_ms=2.0, **{"fwd+bwd_ms": 4.0}),
         dict(case="c", op="triton_det", L=61, status="ok", **{"fwd+bwd_ms": 5.0}),
         dict(case="c", op="s2", L=61, status="ok", **{"fwd+bwd_ms": 7.5}),
     ]  # fmt: skip
     line = run.summary(rows, {61: rows[0]})[-1]
-    assert line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 3.0 / 1.0 / 2.0 | 5.0 | 2.5 | 2.00 | 2.00 | 1.50 |"
+    assert line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 0.5 / 3.0 / 1.0 / 2.0 | 4.5 | 2.5 | 1.80 | 2.22 | 1.67 |"
+    rows[1]["configured_select"] = "torch"  # 'ours + sel' adds the configured selection's time
+    line = run.summary(rows, {61: rows[0]})[-1]
+    assert line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 0.5 / 3.0 / 1.0 / 2.0 | 5.0 | 2.5 | 2.00 | 2.00 | 1.50 |"
 
 
 @pytest.mark.parametrize("L, Hq, Hkv", [(256, 4, 2), (512, 8, 2), (384, 6, 6)], ids=["gqa2", "gqa4", "mha"])

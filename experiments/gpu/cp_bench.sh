@@ -15,7 +15,7 @@
 # (untimed steps, default 0: the timed step then includes one-off costs such as Triton's autotuning,
 # visible in the step times), CTXLAB_CP_STEPS (timed steps, default 1), CTXLAB_CP_BASELINE (a
 # one-GPU result JSON of ctxlab.bench.finetune for the scaling column when this call ran no
-# one-GPU case), CTXLAB_CP_OVERRIDES (extra Hydra overrides for every case, e.g. model.mlp_chunk=16384).
+# one-GPU case), CTXLAB_CP_SELECT_IMPL (the MS selection: torch, triton or shallow), CTXLAB_CP_OVERRIDES (extra Hydra overrides for every case, e.g. model.mlp_chunk=16384).
 set -uo pipefail
 OUT=${1:?usage: cp_bench.sh OUT_DIR [VARIANT@LENGTHxGPUS ...]}
 shift
@@ -56,7 +56,7 @@ for case in $CASES; do
     status "$OUT" "$tag" "$variant" "$length" "$gpus" "$order" "not run" "$NGPU GPUs here"
     continue
   fi
-  args=(--out "$OUT/cases" --tag "$tag" --lengths "$length" --variants "$variant"
+  args=(--out "$OUT/cases" --tag "$tag" --lengths "$length" --variants "$variant" ${CTXLAB_CP_SELECT_IMPL:+--select-impl "$CTXLAB_CP_SELECT_IMPL"}
         --warmup "$WARMUP" --steps "$STEPS" --long-steps "$STEPS")
   if [ "$gpus" -eq 1 ]; then
     cmd=(env CUDA_VISIBLE_DEVICES=0 python3 -m ctxlab.bench.finetune "${args[@]}")

@@ -25,6 +25,7 @@ of ``ms_attention(backend="triton")`` runs out of memory, and records the length
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import statistics
@@ -36,13 +37,17 @@ import triton
 
 from ..ms_attention.interface import ms_attention
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
-from ..ms_attention.triton_impl import GPU_CONFIG, INTERPRETER_CONFIG, ms_select_triton
+from ..ms_attention import triton_impl
+from ..ms_attention.triton_impl import INTERPRETER_CONFIG, ms_select_triton, select_shallow_counted
 from .cases import PRESETS, SETTINGS, Case, registry
 from .ops import OPS, build, launch_config, triton_parts
 
 OUT_TOL = 2e-2  # relative L2 error of a bf16 output against float32
 GRAD_TOL = 5e-2  # relative L2 error between two bf16 implementations' gradients
-SELECT_KEYS = ("select_ms", "torch_select_ms", "torch_sort_select_ms")  # fused, topk, sort
+SELECT_KEYS = ("shallow_select_ms", "select_ms", "torch_select_ms", "torch_sort_select_ms")
+"""The selections timed: shallow, fused (full depth), torch topk, torch sort."""
+SELECT_KEY_OF = {"shallow": "shallow_select_ms", "triton": "select_ms", "torch": "torch_select_ms"}
+"""The time column of each ``LaunchConfig.select_impl``."""
 
 
 class _HostEvent:
@@ -174,19 +179,27 @@ def run_case(
     def fused_selection():
         return ms_select_triton(q, k, pool="mean", select="paper", **sel_opts)
 
+    def shallow_selection():
+        return select_shallow_counted(q, k, pool="mean", select="paper", **sel_opts)[0]
+
     with torch.no_grad():
         torch_sort_select_ms = cuda_time(lambda: selection("sort"), budget_ms=200, max_reps=5)
         idx = selection("sort")
         torch_methods_same = torch.equal(selection(), idx)
         torch_select_ms = cuda_time(selection, budget_ms=200, max_reps=5) if torch_methods_same else None
-        select_same = select_overlap = None
+        select_same = select_overlap = shallow_same = shallow_vs_fused = shallow_redone = None
+        shallow_ms = None
         if device == "cuda":
             fused = fused_selection()
             select_same, select_overlap = selection_agreement(fused, idx, -(-case.L // case.region))
             select_ms = cuda_time(fused_selection, budget_ms=300, max_reps=5)
+            shallow, shallow_redone = select_shallow_counted(q, k, pool="mean", select="paper", **sel_opts)
+            shallow_same = selection_agreement(shallow, idx, -(-case.L // case.region))[0]
+            shallow_vs_fused = bool(torch.equal(shallow, fused))
+            shallow_ms = cuda_time(shallow_selection, budget_ms=300, max_reps=5)
         else:
             select_ms = torch_select_ms
-    configured = GPU_CONFIG.select_impl if device == "cuda" else INTERPRETER_CONFIG.select_impl
+    configured = (triton_impl.GPU_CONFIG if device == "cuda" else INTERPRETER_CONFIG).select_impl
     tails = {}
     ref_grads = None
     rows = []
@@ -206,6 +219,10 @@ def run_case(
             merge=case.merge,
             scope=case.scope,
             pe=case.pe,
+            shallow_select_ms=shallow_ms,
+            shallow_redone_items=shallow_redone,
+            shallow_same_rows=shallow_same,
+            shallow_equals_fused=shallow_vs_fused,
             select_ms=select_ms,
             torch_select_ms=torch_select_ms,
             torch_sort_select_ms=torch_sort_select_ms,
@@ -391,12 +408,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; bf16, B=1; "
         "ms are CUDA-event medians; TFLOP/s on computed pairs (dense-equivalent in brackets); "
-        "selection timed apart (fused Triton selection / ms_select_torch sort-free / "
-        "ms_select_torch stable sort); 'pairs' is the "
+        "selection timed apart (shallow Triton selection / full-depth fused Triton selection / "
+        "ms_select_torch sort-free / ms_select_torch stable sort); 'pairs' is the "
         "fraction of causal query-key pairs computed; 'extra GiB' is peak memory beyond q, k, v, "
         "o and the gradients.",
         "",
-        "| case | op | status | fwd ms | fwd+bwd ms | + select ms (fused / topk / sort) | TFLOP/s fwd+bwd | "
+        "| case | op | status | fwd ms | fwd+bwd ms | + select ms (shallow / fused / topk / sort) | TFLOP/s fwd+bwd | "
         "pairs | extra GiB | vs dense | vs gather |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -444,7 +461,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines += [
         "",
         "Selections: ms_select_torch sort-free (topk) vs stable sort (indices must be identical); "
-        "fused vs ms_select_torch (identical index rows; mean overlap of the sets).",
+        "fused vs ms_select_torch (identical index rows; mean overlap of the sets); shallow vs "
+        "ms_select_torch (identical rows), vs fused (identical tensors: the same float32 scores) "
+        "and the items (b, head, block) it sent to the full-depth kernel.",
         "",
     ]
     for row in rows:
@@ -454,6 +473,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(
                 f"- {row['case']}: identical rows {row['select_same_rows']:.4f}, overlap "
                 f"{row['select_overlap']:.5f}"
+            )
+        if row["op"] == "triton" and row.get("shallow_same_rows") is not None:
+            lines.append(
+                f"- {row['case']}: shallow identical rows {row['shallow_same_rows']:.4f}, "
+                f"equals fused {row['shallow_equals_fused']}, items redone {row['shallow_redone_items']}"
             )
     fits = meta.get("fit_probe") or []
     if fits:
@@ -484,7 +508,7 @@ def summary(rows: list[dict], dense_by_len: dict[int, dict]) -> list[str]:
     (dense fwd+bwd x fraction of causal pairs computed)."""
     lines = [
         "",
-        "Summary (fwd+bwd ms; 'sel' fused / torch topk / torch sort; 'ours + sel' adds the selection "
+        "Summary (fwd+bwd ms; 'sel' shallow / fused / torch topk / torch sort; 'ours + sel' adds the selection "
         "ms_attention runs (LaunchConfig.select_impl); 'bound' = dense x pair fraction; S2 = "
         "LongLoRA's S2-Attn at G = L/4, which computes 1/4 of the causal pairs).",
         "",
@@ -509,8 +533,7 @@ def summary(rows: list[dict], dense_by_len: dict[int, dict]) -> list[str]:
             continue
         dense_ms, ours = ms(dense_by_len.get(ours_row["L"])), ms(ours_row)
         s2_ms = ms(s2_by_len.get(ours_row["L"]))
-        sel_key = "select_ms" if ours_row.get("configured_select") == "triton" else "torch_select_ms"
-        sel = ours_row.get(sel_key)
+        sel = ours_row.get(SELECT_KEY_OF[ours_row.get("configured_select", "torch")])
         total = None if ours is None or sel is None else ours + sel
         bound = None if dense_ms is None else dense_ms * ours_row["computed_pair_fraction"]
         sels = " / ".join(num(ours_row.get(k)) for k in SELECT_KEYS)
@@ -557,7 +580,16 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="FIRST,LAST: after the cases, double L from FIRST to LAST until fwd+bwd runs out of memory",
     )
+    parser.add_argument(
+        "--select-impl",
+        default=None,
+        choices=sorted(SELECT_KEY_OF),
+        help="the selection ms_attention runs on the GPU in this run (LaunchConfig.select_impl; "
+        "default: the configured one); 'ours + sel' adds its time",
+    )
     args = parser.parse_args(argv)
+    if args.select_impl:
+        triton_impl.GPU_CONFIG = dataclasses.replace(triton_impl.GPU_CONFIG, select_impl=args.select_impl)
 
     flex_cases = args.flex_cases.split(",")
     wanted = args.cases.split(",")

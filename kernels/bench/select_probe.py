@@ -5,7 +5,9 @@
 Per case (bf16 random inputs, B=1, 32 query heads, D=128, scope="head"): the median
 milliseconds of ``ms_select_torch`` (``torch_ms``: the sort-free default; ``torch_sort_ms``: the
 stable-sort path, and whether the two gave identical indices, which they must) and of
-``ms_select_triton`` under each launch variant, the fraction of blocks whose index rows are
+``ms_select_triton`` under each launch variant (a variant starting ``shallow`` runs
+``ms_select_shallow`` instead, and records how many items it sent to the full-depth kernel),
+the fraction of blocks whose index rows are
 identical to torch's and the mean overlap of the selected sets (float32 scores summed in
 another order may swap near-tied regions). JSON lines go to
 stdout and to ``<out>/select_probe.jsonl``.
@@ -53,13 +55,18 @@ def probe(
                     key, value = item.split("=")
                     overrides[key] = value if key == "select_precision" else int(value)
             cfg = dataclasses.replace(triton_impl.GPU_CONFIG, **overrides)
+            shallow = variant.split("+")[0] == "shallow"
+
+            def run(cfg=cfg, shallow=shallow):
+                if shallow:
+                    return triton_impl.select_shallow_counted(q, k, config=cfg, **opts)
+                return triton_impl.ms_select_triton(q, k, config=cfg, **opts), None
+
             try:
-                got = triton_impl.ms_select_triton(q, k, config=cfg, **opts)
-                row[f"{variant}_ms"] = cuda_time(
-                    lambda cfg=cfg: triton_impl.ms_select_triton(q, k, config=cfg, **opts),
-                    budget_ms=300,
-                    max_reps=5,
-                )
+                got, redone = run()
+                if shallow:
+                    row[f"{variant}_redone"] = redone
+                row[f"{variant}_ms"] = cuda_time(run, budget_ms=300, max_reps=5)
                 if want is not None:
                     row[f"{variant}_same_rows"], row[f"{variant}_overlap"] = selection_agreement(
                         got, want, -(-L // w)

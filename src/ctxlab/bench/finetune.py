@@ -345,6 +345,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--context-parallel", type=int, default=0, metavar="N",
         help="split each row over N GPUs (with --strategy ddp, under torchrun)",
     )  # fmt: skip
+    p.add_argument(
+        "--select-impl", default=None, choices=("torch", "triton", "shallow"),
+        help="the MS selection on the GPU (the kernels' LaunchConfig.select_impl; default: configured)",
+    )  # fmt: skip
     p.add_argument("--baseline", default=None, help="one-GPU result JSON for scaling efficiency")
     p.add_argument("--out", default="experiments/results/bench", help="folder for the result files")
     p.add_argument("--tag", default=None, help="file name stem (default: finetune_<shape>_<card>_<n>gpu)")
@@ -385,11 +389,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
+def use_select_impl(impl: str | None) -> str:
+    """Make ``impl`` the MS selection of the GPU kernels for this process (None: keep the
+    configured one); returns the one in force."""
+    import dataclasses
+
+    from ctxlab.kernels.ms_attention import triton_impl
+
+    if impl is not None:
+        triton_impl.GPU_CONFIG = dataclasses.replace(triton_impl.GPU_CONFIG, select_impl=impl)
+    return triton_impl.GPU_CONFIG.select_impl
+
+
 def main(argv: list[str] | None = None) -> dict:
     from ctxlab.config import ConfigError, validate
     from ctxlab.context_parallel import check_length
 
     a = parse(sys.argv[1:] if argv is None else argv)
+    select_impl = use_select_impl(a.select_impl)
     rank, world = rank_info()
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # a 7B init on "cuda" lands on this rank's GPU
@@ -416,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(a.out)
     result = {"shape": shape, "overrides": base_overrides, "strategy": a.strategy, "world_size": world,
               "context_parallel": a.context_parallel,
+              "ms_select_impl": select_impl,
               "baseline": a.baseline,
               "warmup": a.warmup, "steps": a.steps, "long_steps": a.long_steps, "long_from": a.long_from,
               "environment": env, "rows": []}  # fmt: skip
