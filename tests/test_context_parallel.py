@@ -237,32 +237,66 @@ def test_load_balanced_layout_and_global_position_ids():
     assert torch.equal(cpl.unshard([s[0] for s in shards]), x)
 
 
+def _query_rows(q: torch.Tensor, n: int, rank: int):
+    """Rank ``rank``'s ``QueryRows`` of the whole queries ``q`` without a process group: its
+    ``gather`` puts the given rows in the rank's place among the other ranks' shards of ``q``."""
+    from ctxlab.attention.base import QueryRows
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        return cpl.unshard([x if r == rank else cpl.shard(q, n, r) for r in range(n)]).detach()
+
+    return QueryRows(spans=cpl.own_spans(q.shape[1], n, rank), gather=gather)
+
+
+def _check_rows_equal_whole(core, q, k, v, n: int, msg: str) -> None:
+    """Every rank's ``attend_rows`` of its own query chunks, put together, equals the core on the
+    whole sequence: outputs, and gradients to q, k, v of a random weighting of the outputs."""
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=q.dtype)
+    want = core(q, k, v)
+    grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
+    got = cpl.unshard([core.attend_rows(cpl.shard(q, n, r), k, v, _query_rows(q, n, r)) for r in range(n)])
+    torch.testing.assert_close(got, want, msg=msg)
+    for name, a, b in zip("qkv", torch.autograd.grad((got * w).sum(), (q, k, v)), grads_want):
+        torch.testing.assert_close(a, b, msg=f"{msg} d{name}")
+
+
+def _qkv(length: int, heads: int, kv_heads: int, dim: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(2, length, h, dim, generator=g, dtype=torch.float64, requires_grad=True)
+        for h in (heads, kv_heads, kv_heads)
+    ]
+
+
 @pytest.mark.parametrize(
     ("length", "n", "heads", "kv_heads", "group_size", "wrap"),
     [(48, 2, 4, 2, 0, True), (48, 3, 6, 2, 0, False), (40, 2, 6, 3, 6, False), (96, 4, 4, 4, 8, True),
      (32, 2, 2, 1, 16, True), (24, 3, 3, 1, 7, False)],
     ids=["quarter-wrap", "n3-gqa3", "G6-partial", "n4-G8-wrap", "G16-wrap", "odd-heads-G7"],
 )  # fmt: skip
-def test_own_query_cores_equal_the_whole_sequence_core(length, n, heads, kv_heads, group_size, wrap):
-    """Each rank's own query chunks through the dense and S2 own-query paths give exactly the
-    rows of the one-process core on the whole sequence (S2's groups sized from the whole length,
-    a partial last group, the wrapped group, GQA with a split kv group), outputs and gradients."""
+def test_dense_and_s2_rows_equal_the_whole_sequence_core(length, n, heads, kv_heads, group_size, wrap):
+    """Each rank's own query chunks through dense and S2's ``attend_rows`` give exactly the rows
+    of the one-process core on the whole sequence (S2's groups sized from the whole length, a
+    partial last group, the wrapped group, GQA with a split kv group), outputs and gradients."""
     from ctxlab.attention import DenseAttention
     from ctxlab.attention.s2 import S2Attention
 
-    g = torch.Generator().manual_seed(length + n)
-    q = torch.randn(2, length, heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, length, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, length, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, length, heads, 8, generator=g, dtype=torch.float64)
+    q, k, v = _qkv(length, heads, kv_heads, seed=length + n)
     for core in (DenseAttention(), S2Attention(group_size=group_size, wrap=wrap).train()):
-        own = cpl._own_query_paths()[type(core)]
-        want = core(q, k, v)
-        grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
-        got = cpl.unshard([own(core, cpl.shard(q, n, r), k, v, n, r) for r in range(n)])
-        torch.testing.assert_close(got, want, msg=type(core).__name__)
-        for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), grads_want):
-            torch.testing.assert_close(a, b, msg=type(core).__name__)
+        _check_rows_equal_whole(core, q, k, v, n, type(core).__name__)
+
+
+def test_a_core_without_rows_runs_whole():
+    """The contract's default: a core that does not implement ``attend_rows`` answers None, and
+    the split then runs its ``forward`` on the whole sequence."""
+    from ctxlab.attention.base import AttentionCore
+
+    class Whole(AttentionCore):
+        def forward(self, q, k, v, cache=None):
+            return q
+
+    q, k, v = _qkv(8, 2, 2)
+    assert Whole().attend_rows(cpl.shard(q, 2, 0), k, v, _query_rows(q, 2, 0)) is None
 
 
 def test_the_loss_stays_chunked_next_to_the_split_hook():
