@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, ROWS, SEQ = 3, 4, 32  # ROWS: the global batch
 # name -> (world, context_parallel, arms): each arm is fitted once per run
 RUNS = {
-    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper", "hf_s2"]),
+    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper", "ms_paper_selected", "hf_s2"]),
     "w4_cp2_dp2": (4, 2, ["dense", "ms_causal"]),
-    "w4_cp4": (4, 4, ["s2_causal", "ms_paper"]),
+    "w4_cp4": (4, 4, ["s2_causal", "ms_paper", "ms_causal_selected"]),
 }
 
 
@@ -51,6 +51,7 @@ def _model(arm: str):
 
     from ctxlab.attention.s2 import S2Attention
     from ctxlab.position import CRDNTK
+    from ctxlab.position.rope import Selected
 
     if arm == "dense_crd":  # cyclic ids (cycle < SEQ) with a random offset per row
         crd = CRDNTK(head_dim=8, cycle=24, max_offset=1000, scale_init=2.0, scale_max=2.0, scale_inf=2.0)
@@ -74,8 +75,11 @@ def _model(arm: str):
         model = HFCausalLM(hf, S2Attention, Rope(head_dim=8))
         model.set_peft(apply_lora_plus(model.hf))
         return model.train()
-    if arm.startswith("ms_"):  # 8 regions of 4 tokens, budget 4, merge 2: sparse at SEQ
-        model = tiny_model(arm[3:], seed=3)
+    if arm.startswith("ms_"):  # 11 regions of 3 tokens (the last of 2), budget 3, merge 2: a dense
+        # prefix of 9 tokens, then blocks of 6 that the chunks of 8 (cp=2) or 4 (cp=4) tokens cut
+        select, _, pe = arm[3:].partition("_")
+        position = Selected(head_dim=8) if pe == "selected" else None
+        model = tiny_model(select, region=3, budget=3, merge=2, position=position, seed=3)
         # Recomputed layers gather again in the backward pass (the 7B recipe checkpoints).
         model.gradient_checkpointing = arm == "ms_paper"
         return model.train()
@@ -284,6 +288,35 @@ def test_dense_and_s2_rows_equal_the_whole_sequence_core(length, n, heads, kv_he
     q, k, v = _qkv(length, heads, kv_heads, seed=length + n)
     for core in (DenseAttention(), S2Attention(group_size=group_size, wrap=wrap).train()):
         _check_rows_equal_whole(core, q, k, v, n, type(core).__name__)
+
+
+@pytest.mark.parametrize(
+    ("length", "n", "heads", "kv_heads", "ms"),
+    [(40, 2, 4, 2, dict(region=3, budget=3, merge=2, select="paper")),
+     (40, 2, 4, 2, dict(region=3, budget=3, merge=2, select="causal")),
+     (56, 4, 4, 2, dict(region=5, budget=3, merge=2, select="paper", scope="group")),
+     (56, 4, 2, 1, dict(region=5, budget=3, merge=2, select="causal", pool="attn")),
+     (42, 3, 6, 2, dict(region=4, budget=3, merge=1, select="paper", pool="attn", scope="group")),
+     (40, 2, 4, 2, dict(region=3, budget=3, merge=2, select="paper", pe="selected")),
+     (56, 4, 4, 2, dict(region=5, budget=3, merge=2, select="causal", pe="selected")),
+     (24, 2, 4, 2, dict(region=4, budget=8, merge=2, select="causal", pe="selected"))],
+    ids=["paper-w3", "causal-w3", "n4-paper-w5-group", "n4-causal-attn-pool", "n3-paper-m1",
+         "paper-selected", "n4-causal-selected", "dense-at-this-length"],
+)  # fmt: skip
+def test_ms_rows_equal_the_whole_sequence_core(length, n, heads, kv_heads, ms):
+    """MS attention's ``attend_rows`` (selection on the gathered queries, attention of the rank's
+    rows only) gives exactly the whole-sequence core's rows and gradients, for both selection
+    rules and both positions, at chunk boundaries that cut regions and blocks, a partial last
+    region and block, and a length at which MS is dense."""
+    from ctxlab.attention import MSAttention
+    from ctxlab.position.rope import Selected
+
+    pe = ms.pop("pe", "pre")
+    core = MSAttention(**ms, backend="torch")
+    if pe == "selected":
+        core.configure_position(Selected(8, 500.0))
+    q, k, v = _qkv(length, heads, kv_heads, seed=length + n)
+    _check_rows_equal_whole(core, q, k, v, n, core.describe())
 
 
 def test_a_core_without_rows_runs_whole():
