@@ -193,7 +193,8 @@ def test_attend_matches_torch(shape, region, budget, merge, scope, pe, dkv, seed
 
 
 @pytest.mark.parametrize(
-    "L, n, region, budget, merge, pe", [(40, 2, 3, 3, 2, "pre"), (56, 4, 5, 3, 2, "selected")],
+    "L, n, region, budget, merge, pe",
+    [(40, 2, 3, 3, 2, "pre"), (56, 4, 5, 3, 2, "selected")],
     ids=["n2-w3", "n4-w5-selected"],
 )
 @on_interpreter
@@ -210,10 +211,12 @@ def test_attend_rows_match_the_whole_sequence(L, n, region, budget, merge, pe):
     want, want_grads = _grads(lambda q, k, v: ms_attend(q, k, v, idx, **opts, backend="triton"), q, k, v, do)
 
     def rows(q, k, v):
-        return cpl.unshard([
-            ms_attend_rows(cpl.shard(q, n, r), q, k, v, idx, spans=cpl.own_spans(L, n, r), **opts, backend="triton")
+        opts_rows = dict(opts, backend="triton")
+        parts = [
+            ms_attend_rows(cpl.shard(q, n, r), q, k, v, idx, spans=cpl.own_spans(L, n, r), **opts_rows)
             for r in range(n)
-        ])  # fmt: skip
+        ]
+        return cpl.unshard(parts)
 
     got, got_grads = _grads(rows, q, k, v, do)
     _assert_close("o", got, want, 1e-6)

@@ -191,15 +191,15 @@ def s2_rows(
     heads = [(0, H // 2, 0, False), (H // 2, H, group // 2, wrap)]  # (h0, h1, shift, wrap)
     out, at = [], 0
     for start, stop in spans:
-        q_run = q[:, at : at + stop - start]
-        halves = [
-            _group_causal_rows(
-                q_run[:, :, h0:h1], k, v, torch.arange(h0, h1, device=q.device) // rep, first=start,
-                group=group, shift=shift, wrap=wrap_h, scale=scale,
-            )  # fmt: skip
-            for h0, h1, shift, wrap_h in heads
-            if h1 > h0
-        ]
+        q_run, halves = q[:, at : at + stop - start], []
+        for h0, h1, shift, wrap_h in heads:
+            if h1 > h0:
+                kv_heads = torch.arange(h0, h1, device=q.device) // rep
+                o = _group_causal_rows(
+                    q_run[:, :, h0:h1], k, v, kv_heads, first=start, group=group, shift=shift, wrap=wrap_h,
+                    scale=scale,
+                )  # fmt: skip
+                halves.append(o)
         out.append(torch.cat(halves, dim=2))
         at += stop - start
     return torch.cat(out, dim=1)
