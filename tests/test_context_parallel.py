@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, ROWS, SEQ = 3, 4, 32  # ROWS: the global batch
 # name -> (world, context_parallel, arms): each arm is fitted once per run
 RUNS = {
-    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper", "hf_s2"]),
+    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper", "ms_paper_selected", "hf_s2"]),
     "w4_cp2_dp2": (4, 2, ["dense", "ms_causal"]),
-    "w4_cp4": (4, 4, ["s2_causal", "ms_paper"]),
+    "w4_cp4": (4, 4, ["s2_causal", "ms_paper", "ms_causal_selected"]),
 }
 
 
@@ -51,6 +51,7 @@ def _model(arm: str):
 
     from ctxlab.attention.s2 import S2Attention
     from ctxlab.position import CRDNTK
+    from ctxlab.position.rope import Selected
 
     if arm == "dense_crd":  # cyclic ids (cycle < SEQ) with a random offset per row
         crd = CRDNTK(head_dim=8, cycle=24, max_offset=1000, scale_init=2.0, scale_max=2.0, scale_inf=2.0)
@@ -74,8 +75,11 @@ def _model(arm: str):
         model = HFCausalLM(hf, S2Attention, Rope(head_dim=8))
         model.set_peft(apply_lora_plus(model.hf))
         return model.train()
-    if arm.startswith("ms_"):  # 8 regions of 4 tokens, budget 4, merge 2: sparse at SEQ
-        model = tiny_model(arm[3:], seed=3)
+    if arm.startswith("ms_"):  # 11 regions of 3 tokens (the last of 2), budget 3, merge 2: a dense
+        # prefix of 9 tokens, then blocks of 6 that the chunks of 8 (cp=2) or 4 (cp=4) tokens cut
+        select, _, pe = arm[3:].partition("_")
+        position = Selected(head_dim=8) if pe == "selected" else None
+        model = tiny_model(select, region=3, budget=3, merge=2, position=position, seed=3)
         # Recomputed layers gather again in the backward pass (the 7B recipe checkpoints).
         model.gradient_checkpointing = arm == "ms_paper"
         return model.train()
@@ -237,32 +241,95 @@ def test_load_balanced_layout_and_global_position_ids():
     assert torch.equal(cpl.unshard([s[0] for s in shards]), x)
 
 
+def _query_rows(q: torch.Tensor, n: int, rank: int):
+    """Rank ``rank``'s ``QueryRows`` of the whole queries ``q`` without a process group: its
+    ``gather`` puts the given rows in the rank's place among the other ranks' shards of ``q``."""
+    from ctxlab.attention.base import QueryRows
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        return cpl.unshard([x if r == rank else cpl.shard(q, n, r) for r in range(n)]).detach()
+
+    return QueryRows(spans=cpl.own_spans(q.shape[1], n, rank), gather=gather)
+
+
+def _check_rows_equal_whole(core, q, k, v, n: int, msg: str) -> None:
+    """Every rank's ``attend_rows`` of its own query chunks, put together, equals the core on the
+    whole sequence: outputs, and gradients to q, k, v of a random weighting of the outputs."""
+    w = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=q.dtype)
+    want = core(q, k, v)
+    grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
+    got = cpl.unshard([core.attend_rows(cpl.shard(q, n, r), k, v, _query_rows(q, n, r)) for r in range(n)])
+    torch.testing.assert_close(got, want, msg=msg)
+    for name, a, b in zip("qkv", torch.autograd.grad((got * w).sum(), (q, k, v)), grads_want):
+        torch.testing.assert_close(a, b, msg=f"{msg} d{name}")
+
+
+def _qkv(length: int, heads: int, kv_heads: int, dim: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(2, length, h, dim, generator=g, dtype=torch.float64, requires_grad=True)
+        for h in (heads, kv_heads, kv_heads)
+    ]
+
+
 @pytest.mark.parametrize(
     ("length", "n", "heads", "kv_heads", "group_size", "wrap"),
     [(48, 2, 4, 2, 0, True), (48, 3, 6, 2, 0, False), (40, 2, 6, 3, 6, False), (96, 4, 4, 4, 8, True),
      (32, 2, 2, 1, 16, True), (24, 3, 3, 1, 7, False)],
     ids=["quarter-wrap", "n3-gqa3", "G6-partial", "n4-G8-wrap", "G16-wrap", "odd-heads-G7"],
 )  # fmt: skip
-def test_own_query_cores_equal_the_whole_sequence_core(length, n, heads, kv_heads, group_size, wrap):
-    """Each rank's own query chunks through the dense and S2 own-query paths give exactly the
-    rows of the one-process core on the whole sequence (S2's groups sized from the whole length,
-    a partial last group, the wrapped group, GQA with a split kv group), outputs and gradients."""
+def test_dense_and_s2_rows_equal_the_whole_sequence_core(length, n, heads, kv_heads, group_size, wrap):
+    """Each rank's own query chunks through dense and S2's ``attend_rows`` give exactly the rows
+    of the one-process core on the whole sequence (S2's groups sized from the whole length, a
+    partial last group, the wrapped group, GQA with a split kv group), outputs and gradients."""
     from ctxlab.attention import DenseAttention
     from ctxlab.attention.s2 import S2Attention
 
-    g = torch.Generator().manual_seed(length + n)
-    q = torch.randn(2, length, heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, length, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, length, kv_heads, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, length, heads, 8, generator=g, dtype=torch.float64)
+    q, k, v = _qkv(length, heads, kv_heads, seed=length + n)
     for core in (DenseAttention(), S2Attention(group_size=group_size, wrap=wrap).train()):
-        own = cpl._own_query_paths()[type(core)]
-        want = core(q, k, v)
-        grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
-        got = cpl.unshard([own(core, cpl.shard(q, n, r), k, v, n, r) for r in range(n)])
-        torch.testing.assert_close(got, want, msg=type(core).__name__)
-        for a, b in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), grads_want):
-            torch.testing.assert_close(a, b, msg=type(core).__name__)
+        _check_rows_equal_whole(core, q, k, v, n, type(core).__name__)
+
+
+@pytest.mark.parametrize(
+    ("length", "n", "heads", "kv_heads", "ms"),
+    [(40, 2, 4, 2, dict(region=3, budget=3, merge=2, select="paper")),
+     (40, 2, 4, 2, dict(region=3, budget=3, merge=2, select="causal")),
+     (56, 4, 4, 2, dict(region=5, budget=3, merge=2, select="paper", scope="group")),
+     (56, 4, 2, 1, dict(region=5, budget=3, merge=2, select="causal", pool="attn")),
+     (42, 3, 6, 2, dict(region=4, budget=3, merge=1, select="paper", pool="attn", scope="group")),
+     (40, 2, 4, 2, dict(region=3, budget=3, merge=2, select="paper", pe="selected")),
+     (56, 4, 4, 2, dict(region=5, budget=3, merge=2, select="causal", pe="selected")),
+     (24, 2, 4, 2, dict(region=4, budget=8, merge=2, select="causal", pe="selected"))],
+    ids=["paper-w3", "causal-w3", "n4-paper-w5-group", "n4-causal-attn-pool", "n3-paper-m1",
+         "paper-selected", "n4-causal-selected", "dense-at-this-length"],
+)  # fmt: skip
+def test_ms_rows_equal_the_whole_sequence_core(length, n, heads, kv_heads, ms):
+    """MS attention's ``attend_rows`` (selection on the gathered queries, attention of the rank's
+    rows only) gives exactly the whole-sequence core's rows and gradients, for both selection
+    rules and both positions, at chunk boundaries that cut regions and blocks, a partial last
+    region and block, and a length at which MS is dense."""
+    from ctxlab.attention import MSAttention
+    from ctxlab.position.rope import Selected
+
+    pe = ms.pop("pe", "pre")
+    core = MSAttention(**ms, backend="torch")
+    if pe == "selected":
+        core.configure_position(Selected(8, 500.0))
+    q, k, v = _qkv(length, heads, kv_heads, seed=length + n)
+    _check_rows_equal_whole(core, q, k, v, n, core.describe())
+
+
+def test_a_core_without_rows_runs_whole():
+    """The contract's default: a core that does not implement ``attend_rows`` answers None, and
+    the split then runs its ``forward`` on the whole sequence."""
+    from ctxlab.attention.base import AttentionCore
+
+    class Whole(AttentionCore):
+        def forward(self, q, k, v, cache=None):
+            return q
+
+    q, k, v = _qkv(8, 2, 2)
+    assert Whole().attend_rows(cpl.shard(q, 2, 0), k, v, _query_rows(q, 2, 0)) is None
 
 
 def test_the_loss_stays_chunked_next_to_the_split_hook():

@@ -192,6 +192,38 @@ def test_attend_matches_torch(shape, region, budget, merge, scope, pe, dkv, seed
         _assert_close(name, g, r, 1e-5)
 
 
+@pytest.mark.parametrize(
+    "L, n, region, budget, merge, pe",
+    [(40, 2, 3, 3, 2, "pre"), (56, 4, 5, 3, 2, "selected")],
+    ids=["n2-w3", "n4-w5-selected"],
+)
+@on_interpreter
+def test_attend_rows_match_the_whole_sequence(L, n, region, budget, merge, pe):
+    """Context parallelism's MS rows on the Triton path (one call up to the last run's end, the
+    queries before a run taken from the whole sequence) equal the whole sequence's rows, outputs
+    and gradients, with chunk boundaries that cut regions and blocks."""
+    from ctxlab import context_parallel as cpl
+    from ctxlab.attention.selection import ms_attend, ms_attend_rows
+
+    q, k, v, do = _inputs(1, L, 4, 2, 32, seed=L)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, select="paper")
+    opts = dict(region=region, budget=budget, merge=merge, scope="head", pe=pe, inv_freq=None, scale=None)
+    want, want_grads = _grads(lambda q, k, v: ms_attend(q, k, v, idx, **opts, backend="triton"), q, k, v, do)
+
+    def rows(q, k, v):
+        opts_rows = dict(opts, backend="triton")
+        parts = [
+            ms_attend_rows(cpl.shard(q, n, r), q, k, v, idx, spans=cpl.own_spans(L, n, r), **opts_rows)
+            for r in range(n)
+        ]
+        return cpl.unshard(parts)
+
+    got, got_grads = _grads(rows, q, k, v, do)
+    _assert_close("o", got, want, 1e-6)
+    for name, g, r in zip(("dq", "dk", "dv"), got_grads, want_grads):
+        _assert_close(name, g, r, 1e-6)
+
+
 @pytest.mark.parametrize("dkv", ["atomic", "partial-windows", "reverse"])
 @on_interpreter
 def test_padding_entries_are_ignored(dkv):

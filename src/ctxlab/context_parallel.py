@@ -10,21 +10,19 @@ The sequence is cut into 2n chunks of c tokens and rank r holds chunks ``r`` and
 Everything per token (embeddings, projections, RoPE at the token's *global* position id, MLP,
 the loss) runs on the rank's own 2c tokens; only attention needs other tokens:
 
-- every attention core sees exactly what it sees on one process: the keys and values (and, where
-  the core needs them, the queries) of the whole sequence are all-gathered over the cp group by
-  an autograd-aware all-gather whose backward sums the gradient slices of every cp rank
-  (reduce-scatter; all-reduce then slice on gloo, which has no reduce-scatter);
-- dense attention computes only the rank's own query chunks, each over the keys up to its end
-  (SDPA with a lower-right causal mask: flash attention on CUDA, no ``[c, L]`` mask);
-- S2 likewise: each run of the rank's queries inside one of S2's groups (sized from the whole
-  length, shifted for half the heads, wrapped around the end with LongLoRA's roll) attends over
-  that group's keys with a lower-right causal mask;
-- every other core (MS with paper or causal selection) runs on the whole gathered sequence
-  (queries gathered too) and the rank keeps its own rows. Its selection is then exactly the
-  one-process one for both selection rules (the paper's reads a block's own later queries); the
-  price is that each rank computes the whole MS layer (the projections, MLP and loss are still
-  split n ways). Gradients stay exact: rows a rank drops get a zero output gradient, so they add
-  exactly nothing to dq, dk, dv.
+- every attention core sees exactly what it sees on one process: the keys and values of the
+  whole sequence are all-gathered over the cp group by an autograd-aware all-gather whose backward
+  sums the gradient slices of every cp rank (reduce-scatter; all-reduce then slice on gloo, which
+  has no reduce-scatter);
+- a core that computes query rows alone (``AttentionCore.attend_rows``) computes only the rank's
+  two query chunks against the whole K/V: dense attention each chunk over the keys up to its end
+  (SDPA with a lower-right causal mask), S2 each run of the chunk inside one of its groups (sized
+  from the whole length), MS attention its selection on the all-gathered queries (detached: the
+  selection has no gradient; the paper's selection reads a block's own later queries) and then
+  the attention of the rank's rows only;
+- any other core runs on the whole gathered sequence (queries gathered too) and the rank keeps its
+  own rows, which is exact but computes the whole layer on every rank. Gradients stay exact: rows
+  a rank drops get a zero output gradient, so they add exactly nothing to dq, dk, dv.
 
 The loss of a rank is the mean over its own tokens; with equal token counts per rank, the DDP
 gradient average over dp x cp ranks is then exactly the one-process gradient of the global batch
@@ -47,10 +45,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ctxlab.attention.base import AttentionCore, check_core
+from ctxlab.attention.base import AttentionCore, QueryRows, check_core
 from ctxlab.config import ConfigError
 
 SETTING = "trainer.strategy.context_parallel"
@@ -78,6 +75,13 @@ def shard(x: Tensor, n: int, rank: int, dim: int = 1) -> Tensor:
     check_length(x.shape[dim], n)
     chunks = x.chunk(2 * n, dim=dim)
     return torch.cat([chunks[rank], chunks[2 * n - 1 - rank]], dim=dim)
+
+
+def own_spans(length: int, n: int, rank: int) -> tuple[tuple[int, int], ...]:
+    """The token positions ``(start, stop)`` of rank ``rank``'s two chunks, in :func:`shard`'s order."""
+    check_length(length, n)
+    c = length // (2 * n)
+    return tuple((j * c, (j + 1) * c) for j in (rank, 2 * n - 1 - rank))
 
 
 def unshard(parts: list[Tensor], dim: int = 1) -> Tensor:
@@ -115,108 +119,6 @@ class _GatherSequence(torch.autograd.Function):
 
 
 # The attention core -------------------------------------------------------------------------
-
-
-def _dense_own_queries(
-    core: nn.Module, q: Tensor, k_full: Tensor, v_full: Tensor, n: int, rank: int
-) -> Tensor:
-    """Causal attention of the rank's two query chunks, each over the keys up to its end.
-
-    q ``[B, 2c, H, D]``, k_full, v_full ``[B, L, Hkv, D]`` -> ``[B, 2c, H, D]``."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    c = q.shape[1] // 2
-    group = q.shape[2] // k_full.shape[2]
-    if group > 1:  # the lower-right causal kernels take no grouped K/V
-        k_full, v_full = k_full.repeat_interleave(group, dim=2), v_full.repeat_interleave(group, dim=2)
-    out = []
-    for q_chunk, j in zip(q.split(c, dim=1), (rank, 2 * n - 1 - rank)):
-        end = (j + 1) * c
-        kt, vt = k_full[:, :end].transpose(1, 2), v_full[:, :end].transpose(1, 2)  # [B, H, end, D]
-        o = F.scaled_dot_product_attention(
-            q_chunk.transpose(1, 2), kt, vt, attn_mask=causal_lower_right(c, end), scale=core.settings.scale
-        )
-        out.append(o.transpose(1, 2))
-    return torch.cat(out, dim=1)
-
-
-def _group_causal(
-    q: Tensor, k_full: Tensor, v_full: Tensor, kv_heads: Tensor, *, first: int, group: int, shift: int,
-    wrap: bool, scale: float | None,
-) -> Tensor:  # fmt: skip
-    """Causal attention inside S2's groups for queries at ``first .. first + len - 1``.
-
-    q ``[B, len, h, D]`` (h query heads reading kv heads ``kv_heads`` of k_full, v_full
-    ``[B, L, Hkv, D]``). Query t attends to keys ``[start, t]``, start being the first token of its
-    group: groups ``[0, shift)``, then ``[shift + iG, shift + (i+1)G)``. With ``wrap`` (LongLoRA's
-    roll; ``L % G == 0``) the first group is the tail of the last one: queries ``t < shift`` also
-    see keys ``[L - G + shift, L)``. Each run of queries sharing a group is one SDPA call with a
-    lower-right causal mask over its group's keys."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    L, end_q = k_full.shape[1], first + q.shape[1]
-    out, t = [], first
-    while t < end_q:
-        start = 0 if t < shift else shift + (t - shift) // group * group
-        end = min(shift if t < shift else start + group, end_q)
-        keys = [slice(start, end)]
-        if wrap and t < shift:
-            keys.insert(0, slice(L - group + shift, L))
-        k = torch.cat([k_full[:, r] for r in keys], dim=1).index_select(2, kv_heads)  # [B, n, h, D]
-        v = torch.cat([v_full[:, r] for r in keys], dim=1).index_select(2, kv_heads)
-        o = F.scaled_dot_product_attention(
-            q[:, t - first : end - first].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=causal_lower_right(end - t, k.shape[1]), scale=scale,
-        )  # fmt: skip
-        out.append(o.transpose(1, 2))
-        t = end
-    return torch.cat(out, dim=1)
-
-
-def _s2_own_queries(core: nn.Module, q: Tensor, k_full: Tensor, v_full: Tensor, n: int, rank: int) -> Tensor:
-    """S2 attention (``ctxlab.attention.s2``) of the rank's two query chunks: the first H/2 heads
-    in groups of G tokens, the others in groups shifted by G/2 (wrapping around the end when
-    ``core.wrap``), G sized from the whole length as on one process. Dense when not training."""
-    from ctxlab.attention.s2 import s2_group_size
-
-    if not core.training:
-        return _dense_own_queries(core, q, k_full, v_full, n, rank)
-    L, H, c = k_full.shape[1], q.shape[2], q.shape[1] // 2
-    group = s2_group_size(L, group_ratio=core.settings.group_ratio, group_size=core.settings.group_size)
-    if core.settings.wrap and L % group:
-        raise ValueError(
-            f"s2 attention with wrap=True (LongLoRA's roll) needs the length L={L} to be a "
-            f"multiple of the group size {group}; use wrap=False or another group size"
-        )
-    rep = H // k_full.shape[2]
-    heads = [(0, H // 2, 0, False), (H // 2, H, group // 2, core.settings.wrap)]  # (h0, h1, shift, wrap)
-    out = []
-    for q_chunk, j in zip(q.split(c, dim=1), (rank, 2 * n - 1 - rank)):
-        halves = [
-            _group_causal(
-                q_chunk[:, :, h0:h1],
-                k_full,
-                v_full,
-                torch.arange(h0, h1, device=q.device) // rep,
-                first=j * c,
-                group=group,
-                shift=shift,
-                wrap=wrap,
-                scale=core.settings.scale,
-            )  # fmt: skip
-            for h0, h1, shift, wrap in heads
-            if h1 > h0
-        ]
-        out.append(torch.cat(halves, dim=2))
-    return torch.cat(out, dim=1)
-
-
-def _own_query_paths() -> dict[type, Any]:
-    """Cores that compute only the rank's own query chunks; every other core runs whole."""
-    from ctxlab.attention.modules import DenseAttention
-    from ctxlab.attention.s2 import S2Attention
-
-    return {DenseAttention: _dense_own_queries, S2Attention: _s2_own_queries}
 
 
 class ContextParallelCore(AttentionCore):
@@ -282,9 +184,9 @@ class ContextParallelCore(AttentionCore):
             return self.inner(q, k, v, cache=cache)
         split = self._split[0]
         k_full, v_full = split.gather(k), split.gather(v)
-        own = _own_query_paths().get(type(self.inner))
+        own = self.inner.attend_rows(q, k_full, v_full, split.query_rows(k_full.shape[1]))
         if own is not None:
-            return own(self.inner, q, k_full, v_full, split.cp, split.cp_rank)
+            return own
         o_full = self.inner(split.gather(q), k_full, v_full)
         return split.shard(o_full)
 
@@ -314,6 +216,15 @@ class ContextParallel:
     def gather(self, x: Tensor) -> Tensor:
         """The whole sequence ``[B, L, ...]`` from this rank's ``[B, 2c, ...]``; differentiable."""
         return _GatherSequence.apply(x, self.group, self.cp, self.cp_rank)
+
+    def gather_detached(self, x: Tensor) -> Tensor:
+        """The whole sequence of ``x``, without a gradient (what a core's selection reads)."""
+        with torch.no_grad():
+            return self.gather(x.detach())
+
+    def query_rows(self, length: int) -> QueryRows:
+        """This rank's rows of a sequence of ``length`` tokens, for ``AttentionCore.attend_rows``."""
+        return QueryRows(spans=own_spans(length, self.cp, self.cp_rank), gather=self.gather_detached)
 
     def shard_batch(self, model: nn.Module, x: Tensor, y: Tensor, position_ids: Tensor | None):
         """This rank's tokens, targets and position ids of the whole rows ``x``, ``y`` ``[B, L]``.

@@ -28,7 +28,11 @@ Hooks with defaults (a dense, causal core that rotates nothing needs none of the
 - ``continues_foreign_cache(n_new)``: whether the core can continue from a cache that holds
   only k and v (transformers' own), or needs ctxlab's ``KVCache``;
 - ``record_selection`` / ``selection_stats(local_window)``: what a sparse core chose, for
-  the ``SelectionStats`` callback (``records_selection``).
+  the ``SelectionStats`` callback (``records_selection``);
+- ``attend_rows(q, k, v, rows)``: the outputs of some query rows only (``QueryRows``), against
+  the whole sequence's k and v, exactly as ``forward`` gives them; context parallelism calls it
+  so that a rank computes its own rows only. The default, None, makes the caller run
+  ``forward`` on the whole sequence.
 """
 
 from __future__ import annotations
@@ -36,11 +40,26 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from ctxlab.attention.cache import LayerCache
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """Which rows of a sequence an ``attend_rows`` call computes.
+
+    ``spans``: the runs ``(start, stop)`` of token positions, in the order their rows are
+    concatenated in the call's q. ``gather(x)``: the whole sequence ``[B, L, ...]`` of a tensor
+    laid out like q's rows, detached (under context parallelism an all-gather: a collective, so a
+    core either calls it on every rank or on none, which holds when whether it calls depends on
+    its settings only)."""
+
+    spans: tuple[tuple[int, int], ...]
+    gather: Callable[[Tensor], Tensor]
 
 
 class AttentionCore(nn.Module):
@@ -147,6 +166,13 @@ class AttentionCore(nn.Module):
     def clear_selection(self) -> None:
         """Stop recording and drop what was recorded."""
         self.record_selection = False
+
+    def attend_rows(self, q: Tensor, k: Tensor, v: Tensor, rows: QueryRows) -> Tensor | None:
+        """The outputs ``[B, R, H, D]`` of the query rows ``rows.spans`` only: q ``[B, R, H, D]``
+        holds those rows, k and v ``[B, L, Hkv, D]`` the whole sequence. They are the rows that
+        ``forward`` on the whole sequence gives, differentiable in q, k and v; None when the core
+        cannot compute rows alone (the caller then runs ``forward`` on the whole sequence)."""
+        return None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache | None = None) -> Tensor:
         raise NotImplementedError

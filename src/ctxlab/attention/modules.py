@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ctxlab.attention.base import AttentionCore
+from ctxlab.attention.base import AttentionCore, QueryRows
 from ctxlab.attention.cache import LayerCache
 
 
@@ -44,6 +44,27 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
         qpos = torch.arange(Lk - Lq, Lk, device=q.device)[:, None]
         mask, causal = torch.arange(Lk, device=q.device)[None, :] <= qpos, False  # [Lq, Lk]
     return sdpa(qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale).transpose(1, 2)
+
+
+def dense_rows(
+    q: Tensor, k: Tensor, v: Tensor, spans: tuple[tuple[int, int], ...], *, scale: float | None = None
+) -> Tensor:
+    """Causal attention of the query runs ``spans`` (``(start, stop)`` positions; q ``[B, R, H, D]``
+    their rows concatenated) over the keys ``k, v [B, L, Hkv, D]`` up to each run's end: SDPA with
+    a lower-right causal mask (flash attention on CUDA, no ``[R, L]`` mask)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    group = q.shape[2] // k.shape[2]
+    if group > 1:  # the lower-right causal kernels take no grouped K/V
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    out, at = [], 0
+    for start, stop in spans:
+        q_run = q[:, at : at + stop - start].transpose(1, 2)  # [B, H, stop - start, D]
+        kt, vt = k[:, :stop].transpose(1, 2), v[:, :stop].transpose(1, 2)  # [B, H, stop, D]
+        mask = causal_lower_right(stop - start, stop)
+        out.append(F.scaled_dot_product_attention(q_run, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2))
+        at += stop - start
+    return torch.cat(out, dim=1)
 
 
 def sdpa(
@@ -88,6 +109,9 @@ class DenseAttention(AttentionCore):
         if cache is not None:
             k, v, _ = cache.append(k, v)
         return dense_attention(q, k, v, scale=self.settings.scale)
+
+    def attend_rows(self, q: Tensor, k: Tensor, v: Tensor, rows: QueryRows) -> Tensor:
+        return dense_rows(q, k, v, rows.spans, scale=self.settings.scale)
 
     def describe(self) -> str:
         return "dense"

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ctxlab.attention.base import AttentionCore
+from ctxlab.attention.base import AttentionCore, QueryRows
 from ctxlab.attention.cache import LayerCache
 from ctxlab.attention.modules import dense_attention
-from ctxlab.attention.selection import SELECTION_OP, ms_attend, ms_selection
+from ctxlab.attention.selection import SELECTION_OP, ms_attend, ms_attend_rows, ms_selection
 from ctxlab.kernels.ms_attention import ms_attention_torch, ms_select, validate_ms_args
 from ctxlab.kernels.ms_attention.interface import check_tensors as check_ms_tensors
 from ctxlab.kernels.ms_attention.torch_impl import ms_pair_count
@@ -169,16 +169,35 @@ class MSAttention(AttentionCore):
         super().clear_selection()
         self.last_selection = None
 
+    def _select(self, q: Tensor, k: Tensor) -> Tensor:
+        """The selection of the whole sequence (q ``[B, L, H, D]``, k ``[B, L, Hkv, D]``), recorded
+        for ``selection_stats`` when asked; no gradient."""
+        s = self.settings
+        with torch.no_grad():
+            if self.record_selection:
+                self.last_selection = ms_select(q.detach(), k.detach(), **s.select_kwargs)
+            return ms_selection(q.detach(), k.detach(), **s.select_kwargs, backend=s.backend)
+
+    def attend_rows(self, q: Tensor, k: Tensor, v: Tensor, rows: QueryRows) -> Tensor:
+        """The rows ``rows.spans``: the selection on the whole sequence's queries (``rows.gather``;
+        paper selection reads a block's own later queries, causal the m regions before it), then
+        the attention of these rows only (``ms_attend_rows``)."""
+        s = self.settings
+        q_all = rows.gather(q)
+        check_ms_tensors(q_all, k, v, pe=self.pe)
+        idx = self._select(q_all, k)
+        inv_freq, scale = self._rotation(k.shape[1], q.shape[-1])
+        return ms_attend_rows(
+            q, q_all, k, v, idx, spans=rows.spans, region=s.region, budget=s.budget, merge=s.merge,
+            scope=s.scope, pe=self.pe, inv_freq=inv_freq, scale=scale, backend=s.backend,
+        )  # fmt: skip
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache | None = None) -> Tensor:
         s = self.settings
         if cache is None:
-            if self.record_selection:
-                with torch.no_grad():
-                    self.last_selection = ms_select(q.detach(), k.detach(), **s.select_kwargs)
             # Selection, then attention: checkpointing can keep the selection (checkpoint_saves).
             check_ms_tensors(q, k, v, pe=self.pe)
-            with torch.no_grad():
-                idx = ms_selection(q.detach(), k.detach(), **s.select_kwargs, backend=s.backend)
+            idx = self._select(q, k)
             inv_freq, scale = self._rotation(q.shape[1], q.shape[-1])
             return ms_attend(
                 q, k, v, idx, region=s.region, budget=s.budget, merge=s.merge, scope=s.scope, pe=self.pe,

@@ -29,11 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ctxlab.attention.base import AttentionCore
+from ctxlab.attention.base import AttentionCore, QueryRows
 from ctxlab.attention.cache import LayerCache
-from ctxlab.attention.modules import check_scale, dense_attention, sdpa
+from ctxlab.attention.modules import check_scale, dense_attention, dense_rows, sdpa
 
 
 def s2_group_size(length: int, *, group_ratio: float = 0.25, group_size: int = 0) -> int:
@@ -120,11 +121,7 @@ def s2_attention(
         raise ValueError(f"query heads H={H} must be a multiple of kv heads Hkv={Hkv}")
     if isinstance(group, bool) or not isinstance(group, int) or group < 2:
         raise ValueError(f"group must be an int >= 2, got {group!r}")
-    if wrap and L % group:
-        raise ValueError(
-            f"s2 attention with wrap=True (LongLoRA's roll) needs the length L={L} to be a "
-            f"multiple of the group size {group}; use wrap=False or another group size"
-        )
+    _check_wrap(L, group, wrap)
     rep, h0, shift = H // Hkv, H // 2, group // 2
     outs = []
     if h0 > 0:
@@ -137,6 +134,75 @@ def s2_attention(
     else:
         outs.append(_causal_in_groups(qs, ks, vs, group, shift, scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _check_wrap(length: int, group: int, wrap: bool) -> None:
+    if wrap and length % group:
+        raise ValueError(
+            f"s2 attention with wrap=True (LongLoRA's roll) needs the length L={length} to be a "
+            f"multiple of the group size {group}; use wrap=False or another group size"
+        )
+
+
+def _group_causal_rows(
+    q: Tensor, k: Tensor, v: Tensor, kv_heads: Tensor, *, first: int, group: int, shift: int, wrap: bool,
+    scale: float | None,
+) -> Tensor:  # fmt: skip
+    """Causal attention inside S2's groups for queries at ``first .. first + len - 1``.
+
+    q ``[B, len, h, D]`` (h query heads reading kv heads ``kv_heads`` of k, v ``[B, L, Hkv, D]``).
+    Query t attends to keys ``[start, t]``, start being the first token of its group: groups
+    ``[0, shift)``, then ``[shift + iG, shift + (i+1)G)``. With ``wrap`` (LongLoRA's roll;
+    ``L % G == 0``) the first group is the tail of the last one: queries ``t < shift`` also see
+    keys ``[L - G + shift, L)``. Each run of queries sharing a group is one SDPA call with a
+    lower-right causal mask over its group's keys."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    L, end_q = k.shape[1], first + q.shape[1]
+    out, t = [], first
+    while t < end_q:
+        start = 0 if t < shift else shift + (t - shift) // group * group
+        end = min(shift if t < shift else start + group, end_q)
+        keys = [slice(start, end)]
+        if wrap and t < shift:
+            keys.insert(0, slice(L - group + shift, L))
+        k_run = torch.cat([k[:, r] for r in keys], dim=1).index_select(2, kv_heads)  # [B, n, h, D]
+        v_run = torch.cat([v[:, r] for r in keys], dim=1).index_select(2, kv_heads)
+        o = F.scaled_dot_product_attention(
+            q[:, t - first : end - first].transpose(1, 2), k_run.transpose(1, 2), v_run.transpose(1, 2),
+            attn_mask=causal_lower_right(end - t, k_run.shape[1]), scale=scale,
+        )  # fmt: skip
+        out.append(o.transpose(1, 2))
+        t = end
+    return torch.cat(out, dim=1)
+
+
+def s2_rows(
+    q: Tensor, k: Tensor, v: Tensor, spans: tuple[tuple[int, int], ...], *, group: int, wrap: bool = True,
+    scale: float | None = None,
+) -> Tensor:  # fmt: skip
+    """``s2_attention``'s rows for the query runs ``spans`` (``(start, stop)`` positions; q
+    ``[B, R, H, D]`` their rows concatenated) over the whole sequence's ``k, v [B, L, Hkv, D]``:
+    the first H/2 heads in groups of ``group`` tokens, the others in groups shifted by half of it
+    (wrapping around the end with ``wrap``). ``group`` is the whole length's, as in training."""
+    L, H = k.shape[1], q.shape[2]
+    _check_wrap(L, group, wrap)
+    rep = H // k.shape[2]
+    heads = [(0, H // 2, 0, False), (H // 2, H, group // 2, wrap)]  # (h0, h1, shift, wrap)
+    out, at = [], 0
+    for start, stop in spans:
+        q_run, halves = q[:, at : at + stop - start], []
+        for h0, h1, shift, wrap_h in heads:
+            if h1 > h0:
+                kv_heads = torch.arange(h0, h1, device=q.device) // rep
+                o = _group_causal_rows(
+                    q_run[:, :, h0:h1], k, v, kv_heads, first=start, group=group, shift=shift, wrap=wrap_h,
+                    scale=scale,
+                )  # fmt: skip
+                halves.append(o)
+        out.append(torch.cat(halves, dim=2))
+        at += stop - start
+    return torch.cat(out, dim=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +263,12 @@ class S2Attention(AttentionCore):
         if not self.training:
             return dense_attention(q, k, v, scale=s.scale)
         return s2_attention(q, k, v, group=s.group(q.shape[1]), wrap=s.wrap, scale=s.scale)
+
+    def attend_rows(self, q: Tensor, k: Tensor, v: Tensor, rows: QueryRows) -> Tensor:
+        s = self.settings
+        if not self.training:
+            return dense_rows(q, k, v, rows.spans, scale=s.scale)
+        return s2_rows(q, k, v, rows.spans, group=s.group(k.shape[1]), wrap=s.wrap, scale=s.scale)
 
     def describe(self) -> str:
         s = self.settings

@@ -59,3 +59,48 @@ def ms_attend(
 
         return ms_attend_triton(q, k, v, idx, **opts)
     return ms_attend_torch(q, k, v, idx, scope=scope, **opts)
+
+
+def ms_attend_rows(
+    q: Tensor, q_all: Tensor, k: Tensor, v: Tensor, idx: Tensor, *, spans: tuple[tuple[int, int], ...],
+    region: int, budget: int, merge: int, scope: str, pe: str, inv_freq: Tensor | None, scale: float | None,
+    backend: str,
+) -> Tensor:  # fmt: skip
+    """``ms_attend``'s rows for the query runs ``spans`` only -> ``[B, R, Hq, D]``.
+
+    q ``[B, R, Hq, D]``: the runs' rows concatenated (differentiable); q_all ``[B, L, Hq, D]``: the
+    whole sequence's queries (detached), which fill the rows before a run that the kernels' layout
+    needs and whose outputs are dropped; k, v ``[B, L, Hkv, D]`` the whole sequence; idx the whole
+    sequence's selection. Given the selection, attention is causal, so a run ending at ``stop``
+    needs the keys and the blocks of idx up to ``stop`` only. The PyTorch path computes each run
+    from its start (``ms_attend_torch``'s ``start``): the run's rows and at most the rows of its
+    first block before it. The Triton kernels take no first row: one call over ``[0, last stop)``
+    computes every row up to the last run's end, and the runs' rows are kept.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, inv_freq=inv_freq, scale=scale)
+    offsets = [0]
+    for start, stop in spans:
+        offsets.append(offsets[-1] + stop - start)
+    runs = [q[:, a:b] for a, b in zip(offsets, offsets[1:])]
+    q_all = q_all.detach()
+    if use_triton(q, backend):
+        from ctxlab.kernels.ms_attention.triton_impl import ms_attend_triton
+
+        end = max(stop for _, stop in spans)
+        parts, at = [], 0
+        for (start, stop), run in sorted(zip(spans, runs), key=lambda item: item[0]):
+            parts += [q_all[:, at:start], run]
+            at = stop
+        parts.append(q_all[:, at:end])
+        G = num_blocks(end, region, budget, merge)
+        o = ms_attend_triton(torch.cat(parts, dim=1), k[:, :end], v[:, :end], idx[:, :, :G], **opts)
+        return torch.cat([o[:, start:stop] for start, stop in spans], dim=1)
+    out = []
+    for (start, stop), run in zip(spans, runs):
+        q_upto = torch.cat([q_all[:, :start], run], dim=1)  # [B, stop, Hq, D]
+        G = num_blocks(stop, region, budget, merge)
+        out.append(
+            ms_attend_torch(q_upto, k[:, :stop], v[:, :stop], idx[:, :, :G], scope=scope, start=start, **opts)
+        )
+    return torch.cat(out, dim=1)
