@@ -10,6 +10,8 @@ float32 reference).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from helpers import assert_within_pytorch_error
@@ -67,6 +69,32 @@ def test_flex_forward_matches_the_oracle_on_the_cpu(shape, block_size, top_k):
     opts = dict(block_size=block_size, top_k=top_k)
     out = moba_attention(q.float(), k.float(), v.float(), **opts, backend="flex")
     torch.testing.assert_close(out.double(), moba_attention_naive(q, k, v, **opts), atol=2e-6, rtol=2e-5)
+
+
+def test_compiled_flex_never_falls_back_to_the_unfused_path(monkeypatch):
+    """Every new length compiles a graph of its own; past Dynamo's recompile limit a call would run
+    flex_attention unfused, materializing [B, H, L, L] scores (the benchmark's 512 GiB requests at
+    64K). ``run_compiled`` raises the limit for its calls: with the global limit at 1, three
+    lengths compile on the CPU and no call takes the unfused path (its warning is an error here)."""
+    import warnings
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from ctxlab.kernels.moba import flex
+    from ctxlab.kernels.moba.torch_impl import moba_select
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    flex._compiled.cache_clear()
+    monkeypatch.setattr(flex, "_compiled", functools.cache(lambda: torch.compile(flex_attention, dynamic=False)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without torch.compile.*")
+        for L in (136, 200, 264):
+            q, k, v = (torch.randn(1, L, 2, 16, generator=torch.Generator().manual_seed(L)) for _ in range(3))
+            mask = flex.moba_block_mask(moba_select(q, k, block_size=32, top_k=2), L, 32)
+            o = flex.run_compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
+            want = moba_attention_torch(q, k, v, block_size=32, top_k=2)
+            torch.testing.assert_close(o.transpose(1, 2), want, atol=2e-5, rtol=2e-5)
+    assert torch._dynamo.config.recompile_limit == 1
 
 
 def test_queries_after_a_cache_get_the_full_forwards_rows():

@@ -24,6 +24,13 @@ from .torch_impl import moba_select
 TILE = 128
 """FlexAttention's query and key tile (its default BLOCK_SIZE)."""
 
+RECOMPILE_LIMIT = 64
+"""Shapes one process may compile FlexAttention for (``dynamic=False``: one graph per length,
+block count and head count). Past Dynamo's own limit (8 by default) a call silently runs
+``flex_attention`` unfused, materializing the ``[B, Hq, L, L]`` scores: the kernel benchmark's
+MoBA rows at 64K and 128K asked for 512 GiB and 2 TiB that way (H200, 2026-11-27, the 9th and
+later shapes of the run). The compiled calls therefore run with at least this limit."""
+
 
 def moba_block_mask(chosen: Tensor, length: int, block_size: int):
     """The ``BlockMask`` of MoBA's pattern for ``chosen`` (``[B, Hq, L, nb]``) at ``length`` tokens."""
@@ -64,6 +71,14 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def run_compiled(*args, **kwargs) -> Tensor:
+    """The compiled ``flex_attention(*args, **kwargs)`` under a recompile limit of at least
+    ``RECOMPILE_LIMIT`` (the global setting is left as it was)."""
+    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        return _compiled()(*args, **kwargs)
+
+
 def moba_attention_flex(
     q: Tensor, k: Tensor, v: Tensor, *, block_size: int, top_k: int, scale: float | None = None
 ) -> Tensor:
@@ -76,7 +91,7 @@ def moba_attention_flex(
         chosen = moba_select(q, k, block_size=block_size, top_k=top_k)
     mask = moba_block_mask(chosen, L, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    attend = _compiled() if q.is_cuda else flex_attention
+    attend = run_compiled if q.is_cuda else flex_attention
     o = attend(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, scale=scale,
         enable_gqa=q.shape[2] != k.shape[2],
@@ -84,4 +99,4 @@ def moba_attention_flex(
     return o.transpose(1, 2)
 
 
-__all__ = ["TILE", "moba_attention_flex", "moba_block_mask"]
+__all__ = ["RECOMPILE_LIMIT", "TILE", "moba_attention_flex", "moba_block_mask", "run_compiled"]
