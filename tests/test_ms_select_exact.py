@@ -223,35 +223,55 @@ def test_exact_scores_give_identical_indices_in_any_order(shape, region, budget,
     assert torch.equal(ms_select_naive(q, k, **opts), want)
 
 
-def _scores_in(dtype, q, k, region, pool, scope):
+def _tf32(x):
+    """x rounded to tf32 (10 explicit mantissa bits), to nearest."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _scores_in(dtype, q, k, region, pool, scope, precision="ieee"):
+    """Scores with representatives in ``dtype``; ``precision="tf32x3"`` takes the dot products as
+    Triton's tf32x3 does (hi*hi + hi*lo + lo*hi of tf32 splits, float32 sums)."""
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
     Hs = Hq if scope == "head" else Hkv
     n = num_regions(L, region)
     qbar = region_representatives(q.to(dtype), region, pool).reshape(B, Hs, Hq // Hs, n, D).sum(2)
     kbar = region_representatives(k.to(dtype), region, pool)[:, kv_head_of(Hs, Hkv, q.device)]
+    if precision == "tf32x3":
+        qh, kh = _tf32(qbar), _tf32(kbar)
+        ql, kl = _tf32(qbar - qh), _tf32(kbar - kh)
+        dot = lambda a, b: torch.einsum("bsid,bsjd->bsij", a, b)  # noqa: E731
+        return (dot(qh, kh) + dot(qh, kl) + dot(ql, kh)).double()
     return torch.einsum("bsid,bsjd->bsij", qbar, kbar).double()
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0], ids=["small", "unit", "large"])
 @pytest.mark.parametrize(
     "pool, scope", [("mean", "head"), ("mean", "group"), ("attn", "head"), ("attn", "group")]
 )
 @not_in_child
-def test_float32_score_error_is_within_the_stated_bound(pool, scope, scale):
+def test_float32_score_error_is_within_the_stated_bound(pool, scope, scale, precision):
     gen = torch.Generator().manual_seed(5)
     q = torch.randn(1, 97, 4, 16, generator=gen) * scale
     k = torch.randn(1, 97, 2, 16, generator=gen) * scale
     region = 5
     err = (
-        _scores_in(torch.float32, q, k, region, pool, scope)
+        _scores_in(torch.float32, q, k, region, pool, scope, precision)
         - _scores_in(torch.float64, q, k, region, pool, scope)
     ).abs()
     bound = exact.score_errors(
-        exact.score_error_bound(q, k, region=region, pool=pool, scope=scope),
+        exact.score_error_bound(q, k, region=region, pool=pool, scope=scope, precision=precision),
         torch.arange(num_regions(97, region)),
     )
     assert (err <= bound).all(), (err / bound).max()
+    if precision == "tf32x3":  # the emulation rounds more than float32 does: not a vacuous check
+        ieee = (
+            _scores_in(torch.float32, q, k, region, pool, scope)
+            - _scores_in(torch.float64, q, k, region, pool, scope)
+        ).abs()
+        assert not torch.equal(err, ieee), "the tf32x3 emulation rounded nothing"
 
 
 # Rounded scores. "w3-int" has integer tokens but w=3: means like 1/3 are rounded, and exact

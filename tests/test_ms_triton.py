@@ -730,6 +730,13 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
         assert not (differs & separated).any(), (
             f"{name}: {(differs & separated).sum()} separated blocks differ"
         )
+    # The shallow selection with tf32x3 dots: the contract with tf32x3's product error.
+    fast = triton_impl.ms_select_shallow(
+        q, k, config=dataclasses.replace(triton_impl.GPU_CONFIG, select_precision="tf32x3"), **opts
+    ).long()
+    separated_tf32x3 = exact.separated_blocks(q, k, precision="tf32x3", **opts)
+    differs = ~(fast == reference).all(-1)
+    assert not (differs & separated_tf32x3).any(), f"tf32x3: {(differs & separated_tf32x3).sum()} differ"
     n = -(-L // region)
     member = torch.zeros(*want.shape[:3], n, dtype=torch.int32, device="cuda")
     member.scatter_add_(-1, got, torch.ones_like(got, dtype=torch.int32))

@@ -199,7 +199,9 @@ def run_case(
             shallow_ms = cuda_time(shallow_selection, budget_ms=300, max_reps=5)
         else:
             select_ms = torch_select_ms
-    configured = (triton_impl.GPU_CONFIG if device == "cuda" else INTERPRETER_CONFIG).select_impl
+    configured = triton_impl.resolve_select_impl(
+        (triton_impl.GPU_CONFIG if device == "cuda" else INTERPRETER_CONFIG).select_impl, case.merge
+    )
     tails = {}
     ref_grads = None
     rows = []
@@ -583,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--select-impl",
         default=None,
-        choices=sorted(SELECT_KEY_OF),
+        choices=triton_impl.SELECT_IMPLS,
         help="the selection ms_attention runs on the GPU in this run (LaunchConfig.select_impl; "
         "default: the configured one); 'ours + sel' adds its time",
     )

@@ -9,7 +9,8 @@ error may swap. The contract (kernels/README.md, "Exactness of the selection"):
 
 1. Inputs whose representatives and scores are exact in float32 (integer-valued tokens, w a
    power of two, small magnitudes): every implementation returns the same indices.
-2. Otherwise, every float32 implementation (``select_precision="ieee"`` for the fused kernel)
+2. Otherwise, every float32 implementation (``select_precision="ieee"`` for the fused kernels;
+   ``"tf32x3"`` with its larger product error, ``PRODUCT_ERROR``)
    returns the indices of the exact-arithmetic selection, for which ``ms_select_torch`` on
    float64 inputs stands in, on every *separated* block (``separated_blocks``): one whose
    voting rows' decisions (the order of each row's best T-m candidates and the cut after them)
@@ -33,6 +34,13 @@ from .torch_impl import block_rows, kv_head_of, num_blocks, num_regions, region_
 
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
+PRODUCT_ERROR = {"ieee": 0, "tf32x3": 48}
+"""Extra per-product rounding of a score's dot products, in units of the float32 unit roundoff u,
+by ``tl.dot``'s input precision. "ieee": none (float32 products). "tf32x3": each factor x is split
+into hi = tf32(x) and lo = tf32(x - hi) (10 explicit mantissa bits each, so |x - hi - lo| <=
+2^-20 |x| even if the conversion truncates), and x*y is taken as hi*hi + hi*lo + lo*hi: the two
+split errors and the dropped lo*lo add at most 3 * 2^-20 |x||y| = 48 u |x||y|."""
+
 
 def _region_bounds(x_BLHD: Tensor, region: int, pool: str, heads: int) -> tuple[Tensor, Tensor]:
     """Per region, float64 ``[B, heads, n]``: N, the largest token norm summed over the
@@ -53,7 +61,7 @@ def _region_bounds(x_BLHD: Tensor, region: int, pool: str, heads: int) -> tuple[
 
 
 def score_error_bound(
-    q: Tensor, k: Tensor, *, region: int, pool: str, scope: str
+    q: Tensor, k: Tensor, *, region: int, pool: str, scope: str, precision: str = "ieee"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     """Factors of the bound on one computed score's rounding error:
     ``|S_computed[i, j] - S_exact[i, j]| <= 2u * (c + 2*LamQ[i] + 2*LamK[j]) * NQ[i] * NK[j]``,
@@ -61,7 +69,8 @@ def score_error_bound(
 
     Returns ``NQ, LamQ, NK, LamK`` float64 ``[B, Hs, n]`` (keys mapped to the selection heads;
     N: a region's largest token norm, summed over the r heads a representative adds; Lam: its
-    largest pooling logit, 0 for ``pool="mean"``) and ``c = D + 2w + r``.
+    largest pooling logit, 0 for ``pool="mean"``) and ``c = D + 2w + r`` (plus
+    ``PRODUCT_ERROR[precision]`` when the dots run in another input precision than float32).
 
     For ``pool="mean"`` this is standard forward error analysis: a representative's sum of at
     most w tokens and its division err by at most ``gamma_w * mean|x|`` per element, so its
@@ -77,7 +86,10 @@ def score_error_bound(
     nq, lq = _region_bounds(q, region, pool, Hs)
     nk, lk = _region_bounds(k, region, pool, Hkv)
     kv_head = kv_head_of(Hs, Hkv, q.device)
-    return nq, lq, nk[:, kv_head], lk[:, kv_head], float(D + 2 * region + Hq // Hs)
+    if precision not in PRODUCT_ERROR:
+        raise ValueError(f"precision must be one of {tuple(PRODUCT_ERROR)}, got {precision!r}")
+    c = D + 2 * region + Hq // Hs + PRODUCT_ERROR[precision]
+    return nq, lq, nk[:, kv_head], lk[:, kv_head], float(c)
 
 
 def score_errors(bound: tuple, rows: Tensor, unit_roundoff: float = FLOAT32_UNIT_ROUNDOFF) -> Tensor:
@@ -100,6 +112,7 @@ def separated_blocks(
     select: str,
     unit_roundoff: float = FLOAT32_UNIT_ROUNDOFF,
     max_chunk_elems: int = 1 << 22,
+    precision: str = "ieee",
 ) -> Tensor:
     """Bool ``[B, Hs, G]``: the blocks whose selection no score error within
     ``score_error_bound`` can change.
@@ -121,7 +134,7 @@ def separated_blocks(
         return torch.ones((B, Hs, 0), dtype=torch.bool, device=q.device)
     qbar = region_representatives(q.double(), region, pool).reshape(B, Hs, Hq // Hs, n, D).sum(2)
     kbar = region_representatives(k.double(), region, pool)[:, kv_head_of(Hs, Hkv, q.device)]
-    bound = score_error_bound(q, k, region=region, pool=pool, scope=scope)
+    bound = score_error_bound(q, k, region=region, pool=pool, scope=scope, precision=precision)
     rows, limit = block_rows(0, G, budget=budget, merge=merge, select=select, device=q.device)
     in_range = rows < n  # [G, m]
     rows = rows.clamp_max(n - 1)

@@ -43,7 +43,7 @@ Tests turn it on; it costs one fill per output."""
 DKV_PATHS = ("auto", "atomic", "partial", "reverse")
 """Values of ``LaunchConfig.dkv_path``."""
 
-SELECT_IMPLS = ("torch", "triton", "shallow")
+SELECT_IMPLS = ("auto", "torch", "triton", "shallow")
 """Values of ``LaunchConfig.select_impl``."""
 
 
@@ -89,12 +89,14 @@ class LaunchConfig:
     select_programs: int = 0
     select_warps: int = 4
     select_precision: str = "ieee"
-    select_impl: str = "torch"
+    select_impl: str = "auto"
     """Which selection ``ms_attention_triton`` runs: ``"torch"`` (``ms_select_torch``),
-    ``"triton"`` (the fused full-depth ``ms_select_triton``) or ``"shallow"``
+    ``"triton"`` (the fused full-depth ``ms_select_triton``), ``"shallow"``
     (``ms_select_shallow``: each row's ``shallow_k`` best only, the full-depth kernel for the
-    blocks that need more); the same indices. The GPU default is torch until the shallow
-    kernel is measured faster on the card (kernels/README.md, "Selection")."""
+    blocks that need more) or ``"auto"``: shallow when ``merge >= SHALLOW_MIN_MERGE`` (its
+    tile of voting rows is then full), else torch. The same indices either way. Measured on an
+    H200 (kernels/README.md, "Selection"): shallow beat torch's topk at the paper's m = 64 at
+    every length (128K: 91 vs 157 ms), and lost at m = 8 from 64K (128K: 20 vs 13 ms)."""
     shallow_k: int = 32
     """Ranks per row the shallow selection keeps (a power of two, >= 16 for the sort)."""
     shallow_cap: int = 128
@@ -208,6 +210,17 @@ INTERPRETER_CONFIG = LaunchConfig(
 def interpreted() -> bool:
     """Whether the kernels were defined under Triton's CPU interpreter."""
     return type(tk.ms_attn_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+SHALLOW_MIN_MERGE = 32
+"""``select_impl="auto"`` runs the shallow selection from this many merged regions per block."""
+
+
+def resolve_select_impl(impl: str, merge: int) -> str:
+    """The selection ``impl`` ("auto" or one of the others) runs for blocks of ``merge`` regions."""
+    if impl == "auto":
+        return "shallow" if merge >= SHALLOW_MIN_MERGE else "torch"
+    return impl
 
 
 def default_config(device: torch.device) -> LaunchConfig:
@@ -963,9 +976,10 @@ def ms_attend_triton(
 
 
 def ms_select_configured(q: Tensor, k: Tensor, **options) -> Tensor:
-    """The selection the Triton path runs: ``ms_select_triton`` or ``ms_select_torch``, by
-    ``LaunchConfig.select_impl`` of q's device (the same indices; int32 or int64)."""
-    impl = default_config(q.device).select_impl
+    """The selection the Triton path runs: ``ms_select_shallow``, ``ms_select_triton`` or
+    ``ms_select_torch``, by ``LaunchConfig.select_impl`` of q's device (the same indices; int32
+    or int64)."""
+    impl = resolve_select_impl(default_config(q.device).select_impl, options["merge"])
     if impl == "triton":
         return ms_select_triton(q, k, **options)
     if impl == "shallow":
@@ -1034,6 +1048,7 @@ __all__ = [
     "ms_select_shallow",
     "ms_select_triton",
     "partial_index",
+    "resolve_select_impl",
     "reverse_index",
     "sort_selection",
 ]

@@ -346,7 +346,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="split each row over N GPUs (with --strategy ddp, under torchrun)",
     )  # fmt: skip
     p.add_argument(
-        "--select-impl", default=None, choices=("torch", "triton", "shallow"),
+        "--select-impl", default=None, choices=("auto", "torch", "triton", "shallow"),
         help="the MS selection on the GPU (the kernels' LaunchConfig.select_impl; default: configured)",
     )  # fmt: skip
     p.add_argument("--baseline", default=None, help="one-GPU result JSON for scaling efficiency")
