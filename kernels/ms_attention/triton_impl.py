@@ -446,14 +446,29 @@ def region_reps(x: Tensor, heads: int, *, region: int, pool: str) -> Tensor:
     return rep
 
 
-def _select_prologue(q: Tensor, k: Tensor, scope: str) -> tuple[Tensor, Tensor]:
+def _select_inputs(
+    q: Tensor, k: Tensor, *, region: int, budget: int, merge: int, pool: str, scope: str,
+    config: LaunchConfig | None,
+) -> tuple[LaunchConfig, Tensor, Tensor | None, Tensor | None]:
+    """What both selection kernels start from: the launch config, the int32 output
+    ``[B, Hs, G, T-m]`` and the float32 representatives ``[B, Hs, n, D]`` / ``[B, Hkv, n, D]``
+    (None when G = 0: no block, nothing to select)."""
     if q.device.type != "cuda" and not interpreted():
         raise ValueError(
             f"q is on {q.device}: the Triton selection needs CUDA tensors, or TRITON_INTERPRET=1"
         )
     if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    return q.contiguous(), k.contiguous()
+    q, k = q.contiguous(), k.contiguous()
+    cfg = config or default_config(q.device)
+    B, L, Hq, _ = q.shape
+    Hkv = k.shape[2]
+    Hs = Hq if scope == "head" else Hkv
+    G = num_blocks(L, region, budget, merge)
+    out = _empty((B, Hs, G, budget - merge), torch.int32, q.device)
+    if G == 0:
+        return cfg, out, None, None
+    return cfg, out, region_reps(q, Hs, region=region, pool=pool), region_reps(k, Hkv, region=region, pool=pool)
 
 
 def _programs(cfg: LaunchConfig, device: torch.device, n_items: int) -> int:
@@ -510,19 +525,11 @@ def ms_select_triton(
     scores give identical indices; scores computed in another summation order (a GPU GEMM)
     can differ in the last bit, which may swap near-tied regions.
     """
-    q, k = _select_prologue(q, k, scope)
-    cfg = config or default_config(q.device)
-    B, L, Hq, D = q.shape
-    Hkv = k.shape[2]
-    Hs = Hq if scope == "head" else Hkv
-    n_sel = budget - merge
-    G = num_blocks(L, region, budget, merge)
-    out = _empty((B, Hs, G, n_sel), torch.int32, q.device)
-    if G == 0:
-        return out
-    qrep = region_reps(q, Hs, region=region, pool=pool)
-    krep = region_reps(k, Hkv, region=region, pool=pool)
-    _select_full(qrep, krep, out, cfg, None, budget=budget, merge=merge, select=select)
+    cfg, out, qrep, krep = _select_inputs(
+        q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, config=config
+    )
+    if qrep is not None:
+        _select_full(qrep, krep, out, cfg, None, budget=budget, merge=merge, select=select)
     return out
 
 
@@ -540,26 +547,21 @@ def select_shallow_counted(
 ) -> tuple[Tensor, int]:
     """``ms_select_shallow``'s indices and the number of items (b, hs, g) the full-depth kernel
     redid (one device sync)."""
-    q, k = _select_prologue(q, k, scope)
-    cfg = config or default_config(q.device)
-    B, L, Hq, D = q.shape
-    Hkv = k.shape[2]
-    Hs = Hq if scope == "head" else Hkv
-    n_sel = budget - merge
-    n = triton.cdiv(L, region)
-    G = num_blocks(L, region, budget, merge)
-    out = _empty((B, Hs, G, n_sel), torch.int32, q.device)
-    if G == 0:
+    cfg, out, qrep, krep = _select_inputs(
+        q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, config=config
+    )
+    if qrep is None:
         return out, 0
-    qrep = region_reps(q, Hs, region=region, pool=pool)
-    krep = region_reps(k, Hkv, region=region, pool=pool)
+    B, Hs, n, D = qrep.shape
+    Hkv, G, n_sel = krep.shape[1], out.shape[2], out.shape[3]
     rm = max(triton.next_power_of_2(merge), 16, cfg.shallow_sort_rows)
     n_items = B * Hs * G
-    programs = _programs(cfg, q.device, n_items)
-    flag = torch.zeros(n_items, dtype=torch.int32, device=q.device)
-    scratch_list = torch.empty((programs, rm, cfg.shallow_cap), dtype=torch.int64, device=q.device)
-    scratch_top = torch.empty((programs, rm, cfg.shallow_k), dtype=torch.int32, device=q.device)
-    seen = torch.zeros((programs, n), dtype=torch.int32, device=q.device)
+    dev = qrep.device
+    programs = _programs(cfg, dev, n_items)
+    flag = torch.zeros(n_items, dtype=torch.int32, device=dev)
+    scratch_list = torch.empty((programs, rm, cfg.shallow_cap), dtype=torch.int64, device=dev)
+    scratch_top = torch.empty((programs, rm, cfg.shallow_k), dtype=torch.int32, device=dev)
+    seen = torch.zeros((programs, n), dtype=torch.int32, device=dev)
     tk.ms_select_shallow_kernel[(programs,)](
         qrep, krep, out, flag, scratch_list, scratch_top, seen,
         n, G, budget, merge, n_sel, B * Hs, n_items,

@@ -4,20 +4,20 @@
 # as lease_x4.sh: experiments/results moved aside during the lease (the tree travels small), each
 # call follows the last at once (the machine is released after 30 s idle), each writes a few
 # tarballs into OUT.
-#   call 1  carry [.whl/core]   bash experiments/gpu/lease_x4_next.sh 1
+#   call 1  carry [.whl/core]   bash experiments/gpu/lease_x4_s6.sh 1
 #           GPU 0: the MS kernels' GPU tests (shallow selection included), then the selection probe
 #           (shallow launch variants at 128K and 256K); GPU 1 and 2: the kernel benchmark (paper and
 #           sparse settings, 32K-256K, dense / S2 / gather / ours, the shallow selection configured);
 #           GPU 3: experiments/gpu/moba.sh's test and kernels stages  -> OUT/kernels.tgz, OUT/moba.tgz
-#   call 2  bash experiments/gpu/lease_x4_next.sh 2
+#   call 2  bash experiments/gpu/lease_x4_s6.sh 2
 #           GPU 0: the 7B LoRA+ step, S2 vs MS at 64K and 128K (MS with the shallow selection when
 #           call 1's GPU tests passed, else torch's); GPU 1: the same at 32K and MS with torch's
 #           selection at 64K (the selection's share); GPU 2: moba.sh's finetune stage (7B rows)
 #           -> OUT/finetune.tgz
-#   call 3  bash experiments/gpu/lease_x4_next.sh 3
+#   call 3  bash experiments/gpu/lease_x4_s6.sh 3
 #           experiments/gpu/cp_bench.sh on the 4 GPUs -> OUT/cp_bench.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_x4_next.sh 1|2|3}
+CALL=${1:?usage: lease_x4_s6.sh 1|2|3}
 : "${OUT:?OUT must be set (the output folder of the device call)}"
 here=$(cd "$(dirname "$0")" && pwd)
 start=$(date +%s)
@@ -72,6 +72,6 @@ case $CALL in
   3)
     CTXLAB_CP_SELECT_IMPL=$(select_impl) CTXLAB_CP_TIME_LIMIT=$(( $(left) - 30 )) bash "$here/cp_bench.sh" /root/cp
     tar -czf "$OUT/cp_bench.tgz" -C /root/cp . ;;
-  *) echo "lease_x4_next.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  *) echo "lease_x4_s6.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
