@@ -370,6 +370,46 @@ def test_shallow_select_matches_torch(shape, region, budget, merge, pool, scope,
         assert 0 < redone <= items
 
 
+# Search in a coarser precision, rank in float32 (``shallow_rescore``). The interpreter's dots
+# ignore input_precision, so the coarser search is simulated: ``shallow_fault`` moves every score
+# of the two passes by a pseudo-random amount within the row's bound (``shallow_score_err`` large
+# enough to swap many candidates). Without re-scoring the selection changes; with it, it is
+# ms_select_torch's again.
+RESCORE_CASES = [
+    ("random-paper-head-L200", (1, 200, 2, 1, 16), 2, 24, 4, "mean", "head", "paper", None),
+    ("ties-causal-group-L97", (1, 97, 3, 1, 8), 4, 6, 2, "attn", "group", "causal", (-1, 2)),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, pool, scope, select, values",
+    [c[1:] for c in RESCORE_CASES],
+    ids=[c[0] for c in RESCORE_CASES],
+)
+@on_interpreter
+def test_rescored_search_gives_the_float32_selection(shape, region, budget, merge, pool, scope, select, values):
+    B, L, Hq, Hkv, D = shape
+    gen = torch.Generator().manual_seed(11)
+    if values is not None:
+        q = torch.randint(*values, (B, L, Hq, D), generator=gen).float()
+        k = torch.randint(*values, (B, L, Hkv, D), generator=gen).float()
+    else:
+        q, k, _, _ = _inputs(B, L, Hq, Hkv, D, seed=11)
+    opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
+    want = ms_select_torch(q, k, **opts)
+    fault = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, shallow_fault=True, shallow_score_err=0.01)
+    noisy, _ = triton_impl.select_shallow_counted(q, k, config=fault, **opts)
+    fixed, _ = triton_impl.select_shallow_counted(
+        q, k, config=dataclasses.replace(fault, shallow_rescore=True), **opts
+    )
+    assert not torch.equal(noisy.long(), want), "the simulated coarse search changed nothing"
+    assert torch.equal(fixed.long(), want)
+    plain, _ = triton_impl.select_shallow_counted(
+        q, k, config=dataclasses.replace(triton_impl.INTERPRETER_CONFIG, shallow_rescore=True), **opts
+    )
+    assert torch.equal(plain.long(), want)
+
+
 def test_shallow_config_is_validated():
     for bad, match in (
         (dict(shallow_k=8), "shallow_k"),
@@ -377,6 +417,8 @@ def test_shallow_config_is_validated():
         (dict(shallow_cap=16, shallow_block_j=32), "shallow_cap"),
         (dict(shallow_cap=48), "power of two"),
         (dict(select_impl="fast"), "select_impl"),
+        (dict(shallow_rescore=1), "shallow_rescore"),
+        (dict(shallow_score_err=-1.0), "shallow_score_err"),
     ):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(triton_impl.GPU_CONFIG, **bad)
@@ -737,6 +779,14 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     separated_tf32x3 = exact.separated_blocks(q, k, precision="tf32x3", **opts)
     differs = ~(fast == reference).all(-1)
     assert not (differs & separated_tf32x3).any(), f"tf32x3: {(differs & separated_tf32x3).sum()} differ"
+    # tf32x3 search, float32 ranking: the float32 contract (the same separated blocks as above).
+    rescored = triton_impl.ms_select_shallow(
+        q, k, config=dataclasses.replace(
+            triton_impl.GPU_CONFIG, select_precision="tf32x3", shallow_rescore=True
+        ), **opts
+    ).long()  # fmt: skip
+    differs = ~(rescored == reference).all(-1)
+    assert not (differs & separated).any(), f"tf32x3 + rescore: {(differs & separated).sum()} differ"
     n = -(-L // region)
     member = torch.zeros(*want.shape[:3], n, dtype=torch.int32, device="cuda")
     member.scatter_add_(-1, got, torch.ones_like(got, dtype=torch.int32))

@@ -25,6 +25,7 @@ import torch
 from ..ms_attention import triton_impl
 from ..ms_attention.torch_impl import ms_select_torch
 from .cases import LENGTHS, SETTINGS
+from .ops import override_value
 from .run import cuda_time, selection_agreement
 
 
@@ -53,7 +54,7 @@ def probe(
             for item in variant.split("+"):
                 if "=" in item:
                     key, value = item.split("=")
-                    overrides[key] = value if key == "select_precision" else int(value)
+                    overrides[key] = override_value(value)
             cfg = dataclasses.replace(triton_impl.GPU_CONFIG, **overrides)
             shallow = variant.split("+")[0] == "shallow"
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--select", default="paper")
     parser.add_argument(
         "--variants",
-        default="base;select_precision=tf32x3",
+        default="base;select_precision=tf32x3;shallow;shallow+select_precision=tf32x3+shallow_rescore=true",
         help="';'-separated launch overrides, '+'-joined, e.g. select_rows=32+select_block_j=32",
     )
     parser.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True)

@@ -34,12 +34,24 @@ from .torch_impl import block_rows, kv_head_of, num_blocks, num_regions, region_
 
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
-PRODUCT_ERROR = {"ieee": 0, "tf32x3": 48}
+PRODUCT_ERROR = {"ieee": 0, "tf32x3": 48, "tf32": 32800}
 """Extra per-product rounding of a score's dot products, in units of the float32 unit roundoff u,
 by ``tl.dot``'s input precision. "ieee": none (float32 products). "tf32x3": each factor x is split
 into hi = tf32(x) and lo = tf32(x - hi) (10 explicit mantissa bits each, so |x - hi - lo| <=
 2^-20 |x| even if the conversion truncates), and x*y is taken as hi*hi + hi*lo + lo*hi: the two
-split errors and the dropped lo*lo add at most 3 * 2^-20 |x||y| = 48 u |x||y|."""
+split errors and the dropped lo*lo add at most 3 * 2^-20 |x||y| = 48 u |x||y|. "tf32": hi*hi
+alone, at most (2 * 2^-10 + 2^-20) |x||y| <= 32800 u |x||y|."""
+
+
+def search_error(precision: str, head_dim: int) -> float:
+    """Bound, per unit of |a| |b|, on the distance between two computations of the dot product
+    a . b of float32 vectors of length ``head_dim``: one by ``tl.dot`` in ``precision``, one by
+    float32 products summed in any order. Each is within (PRODUCT_ERROR + D + 1) u sum|a_i b_i|
+    of the exact value (products, then D - 1 additions; Cauchy-Schwarz bounds the sum by
+    |a| |b|), so the two are within their sum; 1% covers the higher-order terms."""
+    if precision not in PRODUCT_ERROR:
+        raise ValueError(f"precision must be one of {tuple(PRODUCT_ERROR)}, got {precision!r}")
+    return 1.01 * (PRODUCT_ERROR[precision] + 2 * head_dim + 2) * FLOAT32_UNIT_ROUNDOFF
 
 
 def _region_bounds(x_BLHD: Tensor, region: int, pool: str, heads: int) -> tuple[Tensor, Tensor]:

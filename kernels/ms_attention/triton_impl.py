@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..rope import rope_cos_sin, selected_inv_freq
 from . import triton_kernels as tk
+from .exact import search_error
 from .limits import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
 from .torch_impl import ms_select_torch, num_blocks
 
@@ -107,6 +108,19 @@ class LaunchConfig:
     shallow_sort_rows: int = 4
     """Rows the shallow selection sorts at once."""
     shallow_warps: int = 8
+    shallow_rescore: bool = False
+    """Search in ``select_precision`` (tf32x3 or tf32: tensor cores) and rank in float32: each
+    row's bound is lowered by twice the two roundings' distance (``exact.search_error``) and the
+    candidates it collects are re-scored in float32 before the sort, so the indices are those of
+    float32 scores whatever the search rounded (the exactness contract's float32 case)."""
+    shallow_rescore_d: int = 32
+    """Head-dim columns the re-scoring reads at once (a power of two)."""
+    shallow_score_err: float = 0.0
+    """The search's distance bound per unit of |qbar| max|kbar| (0: ``exact.search_error`` of
+    ``select_precision``); a larger value collects more, a smaller one is not safe."""
+    shallow_fault: bool = False
+    """Tests only: move the search's scores by a pseudo-random amount within the bound, as a
+    coarser precision may round them; re-scoring must undo it."""
     deterministic: bool = False
     """Bitwise-identical gradients run to run, as ``torch.use_deterministic_algorithms(True)``
     asks (either one is enough): the selected keys' dk/dv then never go through atomics."""
@@ -138,6 +152,7 @@ class LaunchConfig:
             "shallow_cap",
             "shallow_block_j",
             "shallow_sort_rows",
+            "shallow_rescore_d",
         ):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -167,6 +182,11 @@ class LaunchConfig:
                 f"shallow_k must be >= 16 and <= shallow_block_j, got {self.shallow_k} and "
                 f"{self.shallow_block_j}"
             )
+        for name in ("shallow_rescore", "shallow_fault"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.shallow_score_err >= 0:
+            raise ValueError(f"shallow_score_err must be >= 0, got {self.shallow_score_err!r}")
         if self.shallow_cap < self.shallow_block_j:
             raise ValueError(
                 f"shallow_cap must be >= shallow_block_j (the lanes are sorted in its rows), got "
@@ -562,13 +582,21 @@ def select_shallow_counted(
     scratch_list = torch.empty((programs, rm, cfg.shallow_cap), dtype=torch.int64, device=dev)
     scratch_top = torch.empty((programs, rm, cfg.shallow_k), dtype=torch.int32, device=dev)
     seen = torch.zeros((programs, n), dtype=torch.int32, device=dev)
+    if cfg.shallow_rescore or cfg.shallow_fault:
+        qnorm = qrep.norm(dim=-1).contiguous()  # [B, Hs, n]
+        kmax = krep.norm(dim=-1).amax(-1).contiguous()  # [B, Hkv]
+        err = cfg.shallow_score_err or search_error(cfg.select_precision, D)
+    else:
+        qnorm, kmax, err = flag, flag, 0.0  # not read
     tk.ms_select_shallow_kernel[(programs,)](
-        qrep, krep, out, flag, scratch_list, scratch_top, seen,
+        qrep, krep, out, flag, scratch_list, scratch_top, seen, qnorm, kmax, err,
         n, G, budget, merge, n_sel, B * Hs, n_items,
         HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
         CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
         BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
-        PREC=cfg.select_precision, num_warps=cfg.shallow_warps,
+        PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore,
+        RESCORE_D=min(cfg.shallow_rescore_d, max(triton.next_power_of_2(D), 16)),
+        FAULT=cfg.shallow_fault, num_warps=cfg.shallow_warps,
     )  # fmt: skip
     redo = flag.nonzero().flatten().to(torch.int32)
     if redo.numel():

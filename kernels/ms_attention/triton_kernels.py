@@ -1093,9 +1093,9 @@ def _sortable(s):
 
 
 @triton.jit
-def _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
-    """Scores of the rows `qr` ([ROWS, BLOCK_D]) against regions j0 + offs_j, as sortable keys,
-    and which of them are candidates (region <= the row's limit)."""
+def _scores(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """Float32 scores of the rows `qr` ([ROWS, BLOCK_D]) against regions j0 + offs_j, which of them
+    are candidates (region <= the row's limit), and the regions."""
     j = j0 + offs_j
     kt = tl.load(
         k_base + j.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
@@ -1104,6 +1104,32 @@ def _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM: tl.c
     )
     s = tl.dot(qr, tl.trans(kt), input_precision=PREC)
     valid = row_ok[:, None] & (j[None, :] <= limit[:, None])
+    return s, valid, j
+
+
+@triton.jit
+def _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+    """``_scores`` as sortable keys."""
+    s, valid, j = _scores(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC)
+    return _sortable(s), valid, j
+
+
+@triton.jit
+def _unsortable(key):
+    """The float32 of a ``_sortable`` key."""
+    return tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _search_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, i, delta,
+                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FAULT: tl.constexpr):
+    """The shallow search's keys: ``_score_keys``, or with FAULT (tests only) the scores moved
+    by a fixed pseudo-random amount within +-delta of the row, as a search in another precision
+    may round them."""
+    s, valid, j = _scores(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC)
+    if FAULT:
+        h = (i[:, None] * 7919 + j[None, :] * 104729) % 2001
+        s = s + delta[:, None] * ((h - 1000).to(tl.float32) / 1000.0)
     return _sortable(s), valid, j
 
 
@@ -1350,6 +1376,30 @@ def _sort_rows_desc(base, stride, width_dims: tl.constexpr, SORT_ROWS: tl.conste
 
 
 @triton.jit
+def _rescored_rows(list_base, q_base, k_base, first_row, n_rows, r0, CAP: tl.constexpr, CAP_DIMS: tl.constexpr,
+                   SORT_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   RESCORE_D: tl.constexpr):
+    """Rows r0 .. r0 + SORT_ROWS of the collected lists with every present candidate re-scored in
+    float32 (the same (key, -region) composites), sorted descending."""
+    rows = r0 + tl.arange(0, SORT_ROWS)
+    cols = tl.arange(0, CAP)
+    comp = tl.load(list_base + rows[:, None] * CAP + cols[None, :])
+    present = comp != -9223372036854775807 - 1
+    region = tl.where(present, 2147483647 - (comp & 0xFFFFFFFF), 0)
+    i = (first_row + rows).to(tl.int64)
+    acc = tl.zeros([SORT_ROWS, CAP], dtype=tl.float32)
+    for d0 in tl.static_range(0, BLOCK_D, RESCORE_D):
+        dd = d0 + tl.arange(0, RESCORE_D)
+        qv = tl.load(q_base + i[:, None] * HEAD_DIM + dd[None, :],
+                     mask=(rows < n_rows)[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
+        kv = tl.load(k_base + region[:, :, None] * HEAD_DIM + dd[None, None, :],
+                     mask=present[:, :, None] & (dd < HEAD_DIM)[None, None, :], other=0.0)
+        acc += tl.sum(qv[:, None, :] * kv, 2)
+    comp = tl.where(present, _sortable(acc).to(tl.int64) * 4294967296 + (2147483647 - region), comp)
+    return _sort_descending(comp, CAP_DIMS + SORT_ROWS.bit_length() - 1, CAP_DIMS)
+
+
+@triton.jit
 def ms_select_shallow_kernel(
     QREP,
     KREP,
@@ -1358,6 +1408,9 @@ def ms_select_shallow_kernel(
     LIST,
     TOPK,
     SEEN,
+    QNORM,
+    KMAX,
+    score_err,
     n,
     G,
     T,
@@ -1376,6 +1429,9 @@ def ms_select_shallow_kernel(
     BLOCK_J: tl.constexpr,
     SORT_ROWS: tl.constexpr,
     PREC: tl.constexpr,
+    RESCORE: tl.constexpr,
+    RESCORE_D: tl.constexpr,
+    FAULT: tl.constexpr,
 ):
     """The shallow exact selection. Grid (P,), persistent over items (b, hs, g) like
     ``ms_select_kernel``; all RM >= m voting rows of a block are scored together.
@@ -1396,6 +1452,13 @@ def ms_select_shallow_kernel(
        a row with more than CAP flags the item.
     3. Each list is sorted descending; its first K regions are the row's top list (TOPK).
     4. The rank-first merge over K ranks (``_merge_ranks``); fewer than S found flags the item.
+
+    With RESCORE the two passes may round differently from the ranking (PREC "tf32x3" or
+    "tf32": tensor cores): a score of row i then lies within delta_i = score_err * |qbar_i| *
+    max_j |kbar_j| (QNORM [B*HS, n], KMAX [B*HKV]) of its float32 value, so the bound is lowered
+    by 2 delta_i (every candidate whose float32 score reaches the K-th best is collected) and the
+    collected candidates are re-scored in float32 (elementwise products summed over D, RESCORE_D
+    at a time) before the sort: the top K of those float32 scores, whatever PREC rounded.
     """
     CAP_DIMS: tl.constexpr = CAP.bit_length() - 1
     J_DIMS: tl.constexpr = BLOCK_J.bit_length() - 1
@@ -1427,10 +1490,18 @@ def ms_select_shallow_kernel(
             other=0.0,
         )
 
+        if RESCORE or FAULT:
+            qn = tl.load(QNORM + bhs.to(tl.int64) * n + i, mask=row_ok, other=0.0)
+            delta = score_err * qn * tl.load(KMAX + b * HKV + hkv)
+        else:
+            delta = tl.zeros([RM], dtype=tl.float32)
+
         # Pass 1: lane maxima, then theta = the K-th largest of them (via LIST as scratch).
         lanes = tl.zeros([RM, BLOCK_J], dtype=tl.int32) + INT32_MIN
         for j0 in range(0, j_end, BLOCK_J):
-            key, valid, _ = _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC)
+            key, valid, _ = _search_keys(
+                qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, i, delta, HEAD_DIM, PREC, FAULT
+            )
             lanes = tl.maximum(lanes, tl.where(valid, key, INT32_MIN))
         tl.store(list_base + a[:, None] * CAP + offs_j[None, :], lanes.to(tl.int64))
         tl.debug_barrier()
@@ -1440,6 +1511,8 @@ def ms_select_shallow_kernel(
             tl.store(topk_base + (r0 + tl.arange(0, SORT_ROWS)) * K, theta.to(tl.int32))
         tl.debug_barrier()
         theta = tl.load(topk_base + a * K)
+        if RESCORE:  # lowered by 2 delta: the search's scores are within delta of float32's
+            theta = tl.where(theta == INT32_MIN, INT32_MIN, _sortable(_unsortable(theta) - 2.0 * delta))
         tl.debug_barrier()
 
         # Pass 2: every candidate at or above theta, in region order.
@@ -1448,7 +1521,9 @@ def ms_select_shallow_kernel(
         tl.debug_barrier()
         filled = tl.zeros([RM], dtype=tl.int32)
         for j0 in range(0, j_end, BLOCK_J):
-            key, valid, j = _score_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, HEAD_DIM, PREC)
+            key, valid, j = _search_keys(
+                qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, i, delta, HEAD_DIM, PREC, FAULT
+            )
             take = valid & (key >= theta[:, None])
             pos = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
             comp = key.to(tl.int64) * 4294967296 + (2147483647 - j[None, :]).to(tl.int64)
@@ -1459,7 +1534,11 @@ def ms_select_shallow_kernel(
 
         # Each row's top K, best first (absent entries decode to a region >= n).
         for r0 in range(0, RM, SORT_ROWS):
-            srt = _sort_rows_desc(list_base, CAP, CAP_DIMS, SORT_ROWS, CAP, r0)
+            if RESCORE:
+                srt = _rescored_rows(list_base, q_base, k_base, first_row, n_rows, r0, CAP, CAP_DIMS,
+                                     SORT_ROWS, HEAD_DIM, BLOCK_D, RESCORE_D)
+            else:
+                srt = _sort_rows_desc(list_base, CAP, CAP_DIMS, SORT_ROWS, CAP, r0)
             region = (2147483647 - (srt & 0xFFFFFFFF)).to(tl.int32)
             rows = r0 + tl.arange(0, SORT_ROWS)
             tl.store(topk_base + rows[:, None] * K + offs_c[None, :], region, mask=(offs_c < K)[None, :])
