@@ -103,6 +103,9 @@ def test_cpu_run_writes_consistent_rows_and_frees_each_model(tmp_path, builds):
         (["--steps", "0"], "--steps and --long-steps >= 1"),
         (["--strategy", "deepspeed"], "--strategy must be ddp or fsdp"),
         (["--baseline", "/nonexistent/one.json"], "--baseline: no file at"),
+        (["--launch", "shallow_rescor=true"], "'shallow_rescor' is not a LaunchConfig field"),
+        (["--launch", "shallow_rescore=2"], "--launch: shallow_rescore must be a bool"),
+        (["--launch", "select_precision"], "is not KEY=VALUE"),
     ],
 )
 def test_bad_arguments_stop_before_any_model(args, culprit, builds, capsys, tmp_path):

@@ -292,6 +292,23 @@ def override_value(text: str):
     return text
 
 
+def launch_fields(spec: str) -> dict:
+    """'+'-joined ``KEY=VALUE`` LaunchConfig settings -> a dict, each key checked against the
+    fields (a ValueError names an unknown one, or an item without '=')."""
+    from ..ms_attention.triton_impl import LaunchConfig
+
+    known = {f.name for f in dataclasses.fields(LaunchConfig)}
+    out = {}
+    for item in (x for x in spec.split("+") if x):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"launch setting {item!r} is not KEY=VALUE")
+        if key not in known:
+            raise ValueError(f"launch setting {key!r} is not a LaunchConfig field ({', '.join(sorted(known))})")
+        out[key] = override_value(value)
+    return out
+
+
 def build(op: str, case: Case, idx: Tensor):
     """``op`` is a key of OPS, optionally with launch overrides joined by "+":
     ``triton:sel_block_n=128+sel_warps=8``, ``triton:dkv_path=partial``."""

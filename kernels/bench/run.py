@@ -40,7 +40,7 @@ from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
 from ..ms_attention import triton_impl
 from ..ms_attention.triton_impl import INTERPRETER_CONFIG, ms_select_triton, select_shallow_counted
 from .cases import PRESETS, SETTINGS, Case, registry
-from .ops import OPS, build, launch_config, triton_parts
+from .ops import OPS, build, launch_config, launch_fields, triton_parts
 
 OUT_TOL = 2e-2  # relative L2 error of a bf16 output against float32
 GRAD_TOL = 5e-2  # relative L2 error between two bf16 implementations' gradients
@@ -589,9 +589,20 @@ def main(argv: list[str] | None = None) -> None:
         help="the selection ms_attention runs on the GPU in this run (LaunchConfig.select_impl; "
         "default: the configured one); 'ours + sel' adds its time",
     )
+    parser.add_argument(
+        "--launch",
+        default="",
+        help="GPU launch settings for the whole run, '+'-joined (LaunchConfig fields), e.g. "
+        "select_precision=tf32x3+shallow_rescore=true",
+    )
     args = parser.parse_args(argv)
+    try:
+        launch = launch_fields(args.launch)
+    except ValueError as err:
+        parser.error(f"--launch: {err}")
     if args.select_impl:
-        triton_impl.GPU_CONFIG = dataclasses.replace(triton_impl.GPU_CONFIG, select_impl=args.select_impl)
+        launch["select_impl"] = args.select_impl
+    triton_impl.GPU_CONFIG = dataclasses.replace(triton_impl.GPU_CONFIG, **launch)
 
     flex_cases = args.flex_cases.split(",")
     wanted = args.cases.split(",")

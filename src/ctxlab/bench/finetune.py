@@ -28,6 +28,7 @@ records the OOM, as ``experiments/gpu/cp_bench.sh`` does).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -349,6 +350,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--select-impl", default=None, choices=("auto", "torch", "triton", "shallow"),
         help="the MS selection on the GPU (the kernels' LaunchConfig.select_impl; default: configured)",
     )  # fmt: skip
+    p.add_argument(
+        "--launch", default="",
+        help="MS kernels' GPU launch settings, '+'-joined LaunchConfig fields "
+        "(select_precision=tf32x3+shallow_rescore=true)",
+    )  # fmt: skip
     p.add_argument("--baseline", default=None, help="one-GPU result JSON for scaling efficiency")
     p.add_argument("--out", default="experiments/results/bench", help="folder for the result files")
     p.add_argument("--tag", default=None, help="file name stem (default: finetune_<shape>_<card>_<n>gpu)")
@@ -376,6 +382,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--strategy must be ddp or fsdp, got {a.strategy!r}")
     if a.context_parallel < 0 or (a.context_parallel and a.strategy != "ddp"):
         p.error(f"--context-parallel {a.context_parallel} needs --strategy ddp and N >= 1")
+    try:
+        from ctxlab.kernels.bench.ops import launch_fields
+        from ctxlab.kernels.ms_attention.triton_impl import GPU_CONFIG
+
+        dataclasses.replace(GPU_CONFIG, **launch_fields(a.launch))
+    except ValueError as e:
+        p.error(f"--launch: {e}")
     a.baseline_rows = None
     if a.baseline:
         if not Path(a.baseline).is_file():
@@ -389,16 +402,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def use_select_impl(impl: str | None) -> str:
+def use_select_impl(impl: str | None, launch: str = "") -> str:
     """Make ``impl`` the MS selection of the GPU kernels for this process (None: keep the
-    configured one); returns the one in force."""
+    configured one) and apply ``launch`` ('+'-joined LaunchConfig fields); returns the
+    selection in force, with the launch settings."""
     import dataclasses
 
+    from ctxlab.kernels.bench.ops import launch_fields
     from ctxlab.kernels.ms_attention import triton_impl
 
+    fields = launch_fields(launch)
     if impl is not None:
-        triton_impl.GPU_CONFIG = dataclasses.replace(triton_impl.GPU_CONFIG, select_impl=impl)
-    return triton_impl.GPU_CONFIG.select_impl
+        fields["select_impl"] = impl
+    triton_impl.GPU_CONFIG = dataclasses.replace(triton_impl.GPU_CONFIG, **fields)
+    return "+".join([triton_impl.GPU_CONFIG.select_impl, *(f"{k}={v}" for k, v in fields.items() if k != "select_impl")])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -406,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ctxlab.context_parallel import check_length
 
     a = parse(sys.argv[1:] if argv is None else argv)
-    select_impl = use_select_impl(a.select_impl)
+    select_impl = use_select_impl(a.select_impl, a.launch)
     rank, world = rank_info()
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # a 7B init on "cuda" lands on this rank's GPU
