@@ -22,12 +22,7 @@
 # OUT/finetune_7b.tgz.
 set -uo pipefail
 CALL=${1:?usage: lease_x4.sh 1|2|3}
-: "${OUT:?OUT must be set (the output folder of the device call)}"
-here=$(cd "$(dirname "$0")" && pwd)
-start=$(date +%s)
-left() { echo $(( ${CTXLAB_CALL_SECONDS:-570} - ($(date +%s) - start) )); }
-source "$here/device_env.sh" || exit 1
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+source "$(dirname "$0")/lease_common.sh" 570
 SHARDS=("0:ms_paper+crd,base+rope,crd_no_offset" "1:ms_causal+crd,dense+pi,base+ntk"
         "2:dense+crd,dense+yarn,s2+pi" "3:crd_no_cyclic,crd_no_growth")
 case $CALL in

@@ -18,12 +18,7 @@
 #           experiments/gpu/cp_bench.sh on the 4 GPUs -> OUT/cp_bench.tgz
 set -uo pipefail
 CALL=${1:?usage: lease_x4_s6.sh 1|2|3}
-: "${OUT:?OUT must be set (the output folder of the device call)}"
-here=$(cd "$(dirname "$0")" && pwd)
-start=$(date +%s)
-left() { echo $(( ${CTXLAB_CALL_SECONDS:-560} - ($(date +%s) - start) )); }
-source "$here/device_env.sh" || exit 1
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
+source "$(dirname "$0")/lease_common.sh" 560
 W=/root/s6
 mkdir -p "$W/k" "$W/moba" "$W/ft"
 card=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
