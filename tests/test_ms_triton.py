@@ -192,6 +192,57 @@ def test_attend_matches_torch(shape, region, budget, merge, scope, pe, dkv, seed
         _assert_close(name, g, r, 1e-5)
 
 
+# Each case: (id, shape, w, T, m, scope, pe, dk/dv mode, first row ``start``, seed). Interpreter
+# tiles are 16 rows; the ids say where ``start`` falls: in the dense prefix, at its end, at a block
+# boundary, inside a block and a region (w=20: inside a block's first of two tiles), the last row.
+START_CASES = [
+    ("prefix-mid-tile-L51-pre-head-atomic", (1, 51, 2, 2, 32), 4, 5, 2, "head", "pre", "atomic", 7, 0),
+    ("prefix-end-L37-pre-group-B2-flag", (2, 37, 3, 1, 32), 4, 4, 1, "group", "pre", "flag", 16, 1),
+    ("block-boundary-L51-rope-group-reverse", (1, 51, 4, 2, 32), 4, 5, 2, "group", "selected", "reverse",
+     28, 2),
+    ("in-region-L51-rope-head-partial", (1, 51, 2, 1, 32), 4, 5, 2, "head", "selected", "partial", 39, 3),
+    ("in-region-w20-L97-pre-head-reverse", (1, 97, 2, 1, 32), 20, 3, 1, "head", "pre", "reverse", 67, 4),
+    ("in-region-w3-L50-rope-group-windows", (1, 50, 4, 2, 20), 3, 5, 3, "group", "selected",
+     "partial-windows", 31, 5),
+    ("in-region-w5-L71-rope-head-atomic", (1, 71, 3, 1, 32), 5, 4, 1, "head", "selected", "atomic", 43, 6),
+    ("last-row-L47-pre-head-partial", (1, 47, 4, 1, 32), 4, 4, 2, "head", "pre", "partial", 46, 7),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, scope, pe, dkv, start, seed",
+    [c[1:] for c in START_CASES],
+    ids=[c[0] for c in START_CASES],
+)
+@on_interpreter
+def test_attend_from_start_matches_torch(shape, region, budget, merge, scope, pe, dkv, start, seed):
+    """From a first row ``start``: outputs of rows >= start and dq, dk, dv of those rows alone match
+    ms_attend_torch's ``start`` (float64). q's rows before ``start`` and the blocks of idx wholly
+    before it are poison (NaN, out-of-range regions): the kernels must never read them."""
+    q, k, v, do = _inputs(*shape, seed=seed)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
+    first_block = max(0, (start // region - budget) // merge)
+    idx[:, :, :first_block] = 10**6
+    opts = dict(
+        region=region, budget=budget, merge=merge, pe=pe, inv_freq=rope_inv_freq(shape[-1], 100.0).double()
+    )
+    q_poisoned = q.clone()
+    q_poisoned[:, :start] = float("nan")
+    with dkv_mode(dkv):
+        out, grads = _grads(
+            lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, start=start, **opts),
+            q_poisoned, k, v, do[:, start:],
+        )  # fmt: skip
+    ref, ref_grads = _grads(
+        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=0.2, start=start, **opts),
+        *(x.double() for x in (q, k, v, do[:, start:])),
+    )
+    assert out.shape == ref.shape == (shape[0], shape[1] - start, shape[2], shape[4])
+    _assert_close("o", out, ref, 1e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, 1e-5)
+
+
 @pytest.mark.parametrize(
     "L, n, region, budget, merge, pe",
     [(40, 2, 3, 3, 2, "pre"), (56, 4, 5, 3, 2, "selected")],
@@ -199,9 +250,9 @@ def test_attend_matches_torch(shape, region, budget, merge, scope, pe, dkv, seed
 )
 @on_interpreter
 def test_attend_rows_match_the_whole_sequence(L, n, region, budget, merge, pe):
-    """Context parallelism's MS rows on the Triton path (one call up to the last run's end, the
-    queries before a run taken from the whole sequence) equal the whole sequence's rows, outputs
-    and gradients, with chunk boundaries that cut regions and blocks."""
+    """Context parallelism's MS rows on the Triton path (``ms_attend_rows``'s CUDA branch: one call
+    per run, from the run's first row) equal the whole sequence's rows, outputs and gradients,
+    with chunk boundaries that cut regions and blocks."""
     from ctxlab import context_parallel as cpl
     from ctxlab.attention.selection import ms_attend, ms_attend_rows
 
@@ -615,11 +666,12 @@ def test_custom_op_has_fake_and_autograd():
         rope_inv_freq(32, 1e4).double(),
         0.17,
     )
-    torch.library.opcheck(
-        torch.ops.ctxlab.ms_attn_fwd.default,
-        args,
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-    )
+    for start in (0, 9):  # the default first row, and one inside the first tile
+        torch.library.opcheck(
+            torch.ops.ctxlab.ms_attn_fwd.default,
+            args + (start,),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+        )
 
 
 def _attend_in_dtype(q, k, v, idx, *, region, budget, merge, pe, inv_freq, scale):
@@ -819,7 +871,7 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
         sig = {name: ptr("bf16") for name in ("Q", "K", "V", "DO")}
         sig |= {name: ptr("fp32") for name in ("DK32", "DV32", "LSE", "DELTA")}
         sig |= dict(IDX=ptr("i32"), COS=ptr("fp32"), SIN=ptr("fp32"))
-        sig |= {name: "i32" for name in ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window")}
+        sig |= {name: "i32" for name in ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")}
         sig |= dict(qk_scale="fp32", scale="fp32")
         consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=True,
                       PARTIAL=mode == "partial", BLOCK_M=64, BLOCK_N=64)  # fmt: skip

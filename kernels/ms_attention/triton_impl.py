@@ -32,7 +32,7 @@ from ..rope import rope_cos_sin, selected_inv_freq
 from . import triton_kernels as tk
 from .exact import search_error
 from .limits import KERNEL_DTYPES, MIN_GPU_HEAD_DIM
-from .torch_impl import ms_select_torch, num_blocks
+from .torch_impl import _check_start, first_block_at, ms_select_torch, num_blocks
 
 LOG2E = 1.4426950408889634
 
@@ -306,6 +306,13 @@ class Geometry:
             + torch.div(torch.remainder(rel, mw), self.block, rounding_mode="floor")
         )
         return torch.where(tok < self.P, torch.div(tok, self.block, rounding_mode="floor"), in_block)
+
+    def first_tile(self, start: int) -> int:
+        """The tile holding token ``start`` (an int): the first a call from row ``start`` runs."""
+        if start < self.P:
+            return start // self.block
+        g, within = divmod(start - self.P, self.merge * self.region)
+        return self.n_pre_tiles + g * self.tiles_per_block + within // self.block
 
     def segment_end(self, tile: Tensor) -> Tensor:
         """One past the last token of each tile's segment."""
@@ -628,11 +635,14 @@ def ms_attn_fwd(
     inv_freq: Tensor,
     scale: float,
     config: LaunchConfig | None = None,
+    start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Forward launch: ``o [B, L, Hq, D]`` in q's dtype and ``lse [B, Hq, L]`` float32.
 
     ``lse`` is the natural-log log-sum-exp of each query row's scaled scores over its key set.
     ``idx_sorted`` is ``sort_selection``'s output (``[B, Hs, G, S]``, G = 0 when dense).
+    Only rows ``[start, L)`` are computed: the query tiles before the one holding ``start`` are
+    not launched, and the rows of o and lse before ``start`` are left unwritten.
     """
     _check_launch(q, k, v, idx_sorted)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -642,10 +652,11 @@ def ms_attn_fwd(
     o = _empty((B, L, Hq, D), q.dtype, q.device)
     lse = _empty((B, Hq, L), torch.float32, q.device)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
-    tk.ms_attn_fwd_kernel[(geo.n_tiles, B * Hq)](
+    first = geo.first_tile(start)
+    tk.ms_attn_fwd_kernel[(geo.n_tiles - first, B * Hq)](
         q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
         L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
-        scale * LOG2E,
+        start, first, scale * LOG2E,
         ROPE=rope, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
         **_consts(q, k, idx_sorted),
@@ -670,8 +681,13 @@ def ms_attn_bwd(
     scale: float,
     config: LaunchConfig | None = None,
     deterministic: bool | None = None,
+    start: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward launch: dq ``[B, L, Hq, D]``, dk, dv ``[B, L, Hkv, D]``, in the inputs' dtype.
+
+    With ``start``, the gradients of the rows ``[start, L)`` only (``ms_attn_fwd``'s rows; do,
+    o and lse before ``start`` are never read): dq is 0 before ``start``, dk and dv sum those
+    rows' contributions, and the query steps wholly before ``start`` are skipped.
 
     dq is always deterministic. dk, dv of the selected keys go the way ``dkv_path`` picks:
     ``deterministic`` None (the default) means ``config.deterministic`` or
@@ -682,12 +698,12 @@ def ms_attn_bwd(
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     cfg = config or default_config(q.device)
     path = dkv_path(region, cfg, deterministic)
-    delta = bwd_preprocess(o, do)
+    delta = bwd_preprocess(o, do, start)
     dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget, merge=merge,
-                rope=rope, inv_freq=inv_freq, scale=scale, config=cfg)  # fmt: skip
+                rope=rope, inv_freq=inv_freq, scale=scale, config=cfg, start=start)  # fmt: skip
     dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget,
                      merge=merge, rope=rope, inv_freq=inv_freq, scale=scale, config=cfg,
-                     path=path)  # fmt: skip
+                     path=path, start=start)  # fmt: skip
     return dq, dk, dv
 
 
@@ -718,12 +734,13 @@ def dkv_path(region: int, config: LaunchConfig, deterministic: bool | None = Non
     return path
 
 
-def bwd_preprocess(o: Tensor, do: Tensor) -> Tensor:
-    """delta = rowsum(o * do) ``[B, Hq, L]`` float32 (o, do contiguous ``[B, L, Hq, D]``)."""
+def bwd_preprocess(o: Tensor, do: Tensor, start: int = 0) -> Tensor:
+    """delta = rowsum(o * do) ``[B, Hq, L]`` float32 (o, do contiguous ``[B, L, Hq, D]``), rows
+    ``[start, L)`` (the others unwritten)."""
     B, L, Hq, D = o.shape
     delta = _empty((B, Hq, L), torch.float32, o.device)
-    tk.ms_attn_bwd_preprocess_kernel[(triton.cdiv(L, 64), B * Hq)](
-        o, do, delta, L, HQ=Hq, HEAD_DIM=D, BLOCK_M=64, BLOCK_D=max(triton.next_power_of_2(D), 16)
+    tk.ms_attn_bwd_preprocess_kernel[(triton.cdiv(L - start, 64), B * Hq)](
+        o, do, delta, L, start, HQ=Hq, HEAD_DIM=D, BLOCK_M=64, BLOCK_D=max(triton.next_power_of_2(D), 16)
     )
     return delta
 
@@ -736,16 +753,20 @@ def _idx_arg(idx_sorted: Tensor) -> Tensor:
 
 
 def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, inv_freq,
-           scale, config: LaunchConfig) -> Tensor:  # fmt: skip
-    """dq ``[B, L, Hq, D]``: the forward's schedule, one program per query tile."""
+           scale, config: LaunchConfig, start: int = 0) -> Tensor:  # fmt: skip
+    """dq ``[B, L, Hq, D]``: the forward's schedule, one program per query tile from the one
+    holding ``start``; rows before ``start`` are 0."""
     B, L, Hq, D = q.shape
     geo = Geometry.of(L, region, budget, merge, config.dq_block_m)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     dq = _empty(q.shape, q.dtype, q.device)
-    tk.ms_attn_bwd_dq_kernel[(geo.n_tiles, B * Hq)](
+    if start:
+        dq[:, :start].zero_()
+    first = geo.first_tile(start)
+    tk.ms_attn_bwd_dq_kernel[(geo.n_tiles - first, B * Hq)](
         q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
         L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
-        scale * LOG2E, scale,
+        start, first, scale * LOG2E, scale,
         ROPE=rope, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
         num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
     )  # fmt: skip
@@ -803,9 +824,11 @@ def partial_window(shape: tuple[int, int, int, int], region: int, head_dim: int,
 
 
 def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, inv_freq,
-            scale, config: LaunchConfig, path: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+            scale, config: LaunchConfig, path: str, start: int = 0) -> tuple[Tensor, Tensor]:  # fmt: skip
     """dk, dv ``[B, L, Hkv, D]``: one program per key tile (own segment, causally), plus the
-    selecting blocks' queries by ``path`` ("atomic", "partial" or "reverse", see ``dkv_path``)."""
+    selecting blocks' queries by ``path`` ("atomic", "partial" or "reverse", see ``dkv_path``).
+    Only the query rows ``[start, L)`` contribute: the blocks wholly before ``start`` are neither
+    launched nor indexed, and the query steps before ``start`` are skipped."""
     if path not in DKV_PATHS[1:]:
         raise ValueError(f"path must be atomic, partial or reverse, got {path!r}")
     B, L, Hq, D = q.shape
@@ -813,34 +836,40 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     consts = _consts(q, k, idx_sorted)
     geo = Geometry.of(L, region, budget, merge, config.dkv_block_n)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
+    first_block = min(first_block_at(start, region=region, budget=budget, merge=merge), geo.G)
     if path == "reverse":
-        rev = reverse_index(idx_sorted, geo)
+        live = idx_sorted
+        if first_block:  # the blocks before start's own are left out of the index
+            live = idx_sorted.clone()
+            live[:, :, :first_block] = -1
+        rev = reverse_index(live, geo)
         dk32 = dv32 = torch.zeros(1, dtype=torch.float32, device=q.device)
     else:
         rev = reverse_index(idx_sorted[:, :, :0], geo)  # empty: tiles in natural order
         dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         Hs, G, S = idx_sorted.shape[1:]
-        if G > 0:
+        if first_block < G:
             n_chunks = triton.cdiv(S * region, config.sel_block_n)
             sel_args = (L, geo.P, region, merge, S, G, n_chunks)
             sel_consts = dict(ROPE=rope, BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n,
                               num_warps=config.sel_warps, num_stages=config.sel_stages, **consts)  # fmt: skip
             if path == "atomic":
-                tk.ms_attn_bwd_dkv_sel_kernel[(G * n_chunks, B * Hs)](
+                tk.ms_attn_bwd_dkv_sel_kernel[((G - first_block) * n_chunks, B * Hs)](
                     q, k, v, do, dk32, dv32, lse, delta, idx_sorted, cos, sin,
-                    *sel_args, 0, G, scale * LOG2E, scale, PARTIAL=False, **sel_consts,
+                    *sel_args, first_block, G, start, scale * LOG2E, scale, PARTIAL=False, **sel_consts,
                 )  # fmt: skip
             else:
                 _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args,
-                              sel_consts, region=region, scale=scale, config=config)  # fmt: skip
+                              sel_consts, region=region, scale=scale, config=config,
+                              start=start, first_block=first_block)  # fmt: skip
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     tk.ms_attn_bwd_dkv_kernel[(geo.n_tiles, B * Hkv)](
         q, k, v, do, dk, dv, dk32, dv32, lse, delta, cos, sin,
         rev.order, rev.offsets, rev.block, rev.rank,
         L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
-        geo.tiles_per_block, scale * LOG2E, scale,
+        geo.tiles_per_block, start, scale * LOG2E, scale,
         ROPE=rope, SELECTED=path == "reverse", BLOCK_M=config.dkv_block_m,
         BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
         **consts,
@@ -849,18 +878,20 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
 
 
 def _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args, sel_consts,
-                  *, region, scale, config: LaunchConfig) -> None:  # fmt: skip
+                  *, region, scale, config: LaunchConfig, start: int, first_block: int) -> None:  # fmt: skip
     """The "partial" path: per window of blocks, every (block, chunk of selected tokens)
     program stores its dk, dv sums into float32 partial buffers, then one program per (region,
     kv head) adds the region's partial sums into dk32, dv32 in a fixed order. Windows run one
     after the other on the stream, so every element of dk32, dv32 gets the same additions in
-    the same order on every run."""
-    B, Hs, G, S = idx_sorted.shape
+    the same order on every run. The windows cover the blocks from ``first_block`` (the one
+    holding row ``start``) on."""
+    live = idx_sorted[:, :, first_block:]
+    B, Hs, G, S = live.shape
     Hkv, D = k.shape[2], k.shape[3]
     n = triton.cdiv(q.shape[1], region)
     n_chunks = sel_args[-1]
     window = partial_window((B, Hs, G, S), region, D, config)
-    index = partial_index(idx_sorted, Hkv, n, window)
+    index = partial_index(live, Hkv, n, window)
     pdk = _empty((B * Hs, window, S * region, D), torch.float32, q.device)
     pdv = _empty((B * Hs, window, S * region, D), torch.float32, q.device)
     for win in range(index.n_windows):
@@ -868,7 +899,7 @@ def _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel
         blocks = min(window, G - g0)
         tk.ms_attn_bwd_dkv_sel_kernel[(blocks * n_chunks, B * Hs)](
             q, k, v, do, pdk, pdv, lse, delta, idx_sorted, cos, sin,
-            *sel_args, g0, window, scale * LOG2E, scale, PARTIAL=True, **sel_consts,
+            *sel_args, first_block + g0, window, start, scale * LOG2E, scale, PARTIAL=True, **sel_consts,
         )  # fmt: skip
         tk.ms_attn_bwd_dkv_reduce_kernel[(n, B * Hkv)](
             pdk, pdv, dk32, dv32, index.offsets[win * B * Hkv * n :], index.src,
@@ -890,6 +921,7 @@ def _fwd_op(
     rope: bool,
     inv_freq: Tensor,
     scale: float,
+    start: int = 0,
 ) -> tuple[Tensor, Tensor]:
     return ms_attn_fwd(
         q,
@@ -902,11 +934,12 @@ def _fwd_op(
         rope=rope,
         inv_freq=inv_freq,
         scale=scale,
+        start=start,
     )
 
 
 @_fwd_op.register_fake
-def _(q, k, v, idx_sorted, region, budget, merge, rope, inv_freq, scale):
+def _(q, k, v, idx_sorted, region, budget, merge, rope, inv_freq, scale, start=0):
     B, L, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((B, Hq, L), dtype=torch.float32)
 
@@ -926,6 +959,7 @@ def _bwd_op(
     rope: bool,
     inv_freq: Tensor,
     scale: float,
+    start: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return ms_attn_bwd(
         do,
@@ -941,26 +975,27 @@ def _bwd_op(
         rope=rope,
         inv_freq=inv_freq,
         scale=scale,
+        start=start,
     )
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, idx_sorted, region, budget, merge, rope, inv_freq, scale):
+def _(do, q, k, v, o, lse, idx_sorted, region, budget, merge, rope, inv_freq, scale, start=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, idx_sorted, region, budget, merge, rope, inv_freq, scale = inputs
+    q, k, v, idx_sorted, region, budget, merge, rope, inv_freq, scale, start = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, idx_sorted, o, lse)
-    ctx.options = (region, budget, merge, rope, inv_freq, scale)
+    ctx.options = (region, budget, merge, rope, inv_freq, scale, start)
 
 
 def _backward(ctx, do: Tensor, _dlse: Tensor | None):
     q, k, v, idx_sorted, o, lse = ctx.saved_tensors
     dq, dk, dv = _bwd_op(do.contiguous(), q, k, v, o, lse, idx_sorted, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -986,10 +1021,17 @@ def ms_attend_triton(
     pe: str,
     inv_freq: Tensor | None = None,
     scale: float,
+    start: int = 0,
 ) -> Tensor:
     """Attention given a selection ``idx [B, Hs, G, S]`` (any order, -1 = ignored entry):
     the Triton counterpart of ``ms_attend_torch``; differentiable in q, k, v. ``inv_freq``:
-    ``pe="selected"``'s rotary inverse frequencies ``[D/2]`` (None: plain RoPE, base 10000)."""
+    ``pe="selected"``'s rotary inverse frequencies ``[D/2]`` (None: plain RoPE, base 10000).
+
+    ``start`` as ``ms_attend_torch``'s: q, k, v are the whole histories ``[B, L, *, D]`` and only
+    the query rows ``[start, L)`` are computed -> ``[B, L - start, Hq, D]``; the query tiles
+    before ``start`` are not launched, and the backward sums only those rows' contributions
+    (dq is 0 before ``start``). The blocks wholly before ``start`` are not read from idx."""
+    _check_start(start, q.shape[1])
     o, _ = _fwd_op(
         q,
         k,
@@ -1001,8 +1043,9 @@ def ms_attend_triton(
         pe == "selected",
         _frequencies(pe, inv_freq, q),
         float(scale),
+        start,
     )
-    return o
+    return o[:, start:]
 
 
 def ms_select_configured(q: Tensor, k: Tensor, **options) -> Tensor:

@@ -231,6 +231,8 @@ def ms_attn_fwd_kernel(
     G,
     n_pre_tiles,
     tiles_per_block,
+    q_start,
+    first_tile,
     qk_scale,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -242,11 +244,14 @@ def ms_attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (query tiles, B*HQ). Writes o for the tile's rows and their lse (natural log)."""
+    """Grid (query tiles from `first_tile`, the tile holding row `q_start`; B*HQ). Writes o
+    for the tile's rows from `q_start` on and their lse (natural log); rows before `q_start`
+    are not read (their q reads 0) nor written."""
     HALF: tl.constexpr = HEAD_DIM // 2
     bh = tl.program_id(1)
+    tile = tl.program_id(0) + first_tile
     b, hs, lo, hi, seg_lo, seg_hi, g, shift, q_off, kv_off = _query_tile(
-        tl.program_id(0), bh, L, P, W, M, S, n_pre_tiles, tiles_per_block, HQ, HKV, HS, HEAD_DIM, BLOCK_M
+        tile, bh, L, P, W, M, S, n_pre_tiles, tiles_per_block, HQ, HKV, HS, HEAD_DIM, BLOCK_M
     )
     q_stride = HQ * HEAD_DIM
     kv_stride = HKV * HEAD_DIM
@@ -257,7 +262,7 @@ def ms_attn_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < hi
+    row_ok = (offs_m >= q_start) & (offs_m < hi)
     q1, q2, _, _ = _load_rotated(
         Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
     )
@@ -363,16 +368,18 @@ def ms_attn_bwd_preprocess_kernel(
     DO,
     DELTA,
     L,
+    q_start,
     HQ: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """delta[b, h, t] = sum_d o * do in float32. Grid (cdiv(L, BLOCK_M), B*HQ)."""
+    """delta[b, h, t] = sum_d o * do in float32 for t >= q_start. Grid (cdiv(L - q_start,
+    BLOCK_M), B*HQ)."""
     bh = tl.program_id(1)
     b = bh // HQ
     h = bh % HQ
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = q_start + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     stride = HQ * HEAD_DIM
     base = b.to(tl.int64) * L * stride + h * HEAD_DIM
@@ -440,6 +447,8 @@ def ms_attn_bwd_dq_kernel(
     G,
     n_pre_tiles,
     tiles_per_block,
+    q_start,
+    first_tile,
     qk_scale,
     scale,
     HQ: tl.constexpr,
@@ -452,11 +461,13 @@ def ms_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Grid (query tiles, B*HQ): the forward's schedule, P recomputed from lse."""
+    """Grid (query tiles from `first_tile`, B*HQ): the forward's schedule, P recomputed from
+    lse; rows before `q_start` are neither read nor written."""
     HALF: tl.constexpr = HEAD_DIM // 2
     bh = tl.program_id(1)
+    tile = tl.program_id(0) + first_tile
     b, hs, lo, hi, seg_lo, seg_hi, g, shift, q_off, kv_off = _query_tile(
-        tl.program_id(0), bh, L, P, W, M, S, n_pre_tiles, tiles_per_block, HQ, HKV, HS, HEAD_DIM, BLOCK_M
+        tile, bh, L, P, W, M, S, n_pre_tiles, tiles_per_block, HQ, HKV, HS, HEAD_DIM, BLOCK_M
     )
     q_stride = HQ * HEAD_DIM
     kv_stride = HKV * HEAD_DIM
@@ -467,7 +478,7 @@ def ms_attn_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < hi
+    row_ok = (offs_m >= q_start) & (offs_m < hi)
     h_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
     q1, q2, cq, sq = _load_rotated(
         Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
@@ -588,6 +599,7 @@ def _dkv_step(
     COS,
     SIN,
     t,
+    q_first,
     q_hi,
     qpos,
     allowed,
@@ -604,9 +616,10 @@ def _dkv_step(
 
     Key-major products (FlashAttention-2's): everything computed in registers (P^T, dS^T) is
     the left operand, everything loaded is the right one, as Hopper's wgmma wants. `allowed`
-    is [BLOCK_N, BLOCK_M]. Rows t >= q_hi read lse = +inf, hence P = 0, and add nothing.
+    is [BLOCK_N, BLOCK_M]. Rows t < q_first or t >= q_hi read q = do = 0 and lse = +inf, hence
+    P = 0, and add nothing.
     """
-    row_ok = t < q_hi
+    row_ok = (t >= q_first) & (t < q_hi)
     q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE, HALF)
     do = _load_full(DO, t, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
@@ -657,6 +670,7 @@ def ms_attn_bwd_dkv_kernel(
     n_tiles,
     n_pre_tiles,
     tiles_per_block,
+    q_start,
     qk_scale,
     scale,
     HQ: tl.constexpr,
@@ -681,7 +695,8 @@ def ms_attn_bwd_dkv_kernel(
     region's rank in g's sorted selection, -1 if g did not select it (ENT_RANK, [entries, R]);
     ORDER lists tiles heaviest first. Without SELECTED, `ms_attn_bwd_dkv_sel_kernel` (atomics)
     or it and `ms_attn_bwd_dkv_reduce_kernel` (partial sums) have already summed that part
-    into the float32 DK32, DV32 ([B, L, HKV, D]), added here.
+    into the float32 DK32, DV32 ([B, L, HKV, D]), added here. Query rows before `q_start`
+    add nothing: the query steps wholly before it are skipped, the rest masked.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     GROUP: tl.constexpr = HQ // HKV
@@ -706,6 +721,9 @@ def ms_attn_bwd_dkv_kernel(
     k1o, k2o, ck, sk = _rotated(COS, SIN, k1, k2, tok + shift, key_ok, offs_h, ROPE, HALF)
     slot = tok // W - lo // W
     within = tok - (tok // W) * W
+    # Own-segment query steps before the one holding q_start are skipped (the same steps as
+    # without q_start, so the sums keep their order).
+    skip = tl.maximum(q_start - lo, 0) // BLOCK_M * BLOCK_M
 
     dk1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
@@ -720,7 +738,7 @@ def ms_attn_bwd_dkv_kernel(
         delta_base = DELTA + (b * HQ + h).to(tl.int64) * L
 
         # Own segment, causally: the diagonal query steps masked, the later ones not.
-        for t0 in range(lo, lo + DIAG, BLOCK_M):
+        for t0 in range(lo + skip, lo + DIAG, BLOCK_M):
             t = t0 + offs_m
             dk1, dk2, dv = _dkv_step(
                 dk1,
@@ -738,6 +756,7 @@ def ms_attn_bwd_dkv_kernel(
                 COS,
                 SIN,
                 t,
+                q_start,
                 seg_hi,
                 t + shift,
                 tok[:, None] <= t[None, :],
@@ -750,7 +769,7 @@ def ms_attn_bwd_dkv_kernel(
                 HALF,
                 HEAD_DIM,
             )
-        for t0 in range(lo + DIAG, seg_hi, BLOCK_M):
+        for t0 in range(lo + tl.maximum(skip, DIAG), seg_hi, BLOCK_M):
             t = t0 + offs_m
             dk1, dk2, dv = _dkv_step(
                 dk1,
@@ -768,6 +787,7 @@ def ms_attn_bwd_dkv_kernel(
                 COS,
                 SIN,
                 t,
+                q_start,
                 seg_hi,
                 t + shift,
                 key_ok[:, None],
@@ -793,7 +813,8 @@ def ms_attn_bwd_dkv_kernel(
                 k1s, k2s, cT, sT = _rotated(COS, SIN, k1, k2, rank * W + within, sel_ok, offs_h, ROPE, HALF)
                 q_lo = P + g * M * W
                 q_hi = tl.minimum(q_lo + M * W, L)
-                for t0 in range(q_lo, q_hi, BLOCK_M):
+                t_first = q_lo + tl.maximum(q_start - q_lo, 0) // BLOCK_M * BLOCK_M
+                for t0 in range(t_first, q_hi, BLOCK_M):
                     t = t0 + offs_m
                     dk1, dk2, dv = _dkv_step(
                         dk1,
@@ -811,6 +832,7 @@ def ms_attn_bwd_dkv_kernel(
                         COS,
                         SIN,
                         t,
+                        q_start,
                         q_hi,
                         t + (S * W - q_lo),
                         sel_ok[:, None],
@@ -861,6 +883,7 @@ def ms_attn_bwd_dkv_sel_kernel(
     n_chunks,
     g0,
     window,
+    q_start,
     qk_scale,
     scale,
     HQ: tl.constexpr,
@@ -884,7 +907,8 @@ def ms_attn_bwd_dkv_sel_kernel(
     run to run anyway. With PARTIAL, DK32, DV32 are the partial buffers
     ([B*HS, window, S*w, D]) and the program stores its sums at (b*HS + hs, g - g0, place in
     the selection): every element written once, by one program, so the values are the same on
-    every run; ``ms_attn_bwd_dkv_reduce_kernel`` adds them up.
+    every run; ``ms_attn_bwd_dkv_reduce_kernel`` adds them up. Query rows before `q_start`
+    add nothing (the host starts g0 at the block holding it; its earlier steps are skipped).
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     REP: tl.constexpr = HQ // HS
@@ -908,6 +932,7 @@ def ms_attn_bwd_dkv_sel_kernel(
 
     q_lo = P + g * M * W
     q_hi = tl.minimum(q_lo + M * W, L)
+    t_first = q_lo + tl.maximum(q_start - q_lo, 0) // BLOCK_M * BLOCK_M
     dk1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -916,7 +941,7 @@ def ms_attn_bwd_dkv_sel_kernel(
         q_off = b.to(tl.int64) * L * q_stride + h * HEAD_DIM
         lse_base = LSE + (b * HQ + h).to(tl.int64) * L
         delta_base = DELTA + (b * HQ + h).to(tl.int64) * L
-        for t0 in range(q_lo, q_hi, BLOCK_M):
+        for t0 in range(t_first, q_hi, BLOCK_M):
             t = t0 + offs_m
             dk1, dk2, dv = _dkv_step(
                 dk1,
@@ -934,6 +959,7 @@ def ms_attn_bwd_dkv_sel_kernel(
                 COS,
                 SIN,
                 t,
+                q_start,
                 q_hi,
                 t + (S * W - q_lo),
                 key_ok[:, None],

@@ -13,6 +13,8 @@ everything else as before. The selection has no gradient, so values and gradient
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -72,10 +74,10 @@ def ms_attend_rows(
     whole sequence's queries (detached), which fill the rows before a run that the kernels' layout
     needs and whose outputs are dropped; k, v ``[B, L, Hkv, D]`` the whole sequence; idx the whole
     sequence's selection. Given the selection, attention is causal, so a run ending at ``stop``
-    needs the keys and the blocks of idx up to ``stop`` only. The PyTorch path computes each run
-    from its start (``ms_attend_torch``'s ``start``): the run's rows and at most the rows of its
-    first block before it. The Triton kernels take no first row: one call over ``[0, last stop)``
-    computes every row up to the last run's end, and the runs' rows are kept.
+    needs the keys and the blocks of idx up to ``stop`` only. Either path computes each run from
+    its start (``ms_attend_torch``'s / ``ms_attend_triton``'s ``start``): the run's rows and, on
+    PyTorch, at most the rows of its first block before it; the Triton kernels skip the query
+    tiles before the run and mask the rows of the one it starts in.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     opts = dict(region=region, budget=budget, merge=merge, pe=pe, inv_freq=inv_freq, scale=scale)
@@ -85,22 +87,12 @@ def ms_attend_rows(
     runs = [q[:, a:b] for a, b in zip(offsets, offsets[1:])]
     q_all = q_all.detach()
     if use_triton(q, backend):
-        from ctxlab.kernels.ms_attention.triton_impl import ms_attend_triton
-
-        end = max(stop for _, stop in spans)
-        parts, at = [], 0
-        for (start, stop), run in sorted(zip(spans, runs), key=lambda item: item[0]):
-            parts += [q_all[:, at:start], run]
-            at = stop
-        parts.append(q_all[:, at:end])
-        G = num_blocks(end, region, budget, merge)
-        o = ms_attend_triton(torch.cat(parts, dim=1), k[:, :end], v[:, :end], idx[:, :, :G], **opts)
-        return torch.cat([o[:, start:stop] for start, stop in spans], dim=1)
+        from ctxlab.kernels.ms_attention.triton_impl import ms_attend_triton as attend
+    else:
+        attend = functools.partial(ms_attend_torch, scope=scope)
     out = []
     for (start, stop), run in zip(spans, runs):
         q_upto = torch.cat([q_all[:, :start], run], dim=1)  # [B, stop, Hq, D]
         G = num_blocks(stop, region, budget, merge)
-        out.append(
-            ms_attend_torch(q_upto, k[:, :stop], v[:, :stop], idx[:, :, :G], scope=scope, start=start, **opts)
-        )
+        out.append(attend(q_upto, k[:, :stop], v[:, :stop], idx[:, :, :G], start=start, **opts))
     return torch.cat(out, dim=1)
