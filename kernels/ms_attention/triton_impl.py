@@ -475,7 +475,7 @@ def region_reps(x: Tensor, heads: int, *, region: int, pool: str) -> Tensor:
 
 def _select_inputs(
     q: Tensor, k: Tensor, *, region: int, budget: int, merge: int, pool: str, scope: str,
-    config: LaunchConfig | None,
+    select: str, config: LaunchConfig | None,
 ) -> tuple[LaunchConfig, Tensor, Tensor | None, Tensor | None]:
     """What both selection kernels start from: the launch config, the int32 output
     ``[B, Hs, G, T-m]`` and the float32 representatives ``[B, Hs, n, D]`` / ``[B, Hkv, n, D]``
@@ -553,30 +553,21 @@ def ms_select_triton(
     can differ in the last bit, which may swap near-tied regions.
     """
     cfg, out, qrep, krep = _select_inputs(
-        q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, config=config
-    )
+        q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select,
+        config=config,
+    )  # fmt: skip
     if qrep is not None:
         _select_full(qrep, krep, out, cfg, None, budget=budget, merge=merge, select=select)
     return out
 
 
 def select_shallow_counted(
-    q: Tensor,
-    k: Tensor,
-    *,
-    region: int,
-    budget: int,
-    merge: int,
-    pool: str,
-    scope: str,
-    select: str,
-    config: LaunchConfig | None = None,
+    q: Tensor, k: Tensor, *, config: LaunchConfig | None = None, **options
 ) -> tuple[Tensor, int]:
     """``ms_select_shallow``'s indices and the number of items (b, hs, g) the full-depth kernel
-    redid (one device sync)."""
-    cfg, out, qrep, krep = _select_inputs(
-        q, k, region=region, budget=budget, merge=merge, pool=pool, scope=scope, config=config
-    )
+    redid (one device sync). ``options``: region, budget, merge, pool, scope, select."""
+    budget, merge, select = options["budget"], options["merge"], options["select"]
+    cfg, out, qrep, krep = _select_inputs(q, k, config=config, **options)
     if qrep is None:
         return out, 0
     B, Hs, n, D = qrep.shape

@@ -1188,6 +1188,14 @@ def _sort_descending(x, N_DIMS: tl.constexpr, LOG_N: tl.constexpr):
 
 
 @triton.jit
+def _program_scratch(LIST, TOPK, SEEN, n, LIST_SIZE: tl.constexpr, TOPK_SIZE: tl.constexpr):
+    """This program's slices of the selection kernels' scratch: its candidate list, its top
+    lists and its seen-stamps (``n`` regions)."""
+    pid = tl.program_id(0).to(tl.int64)
+    return LIST + pid * LIST_SIZE, TOPK + pid * TOPK_SIZE, SEEN + pid * n
+
+
+@triton.jit
 def _select_item(item, n, G, T, M, n_bhs, HS: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr):
     """Item (b, hs, g), larger g first: (g, b*HS + hs, b, kv head, the block's first region s,
     its first voting row, the number of voting rows)."""
@@ -1281,14 +1289,11 @@ def ms_select_kernel(
     SORT_DIMS: tl.constexpr = CAP_DIMS + SORT_ROWS.bit_length() - 1
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    list_base, topk_base, seen_base = _program_scratch(LIST, TOPK, SEEN, n, ROWS * CAP, RM * KP)
     offs_j = tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, BLOCK_D)
     offs_b = tl.arange(0, BINS)
     offs_c = tl.arange(0, CAP)
-    offs_rm = tl.arange(0, RM)
-    list_base = LIST + pid.to(tl.int64) * ROWS * CAP
-    topk_base = TOPK + pid.to(tl.int64) * RM * KP
-    seen_base = SEEN + pid.to(tl.int64) * n
     for it in range(pid, n_items, n_prog):
         if HAS_ITEMS:
             item = tl.load(ITEMS + it)
@@ -1491,13 +1496,11 @@ def ms_select_shallow_kernel(
     INT32_MIN: tl.constexpr = -2147483648
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
+    list_base, topk_base, seen_base = _program_scratch(LIST, TOPK, SEEN, n, RM * CAP, RM * K)
     offs_j = tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, CAP)
     a = tl.arange(0, RM)
-    list_base = LIST + pid.to(tl.int64) * RM * CAP
-    topk_base = TOPK + pid.to(tl.int64) * RM * K
-    seen_base = SEEN + pid.to(tl.int64) * n
     for item in range(pid, n_items, n_prog):
         g, bhs, b, hkv, s, first_row, n_rows = _select_item(item, n, G, T, M, n_bhs, HS, HKV, CAUSAL)
         q_base = QREP + bhs.to(tl.int64) * n * HEAD_DIM
