@@ -85,7 +85,9 @@ def test_compiled_flex_never_falls_back_to_the_unfused_path(monkeypatch):
 
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     flex._compiled.cache_clear()
-    monkeypatch.setattr(flex, "_compiled", functools.cache(lambda: torch.compile(flex_attention, dynamic=False)))
+    monkeypatch.setattr(
+        flex, "_compiled", functools.cache(lambda: torch.compile(flex_attention, dynamic=False))
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*without torch.compile.*")
         for L in (136, 200, 264):

@@ -79,6 +79,21 @@ def _inputs(B, L, Hq, Hkv, D, *, dtype=torch.float32, device="cpu", seed=0):
     return [x.to(device=device, dtype=dtype) for x in (q, k, v, do)]
 
 
+def _select_inputs(shape, values, seed):
+    """q, k float32 for a selection case: integers drawn from ``values`` ([low, high): exact
+    scores full of ties), "same" (every query region alike, random keys), or random floats (None)."""
+    B, L, Hq, Hkv, D = shape
+    gen = torch.Generator().manual_seed(seed)
+    if values == "same":  # every region of q alike: all rows rank the keys the same way
+        q = torch.randn(B, 1, Hq, D, generator=gen).expand(B, L, Hq, D).contiguous()
+        return q, torch.randn(B, L, Hkv, D, generator=gen)
+    if values is not None:
+        q = torch.randint(*values, (B, L, Hq, D), generator=gen).float()
+        return q, torch.randint(*values, (B, L, Hkv, D), generator=gen).float()
+    q, k, _, _ = _inputs(B, L, Hq, Hkv, D, seed=seed)
+    return q, k
+
+
 def _grads(fn, q, k, v, do):
     """Output and (dq, dk, dv) of fn(q, k, v) for the upstream gradient do."""
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
@@ -357,13 +372,7 @@ SELECT_CASES = [
 )
 @on_interpreter
 def test_select_matches_torch(shape, region, budget, merge, pool, scope, select, values, capacity, seed):
-    B, L, Hq, Hkv, D = shape
-    gen = torch.Generator().manual_seed(seed)
-    if values is not None:
-        q = torch.randint(*values, (B, L, Hq, D), generator=gen).float()
-        k = torch.randint(*values, (B, L, Hkv, D), generator=gen).float()
-    else:
-        q, k, _, _ = _inputs(B, L, Hq, Hkv, D, seed=seed)
+    q, k = _select_inputs(shape, values, seed)
     opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
     config = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, select_capacity=capacity)
     got = triton_impl.ms_select_triton(q, k, config=config, **opts)
@@ -380,14 +389,49 @@ def test_select_matches_torch(shape, region, budget, merge, pool, scope, select,
 # n > cap); "deep": identical query regions vote identically, so K ranks hold K < T-m regions.
 SHALLOW_CASES = [
     ("random-paper-head-L400", (1, 400, 2, 1, 16), 2, 40, 8, "mean", "head", "paper", None, {}, "shallow"),
-    ("random-causal-attn-group-L403", (1, 403, 4, 2, 16), 2, 40, 8, "attn", "group", "causal", None, {}, "shallow"),
+    (
+        "random-causal-attn-group-L403",
+        (1, 403, 4, 2, 16),
+        2,
+        40,
+        8,
+        "attn",
+        "group",
+        "causal",
+        None,
+        {},
+        "shallow",
+    ),
     ("ties-paper-group-L97", (1, 97, 3, 1, 8), 4, 6, 2, "mean", "group", "paper", (-1, 2), {}, "shallow"),
     ("ties-causal-B2-L73", (2, 73, 4, 2, 8), 2, 20, 3, "mean", "group", "causal", (-1, 2), {}, "shallow"),
     ("tie-branch-paper-L61", (1, 61, 2, 1, 4), 1, 6, 2, "mean", "head", "paper", (0, 2), {}, "shallow"),
     ("overflow-ties-L200", (1, 200, 2, 1, 2), 1, 40, 8, "mean", "head", "paper", (0, 2), {}, "redo"),
-    ("overflow-cap-L400", (1, 400, 2, 1, 16), 2, 40, 8, "mean", "head", "causal", None,
-     dict(shallow_cap=16, shallow_block_j=16), "redo"),
-    ("deep-identical-regions-L300", (1, 300, 2, 1, 16), 2, 40, 8, "mean", "head", "paper", "same", {}, "redo"),
+    (
+        "overflow-cap-L400",
+        (1, 400, 2, 1, 16),
+        2,
+        40,
+        8,
+        "mean",
+        "head",
+        "causal",
+        None,
+        dict(shallow_cap=16, shallow_block_j=16),
+        "redo",
+    ),
+    (
+        "deep-identical-regions-L300",
+        (1, 300, 2, 1, 16),
+        2,
+        40,
+        8,
+        "mean",
+        "head",
+        "paper",
+        "same",
+        {},
+        "redo",
+    ),
 ]
 
 
@@ -397,17 +441,10 @@ SHALLOW_CASES = [
     ids=[c[0] for c in SHALLOW_CASES],
 )
 @on_interpreter
-def test_shallow_select_matches_torch(shape, region, budget, merge, pool, scope, select, values, overrides, decided):
-    B, L, Hq, Hkv, D = shape
-    gen = torch.Generator().manual_seed(7)
-    if values == "same":  # every region of q alike: all rows rank the keys the same way
-        q = torch.randn(B, 1, Hq, D, generator=gen).expand(B, L, Hq, D).contiguous()
-        k = torch.randn(B, L, Hkv, D, generator=gen)
-    elif values is not None:
-        q = torch.randint(*values, (B, L, Hq, D), generator=gen).float()
-        k = torch.randint(*values, (B, L, Hkv, D), generator=gen).float()
-    else:
-        q, k, _, _ = _inputs(B, L, Hq, Hkv, D, seed=7)
+def test_shallow_select_matches_torch(
+    shape, region, budget, merge, pool, scope, select, values, overrides, decided
+):
+    q, k = _select_inputs(shape, values, 7)
     opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
     config = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, **overrides)
     got, redone = triton_impl.select_shallow_counted(q, k, config=config, **opts)
@@ -438,14 +475,10 @@ RESCORE_CASES = [
     ids=[c[0] for c in RESCORE_CASES],
 )
 @on_interpreter
-def test_rescored_search_gives_the_float32_selection(shape, region, budget, merge, pool, scope, select, values):
-    B, L, Hq, Hkv, D = shape
-    gen = torch.Generator().manual_seed(11)
-    if values is not None:
-        q = torch.randint(*values, (B, L, Hq, D), generator=gen).float()
-        k = torch.randint(*values, (B, L, Hkv, D), generator=gen).float()
-    else:
-        q, k, _, _ = _inputs(B, L, Hq, Hkv, D, seed=11)
+def test_rescored_search_gives_the_float32_selection(
+    shape, region, budget, merge, pool, scope, select, values
+):
+    q, k = _select_inputs(shape, values, 11)
     opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
     want = ms_select_torch(q, k, **opts)
     fault = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, shallow_fault=True, shallow_score_err=0.01)
@@ -916,10 +949,14 @@ def test_bench_launch_overrides_and_summary():
         dict(case="c", op="s2", L=61, status="ok", **{"fwd+bwd_ms": 7.5}),
     ]  # fmt: skip
     line = run.summary(rows, {61: rows[0]})[-1]
-    assert line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 0.5 / 3.0 / 1.0 / 2.0 | 4.5 | 2.5 | 1.80 | 2.22 | 1.67 |"
+    assert (
+        line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 0.5 / 3.0 / 1.0 / 2.0 | 4.5 | 2.5 | 1.80 | 2.22 | 1.67 |"
+    )
     rows[1]["configured_select"] = "torch"  # 'ours + sel' adds the configured selection's time
     line = run.summary(rows, {61: rows[0]})[-1]
-    assert line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 0.5 / 3.0 / 1.0 / 2.0 | 5.0 | 2.5 | 2.00 | 2.00 | 1.50 |"
+    assert (
+        line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 0.5 / 3.0 / 1.0 / 2.0 | 5.0 | 2.5 | 2.00 | 2.00 | 1.50 |"
+    )
 
 
 @pytest.mark.parametrize("L, Hq, Hkv", [(256, 4, 2), (512, 8, 2), (384, 6, 6)], ids=["gqa2", "gqa4", "mha"])

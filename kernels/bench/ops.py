@@ -304,7 +304,9 @@ def launch_fields(spec: str) -> dict:
         if not sep:
             raise ValueError(f"launch setting {item!r} is not KEY=VALUE")
         if key not in known:
-            raise ValueError(f"launch setting {key!r} is not a LaunchConfig field ({', '.join(sorted(known))})")
+            raise ValueError(
+                f"launch setting {key!r} is not a LaunchConfig field ({', '.join(sorted(known))})"
+            )
         out[key] = override_value(value)
     return out
 

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import triton
 
+from ..ms_attention import triton_impl
 from ..ms_attention.interface import ms_attention
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
-from ..ms_attention import triton_impl
 from ..ms_attention.triton_impl import INTERPRETER_CONFIG, ms_select_triton, select_shallow_counted
 from .cases import PRESETS, SETTINGS, Case, registry
 from .ops import OPS, build, launch_config, launch_fields, triton_parts
@@ -415,7 +415,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "fraction of causal query-key pairs computed; 'extra GiB' is peak memory beyond q, k, v, "
         "o and the gradients.",
         "",
-        "| case | op | status | fwd ms | fwd+bwd ms | + select ms (shallow / fused / topk / sort) | TFLOP/s fwd+bwd | "
+        "| case | op | status | fwd ms | fwd+bwd ms | + select ms (shallow / fused / topk / sort) | "
+        "TFLOP/s fwd+bwd | "
         "pairs | extra GiB | vs dense | vs gather |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -510,7 +511,8 @@ def summary(rows: list[dict], dense_by_len: dict[int, dict]) -> list[str]:
     (dense fwd+bwd x fraction of causal pairs computed)."""
     lines = [
         "",
-        "Summary (fwd+bwd ms; 'sel' shallow / fused / torch topk / torch sort; 'ours + sel' adds the selection "
+        "Summary (fwd+bwd ms; 'sel' shallow / fused / torch topk / torch sort; 'ours + sel' adds "
+        "the selection "
         "ms_attention runs (LaunchConfig.select_impl); 'bound' = dense x pair fraction; S2 = "
         "LongLoRA's S2-Attn at G = L/4, which computes 1/4 of the causal pairs).",
         "",

@@ -474,8 +474,16 @@ def region_reps(x: Tensor, heads: int, *, region: int, pool: str) -> Tensor:
 
 
 def _select_inputs(
-    q: Tensor, k: Tensor, *, region: int, budget: int, merge: int, pool: str, scope: str,
-    select: str, config: LaunchConfig | None,
+    q: Tensor,
+    k: Tensor,
+    *,
+    region: int,
+    budget: int,
+    merge: int,
+    pool: str,
+    scope: str,
+    select: str,
+    config: LaunchConfig | None,
 ) -> tuple[LaunchConfig, Tensor, Tensor | None, Tensor | None]:
     """What both selection kernels start from: the launch config, the int32 output
     ``[B, Hs, G, T-m]`` and the float32 representatives ``[B, Hs, n, D]`` / ``[B, Hkv, n, D]``
@@ -495,7 +503,12 @@ def _select_inputs(
     out = _empty((B, Hs, G, budget - merge), torch.int32, q.device)
     if G == 0:
         return cfg, out, None, None
-    return cfg, out, region_reps(q, Hs, region=region, pool=pool), region_reps(k, Hkv, region=region, pool=pool)
+    return (
+        cfg,
+        out,
+        region_reps(q, Hs, region=region, pool=pool),
+        region_reps(k, Hkv, region=region, pool=pool),
+    )
 
 
 def _programs(cfg: LaunchConfig, device: torch.device, n_items: int) -> int:
@@ -508,8 +521,17 @@ def _programs(cfg: LaunchConfig, device: torch.device, n_items: int) -> int:
     return max(1, min(programs, n_items))
 
 
-def _select_full(qrep: Tensor, krep: Tensor, out: Tensor, cfg: LaunchConfig, items: Tensor | None, *,
-                 budget: int, merge: int, select: str) -> None:
+def _select_full(
+    qrep: Tensor,
+    krep: Tensor,
+    out: Tensor,
+    cfg: LaunchConfig,
+    items: Tensor | None,
+    *,
+    budget: int,
+    merge: int,
+    select: str,
+) -> None:
     """The full-depth fused kernel into ``out`` [B, Hs, G, S] for every item, or for the items
     listed in ``items`` (int32)."""
     B, Hs, n, D = qrep.shape

@@ -1147,8 +1147,21 @@ def _unsortable(key):
 
 
 @triton.jit
-def _search_keys(qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, i, delta,
-                 HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FAULT: tl.constexpr):
+def _search_keys(
+    qr,
+    k_base,
+    j0,
+    n,
+    limit,
+    row_ok,
+    offs_j,
+    offs_d,
+    i,
+    delta,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
+    FAULT: tl.constexpr,
+):
     """The shallow search's keys: ``_score_keys``, or with FAULT (tests only) the scores moved
     by a fixed pseudo-random amount within +-delta of the row, as a search in another precision
     may round them."""
@@ -1214,8 +1227,42 @@ def _select_item(item, n, G, T, M, n_bhs, HS: tl.constexpr, HKV: tl.constexpr, C
 
 
 @triton.jit
-def _merge_ranks(topk_base, seen_base, out_base, stamp, n_rows, n, S, max_rank,
-                 KP: tl.constexpr, RM: tl.constexpr):
+def _voting_rows(
+    q_base,
+    s,
+    first_row,
+    n_rows,
+    r0,
+    offs_d,
+    M,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """Voting rows r0 .. r0 + ROWS of the block starting at region s (spec step 6): which are
+    rows, their regions i, the last region each may pick (-1 for none), one past the last
+    candidate any of them may pick, and their representatives ([ROWS, BLOCK_D], zero past D)."""
+    a = r0 + tl.arange(0, ROWS)
+    row_ok = a < n_rows
+    i = first_row + a
+    if CAUSAL:
+        limit = tl.where(row_ok, s - 1, -1)
+        j_end = s
+    else:
+        limit = tl.where(row_ok, i - M, -1)
+        j_end = first_row + tl.minimum(r0 + ROWS, n_rows) - M
+    qr = tl.load(
+        q_base + i.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    return row_ok, i, limit, j_end, qr
+
+
+@triton.jit
+def _merge_ranks(
+    topk_base, seen_base, out_base, stamp, n_rows, n, S, max_rank, KP: tl.constexpr, RM: tl.constexpr
+):
     """Spec step 8 on the rows' top lists TOPK [RM, KP] (rank p of row a at a*KP + p; entries
     >= n are absent): walk rank by rank (every row's p-th region, rows in order), dropping
     regions seen before (SEEN == stamp) or earlier in the same rank, until S are found or
@@ -1304,19 +1351,8 @@ def ms_select_kernel(
         k_base = KREP + (b * HKV + hkv).to(tl.int64) * n * HEAD_DIM
 
         for r0 in range(0, n_rows, ROWS):
-            a = r0 + tl.arange(0, ROWS)
-            row_ok = a < n_rows
-            i = first_row + a
-            if CAUSAL:
-                limit = tl.where(row_ok, s - 1, -1)
-                j_end = s
-            else:
-                limit = tl.where(row_ok, i - M, -1)
-                j_end = first_row + tl.minimum(r0 + ROWS, n_rows) - M
-            qr = tl.load(
-                q_base + i.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-                other=0.0,
+            row_ok, i, limit, j_end, qr = _voting_rows(
+                q_base, s, first_row, n_rows, r0, offs_d, M, ROWS, HEAD_DIM, CAUSAL
             )
 
             # Pass 1: the key range of every row.
@@ -1407,9 +1443,20 @@ def _sort_rows_desc(base, stride, width_dims: tl.constexpr, SORT_ROWS: tl.conste
 
 
 @triton.jit
-def _rescored_rows(list_base, q_base, k_base, first_row, n_rows, r0, CAP: tl.constexpr, CAP_DIMS: tl.constexpr,
-                   SORT_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   RESCORE_D: tl.constexpr):
+def _rescored_rows(
+    list_base,
+    q_base,
+    k_base,
+    first_row,
+    n_rows,
+    r0,
+    CAP: tl.constexpr,
+    CAP_DIMS: tl.constexpr,
+    SORT_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RESCORE_D: tl.constexpr,
+):
     """Rows r0 .. r0 + SORT_ROWS of the collected lists with every present candidate re-scored in
     float32 (the same (key, -region) composites), sorted descending."""
     rows = r0 + tl.arange(0, SORT_ROWS)
@@ -1421,10 +1468,16 @@ def _rescored_rows(list_base, q_base, k_base, first_row, n_rows, r0, CAP: tl.con
     acc = tl.zeros([SORT_ROWS, CAP], dtype=tl.float32)
     for d0 in tl.static_range(0, BLOCK_D, RESCORE_D):
         dd = d0 + tl.arange(0, RESCORE_D)
-        qv = tl.load(q_base + i[:, None] * HEAD_DIM + dd[None, :],
-                     mask=(rows < n_rows)[:, None] & (dd < HEAD_DIM)[None, :], other=0.0)
-        kv = tl.load(k_base + region[:, :, None] * HEAD_DIM + dd[None, None, :],
-                     mask=present[:, :, None] & (dd < HEAD_DIM)[None, None, :], other=0.0)
+        qv = tl.load(
+            q_base + i[:, None] * HEAD_DIM + dd[None, :],
+            mask=(rows < n_rows)[:, None] & (dd < HEAD_DIM)[None, :],
+            other=0.0,
+        )
+        kv = tl.load(
+            k_base + region[:, :, None] * HEAD_DIM + dd[None, None, :],
+            mask=present[:, :, None] & (dd < HEAD_DIM)[None, None, :],
+            other=0.0,
+        )
         acc += tl.sum(qv[:, None, :] * kv, 2)
     comp = tl.where(present, _sortable(acc).to(tl.int64) * 4294967296 + (2147483647 - region), comp)
     return _sort_descending(comp, CAP_DIMS + SORT_ROWS.bit_length() - 1, CAP_DIMS)
@@ -1505,18 +1558,8 @@ def ms_select_shallow_kernel(
         g, bhs, b, hkv, s, first_row, n_rows = _select_item(item, n, G, T, M, n_bhs, HS, HKV, CAUSAL)
         q_base = QREP + bhs.to(tl.int64) * n * HEAD_DIM
         k_base = KREP + (b * HKV + hkv).to(tl.int64) * n * HEAD_DIM
-        row_ok = a < n_rows
-        i = first_row + a
-        if CAUSAL:
-            limit = tl.where(row_ok, s - 1, -1)
-            j_end = s
-        else:
-            limit = tl.where(row_ok, i - M, -1)
-            j_end = first_row + n_rows - M
-        qr = tl.load(
-            q_base + i.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-            other=0.0,
+        row_ok, i, limit, j_end, qr = _voting_rows(
+            q_base, s, first_row, n_rows, 0, offs_d, M, RM, HEAD_DIM, CAUSAL
         )
 
         if RESCORE or FAULT:
@@ -1545,8 +1588,10 @@ def ms_select_shallow_kernel(
         tl.debug_barrier()
 
         # Pass 2: every candidate at or above theta, in region order.
-        tl.store(list_base + a[:, None] * CAP + offs_c[None, :],
-                 tl.zeros([RM, CAP], dtype=tl.int64) - 9223372036854775807 - 1)
+        tl.store(
+            list_base + a[:, None] * CAP + offs_c[None, :],
+            tl.zeros([RM, CAP], dtype=tl.int64) - 9223372036854775807 - 1,
+        )
         tl.debug_barrier()
         filled = tl.zeros([RM], dtype=tl.int32)
         for j0 in range(0, j_end, BLOCK_J):
@@ -1564,8 +1609,20 @@ def ms_select_shallow_kernel(
         # Each row's top K, best first (absent entries decode to a region >= n).
         for r0 in range(0, RM, SORT_ROWS):
             if RESCORE:
-                srt = _rescored_rows(list_base, q_base, k_base, first_row, n_rows, r0, CAP, CAP_DIMS,
-                                     SORT_ROWS, HEAD_DIM, BLOCK_D, RESCORE_D)
+                srt = _rescored_rows(
+                    list_base,
+                    q_base,
+                    k_base,
+                    first_row,
+                    n_rows,
+                    r0,
+                    CAP,
+                    CAP_DIMS,
+                    SORT_ROWS,
+                    HEAD_DIM,
+                    BLOCK_D,
+                    RESCORE_D,
+                )
             else:
                 srt = _sort_rows_desc(list_base, CAP, CAP_DIMS, SORT_ROWS, CAP, r0)
             region = (2147483647 - (srt & 0xFFFFFFFF)).to(tl.int32)

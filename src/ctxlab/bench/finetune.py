@@ -382,11 +382,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--strategy must be ddp or fsdp, got {a.strategy!r}")
     if a.context_parallel < 0 or (a.context_parallel and a.strategy != "ddp"):
         p.error(f"--context-parallel {a.context_parallel} needs --strategy ddp and N >= 1")
-    try:
+    try:  # the kernels' launch settings for this run, checked before any model
         from ctxlab.kernels.bench.ops import launch_fields
         from ctxlab.kernels.ms_attention.triton_impl import GPU_CONFIG
 
-        dataclasses.replace(GPU_CONFIG, **launch_fields(a.launch))
+        a.launch_fields = launch_fields(a.launch)
+        if a.select_impl is not None:
+            a.launch_fields["select_impl"] = a.select_impl
+        a.launch_config = dataclasses.replace(GPU_CONFIG, **a.launch_fields)
     except ValueError as e:
         p.error(f"--launch: {e}")
     a.baseline_rows = None
@@ -402,20 +405,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def use_select_impl(impl: str | None, launch: str = "") -> str:
-    """Make ``impl`` the MS selection of the GPU kernels for this process (None: keep the
-    configured one) and apply ``launch`` ('+'-joined LaunchConfig fields); returns the
-    selection in force, with the launch settings."""
-    import dataclasses
-
-    from ctxlab.kernels.bench.ops import launch_fields
+def use_launch(config, fields: dict) -> str:
+    """Make ``config`` the MS kernels' GPU launch config for this process; returns the selection in
+    force and the ``fields`` set beside it, '+'-joined (the result file's ``ms_select_impl``)."""
     from ctxlab.kernels.ms_attention import triton_impl
 
-    fields = launch_fields(launch)
-    if impl is not None:
-        fields["select_impl"] = impl
-    triton_impl.GPU_CONFIG = dataclasses.replace(triton_impl.GPU_CONFIG, **fields)
-    return "+".join([triton_impl.GPU_CONFIG.select_impl, *(f"{k}={v}" for k, v in fields.items() if k != "select_impl")])
+    triton_impl.GPU_CONFIG = config
+    return "+".join([config.select_impl, *(f"{k}={v}" for k, v in fields.items() if k != "select_impl")])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -423,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ctxlab.context_parallel import check_length
 
     a = parse(sys.argv[1:] if argv is None else argv)
-    select_impl = use_select_impl(a.select_impl, a.launch)
+    select_impl = use_launch(a.launch_config, a.launch_fields)
     rank, world = rank_info()
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # a 7B init on "cuda" lands on this rank's GPU
