@@ -378,15 +378,26 @@ def test_gpu_benchmark_script_runs_its_cases_and_records_failures(tmp_path):
         "+model.overrides.intermediate_size=64 +model.overrides.num_attention_heads=2 "
         "+model.overrides.num_key_value_heads=1 +model.overrides.head_dim=16 +model.overrides.vocab_size=97"
     )
+    # A stale rank of an earlier, killed case still on the "GPUs" (nvidia-smi lists it until it
+    # is gone): the script kills it before its first case.
+    stale = subprocess.Popen(["sleep", "600"])
+    holders = tmp_path / "holders"
+    holders.write_text(f"{stale.pid}\n")
+    (bin_dir / "nvidia-smi").write_text(
+        f"#!/bin/sh\nfor p in $(cat {holders}); do\n"  # a live process (not a zombie) holds a GPU
+        f'  grep -qs "^State:[[:space:]]*[A-Y]" /proc/$p/status && echo "$p"\ndone\nexit 0\n'
+    )
+    (bin_dir / "nvidia-smi").chmod(0o755)
     env = _env() | {
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "CTXLAB_CP_NGPU": "2", "CTXLAB_CP_MIN_CASE_S": "5",
-        "CTXLAB_CP_TIME_LIMIT": "240", "CTXLAB_CP_OVERRIDES": shrink,
+        "CTXLAB_CP_TIME_LIMIT": "240", "CTXLAB_CP_OVERRIDES": shrink, "CTXLAB_CP_FREE_WAIT_S": "5",
     }  # fmt: skip
     out = tmp_path / "out"
     cases = ["s2@64x2", "dense@32x1", "dense@66x2", "dense@64x4"]
     proc = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(out), *cases],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert stale.wait(timeout=10) == -9  # killed by the script
     rows = json.loads((out / "cp_bench.json").read_text())["rows"]
     assert [(r["variant"], r["seq_len"], r["gpus"]) for r in rows] == [
         ("s2", 64, 2),
@@ -400,6 +411,16 @@ def test_gpu_benchmark_script_runs_its_cases_and_records_failures(tmp_path):
     assert refused["status"] == "error" and "data.seq_len=66 is not divisible by 4" in refused["note"]
     assert missing["status"] == "not run"
     assert "| s2 | 64 | 2 | ok |" in (out / "cp_bench.md").read_text()
+    # GPUs held by a process the script cannot end: the case is not run, and says by whom.
+    holders.write_text("999999999\n")  # above any pid_max: kill -9 fails, and it stays listed
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\ncat {holders}\n")
+    out2 = tmp_path / "out2"
+    proc = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(out2), "dense@32x1"],
+                          cwd=ROOT, env=env | {"CTXLAB_CP_FREE_WAIT_S": "2"}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((out2 / "cp_bench.json").read_text())["rows"]
+    assert row["status"] == "not run" and "GPUs held by processes 999999999" in row["note"]
 
 
 if __name__ == "__main__":

@@ -844,9 +844,12 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
         assert torch.equal(triton_impl.ms_select_shallow(q, k, **opts).long(), want)
     q, k = torch.randn_like(q.float()).bfloat16(), torch.randn_like(k.float()).bfloat16()
     got = triton_impl.ms_select_triton(q, k, **opts).long()
-    shallow, redone = triton_impl.select_shallow_counted(q, k, **opts)
+    ieee = dataclasses.replace(triton_impl.GPU_CONFIG, select_precision="ieee", shallow_rescore=False)
+    shallow, redone = triton_impl.select_shallow_counted(q, k, config=ieee, **opts)
     # The same float32 scores (tl.dot, ieee) as the full-depth kernel: the same indices.
     assert torch.equal(shallow.long(), got), f"{redone} items redone"
+    # The default (a tf32 search, re-scored): the same indices too.
+    assert torch.equal(triton_impl.ms_select_shallow(q, k, **opts).long(), got)
     want = ms_select_torch(q, k, **opts)
     assert torch.equal(want, ms_select_torch(q, k, method="sort", **opts))
     # The contract for rounded scores: the float64 selection on every separated block.
@@ -859,7 +862,7 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
         )
     # The shallow selection with tf32x3 dots: the contract with tf32x3's product error.
     fast = triton_impl.ms_select_shallow(
-        q, k, config=dataclasses.replace(triton_impl.GPU_CONFIG, select_precision="tf32x3"), **opts
+        q, k, config=dataclasses.replace(ieee, select_precision="tf32x3"), **opts
     ).long()
     separated_tf32x3 = exact.separated_blocks(q, k, precision="tf32x3", **opts)
     differs = ~(fast == reference).all(-1)
@@ -872,6 +875,9 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     ).long()  # fmt: skip
     differs = ~(rescored == reference).all(-1)
     assert not (differs & separated).any(), f"tf32x3 + rescore: {(differs & separated).sum()} differ"
+    # Re-scored as the ieee dot sums (one FMA per column, in order): the exact selection's own
+    # indices, bit for bit, whichever tensor-core precision searched.
+    assert torch.equal(rescored, shallow.long()), "tf32x3 + rescore differs from the ieee selection"
     n = -(-L // region)
     member = torch.zeros(*want.shape[:3], n, dtype=torch.int32, device="cuda")
     member.scatter_add_(-1, got, torch.ones_like(got, dtype=torch.int32))

@@ -15,7 +15,9 @@
 # (untimed steps, default 0: the timed step then includes one-off costs such as Triton's autotuning,
 # visible in the step times), CTXLAB_CP_STEPS (timed steps, default 1), CTXLAB_CP_BASELINE (a
 # one-GPU result JSON of ctxlab.bench.finetune for the scaling column when this call ran no
-# one-GPU case), CTXLAB_CP_SELECT_IMPL (the MS selection: torch, triton or shallow), CTXLAB_CP_OVERRIDES (extra Hydra overrides for every case, e.g. model.mlp_chunk=16384).
+# one-GPU case), CTXLAB_CP_FREE_WAIT_S (before each case, processes still holding the GPUs, as
+# a killed case's ranks may, are killed; seconds to wait for the GPUs to be free, default 90; a
+# case is "not run" if they are not), CTXLAB_CP_SELECT_IMPL (the MS selection: torch, triton or shallow), CTXLAB_CP_OVERRIDES (extra Hydra overrides for every case, e.g. model.mlp_chunk=16384).
 set -uo pipefail
 OUT=${1:?usage: cp_bench.sh OUT_DIR [VARIANT@LENGTHxGPUS ...]}
 shift
@@ -41,6 +43,21 @@ Path(out, "cases", f"{tag}.status.json").write_text(json.dumps({
 PY
 }
 
+free_gpus() {  # kill what a killed case left running on the GPUs; wait (CTXLAB_CP_FREE_WAIT_S, 90) till free
+  # (2026-11-27: a 512K case killed at the time limit left its ranks holding 92 GiB per GPU, and
+  # the next call's two cases ran out of memory beside them.) Prints the holders if any remain.
+  command -v nvidia-smi > /dev/null || return 0
+  local pids=""
+  for _ in $(seq "${CTXLAB_CP_FREE_WAIT_S:-90}"); do
+    pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ' | sort -u | xargs)
+    [ -z "$pids" ] && return 0
+    kill -9 $pids 2> /dev/null
+    sleep 1
+  done
+  echo "$pids"
+  return 1
+}
+
 order=0
 for case in $CASES; do
   order=$((order + 1))
@@ -54,6 +71,11 @@ for case in $CASES; do
   fi
   if [ "$gpus" -gt "$NGPU" ]; then
     status "$OUT" "$tag" "$variant" "$length" "$gpus" "$order" "not run" "$NGPU GPUs here"
+    continue
+  fi
+  if ! held=$(free_gpus); then
+    echo "== $case: not run (the GPUs are still held by processes $held)"
+    status "$OUT" "$tag" "$variant" "$length" "$gpus" "$order" "not run" "GPUs held by processes $held"
     continue
   fi
   args=(--out "$OUT/cases" --tag "$tag" --lengths "$length" --variants "$variant" ${CTXLAB_CP_SELECT_IMPL:+--select-impl "$CTXLAB_CP_SELECT_IMPL"}

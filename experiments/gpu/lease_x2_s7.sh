@@ -12,6 +12,8 @@
 #   call 3  bash experiments/gpu/lease_x2_s7.sh 3
 #           cp_bench on 2 GPUs: MS, S2 and dense at 256K with attend_rows (each rank its own rows)
 #           -> OUT/cp_bench.tgz
+#   cp4     carry [.whl/core]   bash experiments/gpu/lease_x2_s7.sh cp4   (nvidia-h200-x4, lent later)
+#           cp_bench on 4 GPUs: MS at 256K with attend_rows, then S2, MS and dense at 512K
 set -uo pipefail
 CALL=${1:?usage: lease_x2_s7.sh 1|2|3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-540}"
@@ -55,6 +57,10 @@ case $CALL in
     CTXLAB_CP_SELECT_IMPL=shallow CTXLAB_CP_TIME_LIMIT=$(( $(left) - 30 )) bash "$here/cp_bench.sh" /root/cp \
       ms@262144x2 s2@262144x2 dense@262144x2 ms@131072x1
     tar -czf "$OUT/cp_bench.tgz" -C /root/cp . ;;
-  *) echo "lease_x2_s7.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  cp4)  # on nvidia-h200-x4, when a 4-GPU kind was lent during the session
+    CTXLAB_CP_SELECT_IMPL=shallow CTXLAB_CP_TIME_LIMIT=$(( $(left) - 30 )) bash "$here/cp_bench.sh" /root/cp \
+      ms@262144x4 s2@524288x4 ms@524288x4 dense@524288x4
+    tar -czf "$OUT/cp_bench.tgz" -C /root/cp . ;;
+  *) echo "lease_x2_s7.sh: call must be 1, 2, 3 or cp4" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -111,10 +111,12 @@ class LaunchConfig:
     shallow_rescore: bool = False
     """Search in ``select_precision`` (tf32x3 or tf32: tensor cores) and rank in float32: each
     row's bound is lowered by twice the two roundings' distance (``exact.search_error``) and the
-    candidates it collects are re-scored in float32 before the sort, so the indices are those of
-    float32 scores whatever the search rounded (the exactness contract's float32 case)."""
-    shallow_rescore_d: int = 32
-    """Head-dim columns the re-scoring reads at once (a power of two)."""
+    candidates it collects are re-scored in float32, summed as the ieee dot sums (one FMA per
+    column, in order), before the sort. The indices are then the exact (ieee) selection's, bit
+    for bit, whatever the search rounded. With it, ``select_precision`` is the shallow search's
+    only: the full-depth kernel (``select_impl="triton"``, and the blocks the shallow selection
+    sends to it) scores in ieee. The GPU default (``GPU_CONFIG``): a tf32 search re-scored,
+    5-7x faster than the ieee search at 128K-256K on an H200 (kernels/README.md)."""
     shallow_score_err: float = 0.0
     """The search's distance bound per unit of |qbar| max|kbar| (0: ``exact.search_error`` of
     ``select_precision``); a larger value collects more, a smaller one is not safe."""
@@ -152,7 +154,6 @@ class LaunchConfig:
             "shallow_cap",
             "shallow_block_j",
             "shallow_sort_rows",
-            "shallow_rescore_d",
         ):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
@@ -205,7 +206,9 @@ class LaunchConfig:
             raise ValueError(f"dkv_partial_gib must be > 0, got {self.dkv_partial_gib!r}")
 
 
-GPU_CONFIG = LaunchConfig()
+GPU_CONFIG = LaunchConfig(select_precision="tf32", shallow_rescore=True)
+"""The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
+candidates in float32 (``shallow_rescore``), so its indices are those of the ieee selection."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
@@ -550,7 +553,7 @@ def _select_full(
         HS=Hs, HKV=krep.shape[1], HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
         CAUSAL=select == "causal", HAS_ITEMS=items is not None, ROWS=rows, RM=rm, KP=kp, CAP=cap,
         BLOCK_J=cfg.select_block_j, BINS=cfg.select_bins, SORT_ROWS=cfg.select_sort_rows,
-        PREC=cfg.select_precision, num_warps=cfg.select_warps,
+        PREC="ieee" if cfg.shallow_rescore else cfg.select_precision, num_warps=cfg.select_warps,
     )  # fmt: skip
 
 
@@ -615,7 +618,6 @@ def select_shallow_counted(
         CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
         BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
         PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore,
-        RESCORE_D=min(cfg.shallow_rescore_d, max(triton.next_power_of_2(D), 16)),
         FAULT=cfg.shallow_fault, num_warps=cfg.shallow_warps,
     )  # fmt: skip
     redo = flag.nonzero().flatten().to(torch.int32)

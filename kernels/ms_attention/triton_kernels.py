@@ -1454,31 +1454,26 @@ def _rescored_rows(
     CAP_DIMS: tl.constexpr,
     SORT_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    RESCORE_D: tl.constexpr,
 ):
     """Rows r0 .. r0 + SORT_ROWS of the collected lists with every present candidate re-scored in
-    float32 (the same (key, -region) composites), sorted descending."""
+    float32 (the same (key, -region) composites), sorted descending.
+
+    A score is summed as the ieee ``tl.dot`` of the search kernels sums it: one fused multiply-add
+    per column, d = 0 .. D-1 in order, from zero. So a re-scored score is bit for bit the score
+    the exact (ieee) selection ranks by, and re-scoring changes no index of that selection."""
     rows = r0 + tl.arange(0, SORT_ROWS)
     cols = tl.arange(0, CAP)
     comp = tl.load(list_base + rows[:, None] * CAP + cols[None, :])
     present = comp != -9223372036854775807 - 1
     region = tl.where(present, 2147483647 - (comp & 0xFFFFFFFF), 0)
-    i = (first_row + rows).to(tl.int64)
+    q_rows = q_base + (first_row + rows).to(tl.int64) * HEAD_DIM
+    k_rows = k_base + region.to(tl.int64) * HEAD_DIM
+    row_ok = rows < n_rows
     acc = tl.zeros([SORT_ROWS, CAP], dtype=tl.float32)
-    for d0 in tl.static_range(0, BLOCK_D, RESCORE_D):
-        dd = d0 + tl.arange(0, RESCORE_D)
-        qv = tl.load(
-            q_base + i[:, None] * HEAD_DIM + dd[None, :],
-            mask=(rows < n_rows)[:, None] & (dd < HEAD_DIM)[None, :],
-            other=0.0,
-        )
-        kv = tl.load(
-            k_base + region[:, :, None] * HEAD_DIM + dd[None, None, :],
-            mask=present[:, :, None] & (dd < HEAD_DIM)[None, None, :],
-            other=0.0,
-        )
-        acc += tl.sum(qv[:, None, :] * kv, 2)
+    for d in range(HEAD_DIM):
+        qv = tl.load(q_rows + d, mask=row_ok, other=0.0)
+        kv = tl.load(k_rows + d, mask=present, other=0.0)
+        acc = tl.fma(qv[:, None], kv, acc)
     comp = tl.where(present, _sortable(acc).to(tl.int64) * 4294967296 + (2147483647 - region), comp)
     return _sort_descending(comp, CAP_DIMS + SORT_ROWS.bit_length() - 1, CAP_DIMS)
 
@@ -1514,7 +1509,6 @@ def ms_select_shallow_kernel(
     SORT_ROWS: tl.constexpr,
     PREC: tl.constexpr,
     RESCORE: tl.constexpr,
-    RESCORE_D: tl.constexpr,
     FAULT: tl.constexpr,
 ):
     """The shallow exact selection. Grid (P,), persistent over items (b, hs, g) like
@@ -1541,8 +1535,8 @@ def ms_select_shallow_kernel(
     "tf32": tensor cores): a score of row i then lies within delta_i = score_err * |qbar_i| *
     max_j |kbar_j| (QNORM [B*HS, n], KMAX [B*HKV]) of its float32 value, so the bound is lowered
     by 2 delta_i (every candidate whose float32 score reaches the K-th best is collected) and the
-    collected candidates are re-scored in float32 (elementwise products summed over D, RESCORE_D
-    at a time) before the sort: the top K of those float32 scores, whatever PREC rounded.
+    collected candidates are re-scored in float32 before the sort, summed as the ieee dot sums
+    (``_rescored_rows``): the top K of the ieee selection's own scores, whatever PREC rounded.
     """
     CAP_DIMS: tl.constexpr = CAP.bit_length() - 1
     J_DIMS: tl.constexpr = BLOCK_J.bit_length() - 1
@@ -1620,8 +1614,6 @@ def ms_select_shallow_kernel(
                     CAP_DIMS,
                     SORT_ROWS,
                     HEAD_DIM,
-                    BLOCK_D,
-                    RESCORE_D,
                 )
             else:
                 srt = _sort_rows_desc(list_base, CAP, CAP_DIMS, SORT_ROWS, CAP, r0)
