@@ -24,9 +24,11 @@ import sys
 import pytest
 import torch
 import triton
+import triton.language as tl
 from helpers import assert_within_pytorch_error
 
 from ctxlab.kernels.ms_attention import exact, ms_attention, triton_impl
+from ctxlab.kernels.ms_attention import triton_kernels as tk
 from ctxlab.kernels.ms_attention.torch_impl import (
     ms_attend_torch,
     ms_attention_torch,
@@ -466,6 +468,7 @@ def test_shallow_select_matches_torch(
 RESCORE_CASES = [
     ("random-paper-head-L200", (1, 200, 2, 1, 16), 2, 24, 4, "mean", "head", "paper", None),
     ("ties-causal-group-L97", (1, 97, 3, 1, 8), 4, 6, 2, "attn", "group", "causal", (-1, 2)),
+    ("random-causal-D10", (1, 150, 2, 2, 10), 3, 12, 2, "mean", "head", "causal", None),  # D % 4 = 2
 ]
 
 
@@ -488,10 +491,37 @@ def test_rescored_search_gives_the_float32_selection(
     )
     assert not torch.equal(noisy.long(), want), "the simulated coarse search changed nothing"
     assert torch.equal(fixed.long(), want)
+    # Four columns per load, split in registers: the same FMAs in the same order.
+    wide, _ = triton_impl.select_shallow_counted(
+        q, k, config=dataclasses.replace(fault, shallow_rescore=True, shallow_rescore_cols=4), **opts
+    )
+    assert torch.equal(wide, fixed)
     plain, _ = triton_impl.select_shallow_counted(
         q, k, config=dataclasses.replace(triton_impl.INTERPRETER_CONFIG, shallow_rescore=True), **opts
     )
     assert torch.equal(plain.long(), want)
+
+
+@triton.jit
+def _columns_kernel(X, OUT, R: tl.constexpr, C: tl.constexpr):
+    r, c, d = tl.arange(0, R), tl.arange(0, C), tl.arange(0, 4)
+    x = tl.load(X + (r[:, None, None] * C + c[None, :, None]) * 4 + d[None, None, :])
+    c0, c1, c2, c3 = tk._columns4(x, [R, C, 2, 2])
+    at = r[:, None] * C + c[None, :]
+    tl.store(OUT + at, c0)
+    tl.store(OUT + R * C + at, c1)
+    tl.store(OUT + 2 * R * C + at, c2)
+    tl.store(OUT + 3 * R * C + at, c3)
+
+
+@on_interpreter
+def test_columns4_splits_in_order():
+    """``_columns4`` returns the columns 0, 1, 2, 3 of [..., 4] (the re-scoring's FMAs must run
+    in column order to give the ieee dot's sums)."""
+    x = torch.arange(2 * 8 * 4, dtype=torch.float32).reshape(2, 8, 4)
+    out = torch.empty(4, 2, 8)
+    _columns_kernel[(1,)](x, out, R=2, C=8)
+    assert torch.equal(out, x.permute(2, 0, 1))
 
 
 def test_shallow_config_is_validated():
@@ -502,6 +532,7 @@ def test_shallow_config_is_validated():
         (dict(shallow_cap=48), "power of two"),
         (dict(select_impl="fast"), "select_impl"),
         (dict(shallow_rescore=1), "shallow_rescore"),
+        (dict(shallow_rescore_cols=2), "shallow_rescore_cols"),
         (dict(shallow_score_err=-1.0), "shallow_score_err"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -932,6 +963,36 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
         assert atomics and all(".relaxed." in a for a in atomics), set(atomics)
     if mode == "partial":
         assert atomics == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
+@pytest.mark.parametrize(
+    "precision, rescore, cols", [("ieee", False, 1), ("tf32", True, 1), ("tf32", True, 4)]
+)
+def test_shallow_selection_compiles_for_h100(precision, rescore, cols):
+    """The shallow selection kernel compiles for an H100 (sm_90) without a GPU, with the installed
+    Triton, at the paper's shape: the ieee search, and the tf32 search with each re-scoring (whose
+    four-column variant splits its loads in registers)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton build has no CUDA backend with ptxas")
+    sig = dict(QREP="*fp32", KREP="*fp32", OUT="*i32", FLAG="*i32", LIST="*i64", TOPK="*i32",
+               SEEN="*i32", QNORM="*fp32", KMAX="*fp32", score_err="fp32")  # fmt: skip
+    sig |= dict.fromkeys(("n", "G", "T", "M", "S", "n_bhs", "n_items"), "i32")
+    consts = dict(HS=32, HKV=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, RM=64, K=32, CAP=128,
+                  BLOCK_J=64, SORT_ROWS=4, PREC=precision, RESCORE=rescore, RESCORE_COLS=cols,
+                  FAULT=False)  # fmt: skip
+    source = ASTSource(
+        fn=tk.ms_select_shallow_kernel, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+    ptx = compiled.asm["ptx"]
+    assert ("mma" in ptx) == (precision != "ieee")  # tensor cores for tf32 only
+    assert ".local" not in ptx  # no register spills
 
 
 def test_bench_launch_overrides_and_summary():

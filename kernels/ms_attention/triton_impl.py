@@ -117,6 +117,10 @@ class LaunchConfig:
     only: the full-depth kernel (``select_impl="triton"``, and the blocks the shallow selection
     sends to it) scores in ieee. The GPU default (``GPU_CONFIG``): a tf32 search re-scored,
     5-7x faster than the ieee search at 128K-256K on an H200 (kernels/README.md)."""
+    shallow_rescore_cols: int = 1
+    """Columns of a candidate's representative the re-scoring reads per lane and step: 1 (one
+    4-byte column: measured, session 7) or 4 (16 contiguous bytes, split in registers; the same
+    sums, bit for bit, CPU-tested; not yet timed on a GPU)."""
     shallow_score_err: float = 0.0
     """The search's distance bound per unit of |qbar| max|kbar| (0: ``exact.search_error`` of
     ``select_precision``); a larger value collects more, a smaller one is not safe."""
@@ -186,6 +190,8 @@ class LaunchConfig:
         for name in ("shallow_rescore", "shallow_fault"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.shallow_rescore_cols not in (1, 4):
+            raise ValueError(f"shallow_rescore_cols must be 1 or 4, got {self.shallow_rescore_cols!r}")
         if not self.shallow_score_err >= 0:
             raise ValueError(f"shallow_score_err must be >= 0, got {self.shallow_score_err!r}")
         if self.shallow_cap < self.shallow_block_j:
@@ -617,7 +623,7 @@ def select_shallow_counted(
         HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
         CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
         BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
-        PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore,
+        PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore, RESCORE_COLS=cfg.shallow_rescore_cols,
         FAULT=cfg.shallow_fault, num_warps=cfg.shallow_warps,
     )  # fmt: skip
     redo = flag.nonzero().flatten().to(torch.int32)

@@ -1443,6 +1443,16 @@ def _sort_rows_desc(base, stride, width_dims: tl.constexpr, SORT_ROWS: tl.conste
 
 
 @triton.jit
+def _columns4(x, SHAPE2: tl.constexpr):
+    """The four columns of x [..., 4] in order (x reshaped to SHAPE2 = [..., 2, 2]): split in
+    registers, no arithmetic."""
+    even, odd = tl.split(tl.reshape(x, SHAPE2))  # columns (0, 2) and (1, 3)
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def _rescored_rows(
     list_base,
     q_base,
@@ -1454,13 +1464,17 @@ def _rescored_rows(
     CAP_DIMS: tl.constexpr,
     SORT_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    COLS: tl.constexpr,
 ):
     """Rows r0 .. r0 + SORT_ROWS of the collected lists with every present candidate re-scored in
     float32 (the same (key, -region) composites), sorted descending.
 
     A score is summed as the ieee ``tl.dot`` of the search kernels sums it: one fused multiply-add
     per column, d = 0 .. D-1 in order, from zero. So a re-scored score is bit for bit the score
-    the exact (ieee) selection ranks by, and re-scoring changes no index of that selection."""
+    the exact (ieee) selection ranks by, and re-scoring changes no index of that selection.
+    COLS = 1 reads one column of every candidate per step; COLS = 4 reads four contiguous columns
+    per lane (16 bytes) and splits them in registers (``_columns4``), the same FMAs in the same
+    order (columns past D read as zeros: fma(0, 0, acc) = acc)."""
     rows = r0 + tl.arange(0, SORT_ROWS)
     cols = tl.arange(0, CAP)
     comp = tl.load(list_base + rows[:, None] * CAP + cols[None, :])
@@ -1470,10 +1484,29 @@ def _rescored_rows(
     k_rows = k_base + region.to(tl.int64) * HEAD_DIM
     row_ok = rows < n_rows
     acc = tl.zeros([SORT_ROWS, CAP], dtype=tl.float32)
-    for d in range(HEAD_DIM):
-        qv = tl.load(q_rows + d, mask=row_ok, other=0.0)
-        kv = tl.load(k_rows + d, mask=present, other=0.0)
-        acc = tl.fma(qv[:, None], kv, acc)
+    if COLS == 1:
+        for d in range(HEAD_DIM):
+            qv = tl.load(q_rows + d, mask=row_ok, other=0.0)
+            kv = tl.load(k_rows + d, mask=present, other=0.0)
+            acc = tl.fma(qv[:, None], kv, acc)
+    else:
+        c4 = tl.arange(0, 4)
+        for d0 in range(0, HEAD_DIM, 4):
+            dd = d0 + c4
+            qv = tl.load(
+                q_rows[:, None] + dd[None, :], mask=row_ok[:, None] & (dd < HEAD_DIM)[None, :], other=0.0
+            )
+            kv = tl.load(
+                k_rows[:, :, None] + dd[None, None, :],
+                mask=present[:, :, None] & (dd < HEAD_DIM)[None, None, :],
+                other=0.0,
+            )
+            q0, q1, q2, q3 = _columns4(qv, [SORT_ROWS, 2, 2])
+            k0, k1, k2, k3 = _columns4(kv, [SORT_ROWS, CAP, 2, 2])
+            acc = tl.fma(q0[:, None], k0, acc)
+            acc = tl.fma(q1[:, None], k1, acc)
+            acc = tl.fma(q2[:, None], k2, acc)
+            acc = tl.fma(q3[:, None], k3, acc)
     comp = tl.where(present, _sortable(acc).to(tl.int64) * 4294967296 + (2147483647 - region), comp)
     return _sort_descending(comp, CAP_DIMS + SORT_ROWS.bit_length() - 1, CAP_DIMS)
 
@@ -1509,6 +1542,7 @@ def ms_select_shallow_kernel(
     SORT_ROWS: tl.constexpr,
     PREC: tl.constexpr,
     RESCORE: tl.constexpr,
+    RESCORE_COLS: tl.constexpr,
     FAULT: tl.constexpr,
 ):
     """The shallow exact selection. Grid (P,), persistent over items (b, hs, g) like
@@ -1614,6 +1648,7 @@ def ms_select_shallow_kernel(
                     CAP_DIMS,
                     SORT_ROWS,
                     HEAD_DIM,
+                    RESCORE_COLS,
                 )
             else:
                 srt = _sort_rows_desc(list_base, CAP, CAP_DIMS, SORT_ROWS, CAP, r0)
