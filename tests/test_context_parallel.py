@@ -24,11 +24,13 @@ from ctxlab.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, ROWS, SEQ = 3, 4, 32  # ROWS: the global batch
-# name -> (world, context_parallel, arms): each arm is fitted once per run
+# name -> (world, context_parallel, arms, strategy): each arm is fitted once per run
 RUNS = {
-    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper", "ms_paper_selected", "hf_s2"]),
-    "w4_cp2_dp2": (4, 2, ["dense", "ms_causal"]),
-    "w4_cp4": (4, 4, ["s2_causal", "ms_paper", "ms_causal_selected"]),
+    "w2_cp2": (2, 2, ["dense_crd", "s2", "ms_causal", "ms_paper", "ms_paper_selected", "hf_s2"], "ddp"),
+    "w4_cp2_dp2": (4, 2, ["dense_crd", "ms_causal"], "ddp"),  # CRD: each row its own offset
+    "w4_cp4": (4, 4, ["s2_causal", "ms_paper", "ms_causal_selected"], "ddp"),
+    # FSDP2 with the split: weights sharded over all ranks, sequences over the cp ranks.
+    "w4_cp2_dp2_fsdp": (4, 2, ["dense_crd", "ms_paper", "hf_s2"], "fsdp"),
 }
 
 
@@ -86,10 +88,13 @@ def _model(arm: str):
     return tiny_model("dense", seed=3).train()
 
 
-def _fit(arm: str, world: int, cp: int | None) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+def _fit(
+    arm: str, world: int, cp: int | None, strategy_name: str = "ddp"
+) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
     """``STEPS`` steps on ``ROWS`` rows per step; returns every rank's loss per step and the
-    gradients of the first step (after the all-reduce)."""
+    gradients of the first step (after the all-reduce; FSDP2's shards gathered whole)."""
     import lightning as L
+    from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader
 
     from ctxlab import distributed
@@ -103,21 +108,26 @@ def _fit(arm: str, world: int, cp: int | None) -> tuple[list[list[float]], dict[
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             if not self.grads:
                 self.grads = {
-                    n: None if p.grad is None else p.grad.detach().clone()
+                    n: None if p.grad is None else _whole(p.grad.detach()).clone()
                     for n, p in pl_module.model.named_parameters()
                 }
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.losses.append(distributed.all_gather(float(outputs["loss"].detach())))
 
+    def _whole(g: torch.Tensor) -> torch.Tensor:  # collective for a DTensor: every rank calls it
+        return g.full_tensor() if isinstance(g, DTensor) else g
+
     model = _model(arm)
-    strategy = distributed.build_strategy("ddp", context_parallel=cp) if cp else "auto"
+    strategy = distributed.build_strategy(strategy_name, context_parallel=cp) if cp else "auto"
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, gradient_clip_val=1.0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec := Record()],
     )  # fmt: skip
-    module = LMModule(model, lambda params: torch.optim.AdamW(params, lr=1e-2), seed=0)
+    module = distributed.module_class(LMModule, trainer.strategy)(
+        model, lambda params: torch.optim.AdamW(params, lr=1e-2), seed=0
+    )
     # The samplers deal a permutation over the dp ranks (DistributedSampler(shuffle=True, seed=0));
     # the single process reads the same permutation in order.
     dp = world // (cp or 1)
@@ -158,11 +168,11 @@ def _check_reduce_scatter_backward(split: cpl.ContextParallel) -> None:
 def worker(out: Path, run: str) -> None:
     from ctxlab import distributed
 
-    world, cp, arms = RUNS[run]
+    world, cp, arms, strategy_name = RUNS[run]
     assert distributed.world_size() in (1, world)
     result = {}
     for arm in arms:
-        losses, grads = _fit(arm, world, cp)
+        losses, grads = _fit(arm, world, cp, strategy_name)
         result[arm] = losses
         if distributed.is_rank_zero():
             torch.save(grads, out / f"{run}_{arm}_grads.pt")
@@ -188,7 +198,7 @@ def _torchrun(run: str, out: Path) -> None:
 def test_split_fit_matches_one_process(run, tmp_path):
     _torchrun(run, tmp_path)
     got = json.loads((tmp_path / f"{run}.json").read_text())
-    world, cp, arms = RUNS[run]
+    world, cp, arms, _ = RUNS[run]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1)
     try:
@@ -360,8 +370,9 @@ def test_bad_settings_are_refused_naming_them():
         cpl.check_sizes(0, 4)
     with pytest.raises(ConfigError, match=r"context_parallel=2 .* data.seq_len=30 is not divisible by 4"):
         cpl.shard(torch.zeros(1, 30), 2, 0)
-    with pytest.raises(ConfigError, match="strategy.name=ddp only, not 'fsdp'"):
-        distributed.build_strategy("fsdp", context_parallel=2)
+    fsdp = distributed.build_strategy("fsdp", context_parallel=2, param_dtype="bfloat16")
+    assert type(fsdp).__name__ == "ContextParallelFSDP2" and fsdp.param_dtype is torch.bfloat16
+    assert isinstance(fsdp, distributed.strategy_class("fsdp")) and fsdp.context_parallel == 2
 
 
 def test_gpu_benchmark_script_runs_its_cases_and_records_failures(tmp_path):

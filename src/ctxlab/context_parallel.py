@@ -24,9 +24,11 @@ the loss) runs on the rank's own 2c tokens; only attention needs other tokens:
   own rows, which is exact but computes the whole layer on every rank. Gradients stay exact: rows
   a rank drops get a zero output gradient, so they add exactly nothing to dq, dk, dv.
 
-The loss of a rank is the mean over its own tokens; with equal token counts per rank, the DDP
-gradient average over dp x cp ranks is then exactly the one-process gradient of the global batch
-(the all-gather's backward carries each rank's loss gradient to the ranks whose keys it read).
+The loss of a rank is the mean over its own tokens; with equal token counts per rank, the
+gradient average over all dp x cp ranks (DDP's all-reduce, or FSDP2's reduce-scatter over its mesh
+of every rank: ``trainer.strategy.name=fsdp``, the weights then sharded over all ranks) is exactly
+the one-process gradient of the global batch (the all-gather's backward carries each rank's loss
+gradient to the ranks whose keys it read).
 Position ids are drawn for the whole sequence from the step's seeded generator on every rank
 (CRD NTK's random offset is the same on all cp ranks of a row) and then split like the tokens.
 
@@ -263,16 +265,16 @@ def check_sizes(cp: Any, world: int) -> None:
 def check_config(cfg) -> None:
     """ConfigError, before any work, for a composed job config whose sequence split cannot run:
     ``trainer.strategy.context_parallel`` must be an int dividing the processes the trainer asks
-    for, on the ``ddp`` strategy, with ``data.seq_len`` divisible by twice its value."""
+    for, on the ``ddp`` or ``fsdp`` strategy, with ``data.seq_len`` divisible by twice its value."""
     from ctxlab.distributed import requested_processes
 
     strategy = cfg.trainer.get("strategy")
     cp = strategy.get("context_parallel") if hasattr(strategy, "get") else None
     if cp is None:
         return
-    if strategy.get("name") != "ddp":
+    if strategy.get("name") not in ("ddp", "fsdp"):
         raise ConfigError(
-            f"{SETTING}={cp} runs on trainer.strategy.name=ddp only, not {strategy.get('name')!r}"
+            f"{SETTING}={cp} runs on trainer.strategy.name=ddp or fsdp, not {strategy.get('name')!r}"
         )
     check_sizes(cp, requested_processes(cfg.trainer))
     check_length(int(cfg.data.seq_len), cp)
@@ -283,13 +285,14 @@ def of(strategy) -> ContextParallel | None:
     return getattr(strategy, "context_parallel_plan", None)
 
 
-def _cp_ddp_class():
+def _cp_class(name: str):
     from ctxlab.distributed import strategy_class
 
-    base = strategy_class("ddp")
+    base = strategy_class(name)
 
-    class ContextParallelDDP(base):
-        """ctxlab's DDP over ``dp x cp`` ranks: the gradient all-reduce spans every rank (module
+    class ContextParallelStrategy(base):
+        """ctxlab's ``ddp`` or ``fsdp`` strategy over ``dp x cp`` ranks: the gradients are averaged
+        over every rank (DDP's all-reduce, FSDP2's reduce-scatter over its mesh of all ranks; module
         docstring), the samplers deal rows over the dp ranks only, and the cp ranks of a dp rank
         read the same rows."""
 
@@ -312,16 +315,19 @@ def _cp_ddp_class():
                 return super().distributed_sampler_kwargs
             return {"num_replicas": plan.dp, "rank": plan.dp_rank}
 
-    return ContextParallelDDP
+    ContextParallelStrategy.__name__ = ContextParallelStrategy.__qualname__ = (
+        "ContextParallelDDP" if name == "ddp" else "ContextParallelFSDP2"
+    )
+    return ContextParallelStrategy
 
 
-_CLASS: list[type] = []
+_CLASSES: dict[str, type] = {}
 
 
-def build_strategy(context_parallel: int, **kw):
-    """``ContextParallelDDP``: ctxlab's DDP strategy with the sequence split over
-    ``context_parallel`` ranks (keywords as ``ctxlab.distributed.build_strategy("ddp")``)."""
-    if not _CLASS:
-        _CLASS.append(_cp_ddp_class())
-    kw = {"find_unused_parameters": False, "gradient_as_bucket_view": True} | kw
-    return _CLASS[0](context_parallel=context_parallel, **kw)
+def build_strategy(context_parallel: int, name: str = "ddp", **kw):
+    """ctxlab's ``name`` strategy (``ddp``: ``ContextParallelDDP``; ``fsdp``:
+    ``ContextParallelFSDP2``) with the sequence split over ``context_parallel`` ranks; keywords
+    as the plain strategy's, already completed by ``ctxlab.distributed.build_strategy``."""
+    if name not in _CLASSES:
+        _CLASSES[name] = _cp_class(name)
+    return _CLASSES[name](context_parallel=context_parallel, **kw)

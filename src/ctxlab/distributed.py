@@ -456,21 +456,13 @@ def build_strategy(name: str, **kw):
       ``self.model`` one decoder layer at a time). Checkpoints are full (one file, rank 0) unless
       ``save_distributed_checkpoint=True``.
 
-    - ``context_parallel=n`` (``ddp`` only): each row's sequence split over n ranks, data
-      parallel over the others (:mod:`ctxlab.context_parallel`).
+    - ``context_parallel=n`` (either strategy): each row's sequence split over n ranks, data
+      parallel over the others (:mod:`ctxlab.context_parallel`); under ``fsdp`` the weights stay
+      sharded over every rank (the n ranks of a row hold different tokens, not different weights).
 
     Other keywords go to the Lightning strategy. Neither strategy launches processes itself.
     """
     cp = kw.pop("context_parallel", None)
-    if cp is not None:
-        from ctxlab import context_parallel
-
-        if name != "ddp":
-            raise ConfigError(
-                f"trainer.strategy.context_parallel={cp} runs on trainer.strategy.name=ddp only, "
-                f"not {name!r} (a sequence split over FSDP2's sharded layers is not built)"
-            )
-        return context_parallel.build_strategy(cp, **kw)
     cls = strategy_class(name)
     if name == "ddp":
         kw = {"find_unused_parameters": False, "gradient_as_bucket_view": True} | kw
@@ -478,6 +470,10 @@ def build_strategy(name: str, **kw):
         for key in ("param_dtype", "reduce_dtype"):
             if key in kw:
                 kw[key] = _dtype(kw[key])
+    if cp is not None:
+        from ctxlab import context_parallel
+
+        return context_parallel.build_strategy(cp, name=name, **kw)
     return cls(**kw)
 
 

@@ -100,12 +100,25 @@ class LMModule(L.LightningModule):
         logits = self.model(x, position_ids)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
+    def _data_parallel(self) -> tuple[int, int]:
+        """(ranks the rows are dealt over, this rank's place among them): (1, 0) on one process."""
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         ids = batch["input_ids"]
         B, L1 = ids.shape
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
-        pos = self.model.position.position_ids(B, L1 - 1, generator=g).to(ids.device)
-        loss = self._loss(ids, pos)
+        # Random position ids (CRD NTK's offsets, PoSE's skips) are drawn for the step's global
+        # batch, the same on every rank, and each data-parallel rank takes its own rows: the
+        # sampler deals rows round-robin, so rank r holds global rows r, r + dp, ... Every row thus
+        # gets its own draw (not one per local index, repeated on every rank) and the ranks
+        # together see what one process with the global batch sees.
+        dp, dp_rank = self._data_parallel()
+        pos = self.model.position.position_ids(B * dp, L1 - 1, generator=g)
+        if pos.shape[0] == B * dp and dp > 1:
+            pos = pos[dp_rank::dp]
+        loss = self._loss(ids, pos.to(ids.device))
         # sync_dist: under DDP/FSDP the logged loss is the mean over every rank's rows.
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=B,
                  sync_dist=True)  # fmt: skip
