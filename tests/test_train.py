@@ -64,3 +64,32 @@ def test_warmup_then_constant_schedule():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_random_positions_are_drawn_per_global_row_under_data_parallel():
+    """CRD NTK's offsets are drawn for the step's global batch: data-parallel rank r (the sampler
+    deals rows round-robin) gets global rows r, r + dp, ...; so the ranks' rows get different
+    offsets, and together the ones one process gives the global batch."""
+    from types import SimpleNamespace
+
+    from ctxlab.position import CRDNTK
+
+    crd = CRDNTK(head_dim=8, cycle=24, max_offset=1000, scale_init=2.0, scale_max=2.0, scale_inf=2.0)
+    module = LMModule(tiny_model("dense", position=crd).train(), lambda p: torch.optim.AdamW(p), seed=3)
+    seen: list[torch.Tensor] = []
+    module._loss = lambda ids, pos: seen.append(pos) or torch.zeros(())
+    module.log = lambda *args, **kwargs: None
+
+    def step(rows: int, dp: int, rank: int) -> torch.Tensor:
+        sampler = {"num_replicas": dp, "rank": rank} if dp > 1 else None
+        strategy = SimpleNamespace(distributed_sampler_kwargs=sampler)
+        module._trainer = SimpleNamespace(strategy=strategy, global_step=5)
+        module.training_step({"input_ids": torch.zeros(rows, 17, dtype=torch.long)}, 0)
+        return seen[-1]
+
+    whole = step(4, 1, 0)  # one process, the global batch of 4 rows
+    ranks = [step(2, 2, r) for r in range(2)]
+    assert whole.shape == (4, 16) and len(set(whole[:, 0].tolist())) == 4  # four distinct offsets
+    for r in range(2):
+        assert torch.equal(ranks[r], whole[r::2])
+    assert not torch.equal(ranks[0], ranks[1])
