@@ -90,14 +90,16 @@ def _model(arm: str):
 
 def _fit(
     arm: str, world: int, cp: int | None, strategy_name: str = "ddp"
-) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
-    """``STEPS`` steps on ``ROWS`` rows per step; returns every rank's loss per step and the
-    gradients of the first step (after the all-reduce; FSDP2's shards gathered whole)."""
+) -> tuple[list[list[float]], dict[str, torch.Tensor], dict[str, float]]:
+    """``STEPS`` steps on ``ROWS`` rows per step; returns every rank's loss per step, the
+    gradients of the first step (after the all-reduce; FSDP2's shards gathered whole) and, for MS
+    arms, the last step's selection statistics (``SelectionStats`` every step)."""
     import lightning as L
     from torch.distributed.tensor import DTensor
     from torch.utils.data import DataLoader
 
     from ctxlab import distributed
+    from ctxlab.train.callbacks import SelectionStats
     from ctxlab.train.module import LMModule
 
     class Record(L.Callback):
@@ -123,7 +125,8 @@ def _fit(
     trainer = L.Trainer(
         accelerator="cpu", devices=world, strategy=strategy, max_steps=STEPS, gradient_clip_val=1.0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[rec := Record()],
+        limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[rec := Record()] + ([SelectionStats(every=1)] if arm.startswith("ms_") else []),
     )  # fmt: skip
     module = distributed.module_class(LMModule, trainer.strategy)(
         model, lambda params: torch.optim.AdamW(params, lr=1e-2), seed=0
@@ -136,7 +139,8 @@ def _fit(
     loader = DataLoader(data, batch_size=ROWS // dp, sampler=order if world == 1 else None)
     trainer.fit(module, train_dataloaders=loader)
     assert all(not isinstance(c, cpl.ContextParallelCore) for c in model.cores)  # detached after fit
-    return rec.losses, rec.grads
+    stats = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("selection/")}
+    return rec.losses, rec.grads, stats
 
 
 def _check_reduce_scatter_backward(split: cpl.ContextParallel) -> None:
@@ -172,8 +176,8 @@ def worker(out: Path, run: str) -> None:
     assert distributed.world_size() in (1, world)
     result = {}
     for arm in arms:
-        losses, grads = _fit(arm, world, cp, strategy_name)
-        result[arm] = losses
+        losses, grads, stats = _fit(arm, world, cp, strategy_name)
+        result[arm] = {"losses": losses, "stats": stats}
         if distributed.is_rank_zero():
             torch.save(grads, out / f"{run}_{arm}_grads.pt")
     if run == "w2_cp2":  # the fits initialised the process group
@@ -203,9 +207,15 @@ def test_split_fit_matches_one_process(run, tmp_path):
     torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1)
     try:
         for arm in arms:
-            ref_losses, ref_grads = _fit(arm, 1, None)
+            ref_losses, ref_grads, ref_stats = _fit(arm, 1, None)
             single = torch.tensor([s[0] for s in ref_losses], dtype=torch.float64)
-            per_rank = torch.tensor(got[arm], dtype=torch.float64)  # [steps, ranks]
+            per_rank = torch.tensor(got[arm]["losses"], dtype=torch.float64)  # [steps, ranks]
+            # The selection statistics of a split fit: the whole sequence's selection (each rank
+            # selects on the gathered queries), as one process logs them (with data parallel too
+            # the ranks' mean is logged, of their own rows: counts then differ, as under DDP).
+            assert got[arm]["stats"].keys() == ref_stats.keys() and bool(ref_stats) == arm.startswith("ms_")
+            for key, value in ref_stats.items() if world == cp else ():
+                assert got[arm]["stats"][key] == pytest.approx(value, rel=1e-6), (run, arm, key)
             # Each rank's loss is the mean over its own tokens: they differ (other tokens), and
             # their mean is the one-process loss of the global batch at every step (after two
             # optimizer steps on the split gradients).
