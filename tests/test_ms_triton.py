@@ -524,6 +524,17 @@ def test_columns4_splits_in_order():
     assert torch.equal(out, x.permute(2, 0, 1))
 
 
+def test_auto_selection_by_search_precision_and_merge():
+    """``select_impl="auto"``: the shallow selection for any m when it searches on tensor cores and
+    re-scores (the GPU default), else only from SHALLOW_MIN_MERGE regions per block."""
+    resolve, gpu = triton_impl.resolve_select_impl, triton_impl.GPU_CONFIG
+    ieee = dataclasses.replace(gpu, select_precision="ieee", shallow_rescore=False)
+    assert gpu.shallow_rescore and gpu.select_impl == "auto"
+    assert [resolve("auto", m, gpu) for m in (2, 8, 64)] == ["shallow"] * 3
+    assert [resolve("auto", m, ieee) for m in (8, 31, 32, 64)] == ["torch", "torch", "shallow", "shallow"]
+    assert resolve("auto", 8) == "torch" and resolve("triton", 64, gpu) == "triton"
+
+
 def test_shallow_config_is_validated():
     for bad, match in (
         (dict(shallow_k=8), "shallow_k"),

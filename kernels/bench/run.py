@@ -199,9 +199,8 @@ def run_case(
             shallow_ms = cuda_time(shallow_selection, budget_ms=300, max_reps=5)
         else:
             select_ms = torch_select_ms
-    configured = triton_impl.resolve_select_impl(
-        (triton_impl.GPU_CONFIG if device == "cuda" else INTERPRETER_CONFIG).select_impl, case.merge
-    )
+    launch = triton_impl.GPU_CONFIG if device == "cuda" else INTERPRETER_CONFIG
+    configured = triton_impl.resolve_select_impl(launch.select_impl, case.merge, launch)
     tails = {}
     ref_grads = None
     rows = []

@@ -94,10 +94,13 @@ class LaunchConfig:
     """Which selection ``ms_attention_triton`` runs: ``"torch"`` (``ms_select_torch``),
     ``"triton"`` (the fused full-depth ``ms_select_triton``), ``"shallow"``
     (``ms_select_shallow``: each row's ``shallow_k`` best only, the full-depth kernel for the
-    blocks that need more) or ``"auto"``: shallow when ``merge >= SHALLOW_MIN_MERGE`` (its
-    tile of voting rows is then full), else torch. The same indices either way. Measured on an
-    H200 (kernels/README.md, "Selection"): shallow beat torch's topk at the paper's m = 64 at
-    every length (128K: 91 vs 157 ms), and lost at m = 8 from 64K (128K: 20 vs 13 ms)."""
+    blocks that need more) or ``"auto"``: shallow when its search runs on tensor cores
+    (``shallow_rescore``, the GPU default), or when ``merge >= SHALLOW_MIN_MERGE`` (its tile of
+    voting rows is then full), else torch. The same indices either way. Measured
+    (kernels/README.md): with the ieee search shallow beat torch's topk at the paper's m = 64 at
+    every length (H200, 128K: 91 vs 157 ms) and lost at m = 8 from 64K (128K: 20 vs 13 ms); with
+    the re-scored tf32 search it beat torch's at m = 64 and m = 8 at every length from 32K to
+    256K (H100, 128K: 32.7 vs 169.6 and 10.6 vs 14.7 ms)."""
     shallow_k: int = 32
     """Ranks per row the shallow selection keeps (a power of two, >= 16 for the sort)."""
     shallow_cap: int = 128
@@ -245,10 +248,12 @@ SHALLOW_MIN_MERGE = 32
 """``select_impl="auto"`` runs the shallow selection from this many merged regions per block."""
 
 
-def resolve_select_impl(impl: str, merge: int) -> str:
-    """The selection ``impl`` ("auto" or one of the others) runs for blocks of ``merge`` regions."""
+def resolve_select_impl(impl: str, merge: int, config: LaunchConfig | None = None) -> str:
+    """The selection ``impl`` ("auto" or one of the others) runs for blocks of ``merge`` regions
+    under ``config`` (``LaunchConfig.select_impl`` says how "auto" decides)."""
     if impl == "auto":
-        return "shallow" if merge >= SHALLOW_MIN_MERGE else "torch"
+        rescored = config is not None and config.shallow_rescore
+        return "shallow" if rescored or merge >= SHALLOW_MIN_MERGE else "torch"
     return impl
 
 
@@ -1073,7 +1078,8 @@ def ms_select_configured(q: Tensor, k: Tensor, **options) -> Tensor:
     """The selection the Triton path runs: ``ms_select_shallow``, ``ms_select_triton`` or
     ``ms_select_torch``, by ``LaunchConfig.select_impl`` of q's device (the same indices; int32
     or int64)."""
-    impl = resolve_select_impl(default_config(q.device).select_impl, options["merge"])
+    cfg = default_config(q.device)
+    impl = resolve_select_impl(cfg.select_impl, options["merge"], cfg)
     if impl == "triton":
         return ms_select_triton(q, k, **options)
     if impl == "shallow":
