@@ -131,3 +131,17 @@ def test_a_bad_override_fails_at_composition_before_any_model(builds, tmp_path):
         bench.main(["--lengths", "64", "--variants", "ms", "--out", str(tmp_path), "--",
                     *SHRINK, "attention.merge=600"])  # fmt: skip
     assert builds[0] == []
+
+
+def test_step_timer_counts_the_shallow_selections_blocks_per_step():
+    """Per step, the blocks the shallow MS selection decided and those it sent to the full-depth
+    kernel (``triton_impl.SHALLOW_ITEMS``'s difference over the step)."""
+    from ctxlab.kernels.ms_attention import triton_impl
+
+    timer = bench._step_timer(warmup=0)
+    for decided, redone in ((64, 0), (64, 3), (0, 0)):
+        timer.on_train_batch_start(None, None, None, 0)
+        triton_impl.SHALLOW_ITEMS[0] += decided
+        triton_impl.SHALLOW_ITEMS[1] += redone
+        timer.on_train_batch_end(None, None, None, None, 0)
+    assert timer.shallow == [(64, 0), (64, 3), (0, 0)] and len(timer.times) == 3

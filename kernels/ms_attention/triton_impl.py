@@ -597,6 +597,11 @@ def ms_select_triton(
     return out
 
 
+SHALLOW_ITEMS = [0, 0]
+"""Running totals of the shallow selection in this process: [items (b, hs, g) decided, items redone
+by the full-depth kernel]. Benchmarks read the difference over a step; nothing resets it."""
+
+
 def select_shallow_counted(
     q: Tensor, k: Tensor, *, config: LaunchConfig | None = None, **options
 ) -> tuple[Tensor, int]:
@@ -632,6 +637,8 @@ def select_shallow_counted(
         FAULT=cfg.shallow_fault, num_warps=cfg.shallow_warps,
     )  # fmt: skip
     redo = flag.nonzero().flatten().to(torch.int32)
+    SHALLOW_ITEMS[0] += n_items
+    SHALLOW_ITEMS[1] += redo.numel()
     if redo.numel():
         _select_full(qrep, krep, out, cfg, redo, budget=budget, merge=merge, select=select)
     return out, int(redo.numel())
@@ -1134,6 +1141,7 @@ def ms_attention_triton(
 __all__ = [
     "DKV_PATHS",
     "GPU_CONFIG",
+    "SHALLOW_ITEMS",
     "INTERPRETER_CONFIG",
     "Geometry",
     "LaunchConfig",

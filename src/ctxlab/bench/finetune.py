@@ -116,12 +116,18 @@ class _RandomTokens(torch.utils.data.Dataset):
 def _step_timer(warmup: int):
     import lightning as L
 
+    from ctxlab.kernels.ms_attention.triton_impl import SHALLOW_ITEMS
+
     class StepTimer(L.Callback):
-        """Wall time of each optimizer step (CUDA-synchronised); peak memory of the timed steps."""
+        """Wall time of each optimizer step (CUDA-synchronised); peak memory of the timed steps;
+        per step, the blocks the shallow MS selection decided and redid with its full-depth
+        kernel (a redone block costs that kernel's time, and its compilation the first time)."""
 
         def __init__(self) -> None:
             self.times: list[float] = []
+            self.shallow: list[tuple[int, int]] = []
             self._t0 = 0.0
+            self._items = (0, 0)
 
         def _sync(self) -> None:
             if torch.cuda.is_available():
@@ -131,11 +137,13 @@ def _step_timer(warmup: int):
             self._sync()
             if batch_idx == warmup and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            self._items = tuple(SHALLOW_ITEMS)
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self._sync()
             self.times.append(time.perf_counter() - self._t0)
+            self.shallow.append((SHALLOW_ITEMS[0] - self._items[0], SHALLOW_ITEMS[1] - self._items[1]))
 
     return StepTimer()
 
@@ -165,7 +173,7 @@ def run_case(
         cfg, timer, on_gpu, warmup=warmup, steps=steps, strategy=strategy, devices=devices,
         context_parallel=context_parallel,
     )  # fmt: skip
-    times = timer.times
+    times, shallow = timer.times, timer.shallow
     del timer  # the trainer's callback: it may hold the trainer, hence the model
     gc.collect()
     if on_gpu:
@@ -173,6 +181,9 @@ def run_case(
     seq_len = int(cfg.data.seq_len)
     timed = times[warmup:]
     row["step_times_s"] = [round(t, 3) for t in times]
+    if any(decided for decided, _ in shallow):  # MS with the shallow selection (CUDA)
+        row["shallow_blocks_per_step"] = [decided for decided, _ in shallow]
+        row["shallow_redone_per_step"] = [redone for _, redone in shallow]
     if row["status"] == "ok" and timed:
         from ctxlab.train.callbacks import device_peak_flops, model_flops_per_token
 
