@@ -530,9 +530,10 @@ def test_auto_selection_by_search_precision_and_merge():
     resolve, gpu = triton_impl.resolve_select_impl, triton_impl.GPU_CONFIG
     ieee = dataclasses.replace(gpu, select_precision="ieee", shallow_rescore=False)
     assert gpu.shallow_rescore and gpu.select_impl == "auto"
-    assert [resolve("auto", m, gpu) for m in (2, 8, 64)] == ["shallow"] * 3
-    assert [resolve("auto", m, ieee) for m in (8, 31, 32, 64)] == ["torch", "torch", "shallow", "shallow"]
-    assert resolve("auto", 8) == "torch" and resolve("triton", 64, gpu) == "triton"
+    assert [resolve(gpu, m) for m in (2, 8, 64)] == ["shallow"] * 3
+    assert [resolve(ieee, m) for m in (8, 31, 32, 64)] == ["torch", "torch", "shallow", "shallow"]
+    assert resolve(triton_impl.LaunchConfig(), 8) == "torch"
+    assert resolve(dataclasses.replace(gpu, select_impl="triton"), 64) == "triton"
 
 
 def test_shallow_config_is_validated():

@@ -280,7 +280,7 @@ OPS = {
 }
 
 
-def override_value(text: str):
+def _value(text: str):
     """A launch override's value: an int, a float, true/false, or else the string itself."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -307,7 +307,7 @@ def launch_fields(spec: str) -> dict:
             raise ValueError(
                 f"launch setting {key!r} is not a LaunchConfig field ({', '.join(sorted(known))})"
             )
-        out[key] = override_value(value)
+        out[key] = _value(value)
     return out
 
 
@@ -315,5 +315,5 @@ def build(op: str, case: Case, idx: Tensor):
     """``op`` is a key of OPS, optionally with launch overrides joined by "+":
     ``triton:sel_block_n=128+sel_warps=8``, ``triton:dkv_path=partial``."""
     name, _, spec = op.partition(":")
-    overrides = {k: override_value(v) for k, v in (item.split("=") for item in spec.split("+") if item)}
+    overrides = {k: _value(v) for k, v in (item.split("=") for item in spec.split("+") if item)}
     return OPS[name](case, idx, **overrides)

@@ -199,8 +199,9 @@ def run_case(
             shallow_ms = cuda_time(shallow_selection, budget_ms=300, max_reps=5)
         else:
             select_ms = torch_select_ms
-    launch = triton_impl.GPU_CONFIG if device == "cuda" else INTERPRETER_CONFIG
-    configured = triton_impl.resolve_select_impl(launch.select_impl, case.merge, launch)
+    configured = triton_impl.resolve_select_impl(
+        triton_impl.GPU_CONFIG if device == "cuda" else INTERPRETER_CONFIG, case.merge
+    )
     tails = {}
     ref_grads = None
     rows = []

@@ -25,7 +25,7 @@ import torch
 from ..ms_attention import triton_impl
 from ..ms_attention.torch_impl import ms_select_torch
 from .cases import LENGTHS, SETTINGS
-from .ops import override_value
+from .ops import launch_fields
 from .run import cuda_time, selection_agreement
 
 
@@ -50,12 +50,8 @@ def probe(
             want = ms_select_torch(q, k, method="sort", **opts)
             row["torch_topk_equals_sort"] = torch.equal(ms_select_torch(q, k, **opts), want)
         for variant in variants:
-            overrides = {}
-            for item in variant.split("+"):
-                if "=" in item:
-                    key, value = item.split("=")
-                    overrides[key] = override_value(value)
-            cfg = dataclasses.replace(triton_impl.GPU_CONFIG, **overrides)
+            settings = "+".join(item for item in variant.split("+") if "=" in item)  # past the tag
+            cfg = dataclasses.replace(triton_impl.GPU_CONFIG, **launch_fields(settings))
             shallow = variant.split("+")[0] == "shallow"
 
             def run(cfg=cfg, shallow=shallow):

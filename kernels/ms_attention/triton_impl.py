@@ -248,13 +248,12 @@ SHALLOW_MIN_MERGE = 32
 """``select_impl="auto"`` runs the shallow selection from this many merged regions per block."""
 
 
-def resolve_select_impl(impl: str, merge: int, config: LaunchConfig | None = None) -> str:
-    """The selection ``impl`` ("auto" or one of the others) runs for blocks of ``merge`` regions
-    under ``config`` (``LaunchConfig.select_impl`` says how "auto" decides)."""
-    if impl == "auto":
-        rescored = config is not None and config.shallow_rescore
-        return "shallow" if rescored or merge >= SHALLOW_MIN_MERGE else "torch"
-    return impl
+def resolve_select_impl(config: LaunchConfig, merge: int) -> str:
+    """The selection ``config.select_impl`` ("auto" or one of the others) runs for blocks of
+    ``merge`` regions (``LaunchConfig.select_impl`` says how "auto" decides)."""
+    if config.select_impl == "auto":
+        return "shallow" if config.shallow_rescore or merge >= SHALLOW_MIN_MERGE else "torch"
+    return config.select_impl
 
 
 def default_config(device: torch.device) -> LaunchConfig:
@@ -1085,8 +1084,7 @@ def ms_select_configured(q: Tensor, k: Tensor, **options) -> Tensor:
     """The selection the Triton path runs: ``ms_select_shallow``, ``ms_select_triton`` or
     ``ms_select_torch``, by ``LaunchConfig.select_impl`` of q's device (the same indices; int32
     or int64)."""
-    cfg = default_config(q.device)
-    impl = resolve_select_impl(cfg.select_impl, options["merge"], cfg)
+    impl = resolve_select_impl(default_config(q.device), options["merge"])
     if impl == "triton":
         return ms_select_triton(q, k, **options)
     if impl == "shallow":
