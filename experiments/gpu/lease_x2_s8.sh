@@ -16,8 +16,13 @@
 #   call 3  bash experiments/gpu/lease_x2_s8.sh 3
 #           cp_bench on 2 GPUs with warm kernels (one untimed step): MS, S2 at 256K; MS at 128K
 #           on one GPU (the scaling's baseline)  -> OUT/cp_bench.tgz
+#   call 4  carry [.whl/core]   CTXLAB_CALL_SECONDS=400 bash experiments/gpu/lease_x2_s8.sh 4
+#           the new GPU defaults (four-column re-scoring, the two faster tiles; adopted from call 1):
+#           GPU 0: the GPU tests of the kernels (the bit-for-bit selection test now runs the
+#           four-column re-scoring), then the 7B step S2 vs MS at 64K; GPU 1: the kernel benchmark,
+#           paper settings, GPU defaults  -> OUT/verify.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_x2_s8.sh 1|2|3}
+CALL=${1:?usage: lease_x2_s8.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s8
 mkdir -p "$W/k/probe" "$W/moba" "$W/ft"
@@ -62,6 +67,21 @@ case $CALL in
     CTXLAB_CP_WARMUP=1 CTXLAB_CP_TIME_LIMIT=$(( $(left) - 30 )) bash "$here/cp_bench.sh" /root/cp \
       ms@262144x2 s2@262144x2 ms@131072x1
     tar -czf "$OUT/cp_bench.tgz" -C /root/cp . ;;
-  *) echo "lease_x2_s8.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  4)
+    (
+      CUDA_VISIBLE_DEVICES=0 timeout 190 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=5 \
+        tests/test_ms_triton.py tests/test_ms_select_exact.py > "$W/k/gpu_tests_defaults.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.bench.finetune --out "$W/ft" \
+        --tag finetune_7b_s8_new_defaults_64k --lengths 65536 --variants s2,ms \
+        --warmup 2 --steps 2 --long-steps 2 > "$W/ft/log_defaults.txt" 2>&1
+    ) &
+    CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper --ops triton,triton_det,dense,s2 --out "$W/k" --stem "${stem}_defaults_paper" \
+      --time-limit-s $(( $(left) - 40 )) > "$W/k/bench_defaults_paper.log" 2>&1 &
+    wait
+    tail -3 "$W/k/gpu_tests_defaults.log"; tail -12 "$W/ft/log_defaults.txt" | cut -c1-300
+    grep -A8 '^Summary' "$W/k/${stem}"_defaults_paper.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/verify.tgz" -C "$W" k ft ;;
+  *) echo "lease_x2_s8.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
