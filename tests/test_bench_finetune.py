@@ -102,6 +102,8 @@ def test_cpu_run_writes_consistent_rows_and_frees_each_model(tmp_path, builds):
         (["--define", "ms8"], "--define takes NAME=OVERRIDES"),
         (["--steps", "0"], "--steps and --long-steps >= 1"),
         (["--strategy", "deepspeed"], "--strategy must be ddp or fsdp"),
+        (["--context-parallel", "2"], "--context-parallel 2 needs --strategy ddp or fsdp"),
+        (["--context-parallel", "-1", "--strategy", "fsdp"], "--context-parallel -1 needs"),
         (["--baseline", "/nonexistent/one.json"], "--baseline: no file at"),
         (["--launch", "shallow_rescor=true"], "'shallow_rescor' is not a LaunchConfig field"),
         (["--launch", "shallow_rescore=2"], "--launch: shallow_rescore must be a bool"),

@@ -442,6 +442,20 @@ def test_gpu_benchmark_script_runs_its_cases_and_records_failures(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (row,) = json.loads((out2 / "cp_bench.json").read_text())["rows"]
     assert row["status"] == "not run" and "GPUs held by processes 999999999" in row["note"]
+    # FSDP2 beside the split (CTXLAB_CP_STRATEGY): the weights sharded over both ranks.
+    holders.write_text("")  # the GPUs free again
+    out3 = tmp_path / "out3"
+    proc = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(out3), "dense@64x2"],
+                          cwd=ROOT, env=env | {"CTXLAB_CP_STRATEGY": "fsdp"}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((out3 / "cp_bench.json").read_text())["rows"]
+    assert (row["status"], row.get("strategy"), row.get("context_parallel")) == ("ok", "fsdp", 2), row
+    assert "| dense | 64 | 2 | ok |" in (out3 / "cp_bench.md").read_text()
+    bad = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(tmp_path / "out4")],
+                         cwd=ROOT, env=env | {"CTXLAB_CP_STRATEGY": "deepspeed"}, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "CTXLAB_CP_STRATEGY must be ddp or fsdp, got deepspeed" in bad.stderr
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@
 # one-GPU result JSON of ctxlab.bench.finetune for the scaling column when this call ran no
 # one-GPU case), CTXLAB_CP_FREE_WAIT_S (before each case, processes still holding the GPUs, as
 # a killed case's ranks may, are killed; seconds to wait for the GPUs to be free, default 90; a
-# case is "not run" if they are not), CTXLAB_CP_SELECT_IMPL (the MS selection: torch, triton or shallow), CTXLAB_CP_OVERRIDES (extra Hydra overrides for every case, e.g. model.mlp_chunk=16384).
+# case is "not run" if they are not), CTXLAB_CP_SELECT_IMPL (the MS selection: torch, triton or shallow), CTXLAB_CP_STRATEGY (ddp,
+# the default, or fsdp: the weights sharded over every rank beside the split), CTXLAB_CP_OVERRIDES (extra Hydra overrides for every case, e.g. model.mlp_chunk=16384).
 set -uo pipefail
 OUT=${1:?usage: cp_bench.sh OUT_DIR [VARIANT@LENGTHxGPUS ...]}
 shift
@@ -26,6 +27,8 @@ LIMIT=${CTXLAB_CP_TIME_LIMIT:-420}
 MIN_CASE=${CTXLAB_CP_MIN_CASE_S:-60}
 WARMUP=${CTXLAB_CP_WARMUP:-0}
 STEPS=${CTXLAB_CP_STEPS:-1}
+STRATEGY=${CTXLAB_CP_STRATEGY:-ddp}
+case $STRATEGY in ddp|fsdp) ;; *) echo "cp_bench.sh: CTXLAB_CP_STRATEGY must be ddp or fsdp, got $STRATEGY" >&2; exit 2 ;; esac
 read -r -a EXTRA <<< "${CTXLAB_CP_OVERRIDES:-}"
 START=$(date +%s)
 mkdir -p "$OUT/cases" "$OUT/logs"
@@ -84,7 +87,7 @@ for case in $CASES; do
     cmd=(env CUDA_VISIBLE_DEVICES=0 python3 -m ctxlab.bench.finetune "${args[@]}")
   else
     cmd=(python3 -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m ctxlab.bench.finetune
-         "${args[@]}" --strategy ddp --context-parallel "$gpus")
+         "${args[@]}" --strategy "$STRATEGY" --context-parallel "$gpus")
   fi
   [ "${#EXTRA[@]}" -gt 0 ] && cmd+=(-- "${EXTRA[@]}")
   echo "== $case (${left}s left): ${cmd[*]}"

@@ -74,6 +74,11 @@ class LaunchConfig:
     dq_block_n: int = 64
     dq_warps: int = 8
     dq_stages: int = 2
+    rope_block_n: int = 64
+    """With RoPE applied on the fly (``pe="selected"``) forward and dq step over at most this
+    many keys: their rotated key tiles take more shared memory. At 128 keys with two stages the
+    dq kernel needed 263 KB under Triton 3.6, over the H100's and H200's 227 KB (H200, session 8),
+    while 64 is the setting every GPU test of the RoPE path passed with."""
     dkv_block_n: int = 64
     dkv_block_m: int = 64
     dkv_warps: int = 4
@@ -144,12 +149,19 @@ class LaunchConfig:
     """GiB of float32 partial sums "partial" may hold at once (dk and dv together): the blocks
     go through it in windows, one window's partial sums and reduction at a time."""
 
+    def key_step(self, kernel: str, rope: bool) -> int:
+        """Keys per step of the forward (``kernel="fwd"``) or dq kernel: its ``block_n``, at most
+        ``rope_block_n`` under RoPE on the fly."""
+        block_n = getattr(self, f"{kernel}_block_n")
+        return min(block_n, self.rope_block_n) if rope else block_n
+
     def __post_init__(self) -> None:
         for name in (
             "fwd_block_m",
             "fwd_block_n",
             "dq_block_m",
             "dq_block_n",
+            "rope_block_n",
             "dkv_block_n",
             "dkv_block_m",
             "sel_block_n",
@@ -170,6 +182,8 @@ class LaunchConfig:
             raise ValueError("fwd_block_m must be a multiple of fwd_block_n")
         if self.dq_block_m % self.dq_block_n:
             raise ValueError("dq_block_m must be a multiple of dq_block_n")
+        if self.rope_block_n < 16:
+            raise ValueError(f"rope_block_n must be >= 16 (a tl.dot side), got {self.rope_block_n}")
         if self.select_rows < 16 or self.select_block_j < 16:
             raise ValueError("select_rows and select_block_j must be >= 16 (they are tl.dot sides)")
         if self.select_rows % self.select_sort_rows:
@@ -700,7 +714,7 @@ def ms_attn_fwd(
         q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
         L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
         start, first, scale * LOG2E,
-        ROPE=rope, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+        ROPE=rope, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.key_step("fwd", rope),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
         **_consts(q, k, idx_sorted),
     )  # fmt: skip
@@ -810,7 +824,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
         q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
         L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
         start, first, scale * LOG2E, scale,
-        ROPE=rope, BLOCK_M=config.dq_block_m, BLOCK_N=config.dq_block_n,
+        ROPE=rope, BLOCK_M=config.dq_block_m, BLOCK_N=config.key_step("dq", rope),
         num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
     )  # fmt: skip
     return dq

@@ -35,6 +35,7 @@ def load_cases(out: Path) -> list[dict]:
             )}  # fmt: skip
             row["environment"] = result["environment"]
             row["context_parallel"] = result.get("context_parallel", 0)
+            row["strategy"] = result.get("strategy")
             if row.get("tokens_per_s_per_gpu"):
                 row["tokens_per_s_total"] = round(row["tokens_per_s_per_gpu"] * row["gpus"], 1)
         rows.append(row)
@@ -93,8 +94,8 @@ def markdown(result: dict) -> str:
         "the one-GPU tokens/s of the same variant at the length named.",
         "",
         "| variant | L | GPUs | status | s/step | tokens/s total | tokens/s/GPU | MFU | peak alloc GiB | "
-        "peak reserved GiB | step times s | vs 1 GPU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak reserved GiB | step times s | vs 1 GPU | strategy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         vs = f"{r['vs_one_gpu']:.2f}x ({r['vs_one_gpu_of']})" if r.get("vs_one_gpu") else "-"
@@ -104,7 +105,7 @@ def markdown(result: dict) -> str:
             f"{r.get('tokens_per_s_total') or '-'} | {r.get('tokens_per_s_per_gpu') or '-'} | "
             f"{r.get('mfu') or '-'} | {r.get('peak_alloc_gib') or '-'} | "
             f"{r.get('peak_reserved_gib') or '-'} | "
-            f"{r.get('step_times_s') or '-'} | {vs} |"
+            f"{r.get('step_times_s') or '-'} | {vs} | {r.get('strategy') or '-'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -18,11 +18,12 @@ measured.
 Under ``torchrun --nproc_per_node N`` (or a SLURM allocation) every rank runs the same cases
 with ``--strategy ddp|fsdp``: tokens/s is reported per GPU and in total, memory per GPU, and
 ``--baseline one_gpu.json`` adds the scaling efficiency against a one-GPU run of the same lease.
-``--context-parallel N`` (``ddp``) splits each row's sequence over N GPUs
-(``ctxlab.context_parallel``): a step is then ``world / N`` rows of L tokens, tokens/s per GPU is
-``world / N * L / s / world``, and an out-of-memory error is not caught (one rank alone cannot
-leave the others' collectives: the process exits and torchrun stops every rank, so the caller
-records the OOM, as ``experiments/gpu/cp_bench.sh`` does).
+``--context-parallel N`` (with ``ddp``, or ``fsdp``: the weights then sharded over every rank)
+splits each row's sequence over N GPUs (``ctxlab.context_parallel``): a step is then
+``world / N`` rows of L tokens, tokens/s per GPU is ``world / N * L / s / world``, and an
+out-of-memory error is not caught (one rank alone cannot leave the others' collectives: the
+process exits and torchrun stops every rank, so the caller records the OOM, as
+``experiments/gpu/cp_bench.sh`` does).
 """
 
 from __future__ import annotations
@@ -355,7 +356,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--strategy", default=None, help="ddp | fsdp (under torchrun / SLURM)")
     p.add_argument(
         "--context-parallel", type=int, default=0, metavar="N",
-        help="split each row over N GPUs (with --strategy ddp, under torchrun)",
+        help="split each row over N GPUs (with --strategy ddp or fsdp, under torchrun)",
     )  # fmt: skip
     p.add_argument(
         "--select-impl", default=None, choices=("auto", "torch", "triton", "shallow"),
@@ -391,8 +392,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--warmup must be >= 0, --steps and --long-steps >= 1")
     if a.strategy not in (None, "ddp", "fsdp"):
         p.error(f"--strategy must be ddp or fsdp, got {a.strategy!r}")
-    if a.context_parallel < 0 or (a.context_parallel and a.strategy != "ddp"):
-        p.error(f"--context-parallel {a.context_parallel} needs --strategy ddp and N >= 1")
+    if a.context_parallel < 0 or (a.context_parallel and a.strategy is None):
+        p.error(f"--context-parallel {a.context_parallel} needs --strategy ddp or fsdp and N >= 1")
     try:  # the kernels' launch settings for this run, checked before any model
         from ctxlab.kernels.bench.ops import launch_fields
         from ctxlab.kernels.ms_attention.triton_impl import GPU_CONFIG
