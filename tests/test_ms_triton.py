@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -550,6 +551,33 @@ def test_key_step_under_rope():
         dataclasses.replace(gpu, rope_block_n=8)
     with pytest.raises(ValueError, match="rope_block_n"):
         dataclasses.replace(gpu, rope_block_n=96)
+
+
+def test_out_of_resources_names_the_launch_settings():
+    """A launch that needs more shared memory than the card has (as dq under RoPE with 128-key
+    steps did on an H200) is reported with the kernel and the LaunchConfig fields to lower."""
+    from triton.runtime.errors import OutOfResources
+
+    cfg, full = triton_impl.GPU_CONFIG, OutOfResources(263168, 232448, "shared memory")
+    dq = triton_impl.launch_settings("ms_attn_bwd_dq_kernel", cfg, "dq_", rope=True)
+    with pytest.raises(triton_impl.LaunchResourceError) as info, dq:
+        raise full
+    text = str(info.value)
+    assert text.startswith("ms_attn_bwd_dq_kernel needs 263168 of shared memory where ")
+    assert "has 232448, with the launch settings dq_block_m=128, dq_block_n=128, dq_warps=8, " in text
+    assert "dq_stages=2, rope_block_n=64: lower" in text and "fwd_" not in text
+    assert info.value.__cause__ is full
+    select = triton_impl.launch_settings("ms_select_shallow_kernel", cfg, "shallow_", "select_precision")
+    with (
+        pytest.raises(
+            triton_impl.LaunchResourceError, match=r"settings select_precision='tf32', shallow_k=32, "
+        ),
+        select,
+    ):
+        raise full
+    fwd = triton_impl.launch_settings("ms_attn_fwd_kernel", cfg, "fwd_")
+    with pytest.raises(ValueError, match="other errors pass"), fwd:  # nothing else is touched
+        raise ValueError("other errors pass")
 
 
 def test_shallow_config_is_validated():
@@ -1089,6 +1117,24 @@ def test_bench_launch_overrides_and_summary():
     assert (
         line == "| c | 10.0 | 7.5 | - | 4.0 | 5.0 | 0.5 / 3.0 / 1.0 / 2.0 | 5.0 | 2.5 | 2.00 | 2.00 | 1.50 |"
     )
+
+
+@pytest.mark.skipif(INTERPRETED, reason="starts its own interpreted process")
+def test_bench_runs_positions_on_the_selected_tokens(tmp_path):
+    """``--pe selected`` times ours with RoPE applied on the fly (the paper's pre-training): the
+    CPU smoke run of the benchmark checks it against its float32 reference, and an op that
+    implements pe="pre" only (gather) is recorded as an error naming that, not run wrongly."""
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "ctxlab.kernels.bench.run", "--preset", "cpu", "--device", "cpu",
+           "--ops", "gather,triton,dense", "--pe", "selected", "--out", str(tmp_path),
+           "--stem", "pe"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["op"]: r for r in json.loads((tmp_path / "pe.json").read_text())["rows"]}
+    assert {r["case"] for r in rows.values()} == {"tiny-L61-kv1-head-selected"}
+    assert rows["triton"]["status"] == "ok" and rows["triton"]["errors"]["o_tail"] < 1e-4
+    assert rows["gather"]["status"] == "error: ValueError: the gather baseline implements pe='pre' only"
+    assert rows["dense"]["status"] == "ok"
 
 
 @pytest.mark.parametrize("L, Hq, Hkv", [(256, 4, 2), (512, 8, 2), (384, 6, 6)], ids=["gqa2", "gqa4", "mha"])

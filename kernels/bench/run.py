@@ -563,6 +563,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cases", default="", help="comma list; run cases containing any")
     parser.add_argument(
+        "--pe",
+        default="pre",
+        choices=("pre", "selected"),
+        help="positions: pre (RoPE already in q and k) or selected (ours rotates on the fly, at "
+        "the positions the paper's pre-training gives the selected tokens; gather and flex "
+        "implement pre only)",
+    )
+    parser.add_argument(
         "--flex-cases",
         default="paper-L32K-kv8",
         help="comma list of case-name substrings that run flex (it compiles)",
@@ -608,7 +616,8 @@ def main(argv: list[str] | None = None) -> None:
 
     flex_cases = args.flex_cases.split(",")
     wanted = args.cases.split(",")
-    cases = [c for c in registry(**PRESETS[args.preset]).values() if any(w in c.name for w in wanted)]
+    cases = registry(**PRESETS[args.preset], pe=args.pe).values()
+    cases = [c for c in cases if any(w in c.name for w in wanted)]
     ops = args.ops.split(",")
     meta = environment(args.device)
     card = "".join(ch if ch.isalnum() else "_" for ch in meta["card"])

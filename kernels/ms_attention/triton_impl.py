@@ -21,6 +21,8 @@ D even and ``>= 32`` on a GPU (a tl.dot needs 16 columns per half).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -283,6 +285,34 @@ def resolve_select_impl(config: LaunchConfig, merge: int) -> str:
 
 def default_config(device: torch.device) -> LaunchConfig:
     return GPU_CONFIG if device.type == "cuda" else INTERPRETER_CONFIG
+
+
+class LaunchResourceError(RuntimeError):
+    """A kernel's launch settings need more of a GPU resource (shared memory, registers) than the
+    card has; the message names the kernel and the ``LaunchConfig`` fields that decide it."""
+
+
+@contextlib.contextmanager
+def launch_settings(kernel: str, config: LaunchConfig, *prefixes: str, rope: bool = False):
+    """Turns Triton's ``OutOfResources`` raised by the launch of ``kernel`` inside the block into
+    a ``LaunchResourceError`` naming the fields of ``config`` that start with one of ``prefixes``
+    (``rope_block_n`` too where ``rope``), so the settings to lower are the ones named."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        yield
+    except OutOfResources as e:
+        names = [f.name for f in dataclasses.fields(config) if f.name.startswith(prefixes)]
+        if rope:
+            names.append("rope_block_n")
+        settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in names)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "this device"
+        raise LaunchResourceError(
+            f"{kernel} needs {e.required} of {e.name} where {device} has {e.limit}, with the "
+            f"launch settings {settings}: lower the block sizes or stages among them "
+            "(dataclasses.replace(triton_impl.GPU_CONFIG, ...), or --launch KEY=VALUE in the "
+            "benchmarks)"
+        ) from e
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -582,14 +612,15 @@ def _select_full(
     scratch_list = torch.empty((programs, rows, cap), dtype=torch.int64, device=qrep.device)
     scratch_top = torch.empty((programs, rm, kp), dtype=torch.int32, device=qrep.device)
     seen = torch.zeros((programs, n), dtype=torch.int32, device=qrep.device)
-    tk.ms_select_kernel[(programs,)](
-        qrep, krep, out, scratch_list, scratch_top, seen, out if items is None else items,
-        n, G, budget, merge, n_sel, B * Hs, n_items,
-        HS=Hs, HKV=krep.shape[1], HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
-        CAUSAL=select == "causal", HAS_ITEMS=items is not None, ROWS=rows, RM=rm, KP=kp, CAP=cap,
-        BLOCK_J=cfg.select_block_j, BINS=cfg.select_bins, SORT_ROWS=cfg.select_sort_rows,
-        PREC="ieee" if cfg.shallow_rescore else cfg.select_precision, num_warps=cfg.select_warps,
-    )  # fmt: skip
+    with launch_settings("ms_select_kernel", cfg, "select_"):
+        tk.ms_select_kernel[(programs,)](
+            qrep, krep, out, scratch_list, scratch_top, seen, out if items is None else items,
+            n, G, budget, merge, n_sel, B * Hs, n_items,
+            HS=Hs, HKV=krep.shape[1], HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
+            CAUSAL=select == "causal", HAS_ITEMS=items is not None, ROWS=rows, RM=rm, KP=kp, CAP=cap,
+            BLOCK_J=cfg.select_block_j, BINS=cfg.select_bins, SORT_ROWS=cfg.select_sort_rows,
+            PREC="ieee" if cfg.shallow_rescore else cfg.select_precision, num_warps=cfg.select_warps,
+        )  # fmt: skip
 
 
 def ms_select_triton(
@@ -651,15 +682,16 @@ def select_shallow_counted(
         err = cfg.shallow_score_err or search_error(cfg.select_precision, D)
     else:
         qnorm, kmax, err = flag, flag, 0.0  # not read
-    tk.ms_select_shallow_kernel[(programs,)](
-        qrep, krep, out, flag, scratch_list, scratch_top, seen, qnorm, kmax, err,
-        n, G, budget, merge, n_sel, B * Hs, n_items,
-        HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
-        CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
-        BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
-        PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore, RESCORE_COLS=cfg.shallow_rescore_cols,
-        FAULT=cfg.shallow_fault, num_warps=cfg.shallow_warps,
-    )  # fmt: skip
+    with launch_settings("ms_select_shallow_kernel", cfg, "shallow_", "select_precision"):
+        tk.ms_select_shallow_kernel[(programs,)](
+            qrep, krep, out, flag, scratch_list, scratch_top, seen, qnorm, kmax, err,
+            n, G, budget, merge, n_sel, B * Hs, n_items,
+            HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
+            CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
+            BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
+            PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore, RESCORE_COLS=cfg.shallow_rescore_cols,
+            FAULT=cfg.shallow_fault, num_warps=cfg.shallow_warps,
+        )  # fmt: skip
     redo = flag.nonzero().flatten().to(torch.int32)
     SHALLOW_ITEMS[0] += n_items
     SHALLOW_ITEMS[1] += redo.numel()
@@ -710,14 +742,15 @@ def ms_attn_fwd(
     lse = _empty((B, Hq, L), torch.float32, q.device)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     first = geo.first_tile(start)
-    tk.ms_attn_fwd_kernel[(geo.n_tiles - first, B * Hq)](
-        q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
-        L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
-        start, first, scale * LOG2E,
-        ROPE=rope, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.key_step("fwd", rope),
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-        **_consts(q, k, idx_sorted),
-    )  # fmt: skip
+    with launch_settings("ms_attn_fwd_kernel", cfg, "fwd_", rope=rope):
+        tk.ms_attn_fwd_kernel[(geo.n_tiles - first, B * Hq)](
+            q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
+            L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
+            start, first, scale * LOG2E,
+            ROPE=rope, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.key_step("fwd", rope),
+            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            **_consts(q, k, idx_sorted),
+        )  # fmt: skip
     return o, lse
 
 
@@ -820,13 +853,14 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
     if start:
         dq[:, :start].zero_()
     first = geo.first_tile(start)
-    tk.ms_attn_bwd_dq_kernel[(geo.n_tiles - first, B * Hq)](
-        q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
-        L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
-        start, first, scale * LOG2E, scale,
-        ROPE=rope, BLOCK_M=config.dq_block_m, BLOCK_N=config.key_step("dq", rope),
-        num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
-    )  # fmt: skip
+    with launch_settings("ms_attn_bwd_dq_kernel", config, "dq_", rope=rope):
+        tk.ms_attn_bwd_dq_kernel[(geo.n_tiles - first, B * Hq)](
+            q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
+            L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
+            start, first, scale * LOG2E, scale,
+            ROPE=rope, BLOCK_M=config.dq_block_m, BLOCK_N=config.key_step("dq", rope),
+            num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
+        )  # fmt: skip
     return dq
 
 
@@ -912,25 +946,27 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
             sel_consts = dict(ROPE=rope, BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n,
                               num_warps=config.sel_warps, num_stages=config.sel_stages, **consts)  # fmt: skip
             if path == "atomic":
-                tk.ms_attn_bwd_dkv_sel_kernel[((G - first_block) * n_chunks, B * Hs)](
-                    q, k, v, do, dk32, dv32, lse, delta, idx_sorted, cos, sin,
-                    *sel_args, first_block, G, start, scale * LOG2E, scale, PARTIAL=False, **sel_consts,
-                )  # fmt: skip
+                with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
+                    tk.ms_attn_bwd_dkv_sel_kernel[((G - first_block) * n_chunks, B * Hs)](
+                        q, k, v, do, dk32, dv32, lse, delta, idx_sorted, cos, sin,
+                        *sel_args, first_block, G, start, scale * LOG2E, scale, PARTIAL=False, **sel_consts,
+                    )  # fmt: skip
             else:
                 _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args,
                               sel_consts, region=region, scale=scale, config=config,
                               start=start, first_block=first_block)  # fmt: skip
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
-    tk.ms_attn_bwd_dkv_kernel[(geo.n_tiles, B * Hkv)](
-        q, k, v, do, dk, dv, dk32, dv32, lse, delta, cos, sin,
-        rev.order, rev.offsets, rev.block, rev.rank,
-        L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
-        geo.tiles_per_block, start, scale * LOG2E, scale,
-        ROPE=rope, SELECTED=path == "reverse", BLOCK_M=config.dkv_block_m,
-        BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
-        **consts,
-    )  # fmt: skip
+    with launch_settings("ms_attn_bwd_dkv_kernel", config, "dkv_"):
+        tk.ms_attn_bwd_dkv_kernel[(geo.n_tiles, B * Hkv)](
+            q, k, v, do, dk, dv, dk32, dv32, lse, delta, cos, sin,
+            rev.order, rev.offsets, rev.block, rev.rank,
+            L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
+            geo.tiles_per_block, start, scale * LOG2E, scale,
+            ROPE=rope, SELECTED=path == "reverse", BLOCK_M=config.dkv_block_m,
+            BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
+            **consts,
+        )  # fmt: skip
     return dk, dv
 
 
@@ -954,10 +990,11 @@ def _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel
     for win in range(index.n_windows):
         g0 = win * window
         blocks = min(window, G - g0)
-        tk.ms_attn_bwd_dkv_sel_kernel[(blocks * n_chunks, B * Hs)](
-            q, k, v, do, pdk, pdv, lse, delta, idx_sorted, cos, sin,
-            *sel_args, first_block + g0, window, start, scale * LOG2E, scale, PARTIAL=True, **sel_consts,
-        )  # fmt: skip
+        with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
+            tk.ms_attn_bwd_dkv_sel_kernel[(blocks * n_chunks, B * Hs)](
+                q, k, v, do, pdk, pdv, lse, delta, idx_sorted, cos, sin,
+                *sel_args, first_block + g0, window, start, scale * LOG2E, scale, PARTIAL=True, **sel_consts,
+            )  # fmt: skip
         tk.ms_attn_bwd_dkv_reduce_kernel[(n, B * Hkv)](
             pdk, pdv, dk32, dv32, index.offsets[win * B * Hkv * n :], index.src,
             q.shape[1], region, n,
