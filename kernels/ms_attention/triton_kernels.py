@@ -124,6 +124,18 @@ def _selected_tokens(sel, start, offs_n, S, W):
 
 
 @triton.jit
+def _selected_len(sel, g, S, W, BLOCK: tl.constexpr):
+    """Tokens of block g's valid selected regions (0 in the prefix, g = -1): the row `sel`
+    ([S] regions) holds its -1 padding after them, so they are its first tokens."""
+    offs = tl.arange(0, BLOCK)
+    count = g * 0
+    for r in range(0, tl.where(g >= 0, S, 0), BLOCK):
+        region = tl.load(sel + r + offs, mask=r + offs < S, other=-1)
+        count += tl.sum((region >= 0).to(tl.int32), 0)
+    return count * W
+
+
+@triton.jit
 def _query_tile(
     tile,
     bh,
@@ -272,10 +284,37 @@ def ms_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # (a) the block's selected regions, read by index; a prefix tile has none.
-    sel_len = tl.where(g >= 0, S * W, 0)
+    # (a) the block's selected regions, read by index; a prefix tile has none. Whole steps of
+    # valid keys need no mask; the last partial step does; steps of padding alone are skipped.
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
-    for start in range(0, sel_len, BLOCK_N):
+    sel_len = _selected_len(sel, g, S, W, BLOCK_N)
+    whole = sel_len // BLOCK_N * BLOCK_N
+    for start in range(0, whole, BLOCK_N):
+        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q1,
+            q2,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            tok,
+            key_ok,
+            flat,
+            key_ok[None, :],
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            False,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
+    for start in range(whole, sel_len, BLOCK_N):
         flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
         acc, l_i, m_i = _fwd_step(
             acc,
@@ -490,9 +529,38 @@ def ms_attn_bwd_dq_kernel(
     dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
 
-    sel_len = tl.where(g >= 0, S * W, 0)
+    # The selected keys as in the forward: whole steps unmasked, the partial one masked.
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
-    for start in range(0, sel_len, BLOCK_N):
+    sel_len = _selected_len(sel, g, S, W, BLOCK_N)
+    whole = sel_len // BLOCK_N * BLOCK_N
+    for start in range(0, whole, BLOCK_N):
+        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
+        dq1, dq2 = _dq_step(
+            dq1,
+            dq2,
+            q1,
+            q2,
+            do,
+            lse2,
+            delta,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            tok,
+            key_ok,
+            flat,
+            key_ok[None, :],
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            False,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
+    for start in range(whole, sel_len, BLOCK_N):
         flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
         dq1, dq2 = _dq_step(
             dq1,
