@@ -1001,6 +1001,8 @@ def ms_attn_bwd_dkv_sel_kernel(
     q_lo = P + g * M * W
     q_hi = tl.minimum(q_lo + M * W, L)
     t_first = q_lo + tl.maximum(q_start - q_lo, 0) // BLOCK_M * BLOCK_M
+    # A chunk of -1 padding alone has nothing to add: its loop is empty.
+    t_end = tl.where(tl.max(key_ok.to(tl.int32), 0) > 0, q_hi, t_first)
     dk1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -1009,7 +1011,7 @@ def ms_attn_bwd_dkv_sel_kernel(
         q_off = b.to(tl.int64) * L * q_stride + h * HEAD_DIM
         lse_base = LSE + (b * HQ + h).to(tl.int64) * L
         delta_base = DELTA + (b * HQ + h).to(tl.int64) * L
-        for t0 in range(t_first, q_hi, BLOCK_M):
+        for t0 in range(t_first, t_end, BLOCK_M):
             t = t0 + offs_m
             dk1, dk2, dv = _dkv_step(
                 dk1,
@@ -1035,7 +1037,7 @@ def ms_attn_bwd_dkv_sel_kernel(
                 q_stride,
                 offs_h,
                 offs_d,
-                True,
+                False,  # a padding key's row (k = v = 0) is computed but never stored
                 ROPE,
                 HALF,
                 HEAD_DIM,
