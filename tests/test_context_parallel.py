@@ -413,13 +413,16 @@ def test_gpu_benchmark_script_runs_its_cases_and_records_failures(tmp_path):
         "PATH": f"{bin_dir}:{os.environ['PATH']}", "CTXLAB_CP_NGPU": "2", "CTXLAB_CP_MIN_CASE_S": "5",
         "CTXLAB_CP_TIME_LIMIT": "240", "CTXLAB_CP_OVERRIDES": shrink, "CTXLAB_CP_FREE_WAIT_S": "5",
     }  # fmt: skip
-    out = tmp_path / "out"
-    cases = ["s2@64x2", "dense@32x1", "dense@66x2", "dense@64x4"]
-    proc = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(out), *cases],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def bench(name: str, *cases: str, timeout: int = 400, rc: int = 0, **extra: str):
+        """Runs the script into tmp_path/name; its rows (none where it must exit with rc != 0)."""
+        cmd = ["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(tmp_path / name), *cases]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env | extra, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads((tmp_path / name / "cp_bench.json").read_text())["rows"] if rc == 0 else proc.stderr
+
+    rows = bench("out", "s2@64x2", "dense@32x1", "dense@66x2", "dense@64x4")
     assert stale.wait(timeout=10) == -9  # killed by the script
-    rows = json.loads((out / "cp_bench.json").read_text())["rows"]
     assert [(r["variant"], r["seq_len"], r["gpus"]) for r in rows] == [
         ("s2", 64, 2),
         ("dense", 32, 1),
@@ -431,31 +434,19 @@ def test_gpu_benchmark_script_runs_its_cases_and_records_failures(tmp_path):
     assert split["tokens_per_s_total"] == pytest.approx(2 * split["tokens_per_s_per_gpu"], abs=0.2)
     assert refused["status"] == "error" and "data.seq_len=66 is not divisible by 4" in refused["note"]
     assert missing["status"] == "not run"
-    assert "| s2 | 64 | 2 | ok |" in (out / "cp_bench.md").read_text()
+    assert "| s2 | 64 | 2 | ok |" in (tmp_path / "out" / "cp_bench.md").read_text()
     # GPUs held by a process the script cannot end: the case is not run, and says by whom.
     holders.write_text("999999999\n")  # above any pid_max: kill -9 fails, and it stays listed
     (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\ncat {holders}\n")
-    out2 = tmp_path / "out2"
-    proc = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(out2), "dense@32x1"],
-                          cwd=ROOT, env=env | {"CTXLAB_CP_FREE_WAIT_S": "2"}, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (row,) = json.loads((out2 / "cp_bench.json").read_text())["rows"]
+    (row,) = bench("out2", "dense@32x1", timeout=120, CTXLAB_CP_FREE_WAIT_S="2")
     assert row["status"] == "not run" and "GPUs held by processes 999999999" in row["note"]
     # FSDP2 beside the split (CTXLAB_CP_STRATEGY): the weights sharded over both ranks.
     holders.write_text("")  # the GPUs free again
-    out3 = tmp_path / "out3"
-    proc = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(out3), "dense@64x2"],
-                          cwd=ROOT, env=env | {"CTXLAB_CP_STRATEGY": "fsdp"}, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (row,) = json.loads((out3 / "cp_bench.json").read_text())["rows"]
+    (row,) = bench("out3", "dense@64x2", timeout=300, CTXLAB_CP_STRATEGY="fsdp")
     assert (row["status"], row.get("strategy"), row.get("context_parallel")) == ("ok", "fsdp", 2), row
-    assert "| dense | 64 | 2 | ok |" in (out3 / "cp_bench.md").read_text()
-    bad = subprocess.run(["bash", str(ROOT / "experiments/gpu/cp_bench.sh"), str(tmp_path / "out4")],
-                         cwd=ROOT, env=env | {"CTXLAB_CP_STRATEGY": "deepspeed"}, capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
-    assert bad.returncode == 2 and "CTXLAB_CP_STRATEGY must be ddp or fsdp, got deepspeed" in bad.stderr
+    assert "| dense | 64 | 2 | ok |" in (tmp_path / "out3" / "cp_bench.md").read_text()
+    err = bench("out4", timeout=60, rc=2, CTXLAB_CP_STRATEGY="deepspeed")
+    assert "CTXLAB_CP_STRATEGY must be ddp or fsdp, got deepspeed" in err
 
 
 if __name__ == "__main__":

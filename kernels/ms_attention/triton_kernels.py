@@ -226,6 +226,41 @@ def _fwd_step(
 
 
 @triton.jit
+def _fwd_selected(
+    acc, l_i, m_i, q1, q2, K, V, COS, SIN, sel, lo, hi, S, W, offs_n, qk_scale, kv_stride, offs_h,
+    offs_d, MASKED: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Forward steps over the places [lo, hi) of a block's selection `sel`, BLOCK_N at a time."""
+    for start in range(lo, hi, BLOCK_N):
+        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
+        acc, l_i, m_i = _fwd_step(
+            acc,
+            l_i,
+            m_i,
+            q1,
+            q2,
+            K,
+            V,
+            COS,
+            SIN,
+            tok,
+            key_ok,
+            flat,
+            key_ok[None, :],
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            MASKED,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
+    return acc, l_i, m_i
+
+
+@triton.jit
 def ms_attn_fwd_kernel(
     Q,
     K,
@@ -289,56 +324,14 @@ def ms_attn_fwd_kernel(
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
     sel_len = _selected_len(sel, g, S, W, BLOCK_N)
     whole = sel_len // BLOCK_N * BLOCK_N
-    for start in range(0, whole, BLOCK_N):
-        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
-        acc, l_i, m_i = _fwd_step(
-            acc,
-            l_i,
-            m_i,
-            q1,
-            q2,
-            k_base,
-            v_base,
-            COS,
-            SIN,
-            tok,
-            key_ok,
-            flat,
-            key_ok[None, :],
-            qk_scale,
-            kv_stride,
-            offs_h,
-            offs_d,
-            False,
-            ROPE,
-            HALF,
-            HEAD_DIM,
-        )
-    for start in range(whole, sel_len, BLOCK_N):
-        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
-        acc, l_i, m_i = _fwd_step(
-            acc,
-            l_i,
-            m_i,
-            q1,
-            q2,
-            k_base,
-            v_base,
-            COS,
-            SIN,
-            tok,
-            key_ok,
-            flat,
-            key_ok[None, :],
-            qk_scale,
-            kv_stride,
-            offs_h,
-            offs_d,
-            True,
-            ROPE,
-            HALF,
-            HEAD_DIM,
-        )
+    acc, l_i, m_i = _fwd_selected(
+        acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n, qk_scale,
+        kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
+    acc, l_i, m_i = _fwd_selected(
+        acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n, qk_scale,
+        kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
 
     # (b) the own segment: keys before the tile need no mask, the diagonal steps do.
     for start in range(seg_lo, lo, BLOCK_N):
@@ -467,6 +460,43 @@ def _dq_step(
 
 
 @triton.jit
+def _dq_selected(
+    dq1, dq2, q1, q2, do, lse2, delta, K, V, COS, SIN, sel, lo, hi, S, W, offs_n, qk_scale, kv_stride,
+    offs_h, offs_d, MASKED: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dq steps over the places [lo, hi) of a block's selection `sel`, BLOCK_N at a time."""
+    for start in range(lo, hi, BLOCK_N):
+        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
+        dq1, dq2 = _dq_step(
+            dq1,
+            dq2,
+            q1,
+            q2,
+            do,
+            lse2,
+            delta,
+            K,
+            V,
+            COS,
+            SIN,
+            tok,
+            key_ok,
+            flat,
+            key_ok[None, :],
+            qk_scale,
+            kv_stride,
+            offs_h,
+            offs_d,
+            MASKED,
+            ROPE,
+            HALF,
+            HEAD_DIM,
+        )
+    return dq1, dq2
+
+
+@triton.jit
 def ms_attn_bwd_dq_kernel(
     Q,
     K,
@@ -533,60 +563,14 @@ def ms_attn_bwd_dq_kernel(
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
     sel_len = _selected_len(sel, g, S, W, BLOCK_N)
     whole = sel_len // BLOCK_N * BLOCK_N
-    for start in range(0, whole, BLOCK_N):
-        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
-        dq1, dq2 = _dq_step(
-            dq1,
-            dq2,
-            q1,
-            q2,
-            do,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            COS,
-            SIN,
-            tok,
-            key_ok,
-            flat,
-            key_ok[None, :],
-            qk_scale,
-            kv_stride,
-            offs_h,
-            offs_d,
-            False,
-            ROPE,
-            HALF,
-            HEAD_DIM,
-        )
-    for start in range(whole, sel_len, BLOCK_N):
-        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
-        dq1, dq2 = _dq_step(
-            dq1,
-            dq2,
-            q1,
-            q2,
-            do,
-            lse2,
-            delta,
-            k_base,
-            v_base,
-            COS,
-            SIN,
-            tok,
-            key_ok,
-            flat,
-            key_ok[None, :],
-            qk_scale,
-            kv_stride,
-            offs_h,
-            offs_d,
-            True,
-            ROPE,
-            HALF,
-            HEAD_DIM,
-        )
+    dq1, dq2 = _dq_selected(
+        dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n,
+        qk_scale, kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
+    dq1, dq2 = _dq_selected(
+        dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n,
+        qk_scale, kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, BLOCK_N,
+    )  # fmt: skip
     for start in range(seg_lo, lo, BLOCK_N):
         tok = start + offs_n
         dq1, dq2 = _dq_step(
