@@ -10,6 +10,7 @@ before any model is built.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import weakref
@@ -81,6 +82,9 @@ def test_cpu_run_writes_consistent_rows_and_frees_each_model(tmp_path, builds):
     saved = json.loads((tmp_path / "one.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(result["rows"]))
     assert saved["environment"]["torch"] and saved["world_size"] == 1 and saved["strategy"] is None
+    from ctxlab.kernels.ms_attention.triton_impl import GPU_CONFIG
+
+    assert saved["launch_config"] == dataclasses.asdict(GPU_CONFIG)  # the MS kernels' settings in force
     md = (tmp_path / "one.md").read_text()
     assert "| ms_tiny | 64 | ok |" in md and "- ms L=48: dense at this length" in md
 

@@ -1130,7 +1130,9 @@ def test_bench_runs_positions_on_the_selected_tokens(tmp_path):
            "--stem", "pe"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["op"]: r for r in json.loads((tmp_path / "pe.json").read_text())["rows"]}
+    saved = json.loads((tmp_path / "pe.json").read_text())
+    assert saved["meta"]["launch_config"] == dataclasses.asdict(triton_impl.INTERPRETER_CONFIG)
+    rows = {r["op"]: r for r in saved["rows"]}
     assert {r["case"] for r in rows.values()} == {"tiny-L61-kv1-head-selected"}
     assert rows["triton"]["status"] == "ok" and rows["triton"]["errors"]["o_tail"] < 1e-4
     assert rows["gather"]["status"] == "error: ValueError: the gather baseline implements pe='pre' only"

@@ -620,6 +620,9 @@ def main(argv: list[str] | None = None) -> None:
     cases = [c for c in cases if any(w in c.name for w in wanted)]
     ops = args.ops.split(",")
     meta = environment(args.device)
+    # The launch settings the run's ops start from (per-op overrides are in the op names).
+    config = triton_impl.GPU_CONFIG if args.device == "cuda" else INTERPRETER_CONFIG
+    meta["launch_config"] = dataclasses.asdict(config)
     card = "".join(ch if ch.isalnum() else "_" for ch in meta["card"])
     stem = args.stem or f"ms_attention_{meta['date'][:10]}_{card}"
     out = Path(args.out)

@@ -459,6 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"shape": shape, "overrides": base_overrides, "strategy": a.strategy, "world_size": world,
               "context_parallel": a.context_parallel,
               "ms_select_impl": select_impl,
+              "launch_config": dataclasses.asdict(a.launch_config),  # the MS kernels' GPU settings
               "baseline": a.baseline,
               "warmup": a.warmup, "steps": a.steps, "long_steps": a.long_steps, "long_from": a.long_from,
               "environment": env, "rows": []}  # fmt: skip
