@@ -973,6 +973,20 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     assert overlap.mean() >= 0.99 and overlap.min() >= 0.9, (overlap.mean(), overlap.min())
 
 
+def _compile_for_h100(fn, sig: dict, consts: dict, **options):
+    """``fn`` compiled for an H100 (sm_90: PTX and cubin) with the installed Triton, without a
+    GPU: ``sig`` its runtime arguments' types in order, ``consts`` its constexprs; skips where
+    this Triton build has no CUDA backend with ptxas."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton build has no CUDA backend with ptxas")
+    source = ASTSource(fn=fn, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
 @pytest.mark.parametrize(
@@ -984,9 +998,6 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
     """The dk/dv kernels of the selected keys compile for an H100 (sm_90: PTX and cubin)
     without a GPU, with the installed Triton: the atomic one emits relaxed reductions, the
     partial one plain stores and no atomics."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from ctxlab.kernels.ms_attention import triton_kernels as tk
 
     def ptr(t):
@@ -1006,14 +1017,7 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
         sig = {name: ptr("fp32") for name in ("PDK", "PDV", "DK32", "DV32")}
         sig |= dict(OFFSETS=ptr("i64"), SRC=ptr("i64"), L="i32", W="i32", n="i32")
         consts = dict(HKV=8, HEAD_DIM=128, BLOCK_W=triton.next_power_of_2(mode), BLOCK_D=128)
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this Triton build has no CUDA backend with ptxas")
-    source = ASTSource(fn=fn, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts)
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2)
-    )
-    ptx = compiled.asm["ptx"]
+    ptx = _compile_for_h100(fn, sig, consts, num_warps=4, num_stages=2).asm["ptx"]
     atomics = re.findall(r"\b(?:red|atom)\.[\w.]+", ptx)  # PTX reductions and atomics
     if mode == "atomic":
         assert atomics and all(".relaxed." in a for a in atomics), set(atomics)
@@ -1030,23 +1034,13 @@ def test_shallow_selection_compiles_for_h100(precision, rescore, cols):
     """The shallow selection kernel compiles for an H100 (sm_90) without a GPU, with the installed
     Triton, at the paper's shape: the ieee search, and the tf32 search with each re-scoring (whose
     four-column variant splits its loads in registers)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this Triton build has no CUDA backend with ptxas")
     sig = dict(QREP="*fp32", KREP="*fp32", OUT="*i32", FLAG="*i32", LIST="*i64", TOPK="*i32",
                SEEN="*i32", QNORM="*fp32", KMAX="*fp32", score_err="fp32")  # fmt: skip
     sig |= dict.fromkeys(("n", "G", "T", "M", "S", "n_bhs", "n_items"), "i32")
     consts = dict(HS=32, HKV=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, RM=64, K=32, CAP=128,
                   BLOCK_J=64, SORT_ROWS=4, PREC=precision, RESCORE=rescore, RESCORE_COLS=cols,
                   FAULT=False)  # fmt: skip
-    source = ASTSource(
-        fn=tk.ms_select_shallow_kernel, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts
-    )
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
-    ptx = compiled.asm["ptx"]
+    ptx = _compile_for_h100(tk.ms_select_shallow_kernel, sig, consts, num_warps=8).asm["ptx"]
     assert ("mma" in ptx) == (precision != "ieee")  # tensor cores for tf32 only
     assert ".local" not in ptx  # no register spills
 
@@ -1064,12 +1058,6 @@ def test_attention_kernels_fit_an_h100_with_gpu_defaults(kernel, rope):
     spills, with the installed Triton. A guard, not a proof: Triton 3.9 (dev machines) needs less
     shared memory than 3.6 (the GPU image) for the same kernel (dq under RoPE, 128-key steps, two
     stages: 197 KB here, 263 KB there), so the GPU tests remain the judge."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this Triton build has no CUDA backend with ptxas")
     cfg = triton_impl.GPU_CONFIG
     # the kernels' pointer arguments, in order
     tensors = ("Q", "K", "V", "O", "LSE") if kernel == "fwd" else ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA")
@@ -1081,9 +1069,8 @@ def test_attention_kernels_fit_an_h100_with_gpu_defaults(kernel, rope):
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
                   BLOCK_M=getattr(cfg, f"{kernel}_block_m"), BLOCK_N=cfg.key_step(kernel, rope))  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
-    source = ASTSource(fn=fn, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts)
     options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=getattr(cfg, f"{kernel}_stages"))
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    compiled = _compile_for_h100(fn, sig, consts, **options)
     assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
     assert ".local" not in compiled.asm["ptx"]  # no register spills
 

@@ -199,9 +199,7 @@ def run_case(
             shallow_ms = cuda_time(shallow_selection, budget_ms=300, max_reps=5)
         else:
             select_ms = torch_select_ms
-    configured = triton_impl.resolve_select_impl(
-        triton_impl.GPU_CONFIG if device == "cuda" else INTERPRETER_CONFIG, case.merge
-    )
+    configured = triton_impl.resolve_select_impl(triton_impl.default_config(torch.device(device)), case.merge)
     tails = {}
     ref_grads = None
     rows = []
@@ -621,8 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     ops = args.ops.split(",")
     meta = environment(args.device)
     # The launch settings the run's ops start from (per-op overrides are in the op names).
-    config = triton_impl.GPU_CONFIG if args.device == "cuda" else INTERPRETER_CONFIG
-    meta["launch_config"] = dataclasses.asdict(config)
+    meta["launch_config"] = dataclasses.asdict(triton_impl.default_config(torch.device(args.device)))
     card = "".join(ch if ch.isalnum() else "_" for ch in meta["card"])
     stem = args.stem or f"ms_attention_{meta['date'][:10]}_{card}"
     out = Path(args.out)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from ..rope import rope_cos_sin, selected_inv_freq
 from . import triton_kernels as tk
@@ -297,8 +298,6 @@ def launch_settings(kernel: str, config: LaunchConfig, *prefixes: str, rope: boo
     """Turns Triton's ``OutOfResources`` raised by the launch of ``kernel`` inside the block into
     a ``LaunchResourceError`` naming the fields of ``config`` that start with one of ``prefixes``
     (``rope_block_n`` too where ``rope``), so the settings to lower are the ones named."""
-    from triton.runtime.errors import OutOfResources
-
     try:
         yield
     except OutOfResources as e:
