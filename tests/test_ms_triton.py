@@ -210,6 +210,50 @@ def test_attend_matches_torch(shape, region, budget, merge, scope, pe, dkv, seed
         _assert_close(name, g, r, 1e-5)
 
 
+# Each case: (id, shape, w, T, m, scope, pe, first row ``start``, seed) for the whole-row scores
+# (``LaunchConfig.whole_qk``): a head dim below its tile (D=20: 32 columns, 12 masked), a partial
+# last block, ``start`` inside a block; under RoPE on the fly the setting is ignored.
+WHOLE_CASES = [
+    ("gqa2-w4-L51-head-D20", (1, 51, 4, 2, 20), 4, 5, 2, "head", "pre", 0, 0),
+    ("gqa3-w20-L97-group-B2", (2, 97, 3, 1, 32), 20, 3, 1, "group", "pre", 0, 1),
+    ("gqa2-w5-L71-head-start39", (1, 71, 2, 1, 32), 5, 4, 1, "head", "pre", 39, 2),
+    ("gqa4-w4-L47-rope-ignored", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", 0, 3),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, scope, pe, start, seed",
+    [c[1:] for c in WHOLE_CASES],
+    ids=[c[0] for c in WHOLE_CASES],
+)
+@on_interpreter
+def test_whole_row_scores_match_torch(shape, region, budget, merge, scope, pe, start, seed):
+    """With ``whole_qk`` (one dot over the head dim in forward and dq), outputs and dq, dk, dv
+    match ms_attend_torch (float64); under RoPE on the fly the halves run, bit for bit as without it."""
+    q, k, v, do = _inputs(*shape, seed=seed)
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, start=start,
+                inv_freq=rope_inv_freq(shape[-1], 100.0).double())  # fmt: skip
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
+
+    def attend(q, k, v):
+        return triton_impl.ms_attend_triton(q, k, v, idx, scale=shape[-1] ** -0.5, **opts)
+
+    do = do[:, start:]
+    with launch(whole_qk=True):
+        out, grads = _grads(attend, q, k, v, do)
+    if pe == "selected":
+        halves, halves_grads = _grads(attend, q, k, v, do)
+        assert torch.equal(out, halves) and all(map(torch.equal, grads, halves_grads))
+        return
+    ref, ref_grads = _grads(
+        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=shape[-1] ** -0.5, **opts),
+        *(x.double() for x in (q, k, v, do)),
+    )
+    _assert_close("o", out, ref, 1e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, 1e-5)
+
+
 # Each case: (id, shape, w, T, m, scope, pe, dk/dv mode, first row ``start``, seed). Interpreter
 # tiles are 16 rows; the ids say where ``start`` falls: in the dense prefix, at its end, at a block
 # boundary, inside a block and a region (w=20: inside a block's first of two tiles), the last row.
@@ -973,17 +1017,26 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     assert overlap.mean() >= 0.99 and overlap.min() >= 0.9, (overlap.mean(), overlap.min())
 
 
-def _compile_for_h100(fn, sig: dict, consts: dict, **options):
+def _compile_for_h100(fn, sig: dict, consts: dict, divisible=(), **options):
     """``fn`` compiled for an H100 (sm_90: PTX and cubin) with the installed Triton, without a
     GPU: ``sig`` its runtime arguments' types in order, ``consts`` its constexprs; skips where
-    this Triton build has no CUDA backend with ptxas."""
+    this Triton build has no CUDA backend with ptxas. As a launch specializes them: every pointer
+    and the integers named in ``divisible`` are known multiples of 16. That decides whether loads
+    are vectorized and pipelined, hence the shared memory a kernel needs."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("this Triton build has no CUDA backend with ptxas")
-    source = ASTSource(fn=fn, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts)
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, (name, kind) in enumerate(sig.items())
+        if kind.startswith("*") or name in divisible
+    }
+    source = ASTSource(
+        fn=fn, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts, attrs=attrs
+    )
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -1048,17 +1101,10 @@ def test_shallow_selection_compiles_for_h100(precision, rescore, cols):
 H100_SHARED_BYTES = 232448  # per block, sm_90 (the H100's and the H200's opt-in limit)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
-@pytest.mark.parametrize("kernel", ["fwd", "dq"])
-@pytest.mark.parametrize("rope", [False, True], ids=["pre", "rope"])
-def test_attention_kernels_fit_an_h100_with_gpu_defaults(kernel, rope):
-    """Forward and dq compile for sm_90 with the GPU launch config (tiles, warps, stages, and
-    the key step under RoPE), at D = 128 in bf16, within an H100's shared memory and without
-    spills, with the installed Triton. A guard, not a proof: Triton 3.9 (dev machines) needs less
-    shared memory than 3.6 (the GPU image) for the same kernel (dq under RoPE, 128-key steps, two
-    stages: 197 KB here, 263 KB there), so the GPU tests remain the judge."""
-    cfg = triton_impl.GPU_CONFIG
+def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
+    """The forward (``kernel="fwd"``) or dq kernel compiled for sm_90 with ``cfg``'s launch
+    settings at the paper's 128K shape in bf16, D = 128 (pointers and the lengths specialized
+    as multiples of 16, as at launch: their loads pipelined)."""
     # the kernels' pointer arguments, in order
     tensors = ("Q", "K", "V", "O", "LSE") if kernel == "fwd" else ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA")
     sig = {name: "*fp32" if name in ("LSE", "DELTA") else "*bf16" for name in tensors}
@@ -1067,12 +1113,38 @@ def test_attention_kernels_fit_an_h100_with_gpu_defaults(kernel, rope):
                           "first_tile"), "i32")  # fmt: skip
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
-                  BLOCK_M=getattr(cfg, f"{kernel}_block_m"), BLOCK_N=cfg.key_step(kernel, rope))  # fmt: skip
+                  WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
+                  BLOCK_N=cfg.key_step(kernel, rope))  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
     options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=getattr(cfg, f"{kernel}_stages"))
-    compiled = _compile_for_h100(fn, sig, consts, **options)
+    # paper settings at 128K: L, P = 8192, W = 16, M = 64, S = 448, 64 prefix tiles, from row 0
+    divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
+    return _compile_for_h100(fn, sig, consts, divisible, **options)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
+@pytest.mark.parametrize("kernel", ["fwd", "dq"])
+@pytest.mark.parametrize("rope", [False, True], ids=["pre", "rope"])
+def test_attention_kernels_fit_an_h100_with_gpu_defaults(kernel, rope):
+    """Forward and dq compile for sm_90 with the GPU launch config (tiles, warps, stages, the key
+    step under RoPE, whole-row scores) within an H100's shared memory and without spills, with
+    the installed Triton. The GPU tests remain the judge (the GPU image runs another Triton)."""
+    compiled = _compile_attention_for_h100(kernel, triton_impl.GPU_CONFIG, rope)
     assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
     assert ".local" not in compiled.asm["ptx"]  # no register spills
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
+def test_h100_guard_sees_the_launch_the_h200_refused():
+    """The guard above has teeth: dq under RoPE with 128-key steps and two stages, the launch an
+    H200 refused in session 8 (263 KB of shared memory under Triton 3.6), compiles here to more
+    than an H100 has (263,168 bytes under Triton 3.9)."""
+    cfg = dataclasses.replace(
+        triton_impl.GPU_CONFIG, dq_block_n=128, dq_stages=2, dq_warps=8, rope_block_n=128
+    )
+    assert _compile_attention_for_h100("dq", cfg, rope=True).metadata.shared > H100_SHARED_BYTES
 
 
 def test_bench_launch_overrides_and_summary():
@@ -1124,6 +1196,51 @@ def test_bench_runs_positions_on_the_selected_tokens(tmp_path):
     assert rows["triton"]["status"] == "ok" and rows["triton"]["errors"]["o_tail"] < 1e-4
     assert rows["gather"]["status"] == "error: ValueError: the gather baseline implements pe='pre' only"
     assert rows["dense"]["status"] == "ok"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="starts its own interpreted process")
+def test_stage_sweep_checks_and_times_each_variant(tmp_path):
+    """The stage sweep's CPU smoke run: every variant's forward and dq are checked against the
+    first variant's (whole-row scores and another key step agree to float32 rounding) and timed,
+    rows written as they finish; a variant that is no valid launch config is refused by name
+    before any work."""
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "ctxlab.kernels.bench.stage_sweep", "--device", "cpu", "--lengths", "61",
+           "--setting", "tiny", "--stages", "fwd,dq", "--out", str(tmp_path), "--stem", "sw"]  # fmt: skip
+    proc = subprocess.run(cmd + ["--variants", "base;whole_qk=true;fwd_block_n=8"], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "sw.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["base", "whole_qk=true", "fwd_block_n=8"]
+    for row in rows:
+        assert row["status"] == "ok" and set(row["stages"]) == {"fwd", "dq"}
+        for entry in row["stages"].values():
+            assert entry["status"] == "ok" and entry["max_rel_err"] < 1e-5 and entry["ms"] > 0
+    assert "| tiny-L61 | `whole_qk=true` |" in (tmp_path / "sw.md").read_text()
+    bad = subprocess.run(cmd + ["--variants", "base;fwd_block_m=8", "--stem", "bad"], env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "--variants 'fwd_block_m=8'" in bad.stderr
+    assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_stage_sweep_pick_merges_each_sweeps_fastest_variant(tmp_path):
+    """``--pick``: per sweep the variant with the least total over stages and lengths, counting
+    only variants checked and timed at every length reached; the picks of two sweeps (disjoint
+    fields) merge into one --launch string."""
+    from ctxlab.kernels.bench.stage_sweep import pick, picked_launch
+
+    def row(variant, L, ms, status="ok"):
+        return dict(variant=variant, L=L, status="ok", stages={"fwd": dict(status=status, ms=ms)})
+
+    fwd = [row("base", 1, 10), row("whole_qk=true", 1, 8), row("fwd_stages=3", 1, 1, "failed check"),
+           row("base", 2, 10), row("whole_qk=true", 2, 9), row("fwd_stages=3", 2, 1)]  # fmt: skip
+    assert pick(fwd) == "whole_qk=true"  # the faster total is checked at every length
+    assert pick([row("base", 1, 10), row("fwd_stages=3", 1, 5), row("base", 2, 10)]) == "base"  # missed L=2
+    dkv = [row("base", 1, 10), row("sel_block_m=32+sel_stages=3", 1, 9)]
+    for name, rows in (("fwd", fwd), ("dkv", dkv)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(meta={}, rows=rows)))
+    paths = [str(tmp_path / "fwd.json"), str(tmp_path / "dkv.json")]
+    assert picked_launch(paths) == "whole_qk=true+sel_block_m=32+sel_stages=3"
 
 
 @pytest.mark.parametrize("L, Hq, Hkv", [(256, 4, 2), (512, 8, 2), (384, 6, 6)], ids=["gqa2", "gqa4", "mha"])

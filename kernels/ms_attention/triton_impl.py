@@ -82,6 +82,10 @@ class LaunchConfig:
     many keys: their rotated key tiles take more shared memory. At 128 keys with two stages the
     dq kernel needed 263 KB under Triton 3.6, over the H100's and H200's 227 KB (H200, session 8),
     while 64 is the setting every GPU test of the RoPE path passed with."""
+    whole_qk: bool = False
+    """Forward and dq without RoPE on the fly: q and k whole, their scores one dot over the head
+    dim (and dq one accumulator), where by default they go as two halves, two dots of D/2 (the
+    layout RoPE on the fly needs). The same function; float32 sums in another order."""
     dkv_block_n: int = 64
     dkv_block_m: int = 64
     dkv_warps: int = 4
@@ -746,7 +750,8 @@ def ms_attn_fwd(
             q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E,
-            ROPE=rope, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.key_step("fwd", rope),
+            ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
+            BLOCK_N=cfg.key_step("fwd", rope),
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             **_consts(q, k, idx_sorted),
         )  # fmt: skip
@@ -857,7 +862,8 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
             q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E, scale,
-            ROPE=rope, BLOCK_M=config.dq_block_m, BLOCK_N=config.key_step("dq", rope),
+            ROPE=rope, WHOLE=config.whole_qk and not rope, BLOCK_M=config.dq_block_m,
+            BLOCK_N=config.key_step("dq", rope),
             num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return dq

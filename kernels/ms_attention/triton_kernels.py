@@ -188,6 +188,25 @@ def _load_keys(
 
 
 @triton.jit
+def _tile_scores(
+    q1, q2, K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE: tl.constexpr,
+    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, WHOLE: tl.constexpr,
+):  # fmt: skip
+    """Unscaled scores of the query tile against the keys `tok` ([BLOCK_M, BLOCK_N]), and the
+    values; the keys too (as (k1, k2), or (k, k) when WHOLE: one dot over the whole head dim)."""
+    if WHOLE:
+        k = _load_full(K, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
+        v = _load_full(V, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
+        return tl.dot(q1, tl.trans(k)), k, k, v
+    else:
+        k1, k2, v = _load_keys(
+            K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM
+        )
+        qk = tl.dot(q1, tl.trans(k1))
+        return tl.dot(q2, tl.trans(k2), qk), k1, k2, v
+
+
+@triton.jit
 def _fwd_step(
     acc,
     l_i,
@@ -210,11 +229,13 @@ def _fwd_step(
     ROPE: tl.constexpr,
     HALF: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    WHOLE: tl.constexpr,
 ):
-    """One online-softmax step over the keys `tok` ([BLOCK_N]); `allowed` [BLOCK_M, BLOCK_N]."""
-    k1, k2, v = _load_keys(K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM)
-    qk = tl.dot(q1, tl.trans(k1))
-    qk = tl.dot(q2, tl.trans(k2), qk) * qk_scale
+    """One online-softmax step over the keys `tok` ([BLOCK_N]); `allowed` [BLOCK_M, BLOCK_N].
+    WHOLE: q1 is the whole q tile ([BLOCK_M, BLOCK_D], q2 unused) and the scores one dot."""
+    qk, _, _, v = _tile_scores(q1, q2, K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE,
+                          HALF, HEAD_DIM, WHOLE)  # fmt: skip
+    qk = qk * qk_scale
     if MASKED:
         qk = tl.where(allowed, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -229,7 +250,7 @@ def _fwd_step(
 def _fwd_selected(
     acc, l_i, m_i, q1, q2, K, V, COS, SIN, sel, lo, hi, S, W, offs_n, qk_scale, kv_stride, offs_h,
     offs_d, MASKED: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    WHOLE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Forward steps over the places [lo, hi) of a block's selection `sel`, BLOCK_N at a time."""
     for start in range(lo, hi, BLOCK_N):
@@ -256,6 +277,7 @@ def _fwd_selected(
             ROPE,
             HALF,
             HEAD_DIM,
+            WHOLE,
         )
     return acc, l_i, m_i
 
@@ -288,6 +310,7 @@ def ms_attn_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
+    WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -310,9 +333,13 @@ def ms_attn_fwd_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = (offs_m >= q_start) & (offs_m < hi)
-    q1, q2, _, _ = _load_rotated(
-        Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
-    )
+    if WHOLE:
+        q1 = _load_full(Q + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
+        q2 = q1
+    else:
+        q1, q2, _, _ = _load_rotated(
+            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
+        )
 
     # m_i starts finite so that a step whose keys are all masked (padding) yields no NaN.
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
@@ -326,11 +353,11 @@ def ms_attn_fwd_kernel(
     whole = sel_len // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_selected(
         acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n, qk_scale,
-        kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, BLOCK_N,
+        kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_selected(
         acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n, qk_scale,
-        kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, BLOCK_N,
+        kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
     )  # fmt: skip
 
     # (b) the own segment: keys before the tile need no mask, the diagonal steps do.
@@ -358,6 +385,7 @@ def ms_attn_fwd_kernel(
             ROPE,
             HALF,
             HEAD_DIM,
+            WHOLE,
         )
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
@@ -384,6 +412,7 @@ def ms_attn_fwd_kernel(
             ROPE,
             HALF,
             HEAD_DIM,
+            WHOLE,
         )
 
     l_safe = tl.where(row_ok, l_i, 1.0)
@@ -446,24 +475,29 @@ def _dq_step(
     ROPE: tl.constexpr,
     HALF: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    WHOLE: tl.constexpr,
 ):
-    """dq_rot += dS k over the keys `tok` ([BLOCK_N]), rotated frame, softmax scale not applied."""
-    k1, k2, v = _load_keys(K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE, HALF, HEAD_DIM)
-    qk = tl.dot(q1, tl.trans(k1))
-    qk = tl.dot(q2, tl.trans(k2), qk) * qk_scale
+    """dq_rot += dS k over the keys `tok` ([BLOCK_N]), rotated frame, softmax scale not applied.
+    WHOLE: q1 and dq1 are whole rows ([BLOCK_M, BLOCK_D]; q2, dq2 unused)."""
+    qk, k1, k2, v = _tile_scores(q1, q2, K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE,
+                            HALF, HEAD_DIM, WHOLE)  # fmt: skip
+    qk = qk * qk_scale
     if MASKED:
         qk = tl.where(allowed, qk, float("-inf"))
     p = tl.math.exp2(qk - lse2[:, None])
     dp = tl.dot(do, tl.trans(v))
     ds = (p * (dp - delta[:, None])).to(k1.dtype)
-    return tl.dot(ds, k1, dq1), tl.dot(ds, k2, dq2)
+    if WHOLE:
+        return tl.dot(ds, k1, dq1), dq2
+    else:
+        return tl.dot(ds, k1, dq1), tl.dot(ds, k2, dq2)
 
 
 @triton.jit
 def _dq_selected(
     dq1, dq2, q1, q2, do, lse2, delta, K, V, COS, SIN, sel, lo, hi, S, W, offs_n, qk_scale, kv_stride,
     offs_h, offs_d, MASKED: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, WHOLE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dq steps over the places [lo, hi) of a block's selection `sel`, BLOCK_N at a time."""
     for start in range(lo, hi, BLOCK_N):
@@ -492,6 +526,7 @@ def _dq_selected(
             ROPE,
             HALF,
             HEAD_DIM,
+            WHOLE,
         )
     return dq1, dq2
 
@@ -527,6 +562,7 @@ def ms_attn_bwd_dq_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
+    WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -549,14 +585,19 @@ def ms_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = (offs_m >= q_start) & (offs_m < hi)
     h_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
-    q1, q2, cq, sq = _load_rotated(
-        Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
-    )
+    if WHOLE:
+        q1 = _load_full(Q + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
+        q2 = q1
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    else:
+        q1, q2, cq, sq = _load_rotated(
+            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
+        )
+        dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     do = _load_full(DO + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
 
-    dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     dq2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
 
     # The selected keys as in the forward: whole steps unmasked, the partial one masked.
@@ -565,11 +606,11 @@ def ms_attn_bwd_dq_kernel(
     whole = sel_len // BLOCK_N * BLOCK_N
     dq1, dq2 = _dq_selected(
         dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n,
-        qk_scale, kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, BLOCK_N,
+        qk_scale, kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
     )  # fmt: skip
     dq1, dq2 = _dq_selected(
         dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n,
-        qk_scale, kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, BLOCK_N,
+        qk_scale, kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
     )  # fmt: skip
     for start in range(seg_lo, lo, BLOCK_N):
         tok = start + offs_n
@@ -597,6 +638,7 @@ def ms_attn_bwd_dq_kernel(
             ROPE,
             HALF,
             HEAD_DIM,
+            WHOLE,
         )
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
@@ -625,13 +667,22 @@ def ms_attn_bwd_dq_kernel(
             ROPE,
             HALF,
             HEAD_DIM,
+            WHOLE,
         )
 
-    if ROPE:
-        dq1, dq2 = _unrotate(dq1, dq2, cq, sq)
-    dq_ptrs = DQ + q_off + offs_m.to(tl.int64)[:, None] * q_stride + offs_h[None, :]
-    tl.store(dq_ptrs, (dq1 * scale).to(DQ.dtype.element_ty), mask=h_mask)
-    tl.store(dq_ptrs + HALF, (dq2 * scale).to(DQ.dtype.element_ty), mask=h_mask)
+    if WHOLE:
+        dq_ptrs = DQ + q_off + offs_m.to(tl.int64)[:, None] * q_stride + offs_d[None, :]
+        tl.store(
+            dq_ptrs,
+            (dq1 * scale).to(DQ.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        )
+    else:
+        if ROPE:
+            dq1, dq2 = _unrotate(dq1, dq2, cq, sq)
+        dq_ptrs = DQ + q_off + offs_m.to(tl.int64)[:, None] * q_stride + offs_h[None, :]
+        tl.store(dq_ptrs, (dq1 * scale).to(DQ.dtype.element_ty), mask=h_mask)
+        tl.store(dq_ptrs + HALF, (dq2 * scale).to(DQ.dtype.element_ty), mask=h_mask)
 
 
 @triton.jit
