@@ -428,6 +428,17 @@ def test_select_matches_torch(shape, region, budget, merge, pool, scope, select,
     assert torch.equal(got.long(), want), (got - want).abs().amax(-1)
 
 
+@on_interpreter
+def test_full_select_in_kv_order_matches_torch():
+    """The full-depth kernel over every item, taken one (b, kv head) at a time
+    (``select_order="kv"``): ms_select_torch's indices, ties included (B=2, 3 heads per kv head)."""
+    q, k = _select_inputs((2, 61, 6, 2, 8), (-1, 2), 3)
+    opts = dict(region=4, budget=5, merge=2, pool="mean", scope="head", select="causal")
+    config = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, select_order="kv")
+    got = triton_impl.ms_select_triton(q, k, config=config, **opts)
+    assert torch.equal(got.long(), ms_select_torch(q, k, **opts))
+
+
 # The shallow selection (``ms_select_shallow``): (id, shape, w, T, m, pool, scope, select, integer
 # inputs or None, launch overrides, how its blocks must be decided). "shallow": every block by the
 # two-pass top-K path alone (no item redone), so that path is what the comparison checks;
@@ -453,6 +464,33 @@ SHALLOW_CASES = [
     ("ties-causal-B2-L73", (2, 73, 4, 2, 8), 2, 20, 3, "mean", "group", "causal", (-1, 2), {}, "shallow"),
     ("tie-branch-paper-L61", (1, 61, 2, 1, 4), 1, 6, 2, "mean", "head", "paper", (0, 2), {}, "shallow"),
     ("overflow-ties-L200", (1, 200, 2, 1, 2), 1, 40, 8, "mean", "head", "paper", (0, 2), {}, "redo"),
+    # items taken one (b, kv head) at a time (``select_order="kv"``): B=2, 2 kv heads of 3 heads
+    (
+        "kv-order-ties-head-B2-L97",
+        (2, 97, 6, 2, 8),
+        4,
+        6,
+        2,
+        "mean",
+        "head",
+        "paper",
+        (-1, 2),
+        dict(select_order="kv"),
+        "shallow",
+    ),  # fmt: skip
+    (
+        "kv-order-overflow-redo-B2",
+        (2, 200, 4, 2, 2),
+        1,
+        40,
+        8,
+        "mean",
+        "head",
+        "paper",
+        (0, 2),
+        dict(select_order="kv"),
+        "redo",
+    ),  # fmt: skip
     (
         "overflow-cap-L400",
         (1, 400, 2, 1, 16),
@@ -631,6 +669,8 @@ def test_shallow_config_is_validated():
         (dict(shallow_cap=16, shallow_block_j=32), "shallow_cap"),
         (dict(shallow_cap=48), "power of two"),
         (dict(select_impl="fast"), "select_impl"),
+        (dict(select_order="head"), "select_order"),
+        (dict(whole_qk=1), "whole_qk"),
         (dict(shallow_rescore=1), "shallow_rescore"),
         (dict(shallow_rescore_cols=2), "shallow_rescore_cols"),
         (dict(shallow_score_err=-1.0), "shallow_score_err"),
@@ -1092,7 +1132,7 @@ def test_shallow_selection_compiles_for_h100(precision, rescore, cols):
     sig |= dict.fromkeys(("n", "G", "T", "M", "S", "n_bhs", "n_items"), "i32")
     consts = dict(HS=32, HKV=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, RM=64, K=32, CAP=128,
                   BLOCK_J=64, SORT_ROWS=4, PREC=precision, RESCORE=rescore, RESCORE_COLS=cols,
-                  FAULT=False)  # fmt: skip
+                  FAULT=False, KV_MAJOR=cols == 4)  # fmt: skip
     ptx = _compile_for_h100(tk.ms_select_shallow_kernel, sig, consts, num_warps=8).asm["ptx"]
     assert ("mma" in ptx) == (precision != "ieee")  # tensor cores for tf32 only
     assert ".local" not in ptx  # no register spills

@@ -18,8 +18,15 @@
 #   call 3  bash experiments/gpu/lease_s9.sh 3
 #           GPU 0: the benchmark at (64, 64, 8) with the pick; GPU 1: the 7B step at 32K
 #           -> OUT/sparse.tgz
+#   (as run: call 2's 7B job was cut by its 330 s limit before MS at 128K, so call 3 ran MS at
+#   128K alone on GPU 1 beside the (64, 64, 8) benchmark, and a fourth call the 7B step at 32K
+#   beside a stage sweep under RoPE on the fly (pe="selected": "E_rope"); see kernels/README.md)
+#   call 4  carry [.whl/core]   bash experiments/gpu/lease_s9.sh 4   (a second lease, fresh machine)
+#           GPU 0: the GPU tests with the adopted defaults; GPU 1: the selection's item order
+#           (select_probe, shallow against shallow+select_order=kv, 64K-256K) and the stages
+#           under RoPE on the fly (dk of the selected keys summed in the rotated frame)
 set -uo pipefail
-CALL=${1:?usage: lease_s9.sh 1|2|3}
+CALL=${1:?usage: lease_s9.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s9
 mkdir -p "$W/sweep" "$W/k" "$W/ft"
@@ -96,6 +103,25 @@ case $CALL in
     grep -h -A8 '^Summary' "$W/k/"*_s9_sparse.md 2>/dev/null | cut -c1-400
     tail -6 "$W/ft/log_32k.txt" | cut -c1-300
     tar -czf "$OUT/sparse.tgz" -C "$W" k ft launch.txt ;;
-  *) echo "lease_s9.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  4)
+    # A second machine (fresh): the GPU tests with the new defaults (whole rows, three forward
+    # stages; dk of the selected keys summed in the rotated frame under RoPE), and the item order
+    # of the selection kernels (select_order) timed and checked against torch's indices.
+    CUDA_VISIBLE_DEVICES=0 timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
+      tests/test_ms_triton.py tests/test_ms_select_exact.py > "$W/sweep/gpu_tests_call4.log" 2>&1 &
+    (
+      CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m ctxlab.kernels.bench.select_probe --lengths 64K,128K,256K \
+        --settings paper,sparse --variants "shallow;shallow+select_order=kv" --out "$W/sweep" \
+        > "$W/sweep/select_probe.log" 2>&1
+      cut -c1-600 "$W/sweep/select_probe.jsonl"
+      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 20 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
+        --pe selected --lengths 64K,128K --out "$W/sweep" --stem "stage_sweep_${day}_${card}_s9_F_rope" \
+        --variants base > "$W/sweep/F_rope.log" 2>&1
+      grep -h -A6 '^| case' "$W/sweep/stage_sweep_${day}_${card}_s9_F_rope.md"
+    ) &
+    wait
+    tail -12 "$W/sweep/gpu_tests_call4.log"
+    tar -czf "$OUT/call4.tgz" -C "$W" sweep ;;
+  *) echo "lease_s9.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

@@ -102,6 +102,12 @@ class LaunchConfig:
     select_programs: int = 0
     select_warps: int = 4
     select_precision: str = "ieee"
+    select_order: str = "block"
+    """The order the selection kernels' persistent programs take items (b, hs, g) in, larger g
+    first either way: ``"block"`` across all heads, ``"kv"`` one (b, kv head) at a time, so
+    the programs running at once share one kv head's key representatives (at paper settings
+    and 256K the eight kv heads' representatives take 64 MiB, over an H100's or H200's 50 MiB
+    L2). The same indices either way."""
     select_impl: str = "auto"
     """Which selection ``ms_attention_triton`` runs: ``"torch"`` (``ms_select_torch``),
     ``"triton"`` (the fused full-depth ``ms_select_triton``), ``"shallow"``
@@ -207,14 +213,16 @@ class LaunchConfig:
             raise ValueError(f"select_precision must be ieee, tf32x3 or tf32, got {self.select_precision!r}")
         if self.select_impl not in SELECT_IMPLS:
             raise ValueError(f"select_impl must be one of {SELECT_IMPLS}, got {self.select_impl!r}")
+        if self.select_order not in ("block", "kv"):
+            raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
+        for name in ("shallow_rescore", "shallow_fault", "whole_qk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.shallow_k < 16 or self.shallow_block_j < self.shallow_k:
             raise ValueError(
                 f"shallow_k must be >= 16 and <= shallow_block_j, got {self.shallow_k} and "
                 f"{self.shallow_block_j}"
             )
-        for name in ("shallow_rescore", "shallow_fault"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.shallow_rescore_cols not in (1, 4):
             raise ValueError(f"shallow_rescore_cols must be 1 or 4, got {self.shallow_rescore_cols!r}")
         if not self.shallow_score_err >= 0:
@@ -239,17 +247,21 @@ class LaunchConfig:
 
 GPU_CONFIG = LaunchConfig(
     fwd_block_n=128,
-    fwd_stages=2,
+    fwd_stages=3,
     dq_block_n=128,
+    whole_qk=True,
     select_precision="tf32",
     shallow_rescore=True,
     shallow_rescore_cols=4,
 )
 """The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
 candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of
-the ieee selection; forward and dq step over 128 keys (forward in two stages). Each setting was
-timed against the one it replaced in one run (H200, paper settings, 32K-256K, session 8): the
-selection 2.0-2.5x faster, the attention's forward + backward 4.5-7.4% faster."""
+the ieee selection; forward and dq step over 128 keys (forward in three stages) and, without
+RoPE on the fly, score with one dot over the head dim (``whole_qk``). Each setting was timed
+against the one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x
+faster and forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward and
+5-6% faster dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
+``kernels/bench/stage_sweep.py``)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
@@ -622,7 +634,8 @@ def _select_full(
             HS=Hs, HKV=krep.shape[1], HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
             CAUSAL=select == "causal", HAS_ITEMS=items is not None, ROWS=rows, RM=rm, KP=kp, CAP=cap,
             BLOCK_J=cfg.select_block_j, BINS=cfg.select_bins, SORT_ROWS=cfg.select_sort_rows,
-            PREC="ieee" if cfg.shallow_rescore else cfg.select_precision, num_warps=cfg.select_warps,
+            PREC="ieee" if cfg.shallow_rescore else cfg.select_precision, KV_MAJOR=cfg.select_order == "kv",
+            num_warps=cfg.select_warps,
         )  # fmt: skip
 
 
@@ -693,7 +706,7 @@ def select_shallow_counted(
             CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
             BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
             PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore, RESCORE_COLS=cfg.shallow_rescore_cols,
-            FAULT=cfg.shallow_fault, num_warps=cfg.shallow_warps,
+            FAULT=cfg.shallow_fault, KV_MAJOR=cfg.select_order == "kv", num_warps=cfg.shallow_warps,
         )  # fmt: skip
     redo = flag.nonzero().flatten().to(torch.int32)
     SHALLOW_ITEMS[0] += n_items

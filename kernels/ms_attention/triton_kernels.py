@@ -714,13 +714,16 @@ def _dkv_step(
     ROPE: tl.constexpr,
     HALF: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    ROTATED_DK: tl.constexpr = False,
 ):
     """dk, dv ([BLOCK_N, *]) += the contribution of the query rows t ([BLOCK_M]).
 
     Key-major products (FlashAttention-2's): everything computed in registers (P^T, dS^T) is
     the left operand, everything loaded is the right one, as Hopper's wgmma wants. `allowed`
     is [BLOCK_N, BLOCK_M]. Rows t < q_first or t >= q_hi read q = do = 0 and lse = +inf, hence
-    P = 0, and add nothing.
+    P = 0, and add nothing. Under RoPE dk comes back to the keys' own frame each step, unless
+    ROTATED_DK: then dk1, dk2 stay in the rotated frame (the caller, whose keys keep one
+    rotation over all its steps, unrotates the sum once).
     """
     row_ok = (t >= q_first) & (t < q_hi)
     q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE, HALF)
@@ -735,7 +738,7 @@ def _dkv_step(
     dv = tl.dot(pT.to(do.dtype), do, dv)
     dpT = tl.dot(v, tl.trans(do))
     dsT = (pT * (dpT - delta[None, :])).to(q1.dtype)
-    if ROPE:
+    if ROPE and not ROTATED_DK:
         # The keys were rotated at this range's positions: bring their gradient back now.
         u1, u2 = _unrotate(tl.dot(dsT, q1), tl.dot(dsT, q2), ck, sk)
         dk1 += u1
@@ -1076,8 +1079,11 @@ def ms_attn_bwd_dkv_sel_kernel(
                 ROPE,
                 HALF,
                 HEAD_DIM,
+                True,  # the keys keep their rank's rotation over every step: unrotated below
             )
 
+    if ROPE:
+        dk1, dk2 = _unrotate(dk1, dk2, cT, sT)
     h_mask = key_ok[:, None] & (offs_h[None, :] < HALF)
     d_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     if PARTIAL:
@@ -1314,13 +1320,28 @@ def _program_scratch(LIST, TOPK, SEEN, n, LIST_SIZE: tl.constexpr, TOPK_SIZE: tl
 
 
 @triton.jit
-def _select_item(item, n, G, T, M, n_bhs, HS: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr):
-    """Item (b, hs, g), larger g first: (g, b*HS + hs, b, kv head, the block's first region s,
-    its first voting row, the number of voting rows)."""
-    g = G - 1 - item // n_bhs
-    bhs = item % n_bhs
-    b = bhs // HS
-    hkv = (bhs % HS) // (HS // HKV)
+def _select_item(
+    item, n, G, T, M, n_bhs, HS: tl.constexpr, HKV: tl.constexpr, CAUSAL: tl.constexpr, KV_MAJOR: tl.constexpr
+):
+    """Item (b, hs, g) -> (g, b*HS + hs, b, kv head, the block's first region s, its first voting
+    row, the number of voting rows). Larger g first: by default across all heads (items g = G-1
+    of every head, then G-2, ...); with KV_MAJOR within each (b, kv head) in turn (its group's
+    heads at g = G-1, then G-2, ...), so that programs running at once read one kv head's
+    key representatives and these stay in L2."""
+    if KV_MAJOR:
+        group: tl.constexpr = HS // HKV
+        per_kv = G * group
+        bkv = item // per_kv
+        rest = item % per_kv
+        g = G - 1 - rest // group
+        b = bkv // HKV
+        hkv = bkv % HKV
+        bhs = b * HS + hkv * group + rest % group
+    else:
+        g = G - 1 - item // n_bhs
+        bhs = item % n_bhs
+        b = bhs // HS
+        hkv = (bhs % HS) // (HS // HKV)
     s = T + g * M
     if CAUSAL:
         first_row = s - M
@@ -1421,6 +1442,7 @@ def ms_select_kernel(
     BINS: tl.constexpr,
     SORT_ROWS: tl.constexpr,
     PREC: tl.constexpr,
+    KV_MAJOR: tl.constexpr,
 ):
     """Grid (P,): program p selects the regions of items p, p + P, ...; item = one (b, hs, g),
     larger g (more candidates) first (with HAS_ITEMS, the items listed in ITEMS [n_items] int32:
@@ -1451,7 +1473,9 @@ def ms_select_kernel(
             item = tl.load(ITEMS + it)
         else:
             item = it
-        g, bhs, b, hkv, s, first_row, n_rows = _select_item(item, n, G, T, M, n_bhs, HS, HKV, CAUSAL)
+        g, bhs, b, hkv, s, first_row, n_rows = _select_item(
+            item, n, G, T, M, n_bhs, HS, HKV, CAUSAL, KV_MAJOR
+        )
         q_base = QREP + bhs.to(tl.int64) * n * HEAD_DIM
         k_base = KREP + (b * HKV + hkv).to(tl.int64) * n * HEAD_DIM
 
@@ -1649,6 +1673,7 @@ def ms_select_shallow_kernel(
     RESCORE: tl.constexpr,
     RESCORE_COLS: tl.constexpr,
     FAULT: tl.constexpr,
+    KV_MAJOR: tl.constexpr,
 ):
     """The shallow exact selection. Grid (P,), persistent over items (b, hs, g) like
     ``ms_select_kernel``; all RM >= m voting rows of a block are scored together.
@@ -1688,7 +1713,9 @@ def ms_select_shallow_kernel(
     offs_c = tl.arange(0, CAP)
     a = tl.arange(0, RM)
     for item in range(pid, n_items, n_prog):
-        g, bhs, b, hkv, s, first_row, n_rows = _select_item(item, n, G, T, M, n_bhs, HS, HKV, CAUSAL)
+        g, bhs, b, hkv, s, first_row, n_rows = _select_item(
+            item, n, G, T, M, n_bhs, HS, HKV, CAUSAL, KV_MAJOR
+        )
         q_base = QREP + bhs.to(tl.int64) * n * HEAD_DIM
         k_base = KREP + (b * HKV + hkv).to(tl.int64) * n * HEAD_DIM
         row_ok, i, limit, j_end, qr = _voting_rows(
