@@ -305,6 +305,62 @@ def test_attend_from_start_matches_torch(shape, region, budget, merge, scope, pe
         _assert_close(name, g, r, 1e-5)
 
 
+@pytest.mark.parametrize("L", [51, 17], ids=["blocks", "dense-n-le-T"])
+@on_interpreter
+def test_rotate_q_kernel_places_rows_at_their_positions(L):
+    """``ms_rotate_q_kernel`` (``rotate_q_once``) rotates each row of q at its own position: the
+    prefix's rows at their index, a block's rows at S*w + their place in the block (w=4, T=5,
+    m=2: P = 20, blocks of 8 tokens, S*w = 12), as ``apply_rotary`` does in float32."""
+    from ctxlab.kernels.rope import apply_rotary
+
+    q = _inputs(2, L, 3, 1, 16, seed=5)[0]
+    inv_freq = rope_inv_freq(16, 100.0).double()
+    geo = triton_impl.Geometry.of(L, 4, 5, 2, 16)
+    cos, sin = triton_impl._tables(True, geo, 16, inv_freq, q.device)
+    cfg = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, rotate_q_once=True)
+    got, flagged = triton_impl._kernel_q(q, True, geo, cos, sin, cfg)
+    t = torch.arange(L)
+    pos = torch.where(t < geo.P, t, 12 + (t - geo.P) % 8)
+    c, s_ = rope_cos_sin(pos, inv_freq)
+    assert flagged and torch.allclose(got, apply_rotary(q, c, s_), atol=1e-6, rtol=1e-6)
+    assert triton_impl._kernel_q(q, False, geo, cos, sin, cfg) == (q, False)  # no RoPE: q as is
+
+
+ROTATED_Q_CASES = [c for c in START_CASES if c[6] == "selected"] + [
+    ("dense-n-le-T-L29-atomic", (1, 29, 2, 1, 32), 4, 8, 2, "head", "selected", "atomic", 0, 7),
+    ("from-0-L47-head-reverse", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", "reverse", 0, 2),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, scope, pe, dkv, start, seed",
+    [c[1:] for c in ROTATED_Q_CASES],
+    ids=[c[0] for c in ROTATED_Q_CASES],
+)
+@on_interpreter
+def test_q_rotated_once_matches_torch(shape, region, budget, merge, scope, pe, dkv, start, seed):
+    """With ``rotate_q_once`` (RoPE on the fly: q rotated once into a copy the kernels read as
+    is), outputs from ``start`` and dq, dk, dv match ms_attend_torch (float64) on every dk/dv
+    path, the dense case (n <= T) included."""
+    q, k, v, do = _inputs(*shape, seed=seed)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
+    opts = dict(
+        region=region, budget=budget, merge=merge, pe=pe, inv_freq=rope_inv_freq(shape[-1], 100.0).double()
+    )
+    with dkv_mode(dkv), launch(rotate_q_once=True):
+        out, grads = _grads(
+            lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, start=start, **opts),
+            q, k, v, do[:, start:],
+        )  # fmt: skip
+    ref, ref_grads = _grads(
+        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=0.2, start=start, **opts),
+        *(x.double() for x in (q, k, v, do[:, start:])),
+    )
+    _assert_close("o", out, ref, 1e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, 1e-5)
+
+
 @pytest.mark.parametrize(
     "L, n, region, budget, merge, pe",
     [(40, 2, 3, 3, 2, "pre"), (56, 4, 5, 3, 2, "selected")],
@@ -479,8 +535,8 @@ SHALLOW_CASES = [
         "shallow",
     ),  # fmt: skip
     (
-        "kv-order-overflow-redo-B2",
-        (2, 200, 4, 2, 2),
+        "kv-order-overflow-redo-L120",
+        (1, 120, 4, 2, 2),
         1,
         40,
         8,
@@ -1104,7 +1160,7 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
         sig |= {name: "i32" for name in ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")}
         sig |= dict(qk_scale="fp32", scale="fp32")
         consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=True,
-                      PARTIAL=mode == "partial", BLOCK_M=64, BLOCK_N=64)  # fmt: skip
+                      PARTIAL=mode == "partial", QROT=mode == "partial", BLOCK_M=64, BLOCK_N=64)  # fmt: skip
     else:
         fn = tk.ms_attn_bwd_dkv_reduce_kernel
         sig = {name: ptr("fp32") for name in ("PDK", "PDV", "DK32", "DV32")}
@@ -1153,7 +1209,8 @@ def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
                           "first_tile"), "i32")  # fmt: skip
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
-                  WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
+                  WHOLE=cfg.whole_qk and not rope, QROT=cfg.rotate_q_once and rope,
+                  BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
                   BLOCK_N=cfg.key_step(kernel, rope))  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
     options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=getattr(cfg, f"{kernel}_stages"))

@@ -24,7 +24,8 @@
 #   call 4  carry [.whl/core]   bash experiments/gpu/lease_s9.sh 4   (a second lease, fresh machine)
 #           GPU 0: the GPU tests with the adopted defaults; GPU 1: the selection's item order
 #           (select_probe, shallow against shallow+select_order=kv, 64K-256K) and the stages
-#           under RoPE on the fly (dk of the selected keys summed in the rotated frame)
+#           under RoPE on the fly (dk summed in the keys' rotated frame; q rotated once per launch
+#           against in every program: rotate_q_once)
 set -uo pipefail
 CALL=${1:?usage: lease_s9.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
@@ -116,7 +117,7 @@ case $CALL in
       cut -c1-600 "$W/sweep/select_probe.jsonl"
       CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 20 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
         --pe selected --lengths 64K,128K --out "$W/sweep" --stem "stage_sweep_${day}_${card}_s9_F_rope" \
-        --variants base > "$W/sweep/F_rope.log" 2>&1
+        --variants "base;rotate_q_once=true" > "$W/sweep/F_rope.log" 2>&1
       grep -h -A6 '^| case' "$W/sweep/stage_sweep_${day}_${card}_s9_F_rope.md"
     ) &
     wait

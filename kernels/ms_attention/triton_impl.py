@@ -82,6 +82,11 @@ class LaunchConfig:
     many keys: their rotated key tiles take more shared memory. At 128 keys with two stages the
     dq kernel needed 263 KB under Triton 3.6, over the H100's and H200's 227 KB (H200, session 8),
     while 64 is the setting every GPU test of the RoPE path passed with."""
+    rotate_q_once: bool = False
+    """Under RoPE on the fly (``pe="selected"``): each launch of forward, dq and dk/dv first
+    rotates q once at its rows' positions into a copy (``ms_rotate_q_kernel``; one more q-sized
+    buffer while the launch runs) and the kernels read it as is, instead of loading cos/sin
+    tables and rotating q in every program (the dk/dv kernels: in every query step)."""
     whole_qk: bool = False
     """Forward and dq without RoPE on the fly: q and k whole, their scores one dot over the head
     dim (and dq one accumulator), where by default they go as two halves, two dots of D/2 (the
@@ -215,7 +220,7 @@ class LaunchConfig:
             raise ValueError(f"select_impl must be one of {SELECT_IMPLS}, got {self.select_impl!r}")
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
-        for name in ("shallow_rescore", "shallow_fault", "whole_qk"):
+        for name in ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.shallow_k < 16 or self.shallow_block_j < self.shallow_k:
@@ -504,6 +509,22 @@ def _tables(rope: bool, geo: Geometry, head_dim: int, inv_freq: Tensor, device: 
     return dummy, dummy
 
 
+def _kernel_q(q: Tensor, rope: bool, geo: Geometry, cos: Tensor, sin: Tensor, cfg: LaunchConfig):
+    """The q the attention kernels read, and their QROT flag: under RoPE on the fly with
+    ``cfg.rotate_q_once``, a copy of q rotated once at its rows' positions
+    (``ms_rotate_q_kernel``), read as is; else q itself, rotated in the kernels where needed."""
+    if not (rope and cfg.rotate_q_once):
+        return q, False
+    B, L, Hq, D = q.shape
+    q_rot = torch.empty_like(q)
+    block = 64
+    tk.ms_rotate_q_kernel[(triton.cdiv(L, block), B * Hq)](
+        q, q_rot, cos, sin, L, geo.P, geo.region, geo.merge, geo.budget - geo.merge,
+        HQ=Hq, HEAD_DIM=D, BLOCK_H=max(triton.next_power_of_2(D // 2), 16), BLOCK=block,
+    )  # fmt: skip
+    return q_rot, True
+
+
 def _check_launch(q: Tensor, k: Tensor, v: Tensor, idx: Tensor) -> None:
     if q.device.type != "cuda" and not interpreted():
         raise ValueError(
@@ -758,12 +779,13 @@ def ms_attn_fwd(
     lse = _empty((B, Hq, L), torch.float32, q.device)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     first = geo.first_tile(start)
+    q_arg, qrot = _kernel_q(q, rope, geo, cos, sin, cfg)
     with launch_settings("ms_attn_fwd_kernel", cfg, "fwd_", rope=rope):
         tk.ms_attn_fwd_kernel[(geo.n_tiles - first, B * Hq)](
-            q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
+            q_arg, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E,
-            ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
+            ROPE=rope, WHOLE=cfg.whole_qk and not rope, QROT=qrot, BLOCK_M=cfg.fwd_block_m,
             BLOCK_N=cfg.key_step("fwd", rope),
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             **_consts(q, k, idx_sorted),
@@ -870,12 +892,13 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
     if start:
         dq[:, :start].zero_()
     first = geo.first_tile(start)
+    q_arg, qrot = _kernel_q(q, rope, geo, cos, sin, config)
     with launch_settings("ms_attn_bwd_dq_kernel", config, "dq_", rope=rope):
         tk.ms_attn_bwd_dq_kernel[(geo.n_tiles - first, B * Hq)](
-            q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
+            q_arg, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E, scale,
-            ROPE=rope, WHOLE=config.whole_qk and not rope, BLOCK_M=config.dq_block_m,
+            ROPE=rope, WHOLE=config.whole_qk and not rope, QROT=qrot, BLOCK_M=config.dq_block_m,
             BLOCK_N=config.key_step("dq", rope),
             num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
         )  # fmt: skip
@@ -945,6 +968,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     consts = _consts(q, k, idx_sorted)
     geo = Geometry.of(L, region, budget, merge, config.dkv_block_n)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
+    q, qrot = _kernel_q(q, rope, geo, cos, sin, config)
     first_block = min(first_block_at(start, region=region, budget=budget, merge=merge), geo.G)
     if path == "reverse":
         live = idx_sorted
@@ -961,7 +985,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
         if first_block < G:
             n_chunks = triton.cdiv(S * region, config.sel_block_n)
             sel_args = (L, geo.P, region, merge, S, G, n_chunks)
-            sel_consts = dict(ROPE=rope, BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n,
+            sel_consts = dict(ROPE=rope, QROT=qrot, BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n,
                               num_warps=config.sel_warps, num_stages=config.sel_stages, **consts)  # fmt: skip
             if path == "atomic":
                 with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
@@ -981,7 +1005,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
             rev.order, rev.offsets, rev.block, rev.rank,
             L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
             geo.tiles_per_block, start, scale * LOG2E, scale,
-            ROPE=rope, SELECTED=path == "reverse", BLOCK_M=config.dkv_block_m,
+            ROPE=rope, SELECTED=path == "reverse", QROT=qrot, BLOCK_M=config.dkv_block_m,
             BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
             **consts,
         )  # fmt: skip

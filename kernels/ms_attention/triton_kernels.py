@@ -311,6 +311,7 @@ def ms_attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
     WHOLE: tl.constexpr,
+    QROT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -338,7 +339,7 @@ def ms_attn_fwd_kernel(
         q2 = q1
     else:
         q1, q2, _, _ = _load_rotated(
-            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
+            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE and not QROT, HALF
         )
 
     # m_i starts finite so that a step whose keys are all masked (padding) yields no NaN.
@@ -421,6 +422,28 @@ def ms_attn_fwd_kernel(
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def ms_rotate_q_kernel(
+    Q, QR, COS, SIN, L, P, W, M, S, HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Grid (row tiles, B*HQ): QR = q rotated at each row's own position, as the attention
+    kernels rotate it on the fly (the prefix's rows at their index, a block's at S*w + their
+    place in the block), so that they may read it as is (QROT)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    bh = tl.program_id(1)
+    off = (bh // HQ).to(tl.int64) * L * (HQ * HEAD_DIM) + (bh % HQ) * HEAD_DIM
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = t < L
+    pos = tl.where(t < P, t, S * W + (t - P) % (M * W))
+    offs_h = tl.arange(0, BLOCK_H)
+    x1, x2, _, _ = _load_rotated(Q + off, t, HQ * HEAD_DIM, ok, COS, SIN, pos, offs_h, True, HALF)
+    ptrs = QR + off + t.to(tl.int64)[:, None] * (HQ * HEAD_DIM) + offs_h[None, :]
+    mask = ok[:, None] & (offs_h[None, :] < HALF)
+    tl.store(ptrs, x1, mask=mask)
+    tl.store(ptrs + HALF, x2, mask=mask)
 
 
 @triton.jit
@@ -563,6 +586,7 @@ def ms_attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
     WHOLE: tl.constexpr,
+    QROT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -591,8 +615,10 @@ def ms_attn_bwd_dq_kernel(
         dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     else:
         q1, q2, cq, sq = _load_rotated(
-            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
+            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE and not QROT, HALF
         )
+        if ROPE and QROT:  # q came rotated: the tables that undo it, for dq
+            cq, sq = _cos_sin(COS, SIN, offs_m + shift, offs_h, h_mask, HALF)
         dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     do = _load_full(DO + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -715,6 +741,7 @@ def _dkv_step(
     HALF: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROTATED_DK: tl.constexpr = False,
+    QROT: tl.constexpr = False,
 ):
     """dk, dv ([BLOCK_N, *]) += the contribution of the query rows t ([BLOCK_M]).
 
@@ -723,10 +750,11 @@ def _dkv_step(
     is [BLOCK_N, BLOCK_M]. Rows t < q_first or t >= q_hi read q = do = 0 and lse = +inf, hence
     P = 0, and add nothing. Under RoPE dk comes back to the keys' own frame each step, unless
     ROTATED_DK: then dk1, dk2 stay in the rotated frame (the caller, whose keys keep one
-    rotation over all its steps, unrotates the sum once).
+    rotation over all its steps, unrotates the sum once). QROT: Q holds q already rotated at the
+    rows' positions (``ms_rotate_q_kernel``), read as is.
     """
     row_ok = (t >= q_first) & (t < q_hi)
-    q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE, HALF)
+    q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE and not QROT, HALF)
     do = _load_full(DO, t, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + t, mask=row_ok, other=0.0)
@@ -787,6 +815,7 @@ def ms_attn_bwd_dkv_kernel(
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
     SELECTED: tl.constexpr,
+    QROT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -874,6 +903,8 @@ def ms_attn_bwd_dkv_kernel(
                 ROPE,
                 HALF,
                 HEAD_DIM,
+                not SELECTED,  # the own segment alone: one rotation, undone at the end
+                QROT,
             )
         for t0 in range(lo + tl.maximum(skip, DIAG), seg_hi, BLOCK_M):
             t = t0 + offs_m
@@ -905,6 +936,8 @@ def ms_attn_bwd_dkv_kernel(
                 ROPE,
                 HALF,
                 HEAD_DIM,
+                not SELECTED,
+                QROT,
             )
 
         if SELECTED:
@@ -950,8 +983,12 @@ def ms_attn_bwd_dkv_kernel(
                         ROPE,
                         HALF,
                         HEAD_DIM,
+                        False,
+                        QROT,
                     )
 
+    if ROPE and not SELECTED:  # summed in the keys' rotated frame (one rotation, tok + shift)
+        dk1, dk2 = _unrotate(dk1, dk2, ck, sk)
     dk1 = dk1 * scale
     dk2 = dk2 * scale
     h_mask = key_ok[:, None] & (offs_h[None, :] < HALF)
@@ -1000,6 +1037,7 @@ def ms_attn_bwd_dkv_sel_kernel(
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
     PARTIAL: tl.constexpr,
+    QROT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -1080,6 +1118,7 @@ def ms_attn_bwd_dkv_sel_kernel(
                 HALF,
                 HEAD_DIM,
                 True,  # the keys keep their rank's rotation over every step: unrotated below
+                QROT,
             )
 
     if ROPE:
