@@ -339,8 +339,8 @@ ROTATED_Q_CASES = [c for c in START_CASES if c[6] == "selected"] + [
 )
 @on_interpreter
 def test_q_rotated_once_matches_torch(shape, region, budget, merge, scope, pe, dkv, start, seed):
-    """With ``rotate_q_once`` (RoPE on the fly: q rotated once into a copy the kernels read as
-    is), outputs from ``start`` and dq, dk, dv match ms_attend_torch (float64) on every dk/dv
+    """With ``rotate_q_once`` (RoPE on the fly: q rotated once into a copy the dk/dv kernels read
+    as is), outputs from ``start`` and dq, dk, dv match ms_attend_torch (float64) on every dk/dv
     path, the dense case (n <= T) included."""
     q, k, v, do = _inputs(*shape, seed=seed)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
@@ -1209,8 +1209,7 @@ def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
                           "first_tile"), "i32")  # fmt: skip
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
-                  WHOLE=cfg.whole_qk and not rope, QROT=cfg.rotate_q_once and rope,
-                  BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
+                  WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
                   BLOCK_N=cfg.key_step(kernel, rope))  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
     options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=getattr(cfg, f"{kernel}_stages"))

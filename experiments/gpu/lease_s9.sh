@@ -26,6 +26,9 @@
 #           (select_probe, shallow against shallow+select_order=kv, 64K-256K) and the stages
 #           under RoPE on the fly (dk summed in the keys' rotated frame; q rotated once per launch
 #           against in every program: rotate_q_once)
+#   (as run: a last call of that lease ran the paper benchmark under pe="selected", ours only,
+#   with --launch rotate_q_once=true: kernels/bench/results/*_s9_paper_selected_rotq.*; then
+#   rotate_q_once was confined to the dk/dv launch, where all of its gain was, and adopted)
 set -uo pipefail
 CALL=${1:?usage: lease_s9.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"

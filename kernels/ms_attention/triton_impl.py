@@ -83,10 +83,11 @@ class LaunchConfig:
     dq kernel needed 263 KB under Triton 3.6, over the H100's and H200's 227 KB (H200, session 8),
     while 64 is the setting every GPU test of the RoPE path passed with."""
     rotate_q_once: bool = False
-    """Under RoPE on the fly (``pe="selected"``): each launch of forward, dq and dk/dv first
-    rotates q once at its rows' positions into a copy (``ms_rotate_q_kernel``; one more q-sized
-    buffer while the launch runs) and the kernels read it as is, instead of loading cos/sin
-    tables and rotating q in every program (the dk/dv kernels: in every query step)."""
+    """Under RoPE on the fly (``pe="selected"``): the dk/dv launch first rotates q once at its
+    rows' positions into a copy (``ms_rotate_q_kernel``; one more q-sized buffer while it runs)
+    and both dk/dv kernels read it as is, instead of loading cos/sin tables and rotating q in
+    every query step. Forward and dq load q once per program and rotate it there. The GPU
+    default: dk/dv 2.0x faster at paper 64K-128K on an H200, the same values (session 9)."""
     whole_qk: bool = False
     """Forward and dq without RoPE on the fly: q and k whole, their scores one dot over the head
     dim (and dq one accumulator), where by default they go as two halves, two dots of D/2 (the
@@ -255,6 +256,7 @@ GPU_CONFIG = LaunchConfig(
     fwd_stages=3,
     dq_block_n=128,
     whole_qk=True,
+    rotate_q_once=True,
     select_precision="tf32",
     shallow_rescore=True,
     shallow_rescore_cols=4,
@@ -262,11 +264,13 @@ GPU_CONFIG = LaunchConfig(
 """The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
 candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of
 the ieee selection; forward and dq step over 128 keys (forward in three stages) and, without
-RoPE on the fly, score with one dot over the head dim (``whole_qk``). Each setting was timed
+RoPE on the fly, score with one dot over the head dim (``whole_qk``); under RoPE on the fly the
+dk/dv kernels read q rotated once (``rotate_q_once``). Each setting was timed
 against the one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x
 faster and forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward and
 5-6% faster dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
-``kernels/bench/stage_sweep.py``)."""
+``kernels/bench/stage_sweep.py``); under RoPE on the fly q rotated once for dk/dv, 2.0x faster
+dk/dv (paper 64K-128K, session 9)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
@@ -510,9 +514,9 @@ def _tables(rope: bool, geo: Geometry, head_dim: int, inv_freq: Tensor, device: 
 
 
 def _kernel_q(q: Tensor, rope: bool, geo: Geometry, cos: Tensor, sin: Tensor, cfg: LaunchConfig):
-    """The q the attention kernels read, and their QROT flag: under RoPE on the fly with
+    """The q the dk/dv kernels read, and their QROT flag: under RoPE on the fly with
     ``cfg.rotate_q_once``, a copy of q rotated once at its rows' positions
-    (``ms_rotate_q_kernel``), read as is; else q itself, rotated in the kernels where needed."""
+    (``ms_rotate_q_kernel``), read as is; else q itself, rotated in every query step."""
     if not (rope and cfg.rotate_q_once):
         return q, False
     B, L, Hq, D = q.shape
@@ -779,13 +783,12 @@ def ms_attn_fwd(
     lse = _empty((B, Hq, L), torch.float32, q.device)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     first = geo.first_tile(start)
-    q_arg, qrot = _kernel_q(q, rope, geo, cos, sin, cfg)
     with launch_settings("ms_attn_fwd_kernel", cfg, "fwd_", rope=rope):
         tk.ms_attn_fwd_kernel[(geo.n_tiles - first, B * Hq)](
-            q_arg, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
+            q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E,
-            ROPE=rope, WHOLE=cfg.whole_qk and not rope, QROT=qrot, BLOCK_M=cfg.fwd_block_m,
+            ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
             BLOCK_N=cfg.key_step("fwd", rope),
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             **_consts(q, k, idx_sorted),
@@ -892,13 +895,12 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
     if start:
         dq[:, :start].zero_()
     first = geo.first_tile(start)
-    q_arg, qrot = _kernel_q(q, rope, geo, cos, sin, config)
     with launch_settings("ms_attn_bwd_dq_kernel", config, "dq_", rope=rope):
         tk.ms_attn_bwd_dq_kernel[(geo.n_tiles - first, B * Hq)](
-            q_arg, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
+            q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E, scale,
-            ROPE=rope, WHOLE=config.whole_qk and not rope, QROT=qrot, BLOCK_M=config.dq_block_m,
+            ROPE=rope, WHOLE=config.whole_qk and not rope, BLOCK_M=config.dq_block_m,
             BLOCK_N=config.key_step("dq", rope),
             num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
         )  # fmt: skip

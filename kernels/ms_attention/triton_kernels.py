@@ -311,7 +311,6 @@ def ms_attn_fwd_kernel(
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
     WHOLE: tl.constexpr,
-    QROT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -339,7 +338,7 @@ def ms_attn_fwd_kernel(
         q2 = q1
     else:
         q1, q2, _, _ = _load_rotated(
-            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE and not QROT, HALF
+            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
         )
 
     # m_i starts finite so that a step whose keys are all masked (padding) yields no NaN.
@@ -431,7 +430,8 @@ def ms_rotate_q_kernel(
 ):  # fmt: skip
     """Grid (row tiles, B*HQ): QR = q rotated at each row's own position, as the attention
     kernels rotate it on the fly (the prefix's rows at their index, a block's at S*w + their
-    place in the block), so that they may read it as is (QROT)."""
+    place in the block), so that the dk/dv kernels, which read q once per query step, may read
+    it as is (QROT). Forward and dq rotate q once per program themselves."""
     HALF: tl.constexpr = HEAD_DIM // 2
     bh = tl.program_id(1)
     off = (bh // HQ).to(tl.int64) * L * (HQ * HEAD_DIM) + (bh % HQ) * HEAD_DIM
@@ -586,7 +586,6 @@ def ms_attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr,
     WHOLE: tl.constexpr,
-    QROT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -615,10 +614,8 @@ def ms_attn_bwd_dq_kernel(
         dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     else:
         q1, q2, cq, sq = _load_rotated(
-            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE and not QROT, HALF
+            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
         )
-        if ROPE and QROT:  # q came rotated: the tables that undo it, for dq
-            cq, sq = _cos_sin(COS, SIN, offs_m + shift, offs_h, h_mask, HALF)
         dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     do = _load_full(DO + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
