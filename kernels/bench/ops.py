@@ -232,13 +232,19 @@ def launch_config(fn):
         triton_impl.GPU_CONFIG = saved
 
 
+def stage_opts(case: Case, device) -> dict:
+    """The keyword arguments every stage launcher of ours (``ms_attn_fwd``, ``bwd_dq``,
+    ``bwd_dkv``) takes for ``case``: its setting, RoPE on the fly for pe="selected", the scale."""
+    return dict(region=case.region, budget=case.budget, merge=case.merge, rope=case.pe != "pre",
+                inv_freq=rope_inv_freq(case.D, 10000.0, device).double(), scale=case.D**-0.5)  # fmt: skip
+
+
 def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[str, float]:
     """Milliseconds of each stage of ours: forward, dq (with delta), and dk/dv by each path:
     ``dkv`` relaxed atomics, ``dkv_partial`` partial sums + fixed-order reduction and
     ``dkv_reverse`` the reverse index (both deterministic; their index construction included)."""
     idx_sorted = sort_selection(idx)
-    opts = dict(region=case.region, budget=case.budget, merge=case.merge, rope=case.pe != "pre",
-                inv_freq=rope_inv_freq(case.D, 10000.0, q.device).double(), scale=case.D**-0.5)  # fmt: skip
+    opts = stage_opts(case, q.device)
     o, lse = triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
     delta = triton_impl.bwd_preprocess(o, do)
     parts = {

@@ -30,9 +30,8 @@ import torch
 from ..ms_attention import triton_impl
 from ..ms_attention.torch_impl import ms_select_torch
 from ..ms_attention.triton_impl import LaunchResourceError, sort_selection
-from ..rope import rope_inv_freq
 from .cases import LENGTHS, SETTINGS, Case
-from .ops import launch_fields
+from .ops import launch_fields, stage_opts
 from .run import cuda_time, environment, inputs, rel_err
 
 STAGES = ("fwd", "dq", "dkv")
@@ -53,8 +52,7 @@ def parse_variants(spec: str) -> dict[str, dict]:
 def stage_runs(case: Case, q, k, v, do, idx_sorted, config) -> dict:
     """{stage: a function returning its outputs} under ``config``; o, lse and delta are the
     forward's of the same config; dk/dv go the way ``dkv_path`` picks for it."""
-    opts = dict(region=case.region, budget=case.budget, merge=case.merge, rope=case.pe != "pre",
-                inv_freq=rope_inv_freq(case.D, 10000.0, q.device).double(), scale=case.D**-0.5)  # fmt: skip
+    opts = stage_opts(case, q.device)
     o, lse = triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
     delta = triton_impl.bwd_preprocess(o, do)
     return {

@@ -970,7 +970,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     consts = _consts(q, k, idx_sorted)
     geo = Geometry.of(L, region, budget, merge, config.dkv_block_n)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
-    q, qrot = _kernel_q(q, rope, geo, cos, sin, config)
+    q, qrot = _kernel_q(q, rope, geo, cos, sin, config)  # from here, q as the dk/dv kernels read it
     first_block = min(first_block_at(start, region=region, budget=budget, merge=merge), geo.G)
     if path == "reverse":
         live = idx_sorted

@@ -114,6 +114,20 @@ def _load_rotated(base, tok, row_stride, ok, COS, SIN, pos, offs_h, ROPE: tl.con
 
 
 @triton.jit
+def _load_query(
+    Q, rows, row_stride, ok, COS, SIN, pos, offs_h, offs_d, ROPE: tl.constexpr, HALF: tl.constexpr,
+    HEAD_DIM: tl.constexpr, WHOLE: tl.constexpr,
+):  # fmt: skip
+    """The query tile of forward and dq as (q1, q2, tables): with WHOLE the whole rows as q1 (and
+    as q2, unused; the tables stand-ins as without RoPE), else `_load_rotated`'s halves."""
+    if WHOLE:
+        q = _load_full(Q, rows, row_stride, ok, offs_d, HEAD_DIM)
+        return q, q, q.to(tl.float32), q.to(tl.float32)
+    else:
+        return _load_rotated(Q, rows, row_stride, ok, COS, SIN, pos, offs_h, ROPE, HALF)
+
+
+@triton.jit
 def _selected_tokens(sel, start, offs_n, S, W):
     """Keys start + offs_n of a block's sorted selection `sel` ([S] regions, -1 padded):
     (their place in the list, the token each reads, whether it is a real key)."""
@@ -333,13 +347,21 @@ def ms_attn_fwd_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = (offs_m >= q_start) & (offs_m < hi)
-    if WHOLE:
-        q1 = _load_full(Q + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
-        q2 = q1
-    else:
-        q1, q2, _, _ = _load_rotated(
-            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
-        )
+    q1, q2, _, _ = _load_query(
+        Q + q_off,
+        offs_m,
+        q_stride,
+        row_ok,
+        COS,
+        SIN,
+        offs_m + shift,
+        offs_h,
+        offs_d,
+        ROPE,
+        HALF,
+        HEAD_DIM,
+        WHOLE,
+    )
 
     # m_i starts finite so that a step whose keys are all masked (padding) yields no NaN.
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
@@ -608,19 +630,26 @@ def ms_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = (offs_m >= q_start) & (offs_m < hi)
     h_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
-    if WHOLE:
-        q1 = _load_full(Q + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
-        q2 = q1
-        dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    else:
-        q1, q2, cq, sq = _load_rotated(
-            Q + q_off, offs_m, q_stride, row_ok, COS, SIN, offs_m + shift, offs_h, ROPE, HALF
-        )
-        dq1 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    q1, q2, cq, sq = _load_query(
+        Q + q_off,
+        offs_m,
+        q_stride,
+        row_ok,
+        COS,
+        SIN,
+        offs_m + shift,
+        offs_h,
+        offs_d,
+        ROPE,
+        HALF,
+        HEAD_DIM,
+        WHOLE,
+    )
     do = _load_full(DO + q_off, offs_m, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=row_ok, other=0.0)
 
+    dq1 = tl.zeros(q1.shape, dtype=tl.float32)  # whole rows or a half, as q1
     dq2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
 
     # The selected keys as in the forward: whole steps unmasked, the partial one masked.
