@@ -20,7 +20,6 @@ CALL=${1:?usage: lease_next.sh 1|2|3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/next
 mkdir -p "$W/k" "$W/ft"
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 stem="ms_attention_$(date -u +%F)_${card}"
 case $CALL in
   1)

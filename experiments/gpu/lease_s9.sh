@@ -34,7 +34,6 @@ CALL=${1:?usage: lease_s9.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s9
 mkdir -p "$W/sweep" "$W/k" "$W/ft"
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 day=$(date -u +%F)
 sweep() {  # GPU, stem, time limit (s), then stage_sweep's own arguments
   local gpu=$1 stem=$2 limit=$3

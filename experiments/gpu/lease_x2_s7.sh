@@ -23,7 +23,6 @@ CALL=${1:?usage: lease_x2_s7.sh 1|2|3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-540}"
 W=/root/s7
 mkdir -p "$W/k" "$W/ft"
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 stem="ms_attention_$(date -u +%F)_${card}_s7"
 RESCORED="select_precision=tf32x3+shallow_rescore=true"
 case $CALL in

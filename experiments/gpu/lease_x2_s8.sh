@@ -26,7 +26,6 @@ CALL=${1:?usage: lease_x2_s8.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s8
 mkdir -p "$W/k/probe" "$W/moba" "$W/ft"
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 stem="ms_attention_$(date -u +%F)_${card}_s8"
 TILES="fwd_block_n=128+fwd_stages=2+dq_block_n=128"
 case $CALL in

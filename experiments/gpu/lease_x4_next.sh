@@ -21,7 +21,6 @@ CALL=${1:?usage: lease_x4_next.sh 1|2|3}
 source "$(dirname "$0")/lease_common.sh" 560
 W=/root/next
 mkdir -p "$W/k" "$W/moba" "$W/ft" "$W/k/probe"
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 stem="ms_attention_$(date -u +%F)_${card}"
 case $CALL in
   1)

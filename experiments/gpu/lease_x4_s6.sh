@@ -21,7 +21,6 @@ CALL=${1:?usage: lease_x4_s6.sh 1|2|3}
 source "$(dirname "$0")/lease_common.sh" 560
 W=/root/s6
 mkdir -p "$W/k" "$W/moba" "$W/ft"
-card=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace(' ', '_'))")
 stem="ms_attention_$(date -u +%F)_${card}"
 select_impl() {  # shallow when call 1's GPU tests of the kernels passed
   if grep -qE '[0-9]+ passed' "$W/k/gpu_tests.log" 2>/dev/null && ! grep -qE '[0-9]+ (failed|error)' "$W/k/gpu_tests.log"; then
