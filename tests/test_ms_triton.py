@@ -68,7 +68,7 @@ def test_interpreted():
         "-m",
         "not gpu",
     ]
-    child = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    child = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and " failed" not in child.stdout
 
@@ -641,6 +641,70 @@ def test_rescored_search_gives_the_float32_selection(
     assert torch.equal(plain.long(), want)
 
 
+# The second pass by bit masks (``shallow_mask_steps``, re-scored searches only): torch's indices,
+# decided the way the case's name says, on random and tie-heavy inputs (ties put several
+# candidates of a row in one step, so masks expand over several rounds) with masks expanded every
+# 2 steps (chunk boundaries) or every 64 (one chunk), and where rows overflow or agree (redone).
+MASK_CASES = [("random-paper-head-L400", 2), ("ties-causal-B2-L73", 2), ("overflow-ties-L200", 64),
+              ("deep-identical-regions-L300", 2)]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, mask_steps", MASK_CASES, ids=[c for c, _ in MASK_CASES])
+@on_interpreter
+def test_shallow_masks_give_the_same_selection(case, mask_steps):
+    _, shape, region, budget, merge, pool, scope, select, values, overrides, decided = next(
+        c for c in SHALLOW_CASES if c[0] == case
+    )
+    q, k = _select_inputs(shape, values, 7)
+    opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
+    masked = dataclasses.replace(
+        triton_impl.INTERPRETER_CONFIG, shallow_rescore=True, shallow_mask_steps=mask_steps, **overrides
+    )
+    got, redone = triton_impl.select_shallow_counted(q, k, config=masked, **opts)
+    assert torch.equal(got.long(), ms_select_torch(q, k, **opts))
+    assert (redone == 0) == (decided == "shallow"), redone
+
+
+@pytest.mark.parametrize("case", [c[0] for c in RESCORE_CASES[:2]])
+@on_interpreter
+def test_shallow_masks_undo_a_coarse_search(case):
+    _, shape, region, budget, merge, pool, scope, select, values = next(
+        c for c in RESCORE_CASES if c[0] == case
+    )
+    q, k = _select_inputs(shape, values, 11)
+    opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
+    fault = dataclasses.replace(
+        triton_impl.INTERPRETER_CONFIG, shallow_fault=True, shallow_score_err=0.01, shallow_rescore=True,
+        shallow_mask_steps=4,
+    )  # fmt: skip
+    got, _ = triton_impl.select_shallow_counted(q, k, config=fault, **opts)
+    assert torch.equal(got.long(), ms_select_torch(q, k, **opts))
+
+
+@triton.jit
+def _popcount_kernel(X, OUT, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(X + offs)
+    tl.store(OUT + offs, tk._popcount(x))
+    tl.store(OUT + N + offs, tk._popcount((x & (-x)) - 1))  # the lowest set bit's index (64 for 0)
+
+
+@on_interpreter
+def test_popcount_and_lowest_bit():
+    """``_popcount`` counts the set bits of int64s, the sign bit included; the index of the lowest
+    set bit, which the masks' expansion takes as popcount(lowest - 1), is right for every bit."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-(2**63), 2**63 - 1, (48,), dtype=torch.int64, generator=gen)
+    bits = [1 << b if b < 63 else -(2**63) for b in range(0, 64, 4)]
+    x = torch.cat([x, torch.tensor([0, -1, -(2**63), 2**63 - 1] + bits[:12], dtype=torch.int64)])
+    out = torch.empty(2 * 64, dtype=torch.int32)
+    _popcount_kernel[(1,)](x, out, N=64)
+    want = [bin(v & (2**64 - 1)).count("1") for v in x.tolist()]
+    low = [((v & (2**64 - 1)) & -(v & (2**64 - 1))).bit_length() - 1 if v else 64 for v in x.tolist()]
+    assert out[:64].tolist() == want
+    assert out[64:].tolist() == low
+
+
 @triton.jit
 def _columns_kernel(X, OUT, R: tl.constexpr, C: tl.constexpr):
     r, c, d = tl.arange(0, R), tl.arange(0, C), tl.arange(0, 4)
@@ -730,6 +794,14 @@ def test_shallow_config_is_validated():
         (dict(shallow_rescore=1), "shallow_rescore"),
         (dict(shallow_rescore_cols=2), "shallow_rescore_cols"),
         (dict(shallow_score_err=-1.0), "shallow_score_err"),
+        (dict(shallow_mask_steps=3, shallow_rescore=True), "shallow_mask_steps"),
+        (dict(shallow_mask_steps=4, shallow_rescore=False), "shallow_rescore=True"),
+        (
+            dict(shallow_mask_steps=4, shallow_rescore=True, shallow_block_j=128, shallow_cap=128),
+            "shallow_block_j <= 64",
+        ),
+        (dict(shallow_stages=0), "shallow_stages"),
+        (dict(shallow_maxnreg=-1), "shallow_maxnreg"),
     ):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(triton_impl.GPU_CONFIG, **bad)
@@ -1177,21 +1249,25 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
 @pytest.mark.parametrize(
-    "precision, rescore, cols", [("ieee", False, 1), ("tf32", True, 1), ("tf32", True, 4)]
+    "precision, rescore, cols, mask_steps",
+    [("ieee", False, 1, 0), ("tf32", True, 1, 0), ("tf32", True, 4, 0), ("tf32", True, 4, 64)],
 )
-def test_shallow_selection_compiles_for_h100(precision, rescore, cols):
+def test_shallow_selection_compiles_for_h100(precision, rescore, cols, mask_steps):
     """The shallow selection kernel compiles for an H100 (sm_90) without a GPU, with the installed
     Triton, at the paper's shape: the ieee search, and the tf32 search with each re-scoring (whose
-    four-column variant splits its loads in registers)."""
+    four-column variant splits its loads in registers), and with the second pass's bit masks,
+    whose step then needs no scan in shared memory."""
     sig = dict(QREP="*fp32", KREP="*fp32", OUT="*i32", FLAG="*i32", LIST="*i64", TOPK="*i32",
-               SEEN="*i32", QNORM="*fp32", KMAX="*fp32", score_err="fp32")  # fmt: skip
+               SEEN="*i32", MASKS="*i64", QNORM="*fp32", KMAX="*fp32", score_err="fp32")  # fmt: skip
     sig |= dict.fromkeys(("n", "G", "T", "M", "S", "n_bhs", "n_items"), "i32")
     consts = dict(HS=32, HKV=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, RM=64, K=32, CAP=128,
                   BLOCK_J=64, SORT_ROWS=4, PREC=precision, RESCORE=rescore, RESCORE_COLS=cols,
-                  FAULT=False, KV_MAJOR=cols == 4)  # fmt: skip
-    ptx = _compile_for_h100(tk.ms_select_shallow_kernel, sig, consts, num_warps=8).asm["ptx"]
+                  FAULT=False, KV_MAJOR=cols == 4, MASK_STEPS=mask_steps)  # fmt: skip
+    compiled = _compile_for_h100(tk.ms_select_shallow_kernel, sig, consts, ("n",), num_warps=8)
+    ptx = compiled.asm["ptx"]
     assert ("mma" in ptx) == (precision != "ieee")  # tensor cores for tf32 only
     assert ".local" not in ptx  # no register spills
+    assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
 
 
 H100_SHARED_BYTES = 232448  # per block, sm_90 (the H100's and the H200's opt-in limit)

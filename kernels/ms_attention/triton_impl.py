@@ -135,6 +135,18 @@ class LaunchConfig:
     shallow_sort_rows: int = 4
     """Rows the shallow selection sorts at once."""
     shallow_warps: int = 8
+    shallow_stages: int = 3
+    """Pipeline stages of the shallow selection's loads (Triton's num_stages)."""
+    shallow_maxnreg: int = 0
+    """Registers per thread the shallow selection may use (0: ptxas decides; it takes 254 with 8
+    warps, one program per SM); Triton's maxnreg."""
+    shallow_mask_steps: int = 0
+    """0, or a power of two: with ``shallow_rescore`` (and ``shallow_block_j`` <= 64), the second
+    pass keeps one bit mask per row and step, and appends the regions of every
+    ``shallow_mask_steps`` steps' masks to the lists at once, keyless (the re-scoring computes
+    the keys). It saves the per-step prefix sum and scatter, which Triton runs through shared
+    memory: in the sm_90 code the second pass's step has 806 instructions and 15 barriers with
+    them. The same indices either way."""
     shallow_rescore: bool = False
     """Search in ``select_precision`` (tf32x3 or tf32: tensor cores) and rank in float32: each
     row's bound is lowered by twice the two roundings' distance (``exact.search_error``) and the
@@ -229,6 +241,22 @@ class LaunchConfig:
                 f"shallow_k must be >= 16 and <= shallow_block_j, got {self.shallow_k} and "
                 f"{self.shallow_block_j}"
             )
+        if self.shallow_stages < 1 or self.shallow_maxnreg < 0:
+            raise ValueError(
+                f"shallow_stages must be >= 1 and shallow_maxnreg >= 0 (0: ptxas decides), got "
+                f"{self.shallow_stages} and {self.shallow_maxnreg}"
+            )
+        if self.shallow_mask_steps:
+            if self.shallow_mask_steps < 0 or self.shallow_mask_steps & (self.shallow_mask_steps - 1):
+                raise ValueError(
+                    f"shallow_mask_steps must be 0 or a power of two, got {self.shallow_mask_steps}"
+                )
+            if not self.shallow_rescore or self.shallow_block_j > 64:
+                raise ValueError(
+                    "shallow_mask_steps needs shallow_rescore=True (the masks carry no keys) and "
+                    f"shallow_block_j <= 64 (one int64 mask per step), got shallow_rescore="
+                    f"{self.shallow_rescore!r}, shallow_block_j={self.shallow_block_j}"
+                )
         if self.shallow_rescore_cols not in (1, 4):
             raise ValueError(f"shallow_rescore_cols must be 1 or 4, got {self.shallow_rescore_cols!r}")
         if not self.shallow_score_err >= 0:
@@ -717,6 +745,9 @@ def select_shallow_counted(
     scratch_list = torch.empty((programs, rm, cfg.shallow_cap), dtype=torch.int64, device=dev)
     scratch_top = torch.empty((programs, rm, cfg.shallow_k), dtype=torch.int32, device=dev)
     seen = torch.zeros((programs, n), dtype=torch.int32, device=dev)
+    masks = torch.empty((programs, rm, cfg.shallow_mask_steps) if cfg.shallow_mask_steps else 1,
+                        dtype=torch.int64, device=dev)  # fmt: skip
+    extra = dict(maxnreg=cfg.shallow_maxnreg) if cfg.shallow_maxnreg else {}
     if cfg.shallow_rescore or cfg.shallow_fault:
         qnorm = qrep.norm(dim=-1).contiguous()  # [B, Hs, n]
         kmax = krep.norm(dim=-1).amax(-1).contiguous()  # [B, Hkv]
@@ -725,13 +756,14 @@ def select_shallow_counted(
         qnorm, kmax, err = flag, flag, 0.0  # not read
     with launch_settings("ms_select_shallow_kernel", cfg, "shallow_", "select_precision"):
         tk.ms_select_shallow_kernel[(programs,)](
-            qrep, krep, out, flag, scratch_list, scratch_top, seen, qnorm, kmax, err,
+            qrep, krep, out, flag, scratch_list, scratch_top, seen, masks, qnorm, kmax, err,
             n, G, budget, merge, n_sel, B * Hs, n_items,
             HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
             CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
             BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
             PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore, RESCORE_COLS=cfg.shallow_rescore_cols,
-            FAULT=cfg.shallow_fault, KV_MAJOR=cfg.select_order == "kv", num_warps=cfg.shallow_warps,
+            FAULT=cfg.shallow_fault, KV_MAJOR=cfg.select_order == "kv", MASK_STEPS=cfg.shallow_mask_steps,
+            num_warps=cfg.shallow_warps, num_stages=cfg.shallow_stages, **extra,
         )  # fmt: skip
     redo = flag.nonzero().flatten().to(torch.int32)
     SHALLOW_ITEMS[0] += n_items

@@ -1323,6 +1323,49 @@ def _unsortable(key):
 
 
 @triton.jit
+def _popcount(x):
+    """Set bits of each int64 in x (SWAR: no libdevice, so the interpreter runs it too). The
+    arithmetic shifts are safe: each mask clears the bits a sign extension would fill."""
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    return ((x * 0x0101010101010101) >> 56).to(tl.int32)
+
+
+@triton.jit
+def _expand_masks(
+    mask_base,
+    list_base,
+    j0,
+    n_steps,
+    filled,
+    CAP: tl.constexpr,
+    RM: tl.constexpr,
+    CH: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """Append the regions of the bit masks MASKS [RM, CH] (bit c of row a, step t: region
+    j0 + t*BLOCK_J + c collected) to the rows' candidate lists after their ``filled`` entries, as
+    (0, -region) composites (the re-scoring gives them their keys); returns the new counts (a
+    count over CAP flags the row; entries past CAP are not written)."""
+    a = tl.arange(0, RM)
+    t = tl.arange(0, CH)
+    x = tl.load(mask_base + a[:, None] * CH + t[None, :], mask=(t < n_steps)[None, :], other=0)
+    cnt = _popcount(x)
+    pos = filled[:, None] + tl.cumsum(cnt, 1) - cnt  # each (row, step)'s first slot
+    first = j0 + t * BLOCK_J
+    for _ in range(0, tl.max(tl.max(cnt, 1), 0)):
+        has = x != 0
+        low = x & (-x)  # the lowest set bit
+        region = first[None, :] + _popcount(low - 1)
+        ok = has & (pos < CAP)
+        tl.store(list_base + a[:, None] * CAP + pos, (2147483647 - region).to(tl.int64), mask=ok)
+        pos += has.to(tl.int32)
+        x = x ^ low
+    return filled + tl.sum(cnt, 1)
+
+
+@triton.jit
 def _search_keys(
     qr,
     k_base,
@@ -1714,6 +1757,7 @@ def ms_select_shallow_kernel(
     LIST,
     TOPK,
     SEEN,
+    MASKS,
     QNORM,
     KMAX,
     score_err,
@@ -1739,6 +1783,7 @@ def ms_select_shallow_kernel(
     RESCORE_COLS: tl.constexpr,
     FAULT: tl.constexpr,
     KV_MAJOR: tl.constexpr,
+    MASK_STEPS: tl.constexpr,
 ):
     """The shallow exact selection. Grid (P,), persistent over items (b, hs, g) like
     ``ms_select_kernel``; all RM >= m voting rows of a block are scored together.
@@ -1756,7 +1801,12 @@ def ms_select_shallow_kernel(
        best key.
     2. Pass 2 recomputes the scores and appends every candidate with key >= theta (K or more:
        typically 1.1-1.5 K) to the row's list of CAP (key, -region) composites, in region order;
-       a row with more than CAP flags the item.
+       a row with more than CAP flags the item. With MASK_STEPS > 0 (RESCORE only) a step keeps
+       one int64 bit mask per row instead (a row reduction: no prefix sum and no scatter per
+       step, which need the tile in another layout, through shared memory), and every
+       MASK_STEPS steps ``_expand_masks`` appends the masks' regions to the lists, keyless:
+       the re-scoring computes every key. The list's order is not the same; its sorted
+       contents, hence the indices, are.
     3. Each list is sorted descending; its first K regions are the row's top list (TOPK).
     4. The rank-first merge over K ranks (``_merge_ranks``); fewer than S found flags the item.
 
@@ -1773,9 +1823,12 @@ def ms_select_shallow_kernel(
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     list_base, topk_base, seen_base = _program_scratch(LIST, TOPK, SEEN, n, RM * CAP, RM * K)
+    tl.static_assert(MASK_STEPS == 0 or (RESCORE and BLOCK_J <= 64), "masks: re-scored, <= 64 lanes")
+    mask_base = MASKS + pid.to(tl.int64) * (RM * MASK_STEPS)
     offs_j = tl.arange(0, BLOCK_J)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, CAP)
+    lane_bit = tl.full([BLOCK_J], 1, tl.int64) << offs_j.to(tl.int64)
     a = tl.arange(0, RM)
     for item in range(pid, n_items, n_prog):
         g, bhs, b, hkv, s, first_row, n_rows = _select_item(
@@ -1819,15 +1872,42 @@ def ms_select_shallow_kernel(
         )
         tl.debug_barrier()
         filled = tl.zeros([RM], dtype=tl.int32)
-        for j0 in range(0, j_end, BLOCK_J):
-            key, valid, j = _search_keys(
-                qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, i, delta, HEAD_DIM, PREC, FAULT
-            )
-            take = valid & (key >= theta[:, None])
-            pos = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
-            comp = key.to(tl.int64) * 4294967296 + (2147483647 - j[None, :]).to(tl.int64)
-            tl.store(list_base + a[:, None] * CAP + pos, comp, mask=take & (pos < CAP))
-            filled += tl.sum(take.to(tl.int32), 1)
+        if MASK_STEPS > 0:
+            # Per row and step one int64 bit mask of the candidates taken (a row reduction, no
+            # scan, no scatter in the loop); every MASK_STEPS steps the masks are expanded into
+            # the lists. The composites carry no key: re-scoring gives them theirs.
+            for c0 in range(0, j_end, BLOCK_J * MASK_STEPS):
+                c_end = tl.minimum(j_end, c0 + BLOCK_J * MASK_STEPS)
+                for j0 in range(c0, c_end, BLOCK_J):
+                    key, valid, _ = _search_keys(
+                        qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, i, delta, HEAD_DIM, PREC, FAULT
+                    )
+                    take = valid & (key >= theta[:, None])
+                    bits = tl.sum(tl.where(take, lane_bit[None, :], 0), 1)  # distinct bits: sum = or
+                    tl.store(mask_base + a * MASK_STEPS + (j0 - c0) // BLOCK_J, bits)
+                tl.debug_barrier()
+                filled = _expand_masks(
+                    mask_base,
+                    list_base,
+                    c0,
+                    tl.cdiv(c_end - c0, BLOCK_J),
+                    filled,
+                    CAP,
+                    RM,
+                    MASK_STEPS,
+                    BLOCK_J,
+                )
+                tl.debug_barrier()
+        else:
+            for j0 in range(0, j_end, BLOCK_J):
+                key, valid, j = _search_keys(
+                    qr, k_base, j0, n, limit, row_ok, offs_j, offs_d, i, delta, HEAD_DIM, PREC, FAULT
+                )
+                take = valid & (key >= theta[:, None])
+                pos = filled[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
+                comp = key.to(tl.int64) * 4294967296 + (2147483647 - j[None, :]).to(tl.int64)
+                tl.store(list_base + a[:, None] * CAP + pos, comp, mask=take & (pos < CAP))
+                filled += tl.sum(take.to(tl.int32), 1)
         overflow = tl.max((filled > CAP).to(tl.int32), 0)
         tl.debug_barrier()
 
