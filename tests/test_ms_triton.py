@@ -1141,14 +1141,22 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
         got = triton_impl.ms_select_triton(q, k, **opts)
         assert torch.equal(got.long(), want)
         assert torch.equal(triton_impl.ms_select_shallow(q, k, **opts).long(), want)
+        for steps in (4, 64):  # the second pass by bit masks, on ties
+            masked = dataclasses.replace(triton_impl.GPU_CONFIG, shallow_mask_steps=steps)
+            assert torch.equal(triton_impl.ms_select_shallow(q, k, config=masked, **opts).long(), want)
     q, k = torch.randn_like(q.float()).bfloat16(), torch.randn_like(k.float()).bfloat16()
     got = triton_impl.ms_select_triton(q, k, **opts).long()
     ieee = dataclasses.replace(triton_impl.GPU_CONFIG, select_precision="ieee", shallow_rescore=False)
     shallow, redone = triton_impl.select_shallow_counted(q, k, config=ieee, **opts)
     # The same float32 scores (tl.dot, ieee) as the full-depth kernel: the same indices.
     assert torch.equal(shallow.long(), got), f"{redone} items redone"
-    # The default (a tf32 search, re-scored): the same indices too.
+    # The default (a tf32 search, re-scored): the same indices too, with the second pass by
+    # prefix sums or by bit masks (expanded every 4 or 64 steps).
     assert torch.equal(triton_impl.ms_select_shallow(q, k, **opts).long(), got)
+    for steps in (0, 4, 64):
+        masked = dataclasses.replace(triton_impl.GPU_CONFIG, shallow_mask_steps=steps)
+        got_masked, redone_masked = triton_impl.select_shallow_counted(q, k, config=masked, **opts)
+        assert torch.equal(got_masked.long(), got), f"mask steps {steps}: {redone_masked} items redone"
     want = ms_select_torch(q, k, **opts)
     assert torch.equal(want, ms_select_torch(q, k, method="sort", **opts))
     # The contract for rounded scores: the float64 selection on every separated block.

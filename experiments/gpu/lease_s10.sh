@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Session 10's lease (nvidia-h200-x2), calls one right after another where the code allows (the
+# machine is given back after 30 s idle); experiments/results moved out of the tree while it runs.
+#   call 1  carry [.whl/core]   bash experiments/gpu/lease_s10.sh 1
+#           GPU 0: the selection probe at paper settings 64K-256K and (64, 64, 8) 128K-256K: the
+#             shallow selection with its second pass by prefix sums (the default) against bit
+#             masks (shallow_mask_steps) and launch variants (stages, registers, warps), each
+#             checked against ms_select_torch; then the GPU tests of the kernels.
+#           GPU 1: the benchmark at (64, 64, 8) with 8 and 32 kv heads, 32K-128K (ours, det, S2):
+#             its stage lines time dk/dv by atomics, partial sums and the reverse index, which
+#             "auto" picks for w = 64 on the strength of an H100 measurement of session 3.
+#           -> OUT/probe.tgz
+#   call 2  bash experiments/gpu/lease_s10.sh 2   (after call 1's choices are committed)
+#           GPU 0: the benchmark at paper settings, 32K-256K (ours, det, dense, S2); then under
+#             RoPE on the fly (pe="selected", ours only; rotate_q_once in its final form).
+#           GPU 1: the GPU tests with the new defaults; then the benchmark at (64, 64, 8), 8 kv
+#             heads, 32K-256K (ours, det, S2).  -> OUT/bench.tgz
+set -uo pipefail
+CALL=${1:?usage: lease_s10.sh 1|2}
+source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
+W=/root/s10
+mkdir -p "$W/k"
+day=$(date -u +%F)
+stem="ms_attention_${day}_${card}_s10"
+gpu_tests() {  # GPU, log name
+  CUDA_VISIBLE_DEVICES=$1 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
+    tests/test_ms_triton.py tests/test_ms_select_exact.py > "$W/k/$2" 2>&1
+  tail -3 "$W/k/$2"
+}
+case $CALL in
+  1)
+    (
+      m="shallow+shallow_mask_steps"
+      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m ctxlab.kernels.bench.select_probe --lengths 64K,128K,256K \
+        --settings paper --out "$W/k" --variants "shallow;${m}=64;${m}=16;${m}=64+shallow_stages=2;\
+${m}=64+shallow_stages=2+shallow_maxnreg=128;${m}=64+shallow_stages=1+shallow_maxnreg=128;\
+${m}=64+shallow_warps=4+shallow_stages=2;shallow+shallow_stages=2+shallow_maxnreg=128" > "$W/k/probe_paper.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout 60 python3 -m ctxlab.kernels.bench.select_probe --lengths 128K,256K \
+        --settings sparse --out "$W/k" --variants "shallow;${m}=64;${m}=16" > "$W/k/probe_sparse.log" 2>&1
+      gpu_tests 0 gpu_tests_call1.log
+    ) &
+    CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100 \
+      --cases sparse-L32K,sparse-L64K,sparse-L128K --ops triton,triton_det,s2 --out "$W/k" \
+      --stem "${stem}_sparse_kv" --time-limit-s $(( $(left) - 90 )) > "$W/k/bench_sparse_kv.log" 2>&1 &
+    wait
+    cat "$W/k/select_probe.jsonl" | cut -c1-900
+    grep -h -A8 '^Stages' "$W/k/${stem}_sparse_kv.md" 2>/dev/null
+    tar -czf "$OUT/probe.tgz" -C "$W" k ;;
+  2)
+    (
+      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 150 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+        --cases paper --ops triton,triton_det,dense,s2 --out "$W/k" --stem "${stem}_paper" \
+        --time-limit-s $(( $(left) - 200 )) > "$W/k/bench_paper.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+        --cases paper --pe selected --ops triton --out "$W/k" --stem "${stem}_paper_selected" \
+        --time-limit-s $(( $(left) - 60 )) > "$W/k/bench_paper_selected.log" 2>&1
+    ) &
+    (
+      gpu_tests 1 gpu_tests_call2.log
+      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+        --cases sparse --ops triton,triton_det,s2 --out "$W/k" --stem "${stem}_sparse" \
+        --time-limit-s $(( $(left) - 90 )) > "$W/k/bench_sparse.log" 2>&1
+    ) &
+    wait
+    grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/bench.tgz" -C "$W" k ;;
+  *) echo "lease_s10.sh: call must be 1 or 2" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
