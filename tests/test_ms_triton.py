@@ -847,11 +847,16 @@ def test_gpu_backward_is_deterministic(mode):
 
 
 def test_dkv_path_choice():
-    """auto: the reverse index when w is a multiple of the dk/dv key tile, else partial sums in
-    deterministic mode (argument, launch setting or torch's flag) and atomics otherwise; a forced
-    path is kept; atomics in deterministic mode are refused, naming both settings."""
+    """auto: the reverse index when w is a multiple of the dk/dv key tile and each kv head serves
+    one query head, else partial sums in deterministic mode (argument, launch setting or torch's
+    flag) and atomics otherwise; a forced path is kept; atomics in deterministic mode are
+    refused, naming both settings."""
     cfg = triton_impl.LaunchConfig(dkv_block_n=16)
     assert triton_impl.dkv_path(32, cfg) == "reverse"
+    assert triton_impl.dkv_path(32, cfg, group=1, deterministic=True) == "reverse"
+    assert triton_impl.dkv_path(32, cfg, group=4) == "atomic"
+    assert triton_impl.dkv_path(32, cfg, group=4, deterministic=True) == "partial"
+    assert triton_impl.dkv_path(32, dataclasses.replace(cfg, dkv_path="reverse"), group=4) == "reverse"
     assert triton_impl.dkv_path(20, cfg) == "atomic"
     assert triton_impl.dkv_path(20, cfg, deterministic=True) == "partial"
     assert triton_impl.dkv_path(20, dataclasses.replace(cfg, deterministic=True)) == "partial"
@@ -1258,7 +1263,7 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
 @pytest.mark.parametrize(
     "precision, rescore, cols, mask_steps",
-    [("ieee", False, 1, 0), ("tf32", True, 1, 0), ("tf32", True, 4, 0), ("tf32", True, 4, 64)],
+    [("ieee", False, 1, 0), ("tf32", True, 1, 0), ("tf32", True, 4, 0), ("tf32", True, 4, 16)],
 )
 def test_shallow_selection_compiles_for_h100(precision, rescore, cols, mask_steps):
     """The shallow selection kernel compiles for an H100 (sm_90) without a GPU, with the installed
@@ -1271,7 +1276,12 @@ def test_shallow_selection_compiles_for_h100(precision, rescore, cols, mask_step
     consts = dict(HS=32, HKV=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, RM=64, K=32, CAP=128,
                   BLOCK_J=64, SORT_ROWS=4, PREC=precision, RESCORE=rescore, RESCORE_COLS=cols,
                   FAULT=False, KV_MAJOR=cols == 4, MASK_STEPS=mask_steps)  # fmt: skip
-    compiled = _compile_for_h100(tk.ms_select_shallow_kernel, sig, consts, ("n",), num_warps=8)
+    options = dict(num_warps=8)
+    if mask_steps:  # the GPU default: 4 warps, 2 stages (two programs per SM)
+        gpu = triton_impl.GPU_CONFIG
+        assert gpu.shallow_mask_steps == mask_steps
+        options = dict(num_warps=gpu.shallow_warps, num_stages=gpu.shallow_stages)
+    compiled = _compile_for_h100(tk.ms_select_shallow_kernel, sig, consts, ("n",), **options)
     ptx = compiled.asm["ptx"]
     assert ("mma" in ptx) == (precision != "ieee")  # tensor cores for tf32 only
     assert ".local" not in ptx  # no register spills

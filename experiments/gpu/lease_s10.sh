@@ -11,7 +11,7 @@
 #             "auto" picks for w = 64 on the strength of an H100 measurement of session 3.
 #           -> OUT/probe.tgz
 #   call 2  bash experiments/gpu/lease_s10.sh 2   (after call 1's choices are committed)
-#           GPU 0: the benchmark at paper settings, 32K-256K (ours, det, dense, S2); then under
+#           GPU 0: the selection probe at 128K-256K (the new default against its neighbours); the benchmark at paper settings, 32K-256K (ours, det, dense, S2); then under
 #             RoPE on the fly (pe="selected", ours only; rotate_q_once in its final form).
 #           GPU 1: the GPU tests with the new defaults; then the benchmark at (64, 64, 8), 8 kv
 #             heads, 32K-256K (ours, det, S2).  -> OUT/bench.tgz
@@ -48,6 +48,10 @@ ${m}=64+shallow_warps=4+shallow_stages=2;shallow+shallow_stages=2+shallow_maxnre
     tar -czf "$OUT/probe.tgz" -C "$W" k ;;
   2)
     (
+      m="shallow+shallow_mask_steps"
+      CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m ctxlab.kernels.bench.select_probe --lengths 128K,256K \
+        --settings paper --out "$W/k" --variants "shallow;${m}=64;${m}=8;${m}=16+shallow_stages=1;\
+${m}=16+shallow_warps=8+shallow_maxnreg=128" > "$W/k/probe_call2.log" 2>&1
       CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 150 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
         --cases paper --ops triton,triton_det,dense,s2 --out "$W/k" --stem "${stem}_paper" \
         --time-limit-s $(( $(left) - 200 )) > "$W/k/bench_paper.log" 2>&1
@@ -63,6 +67,7 @@ ${m}=64+shallow_warps=4+shallow_stages=2;shallow+shallow_stages=2+shallow_maxnre
     ) &
     wait
     grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
+    cut -c1-600 "$W/k/select_probe.jsonl"
     tar -czf "$OUT/bench.tgz" -C "$W" k ;;
   *) echo "lease_s10.sh: call must be 1 or 2" >&2; exit 2 ;;
 esac

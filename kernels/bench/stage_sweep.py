@@ -67,7 +67,7 @@ def stage_runs(case: Case, q, k, v, do, idx_sorted, config) -> dict:
             delta,
             idx_sorted,
             config=config,
-            path=triton_impl.dkv_path(case.region, config),
+            path=triton_impl.dkv_path(case.region, config, group=case.Hq // case.Hkv),
             **opts,
         ),
     }

@@ -174,8 +174,8 @@ class LaunchConfig:
     """How the selected keys' dk/dv are summed over the blocks that selected them: "atomic"
     (relaxed float32 atomics), "partial" (per-block partial sums, then a fixed-order reduction;
     deterministic), "reverse" (the reverse index; deterministic) or "auto": "reverse" when w is a
-    multiple of ``dkv_block_n`` (no lane wasted; the faster path on the H100 then), else
-    "partial" in deterministic mode and "atomic" otherwise. See ``dkv_path``."""
+    multiple of ``dkv_block_n`` (no lane wasted) and every kv head serves one query head, else
+    "partial" in deterministic mode and "atomic" otherwise (H200 measurements at ``dkv_path``)."""
     dkv_partial_gib: float = 1.0
     """GiB of float32 partial sums "partial" may hold at once (dk and dv together): the blocks
     go through it in windows, one window's partial sums and reduction at a time."""
@@ -288,11 +288,16 @@ GPU_CONFIG = LaunchConfig(
     select_precision="tf32",
     shallow_rescore=True,
     shallow_rescore_cols=4,
+    shallow_mask_steps=16,
+    shallow_warps=4,
+    shallow_stages=2,
 )
 """The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
 candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of
-the ieee selection; forward and dq step over 128 keys (forward in three stages) and, without
-RoPE on the fly, score with one dot over the head dim (``whole_qk``); under RoPE on the fly the
+the ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), and it runs 4 warps
+and 2 stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with masks
+expanded every 64 steps, 38.7 with masks alone); forward and dq step over 128 keys (forward in
+three stages) and, without RoPE on the fly, score with one dot over the head dim (``whole_qk``); under RoPE on the fly the
 dk/dv kernels read q rotated once (``rotate_q_once``). Each setting was timed
 against the one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x
 faster and forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward and
@@ -861,7 +866,7 @@ def ms_attn_bwd(
     _check_launch(q, k, v, idx_sorted)
     do, q, k, v, o = (x.contiguous() for x in (do, q, k, v, o))
     cfg = config or default_config(q.device)
-    path = dkv_path(region, cfg, deterministic)
+    path = dkv_path(region, cfg, deterministic, group=q.shape[2] // k.shape[2])
     delta = bwd_preprocess(o, do, start)
     dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget, merge=merge,
                 rope=rope, inv_freq=inv_freq, scale=scale, config=cfg, start=start)  # fmt: skip
@@ -871,22 +876,26 @@ def ms_attn_bwd(
     return dq, dk, dv
 
 
-def dkv_path(region: int, config: LaunchConfig, deterministic: bool | None = None) -> str:
+def dkv_path(region: int, config: LaunchConfig, deterministic: bool | None = None, group: int = 1) -> str:
     """The way ``ms_attn_bwd`` sums the selected keys' dk/dv: "atomic", "partial" or "reverse".
 
     Deterministic mode: ``deterministic``, or when it is None ``config.deterministic`` or
     ``torch.are_deterministic_algorithms_enabled()``. ``config.dkv_path="auto"`` takes
     "reverse" when ``region`` is a multiple of ``config.dkv_block_n`` (no key tile mixes
-    regions, no lane is wasted, and it was the faster path on an H100: w=64, 43 vs 89 ms at
-    128K with 32 kv heads), else "partial" in deterministic mode (the reverse index wastes
-    3/4 of its lanes at w=16: 434.8 vs 107.4 ms for the atomics at paper-128K) and "atomic"
-    otherwise. ValueError for "atomic" in deterministic mode (it cannot be honoured).
+    regions, no lane is wasted) and each kv head serves one query head (``group`` = Hq / Hkv
+    = 1), else "partial" in deterministic mode and "atomic" otherwise. Measured on an H200
+    (session 10, w = 64, 32 query heads, 32K-128K): with 32 kv heads the reverse index took
+    11.9 / 20.9 / 41.7 ms against 10.4 / 22.1 / 46.3 for the atomics and 14.5 / 31.2 / 64.3 for
+    partial sums; with 8 kv heads (its programs loop over 4 query heads each, and the popular
+    tiles' programs run longest) 25.4 / 46.5 / 90.8 against 10.0 / 22.1 / 44.2 and 13.6 / 27.4 /
+    57.7. At w = 16 the reverse index wastes 3/4 of its lanes (434.8 vs 107.4 ms for the atomics
+    at paper-128K, H100). ValueError for "atomic" in deterministic mode (it cannot be honoured).
     """
     if deterministic is None:
         deterministic = config.deterministic or torch.are_deterministic_algorithms_enabled()
     path = config.dkv_path
     if path == "auto":
-        if region % config.dkv_block_n == 0:
+        if region % config.dkv_block_n == 0 and group == 1:
             return "reverse"
         return "partial" if deterministic else "atomic"
     if deterministic and path == "atomic":
