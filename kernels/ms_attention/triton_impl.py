@@ -297,8 +297,8 @@ candidates in float32 (``shallow_rescore``, four columns per load), so its indic
 the ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), and it runs 4 warps
 and 2 stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with masks
 expanded every 64 steps, 38.7 with masks alone); forward and dq step over 128 keys (forward in
-three stages) and, without RoPE on the fly, score with one dot over the head dim (``whole_qk``); under RoPE on the fly the
-dk/dv kernels read q rotated once (``rotate_q_once``). Each setting was timed
+three stages) and, without RoPE on the fly, score with one dot over the head dim (``whole_qk``);
+under RoPE on the fly the dk/dv kernels read q rotated once (``rotate_q_once``). Each setting was timed
 against the one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x
 faster and forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward and
 5-6% faster dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
