@@ -69,6 +69,27 @@ ${m}=16+shallow_warps=8+shallow_maxnreg=128" > "$W/k/probe_call2.log" 2>&1
     grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
     cut -c1-600 "$W/k/select_probe.jsonl"
     tar -czf "$OUT/bench.tgz" -C "$W" k ;;
-  *) echo "lease_s10.sh: call must be 1 or 2" >&2; exit 2 ;;
+  2a)  # call 2 on one GPU (only nvidia-h200 was lent), first half: probe, GPU tests, (64, 64, 8)
+    m="shallow+shallow_mask_steps"
+    CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m ctxlab.kernels.bench.select_probe --lengths 128K,256K \
+      --settings paper --out "$W/k" --variants "shallow;${m}=64;${m}=8;${m}=16+shallow_stages=1;\
+${m}=16+shallow_warps=8+shallow_maxnreg=128" > "$W/k/probe_call2.log" 2>&1
+    gpu_tests 0 gpu_tests_call2.log
+    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases sparse --ops triton,triton_det,s2 --out "$W/k" --stem "${stem}_sparse" \
+      --time-limit-s $(( $(left) - 90 )) > "$W/k/bench_sparse.log" 2>&1
+    grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
+    cut -c1-700 "$W/k/select_probe.jsonl"
+    tar -czf "$OUT/bench_a.tgz" -C "$W" k ;;
+  2b)  # second half: the paper benchmark, then under RoPE on the fly
+    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 100 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper --ops triton,triton_det,dense,s2 --out "$W/k" --stem "${stem}_paper" \
+      --time-limit-s $(( $(left) - 160 )) > "$W/k/bench_paper.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper --pe selected --ops triton --out "$W/k" --stem "${stem}_paper_selected" \
+      --time-limit-s $(( $(left) - 60 )) > "$W/k/bench_paper_selected.log" 2>&1
+    grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/bench_b.tgz" -C "$W" k ;;
+  *) echo "lease_s10.sh: call must be 1, 2, 2a or 2b" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
