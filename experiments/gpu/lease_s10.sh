@@ -90,6 +90,14 @@ ${m}=16+shallow_warps=8+shallow_maxnreg=128" > "$W/k/probe_call2.log" 2>&1
       --time-limit-s $(( $(left) - 60 )) > "$W/k/bench_paper_selected.log" 2>&1
     grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/bench_b.tgz" -C "$W" k ;;
-  *) echo "lease_s10.sh: call must be 1, 2, 2a or 2b" >&2; exit 2 ;;
+  3)  # the GPU tests again (2a's select test refused the ieee config: masks without re-scoring,
+      # now ignored), then the 7B LoRA+ step, S2 against MS at 64K with the new defaults
+    gpu_tests 0 gpu_tests_call3.log
+    mkdir -p "$W/ft"
+    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.bench.finetune --out "$W/ft" \
+      --tag finetune_7b_s10 --lengths 65536 --variants s2,ms --warmup 2 --steps 2 > "$W/ft/log.txt" 2>&1
+    grep -h '^\[bench\]' "$W/ft/log.txt" | cut -c1-300
+    tar -czf "$OUT/call3.tgz" -C "$W" k ft ;;
+  *) echo "lease_s10.sh: call must be 1, 2, 2a, 2b or 3" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

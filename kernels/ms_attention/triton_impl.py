@@ -144,7 +144,8 @@ class LaunchConfig:
     """0, or a power of two: with ``shallow_rescore`` (and ``shallow_block_j`` <= 64), the second
     pass keeps one bit mask per row and step, and appends the regions of every
     ``shallow_mask_steps`` steps' masks to the lists at once, keyless (the re-scoring computes
-    the keys). It saves the per-step prefix sum and scatter, which Triton runs through shared
+    the keys; without re-scoring the lists need the search's keys, so the setting is ignored).
+    It saves the per-step prefix sum and scatter, which Triton runs through shared
     memory: in the sm_90 code the second pass's step has 806 instructions and 15 barriers with
     them. The same indices either way."""
     shallow_rescore: bool = False
@@ -246,17 +247,13 @@ class LaunchConfig:
                 f"shallow_stages must be >= 1 and shallow_maxnreg >= 0 (0: ptxas decides), got "
                 f"{self.shallow_stages} and {self.shallow_maxnreg}"
             )
-        if self.shallow_mask_steps:
-            if self.shallow_mask_steps < 0 or self.shallow_mask_steps & (self.shallow_mask_steps - 1):
-                raise ValueError(
-                    f"shallow_mask_steps must be 0 or a power of two, got {self.shallow_mask_steps}"
-                )
-            if not self.shallow_rescore or self.shallow_block_j > 64:
-                raise ValueError(
-                    "shallow_mask_steps needs shallow_rescore=True (the masks carry no keys) and "
-                    f"shallow_block_j <= 64 (one int64 mask per step), got shallow_rescore="
-                    f"{self.shallow_rescore!r}, shallow_block_j={self.shallow_block_j}"
-                )
+        if self.shallow_mask_steps < 0 or self.shallow_mask_steps & (self.shallow_mask_steps - 1):
+            raise ValueError(f"shallow_mask_steps must be 0 or a power of two, got {self.shallow_mask_steps}")
+        if self.shallow_mask_steps and self.shallow_rescore and self.shallow_block_j > 64:
+            raise ValueError(
+                f"shallow_mask_steps={self.shallow_mask_steps} keeps one int64 mask per step, so it "
+                f"needs shallow_block_j <= 64, got {self.shallow_block_j} (or set shallow_mask_steps=0)"
+            )
         if self.shallow_rescore_cols not in (1, 4):
             raise ValueError(f"shallow_rescore_cols must be 1 or 4, got {self.shallow_rescore_cols!r}")
         if not self.shallow_score_err >= 0:
@@ -750,8 +747,8 @@ def select_shallow_counted(
     scratch_list = torch.empty((programs, rm, cfg.shallow_cap), dtype=torch.int64, device=dev)
     scratch_top = torch.empty((programs, rm, cfg.shallow_k), dtype=torch.int32, device=dev)
     seen = torch.zeros((programs, n), dtype=torch.int32, device=dev)
-    masks = torch.empty((programs, rm, cfg.shallow_mask_steps) if cfg.shallow_mask_steps else 1,
-                        dtype=torch.int64, device=dev)  # fmt: skip
+    mask_steps = cfg.shallow_mask_steps if cfg.shallow_rescore else 0  # masks carry no keys
+    masks = torch.empty((programs, rm, mask_steps) if mask_steps else 1, dtype=torch.int64, device=dev)
     extra = dict(maxnreg=cfg.shallow_maxnreg) if cfg.shallow_maxnreg else {}
     if cfg.shallow_rescore or cfg.shallow_fault:
         qnorm = qrep.norm(dim=-1).contiguous()  # [B, Hs, n]
@@ -767,7 +764,7 @@ def select_shallow_counted(
             CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
             BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
             PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore, RESCORE_COLS=cfg.shallow_rescore_cols,
-            FAULT=cfg.shallow_fault, KV_MAJOR=cfg.select_order == "kv", MASK_STEPS=cfg.shallow_mask_steps,
+            FAULT=cfg.shallow_fault, KV_MAJOR=cfg.select_order == "kv", MASK_STEPS=mask_steps,
             num_warps=cfg.shallow_warps, num_stages=cfg.shallow_stages, **extra,
         )  # fmt: skip
     redo = flag.nonzero().flatten().to(torch.int32)
