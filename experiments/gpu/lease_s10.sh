@@ -27,68 +27,57 @@ gpu_tests() {  # GPU, log name
     tests/test_ms_triton.py tests/test_ms_select_exact.py > "$W/k/$2" 2>&1
   tail -3 "$W/k/$2"
 }
+bench() {  # GPU, name, seconds kept back by the timeout and by --time-limit-s, then run's arguments
+  local gpu=$1 name=$2 back=$3 limit=$4
+  shift 4
+  CUDA_VISIBLE_DEVICES=$gpu timeout $(( $(left) - back )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+    --out "$W/k" --stem "${stem}_$name" --time-limit-s $(( $(left) - limit )) "$@" > "$W/k/bench_$name.log" 2>&1
+}
+m="shallow+shallow_mask_steps"
+probe() {  # GPU, log name, lengths, settings, variants
+  CUDA_VISIBLE_DEVICES=$1 timeout 240 python3 -m ctxlab.kernels.bench.select_probe --lengths "$3" \
+    --settings "$4" --out "$W/k" --variants "$5" > "$W/k/$2" 2>&1
+}
+probe_call2() {  # GPU: the new default against its neighbours
+  probe "$1" probe_call2.log 128K,256K paper \
+    "shallow;${m}=64;${m}=8;${m}=16+shallow_stages=1;${m}=16+shallow_warps=8+shallow_maxnreg=128"
+}
+paper() { bench "$1" paper "$2" "$3" --cases paper --ops triton,triton_det,dense,s2; }
+paper_selected() { bench "$1" paper_selected 15 60 --cases paper --pe selected --ops triton; }
+sparse() { bench "$1" sparse 15 90 --cases sparse --ops triton,triton_det,s2; }
+summaries() { grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400; }
 case $CALL in
   1)
     (
-      m="shallow+shallow_mask_steps"
-      CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m ctxlab.kernels.bench.select_probe --lengths 64K,128K,256K \
-        --settings paper --out "$W/k" --variants "shallow;${m}=64;${m}=16;${m}=64+shallow_stages=2;\
+      probe 0 probe_paper.log 64K,128K,256K paper "shallow;${m}=64;${m}=16;${m}=64+shallow_stages=2;\
 ${m}=64+shallow_stages=2+shallow_maxnreg=128;${m}=64+shallow_stages=1+shallow_maxnreg=128;\
-${m}=64+shallow_warps=4+shallow_stages=2;shallow+shallow_stages=2+shallow_maxnreg=128" > "$W/k/probe_paper.log" 2>&1
-      CUDA_VISIBLE_DEVICES=0 timeout 60 python3 -m ctxlab.kernels.bench.select_probe --lengths 128K,256K \
-        --settings sparse --out "$W/k" --variants "shallow;${m}=64;${m}=16" > "$W/k/probe_sparse.log" 2>&1
+${m}=64+shallow_warps=4+shallow_stages=2;shallow+shallow_stages=2+shallow_maxnreg=128"
+      probe 0 probe_sparse.log 128K,256K sparse "shallow;${m}=64;${m}=16"
       gpu_tests 0 gpu_tests_call1.log
     ) &
-    CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100 \
-      --cases sparse-L32K,sparse-L64K,sparse-L128K --ops triton,triton_det,s2 --out "$W/k" \
-      --stem "${stem}_sparse_kv" --time-limit-s $(( $(left) - 90 )) > "$W/k/bench_sparse_kv.log" 2>&1 &
+    bench 1 sparse_kv 15 90 --preset h100 --cases sparse-L32K,sparse-L64K,sparse-L128K --ops triton,triton_det,s2 &
     wait
-    cat "$W/k/select_probe.jsonl" | cut -c1-900
+    cut -c1-900 "$W/k/select_probe.jsonl"
     grep -h -A8 '^Stages' "$W/k/${stem}_sparse_kv.md" 2>/dev/null
     tar -czf "$OUT/probe.tgz" -C "$W" k ;;
   2)
-    (
-      m="shallow+shallow_mask_steps"
-      CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m ctxlab.kernels.bench.select_probe --lengths 128K,256K \
-        --settings paper --out "$W/k" --variants "shallow;${m}=64;${m}=8;${m}=16+shallow_stages=1;\
-${m}=16+shallow_warps=8+shallow_maxnreg=128" > "$W/k/probe_call2.log" 2>&1
-      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 150 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
-        --cases paper --ops triton,triton_det,dense,s2 --out "$W/k" --stem "${stem}_paper" \
-        --time-limit-s $(( $(left) - 200 )) > "$W/k/bench_paper.log" 2>&1
-      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
-        --cases paper --pe selected --ops triton --out "$W/k" --stem "${stem}_paper_selected" \
-        --time-limit-s $(( $(left) - 60 )) > "$W/k/bench_paper_selected.log" 2>&1
-    ) &
-    (
-      gpu_tests 1 gpu_tests_call2.log
-      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
-        --cases sparse --ops triton,triton_det,s2 --out "$W/k" --stem "${stem}_sparse" \
-        --time-limit-s $(( $(left) - 90 )) > "$W/k/bench_sparse.log" 2>&1
-    ) &
+    ( probe_call2 0; paper 0 150 200; paper_selected 0 ) &
+    ( gpu_tests 1 gpu_tests_call2.log; sparse 1 ) &
     wait
-    grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
+    summaries
     cut -c1-600 "$W/k/select_probe.jsonl"
     tar -czf "$OUT/bench.tgz" -C "$W" k ;;
   2a)  # call 2 on one GPU (only nvidia-h200 was lent), first half: probe, GPU tests, (64, 64, 8)
-    m="shallow+shallow_mask_steps"
-    CUDA_VISIBLE_DEVICES=0 timeout 90 python3 -m ctxlab.kernels.bench.select_probe --lengths 128K,256K \
-      --settings paper --out "$W/k" --variants "shallow;${m}=64;${m}=8;${m}=16+shallow_stages=1;\
-${m}=16+shallow_warps=8+shallow_maxnreg=128" > "$W/k/probe_call2.log" 2>&1
+    probe_call2 0
     gpu_tests 0 gpu_tests_call2.log
-    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
-      --cases sparse --ops triton,triton_det,s2 --out "$W/k" --stem "${stem}_sparse" \
-      --time-limit-s $(( $(left) - 90 )) > "$W/k/bench_sparse.log" 2>&1
-    grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
+    sparse 0
+    summaries
     cut -c1-700 "$W/k/select_probe.jsonl"
     tar -czf "$OUT/bench_a.tgz" -C "$W" k ;;
   2b)  # second half: the paper benchmark, then under RoPE on the fly
-    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 100 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
-      --cases paper --ops triton,triton_det,dense,s2 --out "$W/k" --stem "${stem}_paper" \
-      --time-limit-s $(( $(left) - 160 )) > "$W/k/bench_paper.log" 2>&1
-    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
-      --cases paper --pe selected --ops triton --out "$W/k" --stem "${stem}_paper_selected" \
-      --time-limit-s $(( $(left) - 60 )) > "$W/k/bench_paper_selected.log" 2>&1
-    grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
+    paper 0 100 160
+    paper_selected 0
+    summaries
     tar -czf "$OUT/bench_b.tgz" -C "$W" k ;;
   3)  # the GPU tests again (2a's select test refused the ieee config: masks without re-scoring,
       # now ignored), then the 7B LoRA+ step, S2 against MS at 64K with the new defaults

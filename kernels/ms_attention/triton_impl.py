@@ -146,7 +146,7 @@ class LaunchConfig:
     ``shallow_mask_steps`` steps' masks to the lists at once, keyless (the re-scoring computes
     the keys; without re-scoring the lists need the search's keys, so the setting is ignored).
     It saves the per-step prefix sum and scatter, which Triton runs through shared
-    memory: in the sm_90 code the second pass's step has 806 instructions and 15 barriers with
+    memory: in the sm_90 code (Triton 3.9) the second pass's step has 806 instructions and 15 barriers with
     them. The same indices either way."""
     shallow_rescore: bool = False
     """Search in ``select_precision`` (tf32x3 or tf32: tensor cores) and rank in float32: each
