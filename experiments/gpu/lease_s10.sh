@@ -11,12 +11,18 @@
 #             "auto" picks for w = 64 on the strength of an H100 measurement of session 3.
 #           -> OUT/probe.tgz
 #   call 2  bash experiments/gpu/lease_s10.sh 2   (after call 1's choices are committed)
-#           GPU 0: the selection probe at 128K-256K (the new default against its neighbours); the benchmark at paper settings, 32K-256K (ours, det, dense, S2); then under
-#             RoPE on the fly (pe="selected", ours only; rotate_q_once in its final form).
+#           GPU 0: the selection probe at 128K-256K (the new default against its neighbours);
+#             the benchmark at paper settings, 32K-256K (ours, det, dense, S2); then under RoPE on
+#             the fly (pe="selected", ours only; rotate_q_once in its final form).
 #           GPU 1: the GPU tests with the new defaults; then the benchmark at (64, 64, 8), 8 kv
 #             heads, 32K-256K (ours, det, S2).  -> OUT/bench.tgz
+#   (as run: only one H200 was lent for call 2, so it ran as 2a (probe, GPU tests, (64, 64, 8))
+#   and 2b (paper settings, pe="pre" then pe="selected"), one after the other on GPU 0)
+#   call 3  bash experiments/gpu/lease_s10.sh 3   (one GPU): the GPU tests, then the 7B step at 64K
+# (After the lease the calls were rewritten over shared helpers, same commands; the probes'
+# time limits, 240, 60 and 90 s as run, are now 240 s each.)
 set -uo pipefail
-CALL=${1:?usage: lease_s10.sh 1|2}
+CALL=${1:?usage: lease_s10.sh 1|2|2a|2b|3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s10
 mkdir -p "$W/k"
