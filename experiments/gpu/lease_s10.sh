@@ -19,10 +19,11 @@
 #   (as run: only one H200 was lent for call 2, so it ran as 2a (probe, GPU tests, (64, 64, 8))
 #   and 2b (paper settings, pe="pre" then pe="selected"), one after the other on GPU 0)
 #   call 3  bash experiments/gpu/lease_s10.sh 3   (one GPU): the GPU tests, then the 7B step at 64K
+#   call 4  bash experiments/gpu/lease_s10.sh 4   (one GPU, fresh machine): --fit from 256K to 4M
 # (After the lease the calls were rewritten over shared helpers, same commands; the probes'
 # time limits, 240, 60 and 90 s as run, are now 240 s each.)
 set -uo pipefail
-CALL=${1:?usage: lease_s10.sh 1|2|2a|2b|3}
+CALL=${1:?usage: lease_s10.sh 1|2|2a|2b|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s10
 mkdir -p "$W/k"
@@ -93,6 +94,10 @@ ${m}=64+shallow_warps=4+shallow_stages=2;shallow+shallow_stages=2+shallow_maxnre
       --tag finetune_7b_s10 --lengths 65536 --variants s2,ms --warmup 2 --steps 2 > "$W/ft/log.txt" 2>&1
     grep -h '^\[bench\]' "$W/ft/log.txt" | cut -c1-300
     tar -czf "$OUT/call3.tgz" -C "$W" k ft ;;
-  *) echo "lease_s10.sh: call must be 1, 2, 2a, 2b or 3" >&2; exit 2 ;;
+  4)  # the longest length with the new selection (--fit, target 5), after one paper case at 32K
+    bench 0 fit 15 60 --cases paper-L32K --ops triton --fit 262144,4194304
+    grep -h -A8 'fit' "$W/k/${stem}_fit.md" 2>/dev/null | tail -8
+    tar -czf "$OUT/fit.tgz" -C "$W" k ;;
+  *) echo "lease_s10.sh: call must be 1, 2, 2a, 2b, 3 or 4" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
