@@ -1436,6 +1436,28 @@ def test_stage_sweep_pick_merges_each_sweeps_fastest_variant(tmp_path):
     assert picked_launch(paths) == "whole_qk=true+sel_block_m=32+sel_stages=3"
 
 
+def test_select_probe_table_shows_time_redone_items_and_disagreement():
+    """The selection probe's Markdown table: a line per variant (torch's first, in the order the
+    rows name them), a column per case; a cell flags redone items, rows unlike torch's and
+    errors, and a variant missing from a case is '-'."""
+    from ctxlab.kernels.bench.select_probe import table
+
+    rows = [
+        dict(length="128K", setting="paper", kv=8, torch_ms=154.0, torch_sort_ms=211.8, shallow_ms=15.2,
+             shallow_redone=0, shallow_same_rows=1.0, **{"shallow+shallow_mask_steps=16_ms": 10.56,
+             "shallow+shallow_mask_steps=16_redone": 3, "shallow+shallow_mask_steps=16_same_rows": 0.99}),
+        dict(length="256K", setting="sparse", kv=8, torch_ms=39.5, torch_sort_ms=38.2, shallow_ms=14.4,
+             shallow_error="LaunchResourceError: needs 263168 of shared memory"),
+    ]  # fmt: skip
+    lines = table(rows).splitlines()
+    assert lines[0] == "| variant | 128K paper kv8 | 256K sparse kv8 |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| torch", "| torch_sort", "| shallow", "| shallow+shallow_mask_steps=16"
+    ]  # fmt: skip
+    assert lines[4] == "| shallow | 15.20 | error: LaunchResourceError: needs 263168 of shared memory |"
+    assert lines[5] == "| shallow+shallow_mask_steps=16 | 10.56 (r 3) (rows 0.9900) | - |"
+
+
 @pytest.mark.parametrize("L, Hq, Hkv", [(256, 4, 2), (512, 8, 2), (384, 6, 6)], ids=["gqa2", "gqa4", "mha"])
 def test_bench_s2_is_longlora_s2_and_its_reference_checks_it(L, Hq, Hkv):
     """The benchmark's S2 op computes ``ctxlab.attention.s2.s2_attention`` with LongLoRA's wrap

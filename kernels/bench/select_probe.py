@@ -10,7 +10,9 @@ stable-sort path, and whether the two gave identical indices, which they must) a
 the fraction of blocks whose index rows are
 identical to torch's and the mean overlap of the selected sets (float32 scores summed in
 another order may swap near-tied regions). JSON lines go to
-stdout and to ``<out>/select_probe.jsonl``.
+stdout and to ``<out>/select_probe.jsonl``; ``<out>/select_probe.md`` is rewritten after every
+case from the whole JSONL file (``table``): milliseconds by variant and case, with the items
+redone and whether every row equals torch's.
 """
 
 from __future__ import annotations
@@ -73,6 +75,42 @@ def probe(
     return row
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per variant (torch's two paths first), one column per case (length,
+    setting, kv heads); a cell is the milliseconds, then "r N" where N items were redone and
+    "rows X" where fewer than all rows equal torch's (X the fraction), or the variant's error."""
+    cases = [f"{r['length']} {r['setting']} kv{r['kv']}" for r in rows]
+    variants: list[str] = []
+    for r in rows:
+        for key in r:
+            name = (
+                key[: -len("_ms")]
+                if key.endswith("_ms")
+                else key[: -len("_error")]
+                if key.endswith("_error")
+                else None
+            )
+            if name and name not in variants:
+                variants.append(name)
+    lines = ["| variant | " + " | ".join(cases) + " |", "|---" * (len(cases) + 1) + "|"]
+    for name in variants:
+        cells = []
+        for r in rows:
+            if f"{name}_error" in r:
+                cells.append("error: " + r[f"{name}_error"][:60])
+                continue
+            ms = r.get(f"{name}_ms")
+            cell = "-" if ms is None else f"{ms:.2f}"
+            if r.get(f"{name}_redone"):
+                cell += f" (r {r[f'{name}_redone']})"
+            same = r.get(f"{name}_same_rows")
+            if same is not None and same < 1.0:
+                cell += f" (rows {same:.4f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="32K,128K")
@@ -96,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             if out:
                 with out.open("a") as f:
                     f.write(line + "\n")
+                rows = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+                out.with_suffix(".md").write_text(table(rows))
             torch.cuda.empty_cache()
 
 
