@@ -80,18 +80,11 @@ def table(rows: list[dict]) -> str:
     setting, kv heads); a cell is the milliseconds, then "r N" where N items were redone and
     "rows X" where fewer than all rows equal torch's (X the fraction), or the variant's error."""
     cases = [f"{r['length']} {r['setting']} kv{r['kv']}" for r in rows]
-    variants: list[str] = []
-    for r in rows:
-        for key in r:
-            name = (
-                key[: -len("_ms")]
-                if key.endswith("_ms")
-                else key[: -len("_error")]
-                if key.endswith("_error")
-                else None
-            )
-            if name and name not in variants:
-                variants.append(name)
+    variants: list[str] = []  # in the order the rows name them: "<variant>_ms" or "<variant>_error"
+    for key in (key for r in rows for key in r):
+        name = key.removesuffix("_ms").removesuffix("_error")
+        if name != key and name not in variants:
+            variants.append(name)
     lines = ["| variant | " + " | ".join(cases) + " |", "|---" * (len(cases) + 1) + "|"]
     for name in variants:
         cells = []

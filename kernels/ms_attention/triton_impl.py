@@ -145,9 +145,9 @@ class LaunchConfig:
     pass keeps one bit mask per row and step, and appends the regions of every
     ``shallow_mask_steps`` steps' masks to the lists at once, keyless (the re-scoring computes
     the keys; without re-scoring the lists need the search's keys, so the setting is ignored).
-    It saves the per-step prefix sum and scatter, which Triton runs through shared
-    memory: in the sm_90 code (Triton 3.9) the second pass's step has 806 instructions and 15 barriers with
-    them. The same indices either way."""
+    It saves the per-step prefix sum and scatter, which Triton runs through shared memory: in
+    the sm_90 code (Triton 3.9) the second pass's step has 806 instructions and 15 barriers with
+    them, 465 and 5 without. The same indices either way."""
     shallow_rescore: bool = False
     """Search in ``select_precision`` (tf32x3 or tf32: tensor cores) and rank in float32: each
     row's bound is lowered by twice the two roundings' distance (``exact.search_error``) and the
@@ -295,8 +295,8 @@ the ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), an
 and 2 stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with masks
 expanded every 64 steps, 38.7 with masks alone); forward and dq step over 128 keys (forward in
 three stages) and, without RoPE on the fly, score with one dot over the head dim (``whole_qk``);
-under RoPE on the fly the dk/dv kernels read q rotated once (``rotate_q_once``). Each setting was timed
-against the one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x
+under RoPE on the fly the dk/dv kernels read q rotated once (``rotate_q_once``). Each setting was
+timed against the one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x
 faster and forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward and
 5-6% faster dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
 ``kernels/bench/stage_sweep.py``); under RoPE on the fly q rotated once for dk/dv, 2.0x faster
