@@ -140,8 +140,12 @@ def dkv_mode(mode: str):
     """How the selected keys' dk/dv are summed: a ``dkv_path`` forced by the launch config
     ("atomic", "partial", "reverse"), "partial-windows" (partial sums one block at a time),
     "flag" (torch.use_deterministic_algorithms(True), the default path choice) or "config"
-    (LaunchConfig.deterministic, the default path choice)."""
-    if mode == "flag":
+    (LaunchConfig.deterministic, the default path choice); "<mode>+fused" also adds dq inside
+    the dk/dv kernels (``fused_dq``)."""
+    if mode.endswith("+fused"):
+        with launch(fused_dq=True), dkv_mode(mode.removesuffix("+fused")):
+            yield
+    elif mode == "flag":
         with deterministic_algorithms(True):
             yield
     elif mode == "config":
@@ -303,6 +307,83 @@ def test_attend_from_start_matches_torch(shape, region, budget, merge, scope, pe
     _assert_close("o", out, ref, 1e-5)
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         _assert_close(name, g, r, 1e-5)
+
+
+# Each case: (id, shape, w, T, m, scope, dk/dv mode, first row ``start``, seed) for dq summed
+# inside the dk/dv kernels (``LaunchConfig.fused_dq``), pe="pre": both kernels that take it (the
+# atomic path's selected-key programs, the reverse index's key tiles), GQA groups of 1-4, the
+# dense prefix alone (n <= T), ``start`` inside a block, a head dim below its tile.
+FUSED_DQ_CASES = [
+    ("gqa1-w4-L51-head-atomic", (1, 51, 2, 2, 32), 4, 5, 2, "head", "atomic", 0, 0),
+    ("gqa3-w4-L37-group-B2-atomic", (2, 37, 3, 1, 32), 4, 4, 1, "group", "atomic", 0, 1),
+    ("gqa4-w20-L97-head-reverse", (1, 97, 4, 1, 32), 20, 3, 1, "head", "reverse", 0, 2),
+    ("gqa2-w5-L71-head-start39-atomic", (1, 71, 2, 1, 32), 5, 4, 1, "head", "atomic", 39, 3),
+    ("gqa2-w3-L50-group-D20-start31-reverse", (1, 50, 4, 2, 20), 3, 5, 3, "group", "reverse", 31, 4),
+    ("dense-n-le-T-L29-atomic", (1, 29, 2, 1, 32), 4, 8, 2, "head", "atomic", 0, 5),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, scope, dkv, start, seed",
+    [c[1:] for c in FUSED_DQ_CASES],
+    ids=[c[0] for c in FUSED_DQ_CASES],
+)
+@on_interpreter
+def test_fused_dq_matches_torch(shape, region, budget, merge, scope, dkv, start, seed, monkeypatch):
+    """With ``fused_dq`` (dq added by atomics inside the dk/dv kernels, no dq kernel), outputs and
+    dq, dk, dv from ``start`` match ms_attend_torch (float64); q's rows before ``start`` are
+    poison and dq there is 0."""
+
+    def no_dq_kernel(*args, **kwargs):
+        raise AssertionError("the dq kernel ran with fused_dq")
+
+    monkeypatch.setattr(triton_impl, "bwd_dq", no_dq_kernel)
+    q, k, v, do = _inputs(*shape, seed=seed)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
+    opts = dict(region=region, budget=budget, merge=merge, pe="pre", inv_freq=None)
+    q_poisoned = q.clone()
+    q_poisoned[:, :start] = float("nan")
+    with dkv_mode(dkv), launch(fused_dq=True):
+        out, grads = _grads(
+            lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, start=start, **opts),
+            q_poisoned, k, v, do[:, start:],
+        )  # fmt: skip
+    ref, ref_grads = _grads(
+        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=0.2, start=start, **opts),
+        *(x.double() for x in (q, k, v, do[:, start:])),
+    )
+    _assert_close("o", out, ref, 1e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, 1e-5)
+    assert not grads[0][:, :start].any()
+
+
+@pytest.mark.parametrize("mode", ["flag", "config", "rope"])
+def test_fused_dq_gives_way(mode):
+    """``fused_dq`` is set aside in deterministic mode (Torch's flag or the config's) and under
+    RoPE on the fly: the dq kernel runs then."""
+    cfg = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, fused_dq=True, deterministic=mode == "config")
+    with deterministic_algorithms(mode == "flag"):
+        assert not triton_impl.fused_dq_applies(cfg, rope=mode == "rope")
+        assert triton_impl.fused_dq_applies(cfg, rope=mode == "rope", deterministic=False) == (mode != "rope")
+    assert not triton_impl.fused_dq_applies(dataclasses.replace(cfg, fused_dq=False), rope=False)
+
+
+def test_fused_dq_buffer_is_checked():
+    """``bwd_dkv`` refuses a dq buffer it cannot fill (the partial path, RoPE on the fly, a wrong
+    shape or dtype) before any launch, naming what is wrong."""
+    q, k, v, do = _inputs(1, 29, 2, 1, 32)
+    idx = torch.zeros(1, 2, 0, 6, dtype=torch.int32)
+    lse = delta = torch.zeros(1, 2, 29)
+    opts = dict(region=4, budget=8, merge=2, inv_freq=None, scale=0.2, config=triton_impl.INTERPRETER_CONFIG)
+    for path, rope, buf, culprit in [
+        ("partial", False, torch.zeros(q.shape), "'partial'"),
+        ("atomic", True, torch.zeros(q.shape), "rope=True"),
+        ("atomic", False, torch.zeros(1, 28, 2, 32), "(1, 28, 2, 32)"),
+        ("reverse", False, torch.zeros(q.shape, dtype=torch.float64), "torch.float64"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(culprit)):
+            triton_impl.bwd_dkv(do, q, k, v, lse, delta, idx, rope=rope, path=path, dq32=buf, **opts)
 
 
 @pytest.mark.parametrize("L", [51, 17], ids=["blocks", "dense-n-le-T"])
@@ -821,11 +902,13 @@ def test_select_dense_input_has_no_blocks():
 
 def _twice_identical(device, shape, dtype, region, budget, merge, mode):
     """In deterministic mode two backward passes give identical bits, and the path taken is
-    the one the mode names."""
+    the one the mode names. The modes that ask for deterministic mode (Torch's flag, the
+    config's) ask for ``fused_dq`` too, which must then give way to the dq kernel; a forced
+    deterministic dk/dv path leaves dq to the dq kernel (``fused_dq`` off)."""
     q, k, v, do = _inputs(*shape, dtype=dtype, device=device, seed=8)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge)
     opts = dict(region=region, budget=budget, merge=merge, pe="pre", scale=0.1)
-    with dkv_mode(mode):
+    with dkv_mode(mode), launch(fused_dq=mode in ("flag", "config")):
         path = triton_impl.dkv_path(region, triton_impl.default_config(q.device))
         runs = [
             _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), q, k, v, do)
@@ -1090,6 +1173,8 @@ GPU_CASES = [
         "partial-windows",
     ),
     ("L5000-gqa4-w64-pre-group", (1, 5000, 8, 2, 128), 64, 16, 2, "group", "pre", "atomic"),
+    ("L4133-gqa4-w16-pre-group-atomic-fused-dq", (1, 4133, 8, 2, 128), 16, 64, 8, "group", "pre", "atomic+fused"),
+    ("L5000-gqa1-w64-pre-head-reverse-fused-dq", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+fused"),
 ]
 
 
@@ -1228,38 +1313,63 @@ def _compile_for_h100(fn, sig: dict, consts: dict, divisible=(), **options):
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
 @pytest.mark.parametrize(
     "kernel, mode",
-    [("sel", "atomic"), ("sel", "partial"), ("reduce", 16), ("reduce", 3)],
-    ids=["sel-atomic", "sel-partial", "reduce-w16", "reduce-w3"],
-)
+    [("sel", "atomic"), ("sel", "partial"), ("sel", "fused"), ("dkv", "fused"), ("dkv", "reverse-fused"),
+     ("reduce", 16), ("reduce", 3)],
+    ids=["sel-atomic", "sel-partial", "sel-fused-dq", "dkv-fused-dq", "dkv-reverse-fused-dq", "reduce-w16",
+         "reduce-w3"],
+)  # fmt: skip
 def test_dkv_kernels_compile_for_h100(kernel, mode):
-    """The dk/dv kernels of the selected keys compile for an H100 (sm_90: PTX and cubin)
-    without a GPU, with the installed Triton: the atomic one emits relaxed reductions, the
-    partial one plain stores and no atomics."""
+    """The dk/dv kernels compile for an H100 (sm_90: PTX and cubin) without a GPU, with the
+    installed Triton: the atomic one emits relaxed reductions, the partial one plain stores and
+    no atomics; with dq fused in (``fused_dq``), both the selected keys' kernel and the key
+    tiles' kernel add dq by relaxed reductions, without register spills, in the card's shared
+    memory."""
     from ctxlab.kernels.ms_attention import triton_kernels as tk
 
     def ptr(t):
         return "*" + t
 
+    gpu = triton_impl.GPU_CONFIG
+    options = dict(num_warps=4, num_stages=2)
+    fused = mode in ("fused", "reverse-fused")
     if kernel == "sel":
         fn = tk.ms_attn_bwd_dkv_sel_kernel
         sig = {name: ptr("bf16") for name in ("Q", "K", "V", "DO")}
-        sig |= {name: ptr("fp32") for name in ("DK32", "DV32", "LSE", "DELTA")}
+        sig |= {name: ptr("fp32") for name in ("DK32", "DV32", "DQ32", "LSE", "DELTA")}
         sig |= dict(IDX=ptr("i32"), COS=ptr("fp32"), SIN=ptr("fp32"))
         sig |= {name: "i32" for name in ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")}
         sig |= dict(qk_scale="fp32", scale="fp32")
-        consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=True,
-                      PARTIAL=mode == "partial", QROT=mode == "partial", BLOCK_M=64, BLOCK_N=64)  # fmt: skip
+        consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=not fused,
+                      PARTIAL=mode == "partial", QROT=mode == "partial", FUSED_DQ=fused,
+                      BLOCK_M=gpu.sel_block_m, BLOCK_N=gpu.sel_block_n)  # fmt: skip
+        options = dict(num_warps=gpu.sel_warps, num_stages=gpu.sel_stages)
+    elif kernel == "dkv":
+        fn = tk.ms_attn_bwd_dkv_kernel
+        sig = {name: ptr("bf16") for name in ("Q", "K", "V", "DO", "DK", "DV")}
+        sig |= {name: ptr("fp32") for name in ("DK32", "DV32", "DQ32", "LSE", "DELTA", "COS", "SIN")}
+        sig |= {name: ptr("i32") for name in ("ORDER", "ENT_OFF", "ENT_G", "ENT_RANK")}
+        sig |= {name: "i32" for name in ("L", "P", "W", "M", "S", "R", "n_tiles", "n_pre_tiles",
+                                         "tiles_per_block", "q_start")}  # fmt: skip
+        sig |= dict(qk_scale="fp32", scale="fp32")
+        consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=False,
+                      SELECTED=mode == "reverse-fused", QROT=False, FUSED_DQ=True,
+                      BLOCK_M=gpu.dkv_block_m, BLOCK_N=gpu.dkv_block_n)  # fmt: skip
+        options = dict(num_warps=gpu.dkv_warps, num_stages=gpu.dkv_stages)
     else:
         fn = tk.ms_attn_bwd_dkv_reduce_kernel
         sig = {name: ptr("fp32") for name in ("PDK", "PDV", "DK32", "DV32")}
         sig |= dict(OFFSETS=ptr("i64"), SRC=ptr("i64"), L="i32", W="i32", n="i32")
         consts = dict(HKV=8, HEAD_DIM=128, BLOCK_W=triton.next_power_of_2(mode), BLOCK_D=128)
-    ptx = _compile_for_h100(fn, sig, consts, num_warps=4, num_stages=2).asm["ptx"]
+    compiled = _compile_for_h100(fn, sig, consts, **options)
+    ptx = compiled.asm["ptx"]
     atomics = re.findall(r"\b(?:red|atom)\.[\w.]+", ptx)  # PTX reductions and atomics
-    if mode == "atomic":
+    if mode == "atomic" or fused:
         assert atomics and all(".relaxed." in a for a in atomics), set(atomics)
-    if mode == "partial":
+    if mode == "partial" or (kernel == "dkv" and not fused):
         assert atomics == []
+    if fused:
+        assert ".local" not in ptx  # no register spills
+        assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
 
 
 @pytest.mark.slow
@@ -1393,20 +1503,21 @@ def test_bench_runs_positions_on_the_selected_tokens(tmp_path):
 
 @pytest.mark.skipif(INTERPRETED, reason="starts its own interpreted process")
 def test_stage_sweep_checks_and_times_each_variant(tmp_path):
-    """The stage sweep's CPU smoke run: every variant's forward and dq are checked against the
-    first variant's (whole-row scores and another key step agree to float32 rounding) and timed,
-    rows written as they finish; a variant that is no valid launch config is refused by name
-    before any work."""
+    """The stage sweep's CPU smoke run: every variant's forward, dq and whole backward are checked
+    against the first variant's (whole-row scores, another key step and dq fused into the dk/dv
+    kernels agree to float32 rounding) and timed, rows written as they finish; a variant that is
+    no valid launch config is refused by name before any work."""
     env = os.environ | {"TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "ctxlab.kernels.bench.stage_sweep", "--device", "cpu", "--lengths", "61",
-           "--setting", "tiny", "--stages", "fwd,dq", "--out", str(tmp_path), "--stem", "sw"]  # fmt: skip
-    proc = subprocess.run(cmd + ["--variants", "base;whole_qk=true;fwd_block_n=8"], env=env,
+           "--setting", "tiny", "--stages", "fwd,dq,bwd", "--out", str(tmp_path), "--stem", "sw"]  # fmt: skip
+    variants = ["base", "whole_qk=true", "fwd_block_n=8", "fused_dq=true"]
+    proc = subprocess.run(cmd + ["--variants", ";".join(variants)], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "sw.jsonl").read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["base", "whole_qk=true", "fwd_block_n=8"]
+    assert [r["variant"] for r in rows] == variants
     for row in rows:
-        assert row["status"] == "ok" and set(row["stages"]) == {"fwd", "dq"}
+        assert row["status"] == "ok" and set(row["stages"]) == {"fwd", "dq", "bwd"}
         for entry in row["stages"].values():
             assert entry["status"] == "ok" and entry["max_rel_err"] < 1e-5 and entry["ms"] > 0
     assert "| tiny-L61 | `whole_qk=true` |" in (tmp_path / "sw.md").read_text()

@@ -11,7 +11,7 @@ a variant above ``--tol`` is reported as failed and not timed), then timed (CUDA
 median). A variant whose launch needs more than the card has is reported with
 ``LaunchResourceError``'s message. TFLOP/s count every product a stage computes per query-key
 pair (recomputation included): 2 matmuls forward, 3 for dq (scores, dP, dS K), 4 for dk/dv
-(scores, dV, dP, dK). Rows go to ``<out>/<stem>.jsonl`` and ``.json``, the table to ``.md``, as
+(scores, dV, dP, dK); "bwd", the whole backward (dq fused into dk/dv or not), counts 5. Rows go to ``<out>/<stem>.jsonl`` and ``.json``, the table to ``.md``, as
 each variant finishes, so a run cut short keeps what it finished. ``--pick`` prints the launch
 settings of each sweep's fastest variant, merged, for ``--launch``. On CPU (``--device cpu``) it
 runs the interpreter's config on the tiny case: a smoke run of the harness, not a timing.
@@ -34,9 +34,11 @@ from .cases import LENGTHS, SETTINGS, Case
 from .ops import launch_fields, stage_opts
 from .run import cuda_time, environment, inputs, rel_err
 
-STAGES = ("fwd", "dq", "dkv")
-PRODUCTS = {"fwd": 2, "dq": 3, "dkv": 4}
-"""Matmuls per query-key pair each stage computes (2*D flops each)."""
+STAGES = ("fwd", "dq", "dkv", "bwd")
+PRODUCTS = {"fwd": 2, "dq": 3, "dkv": 4, "bwd": 5}
+"""Matmuls per query-key pair each stage computes (2*D flops each); for "bwd" (the whole
+backward, ``ms_attn_bwd``: delta, dq and dk/dv, or dq fused into dk/dv) the 5 a backward needs
+(scores, dP, dV, dK, dQ), as dense flash attention's backward is counted, whatever it recomputes."""
 
 
 def parse_variants(spec: str) -> dict[str, dict]:
@@ -70,6 +72,7 @@ def stage_runs(case: Case, q, k, v, do, idx_sorted, config) -> dict:
             path=triton_impl.dkv_path(case.region, config, group=case.Hq // case.Hkv),
             **opts,
         ),
+        "bwd": lambda: triton_impl.ms_attn_bwd(do, q, k, v, o, lse, idx_sorted, config=config, **opts),
     }
 
 

@@ -177,6 +177,14 @@ class LaunchConfig:
     deterministic), "reverse" (the reverse index; deterministic) or "auto": "reverse" when w is a
     multiple of ``dkv_block_n`` (no lane wasted) and every kv head serves one query head, else
     "partial" in deterministic mode and "atomic" otherwise (H200 measurements at ``dkv_path``)."""
+    fused_dq: bool = False
+    """dq added inside the dk/dv kernels, each query step's dS k into a float32 dq buffer (laid
+    out as q: 4 bytes per element, B*L*Hq*D) with relaxed atomics, and no dq kernel: the
+    backward then computes 5 products per query-key pair, not 8 (the dq kernel's second
+    recompute of the scores and dP is gone), at the cost of B*L*Hq*D float32 atomics per key
+    step. Applies only outside deterministic mode (the atomics' order varies, and with it dq's
+    last bits) and without RoPE on the fly (``pe="selected"``: the keys there carry per-block
+    rotations); otherwise the dq kernel runs."""
     dkv_partial_gib: float = 1.0
     """GiB of float32 partial sums "partial" may hold at once (dk and dv together): the blocks
     go through it in windows, one window's partial sums and reduction at a time."""
@@ -234,7 +242,7 @@ class LaunchConfig:
             raise ValueError(f"select_impl must be one of {SELECT_IMPLS}, got {self.select_impl!r}")
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
-        for name in ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once"):
+        for name in ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.shallow_k < 16 or self.shallow_block_j < self.shallow_k:
@@ -855,8 +863,10 @@ def ms_attn_bwd(
     o and lse before ``start`` are never read): dq is 0 before ``start``, dk and dv sum those
     rows' contributions, and the query steps wholly before ``start`` are skipped.
 
-    dq is always deterministic. dk, dv of the selected keys go the way ``dkv_path`` picks:
-    ``deterministic`` None (the default) means ``config.deterministic`` or
+    dk, dv of the selected keys go the way ``dkv_path`` picks, and dq comes from the dq kernel
+    (deterministic) or, with ``config.fused_dq`` outside deterministic mode and without RoPE on
+    the fly, from atomics inside the dk/dv kernels (``fused_dq_applies``). ``deterministic``
+    None (the default) means ``config.deterministic`` or
     ``torch.are_deterministic_algorithms_enabled()``; in deterministic mode two calls return
     identical bits.
     """
@@ -865,12 +875,28 @@ def ms_attn_bwd(
     cfg = config or default_config(q.device)
     path = dkv_path(region, cfg, deterministic, group=q.shape[2] // k.shape[2])
     delta = bwd_preprocess(o, do, start)
-    dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget, merge=merge,
-                rope=rope, inv_freq=inv_freq, scale=scale, config=cfg, start=start)  # fmt: skip
-    dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, region=region, budget=budget,
-                     merge=merge, rope=rope, inv_freq=inv_freq, scale=scale, config=cfg,
-                     path=path, start=start)  # fmt: skip
+    opts = dict(region=region, budget=budget, merge=merge, rope=rope, inv_freq=inv_freq, scale=scale,
+                config=cfg, start=start)  # fmt: skip
+    if fused_dq_applies(cfg, rope, deterministic):
+        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, **opts)
+        return dq32.to(q.dtype), dk, dv
+    dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, **opts)
+    dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, **opts)
     return dq, dk, dv
+
+
+def _deterministic(config: LaunchConfig, deterministic: bool | None) -> bool:
+    """``deterministic``, or when it is None ``config.deterministic`` or Torch's flag."""
+    if deterministic is None:
+        return config.deterministic or torch.are_deterministic_algorithms_enabled()
+    return deterministic
+
+
+def fused_dq_applies(config: LaunchConfig, rope: bool, deterministic: bool | None = None) -> bool:
+    """Whether ``ms_attn_bwd`` sums dq inside the dk/dv kernels: ``config.fused_dq``, outside
+    deterministic mode (``_deterministic``) and without RoPE on the fly."""
+    return config.fused_dq and not rope and not _deterministic(config, deterministic)
 
 
 def dkv_path(region: int, config: LaunchConfig, deterministic: bool | None = None, group: int = 1) -> str:
@@ -888,8 +914,7 @@ def dkv_path(region: int, config: LaunchConfig, deterministic: bool | None = Non
     57.7. At w = 16 the reverse index wastes 3/4 of its lanes (434.8 vs 107.4 ms for the atomics
     at paper-128K, H100). ValueError for "atomic" in deterministic mode (it cannot be honoured).
     """
-    if deterministic is None:
-        deterministic = config.deterministic or torch.are_deterministic_algorithms_enabled()
+    deterministic = _deterministic(config, deterministic)
     path = config.dkv_path
     if path == "auto":
         if region % config.dkv_block_n == 0 and group == 1:
@@ -996,19 +1021,29 @@ def partial_window(shape: tuple[int, int, int, int], region: int, head_dim: int,
 
 
 def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, inv_freq,
-            scale, config: LaunchConfig, path: str, start: int = 0) -> tuple[Tensor, Tensor]:  # fmt: skip
+            scale, config: LaunchConfig, path: str, start: int = 0,
+            dq32: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """dk, dv ``[B, L, Hkv, D]``: one program per key tile (own segment, causally), plus the
     selecting blocks' queries by ``path`` ("atomic", "partial" or "reverse", see ``dkv_path``).
     Only the query rows ``[start, L)`` contribute: the blocks wholly before ``start`` are neither
-    launched nor indexed, and the query steps before ``start`` are skipped."""
+    launched nor indexed, and the query steps before ``start`` are skipped. With ``dq32`` (float32,
+    q's shape, zeros; not with "partial" or RoPE on the fly) the kernels also add dq into it
+    with atomics (``LaunchConfig.fused_dq``)."""
     if path not in DKV_PATHS[1:]:
         raise ValueError(f"path must be atomic, partial or reverse, got {path!r}")
+    fused = dq32 is not None
+    if fused and (path == "partial" or rope or dq32.shape != q.shape or dq32.dtype != torch.float32):
+        raise ValueError(
+            f"dq32 needs the atomic or reverse path, no RoPE on the fly, q's shape {tuple(q.shape)} "
+            f"and float32; got path {path!r}, rope={rope}, {tuple(dq32.shape)} {dq32.dtype}"
+        )
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
     consts = _consts(q, k, idx_sorted)
     geo = Geometry.of(L, region, budget, merge, config.dkv_block_n)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     q, qrot = _kernel_q(q, rope, geo, cos, sin, config)  # from here, q as the dk/dv kernels read it
+    dq_arg = dq32 if fused else torch.zeros(1, dtype=torch.float32, device=q.device)
     first_block = min(first_block_at(start, region=region, budget=budget, merge=merge), geo.G)
     if path == "reverse":
         live = idx_sorted
@@ -1030,8 +1065,9 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
             if path == "atomic":
                 with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
                     tk.ms_attn_bwd_dkv_sel_kernel[((G - first_block) * n_chunks, B * Hs)](
-                        q, k, v, do, dk32, dv32, lse, delta, idx_sorted, cos, sin,
-                        *sel_args, first_block, G, start, scale * LOG2E, scale, PARTIAL=False, **sel_consts,
+                        q, k, v, do, dk32, dv32, dq_arg, lse, delta, idx_sorted, cos, sin,
+                        *sel_args, first_block, G, start, scale * LOG2E, scale, PARTIAL=False,
+                        FUSED_DQ=fused, **sel_consts,
                     )  # fmt: skip
             else:
                 _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args,
@@ -1041,11 +1077,11 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     dv = _empty(v.shape, v.dtype, v.device)
     with launch_settings("ms_attn_bwd_dkv_kernel", config, "dkv_"):
         tk.ms_attn_bwd_dkv_kernel[(geo.n_tiles, B * Hkv)](
-            q, k, v, do, dk, dv, dk32, dv32, lse, delta, cos, sin,
+            q, k, v, do, dk, dv, dk32, dv32, dq_arg, lse, delta, cos, sin,
             rev.order, rev.offsets, rev.block, rev.rank,
             L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
             geo.tiles_per_block, start, scale * LOG2E, scale,
-            ROPE=rope, SELECTED=path == "reverse", QROT=qrot, BLOCK_M=config.dkv_block_m,
+            ROPE=rope, SELECTED=path == "reverse", QROT=qrot, FUSED_DQ=fused, BLOCK_M=config.dkv_block_m,
             BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
             **consts,
         )  # fmt: skip
@@ -1074,8 +1110,9 @@ def _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel
         blocks = min(window, G - g0)
         with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
             tk.ms_attn_bwd_dkv_sel_kernel[(blocks * n_chunks, B * Hs)](
-                q, k, v, do, pdk, pdv, lse, delta, idx_sorted, cos, sin,
-                *sel_args, first_block + g0, window, start, scale * LOG2E, scale, PARTIAL=True, **sel_consts,
+                q, k, v, do, pdk, pdv, pdv, lse, delta, idx_sorted, cos, sin,  # DQ32 unused
+                *sel_args, first_block + g0, window, start, scale * LOG2E, scale, PARTIAL=True,
+                FUSED_DQ=False, **sel_consts,
             )  # fmt: skip
         tk.ms_attn_bwd_dkv_reduce_kernel[(n, B * Hkv)](
             pdk, pdv, dk32, dv32, index.offsets[win * B * Hkv * n :], index.src,

@@ -20,9 +20,10 @@ place in the sorted selection.
 q and k are loaded as two [*, HALF] tiles so the rotate-half rotation needs no shuffle;
 scores are then dot(q1, k1^T) + dot(q2, k2^T). Scores are kept in the log2 domain
 (qk_scale = scale * log2(e)); LSE is stored in natural-log units. The backward is
-FlashAttention-2's: delta = rowsum(do * o); dq per query tile on the forward's schedule;
-dk/dv of the own segment per key tile. The selected keys' dk/dv come one of three ways
-(``triton_impl.dkv_path``): a reverse index (per key tile, the blocks that selected one of its
+FlashAttention-2's: delta = rowsum(do * o); dq per query tile on the forward's schedule (or,
+with ``fused_dq``, added by atomics inside the dk/dv kernels, as FlashAttention-2's CUDA
+backward does, and no dq kernel); dk/dv of the own segment per key tile. The selected keys'
+dk/dv come one of three ways (``triton_impl.dkv_path``): a reverse index (per key tile, the blocks that selected one of its
 regions and the rank of each region there: every gradient written once, deterministic); per
 (block, chunk of selected tokens) programs adding into float32 buffers with relaxed atomics
 (fast, last bits vary run to run); or the same programs writing per-block partial sums
@@ -768,6 +769,9 @@ def _dkv_step(
     HEAD_DIM: tl.constexpr,
     ROTATED_DK: tl.constexpr = False,
     QROT: tl.constexpr = False,
+    DQ32=None,
+    dq_scale=1.0,
+    FUSED_DQ: tl.constexpr = False,
 ):
     """dk, dv ([BLOCK_N, *]) += the contribution of the query rows t ([BLOCK_M]).
 
@@ -777,7 +781,9 @@ def _dkv_step(
     P = 0, and add nothing. Under RoPE dk comes back to the keys' own frame each step, unless
     ROTATED_DK: then dk1, dk2 stay in the rotated frame (the caller, whose keys keep one
     rotation over all its steps, unrotates the sum once). QROT: Q holds q already rotated at the
-    rows' positions (``ms_rotate_q_kernel``), read as is.
+    rows' positions (``ms_rotate_q_kernel``), read as is. FUSED_DQ (without RoPE on the fly: the
+    keys are then the scores' own): the rows' dq gets dq_scale * dS k added into the float32
+    DQ32 (laid out as Q) with relaxed atomics, the dq kernel's work without its recompute.
     """
     row_ok = (t >= q_first) & (t < q_hi)
     q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE and not QROT, HALF)
@@ -792,6 +798,12 @@ def _dkv_step(
     dv = tl.dot(pT.to(do.dtype), do, dv)
     dpT = tl.dot(v, tl.trans(do))
     dsT = (pT * (dpT - delta[None, :])).to(q1.dtype)
+    if FUSED_DQ:
+        ds = tl.trans(dsT)
+        dq_ptrs = DQ32 + t.to(tl.int64)[:, None] * q_stride + offs_h[None, :]
+        dq_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
+        tl.atomic_add(dq_ptrs, tl.dot(ds, k1) * dq_scale, mask=dq_mask, sem="relaxed")
+        tl.atomic_add(dq_ptrs + HALF, tl.dot(ds, k2) * dq_scale, mask=dq_mask, sem="relaxed")
     if ROPE and not ROTATED_DK:
         # The keys were rotated at this range's positions: bring their gradient back now.
         u1, u2 = _unrotate(tl.dot(dsT, q1), tl.dot(dsT, q2), ck, sk)
@@ -813,6 +825,7 @@ def ms_attn_bwd_dkv_kernel(
     DV,
     DK32,
     DV32,
+    DQ32,
     LSE,
     DELTA,
     COS,
@@ -842,6 +855,7 @@ def ms_attn_bwd_dkv_kernel(
     ROPE: tl.constexpr,
     SELECTED: tl.constexpr,
     QROT: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -857,7 +871,9 @@ def ms_attn_bwd_dkv_kernel(
     ORDER lists tiles heaviest first. Without SELECTED, `ms_attn_bwd_dkv_sel_kernel` (atomics)
     or it and `ms_attn_bwd_dkv_reduce_kernel` (partial sums) have already summed that part
     into the float32 DK32, DV32 ([B, L, HKV, D]), added here. Query rows before `q_start`
-    add nothing: the query steps wholly before it are skipped, the rest masked.
+    add nothing: the query steps wholly before it are skipped, the rest masked. FUSED_DQ: every
+    step also adds its rows' dq into the float32 DQ32 ([B, L, HQ, D]) with atomics
+    (``_dkv_step``); the dq kernel is then not run.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     GROUP: tl.constexpr = HQ // HKV
@@ -895,6 +911,7 @@ def ms_attn_bwd_dkv_kernel(
         q_off = b.to(tl.int64) * L * q_stride + h * HEAD_DIM
         q_base = Q + q_off
         do_base = DO + q_off
+        dq_base = DQ32 + q_off
         lse_base = LSE + (b * HQ + h).to(tl.int64) * L
         delta_base = DELTA + (b * HQ + h).to(tl.int64) * L
 
@@ -931,6 +948,9 @@ def ms_attn_bwd_dkv_kernel(
                 HEAD_DIM,
                 not SELECTED,  # the own segment alone: one rotation, undone at the end
                 QROT,
+                dq_base,
+                scale,
+                FUSED_DQ,
             )
         for t0 in range(lo + tl.maximum(skip, DIAG), seg_hi, BLOCK_M):
             t = t0 + offs_m
@@ -964,6 +984,9 @@ def ms_attn_bwd_dkv_kernel(
                 HEAD_DIM,
                 not SELECTED,
                 QROT,
+                dq_base,
+                scale,
+                FUSED_DQ,
             )
 
         if SELECTED:
@@ -1011,6 +1034,9 @@ def ms_attn_bwd_dkv_kernel(
                         HEAD_DIM,
                         False,
                         QROT,
+                        dq_base,
+                        scale,
+                        FUSED_DQ,
                     )
 
     if ROPE and not SELECTED:  # summed in the keys' rotated frame (one rotation, tok + shift)
@@ -1038,6 +1064,7 @@ def ms_attn_bwd_dkv_sel_kernel(
     DO,
     DK32,
     DV32,
+    DQ32,
     LSE,
     DELTA,
     IDX,
@@ -1064,6 +1091,7 @@ def ms_attn_bwd_dkv_sel_kernel(
     ROPE: tl.constexpr,
     PARTIAL: tl.constexpr,
     QROT: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -1079,6 +1107,7 @@ def ms_attn_bwd_dkv_sel_kernel(
     the selection): every element written once, by one program, so the values are the same on
     every run; ``ms_attn_bwd_dkv_reduce_kernel`` adds them up. Query rows before `q_start`
     add nothing (the host starts g0 at the block holding it; its earlier steps are skipped).
+    FUSED_DQ (atomics only): the steps also add the rows' dq into DQ32, as ``_dkv_step`` says.
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     REP: tl.constexpr = HQ // HS
@@ -1145,6 +1174,9 @@ def ms_attn_bwd_dkv_sel_kernel(
                 HEAD_DIM,
                 True,  # the keys keep their rank's rotation over every step: unrotated below
                 QROT,
+                DQ32 + q_off,
+                scale,
+                FUSED_DQ,
             )
 
     if ROPE:
