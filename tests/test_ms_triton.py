@@ -1173,8 +1173,8 @@ GPU_CASES = [
         "partial-windows",
     ),
     ("L5000-gqa4-w64-pre-group", (1, 5000, 8, 2, 128), 64, 16, 2, "group", "pre", "atomic"),
-    ("L4133-gqa4-w16-pre-group-atomic-fused-dq", (1, 4133, 8, 2, 128), 16, 64, 8, "group", "pre", "atomic+fused"),
-    ("L5000-gqa1-w64-pre-head-reverse-fused-dq", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+fused"),
+    ("L4133-gqa4-w16-group-atomic-fused", (1, 4133, 8, 2, 128), 16, 64, 8, "group", "pre", "atomic+fused"),
+    ("L5000-gqa1-w64-head-reverse-fused", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+fused"),
 ]
 
 

@@ -11,10 +11,11 @@ a variant above ``--tol`` is reported as failed and not timed), then timed (CUDA
 median). A variant whose launch needs more than the card has is reported with
 ``LaunchResourceError``'s message. TFLOP/s count every product a stage computes per query-key
 pair (recomputation included): 2 matmuls forward, 3 for dq (scores, dP, dS K), 4 for dk/dv
-(scores, dV, dP, dK); "bwd", the whole backward (dq fused into dk/dv or not), counts 5. Rows go to ``<out>/<stem>.jsonl`` and ``.json``, the table to ``.md``, as
-each variant finishes, so a run cut short keeps what it finished. ``--pick`` prints the launch
-settings of each sweep's fastest variant, merged, for ``--launch``. On CPU (``--device cpu``) it
-runs the interpreter's config on the tiny case: a smoke run of the harness, not a timing.
+(scores, dV, dP, dK); "bwd", the whole backward (dq fused into dk/dv or not), counts 5. Rows
+go to ``<out>/<stem>.jsonl`` and ``.json``, the table to ``.md``, as each variant finishes, so
+a run cut short keeps what it finished. ``--pick`` prints the launch settings of each sweep's
+fastest variant, merged, for ``--launch``. On CPU (``--device cpu``) it runs the interpreter's
+config on the tiny case: a smoke run of the harness, not a timing.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ scores are then dot(q1, k1^T) + dot(q2, k2^T). Scores are kept in the log2 domai
 FlashAttention-2's: delta = rowsum(do * o); dq per query tile on the forward's schedule (or,
 with ``fused_dq``, added by atomics inside the dk/dv kernels, as FlashAttention-2's CUDA
 backward does, and no dq kernel); dk/dv of the own segment per key tile. The selected keys'
-dk/dv come one of three ways (``triton_impl.dkv_path``): a reverse index (per key tile, the blocks that selected one of its
-regions and the rank of each region there: every gradient written once, deterministic); per
+dk/dv come one of three ways (``triton_impl.dkv_path``): a reverse index (per key tile, the
+blocks that selected one of its regions and the rank of each region there: every gradient
+written once, deterministic); per
 (block, chunk of selected tokens) programs adding into float32 buffers with relaxed atomics
 (fast, last bits vary run to run); or the same programs writing per-block partial sums
 (PDK, PDV [B*HS, Gw, S*w, D] float32, a window of Gw blocks at a time) that
