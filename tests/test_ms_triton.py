@@ -140,10 +140,12 @@ def dkv_mode(mode: str):
     """How the selected keys' dk/dv are summed: a ``dkv_path`` forced by the launch config
     ("atomic", "partial", "reverse"), "partial-windows" (partial sums one block at a time),
     "flag" (torch.use_deterministic_algorithms(True), the default path choice) or "config"
-    (LaunchConfig.deterministic, the default path choice); "<mode>+fused" also adds dq inside
-    the dk/dv kernels (``fused_dq``)."""
-    if mode.endswith("+fused"):
-        with launch(fused_dq=True), dkv_mode(mode.removesuffix("+fused")):
+    (LaunchConfig.deterministic, the default path choice); a suffix "+fused" also adds dq inside
+    the dk/dv kernels (``fused_dq``), "+whole" takes whole rows there (``whole_dkv``)."""
+    mode, *extras = mode.split("+")
+    flags = {"fused": "fused_dq", "whole": "whole_dkv"}
+    if extras:
+        with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
             yield
     elif mode == "flag":
         with deterministic_algorithms(True):
@@ -214,26 +216,30 @@ def test_attend_matches_torch(shape, region, budget, merge, scope, pe, dkv, seed
         _assert_close(name, g, r, 1e-5)
 
 
-# Each case: (id, shape, w, T, m, scope, pe, first row ``start``, seed) for the whole-row scores
-# (``LaunchConfig.whole_qk``): a head dim below its tile (D=20: 32 columns, 12 masked), a partial
-# last block, ``start`` inside a block; under RoPE on the fly the setting is ignored.
+# Each case: (id, shape, w, T, m, scope, pe, first row ``start``, dk/dv mode (``dkv_mode``),
+# seed) for the whole-row scores (``LaunchConfig.whole_qk`` and ``whole_dkv``): a head dim below
+# its tile (D=20: 32 columns, 12 masked), a partial last block, ``start`` inside a block, every
+# dk/dv path and dq fused into dk/dv; under RoPE on the fly the settings are ignored.
 WHOLE_CASES = [
-    ("gqa2-w4-L51-head-D20", (1, 51, 4, 2, 20), 4, 5, 2, "head", "pre", 0, 0),
-    ("gqa3-w20-L97-group-B2", (2, 97, 3, 1, 32), 20, 3, 1, "group", "pre", 0, 1),
-    ("gqa2-w5-L71-head-start39", (1, 71, 2, 1, 32), 5, 4, 1, "head", "pre", 39, 2),
-    ("gqa4-w4-L47-rope-ignored", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", 0, 3),
-]
+    ("gqa2-w4-L51-head-D20-partial", (1, 51, 4, 2, 20), 4, 5, 2, "head", "pre", 0, "partial", 0),
+    ("gqa3-w20-L97-group-B2-atomic-fused", (2, 97, 3, 1, 32), 20, 3, 1, "group", "pre", 0, "atomic+fused", 1),
+    ("gqa2-w5-L71-head-start39-windows", (1, 71, 2, 1, 32), 5, 4, 1, "head", "pre", 39, "partial-windows", 2),
+    ("gqa1-w16-L71-head-reverse-fused", (1, 71, 2, 2, 32), 16, 3, 1, "head", "pre", 0, "reverse+fused", 4),
+    ("gqa1-w16-L97-head-start50-reverse", (1, 97, 2, 2, 32), 16, 3, 1, "head", "pre", 50, "reverse", 5),
+    ("gqa4-w4-L47-rope-ignored", (1, 47, 4, 1, 32), 4, 4, 2, "head", "selected", 0, "atomic", 3),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "shape, region, budget, merge, scope, pe, start, seed",
+    "shape, region, budget, merge, scope, pe, start, dkv, seed",
     [c[1:] for c in WHOLE_CASES],
     ids=[c[0] for c in WHOLE_CASES],
 )
 @on_interpreter
-def test_whole_row_scores_match_torch(shape, region, budget, merge, scope, pe, start, seed):
-    """With ``whole_qk`` (one dot over the head dim in forward and dq), outputs and dq, dk, dv
-    match ms_attend_torch (float64); under RoPE on the fly the halves run, bit for bit as without it."""
+def test_whole_row_scores_match_torch(shape, region, budget, merge, scope, pe, start, dkv, seed):
+    """With ``whole_qk`` and ``whole_dkv`` (one dot over the head dim in every kernel), outputs and
+    dq, dk, dv match ms_attend_torch (float64); under RoPE on the fly the halves run, bit for bit
+    as without them."""
     q, k, v, do = _inputs(*shape, seed=seed)
     opts = dict(region=region, budget=budget, merge=merge, pe=pe, start=start,
                 inv_freq=rope_inv_freq(shape[-1], 100.0).double())  # fmt: skip
@@ -243,12 +249,13 @@ def test_whole_row_scores_match_torch(shape, region, budget, merge, scope, pe, s
         return triton_impl.ms_attend_triton(q, k, v, idx, scale=shape[-1] ** -0.5, **opts)
 
     do = do[:, start:]
-    with launch(whole_qk=True):
-        out, grads = _grads(attend, q, k, v, do)
-    if pe == "selected":
-        halves, halves_grads = _grads(attend, q, k, v, do)
-        assert torch.equal(out, halves) and all(map(torch.equal, grads, halves_grads))
-        return
+    with dkv_mode(dkv):
+        with launch(whole_qk=True, whole_dkv=True):
+            out, grads = _grads(attend, q, k, v, do)
+        if pe == "selected":
+            halves, halves_grads = _grads(attend, q, k, v, do)
+            assert torch.equal(out, halves) and all(map(torch.equal, grads, halves_grads))
+            return
     ref, ref_grads = _grads(
         lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=shape[-1] ** -0.5, **opts),
         *(x.double() for x in (q, k, v, do)),
@@ -1175,6 +1182,9 @@ GPU_CASES = [
     ("L5000-gqa4-w64-pre-group", (1, 5000, 8, 2, 128), 64, 16, 2, "group", "pre", "atomic"),
     ("L4133-gqa4-w16-group-atomic-fused", (1, 4133, 8, 2, 128), 16, 64, 8, "group", "pre", "atomic+fused"),
     ("L5000-gqa1-w64-head-reverse-fused", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+fused"),
+    ("L4133-gqa4-w16-head-atomic-whole", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole"),
+    ("L4133-gqa4-w16-group-partial-whole", (1, 4133, 8, 2, 128), 16, 64, 8, "group", "pre", "partial+whole"),
+    ("L5000-gqa1-w64-head-reverse-whole", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole"),
 ]
 
 
@@ -1313,17 +1323,17 @@ def _compile_for_h100(fn, sig: dict, consts: dict, divisible=(), **options):
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
 @pytest.mark.parametrize(
     "kernel, mode",
-    [("sel", "atomic"), ("sel", "partial"), ("sel", "fused"), ("dkv", "fused"), ("dkv", "reverse-fused"),
-     ("reduce", 16), ("reduce", 3)],
-    ids=["sel-atomic", "sel-partial", "sel-fused-dq", "dkv-fused-dq", "dkv-reverse-fused-dq", "reduce-w16",
-         "reduce-w3"],
+    [("sel", "atomic"), ("sel", "partial"), ("sel", "fused"), ("sel", "whole"), ("dkv", "fused"),
+     ("dkv", "reverse-fused"), ("dkv", "whole"), ("reduce", 16), ("reduce", 3)],
+    ids=["sel-atomic", "sel-partial", "sel-fused-dq", "sel-whole-rows", "dkv-fused-dq",
+         "dkv-reverse-fused-dq", "dkv-whole-rows", "reduce-w16", "reduce-w3"],
 )  # fmt: skip
 def test_dkv_kernels_compile_for_h100(kernel, mode):
     """The dk/dv kernels compile for an H100 (sm_90: PTX and cubin) without a GPU, with the
     installed Triton: the atomic one emits relaxed reductions, the partial one plain stores and
     no atomics; with dq fused in (``fused_dq``), both the selected keys' kernel and the key
-    tiles' kernel add dq by relaxed reductions, without register spills, in the card's shared
-    memory."""
+    tiles' kernel add dq by relaxed reductions; with whole rows (``whole_dkv``) too, both
+    without register spills, in the card's shared memory."""
     from ctxlab.kernels.ms_attention import triton_kernels as tk
 
     def ptr(t):
@@ -1332,6 +1342,7 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
     gpu = triton_impl.GPU_CONFIG
     options = dict(num_warps=4, num_stages=2)
     fused = mode in ("fused", "reverse-fused")
+    whole = mode == "whole"
     if kernel == "sel":
         fn = tk.ms_attn_bwd_dkv_sel_kernel
         sig = {name: ptr("bf16") for name in ("Q", "K", "V", "DO")}
@@ -1339,8 +1350,8 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
         sig |= dict(IDX=ptr("i32"), COS=ptr("fp32"), SIN=ptr("fp32"))
         sig |= {name: "i32" for name in ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")}
         sig |= dict(qk_scale="fp32", scale="fp32")
-        consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=not fused,
-                      PARTIAL=mode == "partial", QROT=mode == "partial", FUSED_DQ=fused,
+        consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=not (fused or whole),
+                      PARTIAL=mode == "partial", QROT=mode == "partial", FUSED_DQ=fused, WHOLE=whole,
                       BLOCK_M=gpu.sel_block_m, BLOCK_N=gpu.sel_block_n)  # fmt: skip
         options = dict(num_warps=gpu.sel_warps, num_stages=gpu.sel_stages)
     elif kernel == "dkv":
@@ -1352,7 +1363,7 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
                                          "tiles_per_block", "q_start")}  # fmt: skip
         sig |= dict(qk_scale="fp32", scale="fp32")
         consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=False,
-                      SELECTED=mode == "reverse-fused", QROT=False, FUSED_DQ=True,
+                      SELECTED=mode != "fused", QROT=False, FUSED_DQ=fused, WHOLE=whole,
                       BLOCK_M=gpu.dkv_block_m, BLOCK_N=gpu.dkv_block_n)  # fmt: skip
         options = dict(num_warps=gpu.dkv_warps, num_stages=gpu.dkv_stages)
     else:
@@ -1367,7 +1378,7 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
         assert atomics and all(".relaxed." in a for a in atomics), set(atomics)
     if mode == "partial" or (kernel == "dkv" and not fused):
         assert atomics == []
-    if fused:
+    if fused or whole:
         assert ".local" not in ptx  # no register spills
         assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
 

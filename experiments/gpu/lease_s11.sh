@@ -11,8 +11,14 @@
 #           GPU 0: the kernel benchmark at paper settings (ours, det, dense, S2) and (64, 64, 8)
 #           with the launch defaults of this commit; GPU 1: the 7B step S2 vs MS at 64K and 128K
 #           -> OUT/bench.tgz
+#   call 3  carry [.whl/core]   bash experiments/gpu/lease_s11.sh 3
+#           GPU 0: the GPU tests of the kernels (whole rows in dk/dv among them), then the
+#           (64, 64, 8) benchmark, ours with and without whole rows in dk/dv (whole_dkv);
+#           GPU 1: the dk/dv stage and the whole backward by variant (whole_dkv, tiles) at paper
+#           settings, then the paper benchmark, ours with and without whole_dkv, dense, S2
+#           -> OUT/whole.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s11.sh 1|2}
+CALL=${1:?usage: lease_s11.sh 1|2|3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s11
 mkdir -p "$W/k" "$W/ft"
@@ -56,6 +62,27 @@ case $CALL in
     grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
     grep -h '^\[bench\]' "$W/ft/"log_gpu*.txt | cut -c1-300
     tar -czf "$OUT/bench.tgz" -C "$W" k ft ;;
-  *) echo "lease_s11.sh: call must be 1 or 2" >&2; exit 2 ;;
+  3)
+    (
+      CUDA_VISIBLE_DEVICES=0 timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
+        tests/test_ms_triton.py > "$W/k/gpu_tests_whole.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+        --cases sparse --ops triton,triton:whole_dkv=true,s2 --out "$W/k" --stem "${stem}_whole_sparse" \
+        --time-limit-s $(( $(left) - 60 )) > "$W/k/bench_whole_sparse.log" 2>&1
+    ) &
+    (
+      CUDA_VISIBLE_DEVICES=1 timeout 170 python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
+        --lengths 64K,128K,256K --stages dkv,bwd --out "$W/k" --stem "${sweep}_paper_whole" \
+        --variants "base;whole_dkv=true;whole_dkv=true+sel_block_n=128+sel_warps=8;whole_dkv=true+dkv_block_n=128+dkv_warps=8" \
+        --time-limit-s 110 > "$W/k/sweep_whole.log" 2>&1
+      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+        --cases paper --ops triton,triton:whole_dkv=true,dense,s2 --out "$W/k" --stem "${stem}_whole_paper" \
+        --time-limit-s $(( $(left) - 120 )) > "$W/k/bench_whole_paper.log" 2>&1
+    ) &
+    wait
+    tail -3 "$W/k/gpu_tests_whole.log"; grep -h -A14 '^| case' "$W/k/${sweep}_paper_whole.md"
+    grep -h -A10 '^Summary' "$W/k/${stem}"_whole_*.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/whole.tgz" -C "$W/k" . ;;
+  *) echo "lease_s11.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

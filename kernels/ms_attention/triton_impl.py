@@ -92,6 +92,11 @@ class LaunchConfig:
     """Forward and dq without RoPE on the fly: q and k whole, their scores one dot over the head
     dim (and dq one accumulator), where by default they go as two halves, two dots of D/2 (the
     layout RoPE on the fly needs). The same function; float32 sums in another order."""
+    whole_dkv: bool = False
+    """The dk/dv kernels (own segment and selected keys, every path) without RoPE on the fly: q
+    and k whole, the scores one dot over the head dim and dk one accumulator, where by default
+    they go as two halves (``whole_qk`` for the forward and dq). The same function; float32 sums
+    in another order."""
     dkv_block_n: int = 64
     dkv_block_m: int = 64
     dkv_warps: int = 4
@@ -242,7 +247,8 @@ class LaunchConfig:
             raise ValueError(f"select_impl must be one of {SELECT_IMPLS}, got {self.select_impl!r}")
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
-        for name in ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq"):
+        flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv")
+        for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.shallow_k < 16 or self.shallow_block_j < self.shallow_k:
@@ -1044,6 +1050,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     q, qrot = _kernel_q(q, rope, geo, cos, sin, config)  # from here, q as the dk/dv kernels read it
     dq_arg = dq32 if fused else torch.zeros(1, dtype=torch.float32, device=q.device)
+    whole = config.whole_dkv and not rope
     first_block = min(first_block_at(start, region=region, budget=budget, merge=merge), geo.G)
     if path == "reverse":
         live = idx_sorted
@@ -1060,8 +1067,9 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
         if first_block < G:
             n_chunks = triton.cdiv(S * region, config.sel_block_n)
             sel_args = (L, geo.P, region, merge, S, G, n_chunks)
-            sel_consts = dict(ROPE=rope, QROT=qrot, BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n,
-                              num_warps=config.sel_warps, num_stages=config.sel_stages, **consts)  # fmt: skip
+            sel_consts = dict(ROPE=rope, QROT=qrot, WHOLE=whole, BLOCK_M=config.sel_block_m,
+                              BLOCK_N=config.sel_block_n, num_warps=config.sel_warps,
+                              num_stages=config.sel_stages, **consts)  # fmt: skip
             if path == "atomic":
                 with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
                     tk.ms_attn_bwd_dkv_sel_kernel[((G - first_block) * n_chunks, B * Hs)](
@@ -1081,7 +1089,8 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
             rev.order, rev.offsets, rev.block, rev.rank,
             L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
             geo.tiles_per_block, start, scale * LOG2E, scale,
-            ROPE=rope, SELECTED=path == "reverse", QROT=qrot, FUSED_DQ=fused, BLOCK_M=config.dkv_block_m,
+            ROPE=rope, SELECTED=path == "reverse", QROT=qrot, FUSED_DQ=fused, WHOLE=whole,
+            BLOCK_M=config.dkv_block_m,
             BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
             **consts,
         )  # fmt: skip

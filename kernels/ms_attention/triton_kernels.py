@@ -773,6 +773,7 @@ def _dkv_step(
     DQ32=None,
     dq_scale=1.0,
     FUSED_DQ: tl.constexpr = False,
+    WHOLE: tl.constexpr = False,
 ):
     """dk, dv ([BLOCK_N, *]) += the contribution of the query rows t ([BLOCK_M]).
 
@@ -785,14 +786,22 @@ def _dkv_step(
     rows' positions (``ms_rotate_q_kernel``), read as is. FUSED_DQ (without RoPE on the fly: the
     keys are then the scores' own): the rows' dq gets dq_scale * dS k added into the float32
     DQ32 (laid out as Q) with relaxed atomics, the dq kernel's work without its recompute.
+    WHOLE (without RoPE on the fly): k1 and dk1 are whole rows ([BLOCK_N, BLOCK_D]; k2, dk2
+    unused), q is loaded whole and the scores are one dot over the head dim.
     """
     row_ok = (t >= q_first) & (t < q_hi)
-    q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE and not QROT, HALF)
+    if WHOLE:
+        q1 = _load_full(Q, t, q_stride, row_ok, offs_d, HEAD_DIM)
+        q2 = q1
+    else:
+        q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE and not QROT, HALF)
     do = _load_full(DO, t, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + t, mask=row_ok, other=0.0)
     qkT = tl.dot(k1, tl.trans(q1))
-    qkT = tl.dot(k2, tl.trans(q2), qkT) * qk_scale
+    if not WHOLE:
+        qkT = tl.dot(k2, tl.trans(q2), qkT)
+    qkT = qkT * qk_scale
     if MASKED:
         qkT = tl.where(allowed, qkT, float("-inf"))
     pT = tl.math.exp2(qkT - lse2[None, :])
@@ -801,10 +810,15 @@ def _dkv_step(
     dsT = (pT * (dpT - delta[None, :])).to(q1.dtype)
     if FUSED_DQ:
         ds = tl.trans(dsT)
-        dq_ptrs = DQ32 + t.to(tl.int64)[:, None] * q_stride + offs_h[None, :]
-        dq_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
-        tl.atomic_add(dq_ptrs, tl.dot(ds, k1) * dq_scale, mask=dq_mask, sem="relaxed")
-        tl.atomic_add(dq_ptrs + HALF, tl.dot(ds, k2) * dq_scale, mask=dq_mask, sem="relaxed")
+        if WHOLE:
+            dq_ptrs = DQ32 + t.to(tl.int64)[:, None] * q_stride + offs_d[None, :]
+            dq_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(dq_ptrs, tl.dot(ds, k1) * dq_scale, mask=dq_mask, sem="relaxed")
+        else:
+            dq_ptrs = DQ32 + t.to(tl.int64)[:, None] * q_stride + offs_h[None, :]
+            dq_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
+            tl.atomic_add(dq_ptrs, tl.dot(ds, k1) * dq_scale, mask=dq_mask, sem="relaxed")
+            tl.atomic_add(dq_ptrs + HALF, tl.dot(ds, k2) * dq_scale, mask=dq_mask, sem="relaxed")
     if ROPE and not ROTATED_DK:
         # The keys were rotated at this range's positions: bring their gradient back now.
         u1, u2 = _unrotate(tl.dot(dsT, q1), tl.dot(dsT, q2), ck, sk)
@@ -812,7 +826,8 @@ def _dkv_step(
         dk2 += u2
     else:
         dk1 = tl.dot(dsT, q1, dk1)
-        dk2 = tl.dot(dsT, q2, dk2)
+        if not WHOLE:
+            dk2 = tl.dot(dsT, q2, dk2)
     return dk1, dk2, dv
 
 
@@ -857,6 +872,7 @@ def ms_attn_bwd_dkv_kernel(
     SELECTED: tl.constexpr,
     QROT: tl.constexpr,
     FUSED_DQ: tl.constexpr,
+    WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -894,7 +910,11 @@ def ms_attn_bwd_dkv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     tok = lo + tl.arange(0, BLOCK_N)
     key_ok = tok < hi
-    k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
+    if WHOLE:
+        k1 = _load_full(K + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
+        k2 = k1
+    else:
+        k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
     v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
     k1o, k2o, ck, sk = _rotated(COS, SIN, k1, k2, tok + shift, key_ok, offs_h, ROPE, HALF)
     slot = tok // W - lo // W
@@ -903,7 +923,7 @@ def ms_attn_bwd_dkv_kernel(
     # without q_start, so the sums keep their order).
     skip = tl.maximum(q_start - lo, 0) // BLOCK_M * BLOCK_M
 
-    dk1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dk1 = tl.zeros(k1.shape, dtype=tl.float32)  # whole rows or a half, as k1
     dk2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for hh in range(GROUP):
@@ -952,6 +972,7 @@ def ms_attn_bwd_dkv_kernel(
                 dq_base,
                 scale,
                 FUSED_DQ,
+                WHOLE,
             )
         for t0 in range(lo + tl.maximum(skip, DIAG), seg_hi, BLOCK_M):
             t = t0 + offs_m
@@ -988,6 +1009,7 @@ def ms_attn_bwd_dkv_kernel(
                 dq_base,
                 scale,
                 FUSED_DQ,
+                WHOLE,
             )
 
         if SELECTED:
@@ -1038,6 +1060,7 @@ def ms_attn_bwd_dkv_kernel(
                         dq_base,
                         scale,
                         FUSED_DQ,
+                        WHOLE,
                     )
 
     if ROPE and not SELECTED:  # summed in the keys' rotated frame (one rotation, tok + shift)
@@ -1049,11 +1072,17 @@ def ms_attn_bwd_dkv_kernel(
     rows_h = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
     rows_d = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
     if not SELECTED:
-        dk1 += tl.load(DK32 + rows_h, mask=h_mask, other=0.0)
-        dk2 += tl.load(DK32 + rows_h + HALF, mask=h_mask, other=0.0)
         dv += tl.load(DV32 + rows_d, mask=d_mask, other=0.0)
-    tl.store(DK + rows_h, dk1.to(DK.dtype.element_ty), mask=h_mask)
-    tl.store(DK + rows_h + HALF, dk2.to(DK.dtype.element_ty), mask=h_mask)
+    if WHOLE:
+        if not SELECTED:
+            dk1 += tl.load(DK32 + rows_d, mask=d_mask, other=0.0)
+        tl.store(DK + rows_d, dk1.to(DK.dtype.element_ty), mask=d_mask)
+    else:
+        if not SELECTED:
+            dk1 += tl.load(DK32 + rows_h, mask=h_mask, other=0.0)
+            dk2 += tl.load(DK32 + rows_h + HALF, mask=h_mask, other=0.0)
+        tl.store(DK + rows_h, dk1.to(DK.dtype.element_ty), mask=h_mask)
+        tl.store(DK + rows_h + HALF, dk2.to(DK.dtype.element_ty), mask=h_mask)
     tl.store(DV + rows_d, dv.to(DV.dtype.element_ty), mask=d_mask)
 
 
@@ -1093,6 +1122,7 @@ def ms_attn_bwd_dkv_sel_kernel(
     PARTIAL: tl.constexpr,
     QROT: tl.constexpr,
     FUSED_DQ: tl.constexpr,
+    WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -1127,7 +1157,15 @@ def ms_attn_bwd_dkv_sel_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     sel = IDX + (bhs.to(tl.int64) * G + g) * S
     flat, tok, key_ok = _selected_tokens(sel, chunk * BLOCK_N, tl.arange(0, BLOCK_N), S, W)
-    k1s, k2s, cT, sT = _load_rotated(K + kv_off, tok, kv_stride, key_ok, COS, SIN, flat, offs_h, ROPE, HALF)
+    if WHOLE:
+        k1s = _load_full(K + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
+        k2s = k1s
+        cT = k1s.to(tl.float32)  # stand-ins for the tables, unused without RoPE
+        sT = cT
+    else:
+        k1s, k2s, cT, sT = _load_rotated(
+            K + kv_off, tok, kv_stride, key_ok, COS, SIN, flat, offs_h, ROPE, HALF
+        )
     v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
 
     q_lo = P + g * M * W
@@ -1135,7 +1173,7 @@ def ms_attn_bwd_dkv_sel_kernel(
     t_first = q_lo + tl.maximum(q_start - q_lo, 0) // BLOCK_M * BLOCK_M
     # A chunk of -1 padding alone has nothing to add: its loop is empty.
     t_end = tl.where(tl.max(key_ok.to(tl.int32), 0) > 0, q_hi, t_first)
-    dk1 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    dk1 = tl.zeros(k1s.shape, dtype=tl.float32)  # whole rows or a half, as k1s
     dk2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i in range(REP):
@@ -1178,6 +1216,7 @@ def ms_attn_bwd_dkv_sel_kernel(
                 DQ32 + q_off,
                 scale,
                 FUSED_DQ,
+                WHOLE,
             )
 
     if ROPE:
@@ -1186,14 +1225,20 @@ def ms_attn_bwd_dkv_sel_kernel(
     d_mask = key_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     if PARTIAL:
         part = ((bhs.to(tl.int64) * window + (g - g0)) * S * W + flat.to(tl.int64)) * HEAD_DIM
-        tl.store(DK32 + part[:, None] + offs_h[None, :], dk1 * scale, mask=h_mask)
-        tl.store(DK32 + part[:, None] + HALF + offs_h[None, :], dk2 * scale, mask=h_mask)
+        if WHOLE:
+            tl.store(DK32 + part[:, None] + offs_d[None, :], dk1 * scale, mask=d_mask)
+        else:
+            tl.store(DK32 + part[:, None] + offs_h[None, :], dk1 * scale, mask=h_mask)
+            tl.store(DK32 + part[:, None] + HALF + offs_h[None, :], dk2 * scale, mask=h_mask)
         tl.store(DV32 + part[:, None] + offs_d[None, :], dv, mask=d_mask)
     else:
         rows_h = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_h[None, :]
         rows_d = kv_off + tok.to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
-        tl.atomic_add(DK32 + rows_h, dk1 * scale, mask=h_mask, sem="relaxed")
-        tl.atomic_add(DK32 + rows_h + HALF, dk2 * scale, mask=h_mask, sem="relaxed")
+        if WHOLE:
+            tl.atomic_add(DK32 + rows_d, dk1 * scale, mask=d_mask, sem="relaxed")
+        else:
+            tl.atomic_add(DK32 + rows_h, dk1 * scale, mask=h_mask, sem="relaxed")
+            tl.atomic_add(DK32 + rows_h + HALF, dk2 * scale, mask=h_mask, sem="relaxed")
         tl.atomic_add(DV32 + rows_d, dv, mask=d_mask, sem="relaxed")
 
 
