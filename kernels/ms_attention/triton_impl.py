@@ -302,19 +302,24 @@ GPU_CONFIG = LaunchConfig(
     shallow_mask_steps=16,
     shallow_warps=4,
     shallow_stages=2,
+    whole_dkv=True,
 )
 """The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
 candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of
-the ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), and it runs 4 warps
-and 2 stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with masks
-expanded every 64 steps, 38.7 with masks alone); forward and dq step over 128 keys (forward in
-three stages) and, without RoPE on the fly, score with one dot over the head dim (``whole_qk``);
-under RoPE on the fly the dk/dv kernels read q rotated once (``rotate_q_once``). Each setting was
-timed against the one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x
-faster and forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward and
-5-6% faster dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
+the ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), and it runs 4
+warps and 2 stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with
+masks expanded every 64 steps, 38.7 with masks alone); forward and dq step over 128 keys
+(forward in three stages) and, without RoPE on the fly, score with one dot over the head dim
+(``whole_qk``); under RoPE on the fly the dk/dv kernels read q rotated once (``rotate_q_once``),
+and without it they too score with one dot (``whole_dkv``). Each setting was timed against the
+one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x faster and
+forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward and 5-6% faster
+dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
 ``kernels/bench/stage_sweep.py``); under RoPE on the fly q rotated once for dk/dv, 2.0x faster
-dk/dv (paper 64K-128K, session 9)."""
+dk/dv (paper 64K-128K, session 9); whole rows in dk/dv 0.5-1.5% faster forward + backward in all
+8 cases, paper and (64, 64, 8), 32K-256K (session 11, one run). ``fused_dq`` stays off: dq by
+atomics inside dk/dv made the whole backward 6-22% slower in every case (its best tile variant
+per case; session 11, kernels/README.md)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
