@@ -915,18 +915,20 @@ def _twice_identical(device, shape, dtype, region, budget, merge, mode):
     q, k, v, do = _inputs(*shape, dtype=dtype, device=device, seed=8)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge)
     opts = dict(region=region, budget=budget, merge=merge, pe="pre", scale=0.1)
-    with dkv_mode(mode), launch(fused_dq=mode in ("flag", "config")):
+    with dkv_mode(mode), launch(fused_dq=mode.split("+")[0] in ("flag", "config")):
         path = triton_impl.dkv_path(region, triton_impl.default_config(q.device))
         runs = [
             _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), q, k, v, do)
             for _ in range(2)
         ]
-    assert path == ("reverse" if mode == "reverse" else "partial")
+    assert path == ("reverse" if mode.startswith("reverse") else "partial")
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["flag", "config", "partial-windows", "reverse"])
+@pytest.mark.parametrize(
+    "mode", ["flag", "config", "partial-windows", "reverse", "reverse+whole", "config+whole"]
+)
 @on_interpreter
 def test_backward_is_deterministic(mode):
     _twice_identical("cpu", (1, 41, 2, 1, 32), torch.float32, 4, 4, 2, mode)

@@ -17,8 +17,12 @@
 #           GPU 1: the dk/dv stage and the whole backward by variant (whole_dkv, tiles) at paper
 #           settings, then the paper benchmark, ours with and without whole_dkv, dense, S2
 #           -> OUT/whole.tgz
+#   call 4  carry [.whl/core]   bash experiments/gpu/lease_s11.sh 4
+#           GPU 0: the GPU tests of the kernels and the selection with the new defaults
+#           (whole_dkv); GPU 1: the paper and (64, 64, 8) benchmarks of ours, fast and
+#           deterministic, with them  -> OUT/final.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s11.sh 1|2|3}
+CALL=${1:?usage: lease_s11.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s11
 mkdir -p "$W/k" "$W/ft"
@@ -83,6 +87,21 @@ case $CALL in
     tail -3 "$W/k/gpu_tests_whole.log"; grep -h -A14 '^| case' "$W/k/${sweep}_paper_whole.md"
     grep -h -A10 '^Summary' "$W/k/${stem}"_whole_*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/whole.tgz" -C "$W/k" . ;;
-  *) echo "lease_s11.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  4)
+    CUDA_VISIBLE_DEVICES=0 timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
+      tests/test_ms_triton.py tests/test_ms_select_exact.py > "$W/k/gpu_tests_final.log" 2>&1 &
+    (
+      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+        --cases paper --ops triton,triton_det --out "$W/k" --stem "${stem}_final_paper" \
+        --time-limit-s $(( $(left) - 200 )) > "$W/k/bench_final_paper.log" 2>&1
+      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+        --cases sparse --ops triton,triton_det --out "$W/k" --stem "${stem}_final_sparse" \
+        --time-limit-s $(( $(left) - 60 )) > "$W/k/bench_final_sparse.log" 2>&1
+    ) &
+    wait
+    tail -3 "$W/k/gpu_tests_final.log"
+    grep -h -A10 '^Summary' "$W/k/${stem}"_final_*.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/final.tgz" -C "$W/k" . ;;
+  *) echo "lease_s11.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
