@@ -185,11 +185,13 @@ class LaunchConfig:
     fused_dq: bool = False
     """dq added inside the dk/dv kernels, each query step's dS k into a float32 dq buffer (laid
     out as q: 4 bytes per element, B*L*Hq*D) with relaxed atomics, and no dq kernel: the
-    backward then computes 5 products per query-key pair, not 8 (the dq kernel's second
-    recompute of the scores and dP is gone), at the cost of B*L*Hq*D float32 atomics per key
-    step. Applies only outside deterministic mode (the atomics' order varies, and with it dq's
-    last bits) and without RoPE on the fly (``pe="selected"``: the keys there carry per-block
-    rotations); otherwise the dq kernel runs."""
+    backward then computes 5 products per query-key pair, not 7 (the dq kernel's second
+    recompute of the scores and dP is gone), at the cost of 4*D/block_n bytes of float32
+    reductions per computed pair (block_n: the dk/dv program's keys). Measured 6-22% slower
+    than the dq kernel on an H200 (session 11, kernels/README.md), hence off. Applies only
+    outside deterministic mode (the atomics' order varies, and with it dq's last bits) and
+    without RoPE on the fly (``pe="selected"``: the keys there carry per-block rotations);
+    otherwise the dq kernel runs."""
     dkv_partial_gib: float = 1.0
     """GiB of float32 partial sums "partial" may hold at once (dk and dv together): the blocks
     go through it in windows, one window's partial sums and reduction at a time."""

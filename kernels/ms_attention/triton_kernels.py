@@ -25,11 +25,10 @@ with ``fused_dq``, added by atomics inside the dk/dv kernels, as FlashAttention-
 backward does, and no dq kernel); dk/dv of the own segment per key tile. The selected keys'
 dk/dv come one of three ways (``triton_impl.dkv_path``): a reverse index (per key tile, the
 blocks that selected one of its regions and the rank of each region there: every gradient
-written once, deterministic); per
-(block, chunk of selected tokens) programs adding into float32 buffers with relaxed atomics
-(fast, last bits vary run to run); or the same programs writing per-block partial sums
-(PDK, PDV [B*HS, Gw, S*w, D] float32, a window of Gw blocks at a time) that
-``ms_attn_bwd_dkv_reduce_kernel`` then adds per region in a fixed order (deterministic).
+written once, deterministic); per (block, chunk of selected tokens) programs adding into float32
+buffers with relaxed atomics (fast, last bits vary run to run); or the same programs writing
+per-block partial sums (PDK, PDV [B*HS, Gw, S*w, D] float32, a window of Gw blocks at a time)
+that ``ms_attn_bwd_dkv_reduce_kernel`` then adds per region in a fixed order (deterministic).
 """
 
 from __future__ import annotations
