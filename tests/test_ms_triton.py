@@ -112,6 +112,24 @@ def _assert_close(name, actual, expected, tol):
     assert err <= tol * max(scale, 1.0), f"{name}: max error {err:.3g} (scale {scale:.3g})"
 
 
+def _assert_matches_torch(q, k, v, do, idx, *, scope, start, opts, q_in=None, scale=0.2):
+    """The Triton path from row ``start`` (``q_in``: q as the kernels get it, e.g. poisoned
+    before ``start``) against ms_attend_torch in float64: o, dq, dk, dv within 1e-5 relative to
+    their largest element. Returns the Triton path's output and gradients."""
+    out, grads = _grads(
+        lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=scale, start=start, **opts),
+        q if q_in is None else q_in, k, v, do[:, start:],
+    )  # fmt: skip
+    ref, ref_grads = _grads(
+        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=scale, start=start, **opts),
+        *(x.double() for x in (q, k, v, do[:, start:])),
+    )
+    _assert_close("o", out, ref, 1e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, g, r, 1e-5)
+    return out, grads
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(on: bool):
     """torch.use_deterministic_algorithms(on) for the block: it picks the dk/dv path."""
@@ -302,18 +320,8 @@ def test_attend_from_start_matches_torch(shape, region, budget, merge, scope, pe
     q_poisoned = q.clone()
     q_poisoned[:, :start] = float("nan")
     with dkv_mode(dkv):
-        out, grads = _grads(
-            lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, start=start, **opts),
-            q_poisoned, k, v, do[:, start:],
-        )  # fmt: skip
-    ref, ref_grads = _grads(
-        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=0.2, start=start, **opts),
-        *(x.double() for x in (q, k, v, do[:, start:])),
-    )
-    assert out.shape == ref.shape == (shape[0], shape[1] - start, shape[2], shape[4])
-    _assert_close("o", out, ref, 1e-5)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        _assert_close(name, g, r, 1e-5)
+        out, _ = _assert_matches_torch(q, k, v, do, idx, scope=scope, start=start, opts=opts, q_in=q_poisoned)
+    assert out.shape == (shape[0], shape[1] - start, shape[2], shape[4])
 
 
 # Each case: (id, shape, w, T, m, scope, dk/dv mode, first row ``start``, seed) for dq summed
@@ -351,17 +359,9 @@ def test_fused_dq_matches_torch(shape, region, budget, merge, scope, dkv, start,
     q_poisoned = q.clone()
     q_poisoned[:, :start] = float("nan")
     with dkv_mode(dkv), launch(fused_dq=True):
-        out, grads = _grads(
-            lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, start=start, **opts),
-            q_poisoned, k, v, do[:, start:],
-        )  # fmt: skip
-    ref, ref_grads = _grads(
-        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=0.2, start=start, **opts),
-        *(x.double() for x in (q, k, v, do[:, start:])),
-    )
-    _assert_close("o", out, ref, 1e-5)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        _assert_close(name, g, r, 1e-5)
+        _, grads = _assert_matches_torch(
+            q, k, v, do, idx, scope=scope, start=start, opts=opts, q_in=q_poisoned
+        )
     assert not grads[0][:, :start].any()
 
 
@@ -436,17 +436,7 @@ def test_q_rotated_once_matches_torch(shape, region, budget, merge, scope, pe, d
         region=region, budget=budget, merge=merge, pe=pe, inv_freq=rope_inv_freq(shape[-1], 100.0).double()
     )
     with dkv_mode(dkv), launch(rotate_q_once=True):
-        out, grads = _grads(
-            lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, start=start, **opts),
-            q, k, v, do[:, start:],
-        )  # fmt: skip
-    ref, ref_grads = _grads(
-        lambda q, k, v: ms_attend_torch(q, k, v, idx, scope=scope, scale=0.2, start=start, **opts),
-        *(x.double() for x in (q, k, v, do[:, start:])),
-    )
-    _assert_close("o", out, ref, 1e-5)
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        _assert_close(name, g, r, 1e-5)
+        _assert_matches_torch(q, k, v, do, idx, scope=scope, start=start, opts=opts)
 
 
 @pytest.mark.parametrize(
