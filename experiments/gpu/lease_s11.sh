@@ -21,8 +21,10 @@
 #           GPU 0: the GPU tests of the kernels and the selection with the new defaults
 #           (whole_dkv); GPU 1: the paper and (64, 64, 8) benchmarks of ours, fast and
 #           deterministic, with them  -> OUT/final.tgz
+#   call 5  bash experiments/gpu/lease_s11.sh 5   (one H200): --fit from 512K to 4M with the
+#           defaults of this session (whole rows in dk/dv)  -> OUT/fit.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s11.sh 1|2|3|4}
+CALL=${1:?usage: lease_s11.sh 1|2|3|4|5}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s11
 mkdir -p "$W/k" "$W/ft"
@@ -102,6 +104,12 @@ case $CALL in
     tail -3 "$W/k/gpu_tests_final.log"
     grep -h -A10 '^Summary' "$W/k/${stem}"_final_*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/final.tgz" -C "$W/k" . ;;
-  *) echo "lease_s11.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
+  5)
+    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper-L32K --ops triton --fit 524288,4194304 --out "$W/k" --stem "${stem}_fit" \
+      --time-limit-s $(( $(left) - 60 )) > "$W/k/bench_fit.log" 2>&1
+    grep -h -A8 'fit' "$W/k/${stem}_fit.md" 2>/dev/null | tail -8
+    tar -czf "$OUT/fit.tgz" -C "$W/k" . ;;
+  *) echo "lease_s11.sh: call must be 1-5" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
