@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The next lease after session 10 (nvidia-h200-x2, or one H200: run each call's GPU 0 and GPU 1
-# parts one after the other), same rules as lease_s10.sh (experiments/results moved aside during
-# the lease; calls follow at once). With a 4-GPU kind lent, lease_x4_next.sh 3 as well.
+# The next lease after session 11 (nvidia-h200-x2, or one H200: run each call's GPU 0 and GPU 1
+# parts one after the other), same rules as lease_s11.sh (experiments/results moved aside during
+# the lease; calls follow at once). With a 4-GPU kind lent, lease_x4_next.sh 3 as well. Session
+# 11 already ran the 7B step at 64K and 128K in one lease (call 2 here repeats it for the next
+# kernel change) and the whole-backward sweep (`stage_sweep --stages bwd`); call 3 is still unrun.
 #   call 1  carry [.whl/core]   bash experiments/gpu/lease_next.sh 1
 #           GPU 0: the GPU tests of the kernels, then the kernel benchmark at paper settings
 #           (ours, det, dense, S2); GPU 1: the stage sweep of forward and dq at paper settings
@@ -9,8 +11,8 @@
 #           (64, 64, 8)
 #           -> OUT/kernels.tgz
 #   call 2  bash experiments/gpu/lease_next.sh 2
-#           GPU 0: the 7B step S2 vs MS at 64K and 128K with session 10's defaults (the selection
-#           by bit masks: 128K was last timed in session 9), two warm-ups; GPU 1: the same at 32K
+#           GPU 0: the 7B step S2 vs MS at 64K and 128K with the defaults of the day, two
+#           warm-ups; GPU 1: the same at 32K
 #           -> OUT/next.tgz
 #   call 3  bash experiments/gpu/lease_next.sh 3
 #           both GPUs: cp_bench at 256K over 2 GPUs under FSDP2 (CTXLAB_CP_STRATEGY=fsdp, never
