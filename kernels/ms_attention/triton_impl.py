@@ -1056,8 +1056,9 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     geo = Geometry.of(L, region, budget, merge, config.dkv_block_n)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     q, qrot = _kernel_q(q, rope, geo, cos, sin, config)  # from here, q as the dk/dv kernels read it
-    dq_arg = dq32 if fused else torch.zeros(1, dtype=torch.float32, device=q.device)
     whole = config.whole_dkv and not rope
+    # Without FUSED_DQ the kernels never touch their dq pointer: no fill needed.
+    dq_arg = dq32 if fused else torch.empty(1, dtype=torch.float32, device=q.device)
     first_block = min(first_block_at(start, region=region, budget=budget, merge=merge), geo.G)
     if path == "reverse":
         live = idx_sorted

@@ -115,17 +115,18 @@ def _load_rotated(base, tok, row_stride, ok, COS, SIN, pos, offs_h, ROPE: tl.con
 
 
 @triton.jit
-def _load_query(
-    Q, rows, row_stride, ok, COS, SIN, pos, offs_h, offs_d, ROPE: tl.constexpr, HALF: tl.constexpr,
+def _load_rows(
+    X, rows, row_stride, ok, COS, SIN, pos, offs_h, offs_d, ROPE: tl.constexpr, HALF: tl.constexpr,
     HEAD_DIM: tl.constexpr, WHOLE: tl.constexpr,
 ):  # fmt: skip
-    """The query tile of forward and dq as (q1, q2, tables): with WHOLE the whole rows as q1 (and
-    as q2, unused; the tables stand-ins as without RoPE), else `_load_rotated`'s halves."""
+    """Rows of q or k as (x1, x2, tables): with WHOLE the whole rows as x1 (and as x2, unused; the
+    tables stand-ins as without RoPE), else `_load_rotated`'s halves. The query tile of forward
+    and dq, the query steps and selected keys of the dk/dv kernels."""
     if WHOLE:
-        q = _load_full(Q, rows, row_stride, ok, offs_d, HEAD_DIM)
-        return q, q, q.to(tl.float32), q.to(tl.float32)
+        x = _load_full(X, rows, row_stride, ok, offs_d, HEAD_DIM)
+        return x, x, x.to(tl.float32), x.to(tl.float32)
     else:
-        return _load_rotated(Q, rows, row_stride, ok, COS, SIN, pos, offs_h, ROPE, HALF)
+        return _load_rotated(X, rows, row_stride, ok, COS, SIN, pos, offs_h, ROPE, HALF)
 
 
 @triton.jit
@@ -348,7 +349,7 @@ def ms_attn_fwd_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = (offs_m >= q_start) & (offs_m < hi)
-    q1, q2, _, _ = _load_query(
+    q1, q2, _, _ = _load_rows(
         Q + q_off,
         offs_m,
         q_stride,
@@ -631,7 +632,7 @@ def ms_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = (offs_m >= q_start) & (offs_m < hi)
     h_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
-    q1, q2, cq, sq = _load_query(
+    q1, q2, cq, sq = _load_rows(
         Q + q_off,
         offs_m,
         q_stride,
@@ -789,11 +790,9 @@ def _dkv_step(
     unused), q is loaded whole and the scores are one dot over the head dim.
     """
     row_ok = (t >= q_first) & (t < q_hi)
-    if WHOLE:
-        q1 = _load_full(Q, t, q_stride, row_ok, offs_d, HEAD_DIM)
-        q2 = q1
-    else:
-        q1, q2, _, _ = _load_rotated(Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, ROPE and not QROT, HALF)
+    q1, q2, _, _ = _load_rows(
+        Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, offs_d, ROPE and not QROT, HALF, HEAD_DIM, WHOLE
+    )
     do = _load_full(DO, t, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + t, mask=row_ok, other=0.0)
@@ -1156,15 +1155,9 @@ def ms_attn_bwd_dkv_sel_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     sel = IDX + (bhs.to(tl.int64) * G + g) * S
     flat, tok, key_ok = _selected_tokens(sel, chunk * BLOCK_N, tl.arange(0, BLOCK_N), S, W)
-    if WHOLE:
-        k1s = _load_full(K + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
-        k2s = k1s
-        cT = k1s.to(tl.float32)  # stand-ins for the tables, unused without RoPE
-        sT = cT
-    else:
-        k1s, k2s, cT, sT = _load_rotated(
-            K + kv_off, tok, kv_stride, key_ok, COS, SIN, flat, offs_h, ROPE, HALF
-        )
+    k1s, k2s, cT, sT = _load_rows(
+        K + kv_off, tok, kv_stride, key_ok, COS, SIN, flat, offs_h, offs_d, ROPE, HALF, HEAD_DIM, WHOLE
+    )
     v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
 
     q_lo = P + g * M * W
