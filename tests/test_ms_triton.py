@@ -159,9 +159,11 @@ def dkv_mode(mode: str):
     ("atomic", "partial", "reverse"), "partial-windows" (partial sums one block at a time),
     "flag" (torch.use_deterministic_algorithms(True), the default path choice) or "config"
     (LaunchConfig.deterministic, the default path choice); a suffix "+fused" also adds dq inside
-    the dk/dv kernels (``fused_dq``), "+whole" takes whole rows there (``whole_dkv``)."""
+    the dk/dv kernels (``fused_dq``), "+whole" takes whole rows there (``whole_dkv``), "+tma" loads
+    the own-segment kernel's rows by TMA descriptors (``dkv_tma``), "+ws" warp-specializes its
+    query loop (``dkv_ws``)."""
     mode, *extras = mode.split("+")
-    flags = {"fused": "fused_dq", "whole": "whole_dkv"}
+    flags = {"fused": "fused_dq", "whole": "whole_dkv", "tma": "dkv_tma", "ws": "dkv_ws"}
     if extras:
         with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
             yield
@@ -297,6 +299,11 @@ START_CASES = [
      "partial-windows", 31, 5),
     ("in-region-w5-L71-rope-head-atomic", (1, 71, 3, 1, 32), 5, 4, 1, "head", "selected", "atomic", 43, 6),
     ("last-row-L47-pre-head-partial", (1, 47, 4, 1, 32), 4, 4, 2, "head", "pre", "partial", 46, 7),
+    # the own-segment kernel on TMA descriptors from row start (rows before it read 0, not NaN)
+    ("in-region-w5-L71-pre-head-atomic-tma-ws", (1, 71, 4, 2, 32), 5, 4, 1, "head", "pre",
+     "atomic+whole+tma+ws", 43, 8),
+    ("in-region-w16-L97-pre-head-reverse-tma", (1, 97, 2, 2, 32), 16, 3, 1, "head", "pre",
+     "reverse+whole+tma", 50, 9),
 ]  # fmt: skip
 
 
@@ -1177,6 +1184,8 @@ GPU_CASES = [
     ("L4133-gqa4-w16-head-atomic-whole", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole"),
     ("L4133-gqa4-w16-group-partial-whole", (1, 4133, 8, 2, 128), 16, 64, 8, "group", "pre", "partial+whole"),
     ("L5000-gqa1-w64-head-reverse-whole", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole"),
+    ("L4133-gqa4-w16-head-atomic-tma-ws", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole+tma+ws"),
+    ("L5000-gqa1-w64-head-reverse-tma", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole+tma"),
 ]
 
 
@@ -1201,6 +1210,42 @@ def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope
     with dkv_mode(dkv):
         mine = _grads(lambda q, k, v: triton_impl.ms_attend_triton(q, k, v, idx, **opts), *bf)
     assert_within_pytorch_error(mine, theirs, reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
+@pytest.mark.parametrize("dkv", ["partial", "reverse"])
+@pytest.mark.parametrize("start", [0, 1000])
+def test_gpu_dkv_tma_same_bits(dkv, start):
+    """The own-segment dk/dv kernel fed by TMA descriptors (``dkv_tma``), and warp-specialized
+    (``dkv_ws``, which the reverse path leaves out), returns the bits of the pointer loads, on
+    deterministic paths; from a ``start`` inside a block, q's rows before it are NaN, which the
+    descriptors (from row ``start``) never read."""
+    shape = (1, 4133, 8, 2, 128) if dkv == "partial" else (1, 5000, 4, 4, 128)
+    region, budget, merge = (16, 64, 8) if dkv == "partial" else (64, 16, 2)
+    q, k, v, do = (x.bfloat16() for x in _inputs(*shape, dtype=torch.float32, device="cuda", seed=13))
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope="head")
+    q_in = q.clone()
+    q_in[:, :start] = float("nan")
+
+    def run():
+        return _grads(
+            lambda q, k, v: triton_impl.ms_attend_triton(
+                q, k, v, idx, region=region, budget=budget, merge=merge, pe="pre",
+                scale=shape[-1] ** -0.5, inv_freq=None, start=start,
+            ), q_in, k, v, do[:, start:],
+        )  # fmt: skip
+
+    with dkv_mode(dkv + "+whole"):
+        out, grads = run()
+    assert not any(g.isnan().any() for g in grads[1:])
+    for extra in ("+tma", "+tma+ws"):
+        with dkv_mode(dkv + "+whole" + extra):
+            out2, grads2 = run()
+        assert torch.equal(out, out2)
+        for name, g, g2 in zip(("dq", "dk", "dv"), grads, grads2):
+            diff = (g.float() - g2.float()).abs().max().item()
+            assert torch.equal(g, g2), f"{extra}: {name} differs by up to {diff:.3g}"
 
 
 # The fused selection at real sizes. Integer inputs (w a power of two, so every representative
@@ -1316,16 +1361,19 @@ def _compile_for_h100(fn, sig: dict, consts: dict, divisible=(), **options):
 @pytest.mark.parametrize(
     "kernel, mode",
     [("sel", "atomic"), ("sel", "partial"), ("sel", "fused"), ("sel", "whole"), ("dkv", "fused"),
-     ("dkv", "reverse-fused"), ("dkv", "whole"), ("reduce", 16), ("reduce", 3)],
+     ("dkv", "reverse-fused"), ("dkv", "whole"), ("dkv", "tma"), ("dkv", "tma-ws"), ("reduce", 16),
+     ("reduce", 3)],
     ids=["sel-atomic", "sel-partial", "sel-fused-dq", "sel-whole-rows", "dkv-fused-dq",
-         "dkv-reverse-fused-dq", "dkv-whole-rows", "reduce-w16", "reduce-w3"],
+         "dkv-reverse-fused-dq", "dkv-whole-rows", "dkv-tma", "dkv-tma-ws", "reduce-w16", "reduce-w3"],
 )  # fmt: skip
 def test_dkv_kernels_compile_for_h100(kernel, mode):
     """The dk/dv kernels compile for an H100 (sm_90: PTX and cubin) without a GPU, with the
     installed Triton: the atomic one emits relaxed reductions, the partial one plain stores and
     no atomics; with dq fused in (``fused_dq``), both the selected keys' kernel and the key
     tiles' kernel add dq by relaxed reductions; with whole rows (``whole_dkv``) too, both
-    without register spills, in the card's shared memory."""
+    without register spills, in the card's shared memory; on TMA descriptors (``dkv_tma``) the
+    key tiles' kernel loads by ``cp.async.bulk.tensor``, and with ``dkv_ws`` Triton's Hopper pass
+    splits it into producer and consumer partitions (``ttg.warp_specialize``)."""
     from ctxlab.kernels.ms_attention import triton_kernels as tk
 
     def ptr(t):
@@ -1334,7 +1382,8 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
     gpu = triton_impl.GPU_CONFIG
     options = dict(num_warps=4, num_stages=2)
     fused = mode in ("fused", "reverse-fused")
-    whole = mode == "whole"
+    tma = str(mode).startswith("tma")
+    whole = mode == "whole" or tma
     if kernel == "sel":
         fn = tk.ms_attn_bwd_dkv_sel_kernel
         sig = {name: ptr("bf16") for name in ("Q", "K", "V", "DO")}
@@ -1355,9 +1404,16 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
                                          "tiles_per_block", "q_start")}  # fmt: skip
         sig |= dict(qk_scale="fp32", scale="fp32")
         consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=False,
-                      SELECTED=mode != "fused", QROT=False, FUSED_DQ=fused, WHOLE=whole,
+                      SELECTED=mode not in ("fused", "tma-ws"), QROT=False, FUSED_DQ=fused, WHOLE=whole,
                       BLOCK_M=gpu.dkv_block_m, BLOCK_N=gpu.dkv_block_n)  # fmt: skip
         options = dict(num_warps=gpu.dkv_warps, num_stages=gpu.dkv_stages)
+        if tma:  # the descriptors' types: [1, rows, D] blocks of bf16
+            for name, rows in (("QD", gpu.dkv_block_m), ("DOD", gpu.dkv_block_m), ("KD", gpu.dkv_block_n),
+                               ("VD", gpu.dkv_block_n)):  # fmt: skip
+                sig[name] = f"tensordesc<bf16[1,{rows},128]>"
+            consts["WS"] = mode == "tma-ws"
+        else:  # as a launch without descriptors passes them: None, constexpr
+            consts |= dict(QD=None, DOD=None, KD=None, VD=None, WS=False)
     else:
         fn = tk.ms_attn_bwd_dkv_reduce_kernel
         sig = {name: ptr("fp32") for name in ("PDK", "PDV", "DK32", "DV32")}
@@ -1373,6 +1429,9 @@ def test_dkv_kernels_compile_for_h100(kernel, mode):
     if fused or whole:
         assert ".local" not in ptx  # no register spills
         assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
+    if tma:
+        assert "cp.async.bulk.tensor" in ptx
+        assert ("ttg.warp_specialize" in compiled.asm["ttgir"]) == (mode == "tma-ws")
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ import torch
 import triton
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..rope import rope_cos_sin, selected_inv_freq
 from . import triton_kernels as tk
@@ -101,6 +102,16 @@ class LaunchConfig:
     dkv_block_m: int = 64
     dkv_warps: int = 4
     dkv_stages: int = 2
+    dkv_tma: bool = False
+    """The own-segment dk/dv kernel (``ms_attn_bwd_dkv_kernel``) loads its keys and its query
+    steps' q and do through TMA tensor descriptors (Hopper and later) instead of pointer loads.
+    Only where the kernels load whole rows (``whole_dkv``, no RoPE on the fly) and the head dim
+    is a power of two (a TMA block is the whole head); elsewhere, and under the interpreter
+    where the descriptors are emulated, the same function and the same sums as without it."""
+    dkv_ws: bool = False
+    """With ``dkv_tma``: the own segment's unmasked query loop is warp-specialized (Triton's
+    Hopper producer/consumer partitions, ``tl.range(..., warp_specialize=True)``, which only take
+    loops fed by TMA descriptors). Triton's Hopper pass asks for ``dkv_warps`` = 4."""
     sel_block_n: int = 64
     sel_block_m: int = 64
     sel_warps: int = 4
@@ -249,7 +260,7 @@ class LaunchConfig:
             raise ValueError(f"select_impl must be one of {SELECT_IMPLS}, got {self.select_impl!r}")
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
-        flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv")
+        flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv", "dkv_tma", "dkv_ws")
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -288,6 +299,8 @@ class LaunchConfig:
                 "deterministic=True cannot be honoured with dkv_path='atomic' (float atomics add in "
                 "a varying order): choose dkv_path 'auto', 'partial' or 'reverse'"
             )
+        if self.dkv_ws and not self.dkv_tma:
+            raise ValueError("dkv_ws=True needs dkv_tma=True (warp specialization takes TMA-fed loops)")
         if not self.dkv_partial_gib > 0:
             raise ValueError(f"dkv_partial_gib must be > 0, got {self.dkv_partial_gib!r}")
 
@@ -1091,6 +1104,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                               start=start, first_block=first_block)  # fmt: skip
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
+    tma = _dkv_descriptors(q, k, v, do, start, config, ws=path != "reverse") if whole else {}
     with launch_settings("ms_attn_bwd_dkv_kernel", config, "dkv_"):
         tk.ms_attn_bwd_dkv_kernel[(geo.n_tiles, B * Hkv)](
             q, k, v, do, dk, dv, dk32, dv32, dq_arg, lse, delta, cos, sin,
@@ -1100,9 +1114,29 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
             ROPE=rope, SELECTED=path == "reverse", QROT=qrot, FUSED_DQ=fused, WHOLE=whole,
             BLOCK_M=config.dkv_block_m,
             BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
-            **consts,
+            **consts, **tma,
         )  # fmt: skip
     return dk, dv
+
+
+def _dkv_descriptors(q: Tensor, k: Tensor, v: Tensor, do: Tensor, start: int, config: LaunchConfig,
+                     *, ws: bool) -> dict:  # fmt: skip
+    """The own-segment dk/dv kernel's TMA descriptors (``LaunchConfig.dkv_tma``), as its keyword
+    arguments, or {} where they do not apply (head dim not a power of two). q and do start at
+    row ``start``: a query step reaching before it reads zeros there (TMA fills out-of-bounds
+    rows with 0), never the rows before ``start``, which the caller need not have filled.
+    ``ws``: whether the kernel may warp-specialize (``dkv_ws``); not on the reverse index's
+    path, whose loop over the selecting blocks Triton's Hopper partitioning refuses."""
+    B, L, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if not config.dkv_tma or D & (D - 1):
+        return {}
+    bm, bn = config.dkv_block_m, config.dkv_block_n
+    rows = dict(QD=q.view(B, L, Hq * D)[:, start:], DOD=do.view(B, L, Hq * D)[:, start:])
+    keys = dict(KD=k.view(B, L, Hkv * D), VD=v.view(B, L, Hkv * D))
+    out = {name: TensorDescriptor.from_tensor(x, [1, bm, D]) for name, x in rows.items()}
+    out |= {name: TensorDescriptor.from_tensor(x, [1, bn, D]) for name, x in keys.items()}
+    return out | dict(WS=config.dkv_ws and ws)
 
 
 def _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args, sel_consts,

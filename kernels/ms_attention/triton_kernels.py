@@ -42,20 +42,19 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK: tl.constexpr):
-    """Tile number -> (first token, segment start, segment end, block or -1, RoPE shift)."""
-    if tile < n_pre_tiles:
-        g = tile * 0 - 1
-        seg_lo = tile * 0
-        seg_hi = tile * 0 + P
-        lo = tile * BLOCK
-        shift = tile * 0
-    else:
-        rel = tile - n_pre_tiles
-        g = rel // tiles_per_block
-        seg_lo = P + g * M * W
-        seg_hi = tl.minimum(seg_lo + M * W, L)
-        lo = seg_lo + (rel % tiles_per_block) * BLOCK
-        shift = S * W - seg_lo
+    """Tile number -> (first token, segment start, segment end, block or -1, RoPE shift).
+
+    Without branches (selects): Triton's Hopper warp specialization refuses a kernel with an
+    if/else on runtime values."""
+    pre = tile < n_pre_tiles
+    rel = tl.maximum(tile - n_pre_tiles, 0)
+    blk = rel // tl.maximum(tiles_per_block, 1)
+    blk_lo = P + blk * M * W
+    g = tl.where(pre, -1, blk)
+    seg_lo = tl.where(pre, 0, blk_lo)
+    seg_hi = tl.where(pre, P, tl.minimum(blk_lo + M * W, L))
+    lo = tl.where(pre, tile * BLOCK, blk_lo + (rel - blk * tiles_per_block) * BLOCK)
+    shift = tl.where(pre, 0, S * W - blk_lo)
     return lo, seg_lo, seg_hi, g, shift
 
 
@@ -774,6 +773,11 @@ def _dkv_step(
     dq_scale=1.0,
     FUSED_DQ: tl.constexpr = False,
     WHOLE: tl.constexpr = False,
+    QD=None,
+    DOD=None,
+    tma_b=0,
+    tma_row=0,
+    tma_col=0,
 ):
     """dk, dv ([BLOCK_N, *]) += the contribution of the query rows t ([BLOCK_M]).
 
@@ -787,13 +791,20 @@ def _dkv_step(
     keys are then the scores' own): the rows' dq gets dq_scale * dS k added into the float32
     DQ32 (laid out as Q) with relaxed atomics, the dq kernel's work without its recompute.
     WHOLE (without RoPE on the fly): k1 and dk1 are whole rows ([BLOCK_N, BLOCK_D]; k2, dk2
-    unused), q is loaded whole and the scores are one dot over the head dim.
+    unused), q is loaded whole and the scores are one dot over the head dim. QD, DOD (with
+    WHOLE): TMA descriptors of q and do, which load the rows at [tma_b, tma_row, tma_col] (rows
+    outside [q_first, q_hi) then read 0 or their own finite values, added as P = 0), not Q, DO.
     """
     row_ok = (t >= q_first) & (t < q_hi)
-    q1, q2, _, _ = _load_rows(
-        Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, offs_d, ROPE and not QROT, HALF, HEAD_DIM, WHOLE
-    )
-    do = _load_full(DO, t, q_stride, row_ok, offs_d, HEAD_DIM)
+    if QD is not None:
+        q1 = QD.load([tma_b, tma_row, tma_col]).reshape(t.shape[0], HEAD_DIM)
+        q2 = q1
+        do = DOD.load([tma_b, tma_row, tma_col]).reshape(t.shape[0], HEAD_DIM)
+    else:
+        q1, q2, _, _ = _load_rows(
+            Q, t, q_stride, row_ok, COS, SIN, qpos, offs_h, offs_d, ROPE and not QROT, HALF, HEAD_DIM, WHOLE
+        )
+        do = _load_full(DO, t, q_stride, row_ok, offs_d, HEAD_DIM)
     lse2 = tl.load(LSE + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + t, mask=row_ok, other=0.0)
     qkT = tl.dot(k1, tl.trans(q1))
@@ -873,6 +884,11 @@ def ms_attn_bwd_dkv_kernel(
     WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    QD=None,
+    DOD=None,
+    KD=None,
+    VD=None,
+    WS: tl.constexpr = False,
 ):
     """Grid (key tiles, B*HKV). One program owns BLOCK_N keys of one kv head and writes their
     dk, dv once, summing over the group's query heads (GQA) in a fixed order.
@@ -888,8 +904,14 @@ def ms_attn_bwd_dkv_kernel(
     into the float32 DK32, DV32 ([B, L, HKV, D]), added here. Query rows before `q_start`
     add nothing: the query steps wholly before it are skipped, the rest masked. FUSED_DQ: every
     step also adds its rows' dq into the float32 DQ32 ([B, L, HQ, D]) with atomics
-    (``_dkv_step``); the dq kernel is then not run.
+    (``_dkv_step``); the dq kernel is then not run. QD, DOD, KD, VD (with WHOLE, all or none):
+    TMA descriptors of q, do (``[B, L - q_start, HQ * D]``, from row q_start: the rows before
+    it read 0) and k, v (``[B, L, HKV * D]``), blocks ``[1, BLOCK_M or BLOCK_N, D]``; the
+    program then loads its keys and its query steps through them, and with WS the own
+    segment's unmasked query loop is warp-specialized (Triton's Hopper producer/consumer
+    partitions, which take only loops fed by TMA).
     """
+    TMA: tl.constexpr = QD is not None
     HALF: tl.constexpr = HEAD_DIM // 2
     GROUP: tl.constexpr = HQ // HKV
     DIAG: tl.constexpr = (BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -908,12 +930,17 @@ def ms_attn_bwd_dkv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     tok = lo + tl.arange(0, BLOCK_N)
     key_ok = tok < hi
-    if WHOLE:
+    if TMA:  # rows past hi (the next segment's, or zeros past L) are masked out of every step
+        k1 = KD.load([b, lo, hkv * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
+        k2 = k1
+        v = VD.load([b, lo, hkv * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
+    elif WHOLE:
         k1 = _load_full(K + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
         k2 = k1
+        v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
     else:
         k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
-    v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
+        v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
     k1o, k2o, ck, sk = _rotated(COS, SIN, k1, k2, tok + shift, key_ok, offs_h, ROPE, HALF)
     slot = tok // W - lo // W
     within = tok - (tok // W) * W
@@ -934,8 +961,53 @@ def ms_attn_bwd_dkv_kernel(
         lse_base = LSE + (b * HQ + h).to(tl.int64) * L
         delta_base = DELTA + (b * HQ + h).to(tl.int64) * L
 
-        # Own segment, causally: the diagonal query steps masked, the later ones not.
-        for t0 in range(lo + skip, lo + DIAG, BLOCK_M):
+        # Own segment, causally: the diagonal query steps masked, the later ones not (with WS
+        # one loop, every step masked: Triton's Hopper partitions take no loop before theirs).
+        diag_end = lo + skip if WS else lo + DIAG
+        if not WS:
+            for t0 in range(lo + skip, diag_end, BLOCK_M):
+                t = t0 + offs_m
+                dk1, dk2, dv = _dkv_step(
+                    dk1,
+                    dk2,
+                    dv,
+                    k1o,
+                    k2o,
+                    v,
+                    ck,
+                    sk,
+                    q_base,
+                    do_base,
+                    lse_base,
+                    delta_base,
+                    COS,
+                    SIN,
+                    t,
+                    q_start,
+                    seg_hi,
+                    t + shift,
+                    tok[:, None] <= t[None, :],
+                    qk_scale,
+                    q_stride,
+                    offs_h,
+                    offs_d,
+                    True,
+                    ROPE,
+                    HALF,
+                    HEAD_DIM,
+                    not SELECTED,  # the own segment alone: one rotation, undone at the end
+                    QROT,
+                    dq_base,
+                    scale,
+                    FUSED_DQ,
+                    WHOLE,
+                    QD,
+                    DOD,
+                    b,
+                    t0 - q_start,
+                    h * HEAD_DIM,
+                )
+        for t0 in tl.range(tl.maximum(lo + skip, diag_end), seg_hi, BLOCK_M, warp_specialize=WS):
             t = t0 + offs_m
             dk1, dk2, dv = _dkv_step(
                 dk1,
@@ -961,44 +1033,7 @@ def ms_attn_bwd_dkv_kernel(
                 q_stride,
                 offs_h,
                 offs_d,
-                True,
-                ROPE,
-                HALF,
-                HEAD_DIM,
-                not SELECTED,  # the own segment alone: one rotation, undone at the end
-                QROT,
-                dq_base,
-                scale,
-                FUSED_DQ,
-                WHOLE,
-            )
-        for t0 in range(lo + tl.maximum(skip, DIAG), seg_hi, BLOCK_M):
-            t = t0 + offs_m
-            dk1, dk2, dv = _dkv_step(
-                dk1,
-                dk2,
-                dv,
-                k1o,
-                k2o,
-                v,
-                ck,
-                sk,
-                q_base,
-                do_base,
-                lse_base,
-                delta_base,
-                COS,
-                SIN,
-                t,
-                q_start,
-                seg_hi,
-                t + shift,
-                key_ok[:, None],
-                qk_scale,
-                q_stride,
-                offs_h,
-                offs_d,
-                False,
+                WS,
                 ROPE,
                 HALF,
                 HEAD_DIM,
@@ -1008,6 +1043,11 @@ def ms_attn_bwd_dkv_kernel(
                 scale,
                 FUSED_DQ,
                 WHOLE,
+                QD,
+                DOD,
+                b,
+                t0 - q_start,
+                h * HEAD_DIM,
             )
 
         if SELECTED:
@@ -1059,6 +1099,11 @@ def ms_attn_bwd_dkv_kernel(
                         scale,
                         FUSED_DQ,
                         WHOLE,
+                        QD,
+                        DOD,
+                        b,
+                        t0 - q_start,
+                        h * HEAD_DIM,
                     )
 
     if ROPE and not SELECTED:  # summed in the keys' rotated frame (one rotation, tok + shift)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Session 12's lease (nvidia-h200-x2; on one H200 run each call's GPU 0 and GPU 1 parts one after
+# the other). experiments/results moved aside during the lease; calls follow at once.
+#   call 1  carry [.whl/core]   bash experiments/gpu/lease_s12.sh 1
+#           GPU 0: the GPU tests of the kernels (the own-segment dk/dv kernel on TMA descriptors
+#           and warp-specialized among them), then the dk/dv stage and the whole backward at
+#           (64, 64, 8) by variant; GPU 1: the same at paper settings 32K-256K
+#           (base; dkv_tma; dkv_tma + dkv_ws; with 3 stages)  -> OUT/tma.tgz
+set -uo pipefail
+CALL=${1:?usage: lease_s12.sh 1}
+source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
+W=/root/s12
+mkdir -p "$W/k" "$W/ft"
+stem="ms_attention_$(date -u +%F)_${card}_s12"
+sweep="stage_sweep_$(date -u +%F)_${card}_s12"
+tma="base;dkv_tma=true;dkv_tma=true+dkv_ws=true;dkv_tma=true+dkv_ws=true+dkv_stages=3"
+case $CALL in
+  1)
+    (
+      CUDA_VISIBLE_DEVICES=0 timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
+        tests/test_ms_triton.py > "$W/k/gpu_tests.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.stage_sweep \
+        --setting sparse --lengths 32K,64K,128K,256K --stages dkv,bwd --variants "$tma" --out "$W/k" \
+        --stem "${sweep}_sparse_tma" --time-limit-s $(( $(left) - 60 )) > "$W/k/sweep_sparse.log" 2>&1
+    ) &
+    CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.stage_sweep \
+      --setting paper --lengths 32K,64K,128K,256K --stages dkv,bwd --variants "$tma" --out "$W/k" \
+      --stem "${sweep}_paper_tma" --time-limit-s $(( $(left) - 60 )) > "$W/k/sweep_paper.log" 2>&1 &
+    wait
+    tail -4 "$W/k/gpu_tests.log"; grep -h -A30 '^| case' "$W/k/"stage_sweep_*.md 2>/dev/null
+    tail -3 "$W/k/"sweep_*.log
+    tar -czf "$OUT/tma.tgz" -C "$W/k" . ;;
+  *) echo "lease_s12.sh: call must be 1" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
