@@ -21,6 +21,7 @@ SETTINGS = {
     "paper": (16, 512, 64),  # w, T, m: the paper's fine-tuning default
     "sparse": (64, 64, 8),
     "tiny": (4, 4, 2),  # the CPU smoke run's
+    "prefix": (16, 16384, 64),  # dense causal through MS's kernels (n <= T up to 256K): a diagnostic
 }
 LENGTHS = {
     "8K": 8 * KILO,

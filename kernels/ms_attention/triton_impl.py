@@ -74,11 +74,6 @@ class LaunchConfig:
     fwd_block_n: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 3
-    fwd_rescale: float = 0.0
-    """0: the forward's online softmax moves its running maximum and rescales its accumulator
-    every step. t > 0 (at most 16): only in a step where some row's maximum grew by more than t
-    (log2 units) over the reference it keeps, so most steps skip the rescaling (p then reaches at
-    most 2^t; FlashAttention-4's conditional rescaling). The same softmax, rounded otherwise."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -304,10 +299,6 @@ class LaunchConfig:
                 "deterministic=True cannot be honoured with dkv_path='atomic' (float atomics add in "
                 "a varying order): choose dkv_path 'auto', 'partial' or 'reverse'"
             )
-        if isinstance(self.fwd_rescale, bool) or not isinstance(self.fwd_rescale, (int, float)) or not (
-            0 <= self.fwd_rescale <= 16
-        ):
-            raise ValueError(f"fwd_rescale must be in [0, 16] (log2 units; 0: every step), got {self.fwd_rescale!r}")
         if self.dkv_ws and not self.dkv_tma:
             raise ValueError("dkv_ws=True needs dkv_tma=True (warp specialization takes TMA-fed loops)")
         if not self.dkv_partial_gib > 0:
@@ -866,7 +857,7 @@ def ms_attn_fwd(
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E,
             ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
-            BLOCK_N=cfg.key_step("fwd", rope), RESCALE=float(cfg.fwd_rescale),
+            BLOCK_N=cfg.key_step("fwd", rope),
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             **_consts(q, k, idx_sorted),
         )  # fmt: skip

@@ -245,15 +245,9 @@ def _fwd_step(
     HALF: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     WHOLE: tl.constexpr,
-    RESCALE: tl.constexpr = 0.0,
 ):
     """One online-softmax step over the keys `tok` ([BLOCK_N]); `allowed` [BLOCK_M, BLOCK_N].
-    WHOLE: q1 is the whole q tile ([BLOCK_M, BLOCK_D], q2 unused) and the scores one dot.
-    RESCALE > 0: m_i is a reference maximum, moved (and acc, l_i rescaled) only in a step where
-    some row's maximum grew by more than RESCALE (log2 units) over it; otherwise p may reach
-    2^RESCALE and the step skips the rescaling of acc (FlashAttention-4's conditional
-    rescaling). The result is the same softmax: o = acc / l and lse = m_i + log(l) hold for any
-    reference."""
+    WHOLE: q1 is the whole q tile ([BLOCK_M, BLOCK_D], q2 unused) and the scores one dot."""
     qk, _, _, v = _tile_scores(q1, q2, K, V, COS, SIN, tok, key_ok, kpos, kv_stride, offs_h, offs_d, ROPE,
                           HALF, HEAD_DIM, WHOLE)  # fmt: skip
     # The row maximum of the raw scores, scaled after (qk_scale > 0: the same value), so that
@@ -261,29 +255,18 @@ def _fwd_step(
     if MASKED:
         qk = tl.where(allowed, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if RESCALE > 0:
-        if tl.max(m_new - m_i, 0) > RESCALE:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        return acc, l_i, m_i
-    else:
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        return acc, l_i, m_new
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
 
 
 @triton.jit
 def _fwd_selected(
     acc, l_i, m_i, q1, q2, K, V, COS, SIN, sel, lo, hi, S, W, offs_n, qk_scale, kv_stride, offs_h,
     offs_d, MASKED: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-    WHOLE: tl.constexpr, BLOCK_N: tl.constexpr, RESCALE: tl.constexpr = 0.0,
+    WHOLE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Forward steps over the places [lo, hi) of a block's selection `sel`, BLOCK_N at a time."""
     for start in range(lo, hi, BLOCK_N):
@@ -311,7 +294,6 @@ def _fwd_selected(
             HALF,
             HEAD_DIM,
             WHOLE,
-            RESCALE,
         )
     return acc, l_i, m_i
 
@@ -347,7 +329,6 @@ def ms_attn_fwd_kernel(
     WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    RESCALE: tl.constexpr = 0.0,
 ):
     """Grid (query tiles from `first_tile`, the tile holding row `q_start`; B*HQ). Writes o
     for the tile's rows from `q_start` on and their lse (natural log); rows before `q_start`
@@ -396,11 +377,11 @@ def ms_attn_fwd_kernel(
     whole = sel_len // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_selected(
         acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n, qk_scale,
-        kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N, RESCALE,
+        kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_selected(
         acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n, qk_scale,
-        kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N, RESCALE,
+        kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
     )  # fmt: skip
 
     # (b) the own segment: keys before the tile need no mask, the diagonal steps do.
@@ -429,7 +410,6 @@ def ms_attn_fwd_kernel(
             HALF,
             HEAD_DIM,
             WHOLE,
-            RESCALE,
         )
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
@@ -457,7 +437,6 @@ def ms_attn_fwd_kernel(
             HALF,
             HEAD_DIM,
             WHOLE,
-            RESCALE,
         )
 
     l_safe = tl.where(row_ok, l_i, 1.0)
