@@ -19,8 +19,13 @@
 #           kernels (setting "prefix": n <= T, the dense prefix alone) 32K-128K by stage, then
 #           dense SDPA at the same lengths; GPU 1: the A/B at (64, 64, 8), then the GPU tests
 #           -> OUT/ab3.tgz
+#   call 4  carry [.whl/core]   bash experiments/gpu/lease_s12.sh 4
+#           GPU 0: the forward stage at paper settings 32K-256K, selected keys by index against
+#           gathered copies (fwd_gather), then the GPU tests of the kernels; GPU 1: the same at
+#           (64, 64, 8), then at paper settings with RoPE on the fly (pe=selected) 64K-128K
+#           -> OUT/gather.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s12.sh 1|2|3}
+CALL=${1:?usage: lease_s12.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s12
 mkdir -p "$W/k" "$W/ft"
@@ -82,6 +87,26 @@ case $CALL in
     tail -n 4 "$W/k/gpu_tests_${tag}.log"; grep -h -A10 '^| case' "$W/k/"stage_sweep_*.md 2>/dev/null
     grep -h -A8 '^Summary' "$W/k/${stem}"_*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/${tag}.tgz" -C "$W/k" . ;;
-  *) echo "lease_s12.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  4)
+    g="base;fwd_gather=true"
+    (
+      CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
+        --lengths 32K,64K,128K,256K --stages fwd --variants "$g" --out "$W/k" --stem "${sweep}_paper_gather" \
+        --time-limit-s 110 > "$W/k/sweep_paper_gather.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m pytest -q -m gpu -p no:cacheprovider \
+        --durations=5 tests/test_ms_triton.py > "$W/k/gpu_tests_gather.log" 2>&1
+    ) &
+    (
+      CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m ctxlab.kernels.bench.stage_sweep --setting sparse \
+        --lengths 32K,64K,128K,256K --stages fwd --variants "$g" --out "$W/k" --stem "${sweep}_sparse_gather" \
+        --time-limit-s 110 > "$W/k/sweep_sparse_gather.log" 2>&1
+      CUDA_VISIBLE_DEVICES=1 timeout 150 python3 -m ctxlab.kernels.bench.stage_sweep --setting paper --pe selected \
+        --lengths 64K,128K --stages fwd --variants "$g" --out "$W/k" --stem "${sweep}_paper_rope_gather" \
+        --time-limit-s 100 > "$W/k/sweep_rope_gather.log" 2>&1
+    ) &
+    wait
+    tail -n 4 "$W/k/gpu_tests_gather.log"; grep -h -A10 '^| case' "$W/k/"stage_sweep_*gather.md 2>/dev/null
+    tar -czf "$OUT/gather.tgz" -C "$W/k" . ;;
+  *) echo "lease_s12.sh: call must be 1-4" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
