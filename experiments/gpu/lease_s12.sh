@@ -24,8 +24,10 @@
 #           gathered copies (fwd_gather), then the GPU tests of the kernels; GPU 1: the same at
 #           (64, 64, 8), then at paper settings with RoPE on the fly (pe=selected) 64K-128K
 #           -> OUT/gather.tgz
+#   call 5  bash experiments/gpu/lease_s12.sh 5   (one H200 or GPU 0): experiments/gpu/gather_probe.py:
+#           the gather alone against the forward with it  -> OUT/gather_probe.json
 set -uo pipefail
-CALL=${1:?usage: lease_s12.sh 1|2|3|4}
+CALL=${1:?usage: lease_s12.sh 1|2|3|4|5}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s12
 mkdir -p "$W/k" "$W/ft"
@@ -107,6 +109,9 @@ case $CALL in
     wait
     tail -n 4 "$W/k/gpu_tests_gather.log"; grep -h -A10 '^| case' "$W/k/"stage_sweep_*gather.md 2>/dev/null
     tar -czf "$OUT/gather.tgz" -C "$W/k" . ;;
-  *) echo "lease_s12.sh: call must be 1-4" >&2; exit 2 ;;
+  5)
+    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 10 )) python3 experiments/gpu/gather_probe.py \
+      "$OUT/gather_probe_$(date -u +%F)_${card}_s12.json" ;;
+  *) echo "lease_s12.sh: call must be 1-5" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
