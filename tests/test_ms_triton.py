@@ -161,10 +161,9 @@ def dkv_mode(mode: str):
     (LaunchConfig.deterministic, the default path choice); a suffix "+fused" also adds dq inside
     the dk/dv kernels (``fused_dq``), "+whole" takes whole rows there (``whole_dkv``), "+tma" loads
     the own-segment kernel's rows by TMA descriptors (``dkv_tma``), "+ws" warp-specializes its
-    query loop (``dkv_ws``), "+gather" has the forward read gathered copies of the selected keys
-    (``fwd_gather``)."""
+    query loop (``dkv_ws``)."""
     mode, *extras = mode.split("+")
-    flags = {"fused": "fused_dq", "whole": "whole_dkv", "tma": "dkv_tma", "ws": "dkv_ws", "gather": "fwd_gather"}
+    flags = {"fused": "fused_dq", "whole": "whole_dkv", "tma": "dkv_tma", "ws": "dkv_ws"}
     if extras:
         with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
             yield
@@ -305,11 +304,6 @@ START_CASES = [
      "atomic+whole+tma+ws", 43, 8),
     ("in-region-w16-L97-pre-head-reverse-tma", (1, 97, 2, 2, 32), 16, 3, 1, "head", "pre",
      "reverse+whole+tma", 50, 9),
-    # the forward on gathered copies of the selected keys (fwd_gather), RoPE on the fly and not
-    ("in-region-w5-L71-rope-head-atomic-gather", (1, 71, 3, 1, 32), 5, 4, 1, "head", "selected",
-     "atomic+gather", 43, 10),
-    ("block-boundary-L51-pre-group-partial-gather", (1, 51, 4, 2, 20), 4, 5, 2, "group", "pre",
-     "partial+gather", 28, 11),
 ]  # fmt: skip
 
 
@@ -1192,8 +1186,6 @@ GPU_CASES = [
     ("L5000-gqa1-w64-head-reverse-whole", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole"),
     ("L4133-gqa4-w16-head-atomic-tma-ws", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole+tma+ws"),
     ("L5000-gqa1-w64-head-reverse-tma", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole+tma"),
-    ("L4133-gqa4-w16-head-atomic-gather", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+gather"),
-    ("L3001-gqa1-w32-rope-group-gather", (2, 3001, 4, 4, 64), 32, 32, 4, "group", "selected", "flag+gather"),
 ]
 
 
@@ -1493,8 +1485,6 @@ def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
                   WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
                   BLOCK_N=cfg.key_step(kernel, rope))  # fmt: skip
-    if kernel == "fwd":  # without gathered selected keys (fwd_gather), as a launch passes them
-        consts |= dict(KSEL=None, VSEL=None)
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
     options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=getattr(cfg, f"{kernel}_stages"))
     # paper settings at 128K: L, P = 8192, W = 16, M = 64, S = 448, 64 prefix tiles, from row 0

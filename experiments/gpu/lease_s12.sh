@@ -24,10 +24,10 @@
 #           gathered copies (fwd_gather), then the GPU tests of the kernels; GPU 1: the same at
 #           (64, 64, 8), then at paper settings with RoPE on the fly (pe=selected) 64K-128K
 #           -> OUT/gather.tgz
-#   call 5  bash experiments/gpu/lease_s12.sh 5   (one H200 or GPU 0): experiments/gpu/gather_probe.py:
-#           the gather alone against the forward with it  -> OUT/gather_probe.json
+#           (fwd_gather since removed: the forward with it was 1.8-2.9x slower, its gather
+#           included; a call 5 that timed the gather alone found no device time left.)
 set -uo pipefail
-CALL=${1:?usage: lease_s12.sh 1|2|3|4|5}
+CALL=${1:?usage: lease_s12.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/s12
 mkdir -p "$W/k" "$W/ft"
@@ -109,9 +109,6 @@ case $CALL in
     wait
     tail -n 4 "$W/k/gpu_tests_gather.log"; grep -h -A10 '^| case' "$W/k/"stage_sweep_*gather.md 2>/dev/null
     tar -czf "$OUT/gather.tgz" -C "$W/k" . ;;
-  5)
-    CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 10 )) python3 experiments/gpu/gather_probe.py \
-      "$OUT/gather_probe_$(date -u +%F)_${card}_s12.json" ;;
-  *) echo "lease_s12.sh: call must be 1-5" >&2; exit 2 ;;
+  *) echo "lease_s12.sh: call must be 1-4" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

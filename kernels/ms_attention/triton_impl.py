@@ -74,10 +74,6 @@ class LaunchConfig:
     fwd_block_n: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 3
-    fwd_gather: bool = False
-    """The forward reads each block's selected keys and values from copies gathered once per
-    (batch, selection head, block) in selection order (two buffers of B*Hs*G*S*w*D elements),
-    contiguous rows, instead of through the selection's indices in every program."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -264,8 +260,7 @@ class LaunchConfig:
             raise ValueError(f"select_impl must be one of {SELECT_IMPLS}, got {self.select_impl!r}")
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
-        flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv", "dkv_tma", "dkv_ws",
-                 "fwd_gather")
+        flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv", "dkv_tma", "dkv_ws")
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -856,9 +851,6 @@ def ms_attn_fwd(
     lse = _empty((B, Hq, L), torch.float32, q.device)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     first = geo.first_tile(start)
-    gathered = {}
-    if cfg.fwd_gather and geo.G > 0:
-        gathered = dict(zip(("KSEL", "VSEL"), gather_selected(k, v, idx_sorted, region)))
     with launch_settings("ms_attn_fwd_kernel", cfg, "fwd_", rope=rope):
         tk.ms_attn_fwd_kernel[(geo.n_tiles - first, B * Hq)](
             q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
@@ -867,25 +859,9 @@ def ms_attn_fwd(
             ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
             BLOCK_N=cfg.key_step("fwd", rope),
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-            **_consts(q, k, idx_sorted), **gathered,
+            **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return o, lse
-
-
-def gather_selected(k: Tensor, v: Tensor, idx_sorted: Tensor, region: int) -> tuple[Tensor, Tensor]:
-    """Each block's selected keys and values in selection order: ``[B, Hs, G, S*w, D]`` each,
-    row ``r*w + i`` the token ``idx[r]*w + i`` of the selection head's kv head (rows of -1
-    padding, and of a last region past L, read token 0 or L-1: the kernels mask them)."""
-    B, L, Hkv, D = k.shape
-    Hs, G, S = idx_sorted.shape[1:]
-    tok = idx_sorted.long().clamp(min=0).unsqueeze(-1) * region + torch.arange(region, device=k.device)
-    tok = tok.view(B, Hs, G * S * region).clamp(max=L - 1)
-    kv = torch.arange(Hs, device=k.device) // (Hs // Hkv)
-    b = torch.arange(B, device=k.device)[:, None, None]
-    out = []
-    for x in (k, v):
-        out.append(x[b, tok, kv[None, :, None]].view(B, Hs, G, S * region, D))
-    return out[0], out[1]
 
 
 def ms_attn_bwd(

@@ -266,18 +266,11 @@ def _fwd_step(
 def _fwd_selected(
     acc, l_i, m_i, q1, q2, K, V, COS, SIN, sel, lo, hi, S, W, offs_n, qk_scale, kv_stride, offs_h,
     offs_d, MASKED: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
-    WHOLE: tl.constexpr, BLOCK_N: tl.constexpr, GATHERED: tl.constexpr = False, n_valid=0,
+    WHOLE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Forward steps over the places [lo, hi) of a block's selection `sel`, BLOCK_N at a time.
-    GATHERED: K, V hold the block's selected tokens in selection order (row = place, stride
-    kv_stride), the first n_valid of them real keys: contiguous rows, no index loads."""
+    """Forward steps over the places [lo, hi) of a block's selection `sel`, BLOCK_N at a time."""
     for start in range(lo, hi, BLOCK_N):
-        if GATHERED:
-            flat = start + offs_n
-            tok = flat
-            key_ok = flat < n_valid
-        else:
-            flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
+        flat, tok, key_ok = _selected_tokens(sel, start, offs_n, S, W)
         acc, l_i, m_i = _fwd_step(
             acc,
             l_i,
@@ -336,8 +329,6 @@ def ms_attn_fwd_kernel(
     WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    KSEL=None,
-    VSEL=None,
 ):
     """Grid (query tiles from `first_tile`, the tile holding row `q_start`; B*HQ). Writes o
     for the tile's rows from `q_start` on and their lse (natural log); rows before `q_start`
@@ -384,22 +375,13 @@ def ms_attn_fwd_kernel(
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
     sel_len = _selected_len(sel, g, S, W, BLOCK_N)
     whole = sel_len // BLOCK_N * BLOCK_N
-    if KSEL is not None:  # the selected tokens gathered once per (b, hs, g) by the host
-        gathered = ((b * HS + hs).to(tl.int64) * G + g) * S * W * HEAD_DIM
-        sk_base = KSEL + gathered
-        sv_base = VSEL + gathered
-        s_stride = HEAD_DIM
-    else:
-        sk_base = k_base
-        sv_base = v_base
-        s_stride = kv_stride
     acc, l_i, m_i = _fwd_selected(
-        acc, l_i, m_i, q1, q2, sk_base, sv_base, COS, SIN, sel, 0, whole, S, W, offs_n, qk_scale,
-        s_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N, KSEL is not None, sel_len,
+        acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n, qk_scale,
+        kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_selected(
-        acc, l_i, m_i, q1, q2, sk_base, sv_base, COS, SIN, sel, whole, sel_len, S, W, offs_n, qk_scale,
-        s_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N, KSEL is not None, sel_len,
+        acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n, qk_scale,
+        kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
     )  # fmt: skip
 
     # (b) the own segment: keys before the tile need no mask, the diagonal steps do.
