@@ -106,12 +106,19 @@ class LaunchConfig:
     """The own-segment dk/dv kernel (``ms_attn_bwd_dkv_kernel``) loads its keys and its query
     steps' q and do through TMA tensor descriptors (Hopper and later) instead of pointer loads.
     Only where the kernels load whole rows (``whole_dkv``, no RoPE on the fly) and the head dim
-    is a power of two (a TMA block is the whole head); elsewhere, and under the interpreter
-    where the descriptors are emulated, the same function and the same sums as without it."""
+    is a power of two (a TMA block is the whole head); under the interpreter the descriptors are
+    emulated. The same sums as the pointer loads (bit-identical on an H200). Measured within 2%
+    of them either way (H200, Triton 3.6, paper and (64, 64, 8) settings, 32K-256K, session 12):
+    off; it is the path Triton's Hopper warp specialization needs (``dkv_ws``)."""
     dkv_ws: bool = False
-    """With ``dkv_tma``: the own segment's unmasked query loop is warp-specialized (Triton's
-    Hopper producer/consumer partitions, ``tl.range(..., warp_specialize=True)``, which only take
-    loops fed by TMA descriptors). Triton's Hopper pass asks for ``dkv_warps`` = 4."""
+    """With ``dkv_tma``: the own segment's query loop (one loop, every step masked) is
+    warp-specialized (Triton's Hopper producer/consumer partitions, ``tl.range(...,
+    warp_specialize=True)``, which only take loops fed by TMA descriptors, in a kernel without
+    runtime if/else). Triton's Hopper pass asks for ``dkv_warps`` = 4 and, in Triton 3.6, 64-key
+    tiles of 64-row steps (128 fail in the pass); not on the reverse index's path, whose loop
+    over the selecting blocks it refuses. Measured 7-13% slower dk/dv than without (H200, Triton
+    3.6, session 12), hence off; its dk, dv sums differ from the pointer loads' in the last bf16
+    bit."""
     sel_block_n: int = 64
     sel_block_m: int = 64
     sel_warps: int = 4
@@ -334,7 +341,8 @@ dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
 dk/dv (paper 64K-128K, session 9); whole rows in dk/dv 0.5-1.5% faster forward + backward in all
 8 cases, paper and (64, 64, 8), 32K-256K (session 11, one run). ``fused_dq`` stays off: dq by
 atomics inside dk/dv made the whole backward 6-22% slower in every case (its best tile variant
-per case; session 11, kernels/README.md)."""
+per case; session 11, kernels/README.md). ``dkv_tma`` and ``dkv_ws`` stay off: TMA loads within 2%
+of the pointer loads, the warp-specialized loop 7-13% slower dk/dv (session 12)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
