@@ -1184,7 +1184,16 @@ GPU_CASES = [
     ("L4133-gqa4-w16-head-atomic-whole", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole"),
     ("L4133-gqa4-w16-group-partial-whole", (1, 4133, 8, 2, 128), 16, 64, 8, "group", "pre", "partial+whole"),
     ("L5000-gqa1-w64-head-reverse-whole", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole"),
-    ("L4133-gqa4-w16-head-atomic-tma-ws", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole+tma+ws"),
+    (
+        "L4133-gqa4-w16-head-atomic-tma-ws",
+        (1, 4133, 8, 2, 128),
+        16,
+        64,
+        8,
+        "head",
+        "pre",
+        "atomic+whole+tma+ws",
+    ),
     ("L5000-gqa1-w64-head-reverse-tma", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole+tma"),
 ]
 
