@@ -24,7 +24,7 @@
 #           gathered copies (fwd_gather), then the GPU tests of the kernels; GPU 1: the same at
 #           (64, 64, 8), then at paper settings with RoPE on the fly (pe=selected) 64K-128K
 #           -> OUT/gather.tgz
-#           (fwd_gather since removed: the forward with it was 1.8-2.9x slower, its gather
+#           (fwd_gather since removed: the forward with it was 1.4-3.0x slower, its gather
 #           included; a call 5 that timed the gather alone found no device time left.)
 set -uo pipefail
 CALL=${1:?usage: lease_s12.sh 1|2|3|4}

@@ -107,7 +107,7 @@ class LaunchConfig:
     steps' q and do through TMA tensor descriptors (Hopper and later) instead of pointer loads.
     Only where the kernels load whole rows (``whole_dkv``, no RoPE on the fly) and the head dim
     is a power of two (a TMA block is the whole head); under the interpreter the descriptors are
-    emulated. The same sums as the pointer loads (bit-identical on an H200). Measured within 2%
+    emulated. The same sums as the pointer loads (bit-identical on an H200). Measured within 3%
     of them either way (H200, Triton 3.6, paper and (64, 64, 8) settings, 32K-256K, session 12):
     off; it is the path Triton's Hopper warp specialization needs (``dkv_ws``)."""
     dkv_ws: bool = False
@@ -116,7 +116,7 @@ class LaunchConfig:
     warp_specialize=True)``, which only take loops fed by TMA descriptors, in a kernel without
     runtime if/else). Triton's Hopper pass asks for ``dkv_warps`` = 4 and, in Triton 3.6, 64-key
     tiles of 64-row steps (128 fail in the pass); not on the reverse index's path, whose loop
-    over the selecting blocks it refuses. Measured 7-13% slower dk/dv than without (H200, Triton
+    over the selecting blocks it refuses. Measured 6-16% slower dk/dv than without (H200, Triton
     3.6, session 12), hence off; its dk, dv sums differ from the pointer loads' in the last bf16
     bit."""
     sel_block_n: int = 64
@@ -342,8 +342,8 @@ dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
 dk/dv (paper 64K-128K, session 9); whole rows in dk/dv 0.5-1.5% faster forward + backward in all
 8 cases, paper and (64, 64, 8), 32K-256K (session 11, one run). ``fused_dq`` stays off: dq by
 atomics inside dk/dv made the whole backward 6-22% slower in every case (its best tile variant
-per case; session 11, kernels/README.md). ``dkv_tma`` and ``dkv_ws`` stay off: TMA loads within 2%
-of the pointer loads, the warp-specialized loop 7-13% slower dk/dv (session 12)."""
+per case; session 11, kernels/README.md). ``dkv_tma`` and ``dkv_ws`` stay off: TMA loads within 3%
+of the pointer loads, the warp-specialized loop 6-16% slower dk/dv (session 12)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
