@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The next lease after session 11 (nvidia-h200-x2, or one H200: run each call's GPU 0 and GPU 1
-# parts one after the other), same rules as lease_s11.sh (experiments/results moved aside during
+# The next lease after session 12 (nvidia-h200-x2, or one H200: run each call's GPU 0 and GPU 1
+# parts one after the other), same rules as lease_s12.sh (experiments/results moved aside during
 # the lease; calls follow at once). With a 4-GPU kind lent, lease_x4_next.sh 3 as well. Session
-# 11 already ran the 7B step at 64K and 128K in one lease (call 2 here repeats it for the next
-# kernel change) and the whole-backward sweep (`stage_sweep --stages bwd`); call 3 is still unrun.
+# 12 left the kernels' speed where session 11 had it and split the per-pair gap (kernels/README.md):
+# the first call of the next lease should be call 4, the profile that tells the two MS-specific
+# candidates apart; then calls 1 and 2 for the next kernel change.
+#   call 4  carry [.whl/core]   bash experiments/gpu/lease_next.sh 4
+#           Nsight Compute (if it reads counters on the machine: checked first) of one forward,
+#           one dq and one dk/dv launch at paper settings 64K and of the same kernels over
+#           contiguous keys (setting prefix), experiments/gpu/profile_stage.py  -> OUT/ncu.tgz
 #   call 1  carry [.whl/core]   bash experiments/gpu/lease_next.sh 1
 #           GPU 0: the GPU tests of the kernels, then the kernel benchmark at paper settings
 #           (ours, det, dense, S2); GPU 1: the stage sweep of forward and dq at paper settings
@@ -18,7 +23,7 @@
 #           both GPUs: cp_bench at 256K over 2 GPUs under FSDP2 (CTXLAB_CP_STRATEGY=fsdp, never
 #           run on GPUs) for MS and S2  -> OUT/cp.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_next.sh 1|2|3}
+CALL=${1:?usage: lease_next.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-560}"
 W=/root/next
 mkdir -p "$W/k" "$W/ft"
@@ -59,6 +64,25 @@ case $CALL in
     CTXLAB_CP_STRATEGY=fsdp CTXLAB_CP_WARMUP=1 CTXLAB_CP_TIME_LIMIT=$(( $(left) - 30 )) \
       bash "$here/cp_bench.sh" "$W/cp" ms@262144x2 s2@262144x2
     tar -czf "$OUT/cp.tgz" -C "$W" cp ;;
-  *) echo "lease_next.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  4)
+    mkdir -p "$W/ncu"
+    ncu --version > "$W/ncu/ncu_version.txt" 2>&1 || echo "no ncu on this machine" >> "$W/ncu/ncu_version.txt"
+    for setting in paper prefix; do
+      for stage in fwd dq dkv; do
+        [ "$(left)" -lt 60 ] && break 2
+        kernel=regex:ms_attn_fwd_kernel; skip=1
+        [ $stage = dq ] && kernel=regex:ms_attn_bwd_dq_kernel && skip=0
+        [ $stage = dkv ] && kernel=regex:ms_attn_bwd_dkv && skip=0
+        CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 20 )) ncu --clock-control none --kernel-name "$kernel" \
+          --launch-skip $skip --launch-count 2 --set full -o "$W/ncu/${setting}_64K_${stage}" \
+          python3 experiments/gpu/profile_stage.py --setting $setting --length 64K --stage $stage \
+          > "$W/ncu/${setting}_64K_${stage}.log" 2>&1
+        ncu --import "$W/ncu/${setting}_64K_${stage}.ncu-rep" --page details --csv \
+          > "$W/ncu/${setting}_64K_${stage}_details.csv" 2>/dev/null
+      done
+    done
+    cat "$W/ncu/ncu_version.txt"; tail -n 2 "$W/ncu/"*.log
+    tar -czf "$OUT/ncu.tgz" -C "$W" ncu ;;
+  *) echo "lease_next.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
 ls -la "$OUT"
