@@ -342,6 +342,9 @@ FUSED_DQ_CASES = [
     ("gqa2-w5-L71-head-start39-atomic", (1, 71, 2, 1, 32), 5, 4, 1, "head", "atomic", 39, 3),
     ("gqa2-w3-L50-group-D20-start31-reverse", (1, 50, 4, 2, 20), 3, 5, 3, "group", "reverse", 31, 4),
     ("dense-n-le-T-L29-atomic", (1, 29, 2, 1, 32), 4, 8, 2, "head", "atomic", 0, 5),
+    # with dkv_tma: a key tile ending inside it (the prefix, w=5) reads the next segment's real
+    # keys past its end, which meet only masked steps (no dq from them)
+    ("gqa2-w5-L71-head-atomic-tma", (1, 71, 2, 1, 32), 5, 4, 1, "head", "atomic+whole+tma", 0, 6),
 ]
 
 

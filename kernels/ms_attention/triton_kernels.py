@@ -907,8 +907,8 @@ def ms_attn_bwd_dkv_kernel(
     TMA descriptors of q, do (``[B, L - q_start, HQ * D]``, from row q_start: the rows before
     it read 0) and k, v (``[B, L, HKV * D]``), blocks ``[1, BLOCK_M or BLOCK_N, D]``; the
     program then loads its keys and its query steps through them, and with WS the own
-    segment's unmasked query loop is warp-specialized (Triton's Hopper producer/consumer
-    partitions, which take only loops fed by TMA).
+    segment's query steps run as one loop, every step masked, warp-specialized (Triton's Hopper
+    producer/consumer partitions, which take only loops fed by TMA).
     """
     TMA: tl.constexpr = QD is not None
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -929,7 +929,8 @@ def ms_attn_bwd_dkv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     tok = lo + tl.arange(0, BLOCK_N)
     key_ok = tok < hi
-    if TMA:  # rows past hi (the next segment's, or zeros past L) are masked out of every step
+    if TMA:  # keys past hi (the next segment's, or zeros past L): a tile with them has masked
+        # (diagonal) steps only, where they are left out
         k1 = KD.load([b, lo, hkv * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
         k2 = k1
         v = VD.load([b, lo, hkv * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
