@@ -21,6 +21,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -161,9 +162,16 @@ def dkv_mode(mode: str):
     (LaunchConfig.deterministic, the default path choice); a suffix "+fused" also adds dq inside
     the dk/dv kernels (``fused_dq``), "+whole" takes whole rows there (``whole_dkv``), "+tma" loads
     the own-segment kernel's rows by TMA descriptors (``dkv_tma``), "+ws" warp-specializes its
-    query loop (``dkv_ws``)."""
+    query loop (``dkv_ws``), "+region" compiles the region size into forward and dq
+    (``region_constexpr``)."""
     mode, *extras = mode.split("+")
-    flags = {"fused": "fused_dq", "whole": "whole_dkv", "tma": "dkv_tma", "ws": "dkv_ws"}
+    flags = {
+        "fused": "fused_dq",
+        "whole": "whole_dkv",
+        "tma": "dkv_tma",
+        "ws": "dkv_ws",
+        "region": "region_constexpr",
+    }
     if extras:
         with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
             yield
@@ -329,6 +337,33 @@ def test_attend_from_start_matches_torch(shape, region, budget, merge, scope, pe
     with dkv_mode(dkv):
         out, _ = _assert_matches_torch(q, k, v, do, idx, scope=scope, start=start, opts=opts, q_in=q_poisoned)
     assert out.shape == (shape[0], shape[1] - start, shape[2], shape[4])
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, scope, pe, start, seed",
+    [((1, 71, 3, 1, 32), 5, 4, 1, "head", "pre", 43, 0),
+     ((2, 97, 2, 2, 32), 20, 3, 1, "group", "selected", 0, 1),
+     ((1, 51, 4, 2, 20), 4, 5, 2, "head", "selected", 28, 2)],
+    ids=["w5-L71-start43", "w20-L97-B2-rope", "w4-L51-D20-rope-start28"],
+)  # fmt: skip
+@on_interpreter
+def test_region_constexpr_same_bits(shape, region, budget, merge, scope, pe, start, seed):
+    """With the region size compiled into forward and dq (``region_constexpr``) every key's token
+    is the same integer, so o, dq, dk, dv are the runtime region's bit for bit (w of 4, 5 and 20,
+    RoPE on the fly and not, from a ``start``)."""
+    q, k, v, do = _inputs(*shape, seed=seed)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
+    opts = dict(region=region, budget=budget, merge=merge, pe=pe, start=start,
+                inv_freq=rope_inv_freq(shape[-1], 100.0).double())  # fmt: skip
+
+    def attend(q, k, v):
+        return triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, **opts)
+
+    runtime, runtime_grads = _grads(attend, q, k, v, do[:, start:])
+    with launch(region_constexpr=True):
+        const, const_grads = _grads(attend, q, k, v, do[:, start:])
+    assert torch.equal(runtime, const)
+    assert all(map(torch.equal, runtime_grads, const_grads))
 
 
 # Each case: (id, shape, w, T, m, scope, dk/dv mode, first row ``start``, seed) for dq summed
@@ -1198,6 +1233,8 @@ GPU_CASES = [
         "atomic+whole+tma+ws",
     ),
     ("L5000-gqa1-w64-head-reverse-tma", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole+tma"),
+    ("L4133-gqa4-w16-head-atomic-region", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+region"),
+    ("L2500-gqa3-w20-rope-head-region", (1, 2500, 6, 2, 128), 20, 48, 16, "head", "selected", "flag+region"),
 ]
 
 
@@ -1483,6 +1520,22 @@ def test_shallow_selection_compiles_for_h100(precision, rescore, cols, mask_step
 H100_SHARED_BYTES = 232448  # per block, sm_90 (the H100's and the H200's opt-in limit)
 
 
+def _sass_instructions(compiled) -> int:
+    """Machine instructions (sm_90 SASS, by the cuobjdump of Triton's CUDA backend) of a kernel
+    compiled by ``_compile_for_h100``: what runs, where PTX still holds one ``div`` for ptxas's
+    long division sequence."""
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("this Triton build has no cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run(
+            [str(cuobjdump), "-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    return len(re.findall(r"^\s+/\*[0-9a-f]+\*/\s+\S", sass, re.M))
+
+
 def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
     """The forward (``kernel="fwd"``) or dq kernel compiled for sm_90 with ``cfg``'s launch
     settings at the paper's 128K shape in bf16, D = 128 (pointers and the lengths specialized
@@ -1496,7 +1549,7 @@ def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
                   WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
-                  BLOCK_N=cfg.key_step(kernel, rope))  # fmt: skip
+                  BLOCK_N=cfg.key_step(kernel, rope), REGION=16 if cfg.region_constexpr else 0)  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
     options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=getattr(cfg, f"{kernel}_stages"))
     # paper settings at 128K: L, P = 8192, W = 16, M = 64, S = 448, 64 prefix tiles, from row 0
@@ -1515,6 +1568,26 @@ def test_attention_kernels_fit_an_h100_with_gpu_defaults(kernel, rope):
     compiled = _compile_attention_for_h100(kernel, triton_impl.GPU_CONFIG, rope)
     assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
     assert ".local" not in compiled.asm["ptx"]  # no register spills
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
+@pytest.mark.parametrize("kernel", ["fwd", "dq"])
+def test_region_constexpr_drops_the_integer_divisions(kernel):
+    """Compiled for sm_90 at the paper's shape (w = 16): with the region size a constant
+    (``region_constexpr``) the selected-key steps' integer divisions are gone (at most the
+    tile's own, per program, remain) and the kernel is shorter; with it at run time every step
+    divides (Triton 3.6: 64 ``div.s32`` in the forward, 48 in dq)."""
+    runtime = _compile_attention_for_h100(kernel, triton_impl.GPU_CONFIG, False)
+    const = _compile_attention_for_h100(
+        kernel, dataclasses.replace(triton_impl.GPU_CONFIG, region_constexpr=True), False
+    )
+    divisions = [len(re.findall(r"\b(?:div|rem)\.s32", c.asm["ptx"])) for c in (runtime, const)]
+    assert divisions[0] >= 16 and divisions[1] <= 2, divisions
+
+    counts = [_sass_instructions(c) for c in (runtime, const)]
+    assert counts[1] < 0.95 * counts[0], counts
+    assert const.metadata.shared <= H100_SHARED_BYTES and ".local" not in const.asm["ptx"]
 
 
 @pytest.mark.slow

@@ -3,17 +3,18 @@
 # parts one after the other), same rules as lease_s12.sh (experiments/results moved aside during
 # the lease; calls follow at once). With a 4-GPU kind lent, lease_x4_next.sh 3 as well. Session
 # 12 left the kernels' speed where session 11 had it and split the per-pair gap (kernels/README.md):
-# the first call of the next lease should be call 4, the profile that tells the two MS-specific
-# candidates apart; then calls 1 and 2 for the next kernel change.
+# the first calls of the next lease: call 1 (it times region_constexpr, which session 12 built
+# and tested but had no device time to time) and call 4, the profile that tells the MS-specific
+# costs apart; then call 2 for the 7B step with whatever was adopted.
 #   call 4  carry [.whl/core]   bash experiments/gpu/lease_next.sh 4
 #           Nsight Compute (if it reads counters on the machine: checked first) of one forward,
 #           one dq and one dk/dv launch at paper settings 64K and of the same kernels over
 #           contiguous keys (setting prefix), experiments/gpu/profile_stage.py  -> OUT/ncu.tgz
 #   call 1  carry [.whl/core]   bash experiments/gpu/lease_next.sh 1
 #           GPU 0: the GPU tests of the kernels, then the kernel benchmark at paper settings
-#           (ours, det, dense, S2); GPU 1: the stage sweep of forward and dq at paper settings
-#           (CTXLAB_SWEEP_VARIANTS: the next kernel change against "base"), then the benchmark at
-#           (64, 64, 8)
+#           (ours, ours with region_constexpr, det, dense, S2); GPU 1: the stage sweep at paper
+#           settings (CTXLAB_SWEEP_VARIANTS, by default "base;region_constexpr=true": session 12's
+#           untimed change against the default), then the benchmark at (64, 64, 8), the same ops
 #           -> OUT/kernels.tgz
 #   call 2  bash experiments/gpu/lease_next.sh 2
 #           GPU 0: the 7B step S2 vs MS at 64K and 128K with the defaults of the day, two
@@ -34,15 +35,15 @@ case $CALL in
       CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
         tests/test_ms_triton.py tests/test_ms_select_exact.py > "$W/k/gpu_tests.log" 2>&1
       CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
-        --cases paper --ops triton,triton_det,dense,s2 --out "$W/k" --stem "${stem}_paper" \
+        --cases paper --ops triton,triton:region_constexpr=true,triton_det,dense,s2 --out "$W/k" --stem "${stem}_paper" \
         --time-limit-s $(( $(left) - 100 )) > "$W/k/bench_paper.log" 2>&1
     ) &
     (
       CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
         --lengths 64K,128K,256K --out "$W/k" --stem "stage_sweep_$(date -u +%F)_${card}_next" \
-        --variants "${CTXLAB_SWEEP_VARIANTS:-base}" > "$W/k/sweep.log" 2>&1
+        --variants "${CTXLAB_SWEEP_VARIANTS:-base;region_constexpr=true}" > "$W/k/sweep.log" 2>&1
       CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
-        --cases sparse --ops triton,triton_det,s2 --out "$W/k" --stem "${stem}_sparse" \
+        --cases sparse --ops triton,triton:region_constexpr=true,triton_det,s2 --out "$W/k" --stem "${stem}_sparse" \
         --time-limit-s $(( $(left) - 90 )) > "$W/k/bench_sparse.log" 2>&1
     ) &
     wait

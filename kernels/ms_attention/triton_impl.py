@@ -74,6 +74,14 @@ class LaunchConfig:
     fwd_block_n: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 3
+    region_constexpr: bool = False
+    """The region size w compiled into the forward and dq kernels (one compile per w), so that
+    each selected-key step's ``place // w`` and ``place % w`` (the token of each key) are shifts
+    or multiplies, not integer divisions. The same integers, hence the same outputs bit for bit.
+    Compiled for sm_90 (Triton 3.6, paper 128K shape): forward 6,064 -> 5,376 instructions at w = 16
+    and 4,928 at w = 64, dq 5,096 -> 4,528 and 4,048; the 64 (forward) and 48 (dq) ``div.s32`` of
+    the selected-key loops gone. Not yet timed on a GPU (session 12 had no device time left):
+    off until it is (``experiments/gpu/lease_next.sh`` 1 sweeps it)."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -268,7 +276,7 @@ class LaunchConfig:
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
         flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv",
-                 "dkv_tma", "dkv_ws")  # fmt: skip
+                 "dkv_tma", "dkv_ws", "region_constexpr")  # fmt: skip
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -866,7 +874,7 @@ def ms_attn_fwd(
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E,
             ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
-            BLOCK_N=cfg.key_step("fwd", rope),
+            BLOCK_N=cfg.key_step("fwd", rope), REGION=region if cfg.region_constexpr else 0,
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             **_consts(q, k, idx_sorted),
         )  # fmt: skip
@@ -999,7 +1007,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E, scale,
             ROPE=rope, WHOLE=config.whole_qk and not rope, BLOCK_M=config.dq_block_m,
-            BLOCK_N=config.key_step("dq", rope),
+            BLOCK_N=config.key_step("dq", rope), REGION=region if config.region_constexpr else 0,
             num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return dq

@@ -329,10 +329,13 @@ def ms_attn_fwd_kernel(
     WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    REGION: tl.constexpr = 0,
 ):
     """Grid (query tiles from `first_tile`, the tile holding row `q_start`; B*HQ). Writes o
     for the tile's rows from `q_start` on and their lse (natural log); rows before `q_start`
-    are not read (their q reads 0) nor written."""
+    are not read (their q reads 0) nor written. REGION > 0: the region size W as a constant."""
+    if REGION > 0:  # the region size compiled in: its divisions become shifts or multiplies
+        W = REGION
     HALF: tl.constexpr = HEAD_DIM // 2
     bh = tl.program_id(1)
     tile = tl.program_id(0) + first_tile
@@ -611,9 +614,12 @@ def ms_attn_bwd_dq_kernel(
     WHOLE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    REGION: tl.constexpr = 0,
 ):
     """Grid (query tiles from `first_tile`, B*HQ): the forward's schedule, P recomputed from
-    lse; rows before `q_start` are neither read nor written."""
+    lse; rows before `q_start` are neither read nor written. REGION > 0: W as a constant."""
+    if REGION > 0:  # the region size compiled in: its divisions become shifts or multiplies
+        W = REGION
     HALF: tl.constexpr = HEAD_DIM // 2
     bh = tl.program_id(1)
     tile = tl.program_id(0) + first_tile
