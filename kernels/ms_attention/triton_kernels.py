@@ -940,12 +940,12 @@ def ms_attn_bwd_dkv_kernel(
         k1 = KD.load([b, lo, hkv * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
         k2 = k1
         v = VD.load([b, lo, hkv * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
-    elif WHOLE:
-        k1 = _load_full(K + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
-        k2 = k1
-        v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
     else:
-        k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
+        if WHOLE:
+            k1 = _load_full(K + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
+            k2 = k1
+        else:
+            k1, k2 = _load_halves(K + kv_off, tok, kv_stride, key_ok, offs_h, HALF)
         v = _load_full(V + kv_off, tok, kv_stride, key_ok, offs_d, HEAD_DIM)
     k1o, k2o, ck, sk = _rotated(COS, SIN, k1, k2, tok + shift, key_ok, offs_h, ROPE, HALF)
     slot = tok // W - lo // W
