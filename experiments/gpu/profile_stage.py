@@ -7,7 +7,8 @@ Builds the benchmark's inputs for one case (B=1, 32 query / 8 kv heads, D=128, b
 GPU launch config), selects, then runs ``--stage`` (fwd, dq or dkv) twice: a warm-up that
 compiles, which ``--launch-skip 1`` passes over, and the launch to profile. ``--setting prefix``
 runs the same kernels over contiguous keys (dense causal), the comparison that splits MS's
-selected-key cost from the kernels' own (kernels/README.md, session 12). On CPU (``--device
+selected-key cost from the kernels' own (kernels/README.md, session 12). ``--launch`` sets
+LaunchConfig fields over the default (``region_constexpr=true``). On CPU (``--device
 cpu``, the interpreter, the tiny case) it only checks that the stage runs.
 """
 
@@ -19,7 +20,7 @@ import dataclasses
 import torch
 
 from ctxlab.kernels.bench.cases import LENGTHS, SETTINGS, Case
-from ctxlab.kernels.bench.ops import stage_opts
+from ctxlab.kernels.bench.ops import launch_fields, stage_opts
 from ctxlab.kernels.bench.run import inputs
 from ctxlab.kernels.ms_attention import triton_impl
 from ctxlab.kernels.ms_attention.torch_impl import ms_select_torch
@@ -31,7 +32,12 @@ def main(argv=None) -> None:
     parser.add_argument("--length", default="64K", choices=sorted(LENGTHS))
     parser.add_argument("--stage", default="fwd", choices=("fwd", "dq", "dkv"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--launch", default="", help="'+'-joined LaunchConfig KEY=VALUE settings over the default")
     args = parser.parse_args(argv)
+    try:
+        fields = launch_fields(args.launch)
+    except ValueError as e:
+        parser.error(f"--launch: {e}")
     case = Case(f"{args.setting}-L{args.length}", LENGTHS[args.length], 8, args.setting)
     if args.device != "cuda":
         case = dataclasses.replace(case, Hq=2, Hkv=1, D=32)
@@ -39,7 +45,7 @@ def main(argv=None) -> None:
     idx = ms_select_torch(q, k, region=case.region, budget=case.budget, merge=case.merge, scope="head")
     idx_sorted = triton_impl.sort_selection(idx)
     opts = stage_opts(case, q.device)
-    config = triton_impl.default_config(q.device)
+    config = dataclasses.replace(triton_impl.default_config(q.device), **fields)
     o, lse = triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
     delta = triton_impl.bwd_preprocess(o, do)
     path = triton_impl.dkv_path(case.region, config, group=case.Hq // case.Hkv)
