@@ -12,8 +12,14 @@
 #           region_constexpr; without ncu, the stage sweep at (64, 64, 8) instead;
 #           GPU 3: the 7B LoRA+ step at 64K, S2 and MS (defaults), then MS with region_constexpr
 #           -> OUT/kernels.tgz, OUT/ncu.tgz, OUT/ft.tgz
+#   call 2  carry [.whl/core]   bash experiments/gpu/lease_s13.sh 2
+#           call 1's profile found ptxas serializing the forward's wgmma with region_constexpr at
+#           w = 16 (C7515); selected_one_loop avoids it. GPU 0: the GPU tests (all, 480 s);
+#           GPU 1 and 3: forward and dq stage sweep at paper settings (32K-64K, 128K-256K), GPU 2
+#           at (64, 64, 8), 32K-256K: base, region_constexpr, selected_one_loop, both, and
+#           region_constexpr with 2 forward stages  -> OUT/kernels2.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s13.sh 1}
+CALL=${1:?usage: lease_s13.sh 1|2}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-565}"
 W=/root/s13
 mkdir -p "$W/k" "$W/ncu" "$W/ft"
@@ -72,6 +78,19 @@ case $CALL in
     cat "$W/ncu/ncu_version.txt"; tail -qn 1 "$W/ncu/"*.log 2>/dev/null
     grep -h '^\[bench\]' "$W/ft/"log_*.txt | cut -c1-300
     tar -czf "$OUT/kernels.tgz" -C "$W/k" . ; tar -czf "$OUT/ncu.tgz" -C "$W" ncu; tar -czf "$OUT/ft.tgz" -C "$W" ft ;;
-  *) echo "lease_s13.sh: call must be 1" >&2; exit 2 ;;
+  2)
+    V="base;$rc;selected_one_loop=true;$rc+selected_one_loop=true;$rc+fwd_stages=2"
+    CUDA_VISIBLE_DEVICES=0 timeout 480 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
+      tests/test_ms_triton.py tests/test_ms_select_exact.py > "$W/k/gpu_tests2.log" 2>&1 &
+    for spec in "1 paper 32K,64K" "3 paper 128K,256K" "2 sparse 32K,64K,128K,256K"; do
+      set -- $spec
+      CUDA_VISIBLE_DEVICES=$1 timeout $(( $(left) - 20 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting $2 \
+        --lengths $3 --stages fwd,dq --out "$W/k" --stem "stage_sweep_$(date -u +%F)_${card}_s13_loop_$2_gpu$1" \
+        --variants "$V" --time-limit-s $(( $(left) - 120 )) > "$W/k/sweep_loop_$2_gpu$1.log" 2>&1 &
+    done
+    wait
+    tail -3 "$W/k/gpu_tests2.log"; grep -h -A30 '^| case' "$W/k/"stage_sweep_*_s13_loop_*.md 2>/dev/null
+    tar -czf "$OUT/kernels2.tgz" -C "$W/k" . ;;
+  *) echo "lease_s13.sh: call must be 1 or 2" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

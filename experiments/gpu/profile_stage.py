@@ -32,7 +32,9 @@ def main(argv=None) -> None:
     parser.add_argument("--length", default="64K", choices=sorted(LENGTHS))
     parser.add_argument("--stage", default="fwd", choices=("fwd", "dq", "dkv"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--launch", default="", help="'+'-joined LaunchConfig KEY=VALUE settings over the default")
+    parser.add_argument(
+        "--launch", default="", help="'+'-joined LaunchConfig KEY=VALUE settings over the default"
+    )
     args = parser.parse_args(argv)
     try:
         fields = launch_fields(args.launch)

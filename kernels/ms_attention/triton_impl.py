@@ -82,6 +82,13 @@ class LaunchConfig:
     and 4,928 at w = 64, dq 5,096 -> 4,528 and 4,048; the 64 (forward) and 48 (dq) ``div.s32`` of
     the selected-key loops gone. Not yet timed on a GPU (session 12 had no device time left):
     off until it is (``experiments/gpu/lease_next.sh`` 1 sweeps it)."""
+    selected_one_loop: bool = False
+    """Forward and dq step over a block's selected keys in one loop, every step masked (the
+    padding keys of the last step), not in a loop of unmasked whole steps and a masked one. The
+    same scores, hence the same outputs bit for bit. With ``region_constexpr`` at w = 16 the
+    two-loop forward at 3 stages makes ptxas serialize its wgmma (C7515, sm_90, Triton 3.6: every
+    HGMMA waited for); with one loop it does not, and the code is shorter (forward at w = 16:
+    6,064 SASS instructions two loops, 4,760 one loop; 4,168 with ``region_constexpr``)."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -276,7 +283,7 @@ class LaunchConfig:
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
         flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv",
-                 "dkv_tma", "dkv_ws", "region_constexpr")  # fmt: skip
+                 "dkv_tma", "dkv_ws", "region_constexpr", "selected_one_loop")  # fmt: skip
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -875,6 +882,7 @@ def ms_attn_fwd(
             start, first, scale * LOG2E,
             ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
             BLOCK_N=cfg.key_step("fwd", rope), REGION=region if cfg.region_constexpr else 0,
+            ONE_LOOP=cfg.selected_one_loop,
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             **_consts(q, k, idx_sorted),
         )  # fmt: skip
@@ -1008,6 +1016,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
             start, first, scale * LOG2E, scale,
             ROPE=rope, WHOLE=config.whole_qk and not rope, BLOCK_M=config.dq_block_m,
             BLOCK_N=config.key_step("dq", rope), REGION=region if config.region_constexpr else 0,
+            ONE_LOOP=config.selected_one_loop,
             num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return dq
