@@ -163,8 +163,7 @@ def dkv_mode(mode: str):
     the dk/dv kernels (``fused_dq``), "+whole" takes whole rows there (``whole_dkv``), "+tma" loads
     the own-segment kernel's rows by TMA descriptors (``dkv_tma``), "+ws" warp-specializes its
     query loop (``dkv_ws``), "+region" compiles the region size into forward and dq
-    (``region_constexpr``), "+one_loop" steps over their selected keys in one masked loop
-    (``selected_one_loop``)."""
+    (``region_constexpr``)."""
     mode, *extras = mode.split("+")
     flags = {
         "fused": "fused_dq",
@@ -172,7 +171,6 @@ def dkv_mode(mode: str):
         "tma": "dkv_tma",
         "ws": "dkv_ws",
         "region": "region_constexpr",
-        "one_loop": "selected_one_loop",
     }
     if extras:
         with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
@@ -348,19 +346,11 @@ def test_attend_from_start_matches_torch(shape, region, budget, merge, scope, pe
      ((1, 51, 4, 2, 20), 4, 5, 2, "head", "selected", 28, 2)],
     ids=["w5-L71-start43", "w20-L97-B2-rope", "w4-L51-D20-rope-start28"],
 )  # fmt: skip
-@pytest.mark.parametrize(
-    "fields",
-    [dict(region_constexpr=True), dict(selected_one_loop=True),
-     dict(region_constexpr=True, selected_one_loop=True)],
-    ids=["region", "one_loop", "region+one_loop"],
-)  # fmt: skip
 @on_interpreter
-def test_region_constexpr_same_bits(shape, region, budget, merge, scope, pe, start, seed, fields):
+def test_region_constexpr_same_bits(shape, region, budget, merge, scope, pe, start, seed):
     """With the region size compiled into forward and dq (``region_constexpr``) every key's token
-    is the same integer, and with the selected keys in one loop of masked steps
-    (``selected_one_loop``) the mask keeps every real key of the whole steps; either way, and
-    both, o, dq, dk, dv are the default launch's bit for bit (w of 4, 5 and 20, RoPE on the fly
-    and not, from a ``start``)."""
+    is the same integer, so o, dq, dk, dv are the runtime region's bit for bit (w of 4, 5 and 20,
+    RoPE on the fly and not, from a ``start``)."""
     q, k, v, do = _inputs(*shape, seed=seed)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
     opts = dict(region=region, budget=budget, merge=merge, pe=pe, start=start,
@@ -370,7 +360,7 @@ def test_region_constexpr_same_bits(shape, region, budget, merge, scope, pe, sta
         return triton_impl.ms_attend_triton(q, k, v, idx, scale=0.2, **opts)
 
     runtime, runtime_grads = _grads(attend, q, k, v, do[:, start:])
-    with launch(**fields):
+    with launch(region_constexpr=True):
         const, const_grads = _grads(attend, q, k, v, do[:, start:])
     assert torch.equal(runtime, const)
     assert all(map(torch.equal, runtime_grads, const_grads))
@@ -1236,7 +1226,6 @@ GPU_CASES = [
     ("L5000-gqa1-w64-head-reverse-tma", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole+tma"),
     ("L4133-gqa4-w16-head-atomic-region", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+region"),
     ("L2500-gqa3-w20-rope-head-region", (1, 2500, 6, 2, 128), 20, 48, 16, "head", "selected", "flag+region"),
-    ("L4133-gqa4-w16-atomic-1loop", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+region+one_loop"),
 ]
 
 
@@ -1556,8 +1545,7 @@ def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
                   WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
-                  BLOCK_N=cfg.key_step(kernel, rope), REGION=16 if cfg.region_constexpr else 0,
-                  ONE_LOOP=cfg.selected_one_loop)  # fmt: skip
+                  BLOCK_N=cfg.key_step(kernel, rope), REGION=16 if cfg.region_constexpr else 0)  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
     options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=getattr(cfg, f"{kernel}_stages"))
     # paper settings at 128K: L, P = 8192, W = 16, M = 64, S = 448, 64 prefix tiles, from row 0
@@ -1586,7 +1574,9 @@ def test_region_constexpr_drops_the_integer_divisions(kernel):
     (``region_constexpr``) the selected-key steps' integer divisions are gone (at most the
     tile's own, per program, remain) and the kernel is shorter; with it at run time every step
     divides (Triton 3.6: 64 ``div.s32`` in the forward, 48 in dq)."""
-    runtime = _compile_attention_for_h100(kernel, triton_impl.GPU_CONFIG, False)
+    runtime = _compile_attention_for_h100(
+        kernel, dataclasses.replace(triton_impl.GPU_CONFIG, region_constexpr=False), False
+    )
     const = _compile_attention_for_h100(
         kernel, dataclasses.replace(triton_impl.GPU_CONFIG, region_constexpr=True), False
     )
@@ -1601,20 +1591,15 @@ def test_region_constexpr_drops_the_integer_divisions(kernel):
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
 @pytest.mark.parametrize("kernel", ["fwd", "dq"])
-@pytest.mark.parametrize("region_constexpr", [False, True], ids=["runtime-w", "region"])
-def test_selected_one_loop_keeps_wgmma_async(kernel, region_constexpr):
-    """Compiled for sm_90 at the paper's shape (w = 16): with the selected keys in one loop of
-    masked steps (``selected_one_loop``) the kernel is shorter than with two loops, and its wgmma
-    stay asynchronous (at most one wait per four HGMMA; Triton 3.6's ptxas serialized the
-    two-loop forward with ``region_constexpr``, C7515: one wait after every HGMMA)."""
-    cfg = dataclasses.replace(triton_impl.GPU_CONFIG, region_constexpr=region_constexpr)
-    two = _compile_attention_for_h100(kernel, cfg, False)
-    one = _compile_attention_for_h100(kernel, dataclasses.replace(cfg, selected_one_loop=True), False)
-    assert _sass_instructions(one) < 0.95 * _sass_instructions(two)
-    sass = _sass(one)
+def test_gpu_defaults_keep_wgmma_async(kernel):
+    """Compiled for sm_90 with the GPU launch config at the paper's shape (w = 16), forward and
+    dq keep their wgmma asynchronous: at most one wait per four HGMMA. When ptxas serializes them
+    (C7515), each HGMMA gets its own wait: Triton 3.6 did so to the forward with the region size
+    compiled in at 3 stages, which is why GPU_CONFIG runs it at 2 (session 13). The installed
+    Triton compiles here; the GPU image's may differ (kernels/README.md names how to check it)."""
+    sass = _sass(_compile_attention_for_h100(kernel, triton_impl.GPU_CONFIG, False))
     hgmma, waits = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
     assert hgmma >= 4 * waits > 0, (hgmma, waits)
-    assert one.metadata.shared <= H100_SHARED_BYTES and ".local" not in one.asm["ptx"]
 
 
 @pytest.mark.slow

@@ -18,8 +18,12 @@
 #           GPU 1 and 3: forward and dq stage sweep at paper settings (32K-64K, 128K-256K), GPU 2
 #           at (64, 64, 8), 32K-256K: base, region_constexpr, selected_one_loop, both, and
 #           region_constexpr with 2 forward stages  -> OUT/kernels2.tgz
+#   call 3  carry [.whl/core]   bash experiments/gpu/lease_s13.sh 3
+#           the adopted defaults (region_constexpr, 2 forward stages). GPU 0: the GPU tests, then
+#           the 7B step at 32K; GPU 1, 2: the kernel benchmark at paper settings and at (64, 64, 8);
+#           GPU 3: the 7B step S2 vs MS at 64K and 128K  -> OUT/kernels3.tgz, OUT/ft3.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s13.sh 1|2}
+CALL=${1:?usage: lease_s13.sh 1|2|3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-565}"
 W=/root/s13
 mkdir -p "$W/k" "$W/ncu" "$W/ft"
@@ -91,6 +95,27 @@ case $CALL in
     wait
     tail -3 "$W/k/gpu_tests2.log"; grep -h -A30 '^| case' "$W/k/"stage_sweep_*_s13_loop_*.md 2>/dev/null
     tar -czf "$OUT/kernels2.tgz" -C "$W/k" . ;;
-  *) echo "lease_s13.sh: call must be 1 or 2" >&2; exit 2 ;;
+  3)
+    mkdir -p "$W/k3" "$W/ft3"
+    (
+      CUDA_VISIBLE_DEVICES=0 timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
+        tests/test_ms_triton.py tests/test_ms_select_exact.py > "$W/k3/gpu_tests3.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.bench.finetune --out "$W/ft3" \
+        --tag finetune_7b_s13_32k --lengths 32768 --variants s2,ms --warmup 2 --steps 3 > "$W/ft3/log_32k.txt" 2>&1
+    ) &
+    CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper --ops triton,triton_det,dense,s2 --out "$W/k3" --stem "${stem}_s13_final_paper" \
+      --time-limit-s $(( $(left) - 100 )) > "$W/k3/bench_paper.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=2 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases sparse --ops triton,triton_det,s2 --out "$W/k3" --stem "${stem}_s13_final_sparse" \
+      --time-limit-s $(( $(left) - 90 )) > "$W/k3/bench_sparse.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=3 timeout $(( $(left) - 15 )) python3 -m ctxlab.bench.finetune --out "$W/ft3" \
+      --tag finetune_7b_s13_64k_128k --lengths 65536,131072 --variants s2,ms \
+      --warmup 2 --steps 2 --long-steps 2 > "$W/ft3/log_64k_128k.txt" 2>&1 &
+    wait
+    tail -3 "$W/k3/gpu_tests3.log"; grep -h -A8 '^Summary' "$W/k3/${stem}"_*.md 2>/dev/null | cut -c1-400
+    grep -h '^\[bench\]' "$W/ft3/"log_*.txt | cut -c1-250
+    tar -czf "$OUT/kernels3.tgz" -C "$W/k3" . ; tar -czf "$OUT/ft3.tgz" -C "$W" ft3 ;;
+  *) echo "lease_s13.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
 esac
 ls -la "$OUT"

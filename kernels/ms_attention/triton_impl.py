@@ -80,15 +80,9 @@ class LaunchConfig:
     or multiplies, not integer divisions. The same integers, hence the same outputs bit for bit.
     Compiled for sm_90 (Triton 3.6, paper 128K shape): forward 6,064 -> 5,376 instructions at w = 16
     and 4,928 at w = 64, dq 5,096 -> 4,528 and 4,048; the 64 (forward) and 48 (dq) ``div.s32`` of
-    the selected-key loops gone. Not yet timed on a GPU (session 12 had no device time left):
-    off until it is (``experiments/gpu/lease_next.sh`` 1 sweeps it)."""
-    selected_one_loop: bool = False
-    """Forward and dq step over a block's selected keys in one loop, every step masked (the
-    padding keys of the last step), not in a loop of unmasked whole steps and a masked one. The
-    same scores, hence the same outputs bit for bit. With ``region_constexpr`` at w = 16 the
-    two-loop forward at 3 stages makes ptxas serialize its wgmma (C7515, sm_90, Triton 3.6: every
-    HGMMA waited for); with one loop it does not, and the code is shorter (forward at w = 16:
-    6,064 SASS instructions two loops, 4,760 one loop; 4,168 with ``region_constexpr``)."""
+    the selected-key loops gone. On in ``GPU_CONFIG``, with 2 forward stages: at 3 stages and
+    w = 16, Triton 3.6's ptxas serializes the forward's wgmma (C7515: a wait after every HGMMA,
+    found by Nsight Compute, session 13), which ate the gain; 2 stages keep them asynchronous."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -283,7 +277,7 @@ class LaunchConfig:
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
         flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv",
-                 "dkv_tma", "dkv_ws", "region_constexpr", "selected_one_loop")  # fmt: skip
+                 "dkv_tma", "dkv_ws", "region_constexpr")  # fmt: skip
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -330,7 +324,8 @@ class LaunchConfig:
 
 GPU_CONFIG = LaunchConfig(
     fwd_block_n=128,
-    fwd_stages=3,
+    fwd_stages=2,
+    region_constexpr=True,
     dq_block_n=128,
     whole_qk=True,
     rotate_q_once=True,
@@ -343,22 +338,25 @@ GPU_CONFIG = LaunchConfig(
     whole_dkv=True,
 )
 """The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
-candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of
-the ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), and it runs 4
-warps and 2 stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with
-masks expanded every 64 steps, 38.7 with masks alone); forward and dq step over 128 keys
-(forward in three stages) and, without RoPE on the fly, score with one dot over the head dim
-(``whole_qk``); under RoPE on the fly the dk/dv kernels read q rotated once (``rotate_q_once``),
-and without it they too score with one dot (``whole_dkv``). Each setting was timed against the
-one it replaced in one run (H200, paper settings, 32K-256K): the selection 2.0-2.5x faster and
-forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward and 5-6% faster
-dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
+candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of the
+ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), and it runs 4 warps and 2
+stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with masks expanded
+every 64 steps, 38.7 with masks alone); forward and dq step over 128 keys (forward in two stages),
+with the region size compiled in, and, without RoPE on the fly, score with one dot over the head
+dim (``whole_qk``); under RoPE on the fly the dk/dv kernels read q rotated once
+(``rotate_q_once``), and without it they too score with one dot (``whole_dkv``). Each setting was
+timed against the one it replaced in one run (H200, paper settings, 32K-256K): the selection
+2.0-2.5x faster and forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward
+and 5-6% faster dq, then three forward stages 3-4% faster forward (64K-256K, session 9,
 ``kernels/bench/stage_sweep.py``); under RoPE on the fly q rotated once for dk/dv, 2.0x faster
-dk/dv (paper 64K-128K, session 9); whole rows in dk/dv 0.5-1.5% faster forward + backward in all
-8 cases, paper and (64, 64, 8), 32K-256K (session 11, one run). ``fused_dq`` stays off: dq by
-atomics inside dk/dv made the whole backward 6-22% slower in every case (its best tile variant
-per case; session 11, kernels/README.md). ``dkv_tma`` and ``dkv_ws`` stay off: TMA loads within 3%
-of the pointer loads, the warp-specialized loop 6-16% slower dk/dv (session 12)."""
+dk/dv (paper 64K-128K, session 9); whole rows in dk/dv 0.5-1.5% faster forward + backward in all 8
+cases, paper and (64, 64, 8), 32K-256K (session 11, one run). ``fused_dq`` stays off: dq by atomics
+inside dk/dv made the whole backward 6-22% slower in every case (its best tile variant per case;
+session 11, kernels/README.md). ``dkv_tma`` and ``dkv_ws`` stay off: TMA loads within 3% of the
+pointer loads, the warp-specialized loop 6-16% slower dk/dv (session 12). The region size compiled
+into forward and dq (``region_constexpr``) with the forward back at 2 stages: forward + dq 3.6-5.3%
+faster at paper settings and 9-12% faster at (64, 64, 8), 32K-256K, against the previous default in
+one run (session 13); at 3 stages the forward's wgmma were serialized."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
@@ -882,7 +880,6 @@ def ms_attn_fwd(
             start, first, scale * LOG2E,
             ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
             BLOCK_N=cfg.key_step("fwd", rope), REGION=region if cfg.region_constexpr else 0,
-            ONE_LOOP=cfg.selected_one_loop,
             num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
             **_consts(q, k, idx_sorted),
         )  # fmt: skip
@@ -1016,7 +1013,6 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
             start, first, scale * LOG2E, scale,
             ROPE=rope, WHOLE=config.whole_qk and not rope, BLOCK_M=config.dq_block_m,
             BLOCK_N=config.key_step("dq", rope), REGION=region if config.region_constexpr else 0,
-            ONE_LOOP=config.selected_one_loop,
             num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return dq

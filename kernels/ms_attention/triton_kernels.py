@@ -330,12 +330,10 @@ def ms_attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REGION: tl.constexpr = 0,
-    ONE_LOOP: tl.constexpr = False,
 ):
     """Grid (query tiles from `first_tile`, the tile holding row `q_start`; B*HQ). Writes o
     for the tile's rows from `q_start` on and their lse (natural log); rows before `q_start`
-    are not read (their q reads 0) nor written. REGION > 0: the region size W as a constant.
-    ONE_LOOP: the selected keys in one loop of masked steps (LaunchConfig.selected_one_loop)."""
+    are not read (their q reads 0) nor written. REGION > 0: the region size W as a constant."""
     if REGION > 0:  # the region size compiled in: its divisions become shifts or multiplies
         W = REGION
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -380,13 +378,10 @@ def ms_attn_fwd_kernel(
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
     sel_len = _selected_len(sel, g, S, W, BLOCK_N)
     whole = sel_len // BLOCK_N * BLOCK_N
-    if ONE_LOOP:  # every selected step masked, in one loop
-        whole = 0
-    else:
-        acc, l_i, m_i = _fwd_selected(
-            acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n, qk_scale,
-            kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
-        )  # fmt: skip
+    acc, l_i, m_i = _fwd_selected(
+        acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n, qk_scale,
+        kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
+    )  # fmt: skip
     acc, l_i, m_i = _fwd_selected(
         acc, l_i, m_i, q1, q2, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n, qk_scale,
         kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
@@ -620,11 +615,9 @@ def ms_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REGION: tl.constexpr = 0,
-    ONE_LOOP: tl.constexpr = False,
 ):
     """Grid (query tiles from `first_tile`, B*HQ): the forward's schedule, P recomputed from
-    lse; rows before `q_start` are neither read nor written. REGION > 0: W as a constant.
-    ONE_LOOP: the selected keys in one loop of masked steps, as the forward's."""
+    lse; rows before `q_start` are neither read nor written. REGION > 0: W as a constant."""
     if REGION > 0:  # the region size compiled in: its divisions become shifts or multiplies
         W = REGION
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -670,13 +663,10 @@ def ms_attn_bwd_dq_kernel(
     sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
     sel_len = _selected_len(sel, g, S, W, BLOCK_N)
     whole = sel_len // BLOCK_N * BLOCK_N
-    if ONE_LOOP:  # every selected step masked, in one loop
-        whole = 0
-    else:
-        dq1, dq2 = _dq_selected(
-            dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n,
-            qk_scale, kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
-        )  # fmt: skip
+    dq1, dq2 = _dq_selected(
+        dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n,
+        qk_scale, kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
+    )  # fmt: skip
     dq1, dq2 = _dq_selected(
         dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n,
         qk_scale, kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
