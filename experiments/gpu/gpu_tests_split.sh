@@ -1,0 +1,6 @@
+source experiments/gpu/device_env.sh >/dev/null 2>&1
+mkdir -p $OUT
+CUDA_VISIBLE_DEVICES=0 timeout 230 python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_ms_triton.py -k "select_matches_torch" > $OUT/t0.log 2>&1 &
+CUDA_VISIBLE_DEVICES=1 timeout 230 python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_ms_triton.py -k "not select_matches_torch" > $OUT/t1.log 2>&1 &
+CUDA_VISIBLE_DEVICES=2 timeout 230 python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_ms_select_exact.py > $OUT/t2.log 2>&1 &
+wait; tail -n 2 $OUT/t*.log; grep -h -E "PASSED|FAILED" $OUT/t*.log | wc -l
