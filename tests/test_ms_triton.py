@@ -1535,7 +1535,8 @@ def _sass(compiled) -> str:
 def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
     """The forward (``kernel="fwd"``) or dq kernel compiled for sm_90 with ``cfg``'s launch
     settings at the paper's 128K shape in bf16, D = 128 (pointers and the lengths specialized
-    as multiples of 16, as at launch: their loads pipelined)."""
+    as multiples of 16, as at launch: their loads pipelined; the forward under RoPE with w at run
+    time and ``rope_fwd_stages``, as ``ms_attn_fwd`` launches it)."""
     # the kernels' pointer arguments, in order
     tensors = ("Q", "K", "V", "O", "LSE") if kernel == "fwd" else ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA")
     sig = {name: "*fp32" if name in ("LSE", "DELTA") else "*bf16" for name in tensors}
@@ -1545,9 +1546,11 @@ def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
                   WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
-                  BLOCK_N=cfg.key_step(kernel, rope), REGION=16 if cfg.region_constexpr else 0)  # fmt: skip
+                  BLOCK_N=cfg.key_step(kernel, rope),
+                  REGION=16 if cfg.region_constexpr and not (rope and kernel == "fwd") else 0)  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
-    options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=getattr(cfg, f"{kernel}_stages"))
+    stages = cfg.rope_fwd_stages if rope and kernel == "fwd" else getattr(cfg, f"{kernel}_stages")
+    options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=stages)
     # paper settings at 128K: L, P = 8192, W = 16, M = 64, S = 448, 64 prefix tiles, from row 0
     divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
     return _compile_for_h100(fn, sig, consts, divisible, **options)
@@ -1754,3 +1757,26 @@ def test_bench_s2_is_longlora_s2_and_its_reference_checks_it(L, Hq, Hkv):
     dense = run.reference_tail(case, q, k, v, None, "dense")  # the last 256 rows
     assert run.rel_err(dense[:, -(L - start) :][:, : end - start], ref) > 1e-2
     assert case.s2_pairs() == Hq * 4 * (L // 4) * (L // 4 + 1) // 2
+
+
+@pytest.mark.parametrize("rope", [False, True], ids=["pre", "rope"])
+def test_forward_launch_stages_and_region_by_rope(monkeypatch, rope):
+    """The GPU defaults launch the forward with the region size compiled in and ``fwd_stages``
+    without RoPE on the fly, and with w at run time and ``rope_fwd_stages`` under it (measured
+    6-13% and 18-20% faster there, session 13); ``rope_fwd_stages`` is checked."""
+    seen = {}
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.update(kwargs)
+
+    monkeypatch.setattr(tk, "ms_attn_fwd_kernel", Recorder())
+    monkeypatch.setattr(triton_impl, "interpreted", lambda: True)
+    cfg = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_stages=2, rope_fwd_stages=3)
+    q = torch.zeros(1, 64, 2, 32)
+    idx = triton_impl.sort_selection(torch.zeros(1, 2, 1, 2, dtype=torch.long))
+    triton_impl.ms_attn_fwd(q, q, q, idx, region=16, budget=3, merge=1, rope=rope,
+                            inv_freq=rope_inv_freq(32, 100.0), scale=0.2, config=cfg)  # fmt: skip
+    assert (seen["REGION"], seen["num_stages"]) == ((0, 3) if rope else (16, 2))
+    with pytest.raises(ValueError, match="rope_fwd_stages must be >= 1, got 0"):
+        dataclasses.replace(cfg, rope_fwd_stages=0)

@@ -82,7 +82,13 @@ class LaunchConfig:
     and 4,928 at w = 64, dq 5,096 -> 4,528 and 4,048; the 64 (forward) and 48 (dq) ``div.s32`` of
     the selected-key loops gone. On in ``GPU_CONFIG``, with 2 forward stages: at 3 stages and
     w = 16, Triton 3.6's ptxas serializes the forward's wgmma (C7515: a wait after every HGMMA,
-    found by Nsight Compute, session 13), which ate the gain; 2 stages keep them asynchronous."""
+    found by Nsight Compute, session 13), which ate the gain; 2 stages keep them asynchronous.
+    Under RoPE on the fly the forward keeps w at run time (and ``rope_fwd_stages``): there the
+    constant made it 6-13% slower (paper 64K-128K, H200, session 13); dq takes it either way."""
+    rope_fwd_stages: int = 3
+    """The forward's pipeline stages under RoPE on the fly (``pe="selected"``; ``fwd_stages``
+    otherwise). At paper settings, 64K-128K on an H200 (session 13), 3 stages ran the RoPE forward
+    18-20% faster than 2 (34.8 against 43.7 ms at 64K)."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -230,6 +236,8 @@ class LaunchConfig:
         return min(block_n, self.rope_block_n) if rope else block_n
 
     def __post_init__(self) -> None:
+        if self.rope_fwd_stages < 1:
+            raise ValueError(f"rope_fwd_stages must be >= 1, got {self.rope_fwd_stages}")
         for name in (
             "fwd_block_m",
             "fwd_block_n",
@@ -356,7 +364,8 @@ session 11, kernels/README.md). ``dkv_tma`` and ``dkv_ws`` stay off: TMA loads w
 pointer loads, the warp-specialized loop 6-16% slower dk/dv (session 12). The region size compiled
 into forward and dq (``region_constexpr``) with the forward back at 2 stages: forward + dq 3.6-5.3%
 faster at paper settings and 9-12% faster at (64, 64, 8), 32K-256K, against the previous default in
-one run (session 13); at 3 stages the forward's wgmma were serialized."""
+one run (session 13); at 3 stages the forward's wgmma were serialized. Under RoPE on the fly the
+forward keeps w at run time and 3 stages (``rope_fwd_stages``), 18-20% faster there."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
@@ -415,6 +424,8 @@ def launch_settings(kernel: str, config: LaunchConfig, *prefixes: str, rope: boo
         names = [f.name for f in dataclasses.fields(config) if f.name.startswith(prefixes)]
         if rope:
             names.append("rope_block_n")
+            if kernel == "ms_attn_fwd_kernel":
+                names.append("rope_fwd_stages")
         settings = ", ".join(f"{name}={getattr(config, name)!r}" for name in names)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "this device"
         raise LaunchResourceError(
@@ -879,8 +890,8 @@ def ms_attn_fwd(
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E,
             ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
-            BLOCK_N=cfg.key_step("fwd", rope), REGION=region if cfg.region_constexpr else 0,
-            num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+            BLOCK_N=cfg.key_step("fwd", rope), REGION=region if cfg.region_constexpr and not rope else 0,
+            num_warps=cfg.fwd_warps, num_stages=cfg.rope_fwd_stages if rope else cfg.fwd_stages,
             **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return o, lse
