@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The next lease after session 12 (nvidia-h200-x2, or one H200: run each call's GPU 0 and GPU 1
 # parts one after the other), same rules as lease_s12.sh (experiments/results moved aside during
-# the lease; calls follow at once). With a 4-GPU kind lent, lease_x4_next.sh 3 as well. Session
-# 12 left the kernels' speed where session 11 had it and split the per-pair gap (kernels/README.md):
-# the first calls of the next lease: call 1 (it times region_constexpr, which session 12 built
-# and tested but had no device time to time) and call 4, the profile that tells the MS-specific
-# costs apart; then call 2 for the 7B step with whatever was adopted.
+# the lease; calls follow at once). Session 13 ran calls 1, 4 and 2 (64K) side by side on four GPUs
+# (lease_s13.sh) and adopted region_constexpr with 2 forward stages; what is left here is call 3
+# (cp_bench under FSDP2, never run on GPUs). Calls 1 and 4 stay as the recipe to re-time and
+# re-profile the defaults after a kernel change (call 4's profiles summarize with
+# python -m ctxlab.kernels.bench.ncu_summary DIR).
 #   call 4  carry [.whl/core]   bash experiments/gpu/lease_next.sh 4
 #           Nsight Compute (if it reads counters on the machine: checked first) of one forward,
 #           one dq and one dk/dv launch at paper settings 64K and of the same kernels over
