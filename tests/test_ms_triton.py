@@ -1762,8 +1762,8 @@ def test_bench_s2_is_longlora_s2_and_its_reference_checks_it(L, Hq, Hkv):
 @pytest.mark.parametrize("rope", [False, True], ids=["pre", "rope"])
 def test_forward_launch_stages_and_region_by_rope(monkeypatch, rope):
     """The GPU defaults launch the forward with the region size compiled in and ``fwd_stages``
-    without RoPE on the fly, and with w at run time and ``rope_fwd_stages`` under it (measured
-    6-13% and 18-20% faster there, session 13); ``rope_fwd_stages`` is checked."""
+    without RoPE on the fly, and with w at run time and ``rope_fwd_stages`` under it (there the
+    constant cost 6-13% and 2 stages 15-20%, session 13); ``rope_fwd_stages`` is checked."""
     seen = {}
 
     class Recorder:

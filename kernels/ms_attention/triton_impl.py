@@ -87,8 +87,8 @@ class LaunchConfig:
     constant made it 6-13% slower (paper 64K-128K, H200, session 13); dq takes it either way."""
     rope_fwd_stages: int = 3
     """The forward's pipeline stages under RoPE on the fly (``pe="selected"``; ``fwd_stages``
-    otherwise). At paper settings, 64K-128K on an H200 (session 13), 3 stages ran the RoPE forward
-    18-20% faster than 2 (34.8 against 43.7 ms at 64K)."""
+    otherwise). At paper settings on an H200 (session 13), the RoPE forward took 15-20% less time
+    at 3 stages than at 2 (34.8 against 43.7 ms at 64K, 75.4 against 88.9 at 128K)."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -365,7 +365,7 @@ pointer loads, the warp-specialized loop 6-16% slower dk/dv (session 12). The re
 into forward and dq (``region_constexpr``) with the forward back at 2 stages: forward + dq 3.6-5.3%
 faster at paper settings and 9-12% faster at (64, 64, 8), 32K-256K, against the previous default in
 one run (session 13); at 3 stages the forward's wgmma were serialized. Under RoPE on the fly the
-forward keeps w at run time and 3 stages (``rope_fwd_stages``), 18-20% faster there."""
+forward keeps w at run time and 3 stages (``rope_fwd_stages``): 15-20% less time there."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
