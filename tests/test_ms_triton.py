@@ -1535,8 +1535,8 @@ def _sass(compiled) -> str:
 def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
     """The forward (``kernel="fwd"``) or dq kernel compiled for sm_90 with ``cfg``'s launch
     settings at the paper's 128K shape in bf16, D = 128 (pointers and the lengths specialized
-    as multiples of 16, as at launch: their loads pipelined; the forward under RoPE with w at run
-    time and ``rope_fwd_stages``, as ``ms_attn_fwd`` launches it)."""
+    as multiples of 16, as at launch: their loads pipelined; stages and ``REGION`` as the launch
+    takes them from ``cfg``)."""
     # the kernels' pointer arguments, in order
     tensors = ("Q", "K", "V", "O", "LSE") if kernel == "fwd" else ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA")
     sig = {name: "*fp32" if name in ("LSE", "DELTA") else "*bf16" for name in tensors}
@@ -1546,11 +1546,9 @@ def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_H=64, BLOCK_D=128, ROPE=rope,
                   WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
-                  BLOCK_N=cfg.key_step(kernel, rope),
-                  REGION=16 if cfg.region_constexpr and not (rope and kernel == "fwd") else 0)  # fmt: skip
+                  BLOCK_N=cfg.key_step(kernel, rope), REGION=cfg.region_const(kernel, rope, 16))  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
-    stages = cfg.rope_fwd_stages if rope and kernel == "fwd" else getattr(cfg, f"{kernel}_stages")
-    options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=stages)
+    options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=cfg.stages(kernel, rope))
     # paper settings at 128K: L, P = 8192, W = 16, M = 64, S = 448, 64 prefix tiles, from row 0
     divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
     return _compile_for_h100(fn, sig, consts, divisible, **options)

@@ -115,9 +115,8 @@ def summarize(folder: Path, top: int = 12) -> str:
         for kernel, metrics in details.items():
             out.append(f"- {kernel}: " + "; ".join(f"{m} {metrics[m]}" for m in METRICS if m in metrics))
         found = [p for p in (folder / f"{name}_sass.csv", folder / f"{name}_sass.csv.gz") if p.exists()]
-        sass = found[0] if found else None
-        if sass is not None:
-            rows = read_sass(sass)
+        if found:
+            rows = read_sass(found[0])
             text = " ".join(r["Source"] for r in rows)
             hgmma, waits = text.count("HGMMA"), text.count("WARPGROUP.DEPBAR")
             out.append(f"- SASS: {len(rows)} instructions, {hgmma} HGMMA, {waits} WARPGROUP.DEPBAR")

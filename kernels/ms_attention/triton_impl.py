@@ -235,6 +235,16 @@ class LaunchConfig:
         block_n = getattr(self, f"{kernel}_block_n")
         return min(block_n, self.rope_block_n) if rope else block_n
 
+    def stages(self, kernel: str, rope: bool) -> int:
+        """Pipeline stages of the forward (``kernel="fwd"``) or dq kernel: ``rope_fwd_stages`` for
+        the forward under RoPE on the fly, else its ``*_stages``."""
+        return self.rope_fwd_stages if rope and kernel == "fwd" else getattr(self, f"{kernel}_stages")
+
+    def region_const(self, kernel: str, rope: bool, region: int) -> int:
+        """The forward's or dq's ``REGION`` constexpr for region size ``region``: the size itself
+        with ``region_constexpr`` (except the forward under RoPE on the fly), else 0 (run time)."""
+        return region if self.region_constexpr and not (rope and kernel == "fwd") else 0
+
     def __post_init__(self) -> None:
         if self.rope_fwd_stages < 1:
             raise ValueError(f"rope_fwd_stages must be >= 1, got {self.rope_fwd_stages}")
@@ -890,8 +900,8 @@ def ms_attn_fwd(
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E,
             ROPE=rope, WHOLE=cfg.whole_qk and not rope, BLOCK_M=cfg.fwd_block_m,
-            BLOCK_N=cfg.key_step("fwd", rope), REGION=region if cfg.region_constexpr and not rope else 0,
-            num_warps=cfg.fwd_warps, num_stages=cfg.rope_fwd_stages if rope else cfg.fwd_stages,
+            BLOCK_N=cfg.key_step("fwd", rope), REGION=cfg.region_const("fwd", rope, region),
+            num_warps=cfg.fwd_warps, num_stages=cfg.stages("fwd", rope),
             **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return o, lse
@@ -1023,8 +1033,8 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
             L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
             start, first, scale * LOG2E, scale,
             ROPE=rope, WHOLE=config.whole_qk and not rope, BLOCK_M=config.dq_block_m,
-            BLOCK_N=config.key_step("dq", rope), REGION=region if config.region_constexpr else 0,
-            num_warps=config.dq_warps, num_stages=config.dq_stages, **_consts(q, k, idx_sorted),
+            BLOCK_N=config.key_step("dq", rope), REGION=config.region_const("dq", rope, region),
+            num_warps=config.dq_warps, num_stages=config.stages("dq", rope), **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return dq
 
