@@ -144,10 +144,12 @@ def deterministic_algorithms(on: bool):
 
 @contextlib.contextmanager
 def launch(**overrides):
-    """The kernels' launch configs (GPU and interpreter) with ``overrides`` for the block."""
+    """The kernels' launch configs (GPU and interpreter) with ``overrides`` for the block; the
+    interpreter's without ``fwd_gluon`` (Gluon has no interpreter, and its tiles are not 16 rows)."""
     saved = triton_impl.GPU_CONFIG, triton_impl.INTERPRETER_CONFIG
     triton_impl.GPU_CONFIG = dataclasses.replace(saved[0], **overrides)
-    triton_impl.INTERPRETER_CONFIG = dataclasses.replace(saved[1], **overrides)
+    interpreter = {name: value for name, value in overrides.items() if name != "fwd_gluon"}
+    triton_impl.INTERPRETER_CONFIG = dataclasses.replace(saved[1], **interpreter)
     try:
         yield
     finally:
@@ -171,6 +173,7 @@ def dkv_mode(mode: str):
         "tma": "dkv_tma",
         "ws": "dkv_ws",
         "region": "region_constexpr",
+        "gluon": "fwd_gluon",
     }
     if extras:
         with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
@@ -1226,6 +1229,9 @@ GPU_CASES = [
     ("L5000-gqa1-w64-head-reverse-tma", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole+tma"),
     ("L4133-gqa4-w16-head-atomic-region", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+region"),
     ("L2500-gqa3-w20-rope-head-region", (1, 2500, 6, 2, 128), 20, 48, 16, "head", "selected", "flag+region"),
+    ("L4133-gqa4-w16-head-gluon", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole+region+gluon"),
+    ("L5000-gqa1-w64-group-gluon", (1, 5000, 4, 4, 128), 64, 16, 2, "group", "pre", "reverse+whole+gluon"),
+    ("L3001-gqa2-w20-d64-gluon", (2, 3001, 4, 2, 64), 20, 40, 6, "head", "pre", "partial+region+gluon"),
 ]
 
 
@@ -1291,6 +1297,39 @@ def test_gpu_dkv_tma_same_bits(dkv, start):
                 assert torch.equal(g, g2), f"{extra}: {name} differs by up to {diff:.3g}"
             else:
                 assert diff <= 2**-7 * g.float().abs().max().item(), f"{extra}: {name} differs by {diff:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, start",
+    [((1, 4133, 8, 2, 128), 16, 64, 8, 1000), ((1, 20000, 4, 1, 128), 16, 512, 64, 0),
+     ((2, 3001, 4, 4, 64), 64, 16, 2, 2100)],
+    ids=["L4133-w16-start1000", "L20000-paper-settings", "L3001-w64-d64-start2100"],
+)  # fmt: skip
+def test_gpu_gluon_forward_matches_triton_forward(shape, region, budget, merge, start):
+    """The warp-specialized Gluon forward (``fwd_gluon``) against the Triton forward on the same
+    selection: o within 2^-7 of its largest element (one bf16 rounding, different float32 sums),
+    lse within 1e-3; from a ``start`` inside a block the rows before it stay unwritten (NaN
+    poison) and q's NaN rows there are never read. Skipped off Hopper (the kernel is sm_90)."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon forward is compiled for sm_90")
+    q, k, v, _ = (x.bfloat16() for x in _inputs(*shape, dtype=torch.float32, device="cuda", seed=17))
+    q[:, :start] = float("nan")
+    idx = triton_impl.sort_selection(
+        ms_select_torch(q.nan_to_num(), k, region=region, budget=budget, merge=merge, scope="head")
+    )
+    opts = dict(region=region, budget=budget, merge=merge, rope=False, inv_freq=None, scale=shape[-1] ** -0.5,
+                start=start)  # fmt: skip
+    base = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=False)
+    assert triton_impl.gluon_fwd_applies(dataclasses.replace(base, fwd_gluon=True), False, q)
+    o_ref, lse_ref = triton_impl.ms_attn_fwd(q, k, v, idx, config=base, **opts)  # outputs NaN-poisoned
+    o, lse = triton_impl.ms_attn_fwd(q, k, v, idx, config=dataclasses.replace(base, fwd_gluon=True), **opts)
+    assert o[:, :start].isnan().all() and lse[..., :start].isnan().all()
+    assert not o[:, start:].isnan().any() and not lse[..., start:].isnan().any()
+    err = (o[:, start:].float() - o_ref[:, start:].float()).abs().max().item()
+    assert err <= 2**-7 * o_ref[:, start:].float().abs().max().item(), err
+    torch.testing.assert_close(lse[..., start:], lse_ref[..., start:], rtol=0, atol=1e-3)
 
 
 # The fused selection at real sizes. Integer inputs (w a power of two, so every representative
@@ -1378,9 +1417,10 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     assert overlap.mean() >= 0.99 and overlap.min() >= 0.9, (overlap.mean(), overlap.min())
 
 
-def _compile_for_h100(fn, sig: dict, consts: dict, divisible=(), **options):
+def _compile_for_h100(fn, sig: dict, consts: dict, divisible=(), source=None, **options):
     """``fn`` compiled for an H100 (sm_90: PTX and cubin) with the installed Triton, without a
-    GPU: ``sig`` its runtime arguments' types in order, ``consts`` its constexprs; skips where
+    GPU: ``sig`` its runtime arguments' types in order, ``consts`` its constexprs (``source``: the
+    source class, Gluon's for a Gluon kernel); skips where
     this Triton build has no CUDA backend with ptxas. As a launch specializes them: every pointer
     and the integers named in ``divisible`` are known multiples of 16. That decides whether loads
     are vectorized and pipelined, hence the shared memory a kernel needs."""
@@ -1395,7 +1435,7 @@ def _compile_for_h100(fn, sig: dict, consts: dict, divisible=(), **options):
         for i, (name, kind) in enumerate(sig.items())
         if kind.startswith("*") or name in divisible
     }
-    source = ASTSource(
+    source = (source or ASTSource)(
         fn=fn, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts, attrs=attrs
     )
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
@@ -1605,6 +1645,41 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
+@pytest.mark.parametrize("block_n, stages", [(128, 2), (64, 4)])
+def test_gluon_forward_compiles_for_h100(block_n, stages):
+    """The Gluon forward compiles for sm_90 without a GPU, with the installed Triton, at the
+    paper's shape: its load partition copies by ``cp.async`` and arrives on the slots' mbarriers
+    when the copies land, the partitions move registers (``setmaxnreg``), the consumers' wgmma
+    stay asynchronous (at most one wait per four HGMMA) and the ring fits an H100's shared
+    memory."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from ctxlab.kernels.ms_attention import gluon_kernels
+
+    cfg = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True, fwd_block_n=block_n, gluon_stages=stages)
+    sig = {name: "*fp32" if name == "LSE" else "*bf16" for name in ("Q", "K", "V", "O", "LSE")}
+    sig |= dict(IDX="*i32")
+    sig |= dict.fromkeys(("L", "P", "W", "M", "S", "G", "n_pre_tiles", "tiles_per_block", "q_start",
+                          "first_tile"), "i32")  # fmt: skip
+    sig |= dict(qk_scale="fp32")
+    consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_N=cfg.fwd_block_n, STAGES=cfg.gluon_stages,
+                  LOAD_WARPS=cfg.gluon_load_warps, LOAD_REGS=triton_impl.GLUON_LOAD_REGS,
+                  CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS, REGION=cfg.region_const("fwd", False, 16),
+                  num_warps=4)  # fmt: skip
+    divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
+    compiled = _compile_for_h100(
+        gluon_kernels.ms_attn_fwd_ws_kernel, sig, consts, divisible, source=GluonASTSource, num_warps=4,
+        maxnreg=triton_impl.GLUON_MAXNREG,
+    )  # fmt: skip
+    ptx, sass = compiled.asm["ptx"], _sass(compiled)
+    assert "cp.async.mbarrier.arrive.noinc" in ptx and "setmaxnreg" in ptx
+    hgmma, waits = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
+    assert hgmma >= 4 * waits > 0, (hgmma, waits)
+    assert "LDGSTS" in sass and compiled.metadata.shared <= H100_SHARED_BYTES
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
 def test_h100_guard_sees_the_launch_the_h200_refused():
     """The guard above has teeth: dq under RoPE with 128-key steps and two stages, the launch an
     H200 refused in session 8 (263 KB of shared memory under Triton 3.6), compiles here to more
@@ -1613,6 +1688,20 @@ def test_h100_guard_sees_the_launch_the_h200_refused():
         triton_impl.GPU_CONFIG, dq_block_n=128, dq_stages=2, dq_warps=8, rope_block_n=128
     )
     assert _compile_attention_for_h100("dq", cfg, rope=True).metadata.shared > H100_SHARED_BYTES
+
+
+def test_gluon_forward_applies_only_where_it_compiles():
+    """``fwd_gluon`` checks its tiles when the config is built, and the launch takes the Gluon
+    forward only without RoPE on the fly, on a CUDA tensor of a Hopper GPU: elsewhere (here: CPU
+    tensors, the interpreter) the Triton forward runs."""
+    with pytest.raises(ValueError, match="fwd_gluon=True needs fwd_block_m=128"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True, fwd_block_m=64, fwd_block_n=64)
+    with pytest.raises(ValueError, match="gluon_load_warps"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_load_warps=3)
+    cfg = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True)
+    q = torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16)
+    assert not triton_impl.gluon_fwd_applies(cfg, False, q)  # a CPU tensor
+    assert not triton_impl.gluon_fwd_applies(dataclasses.replace(cfg, fwd_gluon=False), False, q)
 
 
 def test_bench_launch_overrides_and_summary():

@@ -89,6 +89,19 @@ class LaunchConfig:
     """The forward's pipeline stages under RoPE on the fly (``pe="selected"``; ``fwd_stages``
     otherwise). At paper settings on an H200 (session 13), the RoPE forward took 15-20% less time
     at 3 stages than at 2 (34.8 against 43.7 ms at 64K, 75.4 against 88.9 at 128K)."""
+    fwd_gluon: bool = False
+    """The forward without RoPE on the fly runs the warp-specialized Gluon kernel
+    (``gluon_kernels.ms_attn_fwd_ws_kernel``, sm_90 only): a load partition issues each step's
+    k/v rows by ``cp.async`` into a ring of ``gluon_stages`` slots, and two consumer warpgroups
+    of 64 query rows each score, take the softmax and accumulate on their own, meeting the loads
+    at mbarriers instead of a barrier of all warps every step. Needs ``fwd_block_m`` = 128 and
+    ``fwd_block_n`` 64 or 128; applies to bf16/fp16 inputs of head dim 64 or 128 on a CUDA device
+    of compute capability 9.x (``gluon_fwd_applies``), elsewhere the Triton forward runs."""
+    gluon_stages: int = 2
+    """Ring slots (k and v tiles of ``fwd_block_n`` rows) of the Gluon forward."""
+    gluon_load_warps: int = 4
+    """Warps of the Gluon forward's load partition (a warpgroup: its registers are set per
+    warpgroup)."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -295,7 +308,7 @@ class LaunchConfig:
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
         flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv",
-                 "dkv_tma", "dkv_ws", "region_constexpr")  # fmt: skip
+                 "dkv_tma", "dkv_ws", "region_constexpr", "fwd_gluon")  # fmt: skip
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -334,6 +347,16 @@ class LaunchConfig:
                 "deterministic=True cannot be honoured with dkv_path='atomic' (float atomics add in "
                 "a varying order): choose dkv_path 'auto', 'partial' or 'reverse'"
             )
+        if self.fwd_gluon and (self.fwd_block_m != 128 or self.fwd_block_n not in (64, 128)):
+            raise ValueError(
+                f"fwd_gluon=True needs fwd_block_m=128 (two consumer warpgroups of 64 rows) and "
+                f"fwd_block_n 64 or 128, got {self.fwd_block_m} and {self.fwd_block_n}"
+            )
+        if self.gluon_stages < 1 or self.gluon_load_warps not in (1, 2, 4):
+            raise ValueError(
+                f"gluon_stages must be >= 1 and gluon_load_warps 1, 2 or 4, got {self.gluon_stages} "
+                f"and {self.gluon_load_warps}"
+            )
         if self.dkv_ws and not self.dkv_tma:
             raise ValueError("dkv_ws=True needs dkv_tma=True (warp specialization takes TMA-fed loops)")
         if not self.dkv_partial_gib > 0:
@@ -344,6 +367,7 @@ GPU_CONFIG = LaunchConfig(
     fwd_block_n=128,
     fwd_stages=2,
     region_constexpr=True,
+    fwd_gluon=True,
     dq_block_n=128,
     whole_qk=True,
     rotate_q_once=True,
@@ -375,7 +399,10 @@ pointer loads, the warp-specialized loop 6-16% slower dk/dv (session 12). The re
 into forward and dq (``region_constexpr``) with the forward back at 2 stages: forward + dq 3.6-5.3%
 faster at paper settings and 9-12% faster at (64, 64, 8), 32K-256K, against the previous default in
 one run (session 13); at 3 stages the forward's wgmma were serialized. Under RoPE on the fly the
-forward keeps w at run time and 3 stages (``rope_fwd_stages``): 15-20% less time there."""
+forward keeps w at run time and 3 stages (``rope_fwd_stages``): 15-20% less time there. On
+Hopper the forward without RoPE on the fly is the warp-specialized Gluon kernel (``fwd_gluon``):
+15-20% faster than the Triton forward above in all 8 cases, paper and (64, 64, 8), 32K-256K
+(H200, session 14, one run: paper 64K 18.15 -> 15.42 ms, 428 -> 504 TFLOP/s)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
@@ -894,6 +921,18 @@ def ms_attn_fwd(
     lse = _empty((B, Hq, L), torch.float32, q.device)
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     first = geo.first_tile(start)
+    if gluon_fwd_applies(cfg, rope, q):
+        with launch_settings("ms_attn_fwd_ws_kernel", cfg, "fwd_", "gluon_"):
+            _gluon_fwd()[(geo.n_tiles - first, B * Hq)](
+                q, k, v, o, lse, _idx_arg(idx_sorted),
+                L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
+                start, first, scale * LOG2E,
+                HQ=Hq, HKV=k.shape[2], HS=idx_sorted.shape[1], HEAD_DIM=D, BLOCK_N=cfg.fwd_block_n,
+                STAGES=cfg.gluon_stages, LOAD_WARPS=cfg.gluon_load_warps, LOAD_REGS=GLUON_LOAD_REGS,
+                CONSUMER_REGS=GLUON_CONSUMER_REGS, REGION=cfg.region_const("fwd", rope, region),
+                num_warps=4, maxnreg=GLUON_MAXNREG,
+            )  # fmt: skip
+        return o, lse
     with launch_settings("ms_attn_fwd_kernel", cfg, "fwd_", rope=rope):
         tk.ms_attn_fwd_kernel[(geo.n_tiles - first, B * Hq)](
             q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
@@ -905,6 +944,37 @@ def ms_attn_fwd(
             **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return o, lse
+
+
+GLUON_MAXNREG = 168
+"""Registers per thread the Gluon forward launches with: 12 warps (two consumer warpgroups and
+a load warpgroup) x 32 x 168 fit the 64K registers of an SM; the partitions then move them
+(``setmaxnreg``): the loads down to ``GLUON_LOAD_REGS``, the consumers up to
+``GLUON_CONSUMER_REGS`` (the default partition takes what is left: 232 as well)."""
+GLUON_LOAD_REGS = 40
+GLUON_CONSUMER_REGS = 232
+
+
+def gluon_fwd_applies(config: LaunchConfig, rope: bool, q: Tensor) -> bool:
+    """Whether ``ms_attn_fwd`` runs the Gluon forward: ``config.fwd_gluon``, no RoPE on the fly,
+    q bf16 or fp16 with head dim 64 or 128 on a CUDA device of compute capability 9.x (Hopper),
+    and Triton's CPU interpreter off (Gluon has none)."""
+    return (
+        config.fwd_gluon
+        and not rope
+        and q.is_cuda
+        and not interpreted()
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[-1] in (64, 128)
+        and torch.cuda.get_device_capability(q.device)[0] == 9
+    )
+
+
+def _gluon_fwd():
+    """The Gluon kernel, imported on first use (``triton.experimental.gluon``)."""
+    from . import gluon_kernels
+
+    return gluon_kernels.ms_attn_fwd_ws_kernel
 
 
 def ms_attn_bwd(
@@ -1414,6 +1484,7 @@ def ms_attention_triton(
 __all__ = [
     "DKV_PATHS",
     "GPU_CONFIG",
+    "gluon_fwd_applies",
     "SHALLOW_ITEMS",
     "INTERPRETER_CONFIG",
     "Geometry",

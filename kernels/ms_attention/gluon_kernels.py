@@ -1,0 +1,254 @@
+"""A warp-specialized MS forward for Hopper, written in Triton's Gluon dialect.
+
+The same function as ``triton_kernels.ms_attn_fwd_kernel`` without RoPE on the fly (whole rows,
+``pe="pre"``): each program is one query tile of ``2 * 64`` rows of one head, and its key set is
+the block's selected regions (read by index, never gathered into a copy) and then its own
+segment up to the tile, causally. What differs is the schedule. The Triton kernel's eight warps
+load, multiply and take the softmax in lockstep, meeting at a barrier every key step (Nsight
+Compute, session 13: barrier and wait stalls 39-53% of the samples, one program per SM). Here:
+
+- a *load* partition (``LOAD_WARPS`` warps, few registers) computes each step's key rows (region
+  index -> token) and issues ``cp.async`` copies of their k and v rows into a ring of ``STAGES``
+  shared-memory slots, each copy arriving on the slot's *ready* mbarrier when it lands;
+- two *consumer* partitions, one warpgroup each, own 64 query rows apiece (q in shared memory),
+  and per step wait for the slot, fence (cp.async writes through the generic proxy, wgmma reads
+  through the async proxy), score with one wgmma, take the online softmax in registers,
+  accumulate p v with a second wgmma (p from registers), and release the slot on its *empty*
+  mbarrier. The two consumers never wait for each other, so one's softmax overlaps the other's
+  GEMMs (FlashAttention-3's "ping-pong", left to the warp schedulers).
+
+Rows outside the key set are never read: a padding region or a key past the segment end reads
+token 0 of the head (a valid row) and is masked to -inf in the scores, so no NaN can enter the
+sums. Steps: ``n_sel`` over the selection (the last one masked when partial), then the own
+segment from its first token in steps of BLOCK_N, unmasked up to the tile's first row and masked
+(causally and at the segment end) from there. BLOCK_N divides 128 so that every tile's own
+segment steps start at the segment start.
+
+Compiled for sm_90 only (Gluon has no interpreter); ``triton_impl.ms_attn_fwd`` runs it with
+``LaunchConfig.fwd_gluon`` on a CUDA device of compute capability 9.x.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+ROWS = gl.constexpr(64)
+# Names that moved between Triton 3.6 (the GPU image's) and 3.9.
+_partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+_cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+"""Query rows per consumer warpgroup (one wgmma's M)."""
+
+
+@gluon.jit
+def _slot(i, STAGES: gl.constexpr):
+    """Step i -> (its ring slot, the parity of the slot's current use)."""
+    return i % STAGES, (i // STAGES) & 1
+
+
+@gluon.jit
+def _load_step(K, V, k_bufs, v_bufs, ready, empty, i, tok, kv_off, kv_stride, offs_d, STAGES: gl.constexpr):
+    """Copy the k and v rows `tok` ([BLOCK_N]) of step i into its slot once the slot is free."""
+    s, phase = _slot(i, STAGES)
+    mbarrier.wait(empty.index(s), phase ^ 1)  # a fresh barrier passes parity 1 at once
+    rows = kv_off + tok.to(gl.int64)[:, None] * kv_stride + offs_d[None, :]
+    _cp_async(k_bufs.index(s), K + rows)
+    _cp_async(v_bufs.index(s), V + rows)
+    # Every load thread arrives once its own copies have landed (count = load threads).
+    async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+
+
+@gluon.jit
+def _load_partition(
+    K, V, sel, k_bufs, v_bufs, ready, empty, kv_off, kv_stride, L, W, S, sel_len, seg_lo, n_seg,
+    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
+):  # fmt: skip
+    """The producer: the selection's steps, then the own segment's."""
+    VEC: gl.constexpr = 8  # 16-byte copies of bf16/fp16
+    TD: gl.constexpr = HEAD_DIM // VEC
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [LOAD_WARPS, 1], [1, 0])
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    n_sel = gl.cdiv(sel_len, BLOCK_N)
+    for i in range(n_sel):
+        flat = i * BLOCK_N + offs_n
+        rank = flat // W
+        region = gl.load(sel + rank, mask=rank < S, other=-1)
+        tok = gl.where(region >= 0, region * W + (flat - rank * W), 0)
+        _load_step(K, V, k_bufs, v_bufs, ready, empty, i, tok, kv_off, kv_stride, offs_d, STAGES)
+    for j in range(n_seg):
+        tok = seg_lo + j * BLOCK_N + offs_n
+        tok = gl.where(tok < L, tok, 0)
+        _load_step(K, V, k_bufs, v_bufs, ready, empty, n_sel + j, tok, kv_off, kv_stride, offs_d, STAGES)
+
+
+@gluon.jit
+def _consume_step(
+    acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, MASKED: gl.constexpr,
+    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr, p_layout: gl.constexpr,
+):  # fmt: skip
+    """One online-softmax step of a consumer over slot i's keys; `allowed` [ROWS, BLOCK_N]."""
+    s, phase = _slot(i, STAGES)
+    mbarrier.wait(ready.index(s), phase)
+    fence_async_shared()
+    k = k_bufs.index(s)
+    v = v_bufs.index(s)
+    qk = warpgroup_mma(q_buf, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, mma), use_acc=False,
+                       is_async=True)  # fmt: skip
+    qk = warpgroup_mma_wait(0, deps=(qk,))
+    if MASKED:
+        qk = gl.where(allowed, qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+    p = gl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    p = gl.convert_layout(p.to(v.dtype), p_layout)
+    acc = warpgroup_mma(p, v, acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(empty.index(s), count=1)
+    return acc, m_new, l_i
+
+
+@gluon.jit
+def _consumer_partition(
+    Q, O, LSE, q_bufs, k_bufs, v_bufs, ready, empty, q_off, q_stride, lse_off, lo, hi, q_start, sel_len, seg_lo,
+    qk_scale, PART: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """A consumer: query rows [lo + PART*64, +64) of the tile, over every step of the key set."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    VEC: gl.constexpr = 8
+    TD: gl.constexpr = HEAD_DIM // VEC
+    io: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [4, 1], [1, 0])
+
+    rows_io = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io))
+    d_io = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
+    ok_io = (rows_io >= q_start) & (rows_io < hi)
+    q_ptrs = Q + q_off + rows_io.to(gl.int64)[:, None] * q_stride + d_io[None, :]
+    q_buf = q_bufs.index(PART)
+    q_buf.store(gl.load(q_ptrs, mask=ok_io[:, None], other=0.0))
+    fence_async_shared()
+    _partition_barrier()  # the warpgroup's wgmma reads all four warps' rows
+
+    rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    # m_i starts finite so that a step whose keys are all masked yields no NaN.
+    m_i = gl.full([ROWS], -1.0e30, gl.float32, gl.SliceLayout(1, mma))
+    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, mma)
+    none = offs_n[None, :] < BLOCK_N  # an unused mask of the right layout for unmasked steps
+
+    whole = sel_len // BLOCK_N
+    n_sel = gl.cdiv(sel_len, BLOCK_N)
+    for i in range(whole):
+        acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False,
+                                      STAGES, BLOCK_N, mma, p_layout)  # fmt: skip
+    for i in range(whole, n_sel):  # the selection's partial last step
+        allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
+        acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale,
+                                      True, STAGES, BLOCK_N, mma, p_layout)  # fmt: skip
+    n_before = (lo - seg_lo) // BLOCK_N
+    for j in range(n_before):  # own segment before the tile
+        acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none,
+                                      qk_scale, False, STAGES, BLOCK_N, mma, p_layout)  # fmt: skip
+    for j in range(n_before, n_before + gl.cdiv(hi - lo, BLOCK_N)):  # the diagonal steps
+        tok = seg_lo + j * BLOCK_N + offs_n
+        allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
+        acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed,
+                                      qk_scale, True, STAGES, BLOCK_N, mma, p_layout)  # fmt: skip
+
+    row_ok = (rows >= q_start) & (rows < hi)
+    l_safe = gl.where(row_ok, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
+    o_ptrs = O + q_off + rows.to(gl.int64)[:, None] * q_stride + d[None, :]
+    gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
+    gl.store(LSE + lse_off + rows, lse, mask=row_ok)
+
+
+@gluon.jit
+def _sel_len(sel, g, S, W, num_warps: gl.constexpr):
+    """Tokens of block g's valid selected regions (0 in the prefix, g = -1)."""
+    CHUNK: gl.constexpr = 32 * num_warps
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    offs = gl.arange(0, CHUNK, layout=layout)
+    count = g * 0
+    for r in range(0, gl.where(g >= 0, S, 0), CHUNK):
+        region = gl.load(sel + r + offs, mask=r + offs < S, other=-1)
+        count += gl.sum((region >= 0).to(gl.int32), 0)
+    return count * W
+
+
+@gluon.jit
+def ms_attn_fwd_ws_kernel(
+    Q, K, V, O, LSE, IDX, L, P, W, M, S, G, n_pre_tiles, tiles_per_block, q_start, first_tile, qk_scale,
+    HQ: gl.constexpr, HKV: gl.constexpr, HS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    REGION: gl.constexpr = 0, num_warps: gl.constexpr = 4,
+):  # fmt: skip
+    """Grid (query tiles of 128 rows from `first_tile`, B*HQ), 4 warps (the first consumer) plus
+    the second consumer's warpgroup and the load warps. Writes what ``ms_attn_fwd_kernel`` writes."""
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    gl.static_assert(128 % BLOCK_N == 0, "BLOCK_N must divide the 128-row tile")
+    BLOCK_M: gl.constexpr = 2 * ROWS
+    if REGION > 0:
+        W = REGION
+    bh = gl.program_id(1)
+    tile = gl.program_id(0) + first_tile
+    b = bh // HQ
+    h = bh % HQ
+    hkv = h // (HQ // HKV)
+    hs = h // (HQ // HS)
+    # The tile's segment (as triton_kernels._segment): the dense prefix or block g.
+    pre = tile < n_pre_tiles
+    rel = gl.maximum(tile - n_pre_tiles, 0)
+    blk = rel // gl.maximum(tiles_per_block, 1)
+    blk_lo = P + blk * M * W
+    g = gl.where(pre, -1, blk)
+    seg_lo = gl.where(pre, 0, blk_lo)
+    seg_hi = gl.where(pre, P, gl.minimum(blk_lo + M * W, L))
+    lo = gl.where(pre, tile * BLOCK_M, blk_lo + (rel - blk * tiles_per_block) * BLOCK_M)
+    hi = gl.minimum(lo + BLOCK_M, seg_hi)
+    q_stride = HQ * HEAD_DIM
+    kv_stride = HKV * HEAD_DIM
+    q_off = b.to(gl.int64) * L * q_stride + h * HEAD_DIM
+    kv_off = b.to(gl.int64) * L * kv_stride + hkv * HEAD_DIM
+    lse_off = bh.to(gl.int64) * L
+    sel = IDX + ((b * HS + hs).to(gl.int64) * G + gl.maximum(g, 0)) * S
+    sel_len = _sel_len(sel, g, S, W, num_warps)
+    n_seg = (lo - seg_lo) // BLOCK_N + gl.cdiv(hi - lo, BLOCK_N)
+
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
+    q_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=32 * LOAD_WARPS)
+        mbarrier.init(empty.index(s), count=2)
+
+    gl.warp_specialize(
+        [
+            (_consumer_partition, (Q, O, LSE, q_bufs, k_bufs, v_bufs, ready, empty, q_off, q_stride, lse_off, lo, hi,
+                                   q_start, sel_len, seg_lo, qk_scale, 0, BLOCK_N, HEAD_DIM, STAGES)),
+            (_consumer_partition, (Q, O, LSE, q_bufs, k_bufs, v_bufs, ready, empty, q_off, q_stride, lse_off, lo, hi,
+                                   q_start, sel_len, seg_lo, qk_scale, 1, BLOCK_N, HEAD_DIM, STAGES)),
+            (_load_partition, (K, V, sel, k_bufs, v_bufs, ready, empty, kv_off, kv_stride, L, W, S, sel_len, seg_lo,
+                               n_seg, BLOCK_N, HEAD_DIM, STAGES, LOAD_WARPS)),
+        ],
+        [4, LOAD_WARPS],
+        [CONSUMER_REGS, LOAD_REGS],
+    )  # fmt: skip
