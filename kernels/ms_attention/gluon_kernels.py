@@ -92,7 +92,7 @@ def _load_partition(
 @gluon.jit
 def _consume_step(
     acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, MASKED: gl.constexpr,
-    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, mma: gl.constexpr, p_layout: gl.constexpr,
+    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_mma: gl.constexpr, o_mma: gl.constexpr,
 ):  # fmt: skip
     """One online-softmax step of a consumer over slot i's keys; `allowed` [ROWS, BLOCK_N]."""
     s, phase = _slot(i, STAGES)
@@ -100,7 +100,7 @@ def _consume_step(
     fence_async_shared()
     k = k_bufs.index(s)
     v = v_bufs.index(s)
-    qk = warpgroup_mma(q_buf, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, mma), use_acc=False,
+    qk = warpgroup_mma(q_buf, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
                        is_async=True)  # fmt: skip
     qk = warpgroup_mma_wait(0, deps=(qk,))
     if MASKED:
@@ -109,8 +109,8 @@ def _consume_step(
     p = gl.exp2(qk * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    p = gl.convert_layout(p.to(v.dtype), p_layout)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_mma))[:, None]
+    p = gl.convert_layout(p.to(v.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2))
     acc = warpgroup_mma(p, v, acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(empty.index(s), count=1)
@@ -123,9 +123,11 @@ def _consumer_partition(
     qk_scale, PART: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
 ):  # fmt: skip
     """A consumer: query rows [lo + PART*64, +64) of the tile, over every step of the key set."""
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, BLOCK_N, 16])  # fmt: skip
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    # The scores' wgmma is ROWS x BLOCK_N, the accumulator's ROWS x HEAD_DIM (p from registers).
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
     VEC: gl.constexpr = 8
     TD: gl.constexpr = HEAD_DIM // VEC
     io: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [4, 1], [1, 0])
@@ -139,41 +141,43 @@ def _consumer_partition(
     fence_async_shared()
     _partition_barrier()  # the warpgroup's wgmma reads all four warps' rows
 
-    rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma))
-    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma))
+    rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma))
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_mma))
     # m_i starts finite so that a step whose keys are all masked yields no NaN.
-    m_i = gl.full([ROWS], -1.0e30, gl.float32, gl.SliceLayout(1, mma))
-    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, mma))
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, mma)
+    m_i = gl.full([ROWS], -1.0e30, gl.float32, gl.SliceLayout(1, s_mma))
+    l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_mma))
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     none = offs_n[None, :] < BLOCK_N  # an unused mask of the right layout for unmasked steps
 
     whole = sel_len // BLOCK_N
     n_sel = gl.cdiv(sel_len, BLOCK_N)
     for i in range(whole):
         acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False,
-                                      STAGES, BLOCK_N, mma, p_layout)  # fmt: skip
+                                      STAGES, BLOCK_N, s_mma, o_mma)  # fmt: skip
     for i in range(whole, n_sel):  # the selection's partial last step
         allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
         acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale,
-                                      True, STAGES, BLOCK_N, mma, p_layout)  # fmt: skip
+                                      True, STAGES, BLOCK_N, s_mma, o_mma)  # fmt: skip
     n_before = (lo - seg_lo) // BLOCK_N
     for j in range(n_before):  # own segment before the tile
         acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none,
-                                      qk_scale, False, STAGES, BLOCK_N, mma, p_layout)  # fmt: skip
+                                      qk_scale, False, STAGES, BLOCK_N, s_mma, o_mma)  # fmt: skip
     for j in range(n_before, n_before + gl.cdiv(hi - lo, BLOCK_N)):  # the diagonal steps
         tok = seg_lo + j * BLOCK_N + offs_n
         allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
         acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed,
-                                      qk_scale, True, STAGES, BLOCK_N, mma, p_layout)  # fmt: skip
+                                      qk_scale, True, STAGES, BLOCK_N, s_mma, o_mma)  # fmt: skip
 
     row_ok = (rows >= q_start) & (rows < hi)
     l_safe = gl.where(row_ok, l_i, 1.0)
-    o = acc / l_safe[:, None]
-    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, mma))
-    o_ptrs = O + q_off + rows.to(gl.int64)[:, None] * q_stride + d[None, :]
-    gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_ok[:, None])
     lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
     gl.store(LSE + lse_off + rows, lse, mask=row_ok)
+    o = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_mma))[:, None]
+    o_rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
+    o_ok = (o_rows >= q_start) & (o_rows < hi)
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+    o_ptrs = O + q_off + o_rows.to(gl.int64)[:, None] * q_stride + d[None, :]
+    gl.store(o_ptrs, o.to(O.dtype.element_ty), mask=o_ok[:, None])
 
 
 @gluon.jit
