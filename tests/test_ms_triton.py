@@ -145,10 +145,11 @@ def deterministic_algorithms(on: bool):
 @contextlib.contextmanager
 def launch(**overrides):
     """The kernels' launch configs (GPU and interpreter) with ``overrides`` for the block; the
-    interpreter's without ``fwd_gluon`` (Gluon has no interpreter, and its tiles are not 16 rows)."""
+    interpreter's without ``fwd_gluon``, ``dq_gluon`` (Gluon has no interpreter, and its tiles are
+    not 16 rows)."""
     saved = triton_impl.GPU_CONFIG, triton_impl.INTERPRETER_CONFIG
     triton_impl.GPU_CONFIG = dataclasses.replace(saved[0], **overrides)
-    interpreter = {name: value for name, value in overrides.items() if name != "fwd_gluon"}
+    interpreter = {name: value for name, value in overrides.items() if name not in ("fwd_gluon", "dq_gluon")}
     triton_impl.INTERPRETER_CONFIG = dataclasses.replace(saved[1], **interpreter)
     try:
         yield
@@ -174,6 +175,7 @@ def dkv_mode(mode: str):
         "ws": "dkv_ws",
         "region": "region_constexpr",
         "gluon": "fwd_gluon",
+        "gluondq": "dq_gluon",
     }
     if extras:
         with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
@@ -1229,9 +1231,11 @@ GPU_CASES = [
     ("L5000-gqa1-w64-head-reverse-tma", (1, 5000, 4, 4, 128), 64, 16, 2, "head", "pre", "reverse+whole+tma"),
     ("L4133-gqa4-w16-head-atomic-region", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+region"),
     ("L2500-gqa3-w20-rope-head-region", (1, 2500, 6, 2, 128), 20, 48, 16, "head", "selected", "flag+region"),
-    ("L4133-gqa4-w16-head-gluon", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole+region+gluon"),
+    ("L4133-gqa4-w16-gluon", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole+region+gluon"),
     ("L5000-gqa1-w64-group-gluon", (1, 5000, 4, 4, 128), 64, 16, 2, "group", "pre", "reverse+whole+gluon"),
     ("L3001-gqa2-w20-d64-gluon", (2, 3001, 4, 2, 64), 20, 40, 6, "head", "pre", "partial+region+gluon"),
+    ("L4133-gqa4-w16-gluondq", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole+region+gluondq"),
+    ("L3001-gqa2-w20-d64-gluondq", (2, 3001, 4, 2, 64), 20, 40, 6, "group", "pre", "reverse+gluondq"),
 ]
 
 
@@ -1307,29 +1311,40 @@ def test_gpu_dkv_tma_same_bits(dkv, start):
      ((2, 3001, 4, 4, 64), 64, 16, 2, 2100)],
     ids=["L4133-w16-start1000", "L20000-paper-settings", "L3001-w64-d64-start2100"],
 )  # fmt: skip
-def test_gpu_gluon_forward_matches_triton_forward(shape, region, budget, merge, start):
-    """The warp-specialized Gluon forward (``fwd_gluon``) against the Triton forward on the same
-    selection: o within 2^-7 of its largest element (one bf16 rounding, different float32 sums),
-    lse within 1e-3; from a ``start`` inside a block the rows before it stay unwritten (NaN
-    poison) and q's NaN rows there are never read. Skipped off Hopper (the kernel is sm_90)."""
+def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, start):
+    """The warp-specialized Gluon forward (``fwd_gluon``) and dq (``dq_gluon``) against the
+    Triton kernels on the same selection: o and dq within 2^-7 of their largest element (one
+    bf16 rounding, different float32 sums), lse within 1e-3; from a ``start`` inside a block the
+    rows before it stay unwritten (NaN poison; dq: zero) and the NaN rows of q and do there are
+    never read. Skipped off Hopper (the kernels are sm_90)."""
     if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon forward is compiled for sm_90")
-    q, k, v, _ = (x.bfloat16() for x in _inputs(*shape, dtype=torch.float32, device="cuda", seed=17))
+        pytest.skip("the Gluon kernels are compiled for sm_90")
+    q, k, v, do = (x.bfloat16() for x in _inputs(*shape, dtype=torch.float32, device="cuda", seed=17))
     q[:, :start] = float("nan")
+    do[:, :start] = float("nan")
     idx = triton_impl.sort_selection(
         ms_select_torch(q.nan_to_num(), k, region=region, budget=budget, merge=merge, scope="head")
     )
     opts = dict(region=region, budget=budget, merge=merge, rope=False, inv_freq=None, scale=shape[-1] ** -0.5,
                 start=start)  # fmt: skip
-    base = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=False)
-    assert triton_impl.gluon_fwd_applies(dataclasses.replace(base, fwd_gluon=True), False, q)
+    base = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=False, dq_gluon=False)
+    gluon = dataclasses.replace(base, fwd_gluon=True, dq_gluon=True)
+    assert triton_impl.gluon_fwd_applies(gluon, False, q)
+    assert triton_impl.gluon_fwd_applies(gluon, False, q, "dq")
     o_ref, lse_ref = triton_impl.ms_attn_fwd(q, k, v, idx, config=base, **opts)  # outputs NaN-poisoned
-    o, lse = triton_impl.ms_attn_fwd(q, k, v, idx, config=dataclasses.replace(base, fwd_gluon=True), **opts)
+    o, lse = triton_impl.ms_attn_fwd(q, k, v, idx, config=gluon, **opts)
     assert o[:, :start].isnan().all() and lse[..., :start].isnan().all()
     assert not o[:, start:].isnan().any() and not lse[..., start:].isnan().any()
     err = (o[:, start:].float() - o_ref[:, start:].float()).abs().max().item()
     assert err <= 2**-7 * o_ref[:, start:].float().abs().max().item(), err
     torch.testing.assert_close(lse[..., start:], lse_ref[..., start:], rtol=0, atol=1e-3)
+
+    delta = triton_impl.bwd_preprocess(o_ref, do, start)
+    dq_ref = triton_impl.bwd_dq(do, q, k, v, lse_ref, delta, idx, config=base, **opts)
+    dq = triton_impl.bwd_dq(do, q, k, v, lse_ref, delta, idx, config=gluon, **opts)
+    assert (dq[:, :start] == 0).all() and not dq[:, start:].isnan().any()
+    err = (dq[:, start:].float() - dq_ref[:, start:].float()).abs().max().item()
+    assert err <= 2**-7 * dq_ref[:, start:].float().abs().max().item(), err
 
 
 # The fused selection at real sizes. Integer inputs (w a power of two, so every representative
@@ -1645,32 +1660,33 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
 
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
-@pytest.mark.parametrize("block_n, stages", [(128, 2), (64, 4)])
-def test_gluon_forward_compiles_for_h100(block_n, stages):
-    """The Gluon forward compiles for sm_90 without a GPU, with the installed Triton, at the
-    paper's shape: its load partition copies by ``cp.async`` and arrives on the slots' mbarriers
-    when the copies land, the partitions move registers (``setmaxnreg``), the consumers' wgmma
-    stay asynchronous (at most one wait per four HGMMA) and the ring fits an H100's shared
-    memory."""
+@pytest.mark.parametrize(
+    "kernel, block_n, stages", [("fwd", 128, 2), ("fwd", 64, 4), ("dq", 128, 2), ("dq", 64, 3)]
+)
+def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
+    """The Gluon forward and dq compile for sm_90 without a GPU, with the installed Triton, at
+    the paper's shape: the load partition copies by ``cp.async`` and arrives on the slots'
+    mbarriers when the copies land, the partitions move registers (``setmaxnreg``), the
+    consumers' wgmma stay asynchronous (at most one wait per four HGMMA) and the buffers fit an
+    H100's shared memory."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from ctxlab.kernels.ms_attention import gluon_kernels
 
-    cfg = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True, fwd_block_n=block_n, gluon_stages=stages)
-    sig = {name: "*fp32" if name == "LSE" else "*bf16" for name in ("Q", "K", "V", "O", "LSE")}
+    tensors = ("Q", "K", "V", "O", "LSE") if kernel == "fwd" else ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA")
+    sig = {name: "*fp32" if name in ("LSE", "DELTA") else "*bf16" for name in tensors}
     sig |= dict(IDX="*i32")
     sig |= dict.fromkeys(("L", "P", "W", "M", "S", "G", "n_pre_tiles", "tiles_per_block", "q_start",
                           "first_tile"), "i32")  # fmt: skip
-    sig |= dict(qk_scale="fp32")
-    consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_N=cfg.fwd_block_n, STAGES=cfg.gluon_stages,
-                  LOAD_WARPS=cfg.gluon_load_warps, LOAD_REGS=triton_impl.GLUON_LOAD_REGS,
-                  CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS, REGION=cfg.region_const("fwd", False, 16),
-                  num_warps=4)  # fmt: skip
+    sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
+    consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_N=block_n, STAGES=stages,
+                  LOAD_WARPS=triton_impl.GPU_CONFIG.gluon_load_warps, LOAD_REGS=triton_impl.GLUON_LOAD_REGS,
+                  CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS, REGION=16, num_warps=4)  # fmt: skip
+    fn = gluon_kernels.ms_attn_fwd_ws_kernel if kernel == "fwd" else gluon_kernels.ms_attn_bwd_dq_ws_kernel
     divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
     compiled = _compile_for_h100(
-        gluon_kernels.ms_attn_fwd_ws_kernel, sig, consts, divisible, source=GluonASTSource, num_warps=4,
-        maxnreg=triton_impl.GLUON_MAXNREG,
-    )  # fmt: skip
+        fn, sig, consts, divisible, source=GluonASTSource, num_warps=4, maxnreg=triton_impl.GLUON_MAXNREG
+    )
     ptx, sass = compiled.asm["ptx"], _sass(compiled)
     assert "cp.async.mbarrier.arrive.noinc" in ptx and "setmaxnreg" in ptx
     hgmma, waits = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
@@ -1690,17 +1706,20 @@ def test_h100_guard_sees_the_launch_the_h200_refused():
     assert _compile_attention_for_h100("dq", cfg, rope=True).metadata.shared > H100_SHARED_BYTES
 
 
-def test_gluon_forward_applies_only_where_it_compiles():
-    """``fwd_gluon`` checks its tiles when the config is built, and the launch takes the Gluon
-    forward only without RoPE on the fly, on a CUDA tensor of a Hopper GPU: elsewhere (here: CPU
-    tensors, the interpreter) the Triton forward runs."""
+def test_gluon_kernels_apply_only_where_they_compile():
+    """``fwd_gluon`` and ``dq_gluon`` check their tiles when the config is built, and the launch
+    takes a Gluon kernel only without RoPE on the fly, on a CUDA tensor of a Hopper GPU: elsewhere
+    (here: CPU tensors, the interpreter) the Triton kernel runs."""
     with pytest.raises(ValueError, match="fwd_gluon=True needs fwd_block_m=128"):
         dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True, fwd_block_m=64, fwd_block_n=64)
+    with pytest.raises(ValueError, match="dq_gluon=True needs dq_block_m=128"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, dq_gluon=True, dq_block_n=32)
     with pytest.raises(ValueError, match="gluon_load_warps"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_load_warps=3)
     cfg = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True)
     q = torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16)
     assert not triton_impl.gluon_fwd_applies(cfg, False, q)  # a CPU tensor
+    assert not triton_impl.gluon_fwd_applies(dataclasses.replace(cfg, dq_gluon=True), False, q, "dq")
     assert not triton_impl.gluon_fwd_applies(dataclasses.replace(cfg, fwd_gluon=False), False, q)
 
 

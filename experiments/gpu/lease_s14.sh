@@ -19,8 +19,13 @@
 #           7B LoRA+ step at 64K and 128K, S2 and MS; GPU 1: the forward's Gluon settings (3 slots,
 #           1 or 2 load warps) at paper and (64, 64, 8) 64K-128K, the selection GPU tests call 2's
 #           time limit cut, then the deterministic mode at paper settings  -> OUT/s14c/
+#   call 4  carry [.whl/core]   CTXLAB_CALL_SECONDS=230 bash experiments/gpu/lease_s14.sh 4
+#           the Gluon dq kernel (dq_gluon) for the first time. GPU 0: the Gluon GPU tests (forward
+#           and dq against the Triton kernels, bf16 error cases), then the dq stage sweep at paper
+#           64K-128K; GPU 1: the dq stage sweep at paper 32K and (64, 64, 8) 32K-128K: base, dq_gluon
+#           at 128-key steps and 2 slots, at 64-key steps and 3 slots  -> OUT/s14d.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s14.sh 1|2|3}
+CALL=${1:?usage: lease_s14.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 R=$OUT/s14
 mkdir -p "$R"
@@ -86,5 +91,27 @@ case $CALL in
     tail -n 4 "$R"/gpu_tests_*.log; grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-250
     grep -h -A10 '^| case' "$R"/*.md | head -30
     ;;
-  *) echo "lease_s14.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  4)
+    R=$OUT/s14d; mkdir -p "$R"
+    V="base;dq_gluon=true;dq_gluon=true+dq_block_n=64+gluon_dq_stages=3"
+    (
+      CUDA_VISIBLE_DEVICES=0 timeout 110 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+        -k gluon > "$R/gpu_tests_gluon.log" 2>&1
+      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
+        --lengths 64K,128K --stages dq --variants "$V" --out "$R" \
+        --stem "stage_sweep_$(date -u +%F)_${card}_s14_gluon_dq_paper" > "$R/sweep_dq_paper.log" 2>&1
+    ) &
+    (
+      CUDA_VISIBLE_DEVICES=1 timeout 60 python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
+        --lengths 32K --stages dq --variants "$V" --out "$R" \
+        --stem "stage_sweep_$(date -u +%F)_${card}_s14_gluon_dq_paper32k" > "$R/sweep_dq_paper32k.log" 2>&1
+      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting sparse \
+        --lengths 32K,64K,128K --stages dq --variants "$V" --out "$R" \
+        --stem "stage_sweep_$(date -u +%F)_${card}_s14_gluon_dq_sparse" > "$R/sweep_dq_sparse.log" 2>&1
+    ) &
+    wait
+    tail -n 6 "$R/gpu_tests_gluon.log"; grep -h -A12 '^| case' "$R"/*.md
+    tar -czf "$OUT/s14d.tgz" -C "$OUT" s14d && rm -rf "$R"
+    ;;
+  *) echo "lease_s14.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac

@@ -67,9 +67,26 @@ def _load_step(K, V, k_bufs, v_bufs, ready, empty, i, tok, kv_off, kv_stride, of
 
 @gluon.jit
 def _load_partition(
-    K, V, sel, k_bufs, v_bufs, ready, empty, kv_off, kv_stride, L, W, S, sel_len, seg_lo, n_seg,
-    BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr,
-):  # fmt: skip
+    K,
+    V,
+    sel,
+    k_bufs,
+    v_bufs,
+    ready,
+    empty,
+    kv_off,
+    kv_stride,
+    L,
+    W,
+    S,
+    sel_len,
+    seg_lo,
+    n_seg,
+    BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+    LOAD_WARPS: gl.constexpr,
+):
     """The producer: the selection's steps, then the own segment's."""
     VEC: gl.constexpr = 8  # 16-byte copies of bf16/fp16
     TD: gl.constexpr = HEAD_DIM // VEC
@@ -91,17 +108,32 @@ def _load_partition(
 
 @gluon.jit
 def _consume_step(
-    acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, MASKED: gl.constexpr,
-    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_mma: gl.constexpr, o_mma: gl.constexpr,
-):  # fmt: skip
+    acc,
+    m_i,
+    l_i,
+    q_buf,
+    k_bufs,
+    v_bufs,
+    ready,
+    empty,
+    i,
+    allowed,
+    qk_scale,
+    MASKED: gl.constexpr,
+    STAGES: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    s_mma: gl.constexpr,
+    o_mma: gl.constexpr,
+):
     """One online-softmax step of a consumer over slot i's keys; `allowed` [ROWS, BLOCK_N]."""
     s, phase = _slot(i, STAGES)
     mbarrier.wait(ready.index(s), phase)
     fence_async_shared()
     k = k_bufs.index(s)
     v = v_bufs.index(s)
-    qk = warpgroup_mma(q_buf, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
-                       is_async=True)  # fmt: skip
+    qk = warpgroup_mma(
+        q_buf, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False, is_async=True
+    )
     qk = warpgroup_mma_wait(0, deps=(qk,))
     if MASKED:
         qk = gl.where(allowed, qk, float("-inf"))
@@ -119,25 +151,38 @@ def _consume_step(
 
 @gluon.jit
 def _consumer_partition(
-    Q, O, LSE, q_bufs, k_bufs, v_bufs, ready, empty, q_off, q_stride, lse_off, lo, hi, q_start, sel_len, seg_lo,
-    qk_scale, PART: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-):  # fmt: skip
+    Q,
+    O,
+    LSE,
+    q_bufs,
+    k_bufs,
+    v_bufs,
+    ready,
+    empty,
+    q_off,
+    q_stride,
+    lse_off,
+    lo,
+    hi,
+    q_start,
+    sel_len,
+    seg_lo,
+    qk_scale,
+    PART: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+):
     """A consumer: query rows [lo + PART*64, +64) of the tile, over every step of the key set."""
     # The scores' wgmma is ROWS x BLOCK_N, the accumulator's ROWS x HEAD_DIM (p from registers).
-    s_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, BLOCK_N, 16])  # fmt: skip
-    o_mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
-    VEC: gl.constexpr = 8
-    TD: gl.constexpr = HEAD_DIM // VEC
-    io: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [4, 1], [1, 0])
-
-    rows_io = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io))
-    d_io = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
-    ok_io = (rows_io >= q_start) & (rows_io < hi)
-    q_ptrs = Q + q_off + rows_io.to(gl.int64)[:, None] * q_stride + d_io[None, :]
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
     q_buf = q_bufs.index(PART)
-    q_buf.store(gl.load(q_ptrs, mask=ok_io[:, None], other=0.0))
+    _rows_to_shared(Q, q_buf, q_off, q_stride, lo, hi, q_start, PART, HEAD_DIM)
     fence_async_shared()
     _partition_barrier()  # the warpgroup's wgmma reads all four warps' rows
 
@@ -152,21 +197,85 @@ def _consumer_partition(
     whole = sel_len // BLOCK_N
     n_sel = gl.cdiv(sel_len, BLOCK_N)
     for i in range(whole):
-        acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False,
-                                      STAGES, BLOCK_N, s_mma, o_mma)  # fmt: skip
+        acc, m_i, l_i = _consume_step(
+            acc,
+            m_i,
+            l_i,
+            q_buf,
+            k_bufs,
+            v_bufs,
+            ready,
+            empty,
+            i,
+            none,
+            qk_scale,
+            False,
+            STAGES,
+            BLOCK_N,
+            s_mma,
+            o_mma,
+        )
     for i in range(whole, n_sel):  # the selection's partial last step
         allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
-        acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale,
-                                      True, STAGES, BLOCK_N, s_mma, o_mma)  # fmt: skip
+        acc, m_i, l_i = _consume_step(
+            acc,
+            m_i,
+            l_i,
+            q_buf,
+            k_bufs,
+            v_bufs,
+            ready,
+            empty,
+            i,
+            allowed,
+            qk_scale,
+            True,
+            STAGES,
+            BLOCK_N,
+            s_mma,
+            o_mma,
+        )
     n_before = (lo - seg_lo) // BLOCK_N
     for j in range(n_before):  # own segment before the tile
-        acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none,
-                                      qk_scale, False, STAGES, BLOCK_N, s_mma, o_mma)  # fmt: skip
+        acc, m_i, l_i = _consume_step(
+            acc,
+            m_i,
+            l_i,
+            q_buf,
+            k_bufs,
+            v_bufs,
+            ready,
+            empty,
+            n_sel + j,
+            none,
+            qk_scale,
+            False,
+            STAGES,
+            BLOCK_N,
+            s_mma,
+            o_mma,
+        )
     for j in range(n_before, n_before + gl.cdiv(hi - lo, BLOCK_N)):  # the diagonal steps
         tok = seg_lo + j * BLOCK_N + offs_n
         allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
-        acc, m_i, l_i = _consume_step(acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed,
-                                      qk_scale, True, STAGES, BLOCK_N, s_mma, o_mma)  # fmt: skip
+        acc, m_i, l_i = _consume_step(
+            acc,
+            m_i,
+            l_i,
+            q_buf,
+            k_bufs,
+            v_bufs,
+            ready,
+            empty,
+            n_sel + j,
+            allowed,
+            qk_scale,
+            True,
+            STAGES,
+            BLOCK_N,
+            s_mma,
+            o_mma,
+        )
 
     row_ok = (rows >= q_start) & (rows < hi)
     l_safe = gl.where(row_ok, l_i, 1.0)
@@ -194,26 +303,35 @@ def _sel_len(sel, g, S, W, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def ms_attn_fwd_ws_kernel(
-    Q, K, V, O, LSE, IDX, L, P, W, M, S, G, n_pre_tiles, tiles_per_block, q_start, first_tile, qk_scale,
-    HQ: gl.constexpr, HKV: gl.constexpr, HS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, LOAD_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    REGION: gl.constexpr = 0, num_warps: gl.constexpr = 4,
-):  # fmt: skip
-    """Grid (query tiles of 128 rows from `first_tile`, B*HQ), 4 warps (the first consumer) plus
-    the second consumer's warpgroup and the load warps. Writes what ``ms_attn_fwd_kernel`` writes."""
-    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-    gl.static_assert(128 % BLOCK_N == 0, "BLOCK_N must divide the 128-row tile")
+def _tile(
+    IDX,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_pre_tiles,
+    tiles_per_block,
+    first_tile,
+    HQ: gl.constexpr,
+    HKV: gl.constexpr,
+    HS: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    """Where program (tile, b*HQ + h) works (as ``triton_kernels._query_tile``): rows [lo, hi) of
+    the segment starting at seg_lo (the dense prefix or block g), the q and k/v row offsets of its
+    heads, its lse row, its block's selection row, the selection's tokens and the own segment's
+    steps."""
     BLOCK_M: gl.constexpr = 2 * ROWS
-    if REGION > 0:
-        W = REGION
     bh = gl.program_id(1)
     tile = gl.program_id(0) + first_tile
     b = bh // HQ
     h = bh % HQ
     hkv = h // (HQ // HKV)
     hs = h // (HQ // HS)
-    # The tile's segment (as triton_kernels._segment): the dense prefix or block g.
     pre = tile < n_pre_tiles
     rel = gl.maximum(tile - n_pre_tiles, 0)
     blk = rel // gl.maximum(tiles_per_block, 1)
@@ -223,19 +341,26 @@ def ms_attn_fwd_ws_kernel(
     seg_hi = gl.where(pre, P, gl.minimum(blk_lo + M * W, L))
     lo = gl.where(pre, tile * BLOCK_M, blk_lo + (rel - blk * tiles_per_block) * BLOCK_M)
     hi = gl.minimum(lo + BLOCK_M, seg_hi)
-    q_stride = HQ * HEAD_DIM
-    kv_stride = HKV * HEAD_DIM
-    q_off = b.to(gl.int64) * L * q_stride + h * HEAD_DIM
-    kv_off = b.to(gl.int64) * L * kv_stride + hkv * HEAD_DIM
+    q_off = b.to(gl.int64) * L * (HQ * HEAD_DIM) + h * HEAD_DIM
+    kv_off = b.to(gl.int64) * L * (HKV * HEAD_DIM) + hkv * HEAD_DIM
     lse_off = bh.to(gl.int64) * L
     sel = IDX + ((b * HS + hs).to(gl.int64) * G + gl.maximum(g, 0)) * S
     sel_len = _sel_len(sel, g, S, W, num_warps)
     n_seg = (lo - seg_lo) // BLOCK_N + gl.cdiv(hi - lo, BLOCK_N)
+    return lo, hi, seg_lo, q_off, kv_off, lse_off, sel, sel_len, n_seg
 
-    dtype: gl.constexpr = Q.dtype.element_ty
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+
+@gluon.jit
+def _ring(
+    dtype: gl.constexpr,
+    STAGES: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    LOAD_WARPS: gl.constexpr,
+):
+    """The k and v slots and their ready (count: the load threads) and empty (count: the two
+    consumers) mbarriers."""
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], dtype)
-    q_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
     k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], kv_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -243,16 +368,510 @@ def ms_attn_fwd_ws_kernel(
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=32 * LOAD_WARPS)
         mbarrier.init(empty.index(s), count=2)
+    return k_bufs, v_bufs, ready, empty
+
+
+@gluon.jit
+def _rows_to_shared(X, buf, off, stride, lo, hi, q_start, PART: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Rows [lo + PART*64, +64) of q (or do) into the consumer's wgmma operand `buf`; rows outside
+    [q_start, hi) read 0."""
+    VEC: gl.constexpr = 8
+    TD: gl.constexpr = HEAD_DIM // VEC
+    io: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [4, 1], [1, 0])
+    rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io))
+    ok = (rows >= q_start) & (rows < hi)
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
+    buf.store(
+        gl.load(X + off + rows.to(gl.int64)[:, None] * stride + d[None, :], mask=ok[:, None], other=0.0)
+    )
+
+
+@gluon.jit
+def ms_attn_fwd_ws_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    IDX,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_pre_tiles,
+    tiles_per_block,
+    q_start,
+    first_tile,
+    qk_scale,
+    HQ: gl.constexpr,
+    HKV: gl.constexpr,
+    HS: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+    LOAD_WARPS: gl.constexpr,
+    LOAD_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    REGION: gl.constexpr = 0,
+    num_warps: gl.constexpr = 4,
+):
+    """Grid (query tiles of 128 rows from `first_tile`, B*HQ), 4 warps (the first consumer) plus
+    the second consumer's warpgroup and the load warps. Writes what ``ms_attn_fwd_kernel`` writes."""
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    gl.static_assert(128 % BLOCK_N == 0, "BLOCK_N must divide the 128-row tile")
+    if REGION > 0:
+        W = REGION
+    lo, hi, seg_lo, q_off, kv_off, lse_off, sel, sel_len, n_seg = _tile(
+        IDX,
+        L,
+        P,
+        W,
+        M,
+        S,
+        G,
+        n_pre_tiles,
+        tiles_per_block,
+        first_tile,
+        HQ,
+        HKV,
+        HS,
+        HEAD_DIM,
+        BLOCK_N,
+        num_warps,
+    )
+    q_stride = HQ * HEAD_DIM
+    kv_stride = HKV * HEAD_DIM
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    q_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    k_bufs, v_bufs, ready, empty = _ring(dtype, STAGES, BLOCK_N, HEAD_DIM, LOAD_WARPS)
 
     gl.warp_specialize(
         [
-            (_consumer_partition, (Q, O, LSE, q_bufs, k_bufs, v_bufs, ready, empty, q_off, q_stride, lse_off, lo, hi,
-                                   q_start, sel_len, seg_lo, qk_scale, 0, BLOCK_N, HEAD_DIM, STAGES)),
-            (_consumer_partition, (Q, O, LSE, q_bufs, k_bufs, v_bufs, ready, empty, q_off, q_stride, lse_off, lo, hi,
-                                   q_start, sel_len, seg_lo, qk_scale, 1, BLOCK_N, HEAD_DIM, STAGES)),
-            (_load_partition, (K, V, sel, k_bufs, v_bufs, ready, empty, kv_off, kv_stride, L, W, S, sel_len, seg_lo,
-                               n_seg, BLOCK_N, HEAD_DIM, STAGES, LOAD_WARPS)),
+            (
+                _consumer_partition,
+                (
+                    Q,
+                    O,
+                    LSE,
+                    q_bufs,
+                    k_bufs,
+                    v_bufs,
+                    ready,
+                    empty,
+                    q_off,
+                    q_stride,
+                    lse_off,
+                    lo,
+                    hi,
+                    q_start,
+                    sel_len,
+                    seg_lo,
+                    qk_scale,
+                    0,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                ),
+            ),
+            (
+                _consumer_partition,
+                (
+                    Q,
+                    O,
+                    LSE,
+                    q_bufs,
+                    k_bufs,
+                    v_bufs,
+                    ready,
+                    empty,
+                    q_off,
+                    q_stride,
+                    lse_off,
+                    lo,
+                    hi,
+                    q_start,
+                    sel_len,
+                    seg_lo,
+                    qk_scale,
+                    1,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                ),
+            ),
+            (
+                _load_partition,
+                (
+                    K,
+                    V,
+                    sel,
+                    k_bufs,
+                    v_bufs,
+                    ready,
+                    empty,
+                    kv_off,
+                    kv_stride,
+                    L,
+                    W,
+                    S,
+                    sel_len,
+                    seg_lo,
+                    n_seg,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                    LOAD_WARPS,
+                ),
+            ),
         ],
         [4, LOAD_WARPS],
         [CONSUMER_REGS, LOAD_REGS],
-    )  # fmt: skip
+    )
+
+
+@gluon.jit
+def _dq_step(
+    dq,
+    q_buf,
+    do_buf,
+    k_bufs,
+    v_bufs,
+    ready,
+    empty,
+    i,
+    lse2,
+    delta,
+    allowed,
+    qk_scale,
+    MASKED: gl.constexpr,
+    STAGES: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    s_mma: gl.constexpr,
+    o_mma: gl.constexpr,
+):
+    """dq += dS k over slot i's keys (softmax scale not applied): the scores and dP = do v^T by two
+    wgmma issued together, P recomputed from lse (log2 units)."""
+    s, phase = _slot(i, STAGES)
+    mbarrier.wait(ready.index(s), phase)
+    fence_async_shared()
+    k = k_bufs.index(s)
+    v = v_bufs.index(s)
+    zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma)
+    qk = warpgroup_mma(q_buf, k.permute((1, 0)), zero, use_acc=False, is_async=True)
+    dp = warpgroup_mma(do_buf, v.permute((1, 0)), zero, use_acc=False, is_async=True)
+    qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+    p = gl.exp2(qk * qk_scale - lse2[:, None])
+    if MASKED:
+        p = gl.where(allowed, p, 0.0)
+    ds = p * (dp - delta[:, None])
+    ds = gl.convert_layout(ds.to(k.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2))
+    dq = warpgroup_mma(ds, k, dq, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=(dq,))
+    mbarrier.arrive(empty.index(s), count=1)
+    return dq
+
+
+@gluon.jit
+def _dq_consumer_partition(
+    Q,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    q_bufs,
+    do_bufs,
+    k_bufs,
+    v_bufs,
+    ready,
+    empty,
+    q_off,
+    q_stride,
+    lse_off,
+    lo,
+    hi,
+    q_start,
+    sel_len,
+    seg_lo,
+    qk_scale,
+    scale,
+    PART: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """A dq consumer: query rows [lo + PART*64, +64) of the tile over every step of the key set,
+    the forward's steps and masks."""
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    q_buf = q_bufs.index(PART)
+    do_buf = do_bufs.index(PART)
+    _rows_to_shared(Q, q_buf, q_off, q_stride, lo, hi, q_start, PART, HEAD_DIM)
+    _rows_to_shared(DO, do_buf, q_off, q_stride, lo, hi, q_start, PART, HEAD_DIM)
+    fence_async_shared()
+    _partition_barrier()  # the warpgroup's wgmma read all four warps' rows
+
+    rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma))
+    row_ok = (rows >= q_start) & (rows < hi)
+    lse2 = gl.load(LSE + lse_off + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = gl.load(DELTA + lse_off + rows, mask=row_ok, other=0.0)
+    offs_n = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_mma))
+    dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
+    none = offs_n[None, :] < BLOCK_N
+
+    whole = sel_len // BLOCK_N
+    n_sel = gl.cdiv(sel_len, BLOCK_N)
+    for i in range(whole):
+        dq = _dq_step(
+            dq,
+            q_buf,
+            do_buf,
+            k_bufs,
+            v_bufs,
+            ready,
+            empty,
+            i,
+            lse2,
+            delta,
+            none,
+            qk_scale,
+            False,
+            STAGES,
+            BLOCK_N,
+            s_mma,
+            o_mma,
+        )
+    for i in range(whole, n_sel):
+        allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
+        dq = _dq_step(
+            dq,
+            q_buf,
+            do_buf,
+            k_bufs,
+            v_bufs,
+            ready,
+            empty,
+            i,
+            lse2,
+            delta,
+            allowed,
+            qk_scale,
+            True,
+            STAGES,
+            BLOCK_N,
+            s_mma,
+            o_mma,
+        )
+    n_before = (lo - seg_lo) // BLOCK_N
+    for j in range(n_before):
+        dq = _dq_step(
+            dq,
+            q_buf,
+            do_buf,
+            k_bufs,
+            v_bufs,
+            ready,
+            empty,
+            n_sel + j,
+            lse2,
+            delta,
+            none,
+            qk_scale,
+            False,
+            STAGES,
+            BLOCK_N,
+            s_mma,
+            o_mma,
+        )
+    for j in range(n_before, n_before + gl.cdiv(hi - lo, BLOCK_N)):
+        tok = seg_lo + j * BLOCK_N + offs_n
+        allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
+        dq = _dq_step(
+            dq,
+            q_buf,
+            do_buf,
+            k_bufs,
+            v_bufs,
+            ready,
+            empty,
+            n_sel + j,
+            lse2,
+            delta,
+            allowed,
+            qk_scale,
+            True,
+            STAGES,
+            BLOCK_N,
+            s_mma,
+            o_mma,
+        )
+
+    o_rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
+    o_ok = (o_rows >= q_start) & (o_rows < hi)
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+    dq_ptrs = DQ + q_off + o_rows.to(gl.int64)[:, None] * q_stride + d[None, :]
+    gl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=o_ok[:, None])
+
+
+@gluon.jit
+def ms_attn_bwd_dq_ws_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    IDX,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_pre_tiles,
+    tiles_per_block,
+    q_start,
+    first_tile,
+    qk_scale,
+    scale,
+    HQ: gl.constexpr,
+    HKV: gl.constexpr,
+    HS: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr,
+    LOAD_WARPS: gl.constexpr,
+    LOAD_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    REGION: gl.constexpr = 0,
+    num_warps: gl.constexpr = 4,
+):
+    """Grid (query tiles of 128 rows from `first_tile`, B*HQ): what ``ms_attn_bwd_dq_kernel``
+    writes without RoPE on the fly, with the forward's partitions (the same load partition)."""
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    gl.static_assert(128 % BLOCK_N == 0, "BLOCK_N must divide the 128-row tile")
+    if REGION > 0:
+        W = REGION
+    lo, hi, seg_lo, q_off, kv_off, lse_off, sel, sel_len, n_seg = _tile(
+        IDX,
+        L,
+        P,
+        W,
+        M,
+        S,
+        G,
+        n_pre_tiles,
+        tiles_per_block,
+        first_tile,
+        HQ,
+        HKV,
+        HS,
+        HEAD_DIM,
+        BLOCK_N,
+        num_warps,
+    )
+    q_stride = HQ * HEAD_DIM
+    kv_stride = HKV * HEAD_DIM
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    q_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
+    k_bufs, v_bufs, ready, empty = _ring(dtype, STAGES, BLOCK_N, HEAD_DIM, LOAD_WARPS)
+
+    gl.warp_specialize(
+        [
+            (
+                _dq_consumer_partition,
+                (
+                    Q,
+                    DO,
+                    DQ,
+                    LSE,
+                    DELTA,
+                    q_bufs,
+                    do_bufs,
+                    k_bufs,
+                    v_bufs,
+                    ready,
+                    empty,
+                    q_off,
+                    q_stride,
+                    lse_off,
+                    lo,
+                    hi,
+                    q_start,
+                    sel_len,
+                    seg_lo,
+                    qk_scale,
+                    scale,
+                    0,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                ),
+            ),
+            (
+                _dq_consumer_partition,
+                (
+                    Q,
+                    DO,
+                    DQ,
+                    LSE,
+                    DELTA,
+                    q_bufs,
+                    do_bufs,
+                    k_bufs,
+                    v_bufs,
+                    ready,
+                    empty,
+                    q_off,
+                    q_stride,
+                    lse_off,
+                    lo,
+                    hi,
+                    q_start,
+                    sel_len,
+                    seg_lo,
+                    qk_scale,
+                    scale,
+                    1,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                ),
+            ),
+            (
+                _load_partition,
+                (
+                    K,
+                    V,
+                    sel,
+                    k_bufs,
+                    v_bufs,
+                    ready,
+                    empty,
+                    kv_off,
+                    kv_stride,
+                    L,
+                    W,
+                    S,
+                    sel_len,
+                    seg_lo,
+                    n_seg,
+                    BLOCK_N,
+                    HEAD_DIM,
+                    STAGES,
+                    LOAD_WARPS,
+                ),
+            ),
+        ],
+        [4, LOAD_WARPS],
+        [CONSUMER_REGS, LOAD_REGS],
+    )

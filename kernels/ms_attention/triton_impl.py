@@ -99,6 +99,15 @@ class LaunchConfig:
     of compute capability 9.x (``gluon_fwd_applies``), elsewhere the Triton forward runs."""
     gluon_stages: int = 2
     """Ring slots (k and v tiles of ``fwd_block_n`` rows) of the Gluon forward."""
+    dq_gluon: bool = False
+    """dq without RoPE on the fly by the warp-specialized Gluon kernel
+    (``gluon_kernels.ms_attn_bwd_dq_ws_kernel``): the forward's load partition and two consumer
+    warpgroups, each recomputing its 64 rows' scores and dP = do v^T (two wgmma issued together)
+    and adding dS k. Needs ``dq_block_m`` = 128 and ``dq_block_n`` 64 or 128; applies where
+    ``fwd_gluon`` does (``gluon_dq_applies``)."""
+    gluon_dq_stages: int = 2
+    """Ring slots of the Gluon dq kernel (``dq_block_n`` rows of k and v each)."""
+
     gluon_load_warps: int = 4
     """Warps of the Gluon forward's load partition (a warpgroup: its registers are set per
     warpgroup)."""
@@ -308,7 +317,7 @@ class LaunchConfig:
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
         flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv",
-                 "dkv_tma", "dkv_ws", "region_constexpr", "fwd_gluon")  # fmt: skip
+                 "dkv_tma", "dkv_ws", "region_constexpr", "fwd_gluon", "dq_gluon")  # fmt: skip
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -352,6 +361,13 @@ class LaunchConfig:
                 f"fwd_gluon=True needs fwd_block_m=128 (two consumer warpgroups of 64 rows) and "
                 f"fwd_block_n 64 or 128, got {self.fwd_block_m} and {self.fwd_block_n}"
             )
+        if self.dq_gluon and (self.dq_block_m != 128 or self.dq_block_n not in (64, 128)):
+            raise ValueError(
+                f"dq_gluon=True needs dq_block_m=128 (two consumer warpgroups of 64 rows) and "
+                f"dq_block_n 64 or 128, got {self.dq_block_m} and {self.dq_block_n}"
+            )
+        if self.gluon_dq_stages < 1:
+            raise ValueError(f"gluon_dq_stages must be >= 1, got {self.gluon_dq_stages}")
         if self.gluon_stages < 1 or self.gluon_load_warps not in (1, 2, 4):
             raise ValueError(
                 f"gluon_stages must be >= 1 and gluon_load_warps 1, 2 or 4, got {self.gluon_stages} "
@@ -923,7 +939,7 @@ def ms_attn_fwd(
     first = geo.first_tile(start)
     if gluon_fwd_applies(cfg, rope, q):
         with launch_settings("ms_attn_fwd_ws_kernel", cfg, "fwd_", "gluon_"):
-            _gluon_fwd()[(geo.n_tiles - first, B * Hq)](
+            _gluon()[(geo.n_tiles - first, B * Hq)](
                 q, k, v, o, lse, _idx_arg(idx_sorted),
                 L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
                 start, first, scale * LOG2E,
@@ -955,12 +971,13 @@ GLUON_LOAD_REGS = 40
 GLUON_CONSUMER_REGS = 232
 
 
-def gluon_fwd_applies(config: LaunchConfig, rope: bool, q: Tensor) -> bool:
-    """Whether ``ms_attn_fwd`` runs the Gluon forward: ``config.fwd_gluon``, no RoPE on the fly,
-    q bf16 or fp16 with head dim 64 or 128 on a CUDA device of compute capability 9.x (Hopper),
-    and Triton's CPU interpreter off (Gluon has none)."""
+def gluon_fwd_applies(config: LaunchConfig, rope: bool, q: Tensor, kernel: str = "fwd") -> bool:
+    """Whether ``ms_attn_fwd`` runs the Gluon forward (``kernel="dq"``: ``bwd_dq`` the Gluon
+    dq): ``config.fwd_gluon`` (``dq_gluon``), no RoPE on the fly, q bf16 or fp16 with head dim
+    64 or 128 on a CUDA device of compute capability 9.x (Hopper), and Triton's CPU interpreter
+    off (Gluon has none)."""
     return (
-        config.fwd_gluon
+        getattr(config, f"{kernel}_gluon")
         and not rope
         and q.is_cuda
         and not interpreted()
@@ -970,11 +987,11 @@ def gluon_fwd_applies(config: LaunchConfig, rope: bool, q: Tensor) -> bool:
     )
 
 
-def _gluon_fwd():
-    """The Gluon kernel, imported on first use (``triton.experimental.gluon``)."""
+def _gluon(kernel: str = "fwd"):
+    """The Gluon forward (or dq) kernel, imported on first use (``triton.experimental.gluon``)."""
     from . import gluon_kernels
 
-    return gluon_kernels.ms_attn_fwd_ws_kernel
+    return gluon_kernels.ms_attn_fwd_ws_kernel if kernel == "fwd" else gluon_kernels.ms_attn_bwd_dq_ws_kernel
 
 
 def ms_attn_bwd(
@@ -1097,6 +1114,18 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
     if start:
         dq[:, :start].zero_()
     first = geo.first_tile(start)
+    if gluon_fwd_applies(config, rope, q, "dq"):
+        with launch_settings("ms_attn_bwd_dq_ws_kernel", config, "dq_", "gluon_"):
+            _gluon("dq")[(geo.n_tiles - first, B * Hq)](
+                q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted),
+                L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
+                start, first, scale * LOG2E, scale,
+                HQ=Hq, HKV=k.shape[2], HS=idx_sorted.shape[1], HEAD_DIM=D, BLOCK_N=config.dq_block_n,
+                STAGES=config.gluon_dq_stages, LOAD_WARPS=config.gluon_load_warps, LOAD_REGS=GLUON_LOAD_REGS,
+                CONSUMER_REGS=GLUON_CONSUMER_REGS, REGION=config.region_const("dq", rope, region),
+                num_warps=4, maxnreg=GLUON_MAXNREG,
+            )  # fmt: skip
+        return dq
     with launch_settings("ms_attn_bwd_dq_kernel", config, "dq_", rope=rope):
         tk.ms_attn_bwd_dq_kernel[(geo.n_tiles - first, B * Hq)](
             q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
