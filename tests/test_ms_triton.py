@@ -895,7 +895,7 @@ def test_out_of_resources_names_the_launch_settings():
     text = str(info.value)
     assert text.startswith("ms_attn_bwd_dq_kernel needs 263168 of shared memory where ")
     assert "has 232448, with the launch settings dq_block_m=128, dq_block_n=128, dq_warps=8, " in text
-    assert "dq_stages=2, rope_block_n=64: lower" in text and "fwd_" not in text
+    assert "dq_stages=2, dq_gluon=True, rope_block_n=64: lower" in text and "fwd_" not in text
     assert info.value.__cause__ is full
     select = triton_impl.launch_settings("ms_select_shallow_kernel", cfg, "shallow_", "select_precision")
     with (

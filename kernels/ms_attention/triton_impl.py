@@ -96,25 +96,32 @@ class LaunchConfig:
     of 64 query rows each score, take the softmax and accumulate on their own, meeting the loads
     at mbarriers instead of a barrier of all warps every step. Needs ``fwd_block_m`` = 128 and
     ``fwd_block_n`` 64 or 128; applies to bf16/fp16 inputs of head dim 64 or 128 on a CUDA device
-    of compute capability 9.x (``gluon_fwd_applies``), elsewhere the Triton forward runs."""
+    of compute capability 9.x (``gluon_fwd_applies``), elsewhere the Triton forward runs. On in
+    ``GPU_CONFIG``: 15-20% faster than the Triton forward in all 8 cases, paper and (64, 64, 8),
+    32K-256K (H200, Triton 3.6, session 14: paper 64K 18.15 -> 15.42 ms, 428 -> 504 TFLOP/s); 64-key
+    steps with 4 slots were 2-9% slower than 128 with 2, 3 slots no faster, and 1 or 2 load warps
+    1.9x and 1.15x slower than 4 (paper 64K)."""
     gluon_stages: int = 2
     """Ring slots (k and v tiles of ``fwd_block_n`` rows) of the Gluon forward."""
+    dq_block_m: int = 128
+    dq_block_n: int = 64
+    dq_warps: int = 8
+    dq_stages: int = 2
     dq_gluon: bool = False
     """dq without RoPE on the fly by the warp-specialized Gluon kernel
     (``gluon_kernels.ms_attn_bwd_dq_ws_kernel``): the forward's load partition and two consumer
     warpgroups, each recomputing its 64 rows' scores and dP = do v^T (two wgmma issued together)
     and adding dS k. Needs ``dq_block_m`` = 128 and ``dq_block_n`` 64 or 128; applies where
-    ``fwd_gluon`` does (``gluon_dq_applies``)."""
+    ``fwd_gluon`` does (``gluon_fwd_applies(..., "dq")``). On in ``GPU_CONFIG``: 12-16% faster
+    dq in all 6 cases timed (H200, Triton 3.6, session 14: paper 32K-128K, (64, 64, 8) 32K-128K;
+    paper 64K 22.02 -> 18.40 ms, 529 -> 633 TFLOP/s). 64-key steps with 3 slots were 2-5% faster
+    still at 32K and 128K and level at 64K: not adopted, a candidate."""
     gluon_dq_stages: int = 2
     """Ring slots of the Gluon dq kernel (``dq_block_n`` rows of k and v each)."""
 
     gluon_load_warps: int = 4
     """Warps of the Gluon forward's load partition (a warpgroup: its registers are set per
     warpgroup)."""
-    dq_block_m: int = 128
-    dq_block_n: int = 64
-    dq_warps: int = 8
-    dq_stages: int = 2
     rope_block_n: int = 64
     """With RoPE applied on the fly (``pe="selected"``) forward and dq step over at most this
     many keys: their rotated key tiles take more shared memory. At 128 keys with two stages the
@@ -384,6 +391,7 @@ GPU_CONFIG = LaunchConfig(
     fwd_stages=2,
     region_constexpr=True,
     fwd_gluon=True,
+    dq_gluon=True,
     dq_block_n=128,
     whole_qk=True,
     rotate_q_once=True,
@@ -418,7 +426,8 @@ one run (session 13); at 3 stages the forward's wgmma were serialized. Under RoP
 forward keeps w at run time and 3 stages (``rope_fwd_stages``): 15-20% less time there. On
 Hopper the forward without RoPE on the fly is the warp-specialized Gluon kernel (``fwd_gluon``):
 15-20% faster than the Triton forward above in all 8 cases, paper and (64, 64, 8), 32K-256K
-(H200, session 14, one run: paper 64K 18.15 -> 15.42 ms, 428 -> 504 TFLOP/s)."""
+(H200, session 14, one run: paper 64K 18.15 -> 15.42 ms, 428 -> 504 TFLOP/s), and dq the Gluon
+dq kernel (``dq_gluon``): 12-16% faster dq (paper 64K 22.02 -> 18.40 ms)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
