@@ -97,7 +97,7 @@ class LaunchConfig:
     at mbarriers instead of a barrier of all warps every step. Needs ``fwd_block_m`` = 128 and
     ``fwd_block_n`` 64 or 128; applies to bf16/fp16 inputs of head dim 64 or 128 on a CUDA device
     of compute capability 9.x (``gluon_fwd_applies``), elsewhere the Triton forward runs. On in
-    ``GPU_CONFIG``: 15-20% faster than the Triton forward in all 8 cases, paper and (64, 64, 8),
+    ``GPU_CONFIG``: 14-20% less time than the Triton forward in all 8 cases, paper and (64, 64, 8),
     32K-256K (H200, Triton 3.6, session 14: paper 64K 18.15 -> 15.42 ms, 428 -> 504 TFLOP/s); 64-key
     steps with 4 slots were 2-9% slower than 128 with 2, 3 slots no faster, and 1 or 2 load warps
     1.9x and 1.15x slower than 4 (paper 64K)."""
@@ -112,8 +112,8 @@ class LaunchConfig:
     (``gluon_kernels.ms_attn_bwd_dq_ws_kernel``): the forward's load partition and two consumer
     warpgroups, each recomputing its 64 rows' scores and dP = do v^T (two wgmma issued together)
     and adding dS k. Needs ``dq_block_m`` = 128 and ``dq_block_n`` 64 or 128; applies where
-    ``fwd_gluon`` does (``gluon_fwd_applies(..., "dq")``). On in ``GPU_CONFIG``: 12-16% faster
-    dq in all 6 cases timed (H200, Triton 3.6, session 14: paper 32K-128K, (64, 64, 8) 32K-128K;
+    ``fwd_gluon`` does (``gluon_fwd_applies(..., "dq")``). On in ``GPU_CONFIG``: 12-16% less time
+    in dq in all 6 cases timed (H200, Triton 3.6, session 14: paper 32K-128K, (64, 64, 8) 32K-128K;
     paper 64K 22.02 -> 18.40 ms, 529 -> 633 TFLOP/s). 64-key steps with 3 slots were 2-5% faster
     still at 32K and 128K and level at 64K: not adopted, a candidate."""
     gluon_dq_stages: int = 2
@@ -425,9 +425,9 @@ faster at paper settings and 9-12% faster at (64, 64, 8), 32K-256K, against the 
 one run (session 13); at 3 stages the forward's wgmma were serialized. Under RoPE on the fly the
 forward keeps w at run time and 3 stages (``rope_fwd_stages``): 15-20% less time there. On
 Hopper the forward without RoPE on the fly is the warp-specialized Gluon kernel (``fwd_gluon``):
-15-20% faster than the Triton forward above in all 8 cases, paper and (64, 64, 8), 32K-256K
+14-20% less time than the Triton forward above in all 8 cases, paper and (64, 64, 8), 32K-256K
 (H200, session 14, one run: paper 64K 18.15 -> 15.42 ms, 428 -> 504 TFLOP/s), and dq the Gluon
-dq kernel (``dq_gluon``): 12-16% faster dq (paper 64K 22.02 -> 18.40 ms)."""
+dq kernel (``dq_gluon``): 12-16% less time in dq (paper 64K 22.02 -> 18.40 ms)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
