@@ -24,6 +24,9 @@
 #           and dq against the Triton kernels, bf16 error cases), then the dq stage sweep at paper
 #           64K-128K; GPU 1: the dq stage sweep at paper 32K and (64, 64, 8) 32K-128K: base, dq_gluon
 #           at 128-key steps and 2 slots, at 64-key steps and 3 slots  -> OUT/s14d.tgz
+#   call 5  (inline, the last 160 s of the session's device time) the 7B step, MS at 64K with
+#           --launch dq_gluon=true: python3 -m ctxlab.bench.finetune --lengths 65536 --variants ms
+#           --warmup 2 --steps 2 --launch dq_gluon=true (one timed step came back: 9.30 s)
 set -uo pipefail
 CALL=${1:?usage: lease_s14.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
