@@ -237,8 +237,12 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
     want = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=False)
     assert got["global_step"] == want["global_step"] == steps
     assert got["state_dict"].keys() == want["state_dict"].keys()
+    where = parting(run, ref, records[0]["step"])
     for k, v in want["state_dict"].items():
-        torch.testing.assert_close(got["state_dict"][k], v, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(
+            got["state_dict"][k], v, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}\n{where}"
+        )
+    assert logged_losses(run) == logged_losses(ref), where
     assert last_val_loss(run) == last_val_loss(ref)
     got_sum, want_sum = (json.loads((d / "results" / "summary.json").read_text()) for d in (run, ref))
     assert got_sum["val_ppl"] == want_sum["val_ppl"] and got_sum["perplexity"] == want_sum["perplexity"]
@@ -277,6 +281,25 @@ def test_optuna_study_runs_its_trials_on_slurm(cluster, tmp_path):
     assert len({i.split("_")[0] for i in ids}) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1"], (
         ids
     )
+
+
+def logged_losses(run: Path) -> dict[tuple[str, int], str]:
+    """``(metric, step) -> value`` of every train/loss and val/loss row of a run's metrics.csv."""
+    rows = csv.DictReader((run / "csv" / "metrics.csv").open())
+    return {(m, int(r["step"])): r[m] for r in rows for m in ("train/loss", "val/loss") if r.get(m)}
+
+
+def parting(run: Path, ref: Path, preempted_at: int) -> str:
+    """Where a preempted run's logged losses first differ from the reference run's, for an
+    assertion message."""
+    got, want = logged_losses(run), logged_losses(ref)
+    keys = sorted(got.keys() | want.keys(), key=lambda k: (k[1], k[0]))
+    diff = [f"{m} step {i}: {got.get((m, i), 'missing')} vs {want.get((m, i), 'missing')}"
+            for m, i in keys if got.get((m, i)) != want.get((m, i))]  # fmt: skip
+    head = f"preempted at step {preempted_at} (checkpoint global_step; logged steps count from 0)"
+    if not diff:
+        return f"{head}; every logged loss is equal ({len(keys)} values)"
+    return f"{head}; logged losses (preempted run vs reference) first differ at " + "; ".join(diff[:5])
 
 
 def last_val_loss(run: Path) -> tuple[int, float]:
@@ -327,23 +350,31 @@ def test_atomic_checkpoint_io_keeps_the_old_file_when_a_save_fails(tmp_path):
         io.save_checkpoint({}, path, storage_options={"x": 1})
 
 
-def test_preemption_callback_checkpoints_at_a_step_boundary_and_requeues(tmp_path):
-    """In-process, no SLURM: the signal lands inside step 3; the checkpoint is written after that
-    step, then the requeue hook runs. Resuming from it reproduces an uninterrupted fit."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_preemption_callback_checkpoints_at_a_step_boundary_and_requeues(tmp_path, accumulate):
+    """In-process, no SLURM: the signal lands inside step 3 (in its first batch when gradients
+    accumulate over 2); the checkpoint is written after that step and the requeue hook runs at
+    the next batch's start, once the step's metrics are logged. Resuming from it reproduces an
+    uninterrupted fit, and the two sessions together log every step once."""
     import lightning as L
+    from lightning.pytorch.loggers import Logger
 
     from ctxlab.slurm import PreemptionCheckpoint, trainer_plugins
 
     class Tiny(L.LightningModule):
-        def __init__(self):
+        def __init__(self, signal_at: int | None = None):
             super().__init__()
             self.lin = torch.nn.Linear(4, 1)
+            self.signal_at = signal_at
 
         def training_step(self, batch, batch_idx):
-            if self.global_step == 3 and self.raise_at_3:
+            if self.global_step == self.signal_at:
+                self.signal_at = None
                 os.kill(os.getpid(), signal.SIGUSR2)
             x = torch.randn(8, 4, generator=torch.Generator().manual_seed(self.global_step))
-            return (self.lin(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            loss = (self.lin(x) - x.sum(1, keepdim=True)).pow(2).mean()
+            self.log("loss", loss)
+            return loss
 
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=0.1)
@@ -351,18 +382,40 @@ def test_preemption_callback_checkpoints_at_a_step_boundary_and_requeues(tmp_pat
         def train_dataloader(self):
             return torch.utils.data.DataLoader(range(1000), batch_size=1)
 
-    def fit(module, ckpt, callbacks=(), resume=None):
+    class Steps(Logger):
+        """The steps whose training loss was logged, in order."""
+
+        def __init__(self):
+            super().__init__()
+            self.steps: list[int] = []
+
+        name = "steps"
+        version = 0
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            if "loss" in metrics:
+                self.steps.append(step)
+
+    def fit(module, callbacks=(), resume=None):
+        logger = Steps()
         trainer = L.Trainer(
             max_steps=6,
-            logger=False,
+            accumulate_grad_batches=accumulate,
+            logger=logger,
+            log_every_n_steps=1,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             callbacks=list(callbacks),
             plugins=trainer_plugins(),
         )
-        trainer.fit(module, ckpt_path=resume)
-        return trainer
+        try:
+            trainer.fit(module, ckpt_path=resume)
+        finally:
+            logged.append(logger.steps)
 
     class Requeued(Exception):
         pass
@@ -370,24 +423,23 @@ def test_preemption_callback_checkpoints_at_a_step_boundary_and_requeues(tmp_pat
     def requeue(signum):
         raise Requeued(signum)
 
+    logged: list[list[int]] = []
     torch.manual_seed(0)
     straight = Tiny()
-    straight.raise_at_3 = False
-    fit(straight, None)
+    fit(straight)
 
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     torch.manual_seed(0)
-    first = Tiny()
-    first.raise_at_3 = True
     previous = signal.getsignal(signal.SIGUSR2)
     with pytest.raises(Requeued):
-        fit(first, ckpt, [PreemptionCheckpoint(ckpt, signum=signal.SIGUSR2, requeue=requeue)])
+        fit(Tiny(signal_at=3), [PreemptionCheckpoint(ckpt, signum=signal.SIGUSR2, requeue=requeue)])
     assert signal.getsignal(signal.SIGUSR2) is previous  # handler restored
     assert torch.load(ckpt, weights_only=False)["global_step"] == 4  # after step 3 finished
     assert json.loads((tmp_path / "preemptions.jsonl").read_text())["step"] == 4
 
     second = Tiny()
-    second.raise_at_3 = False
-    fit(second, ckpt, resume=str(ckpt))
+    fit(second, resume=str(ckpt))
     for a, b in zip(straight.parameters(), second.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    whole, first, rest = logged
+    assert first + rest == whole, logged  # step 3's loss logged before the requeue, not again after

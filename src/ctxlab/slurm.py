@@ -132,11 +132,15 @@ class PreemptionCheckpoint(L.Callback):
 
     The signal handler only records the signal; the checkpoint is written at the end of the
     next training step (or at the end of training), where model, optimizer, scheduler and loop
-    counters agree, so the resumed run continues exactly where this one stopped. Requeueing is
-    delegated to ``requeue(signum)``: by default the handler that was installed before ours
-    (submitit's ``checkpoint_and_try_requeue``, which re-pickles the job, calls ``scontrol
-    requeue`` and exits), or :func:`scontrol_requeue` when there was none. Outside SLURM the
-    callback does nothing unless ``requeue`` is given (tests).
+    counters agree, so the resumed run continues exactly where this one stopped. With gradient
+    accumulation only a batch that stepped the optimizer is such a step (the accumulated
+    gradients are in no checkpoint). The hand-over waits for the next batch's start (or the end
+    of training): Lightning logs a step's metrics, and runs a validation due at that step, after
+    the batch-end hooks; the checkpoint holds that step, so the requeued job does neither again
+    and they would be lost. Requeueing is delegated to ``requeue(signum)``: by default the
+    handler that was installed before ours (submitit's ``checkpoint_and_try_requeue``, which
+    re-pickles the job, calls ``scontrol requeue`` and exits), or :func:`scontrol_requeue` when
+    there was none. Outside SLURM the callback does nothing unless ``requeue`` is given (tests).
 
     Args:
         path: the checkpoint the requeued job resumes from (``run_dir/checkpoints/last.ckpt``).
@@ -157,6 +161,7 @@ class PreemptionCheckpoint(L.Callback):
         self._requeue = requeue
         self.active = requeue is not None or in_slurm_job()
         self.pending: int | None = None
+        self.saved: int | None = None  # the signal whose checkpoint is written; hand over next
         self._previous: Any = None
         self._installed = False
 
@@ -176,12 +181,19 @@ class PreemptionCheckpoint(L.Callback):
         self.pending = signum
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.pending is not None:
-            self._checkpoint_and_requeue(trainer)
+        stepped = (batch_idx + 1) % max(1, int(trainer.accumulate_grad_batches)) == 0
+        if self.pending is not None and self.saved is None and stepped:
+            self._checkpoint(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.saved is not None:
+            self._hand_over(self.saved)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.pending is not None:
-            self._checkpoint_and_requeue(trainer)
+        if self.pending is not None and self.saved is None:
+            self._checkpoint(trainer)
+        if self.saved is not None:
+            self._hand_over(self.saved)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -200,15 +212,14 @@ class PreemptionCheckpoint(L.Callback):
             # redo, and the requeued job resumes from the final checkpoint it skips.
             self._hand_over(self.pending)
 
-    def _checkpoint_and_requeue(self, trainer: L.Trainer) -> None:
+    def _checkpoint(self, trainer: L.Trainer) -> None:
+        """Save ``path`` and record the preemption; the hand-over follows at the next batch's
+        start or at the end of training (a signal meanwhile changes nothing)."""
         signum, self.pending = self.pending, None
         assert signum is not None
         trainer.save_checkpoint(str(self.path))
         self._write_record(trainer.global_step, signum)
-        if self._installed:
-            signal.signal(self.signum, self._previous)
-            self._installed = False
-        self._hand_over(signum)
+        self.saved = signum
 
     def _write_record(self, step: int, signum: int) -> None:
         """One line per preemption in ``<run_dir>/preemptions.jsonl`` (run_dir = the
@@ -224,7 +235,10 @@ class PreemptionCheckpoint(L.Callback):
         print(f"[ctxlab] preempted at step {step}: saved {self.path}, requeueing", flush=True)
 
     def _hand_over(self, signum: int) -> None:
-        self.pending = None
+        self.pending = self.saved = None
+        if self._installed:  # a signal from here on goes to the previous handler
+            signal.signal(self.signum, self._previous)
+            self._installed = False
         finish_wandb()
         if self._requeue is not None:
             self._requeue(signum)
