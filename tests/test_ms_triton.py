@@ -1329,8 +1329,8 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
                 start=start)  # fmt: skip
     base = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=False, dq_gluon=False)
     gluon = dataclasses.replace(base, fwd_gluon=True, dq_gluon=True)
-    assert triton_impl.gluon_fwd_applies(gluon, False, q)
-    assert triton_impl.gluon_fwd_applies(gluon, False, q, "dq")
+    assert triton_impl.gluon_applies(gluon, False, q)
+    assert triton_impl.gluon_applies(gluon, False, q, "dq")
     o_ref, lse_ref = triton_impl.ms_attn_fwd(q, k, v, idx, config=base, **opts)  # outputs NaN-poisoned
     o, lse = triton_impl.ms_attn_fwd(q, k, v, idx, config=gluon, **opts)
     assert o[:, :start].isnan().all() and lse[..., :start].isnan().all()
@@ -1718,9 +1718,9 @@ def test_gluon_kernels_apply_only_where_they_compile():
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_load_warps=3)
     cfg = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True)
     q = torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16)
-    assert not triton_impl.gluon_fwd_applies(cfg, False, q)  # a CPU tensor
-    assert not triton_impl.gluon_fwd_applies(dataclasses.replace(cfg, dq_gluon=True), False, q, "dq")
-    assert not triton_impl.gluon_fwd_applies(dataclasses.replace(cfg, fwd_gluon=False), False, q)
+    assert not triton_impl.gluon_applies(cfg, False, q)  # a CPU tensor
+    assert not triton_impl.gluon_applies(dataclasses.replace(cfg, dq_gluon=True), False, q, "dq")
+    assert not triton_impl.gluon_applies(dataclasses.replace(cfg, fwd_gluon=False), False, q)
 
 
 def test_bench_launch_overrides_and_summary():

@@ -96,7 +96,7 @@ class LaunchConfig:
     of 64 query rows each score, take the softmax and accumulate on their own, meeting the loads
     at mbarriers instead of a barrier of all warps every step. Needs ``fwd_block_m`` = 128 and
     ``fwd_block_n`` 64 or 128; applies to bf16/fp16 inputs of head dim 64 or 128 on a CUDA device
-    of compute capability 9.x (``gluon_fwd_applies``), elsewhere the Triton forward runs. On in
+    of compute capability 9.x (``gluon_applies``), elsewhere the Triton forward runs. On in
     ``GPU_CONFIG``: 14-20% less time than the Triton forward in all 8 cases, paper and (64, 64, 8),
     32K-256K (H200, Triton 3.6, session 14: paper 64K 18.15 -> 15.42 ms, 428 -> 504 TFLOP/s); 64-key
     steps with 4 slots were 2-9% slower than 128 with 2, 3 slots no faster, and 1 or 2 load warps
@@ -112,15 +112,14 @@ class LaunchConfig:
     (``gluon_kernels.ms_attn_bwd_dq_ws_kernel``): the forward's load partition and two consumer
     warpgroups, each recomputing its 64 rows' scores and dP = do v^T (two wgmma issued together)
     and adding dS k. Needs ``dq_block_m`` = 128 and ``dq_block_n`` 64 or 128; applies where
-    ``fwd_gluon`` does (``gluon_fwd_applies(..., "dq")``). On in ``GPU_CONFIG``: 12-16% less time
+    ``fwd_gluon`` does (``gluon_applies(..., "dq")``). On in ``GPU_CONFIG``: 12-16% less time
     in dq in all 6 cases timed (H200, Triton 3.6, session 14: paper 32K-128K, (64, 64, 8) 32K-128K;
     paper 64K 22.02 -> 18.40 ms, 529 -> 633 TFLOP/s). 64-key steps with 3 slots were 2-5% faster
     still at 32K and 128K and level at 64K: not adopted, a candidate."""
     gluon_dq_stages: int = 2
     """Ring slots of the Gluon dq kernel (``dq_block_n`` rows of k and v each)."""
-
     gluon_load_warps: int = 4
-    """Warps of the Gluon forward's load partition (a warpgroup: its registers are set per
+    """Warps of the Gluon forward's and dq's load partition (a warpgroup: its registers are set per
     warpgroup)."""
     rope_block_n: int = 64
     """With RoPE applied on the fly (``pe="selected"``) forward and dq step over at most this
@@ -944,9 +943,8 @@ def ms_attn_fwd(
     geo = Geometry.of(L, region, budget, merge, cfg.fwd_block_m)
     o = _empty((B, L, Hq, D), q.dtype, q.device)
     lse = _empty((B, Hq, L), torch.float32, q.device)
-    cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     first = geo.first_tile(start)
-    if gluon_fwd_applies(cfg, rope, q):
+    if gluon_applies(cfg, rope, q):
         with launch_settings("ms_attn_fwd_ws_kernel", cfg, "fwd_", "gluon_"):
             _gluon()[(geo.n_tiles - first, B * Hq)](
                 q, k, v, o, lse, _idx_arg(idx_sorted),
@@ -958,6 +956,7 @@ def ms_attn_fwd(
                 num_warps=4, maxnreg=GLUON_MAXNREG,
             )  # fmt: skip
         return o, lse
+    cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     with launch_settings("ms_attn_fwd_kernel", cfg, "fwd_", rope=rope):
         tk.ms_attn_fwd_kernel[(geo.n_tiles - first, B * Hq)](
             q, k, v, o, lse, _idx_arg(idx_sorted), cos, sin,
@@ -980,11 +979,11 @@ GLUON_LOAD_REGS = 40
 GLUON_CONSUMER_REGS = 232
 
 
-def gluon_fwd_applies(config: LaunchConfig, rope: bool, q: Tensor, kernel: str = "fwd") -> bool:
-    """Whether ``ms_attn_fwd`` runs the Gluon forward (``kernel="dq"``: ``bwd_dq`` the Gluon
-    dq): ``config.fwd_gluon`` (``dq_gluon``), no RoPE on the fly, q bf16 or fp16 with head dim
-    64 or 128 on a CUDA device of compute capability 9.x (Hopper), and Triton's CPU interpreter
-    off (Gluon has none)."""
+def gluon_applies(config: LaunchConfig, rope: bool, q: Tensor, kernel: str = "fwd") -> bool:
+    """Whether ``ms_attn_fwd`` runs the Gluon forward (``kernel="fwd"``) or ``bwd_dq`` the Gluon
+    dq (``kernel="dq"``): ``config.fwd_gluon`` (``dq_gluon``), no RoPE on the fly, q bf16 or fp16
+    with head dim 64 or 128 on a CUDA device of compute capability 9.x (Hopper), and Triton's CPU
+    interpreter off (Gluon has none)."""
     return (
         getattr(config, f"{kernel}_gluon")
         and not rope
@@ -1118,12 +1117,11 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
     holding ``start``; rows before ``start`` are 0."""
     B, L, Hq, D = q.shape
     geo = Geometry.of(L, region, budget, merge, config.dq_block_m)
-    cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     dq = _empty(q.shape, q.dtype, q.device)
     if start:
         dq[:, :start].zero_()
     first = geo.first_tile(start)
-    if gluon_fwd_applies(config, rope, q, "dq"):
+    if gluon_applies(config, rope, q, "dq"):
         with launch_settings("ms_attn_bwd_dq_ws_kernel", config, "dq_", "gluon_"):
             _gluon("dq")[(geo.n_tiles - first, B * Hq)](
                 q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted),
@@ -1135,6 +1133,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
                 num_warps=4, maxnreg=GLUON_MAXNREG,
             )  # fmt: skip
         return dq
+    cos, sin = _tables(rope, geo, D, inv_freq, q.device)
     with launch_settings("ms_attn_bwd_dq_kernel", config, "dq_", rope=rope):
         tk.ms_attn_bwd_dq_kernel[(geo.n_tiles - first, B * Hq)](
             q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted), cos, sin,
@@ -1522,7 +1521,7 @@ def ms_attention_triton(
 __all__ = [
     "DKV_PATHS",
     "GPU_CONFIG",
-    "gluon_fwd_applies",
+    "gluon_applies",
     "SHALLOW_ITEMS",
     "INTERPRETER_CONFIG",
     "Geometry",
