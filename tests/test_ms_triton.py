@@ -145,11 +145,12 @@ def deterministic_algorithms(on: bool):
 @contextlib.contextmanager
 def launch(**overrides):
     """The kernels' launch configs (GPU and interpreter) with ``overrides`` for the block; the
-    interpreter's without ``fwd_gluon``, ``dq_gluon`` (Gluon has no interpreter, and its tiles are
-    not 16 rows)."""
+    interpreter's without ``fwd_gluon``, ``dq_gluon``, ``dkv_gluon`` (Gluon has no interpreter, and
+    its tiles are not 16 rows)."""
     saved = triton_impl.GPU_CONFIG, triton_impl.INTERPRETER_CONFIG
     triton_impl.GPU_CONFIG = dataclasses.replace(saved[0], **overrides)
-    interpreter = {name: value for name, value in overrides.items() if name not in ("fwd_gluon", "dq_gluon")}
+    gluon = ("fwd_gluon", "dq_gluon", "dkv_gluon")
+    interpreter = {name: value for name, value in overrides.items() if name not in gluon}
     triton_impl.INTERPRETER_CONFIG = dataclasses.replace(saved[1], **interpreter)
     try:
         yield
@@ -166,7 +167,8 @@ def dkv_mode(mode: str):
     the dk/dv kernels (``fused_dq``), "+whole" takes whole rows there (``whole_dkv``), "+tma" loads
     the own-segment kernel's rows by TMA descriptors (``dkv_tma``), "+ws" warp-specializes its
     query loop (``dkv_ws``), "+region" compiles the region size into forward and dq
-    (``region_constexpr``)."""
+    (``region_constexpr``), "+gluon", "+gluondq", "+gluondkv" take the Gluon forward, dq, dk/dv of
+    the selected keys (``fwd_gluon``, ``dq_gluon``, ``dkv_gluon``)."""
     mode, *extras = mode.split("+")
     flags = {
         "fused": "fused_dq",
@@ -176,6 +178,7 @@ def dkv_mode(mode: str):
         "region": "region_constexpr",
         "gluon": "fwd_gluon",
         "gluondq": "dq_gluon",
+        "gluondkv": "dkv_gluon",
     }
     if extras:
         with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
@@ -1236,6 +1239,18 @@ GPU_CASES = [
     ("L3001-gqa2-w20-d64-gluon", (2, 3001, 4, 2, 64), 20, 40, 6, "head", "pre", "partial+region+gluon"),
     ("L4133-gqa4-w16-gluondq", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+whole+region+gluondq"),
     ("L3001-gqa2-w20-d64-gluondq", (2, 3001, 4, 2, 64), 20, 40, 6, "group", "pre", "reverse+gluondq"),
+    ("L4133-gqa4-w16-gluondkv", (1, 4133, 8, 2, 128), 16, 64, 8, "head", "pre", "atomic+region+gluondkv"),
+    ("L3001-gqa2-w20-d64-gluondkv", (2, 3001, 4, 2, 64), 20, 40, 6, "group", "pre", "partial+gluondkv"),
+    (
+        "L5000-gqa4-w64-group-gluondkv",
+        (1, 5000, 8, 2, 128),
+        64,
+        16,
+        2,
+        "group",
+        "pre",
+        "atomic+region+gluondkv",
+    ),
 ]
 
 
@@ -1312,11 +1327,12 @@ def test_gpu_dkv_tma_same_bits(dkv, start):
     ids=["L4133-w16-start1000", "L20000-paper-settings", "L3001-w64-d64-start2100"],
 )  # fmt: skip
 def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, start):
-    """The warp-specialized Gluon forward (``fwd_gluon``) and dq (``dq_gluon``) against the
-    Triton kernels on the same selection: o and dq within 2^-7 of their largest element (one
-    bf16 rounding, different float32 sums), lse within 1e-3; from a ``start`` inside a block the
-    rows before it stay unwritten (NaN poison; dq: zero) and the NaN rows of q and do there are
-    never read. Skipped off Hopper (the kernels are sm_90)."""
+    """The warp-specialized Gluon forward (``fwd_gluon``), dq (``dq_gluon``) and dk/dv of the
+    selected keys (``dkv_gluon``, atomic and partial paths) against the Triton kernels on the same
+    selection: o, dq, dk, dv within 2^-7 of their largest element (one bf16 rounding, different
+    float32 sums), lse within 1e-3; from a ``start`` inside a block the rows before it stay
+    unwritten (NaN poison; dq: zero) and the NaN rows of q and do there are never read. Skipped off
+    Hopper (the kernels are sm_90)."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels are compiled for sm_90")
     q, k, v, do = (x.bfloat16() for x in _inputs(*shape, dtype=torch.float32, device="cuda", seed=17))
@@ -1345,6 +1361,21 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
     assert (dq[:, :start] == 0).all() and not dq[:, start:].isnan().any()
     err = (dq[:, start:].float() - dq_ref[:, start:].float()).abs().max().item()
     assert err <= 2**-7 * dq_ref[:, start:].float().abs().max().item(), err
+
+    # dk, dv of the selected keys (``dkv_gluon``) on both paths it serves; the partial sums'
+    # bits are the same on every run (each element stored once, reduced in a fixed order).
+    gluon = dataclasses.replace(gluon, dkv_gluon=True)
+    assert triton_impl.gluon_applies(gluon, False, q, "dkv")
+    for path in ("atomic", "partial"):
+        ref = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=base, path=path, **opts)
+        got = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=gluon, path=path, **opts)
+        for name, g, r in zip(("dk", "dv"), got, ref):
+            assert not g.isnan().any(), (path, name)
+            err = (g.float() - r.float()).abs().max().item()
+            assert err <= 2**-7 * r.float().abs().max().item(), (path, name, err)
+        if path == "partial":
+            again = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=gluon, path=path, **opts)
+            assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 # The fused selection at real sizes. Integer inputs (w a power of two, so every representative
@@ -1661,37 +1692,63 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
 @pytest.mark.slow
 @pytest.mark.skipif(INTERPRETED, reason="compiles, does not interpret")
 @pytest.mark.parametrize(
-    "kernel, block_n, stages", [("fwd", 128, 2), ("fwd", 64, 4), ("dq", 128, 2), ("dq", 64, 3)]
+    "kernel, block_n, stages",
+    [
+        ("fwd", 128, 2),
+        ("fwd", 64, 4),
+        ("dq", 128, 2),
+        ("dq", 64, 3),
+        ("dkv", 128, 2),
+        ("dkv-partial", 128, 3),
+    ],
 )
 def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
-    """The Gluon forward and dq compile for sm_90 without a GPU, with the installed Triton, at
-    the paper's shape: the load partition copies by ``cp.async`` and arrives on the slots'
-    mbarriers when the copies land, the partitions move registers (``setmaxnreg``), the
-    consumers' wgmma stay asynchronous (at most one wait per four HGMMA) and the buffers fit an
-    H100's shared memory."""
+    """The Gluon forward, dq and dk/dv of the selected keys compile for sm_90 without a GPU, with
+    the installed Triton, at the paper's shape: the load partition copies by ``cp.async`` and
+    arrives on the slots' mbarriers when the copies land, the partitions move registers
+    (``setmaxnreg``), the consumers' wgmma stay asynchronous (at most one wait per four HGMMA:
+    the forward's and dq's steps wait once per GEMM pair, dk/dv's twice per four GEMMs of 24 HGMMA)
+    and the buffers fit an H100's shared memory; dk/dv adds its sums with relaxed reductions
+    (``RED``, no ``ATOM``) or, with ``PARTIAL``, stores them."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from ctxlab.kernels.ms_attention import gluon_kernels
 
-    tensors = ("Q", "K", "V", "O", "LSE") if kernel == "fwd" else ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA")
-    sig = {name: "*fp32" if name in ("LSE", "DELTA") else "*bf16" for name in tensors}
-    sig |= dict(IDX="*i32")
-    sig |= dict.fromkeys(("L", "P", "W", "M", "S", "G", "n_pre_tiles", "tiles_per_block", "q_start",
-                          "first_tile"), "i32")  # fmt: skip
-    sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
-    consts = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, BLOCK_N=block_n, STAGES=stages,
+    common = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, STAGES=stages,
                   LOAD_WARPS=triton_impl.GPU_CONFIG.gluon_load_warps, LOAD_REGS=triton_impl.GLUON_LOAD_REGS,
-                  CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS, REGION=16, num_warps=4)  # fmt: skip
-    fn = gluon_kernels.ms_attn_fwd_ws_kernel if kernel == "fwd" else gluon_kernels.ms_attn_bwd_dq_ws_kernel
-    divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
+                  CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS)  # fmt: skip
+    if kernel.startswith("dkv"):
+        tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
+        ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
+        consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial")
+        fn = gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel
+        divisible = ("L", "P", "W", "M", "S", "q_start")
+    else:
+        tensors = (
+            ("Q", "K", "V", "O", "LSE") if kernel == "fwd" else ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA")
+        )
+        ints = ("L", "P", "W", "M", "S", "G", "n_pre_tiles", "tiles_per_block", "q_start", "first_tile")
+        consts = common | dict(BLOCK_N=block_n)
+        fn = (
+            gluon_kernels.ms_attn_fwd_ws_kernel if kernel == "fwd" else gluon_kernels.ms_attn_bwd_dq_ws_kernel
+        )
+        divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
+    sig = {name: "*fp32" if name in ("LSE", "DELTA", "DK32", "DV32") else "*bf16" for name in tensors}
+    sig |= dict(IDX="*i32") | dict.fromkeys(ints, "i32")
+    sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     compiled = _compile_for_h100(
-        fn, sig, consts, divisible, source=GluonASTSource, num_warps=4, maxnreg=triton_impl.GLUON_MAXNREG
-    )
+        fn, sig, consts | dict(REGION=16, num_warps=4), divisible, source=GluonASTSource, num_warps=4,
+        maxnreg=triton_impl.GLUON_MAXNREG,
+    )  # fmt: skip
     ptx, sass = compiled.asm["ptx"], _sass(compiled)
     assert "cp.async.mbarrier.arrive.noinc" in ptx and "setmaxnreg" in ptx
     hgmma, waits = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
     assert hgmma >= 4 * waits > 0, (hgmma, waits)
     assert "LDGSTS" in sass and compiled.metadata.shared <= H100_SHARED_BYTES
+    if kernel == "dkv":
+        assert "RED" in sass and "ATOM" not in sass
+    elif kernel == "dkv-partial":
+        assert "RED" not in sass and "ATOM" not in sass
 
 
 @pytest.mark.slow
@@ -1716,10 +1773,13 @@ def test_gluon_kernels_apply_only_where_they_compile():
         dataclasses.replace(triton_impl.GPU_CONFIG, dq_gluon=True, dq_block_n=32)
     with pytest.raises(ValueError, match="gluon_load_warps"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_load_warps=3)
+    with pytest.raises(ValueError, match="gluon_dkv_stages"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_stages=0)
     cfg = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True)
     q = torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16)
     assert not triton_impl.gluon_applies(cfg, False, q)  # a CPU tensor
     assert not triton_impl.gluon_applies(dataclasses.replace(cfg, dq_gluon=True), False, q, "dq")
+    assert not triton_impl.gluon_applies(dataclasses.replace(cfg, dkv_gluon=True), False, q, "dkv")
     assert not triton_impl.gluon_applies(dataclasses.replace(cfg, fwd_gluon=False), False, q)
 
 

@@ -875,3 +875,336 @@ def ms_attn_bwd_dq_ws_kernel(
         [4, LOAD_WARPS],
         [CONSUMER_REGS, LOAD_REGS],
     )
+
+
+@gluon.jit
+def _selected_rows(sel, flat, S, W):
+    """Places `flat` of a block's sorted selection `sel` ([S] regions, -1 padded): the token each
+    reads (token 0 for padding) and whether it is a real key."""
+    rank = flat // W
+    region = gl.load(sel + rank, mask=rank < S, other=-1)
+    ok = region >= 0
+    return gl.where(ok, region * W + (flat - rank * W), 0), ok
+
+
+@gluon.jit
+def _keys_to_shared(K, buf, kv_off, kv_stride, sel, first, S, W, HEAD_DIM: gl.constexpr):
+    """The k (or v) rows of selected places [first, first + 64) into the consumer's wgmma operand
+    `buf`; padding places read token 0 (a valid row: their sums are computed, never stored)."""
+    VEC: gl.constexpr = 8
+    TD: gl.constexpr = HEAD_DIM // VEC
+    io: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [4, 1], [1, 0])
+    tok, _ = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io)), S, W)
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
+    buf.store(gl.load(K + kv_off + tok.to(gl.int64)[:, None] * kv_stride + d[None, :]))
+
+
+@gluon.jit
+def _dkv_load_partition(
+    Q,
+    DO,
+    q_bufs,
+    do_bufs,
+    ready,
+    empty,
+    q_base,
+    q_stride,
+    t_first,
+    q_hi,
+    q_start,
+    n_steps,
+    REP: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+    LOAD_WARPS: gl.constexpr,
+):
+    """The producer of the dk/dv kernel: for each of the REP query heads sharing the selection,
+    the block's query steps (q and do rows, contiguous), from the step holding `q_start`. Rows
+    outside [q_start, q_hi) read row q_hi - 1 (a valid row; the consumers give them P = 0)."""
+    VEC: gl.constexpr = 8
+    TD: gl.constexpr = HEAD_DIM // VEC
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [LOAD_WARPS, 1], [1, 0])
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    for i in range(REP * n_steps):
+        rep = i // n_steps
+        t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
+        t = gl.where((t >= q_start) & (t < q_hi), t, q_hi - 1)
+        _load_step(
+            Q, DO, q_bufs, do_bufs, ready, empty, i, t, q_base + rep * HEAD_DIM, q_stride, offs_d, STAGES
+        )
+
+
+@gluon.jit
+def _dkv_consumer_partition(
+    K,
+    V,
+    DK32,
+    DV32,
+    LSE,
+    DELTA,
+    sel,
+    k_bufs,
+    v_bufs,
+    q_bufs,
+    do_bufs,
+    ready,
+    empty,
+    kv_off,
+    kv_stride,
+    lse_base,
+    L,
+    S,
+    W,
+    chunk_lo,
+    part_off,
+    t_first,
+    q_hi,
+    q_start,
+    n_steps,
+    qk_scale,
+    scale,
+    PART: gl.constexpr,
+    REP: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr,
+    PARTIAL: gl.constexpr,
+):
+    """A dk/dv consumer: selected places [chunk_lo + PART*64, +64) of the block, over every query
+    step of the slots. Key-major products (FlashAttention-2's backward): S^T = k q^T and
+    dP^T = v do^T by two wgmma issued together, then dv += P^T do and dk += dS^T q with P^T and
+    dS^T from registers."""
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
+    )
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+    k_buf = k_bufs.index(PART)
+    v_buf = v_bufs.index(PART)
+    first = chunk_lo + PART * ROWS
+    _keys_to_shared(K, k_buf, kv_off, kv_stride, sel, first, S, W, HEAD_DIM)
+    _keys_to_shared(V, v_buf, kv_off, kv_stride, sel, first, S, W, HEAD_DIM)
+    fence_async_shared()
+    _partition_barrier()  # the warpgroup's wgmma read all four warps' rows
+
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))
+    zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_mma)
+    dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
+    dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
+    for i in range(REP * n_steps):
+        rep = i // n_steps
+        t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
+        row_ok = (t >= q_start) & (t < q_hi)
+        lse_row = LSE + lse_base + rep * L
+        lse2 = gl.load(lse_row + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = gl.load(DELTA + lse_base + rep * L + t, mask=row_ok, other=0.0)
+        s, phase = _slot(i, STAGES)
+        mbarrier.wait(ready.index(s), phase)
+        fence_async_shared()
+        q = q_bufs.index(s)
+        do = do_bufs.index(s)
+        qk = warpgroup_mma(k_buf, q.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dp = warpgroup_mma(v_buf, do.permute((1, 0)), zero, use_acc=False, is_async=True)
+        qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+        p = gl.exp2(qk * qk_scale - lse2[None, :])  # rows outside [q_start, q_hi): lse = +inf, P = 0
+        ds = p * (dp - delta[None, :])
+        dv = warpgroup_mma(gl.convert_layout(p.to(q.dtype), operand), do, dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), operand), q, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        mbarrier.arrive(empty.index(s), count=1)
+
+    flat = first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
+    tok, key_ok = _selected_rows(sel, flat, S, W)
+    d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
+    mask = key_ok[:, None] & (d[None, :] < HEAD_DIM)
+    if PARTIAL:
+        rows = part_off + flat.to(gl.int64)[:, None] * HEAD_DIM + d[None, :]
+        gl.store(DK32 + rows, dk * scale, mask=mask)
+        gl.store(DV32 + rows, dv, mask=mask)
+    else:
+        rows = kv_off + tok.to(gl.int64)[:, None] * kv_stride + d[None, :]
+        gl.atomic_add(DK32 + rows, dk * scale, mask=mask, sem="relaxed")
+        gl.atomic_add(DV32 + rows, dv, mask=mask, sem="relaxed")
+
+
+@gluon.jit
+def ms_attn_bwd_dkv_sel_ws_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK32,
+    DV32,
+    LSE,
+    DELTA,
+    IDX,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_chunks,
+    g0,
+    window,
+    q_start,
+    qk_scale,
+    scale,
+    HQ: gl.constexpr,
+    HKV: gl.constexpr,
+    HS: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    STAGES: gl.constexpr,
+    LOAD_WARPS: gl.constexpr,
+    LOAD_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    PARTIAL: gl.constexpr,
+    REGION: gl.constexpr = 0,
+    num_warps: gl.constexpr = 4,
+):
+    """Grid (Gw * n_chunks, B*HS): what ``triton_kernels.ms_attn_bwd_dkv_sel_kernel`` adds (or,
+    with PARTIAL, stores) without RoPE on the fly, for chunks of 128 selected places (two consumer
+    warpgroups of 64 keys each, read by index once) over the block's query steps of BLOCK_M rows
+    (streamed by the load partition through a ring of STAGES slots, shared by both consumers),
+    for every query head sharing the selection."""
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    if REGION > 0:
+        W = REGION
+    REP: gl.constexpr = HQ // HS
+    BLOCK_N: gl.constexpr = 2 * ROWS
+    g = g0 + gl.program_id(0) // n_chunks
+    chunk = gl.program_id(0) % n_chunks
+    bhs = gl.program_id(1)
+    b = bhs // HS
+    hs = bhs % HS
+    hkv = hs // (HS // HKV)
+    q_stride = HQ * HEAD_DIM
+    kv_stride = HKV * HEAD_DIM
+    kv_off = b.to(gl.int64) * L * kv_stride + hkv * HEAD_DIM
+    q_base = b.to(gl.int64) * L * q_stride + (hs * REP) * HEAD_DIM
+    lse_base = (b * HQ + hs * REP).to(gl.int64) * L
+    sel = IDX + (bhs.to(gl.int64) * G + g) * S
+    chunk_lo = chunk * BLOCK_N
+    part_off = ((bhs.to(gl.int64) * window + (g - g0)) * S * W) * HEAD_DIM
+    q_lo = P + g * M * W
+    q_hi = gl.minimum(q_lo + M * W, L)
+    t_first = q_lo + gl.maximum(q_start - q_lo, 0) // BLOCK_M * BLOCK_M
+    # The selection is sorted with its -1 padding last: a chunk whose first place is padding is
+    # all padding and has nothing to add (no steps).
+    first_region = gl.load(sel + chunk_lo // W, mask=chunk_lo // W < S, other=-1)
+    n_steps = gl.where(first_region >= 0, gl.cdiv(q_hi - t_first, BLOCK_M), 0)
+    dtype: gl.constexpr = Q.dtype.element_ty
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    k_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kv_layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kv_layout)
+    q_bufs, do_bufs, ready, empty = _ring(dtype, STAGES, BLOCK_M, HEAD_DIM, LOAD_WARPS)
+
+    gl.warp_specialize(
+        [
+            (
+                _dkv_consumer_partition,
+                (
+                    K,
+                    V,
+                    DK32,
+                    DV32,
+                    LSE,
+                    DELTA,
+                    sel,
+                    k_bufs,
+                    v_bufs,
+                    q_bufs,
+                    do_bufs,
+                    ready,
+                    empty,
+                    kv_off,
+                    kv_stride,
+                    lse_base,
+                    L,
+                    S,
+                    W,
+                    chunk_lo,
+                    part_off,
+                    t_first,
+                    q_hi,
+                    q_start,
+                    n_steps,
+                    qk_scale,
+                    scale,
+                    0,
+                    REP,
+                    BLOCK_M,
+                    HEAD_DIM,
+                    STAGES,
+                    PARTIAL,
+                ),
+            ),
+            (
+                _dkv_consumer_partition,
+                (
+                    K,
+                    V,
+                    DK32,
+                    DV32,
+                    LSE,
+                    DELTA,
+                    sel,
+                    k_bufs,
+                    v_bufs,
+                    q_bufs,
+                    do_bufs,
+                    ready,
+                    empty,
+                    kv_off,
+                    kv_stride,
+                    lse_base,
+                    L,
+                    S,
+                    W,
+                    chunk_lo,
+                    part_off,
+                    t_first,
+                    q_hi,
+                    q_start,
+                    n_steps,
+                    qk_scale,
+                    scale,
+                    1,
+                    REP,
+                    BLOCK_M,
+                    HEAD_DIM,
+                    STAGES,
+                    PARTIAL,
+                ),
+            ),
+            (
+                _dkv_load_partition,
+                (
+                    Q,
+                    DO,
+                    q_bufs,
+                    do_bufs,
+                    ready,
+                    empty,
+                    q_base,
+                    q_stride,
+                    t_first,
+                    q_hi,
+                    q_start,
+                    n_steps,
+                    REP,
+                    BLOCK_M,
+                    HEAD_DIM,
+                    STAGES,
+                    LOAD_WARPS,
+                ),
+            ),
+        ],
+        [4, LOAD_WARPS],
+        [CONSUMER_REGS, LOAD_REGS],
+    )

@@ -166,6 +166,17 @@ class LaunchConfig:
     sel_block_m: int = 64
     sel_warps: int = 4
     sel_stages: int = 2
+    dkv_gluon: bool = False
+    """The dk/dv of the selected keys (the "atomic" and "partial" paths) without RoPE on the fly by
+    the warp-specialized Gluon kernel (``gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel``): chunks of
+    128 selected places, two consumer warpgroups of 64 keys each (k and v read by index once, dk
+    and dv accumulated in registers), and a load warpgroup streaming the block's query steps
+    (``GLUON_DKV_BLOCK_M`` rows of q and do) by ``cp.async`` through ``gluon_dkv_stages`` slots
+    that both consumers read. Per step two wgmma give S^T and dP^T, two more add P^T do and dS^T q.
+    ``sel_block_n``, ``sel_block_m`` and ``sel_warps`` are the Triton kernel's and do not apply.
+    Applies where ``fwd_gluon`` does (``gluon_applies(..., "dkv")``), not with ``fused_dq``."""
+    gluon_dkv_stages: int = 2
+    """Ring slots of the Gluon dk/dv kernel (``GLUON_DKV_BLOCK_M`` rows of q and do each)."""
     select_rows: int = 16
     select_block_j: int = 64
     select_bins: int = 16
@@ -269,8 +280,9 @@ class LaunchConfig:
         return self.rope_fwd_stages if rope and kernel == "fwd" else getattr(self, f"{kernel}_stages")
 
     def region_const(self, kernel: str, rope: bool, region: int) -> int:
-        """The forward's or dq's ``REGION`` constexpr for region size ``region``: the size itself
-        with ``region_constexpr`` (except the forward under RoPE on the fly), else 0 (run time)."""
+        """The forward's, dq's or Gluon dk/dv's ``REGION`` constexpr for region size ``region``: the
+        size itself with ``region_constexpr`` (except the forward under RoPE on the fly), else 0
+        (run time)."""
         return region if self.region_constexpr and not (rope and kernel == "fwd") else 0
 
     def __post_init__(self) -> None:
@@ -323,7 +335,7 @@ class LaunchConfig:
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
         flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv",
-                 "dkv_tma", "dkv_ws", "region_constexpr", "fwd_gluon", "dq_gluon")  # fmt: skip
+                 "dkv_tma", "dkv_ws", "region_constexpr", "fwd_gluon", "dq_gluon", "dkv_gluon")  # fmt: skip
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -374,6 +386,8 @@ class LaunchConfig:
             )
         if self.gluon_dq_stages < 1:
             raise ValueError(f"gluon_dq_stages must be >= 1, got {self.gluon_dq_stages}")
+        if self.gluon_dkv_stages < 1:
+            raise ValueError(f"gluon_dkv_stages must be >= 1, got {self.gluon_dkv_stages}")
         if self.gluon_stages < 1 or self.gluon_load_warps not in (1, 2, 4):
             raise ValueError(
                 f"gluon_stages must be >= 1 and gluon_load_warps 1, 2 or 4, got {self.gluon_stages} "
@@ -977,11 +991,17 @@ a load warpgroup) x 32 x 168 fit the 64K registers of an SM; the partitions then
 ``GLUON_CONSUMER_REGS`` (the default partition takes what is left: 232 as well)."""
 GLUON_LOAD_REGS = 40
 GLUON_CONSUMER_REGS = 232
+GLUON_DKV_BLOCK_M = 64
+"""Query rows per step of the Gluon dk/dv kernel: its S^T and dP^T tiles (64 keys x 64 rows per
+consumer) and its dk, dv accumulators (64 keys x head dim, two each) share 232 registers."""
+GLUON_DKV_BLOCK_N = 128
+"""Selected places per program of the Gluon dk/dv kernel: 64 per consumer warpgroup."""
 
 
 def gluon_applies(config: LaunchConfig, rope: bool, q: Tensor, kernel: str = "fwd") -> bool:
-    """Whether ``ms_attn_fwd`` runs the Gluon forward (``kernel="fwd"``) or ``bwd_dq`` the Gluon
-    dq (``kernel="dq"``): ``config.fwd_gluon`` (``dq_gluon``), no RoPE on the fly, q bf16 or fp16
+    """Whether ``ms_attn_fwd`` runs the Gluon forward (``kernel="fwd"``), ``bwd_dq`` the Gluon
+    dq (``kernel="dq"``) or ``bwd_dkv`` the Gluon dk/dv of the selected keys (``kernel="dkv"``):
+    ``config.fwd_gluon`` (``dq_gluon``, ``dkv_gluon``), no RoPE on the fly, q bf16 or fp16
     with head dim 64 or 128 on a CUDA device of compute capability 9.x (Hopper), and Triton's CPU
     interpreter off (Gluon has none)."""
     return (
@@ -996,10 +1016,14 @@ def gluon_applies(config: LaunchConfig, rope: bool, q: Tensor, kernel: str = "fw
 
 
 def _gluon(kernel: str = "fwd"):
-    """The Gluon forward (or dq) kernel, imported on first use (``triton.experimental.gluon``)."""
+    """The Gluon forward (dq, dk/dv) kernel, imported on first use (``triton.experimental.gluon``)."""
     from . import gluon_kernels
 
-    return gluon_kernels.ms_attn_fwd_ws_kernel if kernel == "fwd" else gluon_kernels.ms_attn_bwd_dq_ws_kernel
+    return {
+        "fwd": gluon_kernels.ms_attn_fwd_ws_kernel,
+        "dq": gluon_kernels.ms_attn_bwd_dq_ws_kernel,
+        "dkv": gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel,
+    }[kernel]
 
 
 def ms_attn_bwd(
@@ -1236,22 +1260,39 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
         dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         Hs, G, S = idx_sorted.shape[1:]
         if first_block < G:
-            n_chunks = triton.cdiv(S * region, config.sel_block_n)
-            sel_args = (L, geo.P, region, merge, S, G, n_chunks)
-            sel_consts = dict(ROPE=rope, QROT=qrot, WHOLE=whole, BLOCK_M=config.sel_block_m,
-                              BLOCK_N=config.sel_block_n, num_warps=config.sel_warps,
-                              num_stages=config.sel_stages, **consts)  # fmt: skip
-            if path == "atomic":
+            gluon = gluon_applies(config, rope, q, "dkv") and not fused
+            n_chunks = triton.cdiv(S * region, GLUON_DKV_BLOCK_N if gluon else config.sel_block_n)
+
+            def launch_sel(blocks: int, g0: int, window: int, dk_out: Tensor, dv_out: Tensor, partial: bool):
+                """dk, dv of the selected keys of blocks g0 .. g0 + blocks - 1 into dk_out, dv_out
+                (added, or stored as partial sums of a window of ``window`` blocks)."""
+                grid = (blocks * n_chunks, B * Hs)
+                if gluon:
+                    with launch_settings("ms_attn_bwd_dkv_sel_ws_kernel", config, "gluon_dkv_"):
+                        _gluon("dkv")[grid](
+                            q, k, v, do, dk_out, dv_out, lse, delta, idx_sorted,
+                            L, geo.P, region, merge, S, G, n_chunks, g0, window, start, scale * LOG2E, scale,
+                            HQ=Hq, HKV=Hkv, HS=Hs, HEAD_DIM=D, BLOCK_M=GLUON_DKV_BLOCK_M,
+                            STAGES=config.gluon_dkv_stages, LOAD_WARPS=config.gluon_load_warps,
+                            LOAD_REGS=GLUON_LOAD_REGS, CONSUMER_REGS=GLUON_CONSUMER_REGS, PARTIAL=partial,
+                            REGION=config.region_const("dkv", rope, region), num_warps=4,
+                            maxnreg=GLUON_MAXNREG,
+                        )  # fmt: skip
+                    return
                 with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
-                    tk.ms_attn_bwd_dkv_sel_kernel[((G - first_block) * n_chunks, B * Hs)](
-                        q, k, v, do, dk32, dv32, dq_arg, lse, delta, idx_sorted, cos, sin,
-                        *sel_args, first_block, G, start, scale * LOG2E, scale, PARTIAL=False,
-                        FUSED_DQ=fused, **sel_consts,
+                    tk.ms_attn_bwd_dkv_sel_kernel[grid](
+                        q, k, v, do, dk_out, dv_out, dq_arg, lse, delta, idx_sorted, cos, sin,
+                        L, geo.P, region, merge, S, G, n_chunks, g0, window, start, scale * LOG2E, scale,
+                        PARTIAL=partial, FUSED_DQ=fused, ROPE=rope, QROT=qrot, WHOLE=whole,
+                        BLOCK_M=config.sel_block_m, BLOCK_N=config.sel_block_n, num_warps=config.sel_warps,
+                        num_stages=config.sel_stages, **consts,
                     )  # fmt: skip
+
+            if path == "atomic":
+                launch_sel(G - first_block, first_block, G, dk32, dv32, False)
             else:
-                _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args,
-                              sel_consts, region=region, scale=scale, config=config,
-                              start=start, first_block=first_block)  # fmt: skip
+                _partial_sums(q, k, lse, idx_sorted, dk32, dv32, launch_sel, region=region,
+                              config=config, first_block=first_block)  # fmt: skip
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     tma = _dkv_descriptors(q, k, v, do, start, config, ws=path != "reverse") if whole else {}
@@ -1289,32 +1330,25 @@ def _dkv_descriptors(q: Tensor, k: Tensor, v: Tensor, do: Tensor, start: int, co
     return out | dict(WS=config.dkv_ws and ws)
 
 
-def _partial_sums(q, k, v, do, lse, delta, idx_sorted, cos, sin, dk32, dv32, sel_args, sel_consts,
-                  *, region, scale, config: LaunchConfig, start: int, first_block: int) -> None:  # fmt: skip
+def _partial_sums(q, k, lse, idx_sorted, dk32, dv32, launch_sel, *, region, config: LaunchConfig,
+                  first_block: int) -> None:  # fmt: skip
     """The "partial" path: per window of blocks, every (block, chunk of selected tokens)
-    program stores its dk, dv sums into float32 partial buffers, then one program per (region,
-    kv head) adds the region's partial sums into dk32, dv32 in a fixed order. Windows run one
-    after the other on the stream, so every element of dk32, dv32 gets the same additions in
-    the same order on every run. The windows cover the blocks from ``first_block`` (the one
-    holding row ``start``) on."""
+    program stores its dk, dv sums into float32 partial buffers (``launch_sel``, ``bwd_dkv``'s),
+    then one program per (region, kv head) adds the region's partial sums into dk32, dv32 in a
+    fixed order. Windows run one after the other on the stream, so every element of dk32, dv32
+    gets the same additions in the same order on every run. The windows cover the blocks from
+    ``first_block`` (the one holding the first query row computed) on."""
     live = idx_sorted[:, :, first_block:]
     B, Hs, G, S = live.shape
     Hkv, D = k.shape[2], k.shape[3]
     n = triton.cdiv(q.shape[1], region)
-    n_chunks = sel_args[-1]
     window = partial_window((B, Hs, G, S), region, D, config)
     index = partial_index(live, Hkv, n, window)
     pdk = _empty((B * Hs, window, S * region, D), torch.float32, q.device)
     pdv = _empty((B * Hs, window, S * region, D), torch.float32, q.device)
     for win in range(index.n_windows):
         g0 = win * window
-        blocks = min(window, G - g0)
-        with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
-            tk.ms_attn_bwd_dkv_sel_kernel[(blocks * n_chunks, B * Hs)](
-                q, k, v, do, pdk, pdv, pdv, lse, delta, idx_sorted, cos, sin,  # DQ32 unused
-                *sel_args, first_block + g0, window, start, scale * LOG2E, scale, PARTIAL=True,
-                FUSED_DQ=False, **sel_consts,
-            )  # fmt: skip
+        launch_sel(min(window, G - g0), first_block + g0, window, pdk, pdv, True)
         tk.ms_attn_bwd_dkv_reduce_kernel[(n, B * Hkv)](
             pdk, pdv, dk32, dv32, index.offsets[win * B * Hkv * n :], index.src,
             q.shape[1], region, n,
