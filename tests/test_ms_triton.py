@@ -1770,7 +1770,7 @@ def test_gluon_kernels_apply_only_where_they_compile():
     with pytest.raises(ValueError, match="fwd_gluon=True needs fwd_block_m=128"):
         dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True, fwd_block_m=64, fwd_block_n=64)
     with pytest.raises(ValueError, match="dq_gluon=True needs dq_block_m=128"):
-        dataclasses.replace(triton_impl.GPU_CONFIG, dq_gluon=True, dq_block_n=32)
+        dataclasses.replace(triton_impl.GPU_CONFIG, dq_gluon=True, gluon_dq_block_n=32)
     with pytest.raises(ValueError, match="gluon_load_warps"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_load_warps=3)
     with pytest.raises(ValueError, match="gluon_dkv_stages"):

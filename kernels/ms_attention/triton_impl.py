@@ -111,13 +111,15 @@ class LaunchConfig:
     """dq without RoPE on the fly by the warp-specialized Gluon kernel
     (``gluon_kernels.ms_attn_bwd_dq_ws_kernel``): the forward's load partition and two consumer
     warpgroups, each recomputing its 64 rows' scores and dP = do v^T (two wgmma issued together)
-    and adding dS k. Needs ``dq_block_m`` = 128 and ``dq_block_n`` 64 or 128; applies where
+    and adding dS k. Needs ``dq_block_m`` = 128 and steps over ``gluon_dq_block_n`` keys; applies where
     ``fwd_gluon`` does (``gluon_applies(..., "dq")``). On in ``GPU_CONFIG``: 12-16% less time
     in dq in all 6 cases timed (H200, Triton 3.6, session 14: paper 32K-128K, (64, 64, 8) 32K-128K;
     paper 64K 22.02 -> 18.40 ms, 529 -> 633 TFLOP/s). 64-key steps with 3 slots were 2-5% faster
     still at 32K and 128K and level at 64K: not adopted, a candidate."""
     gluon_dq_stages: int = 2
-    """Ring slots of the Gluon dq kernel (``dq_block_n`` rows of k and v each)."""
+    """Ring slots of the Gluon dq kernel (``gluon_dq_block_n`` rows of k and v each)."""
+    gluon_dq_block_n: int = 128
+    """Keys per step of the Gluon dq kernel (64 or 128; the Triton dq's is ``dq_block_n``)."""
     gluon_load_warps: int = 4
     """Warps of the Gluon forward's and dq's load partition (a warpgroup: its registers are set per
     warpgroup)."""
@@ -379,10 +381,10 @@ class LaunchConfig:
                 f"fwd_gluon=True needs fwd_block_m=128 (two consumer warpgroups of 64 rows) and "
                 f"fwd_block_n 64 or 128, got {self.fwd_block_m} and {self.fwd_block_n}"
             )
-        if self.dq_gluon and (self.dq_block_m != 128 or self.dq_block_n not in (64, 128)):
+        if self.dq_gluon and (self.dq_block_m != 128 or self.gluon_dq_block_n not in (64, 128)):
             raise ValueError(
                 f"dq_gluon=True needs dq_block_m=128 (two consumer warpgroups of 64 rows) and "
-                f"dq_block_n 64 or 128, got {self.dq_block_m} and {self.dq_block_n}"
+                f"gluon_dq_block_n 64 or 128, got {self.dq_block_m} and {self.gluon_dq_block_n}"
             )
         if self.gluon_dq_stages < 1:
             raise ValueError(f"gluon_dq_stages must be >= 1, got {self.gluon_dq_stages}")
@@ -1151,7 +1153,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
                 q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted),
                 L, geo.P, region, merge, budget - merge, geo.G, geo.n_pre_tiles, geo.tiles_per_block,
                 start, first, scale * LOG2E, scale,
-                HQ=Hq, HKV=k.shape[2], HS=idx_sorted.shape[1], HEAD_DIM=D, BLOCK_N=config.dq_block_n,
+                HQ=Hq, HKV=k.shape[2], HS=idx_sorted.shape[1], HEAD_DIM=D, BLOCK_N=config.gluon_dq_block_n,
                 STAGES=config.gluon_dq_stages, LOAD_WARPS=config.gluon_load_warps, LOAD_REGS=GLUON_LOAD_REGS,
                 CONSUMER_REGS=GLUON_CONSUMER_REGS, REGION=config.region_const("dq", rope, region),
                 num_warps=4, maxnreg=GLUON_MAXNREG,
