@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Session 15's lease (experiments/results moved aside during the lease; carry [.whl/core]):
-#   call 1  bash experiments/gpu/lease_s15.sh 1      (nvidia-h200-x2)
-#           the Gluon dk/dv of the selected keys (dkv_gluon) on the GPU for the first time.
-#           GPU 0: the Gluon GPU tests (its kernels against the Triton ones, the +gluondkv bf16
-#           error cases) first, then the dk/dv stage sweep at (64, 64, 8) 32K-256K;
-#           GPU 1: the dk/dv stage sweep at paper settings 32K-256K: base (GPU_CONFIG), dkv_gluon
-#           at 2 and 3 slots; then the Gluon dq at 64-key steps (gluon_dq_block_n) at paper 64K-128K
-#           -> OUT/s15a.tgz
+#   call 1  bash experiments/gpu/lease_s15.sh 1      (nvidia-h200: one GPU, the only kind lent)
+#           the Gluon dk/dv of the selected keys (dkv_gluon) on the GPU for the first time: the
+#           Gluon GPU tests (its kernels against the Triton ones, the +gluondkv bf16 error cases),
+#           then the dk/dv stage sweep at paper settings and at (64, 64, 8), 32K-256K: base
+#           (GPU_CONFIG), dkv_gluon at 2 and 3 slots; then the Gluon dq at 64-key steps
+#           (gluon_dq_block_n) at paper 64K-128K  -> OUT/s15a.tgz
 #   call 2  bash experiments/gpu/lease_s15.sh 2      (nvidia-h200-x2)
 #           dkv_gluon adopted. GPU 0: all GPU tests of the kernels, then the kernel benchmark at
 #           (64, 64, 8) (ours, S2); GPU 1: the kernel benchmark at paper settings (ours, dense, S2),
@@ -21,23 +20,18 @@ case $CALL in
   1)
     R=$OUT/s15a; mkdir -p "$R"
     V="base;dkv_gluon=true;dkv_gluon=true+gluon_dkv_stages=3"
-    (
-      CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
-        -k gluon > "$R/gpu_tests_gluon.log" 2>&1
-      CUDA_VISIBLE_DEVICES=0 timeout $(( $(left) - 20 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting sparse \
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k gluon > "$R/gpu_tests_gluon.log" 2>&1
+    tail -n 6 "$R/gpu_tests_gluon.log"
+    for setting in paper sparse; do
+      timeout $(( $(left) / 2 - 30 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting $setting \
         --lengths 32K,64K,128K,256K --stages dkv --variants "$V" --out "$R" \
-        --stem "stage_sweep_${day}_${card}_s15_gluon_dkv_sparse" > "$R/sweep_dkv_sparse.log" 2>&1
-    ) &
-    (
-      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 100 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
-        --lengths 32K,64K,128K,256K --stages dkv --variants "$V" --out "$R" \
-        --stem "stage_sweep_${day}_${card}_s15_gluon_dkv_paper" > "$R/sweep_dkv_paper.log" 2>&1
-      CUDA_VISIBLE_DEVICES=1 timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
-        --lengths 64K,128K --stages dq --variants "base;gluon_dq_block_n=64+gluon_dq_stages=3" --out "$R" \
-        --stem "stage_sweep_${day}_${card}_s15_gluon_dq64_paper" > "$R/sweep_dq64_paper.log" 2>&1
-    ) &
-    wait
-    tail -n 6 "$R/gpu_tests_gluon.log"; grep -h -A12 '^| case' "$R"/*.md; tail -n 3 "$R"/sweep_*.log
+        --stem "stage_sweep_${day}_${card}_s15_gluon_dkv_$setting" > "$R/sweep_dkv_$setting.log" 2>&1
+    done
+    timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
+      --lengths 64K,128K --stages dq --variants "base;gluon_dq_block_n=64+gluon_dq_stages=3" --out "$R" \
+      --stem "stage_sweep_${day}_${card}_s15_gluon_dq64_paper" > "$R/sweep_dq64_paper.log" 2>&1
+    grep -h -A12 '^| case' "$R"/*.md; tail -n 3 "$R"/sweep_*.log
     tar -czf "$OUT/s15a.tgz" -C "$OUT" s15a && rm -rf "$R"
     ;;
   2)
