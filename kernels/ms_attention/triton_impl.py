@@ -119,7 +119,8 @@ class LaunchConfig:
     gluon_dq_stages: int = 2
     """Ring slots of the Gluon dq kernel (``gluon_dq_block_n`` rows of k and v each)."""
     gluon_dq_block_n: int = 128
-    """Keys per step of the Gluon dq kernel (64 or 128; the Triton dq's is ``dq_block_n``)."""
+    """Keys per step of the Gluon dq kernel (64 or 128; the Triton dq's is ``dq_block_n``). 64 with
+    3 slots: 1.4% faster at paper 64K, 1.0% slower at 128K (H200, session 15): 128 kept."""
     gluon_load_warps: int = 4
     """Warps of the Gluon forward's and dq's load partition (a warpgroup: its registers are set per
     warpgroup)."""
@@ -176,7 +177,10 @@ class LaunchConfig:
     (``GLUON_DKV_BLOCK_M`` rows of q and do) by ``cp.async`` through ``gluon_dkv_stages`` slots
     that both consumers read. Per step two wgmma give S^T and dP^T, two more add P^T do and dS^T q.
     ``sel_block_n``, ``sel_block_m`` and ``sel_warps`` are the Triton kernel's and do not apply.
-    Applies where ``fwd_gluon`` does (``gluon_applies(..., "dkv")``), not with ``fused_dq``."""
+    Applies where ``fwd_gluon`` does (``gluon_applies(..., "dkv")``), not with ``fused_dq``. Off:
+    measured no faster than the Triton kernel (H200, Triton 3.6, session 15: the dk/dv stage within
+    -3..+1% at paper settings and 1-7% slower at (64, 64, 8), 32K-256K, the partial path's within
+    -3..+2%); Nsight Compute put both kernels' tensor pipes at 51% busy (kernels/README.md)."""
     gluon_dkv_stages: int = 2
     """Ring slots of the Gluon dk/dv kernel (``GLUON_DKV_BLOCK_M`` rows of q and do each)."""
     select_rows: int = 16

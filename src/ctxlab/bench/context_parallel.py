@@ -93,8 +93,8 @@ def markdown(result: dict) -> str:
         "runs the whole row. Peak memory is the largest of the GPUs. `vs 1 GPU`: total tokens/s over "
         "the one-GPU tokens/s of the same variant at the length named.",
         "",
-        "| variant | L | GPUs | status | s/step | tokens/s total | tokens/s/GPU | MFU (dense-equiv.) | peak alloc GiB | "
-        "peak reserved GiB | step times s | vs 1 GPU | strategy |",
+        "| variant | L | GPUs | status | s/step | tokens/s total | tokens/s/GPU | MFU (dense-equiv.) | "
+        "peak alloc GiB | peak reserved GiB | step times s | vs 1 GPU | strategy |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:

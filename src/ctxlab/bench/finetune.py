@@ -301,8 +301,8 @@ def markdown(result: dict, baseline: dict | None) -> str:
         + f"{result['warmup']} warm-up + {result['steps']} timed steps (median)"
         + (f", {result['long_steps']} from L={result['long_from']} on." if "long_from" in result else "."),
         "",
-        "| variant | L | status | s/step | tokens/s/GPU | tokens/s total | MFU (dense-equiv.) | peak alloc GiB | "
-        "peak reserved GiB | fits a 40 GB card | pairs computed | scaling eff. |",
+        "| variant | L | status | s/step | tokens/s/GPU | tokens/s total | MFU (dense-equiv.) | "
+        "peak alloc GiB | peak reserved GiB | fits a 40 GB card | pairs computed | scaling eff. |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
