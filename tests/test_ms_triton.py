@@ -1362,20 +1362,26 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
     err = (dq[:, start:].float() - dq_ref[:, start:].float()).abs().max().item()
     assert err <= 2**-7 * dq_ref[:, start:].float().abs().max().item(), err
 
-    # dk, dv of the selected keys (``dkv_gluon``) on both paths it serves; the partial sums'
-    # bits are the same on every run (each element stored once, reduced in a fixed order).
+    # dq with its consumers' waits split (``gluon_split_waits``): the same sums, the same bits.
+    split = dataclasses.replace(gluon, gluon_split_waits=True)
+    assert torch.equal(triton_impl.bwd_dq(do, q, k, v, lse_ref, delta, idx, config=split, **opts), dq)
+
+    # dk, dv of the selected keys (``dkv_gluon``) on both paths it serves, waits split or not; the
+    # partial sums' bits are the same on every run (each element stored once, reduced in a fixed
+    # order), and the same with the waits split.
     gluon = dataclasses.replace(gluon, dkv_gluon=True)
     assert triton_impl.gluon_applies(gluon, False, q, "dkv")
     for path in ("atomic", "partial"):
         ref = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=base, path=path, **opts)
-        got = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=gluon, path=path, **opts)
-        for name, g, r in zip(("dk", "dv"), got, ref):
-            assert not g.isnan().any(), (path, name)
-            err = (g.float() - r.float()).abs().max().item()
-            assert err <= 2**-7 * r.float().abs().max().item(), (path, name, err)
-        if path == "partial":
-            again = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=gluon, path=path, **opts)
-            assert all(torch.equal(a, b) for a, b in zip(got, again))
+        for cfg in (gluon, dataclasses.replace(gluon, gluon_split_waits=True)):
+            got = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=cfg, path=path, **opts)
+            for name, g, r in zip(("dk", "dv"), got, ref):
+                assert not g.isnan().any(), (path, name)
+                err = (g.float() - r.float()).abs().max().item()
+                assert err <= 2**-7 * r.float().abs().max().item(), (path, name, cfg.gluon_split_waits, err)
+            if path == "partial":
+                again = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=gluon, path=path, **opts)
+                assert all(torch.equal(a, b) for a, b in zip(got, again))
 
 
 # The fused selection at real sizes. Integer inputs (w a power of two, so every representative
@@ -1700,6 +1706,8 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
         ("dq", 64, 3),
         ("dkv", 128, 2),
         ("dkv-partial", 128, 3),
+        ("dq-split", 128, 2),
+        ("dkv-split", 128, 2),
     ],
 )
 def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
@@ -1709,7 +1717,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     (``setmaxnreg``), the consumers' wgmma stay asynchronous (at most one wait per four HGMMA:
     the forward's and dq's steps wait once per GEMM pair, dk/dv's twice per four GEMMs of 24 HGMMA)
     and the buffers fit an H100's shared memory; dk/dv adds its sums with relaxed reductions
-    (``RED``, no ``ATOM``) or, with ``PARTIAL``, stores them."""
+    (``RED``, no ``ATOM``) or, with ``PARTIAL``, stores them; with ``gluon_split_waits`` (the
+    ``-split`` cases) a wait leaves one GEMM group in flight."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from ctxlab.kernels.ms_attention import gluon_kernels
@@ -1717,6 +1726,10 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     common = dict(HQ=32, HKV=8, HS=32, HEAD_DIM=128, STAGES=stages,
                   LOAD_WARPS=triton_impl.GPU_CONFIG.gluon_load_warps, LOAD_REGS=triton_impl.GLUON_LOAD_REGS,
                   CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS)  # fmt: skip
+    split = kernel.endswith("-split")
+    kernel = kernel.removesuffix("-split")
+    if kernel != "fwd":
+        common |= dict(SPLIT_WAITS=split)
     if kernel.startswith("dkv"):
         tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
@@ -1749,6 +1762,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
         assert "RED" in sass and "ATOM" not in sass
     elif kernel == "dkv-partial":
         assert "RED" not in sass and "ATOM" not in sass
+    # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed).
+    assert ("WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass) == split
 
 
 @pytest.mark.slow

@@ -551,6 +551,7 @@ def _dq_step(
     BLOCK_N: gl.constexpr,
     s_mma: gl.constexpr,
     o_mma: gl.constexpr,
+    SPLIT_WAITS: gl.constexpr,
 ):
     """dq += dS k over slot i's keys (softmax scale not applied): the scores and dP = do v^T by two
     wgmma issued together, P recomputed from lse (log2 units)."""
@@ -562,10 +563,15 @@ def _dq_step(
     zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma)
     qk = warpgroup_mma(q_buf, k.permute((1, 0)), zero, use_acc=False, is_async=True)
     dp = warpgroup_mma(do_buf, v.permute((1, 0)), zero, use_acc=False, is_async=True)
-    qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+    if SPLIT_WAITS:  # P while dP is still on the tensor cores
+        qk = warpgroup_mma_wait(1, deps=(qk,))
+    else:
+        qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
     p = gl.exp2(qk * qk_scale - lse2[:, None])
     if MASKED:
         p = gl.where(allowed, p, 0.0)
+    if SPLIT_WAITS:
+        dp = warpgroup_mma_wait(0, deps=(dp,))
     ds = p * (dp - delta[:, None])
     ds = gl.convert_layout(ds.to(k.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2))
     dq = warpgroup_mma(ds, k, dq, is_async=True)
@@ -601,6 +607,7 @@ def _dq_consumer_partition(
     BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr,
+    SPLIT_WAITS: gl.constexpr,
 ):
     """A dq consumer: query rows [lo + PART*64, +64) of the tile over every step of the key set,
     the forward's steps and masks."""
@@ -646,6 +653,7 @@ def _dq_consumer_partition(
             BLOCK_N,
             s_mma,
             o_mma,
+            SPLIT_WAITS,
         )
     for i in range(whole, n_sel):
         allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
@@ -667,6 +675,7 @@ def _dq_consumer_partition(
             BLOCK_N,
             s_mma,
             o_mma,
+            SPLIT_WAITS,
         )
     n_before = (lo - seg_lo) // BLOCK_N
     for j in range(n_before):
@@ -688,6 +697,7 @@ def _dq_consumer_partition(
             BLOCK_N,
             s_mma,
             o_mma,
+            SPLIT_WAITS,
         )
     for j in range(n_before, n_before + gl.cdiv(hi - lo, BLOCK_N)):
         tok = seg_lo + j * BLOCK_N + offs_n
@@ -710,6 +720,7 @@ def _dq_consumer_partition(
             BLOCK_N,
             s_mma,
             o_mma,
+            SPLIT_WAITS,
         )
 
     o_rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
@@ -751,6 +762,7 @@ def ms_attn_bwd_dq_ws_kernel(
     LOAD_REGS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     REGION: gl.constexpr = 0,
+    SPLIT_WAITS: gl.constexpr = False,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (query tiles of 128 rows from `first_tile`, B*HQ): what ``ms_attn_bwd_dq_kernel``
@@ -815,6 +827,7 @@ def ms_attn_bwd_dq_ws_kernel(
                     BLOCK_N,
                     HEAD_DIM,
                     STAGES,
+                    SPLIT_WAITS,
                 ),
             ),
             (
@@ -845,6 +858,7 @@ def ms_attn_bwd_dq_ws_kernel(
                     BLOCK_N,
                     HEAD_DIM,
                     STAGES,
+                    SPLIT_WAITS,
                 ),
             ),
             (
@@ -971,6 +985,7 @@ def _dkv_consumer_partition(
     HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr,
     PARTIAL: gl.constexpr,
+    SPLIT_WAITS: gl.constexpr,
 ):
     """A dk/dv consumer: selected places [chunk_lo + PART*64, +64) of the block, over every query
     step of the slots. Key-major products (FlashAttention-2's backward): S^T = k q^T and
@@ -1009,12 +1024,23 @@ def _dkv_consumer_partition(
         do = do_bufs.index(s)
         qk = warpgroup_mma(k_buf, q.permute((1, 0)), zero, use_acc=False, is_async=True)
         dp = warpgroup_mma(v_buf, do.permute((1, 0)), zero, use_acc=False, is_async=True)
-        qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
-        p = gl.exp2(qk * qk_scale - lse2[None, :])  # rows outside [q_start, q_hi): lse = +inf, P = 0
-        ds = p * (dp - delta[None, :])
-        dv = warpgroup_mma(gl.convert_layout(p.to(q.dtype), operand), do, dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), operand), q, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+        if SPLIT_WAITS:
+            # P^T while dP^T is still on the tensor cores, dS^T while dv += P^T do is.
+            qk = warpgroup_mma_wait(1, deps=(qk,))
+            p = gl.exp2(qk * qk_scale - lse2[None, :])
+            p_op = gl.convert_layout(p.to(q.dtype), operand)
+            dv = warpgroup_mma(p_op, do, dv, is_async=True)
+            dp, p_op = warpgroup_mma_wait(1, deps=(dp, p_op))
+            ds_op = gl.convert_layout((p * (dp - delta[None, :])).to(q.dtype), operand)
+            dk = warpgroup_mma(ds_op, q, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))[:2]
+        else:
+            qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+            p = gl.exp2(qk * qk_scale - lse2[None, :])  # rows outside [q_start, q_hi): lse = +inf, P = 0
+            ds = p * (dp - delta[None, :])
+            dv = warpgroup_mma(gl.convert_layout(p.to(q.dtype), operand), do, dv, is_async=True)
+            dk = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), operand), q, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(empty.index(s), count=1)
 
     flat = first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
@@ -1065,6 +1091,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     CONSUMER_REGS: gl.constexpr,
     PARTIAL: gl.constexpr,
     REGION: gl.constexpr = 0,
+    SPLIT_WAITS: gl.constexpr = False,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (Gw * n_chunks, B*HS): what ``triton_kernels.ms_attn_bwd_dkv_sel_kernel`` adds (or,
@@ -1142,6 +1169,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     HEAD_DIM,
                     STAGES,
                     PARTIAL,
+                    SPLIT_WAITS,
                 ),
             ),
             (
@@ -1180,6 +1208,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     HEAD_DIM,
                     STAGES,
                     PARTIAL,
+                    SPLIT_WAITS,
                 ),
             ),
             (

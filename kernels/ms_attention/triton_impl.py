@@ -183,6 +183,12 @@ class LaunchConfig:
     -3..+2%); Nsight Compute put both kernels' tensor pipes at 51% busy (kernels/README.md)."""
     gluon_dkv_stages: int = 2
     """Ring slots of the Gluon dk/dv kernel (``GLUON_DKV_BLOCK_M`` rows of q and do each)."""
+    gluon_split_waits: bool = False
+    """The Gluon dq and dk/dv consumers wait for their score GEMMs one at a time: P (P^T) is
+    formed while dP (dP^T) is still on the tensor cores, and in dk/dv dS^T while dv += P^T do is
+    (``WARPGROUP.DEPBAR`` with one group left in flight), where by default each step waits for both
+    score GEMMs, then for both of its update GEMMs. The same sums. Compiled for sm_90 without
+    spills beyond the default's (session 15); not yet timed, so off."""
     select_rows: int = 16
     select_block_j: int = 64
     select_bins: int = 16
@@ -1160,7 +1166,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
                 HQ=Hq, HKV=k.shape[2], HS=idx_sorted.shape[1], HEAD_DIM=D, BLOCK_N=config.gluon_dq_block_n,
                 STAGES=config.gluon_dq_stages, LOAD_WARPS=config.gluon_load_warps, LOAD_REGS=GLUON_LOAD_REGS,
                 CONSUMER_REGS=GLUON_CONSUMER_REGS, REGION=config.region_const("dq", rope, region),
-                num_warps=4, maxnreg=GLUON_MAXNREG,
+                SPLIT_WAITS=config.gluon_split_waits, num_warps=4, maxnreg=GLUON_MAXNREG,
             )  # fmt: skip
         return dq
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
@@ -1281,8 +1287,8 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                             HQ=Hq, HKV=Hkv, HS=Hs, HEAD_DIM=D, BLOCK_M=GLUON_DKV_BLOCK_M,
                             STAGES=config.gluon_dkv_stages, LOAD_WARPS=config.gluon_load_warps,
                             LOAD_REGS=GLUON_LOAD_REGS, CONSUMER_REGS=GLUON_CONSUMER_REGS, PARTIAL=partial,
-                            REGION=config.region_const("dkv", rope, region), num_warps=4,
-                            maxnreg=GLUON_MAXNREG,
+                            REGION=config.region_const("dkv", rope, region),
+                            SPLIT_WAITS=config.gluon_split_waits, num_warps=4, maxnreg=GLUON_MAXNREG,
                         )  # fmt: skip
                     return
                 with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
