@@ -14,8 +14,15 @@
 #   call 3  bash experiments/gpu/lease_s15.sh 3      (nvidia-h200)
 #           all GPU tests of the kernels (bwd_dkv's launch refactored), then the 7B LoRA+ step at
 #           64K and 128K, S2 and MS  -> OUT/s15c.tgz
+#   (inline) the four selection GPU tests, then the deterministic mode at paper settings; the dk/dv
+#           stage on the partial path, Triton and Gluon; Nsight Compute of both dk/dv kernels at paper
+#           64K (the commands are in kernels/README.md, session 15)
+#   call 4  bash experiments/gpu/lease_s15.sh 4      (nvidia-h200; NOT run: the next lease's first)
+#           gluon_split_waits: the Gluon GPU tests, then dq and dk/dv stage sweeps at paper and
+#           (64, 64, 8), 32K-256K: base, split waits (Gluon dq), Gluon dk/dv with split waits
+#           -> OUT/s15f.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s15.sh 1|2|3}
+CALL=${1:?usage: lease_s15.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -59,5 +66,20 @@ case $CALL in
     grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-250
     tar -czf "$OUT/s15c.tgz" -C "$OUT" s15c && rm -rf "$R"
     ;;
-  *) echo "lease_s15.sh: call must be 1, 2 or 3" >&2; exit 2 ;;
+  4)
+    # Not run in session 15 (its device time was spent): the next lease's first call.
+    R=$OUT/s15f; mkdir -p "$R"
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k gluon > "$R/gpu_tests_gluon.log" 2>&1
+    tail -n 6 "$R/gpu_tests_gluon.log"
+    for setting in paper sparse; do
+      timeout $(( $(left) / 2 - 20 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting $setting \
+        --lengths 32K,64K,128K,256K --stages dq,dkv \
+        --variants "base;gluon_split_waits=true;dkv_gluon=true+gluon_split_waits=true" --out "$R" \
+        --stem "stage_sweep_${day}_${card}_split_waits_$setting" > "$R/sweep_split_$setting.log" 2>&1
+    done
+    grep -h -A14 '^| case' "$R"/*.md
+    tar -czf "$OUT/s15f.tgz" -C "$OUT" s15f && rm -rf "$R"
+    ;;
+  *) echo "lease_s15.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
