@@ -232,6 +232,17 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tmp_path):
     run_id = (run / "wandb_id.txt").read_text().strip()
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
 
+    # Both sessions of the job computed with the reference's numeric settings (threads, denormals,
+    # CPU kernels, ...): the resumed one took its thread count from the checkpoint. Checked before
+    # the bits, so that a run on other settings fails naming them, not as a last-bit drift.
+    from ctxlab.train.numerics import differences, read_numerics
+
+    (ref_env,), sessions = read_numerics(ref), read_numerics(run)
+    assert [s["resumed"] for s in sessions] == [False, True], sessions
+    assert sessions[1]["cpu_threads_source"] == "checkpoint" and not sessions[1]["differs_from_checkpoint"]
+    for s in sessions:
+        assert not differences(ref_env, s), f"numeric settings (reference, job): {differences(ref_env, s)}"
+
     # Nothing lost: the final state and metrics equal the uninterrupted run's.
     got = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     want = torch.load(ref / "checkpoints" / "last.ckpt", weights_only=False)
@@ -443,3 +454,32 @@ def test_preemption_callback_checkpoints_at_a_step_boundary_and_requeues(tmp_pat
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     whole, first, rest = logged
     assert first + rest == whole, logged  # step 3's loss logged before the requeue, not again after
+
+
+def test_cpu_threads_come_from_the_setting_then_the_checkpoint_then_the_process(tmp_path):
+    """A resumed fit computes with the intra-op thread count its checkpoint was trained with
+    unless ``cpu_threads`` says otherwise; the checkpoint records it."""
+    from ctxlab.train import numerics
+
+    assert numerics.resolve_cpu_threads(3, 2, 8) == (3, "cpu_threads")
+    assert numerics.resolve_cpu_threads(None, 2, 8) == (2, "checkpoint")
+    assert numerics.resolve_cpu_threads(None, None, 8) == (8, "default")
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="cpu_threads"):
+            numerics.resolve_cpu_threads(bad, None, 8)
+
+    before = torch.get_num_threads()
+    ckpt = tmp_path / "last.ckpt"
+    recorded = numerics.for_checkpoint() | {"num_threads": 1}
+    torch.save({"global_step": 3, numerics.CHECKPOINT_KEY: recorded}, ckpt)
+    assert torch.load(ckpt, weights_only=True)[numerics.CHECKPOINT_KEY] == recorded  # plain types only
+    try:
+        note = numerics.pin_cpu_threads(None, ckpt)
+        assert torch.get_num_threads() == 1 and note["cpu_threads_source"] == "checkpoint"
+        assert note["differs_from_checkpoint"] == {}
+        note = numerics.pin_cpu_threads(2, ckpt)  # the setting wins, and the record says what parts
+        assert torch.get_num_threads() == 2 and note["differs_from_checkpoint"] == {"num_threads": [1, 2]}
+    finally:
+        torch.set_num_threads(before)
+    record = numerics.record_numerics(tmp_path, stage="fit")
+    assert numerics.read_numerics(tmp_path) == [record] and record["num_threads"] == before

@@ -30,6 +30,7 @@ from ctxlab.evaluation import evaluate
 from ctxlab.loggers import Loggers, say
 from ctxlab.provenance import check_trained_settings, record_suffix, trained_settings, write_metadata
 from ctxlab.runfiles import atomic_write, check_fit_space
+from ctxlab.train import numerics
 from ctxlab.weights import load_any_weights, load_weights, save_run_weights
 
 
@@ -211,10 +212,13 @@ def run_job(cfg: DictConfig) -> dict:
     world = distributed.init(cfg.trainer)  # several ranks: from torchrun or SLURM, else an error
     run_dir = Path(cfg.run_dir).resolve()
     lock = claim_run_dir(cfg, run_dir, world)
+    threads = torch.get_num_threads()  # _run_job pins them (cpu_threads); the caller's come back after
     try:
         with _Signals() as signals:
             return _run_job(cfg, run_dir, world, signals)
     finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if lock is not None:
             lock.release()
 
@@ -229,6 +233,20 @@ def _run_job(cfg: DictConfig, run_dir: Path, world: int, signals: _Signals) -> d
 
     if distributed.is_rank_zero():
         write_metadata(cfg, run_dir)
+    # Before any work: a resumed fit computes with the thread count its checkpoint was trained with.
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = last if cfg.phase.fit and last.exists() else None
+    try:
+        threads = numerics.pin_cpu_threads(cfg.get("cpu_threads"), resume)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if distributed.is_rank_zero():
+        numerics.record_numerics(run_dir, stage="fit" if cfg.phase.fit else "evaluation",
+                                 resumed=resume is not None, **threads)  # fmt: skip
+    if threads.get("differs_from_checkpoint"):
+        parted = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in threads["differs_from_checkpoint"].items())
+        say(f"resuming with other numeric settings than {last.name} was trained with ({parted}): the run "
+            "will not be bit-identical to an uninterrupted one (numerics.jsonl)")  # fmt: skip
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dm = instantiate(cfg.data)
     model = build_model(cfg)

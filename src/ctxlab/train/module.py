@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ctxlab import context_parallel
+from ctxlab.train import numerics
 
 
 def _chunk_loss_sum(head: nn.Module, h: Tensor, y: Tensor) -> Tensor:
@@ -143,6 +144,8 @@ class LMModule(L.LightningModule):
             "model_class": type(self.model).__name__,
             **self.record,
         }
+        # The thread count and other numeric settings, which a resumed fit keeps (ctxlab.train.numerics).
+        checkpoint[numerics.CHECKPOINT_KEY] = numerics.for_checkpoint()
 
     def configure_optimizers(self):
         decay = [p for n, p in self.named_parameters() if p.requires_grad and p.dim() >= 2]
