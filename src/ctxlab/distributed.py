@@ -20,6 +20,7 @@ order, which are then reduced exactly as one process would.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -164,7 +165,19 @@ def init(trainer_cfg, *, timeout_s: float = 1800.0) -> int:
         world_size=env.world_size(),
         timeout=timedelta(seconds=timeout_s),
     )
+    # Left to the interpreter's exit, a live process group's threads can be torn down while still
+    # joinable: the rank then aborts ("terminate called without an active exception", SIGABRT)
+    # after its work is done, and torchrun or SLURM report the job failed. Destroy it first.
+    atexit.register(_destroy_process_group)
     return world
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # at exit nothing is left to save; say why, do not mask the exit code
+            print(f"ctxlab: destroying the process group at exit failed: {e!r}", flush=True)
 
 
 def barrier() -> None:
