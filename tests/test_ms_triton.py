@@ -1251,6 +1251,26 @@ GPU_CASES = [
         "pre",
         "atomic+region+gluondkv",
     ),
+    (
+        "L4133-gqa4-w16-gluondkv-fused",
+        (1, 4133, 8, 2, 128),
+        16,
+        64,
+        8,
+        "head",
+        "pre",
+        "atomic+region+gluondkv+fused",
+    ),
+    (
+        "L3001-gqa2-w20-d64-gluondkv-fused",
+        (2, 3001, 4, 2, 64),
+        20,
+        40,
+        6,
+        "group",
+        "pre",
+        "atomic+gluondkv+fused",
+    ),
 ]
 
 
@@ -1382,6 +1402,21 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
             if path == "partial":
                 again = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=gluon, path=path, **opts)
                 assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+    # dq inside the Gluon dk/dv kernel (``fused_dq``: dS k per step, added by TMA reductions) against
+    # the dq kernel; dk, dv as the Triton kernels'. Rows before ``start`` receive only zeros.
+    ref = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=base, path="atomic", **opts)
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device="cuda")
+    fused = dataclasses.replace(gluon, fused_dq=True)
+    got = triton_impl.bwd_dkv(
+        do, q, k, v, lse_ref, delta, idx, config=fused, path="atomic", dq32=dq32, **opts
+    )
+    assert (dq32[:, :start] == 0).all() and not dq32.isnan().any()
+    err = (dq32[:, start:] - dq_ref[:, start:].float()).abs().max().item()
+    assert err <= 2**-7 * dq_ref[:, start:].float().abs().max().item(), ("fused dq", err)
+    for name, g, r in zip(("dk", "dv"), got, ref):
+        err = (g.float() - r.float()).abs().max().item()
+        assert err <= 2**-7 * r.float().abs().max().item(), ("fused", name, err)
 
 
 # The fused selection at real sizes. Integer inputs (w a power of two, so every representative
@@ -1708,6 +1743,7 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
         ("dkv-partial", 128, 3),
         ("dq-split", 128, 2),
         ("dkv-split", 128, 2),
+        ("dkv-fused", 128, 2),
     ],
 )
 def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
@@ -1718,7 +1754,9 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     the forward's and dq's steps wait once per GEMM pair, dk/dv's twice per four GEMMs of 24 HGMMA)
     and the buffers fit an H100's shared memory; dk/dv adds its sums with relaxed reductions
     (``RED``, no ``ATOM``) or, with ``PARTIAL``, stores them; with ``gluon_split_waits`` (the
-    ``-split`` cases) a wait leaves one GEMM group in flight."""
+    ``-split`` cases) a wait leaves one GEMM group in flight; with ``FUSED_DQ`` (``-fused``) dk/dv
+    also adds dq by TMA reductions (``UTMAREDG``, no per-element ``ATOM``), five GEMMs a step."""
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from ctxlab.kernels.ms_attention import gluon_kernels
@@ -1733,7 +1771,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     if kernel.startswith("dkv"):
         tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
-        consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial")
+        consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial",
+                               FUSED_DQ=kernel == "dkv-fused")  # fmt: skip
         fn = gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel
         divisible = ("L", "P", "W", "M", "S", "q_start")
     else:
@@ -1747,7 +1786,15 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
         )
         divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
     sig = {name: "*fp32" if name in ("LSE", "DELTA", "DK32", "DV32") else "*bf16" for name in tensors}
-    sig |= dict(IDX="*i32") | dict.fromkeys(ints, "i32")
+    sig |= dict(IDX="*i32")
+    if kernel.startswith("dkv"):  # dq's TMA descriptor, None without FUSED_DQ
+        layout = gl.NVMMASharedLayout.get_default_for([triton_impl.GLUON_DKV_BLOCK_M, 64], gl.float32)
+        if consts["FUSED_DQ"]:
+            sig["DQD"] = f"tensordesc<fp32[{triton_impl.GLUON_DKV_BLOCK_M},64],{layout!r}>"
+        else:
+            sig["DQD"] = "constexpr"
+            consts["DQD"] = None
+    sig |= dict.fromkeys(ints, "i32")
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
     compiled = _compile_for_h100(
         fn, sig, consts | dict(REGION=16, num_warps=4), divisible, source=GluonASTSource, num_warps=4,
@@ -1759,7 +1806,9 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     assert hgmma >= 4 * waits > 0, (hgmma, waits)
     assert "LDGSTS" in sass and compiled.metadata.shared <= H100_SHARED_BYTES
     if kernel == "dkv":
-        assert "RED" in sass and "ATOM" not in sass
+        assert "RED" in sass and "ATOM" not in sass and "UTMAREDG" not in sass
+    elif kernel == "dkv-fused":
+        assert "UTMAREDG.2D.ADD" in sass and "ATOM" not in sass and hgmma == 64, hgmma
     elif kernel == "dkv-partial":
         assert "RED" not in sass and "ATOM" not in sass
     # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed).

@@ -27,7 +27,8 @@ from ctxlab.kernels.ms_attention.torch_impl import ms_select_torch
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--setting", default="paper", choices=sorted(SETTINGS))
     parser.add_argument("--length", default="64K", choices=sorted(LENGTHS))
     parser.add_argument("--stage", default="fwd", choices=("fwd", "dq", "dkv"))

@@ -36,15 +36,28 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
 ROWS = gl.constexpr(64)
+"""Query rows per consumer warpgroup (one wgmma's M)."""
 # Names that moved between Triton 3.6 (the GPU image's) and 3.9.
 _partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-"""Query rows per consumer warpgroup (one wgmma's M)."""
+if hasattr(tma, "async_atomic_add"):
+    _tma_add = tma.async_atomic_add
+else:  # Triton 3.6 builds the op (cp.reduce.async.bulk.tensor) but its Gluon does not name it
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
+    @_builtin
+    def _tma_add(tensor_desc, coord, src, _semantic=None):
+        """Add the shared-memory tile `src` into the global tile of `tensor_desc` at `coord` (TMA)."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        kind = _ir.DESCRIPTOR_REDUCE_KIND.ADD
+        _semantic.builder.create_async_tma_reduce(kind, tensor_desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -951,6 +964,50 @@ def _dkv_load_partition(
 
 
 @gluon.jit
+def _ds_to_shared(ds, ds_bufs, ds_full, ds_empty, i, PART: gl.constexpr):
+    """This consumer's dS^T of step i (its 64 keys x the step's rows) into its half of the step's
+    dS buffer (two buffers, alternating by step) once both consumers have read the buffer's step
+    i - 2; then arrive on the buffer's *full* mbarrier (count: the two consumers)."""
+    j = i % 2
+    phase = (i // 2) & 1
+    mbarrier.wait(ds_empty.index(j), phase ^ 1)  # a fresh barrier passes parity 1 at once
+    ds_bufs.index(2 * j + PART).store(ds)
+    fence_async_shared()  # written through the generic proxy, read by wgmma through the async one
+    _partition_barrier()  # all four warps' rows are in before the arrive
+    mbarrier.arrive(ds_full.index(j), count=1)
+
+
+@gluon.jit
+def _dq_add(DQD, k_bufs, ds_bufs, dq_bufs, ds_full, ds_empty, i, row, col, scale, PART: gl.constexpr,
+            HEAD_DIM: gl.constexpr):  # fmt: skip
+    """dq of step i's rows for head-dim half PART, over both consumers' 128 keys: dS k from shared
+    memory (both consumers' dS^T halves, transposed), then added into the float32 dq by one TMA
+    reduction of the 64 x HEAD_DIM/2 tile at (row, col) (FlashAttention-3's dq: the reduction runs
+    on the TMA unit, 4 bytes per computed pair)."""
+    HALF: gl.constexpr = HEAD_DIM // 2
+    acc: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16]
+    )
+    j = i % 2
+    mbarrier.wait(ds_full.index(j), (i // 2) & 1)
+    zero = gl.zeros([ROWS, HALF], gl.float32, acc)
+    k_half: gl.constexpr = PART * HALF
+    ds0 = ds_bufs.index(2 * j).permute((1, 0))
+    ds1 = ds_bufs.index(2 * j + 1).permute((1, 0))
+    dq = warpgroup_mma(ds0, k_bufs.index(0).slice(k_half, HALF, dim=1), zero, use_acc=False, is_async=True)
+    dq = warpgroup_mma(ds1, k_bufs.index(1).slice(k_half, HALF, dim=1), dq, is_async=True)
+    dq = warpgroup_mma_wait(0, deps=(dq,))
+    mbarrier.arrive(ds_empty.index(j), count=1)
+    buf = dq_bufs.index(PART)
+    tma.store_wait(0)  # the thread that issued the previous reduction: it has read buf
+    _partition_barrier()
+    buf.store(dq * scale)
+    fence_async_shared()
+    _partition_barrier()
+    _tma_add(DQD, [row, col + k_half], buf)
+
+
+@gluon.jit
 def _dkv_consumer_partition(
     K,
     V,
@@ -965,6 +1022,13 @@ def _dkv_consumer_partition(
     do_bufs,
     ready,
     empty,
+    DQD,
+    ds_bufs,
+    dq_bufs,
+    ds_full,
+    ds_empty,
+    dq_row,
+    dq_col,
     kv_off,
     kv_stride,
     lse_base,
@@ -986,11 +1050,12 @@ def _dkv_consumer_partition(
     STAGES: gl.constexpr,
     PARTIAL: gl.constexpr,
     SPLIT_WAITS: gl.constexpr,
+    FUSED_DQ: gl.constexpr,
 ):
     """A dk/dv consumer: selected places [chunk_lo + PART*64, +64) of the block, over every query
     step of the slots. Key-major products (FlashAttention-2's backward): S^T = k q^T and
     dP^T = v do^T by two wgmma issued together, then dv += P^T do and dk += dS^T q with P^T and
-    dS^T from registers."""
+    dS^T from registers. With FUSED_DQ also each step's dq (``_dq_add``), head-dim half PART."""
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
     )
@@ -1010,6 +1075,8 @@ def _dkv_consumer_partition(
     zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_mma)
     dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
+    # Padding places read token 0: their dS^T rows are zeroed for dq (their dk, dv are never added).
+    _, key_ok_s = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma)), S, W)
     for i in range(REP * n_steps):
         rep = i // n_steps
         t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
@@ -1038,10 +1105,20 @@ def _dkv_consumer_partition(
             qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
             p = gl.exp2(qk * qk_scale - lse2[None, :])  # rows outside [q_start, q_hi): lse = +inf, P = 0
             ds = p * (dp - delta[None, :])
+            if FUSED_DQ:
+                ds = gl.where(key_ok_s[:, None], ds, 0.0)
             dv = warpgroup_mma(gl.convert_layout(p.to(q.dtype), operand), do, dv, is_async=True)
             dk = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), operand), q, dk, is_async=True)
+            if FUSED_DQ:
+                _ds_to_shared(ds.to(q.dtype), ds_bufs, ds_full, ds_empty, i, PART)
             dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(empty.index(s), count=1)
+        if FUSED_DQ:
+            row = dq_row + t_first + (i - rep * n_steps) * BLOCK_M
+            col = dq_col + rep * HEAD_DIM
+            _dq_add(DQD, k_bufs, ds_bufs, dq_bufs, ds_full, ds_empty, i, row, col, scale, PART, HEAD_DIM)
+    if FUSED_DQ:
+        tma.store_wait(0)  # the last reduction has read its tile before the kernel's memory goes
 
     flat = first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
     tok, key_ok = _selected_rows(sel, flat, S, W)
@@ -1068,6 +1145,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     LSE,
     DELTA,
     IDX,
+    DQD,
     L,
     P,
     W,
@@ -1092,14 +1170,20 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     PARTIAL: gl.constexpr,
     REGION: gl.constexpr = 0,
     SPLIT_WAITS: gl.constexpr = False,
+    FUSED_DQ: gl.constexpr = False,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (Gw * n_chunks, B*HS): what ``triton_kernels.ms_attn_bwd_dkv_sel_kernel`` adds (or,
     with PARTIAL, stores) without RoPE on the fly, for chunks of 128 selected places (two consumer
     warpgroups of 64 keys each, read by index once) over the block's query steps of BLOCK_M rows
     (streamed by the load partition through a ring of STAGES slots, shared by both consumers),
-    for every query head sharing the selection."""
+    for every query head sharing the selection. With FUSED_DQ also the steps' dq over the chunk's
+    keys, added by TMA reductions into the float32 dq that the descriptor DQD (``[B*L, HQ*HEAD_DIM]``,
+    64 x HEAD_DIM/2 tiles) covers; each consumer takes one head-dim half, so the two meet once a step
+    (a buffer of both consumers' dS^T). Without FUSED_DQ, DQD is None."""
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    gl.static_assert(not (FUSED_DQ and (SPLIT_WAITS or PARTIAL)), "FUSED_DQ: the default schedule, atomics")
+    gl.static_assert(not FUSED_DQ or BLOCK_M == ROWS, "FUSED_DQ steps 64 query rows")
     if REGION > 0:
         W = REGION
     REP: gl.constexpr = HQ // HS
@@ -1130,6 +1214,22 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     k_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kv_layout)
     v_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kv_layout)
     q_bufs, do_bufs, ready, empty = _ring(dtype, STAGES, BLOCK_M, HEAD_DIM, LOAD_WARPS)
+    if FUSED_DQ:
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_M], dtype)
+        ds_bufs = gl.allocate_shared_memory(dtype, [4, ROWS, BLOCK_M], ds_layout)  # [step parity, consumer]
+        dq_bufs = gl.allocate_shared_memory(gl.float32, [2, ROWS, HEAD_DIM // 2], DQD.layout)
+        ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ds_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(2):
+            mbarrier.init(ds_full.index(j), count=2)
+            mbarrier.init(ds_empty.index(j), count=2)
+    else:  # never read
+        ds_bufs = q_bufs
+        dq_bufs = q_bufs
+        ds_full = ready
+        ds_empty = empty
+    dq_row = b * L
+    dq_col = (hs * REP) * HEAD_DIM
 
     gl.warp_specialize(
         [
@@ -1149,6 +1249,13 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     do_bufs,
                     ready,
                     empty,
+                    DQD,
+                    ds_bufs,
+                    dq_bufs,
+                    ds_full,
+                    ds_empty,
+                    dq_row,
+                    dq_col,
                     kv_off,
                     kv_stride,
                     lse_base,
@@ -1170,6 +1277,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     STAGES,
                     PARTIAL,
                     SPLIT_WAITS,
+                    FUSED_DQ,
                 ),
             ),
             (
@@ -1188,6 +1296,13 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     do_bufs,
                     ready,
                     empty,
+                    DQD,
+                    ds_bufs,
+                    dq_bufs,
+                    ds_full,
+                    ds_empty,
+                    dq_row,
+                    dq_col,
                     kv_off,
                     kv_stride,
                     lse_base,
@@ -1209,6 +1324,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     STAGES,
                     PARTIAL,
                     SPLIT_WAITS,
+                    FUSED_DQ,
                 ),
             ),
             (

@@ -177,12 +177,17 @@ class LaunchConfig:
     (``GLUON_DKV_BLOCK_M`` rows of q and do) by ``cp.async`` through ``gluon_dkv_stages`` slots
     that both consumers read. Per step two wgmma give S^T and dP^T, two more add P^T do and dS^T q.
     ``sel_block_n``, ``sel_block_m`` and ``sel_warps`` are the Triton kernel's and do not apply.
-    Applies where ``fwd_gluon`` does (``gluon_applies(..., "dkv")``), not with ``fused_dq``. Off:
+    Applies where ``fwd_gluon`` does (``gluon_applies(..., "dkv")``); with ``fused_dq`` it also adds
+    dq, by TMA reductions (``FUSED_DQ``: each consumer one head-dim half of the step's dS k over the
+    chunk's 128 keys, 4 bytes per pair). Off:
     measured no faster than the Triton kernel (H200, Triton 3.6, session 15: the dk/dv stage within
     -3..+1% at paper settings and 1-7% slower at (64, 64, 8), 32K-256K, the partial path's within
     -3..+2%); Nsight Compute put both kernels' tensor pipes at 51% busy (kernels/README.md)."""
     gluon_dkv_stages: int = 2
     """Ring slots of the Gluon dk/dv kernel (``GLUON_DKV_BLOCK_M`` rows of q and do each)."""
+    gluon_dkv_consumer_regs: int = 232
+    """Registers per thread of the Gluon dk/dv kernel's consumer warpgroups (``setmaxnreg``); its
+    load warpgroup keeps the rest of the register file, ``504 - 2 *`` this (232: 40, 240: 24)."""
     gluon_split_waits: bool = False
     """The Gluon dq and dk/dv consumers wait for their score GEMMs one at a time: P (P^T) is
     formed while dP (dP^T) is still on the tensor cores, and in dk/dv dS^T while dv += P^T do is
@@ -272,7 +277,9 @@ class LaunchConfig:
     backward then computes 5 products per query-key pair, not 7 (the dq kernel's second
     recompute of the scores and dP is gone), at the cost of 4*D/block_n bytes of float32
     reductions per computed pair (block_n: the dk/dv program's keys). Measured 6-22% slower
-    than the dq kernel on an H200 (session 11, kernels/README.md), hence off. Applies only
+    than the dq kernel on an H200 (session 11, kernels/README.md), hence off. With ``dkv_gluon`` the
+    selected keys' dq is added by the TMA unit instead (cp.reduce.async.bulk, 4 bytes per pair):
+    still 10-13% slower than the dq kernel at 240 consumer registers, 26-35% at 232 (session 16). Applies only
     outside deterministic mode (the atomics' order varies, and with it dq's last bits) and
     without RoPE on the fly (``pe="selected"``: the keys there carry per-block rotations);
     otherwise the dq kernel runs."""
@@ -400,6 +407,10 @@ class LaunchConfig:
             raise ValueError(f"gluon_dq_stages must be >= 1, got {self.gluon_dq_stages}")
         if self.gluon_dkv_stages < 1:
             raise ValueError(f"gluon_dkv_stages must be >= 1, got {self.gluon_dkv_stages}")
+        if self.gluon_dkv_consumer_regs % 8 or not 232 <= self.gluon_dkv_consumer_regs <= 240:
+            raise ValueError(
+                f"gluon_dkv_consumer_regs must be 232 or 240, got {self.gluon_dkv_consumer_regs}"
+            )
         if self.gluon_stages < 1 or self.gluon_load_warps not in (1, 2, 4):
             raise ValueError(
                 f"gluon_stages must be >= 1 and gluon_load_warps 1, 2 or 4, got {self.gluon_stages} "
@@ -1027,6 +1038,18 @@ def gluon_applies(config: LaunchConfig, rope: bool, q: Tensor, kernel: str = "fw
     )
 
 
+def _gluon_dq_descriptor(dq32: Tensor):
+    """The TMA descriptor through which the Gluon dk/dv kernel adds dq (``FUSED_DQ``): float32
+    ``[B*L, Hq*D]``, tiles of ``GLUON_DKV_BLOCK_M`` rows by half the head dim (one per consumer)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+    B, L, Hq, D = dq32.shape
+    block = [GLUON_DKV_BLOCK_M, D // 2]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.float32)
+    return GluonDescriptor(dq32.view(B * L, Hq * D), [B * L, Hq * D], [Hq * D, 1], block, layout)
+
+
 def _gluon(kernel: str = "fwd"):
     """The Gluon forward (dq, dk/dv) kernel, imported on first use (``triton.experimental.gluon``)."""
     from . import gluon_kernels
@@ -1272,7 +1295,8 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
         dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         Hs, G, S = idx_sorted.shape[1:]
         if first_block < G:
-            gluon = gluon_applies(config, rope, q, "dkv") and not fused
+            gluon = gluon_applies(config, rope, q, "dkv")
+            dqd = _gluon_dq_descriptor(dq32) if gluon and fused else None
             n_chunks = triton.cdiv(S * region, GLUON_DKV_BLOCK_N if gluon else config.sel_block_n)
 
             def launch_sel(blocks: int, g0: int, window: int, dk_out: Tensor, dv_out: Tensor, partial: bool):
@@ -1282,13 +1306,15 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                 if gluon:
                     with launch_settings("ms_attn_bwd_dkv_sel_ws_kernel", config, "gluon_dkv_"):
                         _gluon("dkv")[grid](
-                            q, k, v, do, dk_out, dv_out, lse, delta, idx_sorted,
+                            q, k, v, do, dk_out, dv_out, lse, delta, idx_sorted, dqd,
                             L, geo.P, region, merge, S, G, n_chunks, g0, window, start, scale * LOG2E, scale,
                             HQ=Hq, HKV=Hkv, HS=Hs, HEAD_DIM=D, BLOCK_M=GLUON_DKV_BLOCK_M,
                             STAGES=config.gluon_dkv_stages, LOAD_WARPS=config.gluon_load_warps,
-                            LOAD_REGS=GLUON_LOAD_REGS, CONSUMER_REGS=GLUON_CONSUMER_REGS, PARTIAL=partial,
+                            LOAD_REGS=504 - 2 * config.gluon_dkv_consumer_regs,
+                            CONSUMER_REGS=config.gluon_dkv_consumer_regs, PARTIAL=partial,
                             REGION=config.region_const("dkv", rope, region),
-                            SPLIT_WAITS=config.gluon_split_waits, num_warps=4, maxnreg=GLUON_MAXNREG,
+                            SPLIT_WAITS=config.gluon_split_waits and not fused, FUSED_DQ=fused, num_warps=4,
+                            maxnreg=GLUON_MAXNREG,
                         )  # fmt: skip
                     return
                 with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):

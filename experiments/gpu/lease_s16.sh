@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Session 16's lease (experiments/results moved aside during the lease; carry [.whl/core]):
+#   call 1  bash experiments/gpu/lease_s15.sh 4      (nvidia-h200: one GPU, the only kind lent)
+#           gluon_split_waits timed: no gain (dq -2..+5%, dk/dv -1..+3%), so it stays off; the
+#           Gluon GPU tests, 10 of 11 passed before their 150 s limit  -> OUT/s15f.tgz
+#   call 2  bash experiments/gpu/lease_s16.sh 2      (nvidia-h200)
+#           dq inside the Gluon dk/dv kernel (FUSED_DQ: dS k per step, added by TMA reductions),
+#           first run on a GPU: its GPU tests (the Gluon kernels against the Triton ones, the
+#           +gluondkv+fused bf16 error cases), then the whole backward by variant at paper settings
+#           and (64, 64, 8), 32K-256K: base (GPU_CONFIG: the Gluon dq kernel, the Triton dk/dv),
+#           the Gluon dk/dv with fused dq at 232 and 240 consumer registers  -> OUT/s16b.tgz
+set -uo pipefail
+CALL=${1:?usage: lease_s16.sh 2}
+source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
+day=$(date -u +%F)
+case $CALL in
+  2)
+    R=$OUT/s16b; mkdir -p "$R"
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match or fused" > "$R/gpu_tests_fused.log" 2>&1
+    tail -n 8 "$R/gpu_tests_fused.log"
+    V="base;dkv_gluon=true+fused_dq=true;dkv_gluon=true+fused_dq=true+gluon_dkv_consumer_regs=240"
+    for setting in paper sparse; do
+      timeout $(( $(left) / 2 - 20 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting $setting \
+        --lengths 32K,64K,128K,256K --stages bwd --variants "$V" --out "$R" \
+        --stem "stage_sweep_${day}_${card}_s16_fused_dq_$setting" > "$R/sweep_fused_$setting.log" 2>&1
+    done
+    grep -h -A14 '^| case' "$R"/*.md; tail -n 3 "$R"/sweep_*.log
+    tar -czf "$OUT/s16b.tgz" -C "$OUT" s16b && rm -rf "$R"
+    ;;
+  *) echo "lease_s16.sh: call must be 2" >&2; exit 2 ;;
+esac
