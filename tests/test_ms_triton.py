@@ -1390,33 +1390,39 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
     # partial sums' bits are the same on every run (each element stored once, reduced in a fixed
     # order), and the same with the waits split.
     gluon = dataclasses.replace(gluon, dkv_gluon=True)
+    row_stats = dataclasses.replace(gluon, gluon_dkv_row_stats=True)  # lse, delta through the ring
     assert triton_impl.gluon_applies(gluon, False, q, "dkv")
     for path in ("atomic", "partial"):
         ref = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=base, path=path, **opts)
-        for cfg in (gluon, dataclasses.replace(gluon, gluon_split_waits=True)):
+        for cfg in (gluon, dataclasses.replace(gluon, gluon_split_waits=True), row_stats):
             got = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=cfg, path=path, **opts)
             for name, g, r in zip(("dk", "dv"), got, ref):
                 assert not g.isnan().any(), (path, name)
                 err = (g.float() - r.float()).abs().max().item()
                 assert err <= 2**-7 * r.float().abs().max().item(), (path, name, cfg.gluon_split_waits, err)
             if path == "partial":
-                again = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=gluon, path=path, **opts)
+                again_cfg = cfg if cfg is row_stats else gluon
+                again = triton_impl.bwd_dkv(
+                    do, q, k, v, lse_ref, delta, idx, config=again_cfg, path=path, **opts
+                )
                 assert all(torch.equal(a, b) for a, b in zip(got, again))
 
     # dq inside the Gluon dk/dv kernel (``fused_dq``: dS k per step, added by TMA reductions) against
     # the dq kernel; dk, dv as the Triton kernels'. Rows before ``start`` receive only zeros.
     ref = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=base, path="atomic", **opts)
-    dq32 = torch.zeros(q.shape, dtype=torch.float32, device="cuda")
-    fused = dataclasses.replace(gluon, fused_dq=True)
-    got = triton_impl.bwd_dkv(
-        do, q, k, v, lse_ref, delta, idx, config=fused, path="atomic", dq32=dq32, **opts
-    )
-    assert (dq32[:, :start] == 0).all() and not dq32.isnan().any()
-    err = (dq32[:, start:] - dq_ref[:, start:].float()).abs().max().item()
-    assert err <= 2**-7 * dq_ref[:, start:].float().abs().max().item(), ("fused dq", err)
-    for name, g, r in zip(("dk", "dv"), got, ref):
-        err = (g.float() - r.float()).abs().max().item()
-        assert err <= 2**-7 * r.float().abs().max().item(), ("fused", name, err)
+    for cfg in (gluon, row_stats):
+        dq32 = torch.zeros(q.shape, dtype=torch.float32, device="cuda")
+        fused = dataclasses.replace(cfg, fused_dq=True)
+        got = triton_impl.bwd_dkv(
+            do, q, k, v, lse_ref, delta, idx, config=fused, path="atomic", dq32=dq32, **opts
+        )
+        assert (dq32[:, :start] == 0).all() and not dq32.isnan().any()
+        err = (dq32[:, start:] - dq_ref[:, start:].float()).abs().max().item()
+        bound = 2**-7 * dq_ref[:, start:].float().abs().max().item()
+        assert err <= bound, ("fused dq", cfg, err)
+        for name, g, r in zip(("dk", "dv"), got, ref):
+            err = (g.float() - r.float()).abs().max().item()
+            assert err <= 2**-7 * r.float().abs().max().item(), ("fused", name, cfg, err)
 
 
 # The fused selection at real sizes. Integer inputs (w a power of two, so every representative
@@ -1744,6 +1750,8 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
         ("dq-split", 128, 2),
         ("dkv-split", 128, 2),
         ("dkv-fused", 128, 2),
+        ("dkv-fused-rows", 128, 2),
+        ("dkv-rows", 128, 2),
     ],
 )
 def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
@@ -1755,7 +1763,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     and the buffers fit an H100's shared memory; dk/dv adds its sums with relaxed reductions
     (``RED``, no ``ATOM``) or, with ``PARTIAL``, stores them; with ``gluon_split_waits`` (the
     ``-split`` cases) a wait leaves one GEMM group in flight; with ``FUSED_DQ`` (``-fused``) dk/dv
-    also adds dq by TMA reductions (``UTMAREDG``, no per-element ``ATOM``), five GEMMs a step."""
+    also adds dq by TMA reductions (``UTMAREDG``, no per-element ``ATOM``), five GEMMs a step; with
+    ``ROW_STATS`` (``-rows``) the loads copy lse and delta too."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1765,14 +1774,15 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
                   LOAD_WARPS=triton_impl.GPU_CONFIG.gluon_load_warps, LOAD_REGS=triton_impl.GLUON_LOAD_REGS,
                   CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS)  # fmt: skip
     split = kernel.endswith("-split")
-    kernel = kernel.removesuffix("-split")
+    rows = kernel.endswith("-rows")  # gluon_dkv_row_stats: lse, delta through the ring
+    kernel = kernel.removesuffix("-split").removesuffix("-rows")
     if kernel != "fwd":
         common |= dict(SPLIT_WAITS=split)
     if kernel.startswith("dkv"):
         tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
         consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial",
-                               FUSED_DQ=kernel == "dkv-fused")  # fmt: skip
+                               FUSED_DQ=kernel == "dkv-fused", ROW_STATS=rows)  # fmt: skip
         fn = gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel
         divisible = ("L", "P", "W", "M", "S", "q_start")
     else:

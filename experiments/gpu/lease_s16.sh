@@ -9,8 +9,14 @@
 #           +gluondkv+fused bf16 error cases), then the whole backward by variant at paper settings
 #           and (64, 64, 8), 32K-256K: base (GPU_CONFIG: the Gluon dq kernel, the Triton dk/dv),
 #           the Gluon dk/dv with fused dq at 232 and 240 consumer registers  -> OUT/s16b.tgz
+#   call 3  bash experiments/gpu/lease_s16.sh 3      (nvidia-h200)
+#           call 2: all 7 tests passed, but the fused backward 10-13% slower than base at 240
+#           registers, 26-35% at 232 (spills: 244 and 440 bytes). The lse and delta rows through
+#           the ring (gluon_dkv_row_stats: no spills with fused dq): the whole backward at paper and
+#           (64, 64, 8) settings, 32K-128K, base against the Gluon dk/dv (row stats) without and
+#           with fused dq, at 232 and 240 registers  -> OUT/s16c.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s16.sh 2}
+CALL=${1:?usage: lease_s16.sh 2|3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -28,5 +34,20 @@ case $CALL in
     grep -h -A14 '^| case' "$R"/*.md; tail -n 3 "$R"/sweep_*.log
     tar -czf "$OUT/s16b.tgz" -C "$OUT" s16b && rm -rf "$R"
     ;;
-  *) echo "lease_s16.sh: call must be 2" >&2; exit 2 ;;
+  3)
+    R=$OUT/s16c; mkdir -p "$R"
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match" > "$R/gpu_tests_rowstats.log" 2>&1
+    tail -n 3 "$R/gpu_tests_rowstats.log"
+    G="dkv_gluon=true+gluon_dkv_row_stats=true"
+    V="base;$G;$G+fused_dq=true;$G+fused_dq=true+gluon_dkv_consumer_regs=240"
+    for setting in paper sparse; do
+      timeout $(( $(left) / 2 - 20 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting $setting \
+        --lengths 32K,64K,128K --stages bwd --variants "$V" --out "$R" \
+        --stem "stage_sweep_${day}_${card}_s16_row_stats_$setting" > "$R/sweep_rowstats_$setting.log" 2>&1
+    done
+    grep -h -A18 '^| case' "$R"/*.md; tail -n 2 "$R"/sweep_*.log
+    tar -czf "$OUT/s16c.tgz" -C "$OUT" s16c && rm -rf "$R"
+    ;;
+  *) echo "lease_s16.sh: call must be 2 or 3" >&2; exit 2 ;;
 esac

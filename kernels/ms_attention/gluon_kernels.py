@@ -934,6 +934,12 @@ def _dkv_load_partition(
     do_bufs,
     ready,
     empty,
+    LSE,
+    DELTA,
+    lse_bufs,
+    delta_bufs,
+    lse_base,
+    L,
     q_base,
     q_stride,
     t_first,
@@ -945,22 +951,38 @@ def _dkv_load_partition(
     HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr,
     LOAD_WARPS: gl.constexpr,
+    ROW_STATS: gl.constexpr,
 ):
     """The producer of the dk/dv kernel: for each of the REP query heads sharing the selection,
     the block's query steps (q and do rows, contiguous), from the step holding `q_start`. Rows
-    outside [q_start, q_hi) read row q_hi - 1 (a valid row; the consumers give them P = 0)."""
+    outside [q_start, q_hi) read row q_hi - 1 (a valid row; the consumers give them P = 0). With
+    ROW_STATS also the rows' lse and delta, into the slot's `lse_bufs`, `delta_bufs`."""
     VEC: gl.constexpr = 8
     TD: gl.constexpr = HEAD_DIM // VEC
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [LOAD_WARPS, 1], [1, 0])
     offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    offs_r = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [LOAD_WARPS], [0]))
     for i in range(REP * n_steps):
         rep = i // n_steps
         t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
         t = gl.where((t >= q_start) & (t < q_hi), t, q_hi - 1)
-        _load_step(
-            Q, DO, q_bufs, do_bufs, ready, empty, i, t, q_base + rep * HEAD_DIM, q_stride, offs_d, STAGES
-        )
+        if ROW_STATS:
+            # The step's lse and delta too (the same clamped rows), before the slot's arrive.
+            s, phase = _slot(i, STAGES)
+            mbarrier.wait(empty.index(s), phase ^ 1)
+            rows = q_base + rep * HEAD_DIM + t.to(gl.int64)[:, None] * q_stride + offs_d[None, :]
+            _cp_async(q_bufs.index(s), Q + rows)
+            _cp_async(do_bufs.index(s), DO + rows)
+            tr = t_first + (i - rep * n_steps) * BLOCK_M + offs_r
+            tr = lse_base + rep * L + gl.where((tr >= q_start) & (tr < q_hi), tr, q_hi - 1)
+            _cp_async(lse_bufs.index(s), LSE + tr)
+            _cp_async(delta_bufs.index(s), DELTA + tr)
+            async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+        else:
+            _load_step(
+                Q, DO, q_bufs, do_bufs, ready, empty, i, t, q_base + rep * HEAD_DIM, q_stride, offs_d, STAGES
+            )
 
 
 @gluon.jit
@@ -1027,6 +1049,8 @@ def _dkv_consumer_partition(
     dq_bufs,
     ds_full,
     ds_empty,
+    lse_bufs,
+    delta_bufs,
     dq_row,
     dq_col,
     kv_off,
@@ -1051,11 +1075,14 @@ def _dkv_consumer_partition(
     PARTIAL: gl.constexpr,
     SPLIT_WAITS: gl.constexpr,
     FUSED_DQ: gl.constexpr,
+    ROW_STATS: gl.constexpr,
 ):
     """A dk/dv consumer: selected places [chunk_lo + PART*64, +64) of the block, over every query
     step of the slots. Key-major products (FlashAttention-2's backward): S^T = k q^T and
     dP^T = v do^T by two wgmma issued together, then dv += P^T do and dk += dS^T q with P^T and
-    dS^T from registers. With FUSED_DQ also each step's dq (``_dq_add``), head-dim half PART."""
+    dS^T from registers. With FUSED_DQ also each step's dq (``_dq_add``), head-dim half PART. With
+    ROW_STATS the rows' lse and delta come from the slot, read once the score GEMMs are done (not
+    from global memory before them: 32 registers less across the GEMMs)."""
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
     )
@@ -1081,9 +1108,10 @@ def _dkv_consumer_partition(
         rep = i // n_steps
         t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
         row_ok = (t >= q_start) & (t < q_hi)
-        lse_row = LSE + lse_base + rep * L
-        lse2 = gl.load(lse_row + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta = gl.load(DELTA + lse_base + rep * L + t, mask=row_ok, other=0.0)
+        if not ROW_STATS:
+            lse_row = LSE + lse_base + rep * L
+            lse2 = gl.load(lse_row + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            delta = gl.load(DELTA + lse_base + rep * L + t, mask=row_ok, other=0.0)
         s, phase = _slot(i, STAGES)
         mbarrier.wait(ready.index(s), phase)
         fence_async_shared()
@@ -1093,6 +1121,7 @@ def _dkv_consumer_partition(
         dp = warpgroup_mma(v_buf, do.permute((1, 0)), zero, use_acc=False, is_async=True)
         if SPLIT_WAITS:
             # P^T while dP^T is still on the tensor cores, dS^T while dv += P^T do is.
+            gl.static_assert(not ROW_STATS, "ROW_STATS takes the default schedule")
             qk = warpgroup_mma_wait(1, deps=(qk,))
             p = gl.exp2(qk * qk_scale - lse2[None, :])
             p_op = gl.convert_layout(p.to(q.dtype), operand)
@@ -1103,7 +1132,12 @@ def _dkv_consumer_partition(
             dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))[:2]
         else:
             qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+            if ROW_STATS:
+                rows: gl.constexpr = gl.SliceLayout(0, s_mma)
+                lse2 = gl.where(row_ok, lse_bufs.index(s).load(rows) * 1.4426950408889634, float("inf"))
             p = gl.exp2(qk * qk_scale - lse2[None, :])  # rows outside [q_start, q_hi): lse = +inf, P = 0
+            if ROW_STATS:
+                delta = delta_bufs.index(s).load(rows)  # of a valid row (clamped) where P = 0
             ds = p * (dp - delta[None, :])
             if FUSED_DQ:
                 ds = gl.where(key_ok_s[:, None], ds, 0.0)
@@ -1171,6 +1205,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     REGION: gl.constexpr = 0,
     SPLIT_WAITS: gl.constexpr = False,
     FUSED_DQ: gl.constexpr = False,
+    ROW_STATS: gl.constexpr = False,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (Gw * n_chunks, B*HS): what ``triton_kernels.ms_attn_bwd_dkv_sel_kernel`` adds (or,
@@ -1228,6 +1263,9 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
         dq_bufs = q_bufs
         ds_full = ready
         ds_empty = empty
+    stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    lse_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], stats_layout)
+    delta_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], stats_layout)
     dq_row = b * L
     dq_col = (hs * REP) * HEAD_DIM
 
@@ -1254,6 +1292,8 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     dq_bufs,
                     ds_full,
                     ds_empty,
+                    lse_bufs,
+                    delta_bufs,
                     dq_row,
                     dq_col,
                     kv_off,
@@ -1278,6 +1318,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     PARTIAL,
                     SPLIT_WAITS,
                     FUSED_DQ,
+                    ROW_STATS,
                 ),
             ),
             (
@@ -1301,6 +1342,8 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     dq_bufs,
                     ds_full,
                     ds_empty,
+                    lse_bufs,
+                    delta_bufs,
                     dq_row,
                     dq_col,
                     kv_off,
@@ -1325,6 +1368,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     PARTIAL,
                     SPLIT_WAITS,
                     FUSED_DQ,
+                    ROW_STATS,
                 ),
             ),
             (
@@ -1336,6 +1380,12 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     do_bufs,
                     ready,
                     empty,
+                    LSE,
+                    DELTA,
+                    lse_bufs,
+                    delta_bufs,
+                    lse_base,
+                    L,
                     q_base,
                     q_stride,
                     t_first,
@@ -1347,6 +1397,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     HEAD_DIM,
                     STAGES,
                     LOAD_WARPS,
+                    ROW_STATS,
                 ),
             ),
         ],

@@ -185,6 +185,11 @@ class LaunchConfig:
     -3..+2%); Nsight Compute put both kernels' tensor pipes at 51% busy (kernels/README.md)."""
     gluon_dkv_stages: int = 2
     """Ring slots of the Gluon dk/dv kernel (``GLUON_DKV_BLOCK_M`` rows of q and do each)."""
+    gluon_dkv_row_stats: bool = False
+    """The Gluon dk/dv kernel's load warpgroup copies each step's lse and delta rows into the ring
+    slot with q and do, and the consumers read them once the score GEMMs are done, instead of
+    loading them from global memory before the GEMMs (32 registers held across them): compiled
+    for sm_90 with Triton 3.6, spills 120 -> 48 bytes, with ``fused_dq`` 440 -> 0 (session 16)."""
     gluon_dkv_consumer_regs: int = 232
     """Registers per thread of the Gluon dk/dv kernel's consumer warpgroups (``setmaxnreg``); its
     load warpgroup keeps the rest of the register file, ``504 - 2 *`` this (232: 40, 240: 24)."""
@@ -1297,6 +1302,8 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
         if first_block < G:
             gluon = gluon_applies(config, rope, q, "dkv")
             dqd = _gluon_dq_descriptor(dq32) if gluon and fused else None
+            split = config.gluon_split_waits and not fused  # FUSED_DQ and ROW_STATS: the default schedule
+            row_stats = config.gluon_dkv_row_stats and not split
             n_chunks = triton.cdiv(S * region, GLUON_DKV_BLOCK_N if gluon else config.sel_block_n)
 
             def launch_sel(blocks: int, g0: int, window: int, dk_out: Tensor, dv_out: Tensor, partial: bool):
@@ -1313,8 +1320,8 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                             LOAD_REGS=504 - 2 * config.gluon_dkv_consumer_regs,
                             CONSUMER_REGS=config.gluon_dkv_consumer_regs, PARTIAL=partial,
                             REGION=config.region_const("dkv", rope, region),
-                            SPLIT_WAITS=config.gluon_split_waits and not fused, FUSED_DQ=fused, num_warps=4,
-                            maxnreg=GLUON_MAXNREG,
+                            SPLIT_WAITS=split, FUSED_DQ=fused, ROW_STATS=row_stats,
+                            num_warps=4, maxnreg=GLUON_MAXNREG,
                         )  # fmt: skip
                     return
                 with launch_settings("ms_attn_bwd_dkv_sel_kernel", config, "sel_"):
