@@ -1410,7 +1410,7 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
     # dq inside the Gluon dk/dv kernel (``fused_dq``: dS k per step, added by TMA reductions) against
     # the dq kernel; dk, dv as the Triton kernels'. Rows before ``start`` receive only zeros.
     ref = triton_impl.bwd_dkv(do, q, k, v, lse_ref, delta, idx, config=base, path="atomic", **opts)
-    for cfg in (gluon, row_stats):
+    for cfg in (gluon, row_stats, dataclasses.replace(row_stats, gluon_dq_early=True)):
         dq32 = torch.zeros(q.shape, dtype=torch.float32, device="cuda")
         fused = dataclasses.replace(cfg, fused_dq=True)
         got = triton_impl.bwd_dkv(
@@ -1751,6 +1751,7 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
         ("dkv-split", 128, 2),
         ("dkv-fused", 128, 2),
         ("dkv-fused-rows", 128, 2),
+        ("dkv-fused-early", 128, 2),
         ("dkv-rows", 128, 2),
     ],
 )
@@ -1764,7 +1765,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     (``RED``, no ``ATOM``) or, with ``PARTIAL``, stores them; with ``gluon_split_waits`` (the
     ``-split`` cases) a wait leaves one GEMM group in flight; with ``FUSED_DQ`` (``-fused``) dk/dv
     also adds dq by TMA reductions (``UTMAREDG``, no per-element ``ATOM``), five GEMMs a step; with
-    ``ROW_STATS`` (``-rows``) the loads copy lse and delta too."""
+    ``ROW_STATS`` (``-rows``) the loads copy lse and delta too; with ``DQ_EARLY`` (``-early``) the
+    dq GEMM joins dv's and dk's wait (four waits per five GEMMs' 32 HGMMA, not six)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1774,15 +1776,17 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
                   LOAD_WARPS=triton_impl.GPU_CONFIG.gluon_load_warps, LOAD_REGS=triton_impl.GLUON_LOAD_REGS,
                   CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS)  # fmt: skip
     split = kernel.endswith("-split")
-    rows = kernel.endswith("-rows")  # gluon_dkv_row_stats: lse, delta through the ring
-    kernel = kernel.removesuffix("-split").removesuffix("-rows")
+    early = kernel.endswith("-early")  # gluon_dq_early (with row stats): dq issued behind dv, dk
+    rows = kernel.endswith("-rows") or early  # gluon_dkv_row_stats: lse, delta through the ring
+    kernel = kernel.removesuffix("-split").removesuffix("-rows").removesuffix("-early")
     if kernel != "fwd":
         common |= dict(SPLIT_WAITS=split)
     if kernel.startswith("dkv"):
         tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
         consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial",
-                               FUSED_DQ=kernel == "dkv-fused", ROW_STATS=rows)  # fmt: skip
+                               FUSED_DQ=kernel == "dkv-fused", ROW_STATS=rows,
+                               DQ_EARLY=early)  # fmt: skip
         fn = gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel
         divisible = ("L", "P", "W", "M", "S", "q_start")
     else:
@@ -1819,6 +1823,7 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
         assert "RED" in sass and "ATOM" not in sass and "UTMAREDG" not in sass
     elif kernel == "dkv-fused":
         assert "UTMAREDG.2D.ADD" in sass and "ATOM" not in sass and hgmma == 64, hgmma
+        assert waits == (4 if early else 6), waits
     elif kernel == "dkv-partial":
         assert "RED" not in sass and "ATOM" not in sass
     # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed).

@@ -15,8 +15,15 @@
 #           the ring (gluon_dkv_row_stats: no spills with fused dq): the whole backward at paper and
 #           (64, 64, 8) settings, 32K-128K, base against the Gluon dk/dv (row stats) without and
 #           with fused dq, at 232 and 240 registers  -> OUT/s16c.tgz
+#   call 4  bash experiments/gpu/lease_s16.sh 4      (nvidia-h200)
+#           call 3: row stats made the Gluon dk/dv 2-4% faster than base at paper settings (the
+#           backward), even at (64, 64, 8); fused dq now even with base (spills gone), not faster.
+#           The dq GEMM issued right behind dv and dk (gluon_dq_early): the GPU tests of the Gluon
+#           kernels, the backward sweep again (paper and (64, 64, 8), 32K-128K), then the kernel
+#           benchmark at each setting's fastest variant (stage_sweep --pick), then the 7B LoRA+ step
+#           at 64K with the paper setting's pick  -> OUT/s16d.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s16.sh 2|3}
+CALL=${1:?usage: lease_s16.sh 2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -49,5 +56,38 @@ case $CALL in
     grep -h -A18 '^| case' "$R"/*.md; tail -n 2 "$R"/sweep_*.log
     tar -czf "$OUT/s16c.tgz" -C "$OUT" s16c && rm -rf "$R"
     ;;
-  *) echo "lease_s16.sh: call must be 2 or 3" >&2; exit 2 ;;
+  4)
+    R=$OUT/s16d; mkdir -p "$R"
+    timeout 140 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match" > "$R/gpu_tests_early.log" 2>&1
+    tail -n 3 "$R/gpu_tests_early.log"
+    G="dkv_gluon=true+gluon_dkv_row_stats=true"
+    V="base;$G;$G+fused_dq=true+gluon_dq_early=true;$G+fused_dq=true+gluon_dq_early=true+gluon_dkv_consumer_regs=240"
+    pick=()
+    for setting in paper sparse; do
+      stem="stage_sweep_${day}_${card}_s16_dq_early_$setting"
+      timeout 75 python3 -m ctxlab.kernels.bench.stage_sweep --setting $setting \
+        --lengths 32K,64K,128K --stages bwd --variants "$V" --out "$R" --stem "$stem" \
+        > "$R/sweep_early_$setting.log" 2>&1
+      pick+=("$(python3 -m ctxlab.kernels.bench.stage_sweep --pick "$R/$stem.json")")
+    done
+    echo "picked: paper '${pick[0]}', sparse '${pick[1]}'" | tee "$R/picked.txt"
+    stem="ms_attention_${day}_${card}_s16"
+    timeout 150 python3 -m ctxlab.kernels.bench.run --preset h100_issue14 --cases paper \
+      --ops triton,dense,s2 --launch "${pick[0]}" --out "$R" --stem "${stem}_paper" \
+      --time-limit-s 120 > "$R/bench_paper.log" 2>&1
+    timeout 90 python3 -m ctxlab.kernels.bench.run --preset h100_issue14 --cases sparse \
+      --ops triton,s2 --launch "${pick[1]}" --out "$R" --stem "${stem}_sparse" \
+      --time-limit-s 70 > "$R/bench_sparse.log" 2>&1
+    grep -h -A10 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
+    if (( $(left) > 150 )); then
+      timeout $(( $(left) - 15 )) python3 -m ctxlab.bench.finetune --out "$R" --launch "${pick[0]}" \
+        --tag finetune_llama2_7b_H200_1gpu_${day}_s16_64k --lengths 65536 --variants s2,ms \
+        --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k.log" 2>&1
+      grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-250
+    fi
+    grep -h -A18 '^| case' "$R"/stage_sweep_*.md
+    tar -czf "$OUT/s16d.tgz" -C "$OUT" s16d && rm -rf "$R"
+    ;;
+  *) echo "lease_s16.sh: call must be 2, 3 or 4" >&2; exit 2 ;;
 esac

@@ -1000,12 +1000,9 @@ def _ds_to_shared(ds, ds_bufs, ds_full, ds_empty, i, PART: gl.constexpr):
 
 
 @gluon.jit
-def _dq_add(DQD, k_bufs, ds_bufs, dq_bufs, ds_full, ds_empty, i, row, col, scale, PART: gl.constexpr,
-            HEAD_DIM: gl.constexpr):  # fmt: skip
-    """dq of step i's rows for head-dim half PART, over both consumers' 128 keys: dS k from shared
-    memory (both consumers' dS^T halves, transposed), then added into the float32 dq by one TMA
-    reduction of the 64 x HEAD_DIM/2 tile at (row, col) (FlashAttention-3's dq: the reduction runs
-    on the TMA unit, 4 bytes per computed pair)."""
+def _dq_issue(k_bufs, ds_bufs, ds_full, i, PART: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Issue step i's dq for head-dim half PART over both consumers' 128 keys, once both have put
+    their dS^T in the step's buffer: dS k with dS from shared memory (transposed views)."""
     HALF: gl.constexpr = HEAD_DIM // 2
     acc: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16]
@@ -1017,16 +1014,21 @@ def _dq_add(DQD, k_bufs, ds_bufs, dq_bufs, ds_full, ds_empty, i, row, col, scale
     ds0 = ds_bufs.index(2 * j).permute((1, 0))
     ds1 = ds_bufs.index(2 * j + 1).permute((1, 0))
     dq = warpgroup_mma(ds0, k_bufs.index(0).slice(k_half, HALF, dim=1), zero, use_acc=False, is_async=True)
-    dq = warpgroup_mma(ds1, k_bufs.index(1).slice(k_half, HALF, dim=1), dq, is_async=True)
-    dq = warpgroup_mma_wait(0, deps=(dq,))
-    mbarrier.arrive(ds_empty.index(j), count=1)
+    return warpgroup_mma(ds1, k_bufs.index(1).slice(k_half, HALF, dim=1), dq, is_async=True)
+
+
+@gluon.jit
+def _dq_reduce(DQD, dq_bufs, dq, row, col, scale, PART: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Add the finished dq tile (64 rows x HEAD_DIM/2, half PART) into the float32 dq at (row, col)
+    by one TMA reduction (FlashAttention-3's dq: the reduction runs on the TMA unit, 4 bytes per
+    computed pair), through this consumer's shared-memory tile."""
     buf = dq_bufs.index(PART)
     tma.store_wait(0)  # the thread that issued the previous reduction: it has read buf
     _partition_barrier()
     buf.store(dq * scale)
     fence_async_shared()
     _partition_barrier()
-    _tma_add(DQD, [row, col + k_half], buf)
+    _tma_add(DQD, [row, col + PART * (HEAD_DIM // 2)], buf)
 
 
 @gluon.jit
@@ -1076,11 +1078,13 @@ def _dkv_consumer_partition(
     SPLIT_WAITS: gl.constexpr,
     FUSED_DQ: gl.constexpr,
     ROW_STATS: gl.constexpr,
+    DQ_EARLY: gl.constexpr,
 ):
     """A dk/dv consumer: selected places [chunk_lo + PART*64, +64) of the block, over every query
     step of the slots. Key-major products (FlashAttention-2's backward): S^T = k q^T and
     dP^T = v do^T by two wgmma issued together, then dv += P^T do and dk += dS^T q with P^T and
-    dS^T from registers. With FUSED_DQ also each step's dq (``_dq_add``), head-dim half PART. With
+    dS^T from registers. With FUSED_DQ also each step's dq (``_dq_issue``, ``_dq_reduce``), head-dim
+    half PART, issued after dv and dk have finished or, with DQ_EARLY, right behind them. With
     ROW_STATS the rows' lse and delta come from the slot, read once the score GEMMs are done (not
     from global memory before them: 32 registers less across the GEMMs)."""
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(
@@ -1145,12 +1149,21 @@ def _dkv_consumer_partition(
             dk = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), operand), q, dk, is_async=True)
             if FUSED_DQ:
                 _ds_to_shared(ds.to(q.dtype), ds_bufs, ds_full, ds_empty, i, PART)
-            dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+                if DQ_EARLY:  # dq on the tensor cores behind dv and dk, one wait for the three
+                    dq = _dq_issue(k_bufs, ds_bufs, ds_full, i, PART, HEAD_DIM)
+                    dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
+                else:
+                    dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+            else:
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
         mbarrier.arrive(empty.index(s), count=1)
         if FUSED_DQ:
+            if not DQ_EARLY:
+                dq = _dq_issue(k_bufs, ds_bufs, ds_full, i, PART, HEAD_DIM)
+                dq = warpgroup_mma_wait(0, deps=(dq,))
+            mbarrier.arrive(ds_empty.index(i % 2), count=1)  # both dS^T halves read
             row = dq_row + t_first + (i - rep * n_steps) * BLOCK_M
-            col = dq_col + rep * HEAD_DIM
-            _dq_add(DQD, k_bufs, ds_bufs, dq_bufs, ds_full, ds_empty, i, row, col, scale, PART, HEAD_DIM)
+            _dq_reduce(DQD, dq_bufs, dq, row, dq_col + rep * HEAD_DIM, scale, PART, HEAD_DIM)
     if FUSED_DQ:
         tma.store_wait(0)  # the last reduction has read its tile before the kernel's memory goes
 
@@ -1206,6 +1219,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     SPLIT_WAITS: gl.constexpr = False,
     FUSED_DQ: gl.constexpr = False,
     ROW_STATS: gl.constexpr = False,
+    DQ_EARLY: gl.constexpr = False,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (Gw * n_chunks, B*HS): what ``triton_kernels.ms_attn_bwd_dkv_sel_kernel`` adds (or,
@@ -1319,6 +1333,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     SPLIT_WAITS,
                     FUSED_DQ,
                     ROW_STATS,
+                    DQ_EARLY,
                 ),
             ),
             (
@@ -1369,6 +1384,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     SPLIT_WAITS,
                     FUSED_DQ,
                     ROW_STATS,
+                    DQ_EARLY,
                 ),
             ),
             (

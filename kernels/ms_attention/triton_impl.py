@@ -190,6 +190,9 @@ class LaunchConfig:
     slot with q and do, and the consumers read them once the score GEMMs are done, instead of
     loading them from global memory before the GEMMs (32 registers held across them): compiled
     for sm_90 with Triton 3.6, spills 120 -> 48 bytes, with ``fused_dq`` 440 -> 0 (session 16)."""
+    gluon_dq_early: bool = False
+    """With ``fused_dq`` and ``dkv_gluon``: each step's dq GEMM is issued right behind dv += P^T do
+    and dk += dS^T q (one wait for the three), not after they have finished."""
     gluon_dkv_consumer_regs: int = 232
     """Registers per thread of the Gluon dk/dv kernel's consumer warpgroups (``setmaxnreg``); its
     load warpgroup keeps the rest of the register file, ``504 - 2 *`` this (232: 40, 240: 24)."""
@@ -1321,6 +1324,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                             CONSUMER_REGS=config.gluon_dkv_consumer_regs, PARTIAL=partial,
                             REGION=config.region_const("dkv", rope, region),
                             SPLIT_WAITS=split, FUSED_DQ=fused, ROW_STATS=row_stats,
+                            DQ_EARLY=config.gluon_dq_early,
                             num_warps=4, maxnreg=GLUON_MAXNREG,
                         )  # fmt: skip
                     return
