@@ -1363,8 +1363,8 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
     )
     opts = dict(region=region, budget=budget, merge=merge, rope=False, inv_freq=None, scale=shape[-1] ** -0.5,
                 start=start)  # fmt: skip
-    base = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=False, dq_gluon=False)
-    gluon = dataclasses.replace(base, fwd_gluon=True, dq_gluon=True)
+    base = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=False, dq_gluon=False, dkv_gluon=False)
+    gluon = dataclasses.replace(base, fwd_gluon=True, dq_gluon=True, gluon_dkv_row_stats=False)
     assert triton_impl.gluon_applies(gluon, False, q)
     assert triton_impl.gluon_applies(gluon, False, q, "dq")
     o_ref, lse_ref = triton_impl.ms_attn_fwd(q, k, v, idx, config=base, **opts)  # outputs NaN-poisoned
@@ -1854,6 +1854,9 @@ def test_gluon_kernels_apply_only_where_they_compile():
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_load_warps=3)
     with pytest.raises(ValueError, match="gluon_dkv_stages"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_stages=0)
+    for regs in (224, 236, 248):  # setmaxnreg: multiples of 8; 504 - 2 * regs left to the loads
+        with pytest.raises(ValueError, match=f"gluon_dkv_consumer_regs must be 232 or 240, got {regs}"):
+            dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_consumer_regs=regs)
     cfg = dataclasses.replace(triton_impl.GPU_CONFIG, fwd_gluon=True)
     q = torch.zeros(1, 16, 2, 128, dtype=torch.bfloat16)
     assert not triton_impl.gluon_applies(cfg, False, q)  # a CPU tensor

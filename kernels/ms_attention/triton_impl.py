@@ -179,20 +179,27 @@ class LaunchConfig:
     ``sel_block_n``, ``sel_block_m`` and ``sel_warps`` are the Triton kernel's and do not apply.
     Applies where ``fwd_gluon`` does (``gluon_applies(..., "dkv")``); with ``fused_dq`` it also adds
     dq, by TMA reductions (``FUSED_DQ``: each consumer one head-dim half of the step's dS k over the
-    chunk's 128 keys, 4 bytes per pair). Off:
-    measured no faster than the Triton kernel (H200, Triton 3.6, session 15: the dk/dv stage within
+    chunk's 128 keys, 4 bytes per pair). Off by default (``LaunchConfig``), where it measured no
+    faster than the Triton kernel (H200, Triton 3.6, session 15: the dk/dv stage within
     -3..+1% at paper settings and 1-7% slower at (64, 64, 8), 32K-256K, the partial path's within
-    -3..+2%); Nsight Compute put both kernels' tensor pipes at 51% busy (kernels/README.md)."""
+    -3..+2%); Nsight Compute put both kernels' tensor pipes at 51% busy (kernels/README.md). On in
+    ``GPU_CONFIG`` since session 16, with ``gluon_dkv_row_stats`` (see there)."""
     gluon_dkv_stages: int = 2
     """Ring slots of the Gluon dk/dv kernel (``GLUON_DKV_BLOCK_M`` rows of q and do each)."""
     gluon_dkv_row_stats: bool = False
     """The Gluon dk/dv kernel's load warpgroup copies each step's lse and delta rows into the ring
     slot with q and do, and the consumers read them once the score GEMMs are done, instead of
     loading them from global memory before the GEMMs (32 registers held across them): compiled
-    for sm_90 with Triton 3.6, spills 120 -> 48 bytes, with ``fused_dq`` 440 -> 0 (session 16)."""
+    for sm_90 with Triton 3.6, spills 120 -> 48 bytes, with ``fused_dq`` 440 -> 0 (session 16). The
+    same sums (GPU test: partial-path bits repeat). Measured (H200, session 16, whole backward,
+    against ``GPU_CONFIG`` before it): 2.3-3.8% faster at paper settings, 32K-128K; at (64, 64, 8)
+    within -2.2..+2.8%."""
     gluon_dq_early: bool = False
     """With ``fused_dq`` and ``dkv_gluon``: each step's dq GEMM is issued right behind dv += P^T do
-    and dk += dS^T q (one wait for the three), not after they have finished."""
+    and dk += dS^T q (one wait for the three), not after they have finished. Measured (H200,
+    session 16, whole backward, with row stats): within 1% of the late issue, and with it 0-3%
+    slower than the dq kernel beside the Gluon dk/dv at paper settings, 7-11% at (64, 64, 8), so
+    ``fused_dq`` stays off."""
     gluon_dkv_consumer_regs: int = 232
     """Registers per thread of the Gluon dk/dv kernel's consumer warpgroups (``setmaxnreg``); its
     load warpgroup keeps the rest of the register file, ``504 - 2 *`` this (232: 40, 240: 24)."""
@@ -446,6 +453,8 @@ GPU_CONFIG = LaunchConfig(
     shallow_warps=4,
     shallow_stages=2,
     whole_dkv=True,
+    dkv_gluon=True,
+    gluon_dkv_row_stats=True,
 )
 """The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
 candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of the
@@ -471,7 +480,11 @@ forward keeps w at run time and 3 stages (``rope_fwd_stages``): 15-20% less time
 Hopper the forward without RoPE on the fly is the warp-specialized Gluon kernel (``fwd_gluon``):
 14-20% less time than the Triton forward above in all 8 cases, paper and (64, 64, 8), 32K-256K
 (H200, session 14, one run: paper 64K 18.15 -> 15.42 ms, 428 -> 504 TFLOP/s), and dq the Gluon
-dq kernel (``dq_gluon``): 12-16% less time in dq (paper 64K 22.02 -> 18.40 ms)."""
+dq kernel (``dq_gluon``): 12-16% less time in dq (paper 64K 22.02 -> 18.40 ms). The dk/dv of the
+selected keys is the Gluon kernel with the rows' lse and delta through its ring (``dkv_gluon``,
+``gluon_dkv_row_stats``): the whole backward 2.3-3.8% faster at paper settings, 32K-128K, in two
+runs (H200, session 16: paper 64K 53.24 -> 52.00 and 53.85 -> 52.11 ms), and at (64, 64, 8) within
+-2.2..+2.8% (slower at 64K in both runs)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
