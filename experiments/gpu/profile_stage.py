@@ -4,7 +4,8 @@
         --set full -o OUT python3 experiments/gpu/profile_stage.py --setting paper --length 64K
 
 Builds the benchmark's inputs for one case (B=1, 32 query / 8 kv heads, D=128, bf16, the
-GPU launch config), selects, then runs ``--stage`` (fwd, dq or dkv) twice: a warm-up that
+GPU launch config), selects, then runs ``--stage`` (fwd, dq, dkv, or dkvdq: dk/dv with dq added
+inside, as ``fused_dq`` does) twice: a warm-up that
 compiles, which ``--launch-skip 1`` passes over, and the launch to profile. ``--setting prefix``
 runs the same kernels over contiguous keys (dense causal), the comparison that splits MS's
 selected-key cost from the kernels' own (kernels/README.md, session 12). ``--launch`` sets
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--setting", default="paper", choices=sorted(SETTINGS))
     parser.add_argument("--length", default="64K", choices=sorted(LENGTHS))
-    parser.add_argument("--stage", default="fwd", choices=("fwd", "dq", "dkv"))
+    parser.add_argument("--stage", default="fwd", choices=("fwd", "dq", "dkv", "dkvdq"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--launch", default="", help="'+'-joined LaunchConfig KEY=VALUE settings over the default"
@@ -52,13 +53,17 @@ def main(argv=None) -> None:
     o, lse = triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
     delta = triton_impl.bwd_preprocess(o, do)
     path = triton_impl.dkv_path(case.region, config, group=case.Hq // case.Hkv)
+    # dkvdq: bwd_dkv itself refuses the partial (deterministic) path, by name.
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if args.stage == "dkvdq" else None
     for _ in range(2):
         if args.stage == "fwd":
             triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
         elif args.stage == "dq":
             triton_impl.bwd_dq(do, q, k, v, lse, delta, idx_sorted, config=config, **opts)
         else:
-            triton_impl.bwd_dkv(do, q, k, v, lse, delta, idx_sorted, config=config, path=path, **opts)
+            triton_impl.bwd_dkv(
+                do, q, k, v, lse, delta, idx_sorted, config=config, path=path, dq32=dq32, **opts
+            )
     if args.device == "cuda":
         torch.cuda.synchronize()
     print(f"profile_stage: {case.name} {args.stage} ran twice", flush=True)

@@ -197,9 +197,9 @@ class LaunchConfig:
     gluon_dq_early: bool = False
     """With ``fused_dq`` and ``dkv_gluon``: each step's dq GEMM is issued right behind dv += P^T do
     and dk += dS^T q (one wait for the three), not after they have finished. Measured (H200,
-    session 16, whole backward, with row stats): within 1% of the late issue, and with it 0-3%
-    slower than the dq kernel beside the Gluon dk/dv at paper settings, 7-11% at (64, 64, 8), so
-    ``fused_dq`` stays off."""
+    session 16, whole backward, with row stats): -2.8..+1.7% against the late issue (another run),
+    and with it 2-11% slower than the dq kernel beside the Gluon dk/dv at paper and (64, 64, 8)
+    settings, 32K-128K, so ``fused_dq`` stays off."""
     gluon_dkv_consumer_regs: int = 232
     """Registers per thread of the Gluon dk/dv kernel's consumer warpgroups (``setmaxnreg``); its
     load warpgroup keeps the rest of the register file, ``504 - 2 *`` this (232: 40, 240: 24)."""
@@ -294,7 +294,9 @@ class LaunchConfig:
     reductions per computed pair (block_n: the dk/dv program's keys). Measured 6-22% slower
     than the dq kernel on an H200 (session 11, kernels/README.md), hence off. With ``dkv_gluon`` the
     selected keys' dq is added by the TMA unit instead (cp.reduce.async.bulk, 4 bytes per pair):
-    still 10-13% slower than the dq kernel at 240 consumer registers, 26-35% at 232 (session 16). Applies only
+    with ``gluon_dkv_row_stats`` (no spills) within -2.1..+1.4% of the dq kernel beside the Triton
+    dk/dv at paper 64K-128K, 3-14% slower at paper 32K and at (64, 64, 8), and 2-11% slower than
+    the dq kernel beside the Gluon dk/dv (session 16). Applies only
     outside deterministic mode (the atomics' order varies, and with it dq's last bits) and
     without RoPE on the fly (``pe="selected"``: the keys there carry per-block rotations);
     otherwise the dq kernel runs."""
