@@ -1942,6 +1942,23 @@ def test_stage_sweep_checks_and_times_each_variant(tmp_path):
     assert not (tmp_path / "bad.jsonl").exists()
 
 
+@pytest.mark.skipif(INTERPRETED, reason="starts its own interpreted process")
+def test_profile_stage_runs_each_stage_on_cpu():
+    """``experiments/gpu/profile_stage.py`` (the launch Nsight Compute catches) runs every stage it
+    offers on CPU, dk/dv with dq inside (``dkvdq``) among them, and refuses a bad launch setting by
+    name before any work."""
+    script = pathlib.Path(__file__).parents[1] / "experiments" / "gpu" / "profile_stage.py"
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    base = [sys.executable, str(script), "--device", "cpu", "--setting", "tiny", "--length", "61"]
+    for stage in ("fwd", "dq", "dkv", "dkvdq"):
+        proc = subprocess.run(base + ["--stage", stage], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"profile_stage: tiny-L61 {stage} ran twice" in proc.stdout
+    bad = subprocess.run(base + ["--launch", "no_such_field=1"], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "--launch" in bad.stderr and "no_such_field" in bad.stderr
+
+
 def test_stage_sweep_pick_merges_each_sweeps_fastest_variant(tmp_path):
     """``--pick``: per sweep the variant with the least total over stages and lengths, counting
     only variants checked and timed at every length reached; the picks of two sweeps (disjoint
