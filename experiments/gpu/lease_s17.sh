@@ -8,8 +8,13 @@
 #           extra GEMM go (the consumers' meeting each step, the dq stores, the TMA reductions);
 #           then every GPU test of the kernels in one call (never done in one: sessions 15-16 ran
 #           them in parts)  -> OUT/s17a.tgz
+#   call 2  bash experiments/gpu/lease_s17.sh 2
+#           target 1 at 256K (the selection 10.5% of ours there, session 16; 30.1 ms where 28.7
+#           would do): the shallow selection's launch variants at paper 128K and 256K
+#           (select_probe, each variant's indices checked against ms_select_torch's)
+#           -> OUT/s17b.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s17.sh 1}
+CALL=${1:?usage: lease_s17.sh 1|2}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 case $CALL in
   1)
@@ -34,5 +39,15 @@ case $CALL in
     tail -n 6 "$R/gpu_tests_all.log"
     tar -czf "$OUT/s17a.tgz" -C "$OUT" s17a && rm -rf "$R"
     ;;
-  *) echo "lease_s17.sh: call must be 1" >&2; exit 2 ;;
+  2)
+    R=$OUT/s17b; mkdir -p "$R"
+    V="shallow;shallow+shallow_mask_steps=8;shallow+shallow_mask_steps=32;shallow+shallow_mask_steps=64"
+    V="$V;shallow+shallow_sort_rows=2;shallow+shallow_sort_rows=8;shallow+shallow_stages=3"
+    V="$V;shallow+shallow_warps=8;shallow+shallow_k=16;shallow+shallow_cap=64;shallow+select_order=kv"
+    timeout $(( $(left) - 20 )) python3 -m ctxlab.kernels.bench.select_probe --lengths 128K,256K \
+      --settings paper --variants "$V" --out "$R" > "$R/select_probe.log" 2>&1
+    cat "$R/select_probe.md"
+    tar -czf "$OUT/s17b.tgz" -C "$OUT" s17b && rm -rf "$R"
+    ;;
+  *) echo "lease_s17.sh: call must be 1 or 2" >&2; exit 2 ;;
 esac
