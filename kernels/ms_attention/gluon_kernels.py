@@ -26,6 +26,12 @@ segment steps start at the segment start.
 
 Compiled for sm_90 only (Gluon has no interpreter); ``triton_impl.ms_attn_fwd`` runs it with
 ``LaunchConfig.fwd_gluon`` on a CUDA device of compute capability 9.x.
+
+The module also holds the backward's kernels on the same plan: ``ms_attn_bwd_dq_ws_kernel`` (dq on
+the forward's schedule, ``dq_gluon``) and ``ms_attn_bwd_dkv_sel_ws_kernel`` (dk, dv of a block's
+selected keys, ``dkv_gluon``; optionally the rows' lse and delta through the ring,
+``gluon_dkv_row_stats``, and dq added inside by TMA reductions, ``fused_dq``). kernels/README.md
+describes each and what it measured.
 """
 
 from __future__ import annotations
