@@ -431,7 +431,8 @@ def test_fused_dq_gives_way(mode):
 
 def test_fused_dq_buffer_is_checked():
     """``bwd_dkv`` refuses a dq buffer it cannot fill (the partial path, RoPE on the fly, a wrong
-    shape or dtype) before any launch, naming what is wrong."""
+    shape or dtype, not contiguous: the kernels and the Gluon kernel's TMA descriptor take it as
+    laid out like q) before any launch, naming what is wrong."""
     q, k, v, do = _inputs(1, 29, 2, 1, 32)
     idx = torch.zeros(1, 2, 0, 6, dtype=torch.int32)
     lse = delta = torch.zeros(1, 2, 29)
@@ -441,6 +442,7 @@ def test_fused_dq_buffer_is_checked():
         ("atomic", True, torch.zeros(q.shape), "rope=True"),
         ("atomic", False, torch.zeros(1, 28, 2, 32), "(1, 28, 2, 32)"),
         ("reverse", False, torch.zeros(q.shape, dtype=torch.float64), "torch.float64"),
+        ("atomic", False, torch.zeros(1, 29, 32, 2).transpose(2, 3), "contiguous=False"),
     ]:
         with pytest.raises(ValueError, match=re.escape(culprit)):
             triton_impl.bwd_dkv(do, q, k, v, lse, delta, idx, rope=rope, path=path, dq32=buf, **opts)

@@ -1290,10 +1290,17 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     if path not in DKV_PATHS[1:]:
         raise ValueError(f"path must be atomic, partial or reverse, got {path!r}")
     fused = dq32 is not None
-    if fused and (path == "partial" or rope or dq32.shape != q.shape or dq32.dtype != torch.float32):
+    if fused and (
+        path == "partial"
+        or rope
+        or dq32.shape != q.shape
+        or dq32.dtype != torch.float32
+        or not dq32.is_contiguous()
+    ):
         raise ValueError(
-            f"dq32 needs the atomic or reverse path, no RoPE on the fly, q's shape {tuple(q.shape)} "
-            f"and float32; got path {path!r}, rope={rope}, {tuple(dq32.shape)} {dq32.dtype}"
+            f"dq32 needs the atomic or reverse path, no RoPE on the fly, q's shape {tuple(q.shape)}, "
+            f"float32 and contiguous; got path {path!r}, rope={rope}, {tuple(dq32.shape)} {dq32.dtype}, "
+            f"contiguous={dq32.is_contiguous()}"
         )
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
