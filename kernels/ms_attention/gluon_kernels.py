@@ -73,15 +73,21 @@ def _slot(i, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _load_step(K, V, k_bufs, v_bufs, ready, empty, i, tok, kv_off, kv_stride, offs_d, STAGES: gl.constexpr):
-    """Copy the k and v rows `tok` ([BLOCK_N]) of step i into its slot once the slot is free."""
+def _load_step(
+    K, V, k_bufs, v_bufs, ready, empty, i, tok, kv_off, kv_stride, offs_d, STAGES: gl.constexpr,
+    ARRIVE: gl.constexpr = True,
+):  # fmt: skip
+    """Copy the k and v rows `tok` ([BLOCK_N]) of step i into its slot once the slot is free; returns
+    the slot. Without ARRIVE the caller adds its own copies to the slot, then arrives."""
     s, phase = _slot(i, STAGES)
     mbarrier.wait(empty.index(s), phase ^ 1)  # a fresh barrier passes parity 1 at once
     rows = kv_off + tok.to(gl.int64)[:, None] * kv_stride + offs_d[None, :]
     _cp_async(k_bufs.index(s), K + rows)
     _cp_async(v_bufs.index(s), V + rows)
-    # Every load thread arrives once its own copies have landed (count = load threads).
-    async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+    if ARRIVE:
+        # Every load thread arrives once its own copies have landed (count = load threads).
+        async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+    return s
 
 
 @gluon.jit
@@ -971,24 +977,19 @@ def _dkv_load_partition(
     offs_r = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [LOAD_WARPS], [0]))
     for i in range(REP * n_steps):
         rep = i // n_steps
-        t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
+        t0 = t_first + (i - rep * n_steps) * BLOCK_M  # the step's first row
+        t = t0 + offs_m
         t = gl.where((t >= q_start) & (t < q_hi), t, q_hi - 1)
-        if ROW_STATS:
-            # The step's lse and delta too (the same clamped rows), before the slot's arrive.
-            s, phase = _slot(i, STAGES)
-            mbarrier.wait(empty.index(s), phase ^ 1)
-            rows = q_base + rep * HEAD_DIM + t.to(gl.int64)[:, None] * q_stride + offs_d[None, :]
-            _cp_async(q_bufs.index(s), Q + rows)
-            _cp_async(do_bufs.index(s), DO + rows)
-            tr = t_first + (i - rep * n_steps) * BLOCK_M + offs_r
+        s = _load_step(
+            Q, DO, q_bufs, do_bufs, ready, empty, i, t, q_base + rep * HEAD_DIM, q_stride, offs_d, STAGES,
+            not ROW_STATS,
+        )  # fmt: skip
+        if ROW_STATS:  # the same clamped rows' lse and delta, then the slot's arrive
+            tr = t0 + offs_r
             tr = lse_base + rep * L + gl.where((tr >= q_start) & (tr < q_hi), tr, q_hi - 1)
             _cp_async(lse_bufs.index(s), LSE + tr)
             _cp_async(delta_bufs.index(s), DELTA + tr)
             async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
-        else:
-            _load_step(
-                Q, DO, q_bufs, do_bufs, ready, empty, i, t, q_base + rep * HEAD_DIM, q_stride, offs_d, STAGES
-            )
 
 
 @gluon.jit
