@@ -905,7 +905,7 @@ def test_out_of_resources_names_the_launch_settings():
     select = triton_impl.launch_settings("ms_select_shallow_kernel", cfg, "shallow_", "select_precision")
     with (
         pytest.raises(
-            triton_impl.LaunchResourceError, match=r"settings select_precision='tf32', shallow_k=32, "
+            triton_impl.LaunchResourceError, match=r"settings select_precision='tf32', shallow_k=16, "
         ),
         select,
     ):
@@ -1632,10 +1632,11 @@ def test_shallow_selection_compiles_for_h100(precision, rescore, cols, mask_step
                   BLOCK_J=64, SORT_ROWS=4, PREC=precision, RESCORE=rescore, RESCORE_COLS=cols,
                   FAULT=False, KV_MAJOR=cols == 4, MASK_STEPS=mask_steps)  # fmt: skip
     options = dict(num_warps=8)
-    if mask_steps:  # the GPU default: 4 warps, 2 stages (two programs per SM)
+    if mask_steps:  # the GPU default: 4 warps, 2 stages (two programs per SM), 16 of 64 per row
         gpu = triton_impl.GPU_CONFIG
         assert gpu.shallow_mask_steps == mask_steps
         options = dict(num_warps=gpu.shallow_warps, num_stages=gpu.shallow_stages)
+        consts |= dict(K=gpu.shallow_k, CAP=gpu.shallow_cap)
     compiled = _compile_for_h100(tk.ms_select_shallow_kernel, sig, consts, ("n",), **options)
     ptx = compiled.asm["ptx"]
     assert ("mma" in ptx) == (precision != "ieee")  # tensor cores for tf32 only

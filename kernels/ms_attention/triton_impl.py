@@ -454,6 +454,8 @@ GPU_CONFIG = LaunchConfig(
     shallow_mask_steps=16,
     shallow_warps=4,
     shallow_stages=2,
+    shallow_k=16,
+    shallow_cap=64,
     whole_dkv=True,
     dkv_gluon=True,
     gluon_dkv_row_stats=True,
@@ -462,7 +464,10 @@ GPU_CONFIG = LaunchConfig(
 candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of the
 ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), and it runs 4 warps and 2
 stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with masks expanded
-every 64 steps, 38.7 with masks alone); forward and dq step over 128 keys (forward in two stages),
+every 64 steps, 38.7 with masks alone); each row keeps its 16 best (``shallow_k``) in a list of 64
+(``shallow_cap``), the blocks that need deeper rows going to the full-depth kernel (H200, session
+17, paper: 30.48 -> 24.84 ms at 256K, 10.77 -> 9.03 at 128K, 32 and 33 of 8,192 and 4,096 items
+redone, every block's indices equal to ``ms_select_torch``'s); forward and dq step over 128 keys (forward in two stages),
 with the region size compiled in, and, without RoPE on the fly, score with one dot over the head
 dim (``whole_qk``); under RoPE on the fly the dk/dv kernels read q rotated once
 (``rotate_q_once``), and without it they too score with one dot (``whole_dkv``). Each setting was
