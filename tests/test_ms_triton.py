@@ -732,6 +732,50 @@ def test_shallow_select_matches_torch(
         assert 0 < redone <= items
 
 
+# The retry (``shallow_retry_k``): blocks whose rows' 16 best hold too few distinct regions (a
+# block choosing 92 of its first 100 candidates with 8 voting rows) are flagged by the first
+# shallow run; a second run over just those items at 32 ranks decides most of them, and the
+# full-depth kernel the rest. Every tier's indices are torch's.
+RETRY_CASES = [
+    ("random-paper-head", (1, 300, 2, 1, 16), 1, 100, 8, "head", "paper", None, {}),
+    (
+        "ties-causal-group-kv-order-masks",
+        (2, 260, 4, 2, 16),
+        1,
+        100,
+        8,
+        "group",
+        "causal",
+        (-1, 2),
+        dict(select_order="kv", shallow_rescore=True, shallow_mask_steps=2),
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize(
+    "shape, region, budget, merge, scope, select, values, overrides",
+    [c[1:] for c in RETRY_CASES],
+    ids=[c[0] for c in RETRY_CASES],
+)
+@on_interpreter
+def test_shallow_retry_decides_deep_blocks(shape, region, budget, merge, scope, select, values, overrides):
+    q, k = _select_inputs(shape, values, 5)
+    opts = dict(region=region, budget=budget, merge=merge, pool="mean", scope=scope, select=select)
+    want = ms_select_torch(q, k, **opts)
+    base = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, **overrides)
+    counts = []
+    for config in (base, dataclasses.replace(base, shallow_retry_k=32)):
+        before = list(triton_impl.SHALLOW_ITEMS)
+        got, redone = triton_impl.select_shallow_counted(q, k, config=config, **opts)
+        assert torch.equal(got.long(), want), (got - want).abs().amax(-1)
+        counts.append([after - b for after, b in zip(triton_impl.SHALLOW_ITEMS, before)])
+        assert counts[-1][1] == redone
+    (items, flagged, none), (items2, full, retried) = counts
+    assert items == items2 == want[..., 0].numel() and none == 0
+    assert retried == flagged > full, counts  # the retry decided some of the flagged items
+    assert flagged > 0
+
+
 # Search in a coarser precision, rank in float32 (``shallow_rescore``). The interpreter's dots
 # ignore input_precision, so the coarser search is simulated: ``shallow_fault`` moves every score
 # of the two passes by a pseudo-random amount within the row's bound (``shallow_score_err`` large
@@ -933,6 +977,10 @@ def test_shallow_config_is_validated():
             "shallow_block_j <= 64",
         ),
         (dict(shallow_stages=0), "shallow_stages"),
+        (dict(shallow_retry_k=16), "shallow_retry_k"),  # not above shallow_k (16)
+        (dict(shallow_retry_k=48), "shallow_retry_k"),
+        (dict(shallow_retry_k=128), "shallow_retry_k"),  # above shallow_block_j (64)
+        (dict(shallow_retry_cap=32), "shallow_retry_cap"),
         (dict(shallow_maxnreg=-1), "shallow_maxnreg"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -1626,22 +1674,28 @@ def test_shallow_selection_compiles_for_h100(precision, rescore, cols, mask_step
     four-column variant splits its loads in registers), and with the second pass's bit masks,
     whose step then needs no scan in shared memory."""
     sig = dict(QREP="*fp32", KREP="*fp32", OUT="*i32", FLAG="*i32", LIST="*i64", TOPK="*i32",
-               SEEN="*i32", MASKS="*i64", QNORM="*fp32", KMAX="*fp32", score_err="fp32")  # fmt: skip
+               SEEN="*i32", MASKS="*i64", QNORM="*fp32", KMAX="*fp32", ITEMS="*i32",
+               score_err="fp32")  # fmt: skip
     sig |= dict.fromkeys(("n", "G", "T", "M", "S", "n_bhs", "n_items"), "i32")
-    consts = dict(HS=32, HKV=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, RM=64, K=32, CAP=128,
-                  BLOCK_J=64, SORT_ROWS=4, PREC=precision, RESCORE=rescore, RESCORE_COLS=cols,
+    consts = dict(HS=32, HKV=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, HAS_ITEMS=False, RM=64,
+                  K=32, CAP=128, BLOCK_J=64, SORT_ROWS=4, PREC=precision, RESCORE=rescore, RESCORE_COLS=cols,
                   FAULT=False, KV_MAJOR=cols == 4, MASK_STEPS=mask_steps)  # fmt: skip
-    options = dict(num_warps=8)
-    if mask_steps:  # the GPU default: 4 warps, 2 stages (two programs per SM), 16 of 64 per row
+    options, variants = dict(num_warps=8), [consts]
+    if mask_steps:  # the GPU default: 4 warps, 2 stages (two programs per SM), 16 of 64 per row,
+        # and the retry over the flagged items (32 of 128)
         gpu = triton_impl.GPU_CONFIG
-        assert gpu.shallow_mask_steps == mask_steps
+        assert gpu.shallow_mask_steps == mask_steps and gpu.shallow_retry_k
         options = dict(num_warps=gpu.shallow_warps, num_stages=gpu.shallow_stages)
-        consts |= dict(K=gpu.shallow_k, CAP=gpu.shallow_cap)
-    compiled = _compile_for_h100(tk.ms_select_shallow_kernel, sig, consts, ("n",), **options)
-    ptx = compiled.asm["ptx"]
-    assert ("mma" in ptx) == (precision != "ieee")  # tensor cores for tf32 only
-    assert ".local" not in ptx  # no register spills
-    assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
+        variants = [
+            consts | dict(K=gpu.shallow_k, CAP=gpu.shallow_cap),
+            consts | dict(K=gpu.shallow_retry_k, CAP=gpu.shallow_retry_cap, HAS_ITEMS=True),
+        ]
+    for variant in variants:
+        compiled = _compile_for_h100(tk.ms_select_shallow_kernel, sig, variant, ("n",), **options)
+        ptx = compiled.asm["ptx"]
+        assert ("mma" in ptx) == (precision != "ieee")  # tensor cores for tf32 only
+        assert ".local" not in ptx  # no register spills
+        assert compiled.metadata.shared <= H100_SHARED_BYTES, compiled.metadata.shared
 
 
 H100_SHARED_BYTES = 232448  # per block, sm_90 (the H100's and the H200's opt-in limit)

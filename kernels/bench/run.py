@@ -38,7 +38,12 @@ import triton
 from ..ms_attention import triton_impl
 from ..ms_attention.interface import ms_attention
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
-from ..ms_attention.triton_impl import INTERPRETER_CONFIG, ms_select_triton, select_shallow_counted
+from ..ms_attention.triton_impl import (
+    INTERPRETER_CONFIG,
+    SHALLOW_ITEMS,
+    ms_select_triton,
+    select_shallow_counted,
+)
 from .cases import PRESETS, SETTINGS, Case, registry
 from .ops import OPS, build, launch_config, launch_fields, triton_parts
 
@@ -187,13 +192,16 @@ def run_case(
         idx = selection("sort")
         torch_methods_same = torch.equal(selection(), idx)
         torch_select_ms = cuda_time(selection, budget_ms=200, max_reps=5) if torch_methods_same else None
-        select_same = select_overlap = shallow_same = shallow_vs_fused = shallow_redone = None
+        select_same = select_overlap = shallow_same = shallow_vs_fused = None
+        shallow_redone = shallow_retried = None
         shallow_ms = None
         if device == "cuda":
             fused = fused_selection()
             select_same, select_overlap = selection_agreement(fused, idx, -(-case.L // case.region))
             select_ms = cuda_time(fused_selection, budget_ms=300, max_reps=5)
+            retried = SHALLOW_ITEMS[2]
             shallow, shallow_redone = select_shallow_counted(q, k, pool="mean", select="paper", **sel_opts)
+            shallow_retried = SHALLOW_ITEMS[2] - retried
             shallow_same = selection_agreement(shallow, idx, -(-case.L // case.region))[0]
             shallow_vs_fused = bool(torch.equal(shallow, fused))
             shallow_ms = cuda_time(shallow_selection, budget_ms=300, max_reps=5)
@@ -221,6 +229,7 @@ def run_case(
             pe=case.pe,
             shallow_select_ms=shallow_ms,
             shallow_redone_items=shallow_redone,
+            shallow_retried_items=shallow_retried,
             shallow_same_rows=shallow_same,
             shallow_equals_fused=shallow_vs_fused,
             select_ms=select_ms,

@@ -62,9 +62,11 @@ def probe(
                 return triton_impl.ms_select_triton(q, k, config=cfg, **opts), None
 
             try:
+                retried = triton_impl.SHALLOW_ITEMS[2]
                 got, redone = run()
                 if shallow:
                     row[f"{variant}_redone"] = redone
+                    row[f"{variant}_retried"] = triton_impl.SHALLOW_ITEMS[2] - retried
                 row[f"{variant}_ms"] = cuda_time(run, budget_ms=300, max_reps=5)
                 if want is not None:
                     row[f"{variant}_same_rows"], row[f"{variant}_overlap"] = selection_agreement(
@@ -77,7 +79,8 @@ def probe(
 
 def table(rows: list[dict]) -> str:
     """Markdown: one line per variant (torch's two paths first), one column per case (length,
-    setting, kv heads); a cell is the milliseconds, then "r N" where N items were redone and
+    setting, kv heads); a cell is the milliseconds, then "retried N" where the shallow retry
+    (``shallow_retry_k``) took N items, "r N" where N items were redone by the full-depth kernel and
     "rows X" where fewer than all rows equal torch's (X the fraction), or the variant's error."""
     cases = [f"{r['length']} {r['setting']} kv{r['kv']}" for r in rows]
     variants: list[str] = []  # in the order the rows name them: "<variant>_ms" or "<variant>_error"
@@ -94,6 +97,8 @@ def table(rows: list[dict]) -> str:
                 continue
             ms = r.get(f"{name}_ms")
             cell = "-" if ms is None else f"{ms:.2f}"
+            if r.get(f"{name}_retried"):
+                cell += f" (retried {r[f'{name}_retried']})"
             if r.get(f"{name}_redone"):
                 cell += f" (r {r[f'{name}_redone']})"
             same = r.get(f"{name}_same_rows")
@@ -119,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     out = Path(args.out) / "select_probe.jsonl" if args.out else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
     for length in args.lengths.split(","):
         for setting in args.settings.split(","):
             row = probe(length, setting, args.kv_heads, args.select, args.variants.split(";"), args.torch)

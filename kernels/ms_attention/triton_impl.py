@@ -239,6 +239,15 @@ class LaunchConfig:
     shallow_cap: int = 128
     """Candidates per row the shallow selection's second pass may collect (a power of two,
     >= shallow_k and >= shallow_block_j); a row with more sends its block to the full kernel."""
+    shallow_retry_k: int = 0
+    """0, or the ranks per row of a second shallow run over the items the first one flagged (a
+    power of two > ``shallow_k``, <= ``shallow_block_j``), with lists of ``shallow_retry_cap``;
+    the full-depth kernel then redoes what that run flags. A block with few more candidates than
+    it selects (the first selecting blocks: at paper settings 512 candidates for 448 places)
+    needs deep ranks, one such block per head; the retry keeps them off the full-depth kernel."""
+    shallow_retry_cap: int = 128
+    """Candidates per row of the retry run (``shallow_retry_k``): a power of two >= it and >=
+    ``shallow_block_j``."""
     shallow_block_j: int = 64
     """Regions per step of the shallow selection (its lane count; >= shallow_k, >= 16)."""
     shallow_sort_rows: int = 4
@@ -340,6 +349,7 @@ class LaunchConfig:
             "select_sort_rows",
             "shallow_k",
             "shallow_cap",
+            "shallow_retry_cap",
             "shallow_block_j",
             "shallow_sort_rows",
         ):
@@ -379,6 +389,17 @@ class LaunchConfig:
             raise ValueError(
                 f"shallow_k must be >= 16 and <= shallow_block_j, got {self.shallow_k} and "
                 f"{self.shallow_block_j}"
+            )
+        if self.shallow_retry_k and (
+            self.shallow_retry_k & (self.shallow_retry_k - 1)
+            or not self.shallow_k < self.shallow_retry_k <= self.shallow_block_j
+            or self.shallow_retry_cap < max(self.shallow_retry_k, self.shallow_block_j)
+        ):
+            raise ValueError(
+                f"shallow_retry_k must be 0 or a power of two > shallow_k and <= shallow_block_j, with "
+                f"shallow_retry_cap >= both, got shallow_retry_k={self.shallow_retry_k}, shallow_k="
+                f"{self.shallow_k}, shallow_block_j={self.shallow_block_j}, shallow_retry_cap="
+                f"{self.shallow_retry_cap}"
             )
         if self.shallow_stages < 1 or self.shallow_maxnreg < 0:
             raise ValueError(
@@ -456,6 +477,7 @@ GPU_CONFIG = LaunchConfig(
     shallow_stages=2,
     shallow_k=16,
     shallow_cap=64,
+    shallow_retry_k=32,
     whole_dkv=True,
     dkv_gluon=True,
     gluon_dkv_row_stats=True,
@@ -465,11 +487,13 @@ candidates in float32 (``shallow_rescore``, four columns per load), so its indic
 ieee selection; its second pass keeps bit masks (``shallow_mask_steps``), and it runs 4 warps and 2
 stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with masks expanded
 every 64 steps, 38.7 with masks alone); each row keeps its 16 best (``shallow_k``) in a list of 64
-(``shallow_cap``), the blocks that need deeper rows going to the full-depth kernel (H200, session
-17, paper: 30.48 -> 24.84 ms at 256K, 10.77 -> 9.03 at 128K, 32 and 33 of 8,192 and 4,096 items
-redone, every block's indices equal to ``ms_select_torch``'s); forward and dq step over 128 keys (forward in two stages),
-with the region size compiled in, and, without RoPE on the fly, score with one dot over the head
-dim (``whole_qk``); under RoPE on the fly the dk/dv kernels read q rotated once
+(``shallow_cap``), and the blocks that need deeper rows (one per head at paper settings, the first
+that selects) are retried at 32 of 128 (``shallow_retry_k``) before the full-depth kernel (H200,
+session 17, paper: 30.48 -> 24.84 ms at 256K and 10.77 -> 9.03 at 128K without the retry, every
+block's indices equal to ``ms_select_torch``'s; 32 items redone by the full-depth kernel cost 0.7
+ms at 32K, 2.23 -> 2.88); forward and dq step over 128 keys (forward in two stages), with the
+region size compiled in, and, without RoPE on the fly, score with one dot over the head dim
+(``whole_qk``); under RoPE on the fly the dk/dv kernels read q rotated once
 (``rotate_q_once``), and without it they too score with one dot (``whole_dkv``). Each setting was
 timed against the one it replaced in one run (H200, paper settings, 32K-256K): the selection
 2.0-2.5x faster and forward + backward 4.5-7.4% faster (session 8); whole rows 1-5% faster forward
@@ -916,29 +940,62 @@ def ms_select_triton(
     return out
 
 
-SHALLOW_ITEMS = [0, 0]
+SHALLOW_ITEMS = [0, 0, 0]
 """Running totals of the shallow selection in this process: [items (b, hs, g) decided, items redone
-by the full-depth kernel]. Benchmarks read the difference over a step; nothing resets it."""
+by the full-depth kernel, items retried at ``shallow_retry_k``]. Benchmarks read the difference
+over a step; nothing resets it."""
 
 
 def select_shallow_counted(
     q: Tensor, k: Tensor, *, config: LaunchConfig | None = None, **options
 ) -> tuple[Tensor, int]:
     """``ms_select_shallow``'s indices and the number of items (b, hs, g) the full-depth kernel
-    redid (one device sync). ``options``: region, budget, merge, pool, scope, select."""
+    redid (a device sync per run that flags items). ``options``: region, budget, merge, pool,
+    scope, select."""
     budget, merge, select = options["budget"], options["merge"], options["select"]
     cfg, out, qrep, krep = _select_inputs(q, k, config=config, **options)
     if qrep is None:
         return out, 0
+    B, Hs, G = qrep.shape[0], qrep.shape[1], out.shape[2]
+    shallow = dict(budget=budget, merge=merge, select=select)
+    redo = _select_shallow_run(qrep, krep, out, cfg, None, cfg.shallow_k, cfg.shallow_cap, **shallow)
+    SHALLOW_ITEMS[0] += B * Hs * G
+    if redo.numel() and cfg.shallow_retry_k:
+        SHALLOW_ITEMS[2] += redo.numel()
+        redo = _select_shallow_run(
+            qrep, krep, out, cfg, redo, cfg.shallow_retry_k, cfg.shallow_retry_cap, **shallow
+        )
+    SHALLOW_ITEMS[1] += redo.numel()
+    if redo.numel():
+        _select_full(qrep, krep, out, cfg, redo, budget=budget, merge=merge, select=select)
+    return out, int(redo.numel())
+
+
+def _select_shallow_run(
+    qrep: Tensor,
+    krep: Tensor,
+    out: Tensor,
+    cfg: LaunchConfig,
+    items: Tensor | None,
+    ranks: int,
+    cap: int,
+    *,
+    budget: int,
+    merge: int,
+    select: str,
+) -> Tensor:
+    """One launch of ``ms_select_shallow_kernel`` into ``out``, each row keeping ``ranks`` of up
+    to ``cap`` candidates, for every item or for those listed in ``items`` (int32); returns the
+    items it flagged (int32, ascending)."""
     B, Hs, n, D = qrep.shape
     Hkv, G, n_sel = krep.shape[1], out.shape[2], out.shape[3]
     rm = max(triton.next_power_of_2(merge), 16, cfg.shallow_sort_rows)
-    n_items = B * Hs * G
+    n_items = B * Hs * G if items is None else items.numel()
     dev = qrep.device
     programs = _programs(cfg, dev, n_items)
     flag = torch.zeros(n_items, dtype=torch.int32, device=dev)
-    scratch_list = torch.empty((programs, rm, cfg.shallow_cap), dtype=torch.int64, device=dev)
-    scratch_top = torch.empty((programs, rm, cfg.shallow_k), dtype=torch.int32, device=dev)
+    scratch_list = torch.empty((programs, rm, cap), dtype=torch.int64, device=dev)
+    scratch_top = torch.empty((programs, rm, ranks), dtype=torch.int32, device=dev)
     seen = torch.zeros((programs, n), dtype=torch.int32, device=dev)
     mask_steps = cfg.shallow_mask_steps if cfg.shallow_rescore else 0  # masks carry no keys
     masks = torch.empty((programs, rm, mask_steps) if mask_steps else 1, dtype=torch.int64, device=dev)
@@ -951,21 +1008,18 @@ def select_shallow_counted(
         qnorm, kmax, err = flag, flag, 0.0  # not read
     with launch_settings("ms_select_shallow_kernel", cfg, "shallow_", "select_precision"):
         tk.ms_select_shallow_kernel[(programs,)](
-            qrep, krep, out, flag, scratch_list, scratch_top, seen, masks, qnorm, kmax, err,
+            qrep, krep, out, flag, scratch_list, scratch_top, seen, masks, qnorm, kmax,
+            flag if items is None else items, err,
             n, G, budget, merge, n_sel, B * Hs, n_items,
             HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
-            CAUSAL=select == "causal", RM=rm, K=cfg.shallow_k, CAP=cfg.shallow_cap,
+            CAUSAL=select == "causal", HAS_ITEMS=items is not None, RM=rm, K=ranks, CAP=cap,
             BLOCK_J=cfg.shallow_block_j, SORT_ROWS=cfg.shallow_sort_rows,
             PREC=cfg.select_precision, RESCORE=cfg.shallow_rescore, RESCORE_COLS=cfg.shallow_rescore_cols,
             FAULT=cfg.shallow_fault, KV_MAJOR=cfg.select_order == "kv", MASK_STEPS=mask_steps,
             num_warps=cfg.shallow_warps, num_stages=cfg.shallow_stages, **extra,
         )  # fmt: skip
-    redo = flag.nonzero().flatten().to(torch.int32)
-    SHALLOW_ITEMS[0] += n_items
-    SHALLOW_ITEMS[1] += redo.numel()
-    if redo.numel():
-        _select_full(qrep, krep, out, cfg, redo, budget=budget, merge=merge, select=select)
-    return out, int(redo.numel())
+    flagged = flag.nonzero().flatten()
+    return (flagged if items is None else items[flagged]).to(torch.int32)
 
 
 def ms_select_shallow(q: Tensor, k: Tensor, **options) -> Tensor:

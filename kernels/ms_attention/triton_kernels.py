@@ -1881,6 +1881,7 @@ def ms_select_shallow_kernel(
     MASKS,
     QNORM,
     KMAX,
+    ITEMS,
     score_err,
     n,
     G,
@@ -1894,6 +1895,7 @@ def ms_select_shallow_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
+    HAS_ITEMS: tl.constexpr,
     RM: tl.constexpr,
     K: tl.constexpr,
     CAP: tl.constexpr,
@@ -1907,7 +1909,9 @@ def ms_select_shallow_kernel(
     MASK_STEPS: tl.constexpr,
 ):
     """The shallow exact selection. Grid (P,), persistent over items (b, hs, g) like
-    ``ms_select_kernel``; all RM >= m voting rows of a block are scored together.
+    ``ms_select_kernel`` (with HAS_ITEMS, the items listed in ITEMS [n_items] int32, FLAG then
+    indexed like ITEMS: the retry of the items a shallower run flagged); all RM >= m voting rows
+    of a block are scored together.
 
     The merge (spec step 8) reads a row's list rank by rank, and a block's S regions are
     normally found within the first few ranks of every row. So each row keeps only its K best
@@ -1951,7 +1955,11 @@ def ms_select_shallow_kernel(
     offs_c = tl.arange(0, CAP)
     lane_bit = tl.full([BLOCK_J], 1, tl.int64) << offs_j.to(tl.int64)
     a = tl.arange(0, RM)
-    for item in range(pid, n_items, n_prog):
+    for it in range(pid, n_items, n_prog):
+        if HAS_ITEMS:
+            item = tl.load(ITEMS + it)
+        else:
+            item = it
         g, bhs, b, hkv, s, first_row, n_rows = _select_item(
             item, n, G, T, M, n_bhs, HS, HKV, CAUSAL, KV_MAJOR
         )
@@ -2057,4 +2065,4 @@ def ms_select_shallow_kernel(
 
         out_base = OUT + (bhs.to(tl.int64) * G + g) * S
         found = _merge_ranks(topk_base, seen_base, out_base, item + 1, n_rows, n, S, K, K, RM)
-        tl.store(FLAG + item, ((found < S) | (overflow > 0)).to(tl.int32))
+        tl.store(FLAG + it, ((found < S) | (overflow > 0)).to(tl.int32))
