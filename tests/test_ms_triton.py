@@ -1821,7 +1821,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     and the buffers fit an H100's shared memory; dk/dv adds its sums with relaxed reductions
     (``RED``, no ``ATOM``) or, with ``PARTIAL``, stores them; with ``gluon_split_waits`` (the
     ``-split`` cases) a wait leaves one GEMM group in flight; with ``FUSED_DQ`` (``-fused``) dk/dv
-    also adds dq by TMA reductions (``UTMAREDG``, no per-element ``ATOM``), five GEMMs a step; with
+    also adds dq by TMA reductions (``UTMAREDG``, no per-element ``ATOM``), five GEMMs a step, and
+    writes dS^T with matrix stores from the registers dk's GEMM reads (no byte permutes); with
     ``ROW_STATS`` (``-rows``) the loads copy lse and delta too; with ``DQ_EARLY`` (``-early``) the
     dq GEMM joins dv's and dk's wait (four waits per five GEMMs' 32 HGMMA, not six)."""
     from triton.experimental.gluon import language as gl
@@ -1881,6 +1882,9 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     elif kernel == "dkv-fused":
         assert "UTMAREDG.2D.ADD" in sass and "ATOM" not in sass and hgmma == 64, hgmma
         assert waits == (4 if early else 6), waits
+        # dS^T goes to shared memory (STSM) as converted for dk: the padding places' zeroing,
+        # predicated on the chunk holding any, does not split the packed pairs (PRMT).
+        assert "STSM" in sass and "PRMT" not in sass
     elif kernel == "dkv-partial":
         assert "RED" not in sass and "ATOM" not in sass
     # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed).

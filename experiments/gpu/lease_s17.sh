@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The next lease after session 16 (nvidia-h200, one GPU; experiments/results moved aside during the
-# lease; carry [.whl/core]). Not run yet.
-#   call 1  bash experiments/gpu/lease_s17.sh 1
+# Session 17's lease (nvidia-h200, one GPU, the only kind lent; experiments/results moved aside
+# during the lease; carry [.whl/core]). All four calls ran (kernels/README.md, session 17):
+#   call 1  bash experiments/gpu/lease_s17.sh 1      (code 8ff360e)
 #           Nsight Compute of the Gluon dk/dv of the selected keys at paper 64K, with and without
-#           dq inside (experiments/gpu/profile_stage.py --stage dkvdq / dkv, GPU_CONFIG), the
-#           question of kernels/README.md's session 16: where the fused kernel's ~11 ms beyond its
-#           extra GEMM go (the consumers' meeting each step, the dq stores, the TMA reductions);
-#           then every GPU test of the kernels in one call (never done in one: sessions 15-16 ran
-#           them in parts)  -> OUT/s17a.tgz
-#   call 2  bash experiments/gpu/lease_s17.sh 2
-#           target 1 at 256K (the selection 10.5% of ours there, session 16; 30.1 ms where 28.7
-#           would do): the shallow selection's launch variants at paper 128K and 256K
-#           (select_probe, each variant's indices checked against ms_select_torch's), after
-#           call 1's one GPU test left over
-#           -> OUT/s17b.tgz
+#           dq inside (profile_stage.py --stage dkvdq / dkv, GPU_CONFIG): 36.68 against 24.47 ms,
+#           41% more instructions executed at the same issue rate; then the kernel GPU tests in
+#           one call: 39 of 40 passed before the call's limit  -> OUT/s17a.tgz
+#   call 2  bash experiments/gpu/lease_s17.sh 2      (code 8ff360e)
+#           call 1's 40th GPU test (passed); target 1 at 256K: the shallow selection's launch
+#           variants at paper 128K and 256K (select_probe, indices checked against
+#           ms_select_torch's): 16 of 64 per row 24.84 ms at 256K against 30.48  -> OUT/s17b.tgz
+#   call 3  bash experiments/gpu/lease_s17.sh 3      (code a7757f1: 16 of 64 the GPU default)
+#           old and new side by side where call 2 did not look (the probe wrote one row: its
+#           folder was missing, since fixed), the kernel benchmark (paper with the deterministic
+#           mode; (64, 64, 8)): 16 of 64 slower at paper 32K (32 items redone)  -> OUT/s17c.tgz
+#   call 4  bash experiments/gpu/lease_s17.sh 4      (code f933030: the retry at 32 of 128)
+#           the three selections side by side at paper 32K-256K, the kernel benchmark (paper), the
+#           GPU selection tests (4 passed)  -> OUT/s17d.tgz
 set -uo pipefail
 CALL=${1:?usage: lease_s17.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"

@@ -1114,7 +1114,15 @@ def _dkv_consumer_partition(
     dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     # Padding places read token 0: their dS^T rows are zeroed for dq (their dk, dv are never added).
-    _, key_ok_s = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma)), S, W)
+    # Padding comes last in the sorted selection, so the 64 places hold some only if the last does;
+    # the zeroing runs only then (a branch uniform over the warpgroup, taken in early blocks): a
+    # select on every step's tile cost ptxas 30 PRMT and 32 SEL per thread a step (it applied it
+    # to the packed bf16 pairs), 0.9 G of the 2.8 G instructions dq added (Nsight Compute,
+    # session 17).
+    if FUSED_DQ:
+        _, key_ok_s = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma)), S, W)
+        last_rank = (first + ROWS - 1) // W
+        padded = (last_rank >= S) | (gl.load(sel + gl.minimum(last_rank, S - 1)) < 0)
     for i in range(REP * n_steps):
         rep = i // n_steps
         t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
@@ -1150,8 +1158,9 @@ def _dkv_consumer_partition(
             if ROW_STATS:
                 delta = delta_bufs.index(s).load(rows)  # of a valid row (clamped) where P = 0
             ds = p * (dp - delta[None, :])
-            if FUSED_DQ:
-                ds = gl.where(key_ok_s[:, None], ds, 0.0)
+            if FUSED_DQ:  # noqa: SIM102 - compiled in or out (constexpr); `padded` is known at run time
+                if padded:
+                    ds = gl.where(key_ok_s[:, None], ds, 0.0)
             dv = warpgroup_mma(gl.convert_layout(p.to(q.dtype), operand), do, dv, is_async=True)
             dk = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), operand), q, dk, is_async=True)
             if FUSED_DQ:
