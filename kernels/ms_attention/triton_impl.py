@@ -489,9 +489,10 @@ stages, two programs per SM (H200, session 10, paper 256K: 46.5 -> 33.7 ms with 
 every 64 steps, 38.7 with masks alone); each row keeps its 16 best (``shallow_k``) in a list of 64
 (``shallow_cap``), and the blocks that need deeper rows (one per head at paper settings, the first
 that selects) are retried at 32 of 128 (``shallow_retry_k``) before the full-depth kernel (H200,
-session 17, paper: 30.48 -> 24.84 ms at 256K and 10.77 -> 9.03 at 128K without the retry, every
-block's indices equal to ``ms_select_torch``'s; 32 items redone by the full-depth kernel cost 0.7
-ms at 32K, 2.23 -> 2.88); forward and dq step over 128 keys (forward in two stages), with the
+session 17, paper 32K / 64K / 128K / 256K, one run: 1.69 / 3.98 / 10.69 / 30.31 ms with 32 of 128,
+2.43 / 4.06 / 8.91 / 24.18 with 16 of 64 and the full-depth kernel redoing 32-33 items, 1.64 /
+3.69 / 8.07 / 23.67 with the retry; every block's indices equal to ``ms_select_torch``'s); forward
+and dq step over 128 keys (forward in two stages), with the
 region size compiled in, and, without RoPE on the fly, score with one dot over the head dim
 (``whole_qk``); under RoPE on the fly the dk/dv kernels read q rotated once
 (``rotate_q_once``), and without it they too score with one dot (``whole_dkv``). Each setting was
