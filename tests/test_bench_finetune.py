@@ -143,14 +143,14 @@ def test_a_bad_override_fails_at_composition_before_any_model(builds, tmp_path):
 
 
 def test_step_timer_counts_the_shallow_selections_blocks_per_step():
-    """Per step, the blocks the shallow MS selection decided and those it sent to the full-depth
-    kernel (``triton_impl.SHALLOW_ITEMS``'s difference over the step)."""
+    """Per step, the blocks the shallow MS selection decided, those it sent to the full-depth
+    kernel and those it retried deeper (``triton_impl.SHALLOW_ITEMS``'s difference over the step)."""
     from ctxlab.kernels.ms_attention import triton_impl
 
     timer = bench._step_timer(warmup=0)
-    for decided, redone in ((64, 0), (64, 3), (0, 0)):
+    for counts in ((64, 0, 0), (64, 3, 5), (0, 0, 0)):
         timer.on_train_batch_start(None, None, None, 0)
-        triton_impl.SHALLOW_ITEMS[0] += decided
-        triton_impl.SHALLOW_ITEMS[1] += redone
+        for i, n in enumerate(counts):
+            triton_impl.SHALLOW_ITEMS[i] += n
         timer.on_train_batch_end(None, None, None, None, 0)
-    assert timer.shallow == [(64, 0), (64, 3), (0, 0)] and len(timer.times) == 3
+    assert timer.shallow == [(64, 0, 0), (64, 3, 5), (0, 0, 0)] and len(timer.times) == 3

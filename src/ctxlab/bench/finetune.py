@@ -121,14 +121,15 @@ def _step_timer(warmup: int):
 
     class StepTimer(L.Callback):
         """Wall time of each optimizer step (CUDA-synchronised); peak memory of the timed steps;
-        per step, the blocks the shallow MS selection decided and redid with its full-depth
-        kernel (a redone block costs that kernel's time, and its compilation the first time)."""
+        per step, the blocks the shallow MS selection decided, redid with its full-depth kernel (a
+        redone block costs that kernel's time, and its compilation the first time) and retried
+        deeper first (``LaunchConfig.shallow_retry_k``)."""
 
         def __init__(self) -> None:
             self.times: list[float] = []
-            self.shallow: list[tuple[int, int]] = []
+            self.shallow: list[tuple[int, int, int]] = []
             self._t0 = 0.0
-            self._items = (0, 0)
+            self._items = (0, 0, 0)
 
         def _sync(self) -> None:
             if torch.cuda.is_available():
@@ -144,7 +145,7 @@ def _step_timer(warmup: int):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self._sync()
             self.times.append(time.perf_counter() - self._t0)
-            self.shallow.append((SHALLOW_ITEMS[0] - self._items[0], SHALLOW_ITEMS[1] - self._items[1]))
+            self.shallow.append(tuple(now - then for now, then in zip(SHALLOW_ITEMS, self._items)))
 
     return StepTimer()
 
@@ -182,9 +183,10 @@ def run_case(
     seq_len = int(cfg.data.seq_len)
     timed = times[warmup:]
     row["step_times_s"] = [round(t, 3) for t in times]
-    if any(decided for decided, _ in shallow):  # MS with the shallow selection (CUDA)
-        row["shallow_blocks_per_step"] = [decided for decided, _ in shallow]
-        row["shallow_redone_per_step"] = [redone for _, redone in shallow]
+    if any(decided for decided, _, _ in shallow):  # MS with the shallow selection (CUDA)
+        row["shallow_blocks_per_step"] = [decided for decided, _, _ in shallow]
+        row["shallow_redone_per_step"] = [redone for _, redone, _ in shallow]
+        row["shallow_retried_per_step"] = [retried for _, _, retried in shallow]
     if row["status"] == "ok" and timed:
         from ctxlab.train.callbacks import device_peak_flops, model_flops_per_token
 
