@@ -959,16 +959,22 @@ def select_shallow_counted(
         return out, 0
     B, Hs, G = qrep.shape[0], qrep.shape[1], out.shape[2]
     shallow = dict(budget=budget, merge=merge, select=select)
-    redo = _select_shallow_run(qrep, krep, out, cfg, None, cfg.shallow_k, cfg.shallow_cap, **shallow)
+    if cfg.shallow_rescore or cfg.shallow_fault:  # the search's error bound per row, for both runs
+        qnorm = qrep.norm(dim=-1).contiguous()  # [B, Hs, n]
+        kmax = krep.norm(dim=-1).amax(-1).contiguous()  # [B, Hkv]
+        bound = (qnorm, kmax, cfg.shallow_score_err or search_error(cfg.select_precision, qrep.shape[-1]))
+    else:
+        bound = (out, out, 0.0)  # not read
+    redo = _select_shallow_run(qrep, krep, out, cfg, None, cfg.shallow_k, cfg.shallow_cap, bound, **shallow)
     SHALLOW_ITEMS[0] += B * Hs * G
     if redo.numel() and cfg.shallow_retry_k:
         SHALLOW_ITEMS[2] += redo.numel()
         redo = _select_shallow_run(
-            qrep, krep, out, cfg, redo, cfg.shallow_retry_k, cfg.shallow_retry_cap, **shallow
+            qrep, krep, out, cfg, redo, cfg.shallow_retry_k, cfg.shallow_retry_cap, bound, **shallow
         )
     SHALLOW_ITEMS[1] += redo.numel()
     if redo.numel():
-        _select_full(qrep, krep, out, cfg, redo, budget=budget, merge=merge, select=select)
+        _select_full(qrep, krep, out, cfg, redo, **shallow)
     return out, int(redo.numel())
 
 
@@ -980,6 +986,7 @@ def _select_shallow_run(
     items: Tensor | None,
     ranks: int,
     cap: int,
+    bound: tuple[Tensor, Tensor, float],
     *,
     budget: int,
     merge: int,
@@ -987,7 +994,8 @@ def _select_shallow_run(
 ) -> Tensor:
     """One launch of ``ms_select_shallow_kernel`` into ``out``, each row keeping ``ranks`` of up
     to ``cap`` candidates, for every item or for those listed in ``items`` (int32); returns the
-    items it flagged (int32, ascending)."""
+    items it flagged (int32, ascending). ``bound``: the re-scored search's QNORM, KMAX and error
+    per unit (``select_shallow_counted``'s, shared by its runs)."""
     B, Hs, n, D = qrep.shape
     Hkv, G, n_sel = krep.shape[1], out.shape[2], out.shape[3]
     rm = max(triton.next_power_of_2(merge), 16, cfg.shallow_sort_rows)
@@ -1001,12 +1009,7 @@ def _select_shallow_run(
     mask_steps = cfg.shallow_mask_steps if cfg.shallow_rescore else 0  # masks carry no keys
     masks = torch.empty((programs, rm, mask_steps) if mask_steps else 1, dtype=torch.int64, device=dev)
     extra = dict(maxnreg=cfg.shallow_maxnreg) if cfg.shallow_maxnreg else {}
-    if cfg.shallow_rescore or cfg.shallow_fault:
-        qnorm = qrep.norm(dim=-1).contiguous()  # [B, Hs, n]
-        kmax = krep.norm(dim=-1).amax(-1).contiguous()  # [B, Hkv]
-        err = cfg.shallow_score_err or search_error(cfg.select_precision, D)
-    else:
-        qnorm, kmax, err = flag, flag, 0.0  # not read
+    qnorm, kmax, err = bound
     with launch_settings("ms_select_shallow_kernel", cfg, "shallow_", "select_precision"):
         tk.ms_select_shallow_kernel[(programs,)](
             qrep, krep, out, flag, scratch_list, scratch_top, seen, masks, qnorm, kmax,
