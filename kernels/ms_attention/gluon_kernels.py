@@ -1114,15 +1114,15 @@ def _dkv_consumer_partition(
     dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     # Padding places read token 0: their dS^T rows are zeroed for dq (their dk, dv are never added).
-    # Padding comes last in the sorted selection, so the 64 places hold some only if the last does;
-    # the zeroing runs only then (a branch uniform over the warpgroup, taken in early blocks): a
-    # select on every step's tile cost ptxas 30 PRMT and 32 SEL per thread a step (it applied it
-    # to the packed bf16 pairs), 0.9 G of the 2.8 G instructions dq added (Nsight Compute,
-    # session 17).
+    # Padding comes last in the sorted selection, so the 64 places hold some only if the last does,
+    # and the zeroing is conditioned on that (uniform over the warpgroup; at real sizes only early
+    # blocks hold padding). ptxas predicates it; unconditioned, it applied the select to the packed
+    # bf16 pairs, about 30 PRMT and 32 SEL per thread a step, 0.9 G of the 2.8 G instructions dq
+    # added (Nsight Compute, session 17).
     if FUSED_DQ:
         _, key_ok_s = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma)), S, W)
-        last_rank = (first + ROWS - 1) // W
-        padded = (last_rank >= S) | (gl.load(sel + gl.minimum(last_rank, S - 1)) < 0)
+        _, last_ok = _selected_rows(sel, first + ROWS - 1, S, W)
+        padded = not last_ok
     for i in range(REP * n_steps):
         rep = i // n_steps
         t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
