@@ -1467,6 +1467,7 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
             do, q, k, v, lse_ref, delta, idx, config=fused, path="atomic", dq32=dq32, **opts
         )
         assert (dq32[:, :start] == 0).all() and not dq32.isnan().any()
+        dq32 *= opts["scale"]  # the kernels add dS k; ms_attn_bwd applies the scale once
         err = (dq32[:, start:] - dq_ref[:, start:].float()).abs().max().item()
         bound = 2**-7 * dq_ref[:, start:].float().abs().max().item()
         assert err <= bound, ("fused dq", cfg, err)
@@ -1822,7 +1823,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     (``RED``, no ``ATOM``) or, with ``PARTIAL``, stores them; with ``gluon_split_waits`` (the
     ``-split`` cases) a wait leaves one GEMM group in flight; with ``FUSED_DQ`` (``-fused``) dk/dv
     also adds dq by TMA reductions (``UTMAREDG``, no per-element ``ATOM``), five GEMMs a step, and
-    writes dS^T with matrix stores from the registers dk's GEMM reads (no byte permutes); with
+    writes dS^T with matrix stores from the registers dk's GEMM reads, with no select or multiply
+    more than the kernel without dq; with
     ``ROW_STATS`` (``-rows``) the loads copy lse and delta too; with ``DQ_EARLY`` (``-early``) the
     dq GEMM joins dv's and dk's wait (four waits per five GEMMs' 32 HGMMA, not six)."""
     from triton.experimental.gluon import language as gl
@@ -1868,10 +1870,14 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
             consts["DQD"] = None
     sig |= dict.fromkeys(ints, "i32")
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
-    compiled = _compile_for_h100(
-        fn, sig, consts | dict(REGION=16, num_warps=4), divisible, source=GluonASTSource, num_warps=4,
-        maxnreg=triton_impl.GLUON_MAXNREG,
-    )  # fmt: skip
+
+    def compile_(sig, consts):
+        return _compile_for_h100(
+            fn, sig, consts | dict(REGION=16, num_warps=4), divisible, source=GluonASTSource, num_warps=4,
+            maxnreg=triton_impl.GLUON_MAXNREG,
+        )  # fmt: skip
+
+    compiled = compile_(sig, consts)
     ptx, sass = compiled.asm["ptx"], _sass(compiled)
     assert "cp.async.mbarrier.arrive.noinc" in ptx and "setmaxnreg" in ptx
     hgmma, waits = sass.count("HGMMA"), sass.count("WARPGROUP.DEPBAR")
@@ -1882,9 +1888,15 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     elif kernel == "dkv-fused":
         assert "UTMAREDG.2D.ADD" in sass and "ATOM" not in sass and hgmma == 64, hgmma
         assert waits == (4 if early else 6), waits
-        # dS^T goes to shared memory (STSM) as converted for dk: the padding places' zeroing,
-        # predicated on the chunk holding any, does not split the packed pairs (PRMT).
-        assert "STSM" in sass and "PRMT" not in sass
+        # dS^T goes to shared memory (STSM) as converted for dk. dq adds no select and no multiply
+        # to the kernel without it: the padding places' zeroing is a branch taken only by chunks
+        # holding padding (in registers it cost 32 FSEL a thread a step), and dq goes unscaled
+        # (scaling each step's tile cost 32 FMUL).
+        assert "STSM" in sass
+        without = consts | dict(FUSED_DQ=False, DQ_EARLY=False, DQD=None)
+        alone = _sass(compile_(sig | dict(DQD="constexpr"), without))
+        for op in (r"\bFSEL\b", r"\bFMUL\b"):
+            assert len(re.findall(op, sass)) == len(re.findall(op, alone)), op
     elif kernel == "dkv-partial":
         assert "RED" not in sass and "ATOM" not in sass
     # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The next lease after session 17 (nvidia-h200, one GPU; experiments/results moved aside during
-# the lease; carry [.whl/core]). Not run yet.
+# the lease; carry [.whl/core]). Calls 1-2 ran on 2787ead, 3-4 on the commit that added them.
 #   call 1  bash experiments/gpu/lease_s18.sh 1
 #           dq inside the Gluon dk/dv after session 17's change (the padding places' zeroing of
 #           dS^T only in chunks that hold any: no byte permutes in the sm_90 code, compiled, not run
@@ -12,8 +12,17 @@
 #           target 4 with session 17's selection (16 of 64, the retry): the 7B LoRA+ step at 64K
 #           and 128K, MS and S2 in one process; then the (64, 64, 8) benchmark with the retry
 #           -> OUT/s18b.tgz
+#   call 3  bash experiments/gpu/lease_s18.sh 3
+#           dq inside the Gluon dk/dv without a select or a multiply in the steps (the padding
+#           zeroing a branch on shared memory, dq summed unscaled and scaled once): the fused GPU
+#           tests; Nsight Compute of the fused kernel at paper 64K; the backward, base against fused
+#           dq at 232 and 240 registers, paper 32K-128K with 8 kv heads and 64K-128K with 32 (the
+#           7B's shape), (64, 64, 8) 32K  -> OUT/s18c.tgz
+#   call 4  bash experiments/gpu/lease_s18.sh 4
+#           target 4 with dq fused (if call 3 says it pays): the 7B LoRA+ step at 64K, S2 and MS in
+#           one process, then MS with fused_dq in a second  -> OUT/s18d.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s18.sh 1|2}
+CALL=${1:?usage: lease_s18.sh 1|2|3|4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -53,5 +62,46 @@ case $CALL in
     grep -h -A10 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/s18b.tgz" -C "$OUT" s18b && rm -rf "$R"
     ;;
-  *) echo "lease_s18.sh: call must be 1 or 2" >&2; exit 2 ;;
+  3)
+    R=$OUT/s18c; mkdir -p "$R/ncu"
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match or fused" > "$R/gpu_tests_fused.log" 2>&1
+    tail -n 4 "$R/gpu_tests_fused.log"
+    name=paper_64K_dkvdq_gluon
+    timeout 100 ncu --clock-control none --kernel-name regex:ms_attn_bwd_dkv_sel_ws_kernel \
+      --launch-skip 1 --launch-count 1 --set full -o "$R/ncu/$name" \
+      python3 experiments/gpu/profile_stage.py --setting paper --length 64K --stage dkvdq \
+      > "$R/ncu/$name.log" 2>&1
+    ncu --import "$R/ncu/$name.ncu-rep" --page details --csv > "$R/ncu/${name}_details.csv" 2>/dev/null
+    ncu --import "$R/ncu/$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
+      | gzip > "$R/ncu/${name}_sass.csv.gz"
+    rm -f "$R/ncu/$name.ncu-rep"
+    python3 -m ctxlab.kernels.bench.ncu_summary "$R/ncu" --out "$R/ncu/ncu_summary.md" > /dev/null 2>&1
+    head -n 4 "$R/ncu/ncu_summary.md"
+    V="base;fused_dq=true;fused_dq=true+gluon_dkv_consumer_regs=240"
+    timeout 150 python3 -m ctxlab.kernels.bench.stage_sweep --setting paper \
+      --lengths 32K,64K,128K --stages bwd --variants "$V" --out "$R" \
+      --stem "stage_sweep_${day}_${card}_s18_fused_dq2_paper" > "$R/sweep_fused_paper.log" 2>&1
+    timeout 100 python3 -m ctxlab.kernels.bench.stage_sweep --setting paper --kv-heads 32 \
+      --lengths 64K,128K --stages bwd --variants "$V" --out "$R" \
+      --stem "stage_sweep_${day}_${card}_s18_fused_dq2_paper_kv32" > "$R/sweep_fused_kv32.log" 2>&1
+    timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.stage_sweep --setting sparse \
+      --lengths 32K,64K --stages bwd --variants "base;fused_dq=true" --out "$R" \
+      --stem "stage_sweep_${day}_${card}_s18_fused_dq2_sparse" > "$R/sweep_fused_sparse.log" 2>&1
+    grep -h -A12 '^| case' "$R"/*.md
+    tar -czf "$OUT/s18c.tgz" -C "$OUT" s18c && rm -rf "$R"
+    ;;
+  4)
+    R=$OUT/s18d; mkdir -p "$R"
+    timeout 200 python3 -m ctxlab.bench.finetune --out "$R" \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s18_64k --lengths 65536 --variants s2,ms \
+      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k.log" 2>&1
+    timeout $(( $(left) - 10 )) python3 -m ctxlab.bench.finetune --out "$R" \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s18_64k_fused_dq --lengths 65536 --variants ms \
+      --launch "${CTXLAB_FUSED_LAUNCH:-fused_dq=true+gluon_dkv_consumer_regs=240}" \
+      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k_fused.log" 2>&1
+    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-250
+    tar -czf "$OUT/s18d.tgz" -C "$OUT" s18d && rm -rf "$R"
+    ;;
+  *) echo "lease_s18.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac

@@ -993,14 +993,30 @@ def _dkv_load_partition(
 
 
 @gluon.jit
-def _ds_to_shared(ds, ds_bufs, ds_full, ds_empty, i, PART: gl.constexpr):
+def _ds_to_shared(ds, ds_bufs, ds_full, ds_empty, i, n_real, PART: gl.constexpr):
     """This consumer's dS^T of step i (its 64 keys x the step's rows) into its half of the step's
     dS buffer (two buffers, alternating by step) once both consumers have read the buffer's step
-    i - 2; then arrive on the buffer's *full* mbarrier (count: the two consumers)."""
+    i - 2; then arrive on the buffer's *full* mbarrier (count: the two consumers).
+
+    Padding places (read token 0, sums never stored) must add nothing to dq. Padding comes last
+    in the sorted selection, so the consumer's first `n_real` places are real keys and the rest
+    padding; where there is any (at real sizes only in the first blocks), the padding rows of the
+    tile are zeroed in shared memory after the store. The branch holds barriers and shared-memory traffic,
+    so ptxas keeps it a branch: the steps of the other consumers run no select at all (zeroing
+    dS^T in registers, predicated, cost 32 FSEL a thread a step, 0.41 G instructions at paper 64K;
+    Nsight Compute, session 18)."""
     j = i % 2
     phase = (i // 2) & 1
     mbarrier.wait(ds_empty.index(j), phase ^ 1)  # a fresh barrier passes parity 1 at once
-    ds_bufs.index(2 * j + PART).store(ds)
+    buf = ds_bufs.index(2 * j + PART)
+    buf.store(ds)
+    if n_real < ROWS:
+        _partition_barrier()  # the rows other threads stored, before they are read back
+        io: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        ok = gl.arange(0, ROWS, layout=gl.SliceLayout(1, io)) < n_real
+        tile = buf.load(io)
+        _partition_barrier()
+        buf.store(gl.where(ok[:, None], tile, gl.zeros_like(tile)))
     fence_async_shared()  # written through the generic proxy, read by wgmma through the async one
     _partition_barrier()  # all four warps' rows are in before the arrive
     mbarrier.arrive(ds_full.index(j), count=1)
@@ -1025,14 +1041,16 @@ def _dq_issue(k_bufs, ds_bufs, ds_full, i, PART: gl.constexpr, HEAD_DIM: gl.cons
 
 
 @gluon.jit
-def _dq_reduce(DQD, dq_bufs, dq, row, col, scale, PART: gl.constexpr, HEAD_DIM: gl.constexpr):
+def _dq_reduce(DQD, dq_bufs, dq, row, col, PART: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Add the finished dq tile (64 rows x HEAD_DIM/2, half PART) into the float32 dq at (row, col)
     by one TMA reduction (FlashAttention-3's dq: the reduction runs on the TMA unit, 4 bytes per
-    computed pair), through this consumer's shared-memory tile."""
+    computed pair), through this consumer's shared-memory tile. The tile is dS k without the
+    softmax scale, which the caller applies once to the finished sum (as FlashAttention-3's
+    post-processing does): 32 multiplies a thread a step less."""
     buf = dq_bufs.index(PART)
     tma.store_wait(0)  # the thread that issued the previous reduction: it has read buf
     _partition_barrier()
-    buf.store(dq * scale)
+    buf.store(dq)
     fence_async_shared()
     _partition_barrier()
     _tma_add(DQD, [row, col + PART * (HEAD_DIM // 2)], buf)
@@ -1113,16 +1131,12 @@ def _dkv_consumer_partition(
     zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_mma)
     dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
-    # Padding places read token 0: their dS^T rows are zeroed for dq (their dk, dv are never added).
-    # Padding comes last in the sorted selection, so the 64 places hold some only if the last does,
-    # and the zeroing is conditioned on that (uniform over the warpgroup; at real sizes only early
-    # blocks hold padding). ptxas predicates it; unconditioned, it applied the select to the packed
-    # bf16 pairs, about 30 PRMT and 32 SEL per thread a step, 0.9 G of the 2.8 G instructions dq
-    # added (Nsight Compute, session 17).
+    # Padding places read token 0: their dS^T rows are zeroed for dq (their dk, dv are never added)
+    # by ``_ds_to_shared``, only in consumers that hold any (padding comes last: the real places
+    # are the first n_real).
     if FUSED_DQ:
-        _, key_ok_s = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma)), S, W)
-        _, last_ok = _selected_rows(sel, first + ROWS - 1, S, W)
-        padded = not last_ok
+        _, real = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma)), S, W)
+        n_real = gl.sum(real.to(gl.int32), axis=0)
     for i in range(REP * n_steps):
         rep = i // n_steps
         t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
@@ -1158,13 +1172,10 @@ def _dkv_consumer_partition(
             if ROW_STATS:
                 delta = delta_bufs.index(s).load(rows)  # of a valid row (clamped) where P = 0
             ds = p * (dp - delta[None, :])
-            if FUSED_DQ:  # noqa: SIM102 - compiled in or out (constexpr); `padded` is known at run time
-                if padded:
-                    ds = gl.where(key_ok_s[:, None], ds, 0.0)
             dv = warpgroup_mma(gl.convert_layout(p.to(q.dtype), operand), do, dv, is_async=True)
             dk = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), operand), q, dk, is_async=True)
             if FUSED_DQ:
-                _ds_to_shared(ds.to(q.dtype), ds_bufs, ds_full, ds_empty, i, PART)
+                _ds_to_shared(ds.to(q.dtype), ds_bufs, ds_full, ds_empty, i, n_real, PART)
                 if DQ_EARLY:  # dq on the tensor cores behind dv and dk, one wait for the three
                     dq = _dq_issue(k_bufs, ds_bufs, ds_full, i, PART, HEAD_DIM)
                     dv, dk, dq = warpgroup_mma_wait(0, deps=(dv, dk, dq))
@@ -1179,7 +1190,7 @@ def _dkv_consumer_partition(
                 dq = warpgroup_mma_wait(0, deps=(dq,))
             mbarrier.arrive(ds_empty.index(i % 2), count=1)  # both dS^T halves read
             row = dq_row + t_first + (i - rep * n_steps) * BLOCK_M
-            _dq_reduce(DQD, dq_bufs, dq, row, dq_col + rep * HEAD_DIM, scale, PART, HEAD_DIM)
+            _dq_reduce(DQD, dq_bufs, dq, row, dq_col + rep * HEAD_DIM, PART, HEAD_DIM)
     if FUSED_DQ:
         tma.store_wait(0)  # the last reduction has read its tile before the kernel's memory goes
 

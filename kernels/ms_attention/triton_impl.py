@@ -1189,7 +1189,8 @@ def ms_attn_bwd(
     if fused_dq_applies(cfg, rope, deterministic):
         dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, **opts)
-        return dq32.to(q.dtype), dk, dv
+        dq = torch.empty_like(q)
+        return torch.mul(dq32, scale, out=dq), dk, dv  # the kernels add dS k: scaled once here
     dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, **opts)
     dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, **opts)
     return dq, dk, dv
@@ -1349,7 +1350,8 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     Only the query rows ``[start, L)`` contribute: the blocks wholly before ``start`` are neither
     launched nor indexed, and the query steps before ``start`` are skipped. With ``dq32`` (float32,
     q's shape, zeros; not with "partial" or RoPE on the fly) the kernels also add dq into it
-    with atomics (``LaunchConfig.fused_dq``)."""
+    with atomics (``LaunchConfig.fused_dq``), without the softmax scale: dS k, which the caller
+    multiplies by ``scale`` once (32 multiplies a thread a step less in the Gluon kernel)."""
     if path not in DKV_PATHS[1:]:
         raise ValueError(f"path must be atomic, partial or reverse, got {path!r}")
     fused = dq32 is not None

@@ -776,7 +776,6 @@ def _dkv_step(
     ROTATED_DK: tl.constexpr = False,
     QROT: tl.constexpr = False,
     DQ32=None,
-    dq_scale=1.0,
     FUSED_DQ: tl.constexpr = False,
     WHOLE: tl.constexpr = False,
     QD=None,
@@ -794,8 +793,9 @@ def _dkv_step(
     ROTATED_DK: then dk1, dk2 stay in the rotated frame (the caller, whose keys keep one
     rotation over all its steps, unrotates the sum once). QROT: Q holds q already rotated at the
     rows' positions (``ms_rotate_q_kernel``), read as is. FUSED_DQ (without RoPE on the fly: the
-    keys are then the scores' own): the rows' dq gets dq_scale * dS k added into the float32
-    DQ32 (laid out as Q) with relaxed atomics, the dq kernel's work without its recompute.
+    keys are then the scores' own): the rows' dq gets dS k added into the float32 DQ32 (laid
+    out as Q) with relaxed atomics, the dq kernel's work without its recompute; the softmax
+    scale is left to the caller, applied once to the finished sum (``bwd_dkv``'s caller).
     WHOLE (without RoPE on the fly): k1 and dk1 are whole rows ([BLOCK_N, BLOCK_D]; k2, dk2
     unused), q is loaded whole and the scores are one dot over the head dim. QD, DOD (with
     WHOLE): TMA descriptors of q and do, which load the rows at [tma_b, tma_row, tma_col] (rows
@@ -827,12 +827,12 @@ def _dkv_step(
         if WHOLE:
             dq_ptrs = DQ32 + t.to(tl.int64)[:, None] * q_stride + offs_d[None, :]
             dq_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-            tl.atomic_add(dq_ptrs, tl.dot(ds, k1) * dq_scale, mask=dq_mask, sem="relaxed")
+            tl.atomic_add(dq_ptrs, tl.dot(ds, k1), mask=dq_mask, sem="relaxed")
         else:
             dq_ptrs = DQ32 + t.to(tl.int64)[:, None] * q_stride + offs_h[None, :]
             dq_mask = row_ok[:, None] & (offs_h[None, :] < HALF)
-            tl.atomic_add(dq_ptrs, tl.dot(ds, k1) * dq_scale, mask=dq_mask, sem="relaxed")
-            tl.atomic_add(dq_ptrs + HALF, tl.dot(ds, k2) * dq_scale, mask=dq_mask, sem="relaxed")
+            tl.atomic_add(dq_ptrs, tl.dot(ds, k1), mask=dq_mask, sem="relaxed")
+            tl.atomic_add(dq_ptrs + HALF, tl.dot(ds, k2), mask=dq_mask, sem="relaxed")
     if ROPE and not ROTATED_DK:
         # The keys were rotated at this range's positions: bring their gradient back now.
         u1, u2 = _unrotate(tl.dot(dsT, q1), tl.dot(dsT, q2), ck, sk)
@@ -1004,7 +1004,6 @@ def ms_attn_bwd_dkv_kernel(
                     not SELECTED,  # the own segment alone: one rotation, undone at the end
                     QROT,
                     dq_base,
-                    scale,
                     FUSED_DQ,
                     WHOLE,
                     QD,
@@ -1046,7 +1045,6 @@ def ms_attn_bwd_dkv_kernel(
                 not SELECTED,
                 QROT,
                 dq_base,
-                scale,
                 FUSED_DQ,
                 WHOLE,
                 QD,
@@ -1102,7 +1100,6 @@ def ms_attn_bwd_dkv_kernel(
                         False,
                         QROT,
                         dq_base,
-                        scale,
                         FUSED_DQ,
                         WHOLE,
                         QD,
@@ -1257,7 +1254,6 @@ def ms_attn_bwd_dkv_sel_kernel(
                 True,  # the keys keep their rank's rotation over every step: unrotated below
                 QROT,
                 DQ32 + q_off,
-                scale,
                 FUSED_DQ,
                 WHOLE,
             )
