@@ -19,10 +19,14 @@
 #           dq at 232 and 240 registers, paper 32K-128K with 8 kv heads and 64K-128K with 32 (the
 #           7B's shape), (64, 64, 8) 32K  -> OUT/s18c.tgz
 #   call 4  bash experiments/gpu/lease_s18.sh 4
-#           target 4 with dq fused (if call 3 says it pays): the 7B LoRA+ step at 64K, S2 and MS in
-#           one process, then MS with fused_dq in a second  -> OUT/s18d.tgz
+#           (call 3 showed the fused backward no faster, so the 7B step with it was dropped) target 5
+#           under the session-17 selection: the longest length that fits, 512K-4M, paper settings,
+#           forward + backward with the selection  -> OUT/s18d.tgz
+#   call 5  bash experiments/gpu/lease_s18.sh 5
+#           the kernel benchmark at the 7B's head shape (32 query and 32 kv heads), paper 64K and
+#           128K, MS against S2: target 4's attention alone  -> OUT/s18e.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s18.sh 1|2|3|4}
+CALL=${1:?usage: lease_s18.sh 1|2|3|4|5}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -93,15 +97,20 @@ case $CALL in
     ;;
   4)
     R=$OUT/s18d; mkdir -p "$R"
-    timeout 200 python3 -m ctxlab.bench.finetune --out "$R" \
-      --tag finetune_llama2_7b_H200_1gpu_${day}_s18_64k --lengths 65536 --variants s2,ms \
-      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k.log" 2>&1
-    timeout $(( $(left) - 10 )) python3 -m ctxlab.bench.finetune --out "$R" \
-      --tag finetune_llama2_7b_H200_1gpu_${day}_s18_64k_fused_dq --lengths 65536 --variants ms \
-      --launch "${CTXLAB_FUSED_LAUNCH:-fused_dq=true+gluon_dkv_consumer_regs=240}" \
-      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k_fused.log" 2>&1
-    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-250
+    timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper-L32K --ops triton --fit 524288,4194304 --out "$R" --stem "ms_attention_${day}_${card}_s18_fit" \
+      --time-limit-s $(( $(left) - 60 )) > "$R/bench_fit.log" 2>&1
+    grep -h -A8 'fit' "$R"/*_fit.md 2>/dev/null | tail -8
     tar -czf "$OUT/s18d.tgz" -C "$OUT" s18d && rm -rf "$R"
     ;;
-  *) echo "lease_s18.sh: call must be 1, 2, 3 or 4" >&2; exit 2 ;;
+  5)
+    R=$OUT/s18e; mkdir -p "$R"
+    timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100 \
+      --cases paper-L64K-kv32,paper-L128K-kv32 --ops triton,s2 --out "$R" \
+      --stem "ms_attention_${day}_${card}_s18_paper_kv32" --time-limit-s $(( $(left) - 60 )) \
+      > "$R/bench_kv32.log" 2>&1
+    grep -h -A6 '^Summary' "$R"/*.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/s18e.tgz" -C "$OUT" s18e && rm -rf "$R"
+    ;;
+  *) echo "lease_s18.sh: call must be 1-5" >&2; exit 2 ;;
 esac
