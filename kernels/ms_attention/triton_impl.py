@@ -305,7 +305,9 @@ class LaunchConfig:
     selected keys' dq is added by the TMA unit instead (cp.reduce.async.bulk, 4 bytes per pair):
     with ``gluon_dkv_row_stats`` (no spills) within -2.1..+1.4% of the dq kernel beside the Triton
     dk/dv at paper 64K-128K, 3-14% slower at paper 32K and at (64, 64, 8), and 2-11% slower than
-    the dq kernel beside the Gluon dk/dv (session 16). Applies only
+    the dq kernel beside the Gluon dk/dv (session 16); with 15% fewer instructions executed (no
+    select, no multiply in its steps: dS k is summed unscaled and scaled once) still 1-13% slower
+    (session 18: latency-bound, kernels/README.md). Applies only
     outside deterministic mode (the atomics' order varies, and with it dq's last bits) and
     without RoPE on the fly (``pe="selected"``: the keys there carry per-block rotations);
     otherwise the dq kernel runs."""
