@@ -1001,10 +1001,10 @@ def _ds_to_shared(ds, ds_bufs, ds_full, ds_empty, i, n_real, PART: gl.constexpr)
     Padding places (read token 0, sums never stored) must add nothing to dq. Padding comes last
     in the sorted selection, so the consumer's first `n_real` places are real keys and the rest
     padding; where there is any (at real sizes only in the first blocks), the padding rows of the
-    tile are zeroed in shared memory after the store. The branch holds barriers and shared-memory traffic,
-    so ptxas keeps it a branch: the steps of the other consumers run no select at all (zeroing
+    tile are zeroed in shared memory after the store. The branch holds barriers and shared-memory
+    traffic, so ptxas keeps it a branch: the other consumers' steps run no select at all (zeroing
     dS^T in registers, predicated, cost 32 FSEL a thread a step, 0.41 G instructions at paper 64K;
-    Nsight Compute, session 18)."""
+    Nsight Compute, session 18, where the kernel was no faster without them: kernels/README.md)."""
     j = i % 2
     phase = (i // 2) & 1
     mbarrier.wait(ds_empty.index(j), phase ^ 1)  # a fresh barrier passes parity 1 at once
