@@ -25,8 +25,11 @@
 #   call 5  bash experiments/gpu/lease_s18.sh 5
 #           the kernel benchmark at the 7B's head shape (32 query and 32 kv heads), paper 64K and
 #           128K, MS against S2: target 4's attention alone  -> OUT/s18e.tgz
+#   call 6  bash experiments/gpu/lease_s18.sh 6
+#           target 3b's case: Nsight Compute of the dk/dv stage (the Gluon kernel of the selected
+#           keys and the own-segment Triton kernel) and of dq at (64, 64, 8) 32K  -> OUT/s18f.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s18.sh 1|2|3|4|5}
+CALL=${1:?usage: lease_s18.sh 1-6}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -112,5 +115,23 @@ case $CALL in
     grep -h -A6 '^Summary' "$R"/*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/s18e.tgz" -C "$OUT" s18e && rm -rf "$R"
     ;;
-  *) echo "lease_s18.sh: call must be 1-5" >&2; exit 2 ;;
+  6)
+    R=$OUT/s18f; mkdir -p "$R/ncu"
+    for spec in "dkv:ms_attn_bwd_dkv:2:2" "dq:ms_attn_bwd_dq:1:1"; do
+      IFS=: read -r stage kern skip count <<< "$spec"
+      name=sparse_32K_$stage
+      timeout 120 ncu --clock-control none --kernel-name "regex:$kern" --launch-skip "$skip" \
+        --launch-count "$count" --set full -o "$R/ncu/$name" \
+        python3 experiments/gpu/profile_stage.py --setting sparse --length 32K --stage "$stage" \
+        > "$R/ncu/$name.log" 2>&1
+      ncu --import "$R/ncu/$name.ncu-rep" --page details --csv > "$R/ncu/${name}_details.csv" 2>/dev/null
+      ncu --import "$R/ncu/$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
+        | gzip > "$R/ncu/${name}_sass.csv.gz"
+      rm -f "$R/ncu/$name.ncu-rep"
+    done
+    python3 -m ctxlab.kernels.bench.ncu_summary "$R/ncu" --out "$R/ncu/ncu_summary.md" > /dev/null 2>&1
+    grep -h "^- [0-9]" "$R/ncu/ncu_summary.md" | cut -c1-300
+    tar -czf "$OUT/s18f.tgz" -C "$OUT" s18f && rm -rf "$R"
+    ;;
+  *) echo "lease_s18.sh: call must be 1-6" >&2; exit 2 ;;
 esac
