@@ -62,3 +62,29 @@ def test_summary_errors_name_the_culprit(tmp_path):
         ncu_summary.summarize(tmp_path)
     with pytest.raises(SystemExit):
         ncu_summary.main([str(tmp_path / "missing")])
+
+
+def test_samples_split_by_what_the_warps_wait_on(tmp_path):
+    """An mbarrier poll (the branch guarded by the predicate a ``SYNCS.PHASECHK`` set, other
+    instructions between them, a later write of another predicate in between ignored) counts as
+    an mbarrier wait whatever its stall reason; ``WARPGROUP.DEPBAR`` as the wgmma's; barrier
+    stalls elsewhere as ``bar.sync``; a branch on a predicate an ``ISETP`` set is not a poll."""
+    rows = [
+        ["0x10", "SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR24+0x30590], R3", "5", "1", "0", "5", "0"],
+        ["0x20", "ISETP.GE.AND P0, PT, R2, UR14, PT", "0", "1", "0", "0", "0"],
+        ["0x30", "LEA R16, P3, R2, UR33, 0xc", "0", "1", "0", "0", "0"],
+        ["0x40", "@!P2  BRA 0x10", "40", "1", "0", "40", "0"],
+        ["0x50", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "20", "1", "20", "0", "0"],
+        ["0x60", "BAR.SYNC.DEFER_BLOCKING 0x0, 0x80", "5", "1", "0", "5", "0"],
+        ["0x70", "NOP", "15", "1", "15", "0", "0"],
+        ["0x80", "ISETP.NE.AND P1, PT, R0, RZ, PT", "0", "1", "0", "0", "0"],
+        ["0x90", "@P1 BRA 0x60", "15", "1", "0", "15", "0"],
+    ]
+    got = ncu_summary.wait_kinds([dict(zip(SASS_HEADER, r)) for r in rows])
+    assert got == pytest.approx(
+        {"mbarrier": 0.45, "wgmma": 0.2, "bar.sync": 0.15, "issuing": 0.0, "other": 0.2}
+    )
+    _write(tmp_path, "ws", rows)
+    assert "mbarrier 45.0%, wgmma 20.0%, bar.sync 15.0%, issuing 0.0%, other 20.0%" in ncu_summary.summarize(
+        tmp_path
+    )

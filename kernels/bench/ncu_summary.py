@@ -9,6 +9,13 @@ duration, throughputs, occupancy and issue rate; the warp stall reasons as share
 samples; the opcodes by share of samples with their executed count; and the hottest instructions
 with their two main stall reasons. ``WARPGROUP.DEPBAR`` taking a wait per ``HGMMA`` is the sign
 of ptxas serializing the wgmma (C7515; kernels/README.md, session 13).
+
+Warp-specialized kernels wait in three ways the stall reasons do not tell apart, so the samples
+are also split by what the warps wait on: an mbarrier (the branch of a ``SYNCS.PHASECHK`` polling
+loop, which Nsight Compute counts as a long-scoreboard stall: the load warps waiting for a free
+slot, the consumers for data or for each other), their own wgmma (``WARPGROUP.DEPBAR``) or a
+``bar.sync`` of their warpgroup (barrier stalls elsewhere). Session 18 read a fused kernel's long
+scoreboard as memory latency; most of it was its load warps polling for free slots.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import csv
 import gzip
 import io
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -78,6 +86,45 @@ def opcode(source: str) -> str:
     return parts[0].split(".")[0] if parts else ""
 
 
+_GUARDED_BRANCH = re.compile(r"\s*@!?(U?P\d)\s+BRA\b")
+
+
+def _writes_first(source: str, predicate: str) -> bool:
+    """Whether the instruction's first operand (its destination) is ``predicate``."""
+    parts = source.split(None, 1)
+    if parts and parts[0].startswith("@"):
+        parts = parts[1].split(None, 1) if len(parts) > 1 else []
+    return len(parts) == 2 and parts[1].split(",")[0].strip() == predicate
+
+
+def wait_kinds(rows: list[dict[str, str]], lookback: int = 64) -> dict[str, float]:
+    """Shares of all stall samples by what the warps wait on: "mbarrier" (at a ``SYNCS.PHASECHK``
+    or at the guarded branch whose predicate it set, found up to ``lookback`` instructions back),
+    "wgmma" (at ``WARPGROUP.DEPBAR``), "bar.sync" (barrier stalls anywhere else), "issuing" (the
+    ``selected`` samples elsewhere: not a wait) and "other" (memory, dependencies, throttles)."""
+    total = sum(_number(r[SAMPLES]) for r in rows) or 1.0
+    kinds = Counter()
+    for i, r in enumerate(rows):
+        source, samples = r["Source"], _number(r[SAMPLES])
+        guard = _GUARDED_BRANCH.match(source)
+        setter = None
+        if guard:
+            back = range(i - 1, max(-1, i - 1 - lookback), -1)
+            setter = next(
+                (rows[j]["Source"] for j in back if _writes_first(rows[j]["Source"], guard[1])), None
+            )
+        if "SYNCS.PHASECHK" in source or (setter and "SYNCS.PHASECHK" in setter):
+            kinds["mbarrier"] += samples
+        elif "WARPGROUP.DEPBAR" in source:
+            kinds["wgmma"] += samples
+        else:
+            barrier, issuing = _number(r.get("stall_barrier")), _number(r.get("stall_selected"))
+            kinds["bar.sync"] += barrier
+            kinds["issuing"] += issuing
+            kinds["other"] += samples - barrier - issuing
+    return {k: kinds[k] / total for k in ("mbarrier", "wgmma", "bar.sync", "issuing", "other")}
+
+
 def sass_tables(rows: list[dict[str, str]], top: int) -> list[str]:
     if not rows or SAMPLES not in rows[0]:
         raise ValueError("the source-page export has no warp stall samples")
@@ -86,6 +133,9 @@ def sass_tables(rows: list[dict[str, str]], top: int) -> list[str]:
     out = ["", "Warp stall reasons (share of all samples, >= 1%):", ""]
     shares = {c: sum(_number(r[c]) for r in rows) / total for c in stalls}
     out += [f"- {c[6:]}: {v:.1%}" for c, v in sorted(shares.items(), key=lambda t: -t[1]) if v >= 0.01]
+    waits = wait_kinds(rows)
+    out += ["", "Samples by what the warps wait on (mbarrier polls, own wgmma, bar.sync; issuing; other): "
+            + ", ".join(f"{k} {v:.1%}" for k, v in waits.items())]  # fmt: skip
     by_op, static, executed = Counter(), Counter(), Counter()
     for r in rows:
         op = opcode(r["Source"])
