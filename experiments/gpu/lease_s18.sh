@@ -38,15 +38,8 @@ case $CALL in
     timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
       -k "gluon_kernels_match or fused" > "$R/gpu_tests_fused.log" 2>&1
     tail -n 4 "$R/gpu_tests_fused.log"
-    name=paper_64K_dkvdq_gluon
-    timeout 100 ncu --clock-control none --kernel-name regex:ms_attn_bwd_dkv_sel_ws_kernel \
-      --launch-skip 1 --launch-count 1 --set full -o "$R/ncu/$name" \
-      python3 experiments/gpu/profile_stage.py --setting paper --length 64K --stage dkvdq \
-      > "$R/ncu/$name.log" 2>&1
-    ncu --import "$R/ncu/$name.ncu-rep" --page details --csv > "$R/ncu/${name}_details.csv" 2>/dev/null
-    ncu --import "$R/ncu/$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
-      | gzip > "$R/ncu/${name}_sass.csv.gz"
-    rm -f "$R/ncu/$name.ncu-rep"
+    ncu_stage "$R/ncu" paper_64K_dkvdq_gluon ms_attn_bwd_dkv_sel_ws_kernel 1 1 100 \
+      --setting paper --length 64K --stage dkvdq
     python3 -m ctxlab.kernels.bench.ncu_summary "$R/ncu" --out "$R/ncu/ncu_summary.md" > /dev/null 2>&1
     head -n 4 "$R/ncu/ncu_summary.md"
     V="base;fused_dq=true;fused_dq=true+gluon_dkv_consumer_regs=240"
@@ -74,15 +67,8 @@ case $CALL in
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
       -k "gluon_kernels_match or fused" > "$R/gpu_tests_fused.log" 2>&1
     tail -n 4 "$R/gpu_tests_fused.log"
-    name=paper_64K_dkvdq_gluon
-    timeout 100 ncu --clock-control none --kernel-name regex:ms_attn_bwd_dkv_sel_ws_kernel \
-      --launch-skip 1 --launch-count 1 --set full -o "$R/ncu/$name" \
-      python3 experiments/gpu/profile_stage.py --setting paper --length 64K --stage dkvdq \
-      > "$R/ncu/$name.log" 2>&1
-    ncu --import "$R/ncu/$name.ncu-rep" --page details --csv > "$R/ncu/${name}_details.csv" 2>/dev/null
-    ncu --import "$R/ncu/$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
-      | gzip > "$R/ncu/${name}_sass.csv.gz"
-    rm -f "$R/ncu/$name.ncu-rep"
+    ncu_stage "$R/ncu" paper_64K_dkvdq_gluon ms_attn_bwd_dkv_sel_ws_kernel 1 1 100 \
+      --setting paper --length 64K --stage dkvdq
     python3 -m ctxlab.kernels.bench.ncu_summary "$R/ncu" --out "$R/ncu/ncu_summary.md" > /dev/null 2>&1
     head -n 4 "$R/ncu/ncu_summary.md"
     V="base;fused_dq=true;fused_dq=true+gluon_dkv_consumer_regs=240"
@@ -117,18 +103,9 @@ case $CALL in
     ;;
   6)
     R=$OUT/s18f; mkdir -p "$R/ncu"
-    for spec in "dkv:ms_attn_bwd_dkv:2:2" "dq:ms_attn_bwd_dq:1:1"; do
-      IFS=: read -r stage kern skip count <<< "$spec"
-      name=sparse_32K_$stage
-      timeout 120 ncu --clock-control none --kernel-name "regex:$kern" --launch-skip "$skip" \
-        --launch-count "$count" --set full -o "$R/ncu/$name" \
-        python3 experiments/gpu/profile_stage.py --setting sparse --length 32K --stage "$stage" \
-        > "$R/ncu/$name.log" 2>&1
-      ncu --import "$R/ncu/$name.ncu-rep" --page details --csv > "$R/ncu/${name}_details.csv" 2>/dev/null
-      ncu --import "$R/ncu/$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
-        | gzip > "$R/ncu/${name}_sass.csv.gz"
-      rm -f "$R/ncu/$name.ncu-rep"
-    done
+    # the dk/dv stage launches the selected keys' kernel, then the own segment's
+    ncu_stage "$R/ncu" sparse_32K_dkv ms_attn_bwd_dkv 2 2 120 --setting sparse --length 32K --stage dkv
+    ncu_stage "$R/ncu" sparse_32K_dq ms_attn_bwd_dq 1 1 120 --setting sparse --length 32K --stage dq
     python3 -m ctxlab.kernels.bench.ncu_summary "$R/ncu" --out "$R/ncu/ncu_summary.md" > /dev/null 2>&1
     grep -h "^- [0-9]" "$R/ncu/ncu_summary.md" | cut -c1-300
     tar -czf "$OUT/s18f.tgz" -C "$OUT" s18f && rm -rf "$R"
