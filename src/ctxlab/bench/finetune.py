@@ -184,9 +184,8 @@ def run_case(
     timed = times[warmup:]
     row["step_times_s"] = [round(t, 3) for t in times]
     if any(decided for decided, _, _ in shallow):  # MS with the shallow selection (CUDA)
-        row["shallow_blocks_per_step"] = [decided for decided, _, _ in shallow]
-        row["shallow_redone_per_step"] = [redone for _, redone, _ in shallow]
-        row["shallow_retried_per_step"] = [retried for _, _, retried in shallow]
+        for key, counts in zip(("blocks", "redone", "retried"), zip(*shallow)):  # SHALLOW_ITEMS' order
+            row[f"shallow_{key}_per_step"] = list(counts)
     if row["status"] == "ok" and timed:
         from ctxlab.train.callbacks import device_peak_flops, model_flops_per_token
 
