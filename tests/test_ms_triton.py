@@ -721,7 +721,7 @@ def test_shallow_select_matches_torch(
     q, k = _select_inputs(shape, values, 7)
     opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
     config = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, **overrides)
-    got, redone = triton_impl.select_shallow_counted(q, k, config=config, **opts)
+    got, redone, _ = triton_impl.select_shallow_counted(q, k, config=config, **opts)
     want = ms_select_torch(q, k, **opts)
     assert got.dtype == torch.int32 and got.shape == want.shape
     assert torch.equal(got.long(), want), (got - want).abs().amax(-1)
@@ -766,10 +766,10 @@ def test_shallow_retry_decides_deep_blocks(shape, region, budget, merge, scope, 
     counts = []
     for config in (base, dataclasses.replace(base, shallow_retry_k=32)):
         before = list(triton_impl.SHALLOW_ITEMS)
-        got, redone = triton_impl.select_shallow_counted(q, k, config=config, **opts)
+        got, redone, retried = triton_impl.select_shallow_counted(q, k, config=config, **opts)
         assert torch.equal(got.long(), want), (got - want).abs().amax(-1)
         counts.append([after - b for after, b in zip(triton_impl.SHALLOW_ITEMS, before)])
-        assert counts[-1][1] == redone
+        assert counts[-1][1] == redone and counts[-1][2] == retried
     (items, flagged, none), (items2, full, retried) = counts
     assert items == items2 == want[..., 0].numel() and none == 0
     assert retried == flagged > full, counts  # the retry decided some of the flagged items
@@ -801,18 +801,18 @@ def test_rescored_search_gives_the_float32_selection(
     opts = dict(region=region, budget=budget, merge=merge, pool=pool, scope=scope, select=select)
     want = ms_select_torch(q, k, **opts)
     fault = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, shallow_fault=True, shallow_score_err=0.01)
-    noisy, _ = triton_impl.select_shallow_counted(q, k, config=fault, **opts)
-    fixed, _ = triton_impl.select_shallow_counted(
+    noisy, _, _ = triton_impl.select_shallow_counted(q, k, config=fault, **opts)
+    fixed, _, _ = triton_impl.select_shallow_counted(
         q, k, config=dataclasses.replace(fault, shallow_rescore=True), **opts
     )
     assert not torch.equal(noisy.long(), want), "the simulated coarse search changed nothing"
     assert torch.equal(fixed.long(), want)
     # Four columns per load, split in registers: the same FMAs in the same order.
-    wide, _ = triton_impl.select_shallow_counted(
+    wide, _, _ = triton_impl.select_shallow_counted(
         q, k, config=dataclasses.replace(fault, shallow_rescore=True, shallow_rescore_cols=4), **opts
     )
     assert torch.equal(wide, fixed)
-    plain, _ = triton_impl.select_shallow_counted(
+    plain, _, _ = triton_impl.select_shallow_counted(
         q, k, config=dataclasses.replace(triton_impl.INTERPRETER_CONFIG, shallow_rescore=True), **opts
     )
     assert torch.equal(plain.long(), want)
@@ -837,7 +837,7 @@ def test_shallow_masks_give_the_same_selection(case, mask_steps):
     masked = dataclasses.replace(
         triton_impl.INTERPRETER_CONFIG, shallow_rescore=True, shallow_mask_steps=mask_steps, **overrides
     )
-    got, redone = triton_impl.select_shallow_counted(q, k, config=masked, **opts)
+    got, redone, _ = triton_impl.select_shallow_counted(q, k, config=masked, **opts)
     assert torch.equal(got.long(), ms_select_torch(q, k, **opts))
     assert (redone == 0) == (decided == "shallow"), redone
 
@@ -854,7 +854,7 @@ def test_shallow_masks_undo_a_coarse_search(case):
         triton_impl.INTERPRETER_CONFIG, shallow_fault=True, shallow_score_err=0.01, shallow_rescore=True,
         shallow_mask_steps=4,
     )  # fmt: skip
-    got, _ = triton_impl.select_shallow_counted(q, k, config=fault, **opts)
+    got, _, _ = triton_impl.select_shallow_counted(q, k, config=fault, **opts)
     assert torch.equal(got.long(), ms_select_torch(q, k, **opts))
 
 
@@ -1515,7 +1515,7 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     q, k = torch.randn_like(q.float()).bfloat16(), torch.randn_like(k.float()).bfloat16()
     got = triton_impl.ms_select_triton(q, k, **opts).long()
     ieee = dataclasses.replace(triton_impl.GPU_CONFIG, select_precision="ieee", shallow_rescore=False)
-    shallow, redone = triton_impl.select_shallow_counted(q, k, config=ieee, **opts)
+    shallow, redone, _ = triton_impl.select_shallow_counted(q, k, config=ieee, **opts)
     # The same float32 scores (tl.dot, ieee) as the full-depth kernel: the same indices.
     assert torch.equal(shallow.long(), got), f"{redone} items redone"
     # The default (a tf32 search, re-scored): the same indices too, with the second pass by
@@ -1523,7 +1523,7 @@ def test_gpu_select_matches_torch(shape, region, budget, merge, pool, scope, sel
     assert torch.equal(triton_impl.ms_select_shallow(q, k, **opts).long(), got)
     for steps in (0, 4, 64):
         masked = dataclasses.replace(triton_impl.GPU_CONFIG, shallow_mask_steps=steps)
-        got_masked, redone_masked = triton_impl.select_shallow_counted(q, k, config=masked, **opts)
+        got_masked, redone_masked, _ = triton_impl.select_shallow_counted(q, k, config=masked, **opts)
         assert torch.equal(got_masked.long(), got), f"mask steps {steps}: {redone_masked} items redone"
     want = ms_select_torch(q, k, **opts)
     assert torch.equal(want, ms_select_torch(q, k, method="sort", **opts))

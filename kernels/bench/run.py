@@ -38,12 +38,7 @@ import triton
 from ..ms_attention import triton_impl
 from ..ms_attention.interface import ms_attention
 from ..ms_attention.torch_impl import ms_attend_torch, ms_select_torch
-from ..ms_attention.triton_impl import (
-    INTERPRETER_CONFIG,
-    SHALLOW_ITEMS,
-    ms_select_triton,
-    select_shallow_counted,
-)
+from ..ms_attention.triton_impl import INTERPRETER_CONFIG, ms_select_triton, select_shallow_counted
 from .cases import PRESETS, SETTINGS, Case, registry
 from .ops import OPS, build, launch_config, launch_fields, triton_parts
 
@@ -199,9 +194,9 @@ def run_case(
             fused = fused_selection()
             select_same, select_overlap = selection_agreement(fused, idx, -(-case.L // case.region))
             select_ms = cuda_time(fused_selection, budget_ms=300, max_reps=5)
-            retried = SHALLOW_ITEMS[2]
-            shallow, shallow_redone = select_shallow_counted(q, k, pool="mean", select="paper", **sel_opts)
-            shallow_retried = SHALLOW_ITEMS[2] - retried
+            shallow, shallow_redone, shallow_retried = select_shallow_counted(
+                q, k, pool="mean", select="paper", **sel_opts
+            )
             shallow_same = selection_agreement(shallow, idx, -(-case.L // case.region))[0]
             shallow_vs_fused = bool(torch.equal(shallow, fused))
             shallow_ms = cuda_time(shallow_selection, budget_ms=300, max_reps=5)

@@ -59,14 +59,13 @@ def probe(
             def run(cfg=cfg, shallow=shallow):
                 if shallow:
                     return triton_impl.select_shallow_counted(q, k, config=cfg, **opts)
-                return triton_impl.ms_select_triton(q, k, config=cfg, **opts), None
+                return triton_impl.ms_select_triton(q, k, config=cfg, **opts), None, None
 
             try:
-                retried = triton_impl.SHALLOW_ITEMS[2]
-                got, redone = run()
+                got, redone, retried = run()
                 if shallow:
                     row[f"{variant}_redone"] = redone
-                    row[f"{variant}_retried"] = triton_impl.SHALLOW_ITEMS[2] - retried
+                    row[f"{variant}_retried"] = retried
                 row[f"{variant}_ms"] = cuda_time(run, budget_ms=300, max_reps=5)
                 if want is not None:
                     row[f"{variant}_same_rows"], row[f"{variant}_overlap"] = selection_agreement(

@@ -951,14 +951,15 @@ over a step; nothing resets it."""
 
 def select_shallow_counted(
     q: Tensor, k: Tensor, *, config: LaunchConfig | None = None, **options
-) -> tuple[Tensor, int]:
-    """``ms_select_shallow``'s indices and the number of items (b, hs, g) the full-depth kernel
-    redid (a device sync per run that flags items). ``options``: region, budget, merge, pool,
-    scope, select."""
+) -> tuple[Tensor, int, int]:
+    """``ms_select_shallow``'s indices, the number of items (b, hs, g) the full-depth kernel redid
+    and the number the retry (``shallow_retry_k``) took (a device sync per run that flags items);
+    ``SHALLOW_ITEMS`` adds the same counts. ``options``: region, budget, merge, pool, scope,
+    select."""
     budget, merge, select = options["budget"], options["merge"], options["select"]
     cfg, out, qrep, krep = _select_inputs(q, k, config=config, **options)
     if qrep is None:
-        return out, 0
+        return out, 0, 0
     B, Hs, G = qrep.shape[0], qrep.shape[1], out.shape[2]
     shallow = dict(budget=budget, merge=merge, select=select)
     if cfg.shallow_rescore or cfg.shallow_fault:  # the search's error bound per row, for both runs
@@ -969,15 +970,16 @@ def select_shallow_counted(
         bound = (out, out, 0.0)  # not read
     redo = _select_shallow_run(qrep, krep, out, cfg, None, cfg.shallow_k, cfg.shallow_cap, bound, **shallow)
     SHALLOW_ITEMS[0] += B * Hs * G
-    if redo.numel() and cfg.shallow_retry_k:
-        SHALLOW_ITEMS[2] += redo.numel()
+    retried = redo.numel() if cfg.shallow_retry_k else 0
+    SHALLOW_ITEMS[2] += retried
+    if retried:
         redo = _select_shallow_run(
             qrep, krep, out, cfg, redo, cfg.shallow_retry_k, cfg.shallow_retry_cap, bound, **shallow
         )
     SHALLOW_ITEMS[1] += redo.numel()
     if redo.numel():
         _select_full(qrep, krep, out, cfg, redo, **shallow)
-    return out, int(redo.numel())
+    return out, int(redo.numel()), int(retried)
 
 
 def _select_shallow_run(
