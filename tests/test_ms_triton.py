@@ -1424,6 +1424,13 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
     err = (o[:, start:].float() - o_ref[:, start:].float()).abs().max().item()
     assert err <= 2**-7 * o_ref[:, start:].float().abs().max().item(), err
     torch.testing.assert_close(lse[..., start:], lse_ref[..., start:], rtol=0, atol=1e-3)
+    # The forward with each softmax under the previous step's p v (``gluon_fwd_overlap``): the same
+    # operations in the same order, so the same bits, with two and three slots.
+    for stages in (2, 3):
+        overlap = dataclasses.replace(gluon, gluon_fwd_overlap=True, gluon_stages=stages)
+        o2, lse2 = triton_impl.ms_attn_fwd(q, k, v, idx, config=overlap, **opts)
+        assert torch.equal(o2[:, start:], o[:, start:]) and torch.equal(lse2[..., start:], lse[..., start:]), stages
+        assert o2[:, :start].isnan().all()
 
     delta = triton_impl.bwd_preprocess(o_ref, do, start)
     dq_ref = triton_impl.bwd_dq(do, q, k, v, lse_ref, delta, idx, config=base, **opts)
@@ -1801,6 +1808,8 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
     [
         ("fwd", 128, 2),
         ("fwd", 64, 4),
+        ("fwd-overlap", 128, 2),
+        ("fwd-overlap", 128, 3),
         ("dq", 128, 2),
         ("dq", 64, 3),
         ("dkv", 128, 2),
@@ -1826,7 +1835,9 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     writes dS^T with matrix stores from the registers dk's GEMM reads, with no select or multiply
     more than the kernel without dq; with
     ``ROW_STATS`` (``-rows``) the loads copy lse and delta too; with ``DQ_EARLY`` (``-early``) the
-    dq GEMM joins dv's and dk's wait (four waits per five GEMMs' 32 HGMMA, not six)."""
+    dq GEMM joins dv's and dk's wait (four waits per five GEMMs' 32 HGMMA, not six); with
+    ``OVERLAP`` (``fwd-overlap``, three slots fit too) the forward issues p v (wgmma reading p from
+    registers) behind the next step's scores and waits with p v still in flight."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1838,9 +1849,12 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     split = kernel.endswith("-split")
     early = kernel.endswith("-early")  # gluon_dq_early (with row stats): dq issued behind dv, dk
     rows = kernel.endswith("-rows") or early  # gluon_dkv_row_stats: lse, delta through the ring
-    kernel = kernel.removesuffix("-split").removesuffix("-rows").removesuffix("-early")
+    overlap = kernel.endswith("-overlap")  # gluon_fwd_overlap
+    kernel = kernel.removesuffix("-split").removesuffix("-rows").removesuffix("-early").removesuffix("-overlap")
     if kernel != "fwd":
         common |= dict(SPLIT_WAITS=split)
+    else:
+        common |= dict(OVERLAP=overlap)
     if kernel.startswith("dkv"):
         tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
@@ -1899,8 +1913,14 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
             assert len(re.findall(op, sass)) == len(re.findall(op, alone)), op
     elif kernel == "dkv-partial":
         assert "RED" not in sass and "ATOM" not in sass
-    # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed).
-    assert ("WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass) == split
+    # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed); the
+    # forward's overlap: the group left in flight is p v (A from registers), issued after the scores.
+    assert ("WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass) == (split or overlap)
+    if kernel == "fwd":
+        events = re.findall(r"HGMMA\.\S+ R\d+, (R\d+|gdesc)|WARPGROUP\.DEPBAR\.LE gsb0, (0x\d)", sass)
+        order = ["pv" if a.startswith("R") else "qk" if a else f"wait{b[-1]}" for a, b in events]
+        pairs = {(order[i - 1], order[i]) for i in range(1, len(order)) if order[i - 1] != order[i]}
+        assert (("pv", "wait1") in pairs) == overlap and (("qk", "pv") in pairs) == overlap, pairs
 
 
 @pytest.mark.slow
@@ -1927,6 +1947,8 @@ def test_gluon_kernels_apply_only_where_they_compile():
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_load_warps=3)
     with pytest.raises(ValueError, match="gluon_dkv_stages"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_stages=0)
+    with pytest.raises(ValueError, match="gluon_fwd_overlap=True needs gluon_stages >= 2.*gluon_stages=1"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_fwd_overlap=True, gluon_stages=1)
     for regs in (224, 236, 248):  # setmaxnreg: multiples of 8; 504 - 2 * regs left to the loads
         with pytest.raises(ValueError, match=f"gluon_dkv_consumer_regs must be 232 or 240, got {regs}"):
             dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_consumer_regs=regs)

@@ -160,18 +160,198 @@ def _consume_step(
         q_buf, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False, is_async=True
     )
     qk = warpgroup_mma_wait(0, deps=(qk,))
-    if MASKED:
-        qk = gl.where(allowed, qk, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-    p = gl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    p, alpha, m_new, l_i = _online_softmax(qk, m_i, l_i, allowed, qk_scale, MASKED)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_mma))[:, None]
     p = gl.convert_layout(p.to(v.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2))
     acc = warpgroup_mma(p, v, acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(empty.index(s), count=1)
     return acc, m_new, l_i
+
+
+@gluon.jit
+def _online_softmax(qk, m_i, l_i, allowed, qk_scale, MASKED: gl.constexpr):
+    """One step's probabilities (unnormalised, log2 domain), the accumulator's rescale factor and
+    the rows' new max and sum."""
+    if MASKED:
+        qk = gl.where(allowed, qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+    p = gl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _consume_step_overlapped(
+    acc,
+    m_i,
+    l_i,
+    p_prev,
+    q_buf,
+    k_bufs,
+    v_bufs,
+    ready,
+    empty,
+    i,
+    allowed,
+    qk_scale,
+    MASKED: gl.constexpr,
+    STAGES: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    s_mma: gl.constexpr,
+    o_mma: gl.constexpr,
+):
+    """Step i (>= 1) overlapped with step i - 1 (FlashAttention-3's intra-warpgroup pipelining):
+    issue step i's scores, then step i - 1's p v (`p_prev`, its slot's v), wait for the scores
+    only and take step i's softmax while p v is still on the tensor cores; then release step
+    i - 1's slot and rescale. Returns step i's p as the next step's operand."""
+    s, phase = _slot(i, STAGES)
+    prev = (i - 1) % STAGES
+    mbarrier.wait(ready.index(s), phase)
+    fence_async_shared()
+    qk = warpgroup_mma(
+        q_buf, k_bufs.index(s).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
+        is_async=True,
+    )  # fmt: skip
+    acc = warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+    qk = warpgroup_mma_wait(1, deps=(qk,))  # in order: the scores are done, p v may still run
+    p, alpha, m_new, l_i = _online_softmax(qk, m_i, l_i, allowed, qk_scale, MASKED)
+    acc, p_prev = warpgroup_mma_wait(0, deps=(acc, p_prev))
+    mbarrier.arrive(empty.index(prev), count=1)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_mma))[:, None]
+    p_op = gl.convert_layout(p.to(p_prev.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2))
+    return acc, m_new, l_i, p_op
+
+
+@gluon.jit
+def _plain_steps(
+    acc,
+    m_i,
+    l_i,
+    q_buf,
+    k_bufs,
+    v_bufs,
+    ready,
+    empty,
+    rows,
+    offs_n,
+    none,
+    lo,
+    hi,
+    sel_len,
+    seg_lo,
+    qk_scale,
+    STAGES: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    s_mma: gl.constexpr,
+    o_mma: gl.constexpr,
+):
+    """The consumer's steps one after the other (``_consume_step``): the selection's whole steps,
+    its partial last step, the own segment before the tile, the diagonal steps."""
+    whole = sel_len // BLOCK_N
+    n_sel = gl.cdiv(sel_len, BLOCK_N)
+    for i in range(whole):
+        acc, m_i, l_i = _consume_step(
+            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False, STAGES, BLOCK_N, s_mma,
+            o_mma,
+        )  # fmt: skip
+    for i in range(whole, n_sel):  # the selection's partial last step
+        allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
+        acc, m_i, l_i = _consume_step(
+            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, True, STAGES, BLOCK_N,
+            s_mma, o_mma,
+        )  # fmt: skip
+    n_before = (lo - seg_lo) // BLOCK_N
+    for j in range(n_before):  # own segment before the tile
+        acc, m_i, l_i = _consume_step(
+            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none, qk_scale, False, STAGES,
+            BLOCK_N, s_mma, o_mma,
+        )  # fmt: skip
+    for j in range(n_before, n_before + gl.cdiv(hi - lo, BLOCK_N)):  # the diagonal steps
+        tok = seg_lo + j * BLOCK_N + offs_n
+        allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
+        acc, m_i, l_i = _consume_step(
+            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed, qk_scale, True, STAGES,
+            BLOCK_N, s_mma, o_mma,
+        )  # fmt: skip
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _overlapped_steps(
+    acc,
+    m_i,
+    l_i,
+    q_buf,
+    k_bufs,
+    v_bufs,
+    ready,
+    empty,
+    rows,
+    offs_n,
+    none,
+    lo,
+    hi,
+    sel_len,
+    seg_lo,
+    qk_scale,
+    STAGES: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    s_mma: gl.constexpr,
+    o_mma: gl.constexpr,
+):
+    """The consumer's steps with each step's softmax under the previous step's p v
+    (``_consume_step_overlapped``): the key set's first step alone (scores, softmax), the rest as
+    in ``_consumer_partition``'s four loops from step 1, then the last step's p v."""
+    whole = sel_len // BLOCK_N
+    n_sel = gl.cdiv(sel_len, BLOCK_N)
+    n_before = (lo - seg_lo) // BLOCK_N
+    n_all = n_sel + n_before + gl.cdiv(hi - lo, BLOCK_N)
+    # Step 0: a selection step (masked past sel_len) or, in the prefix, the own segment's first.
+    tok = seg_lo - n_sel * BLOCK_N + offs_n  # step 0's token where it is an own-segment step
+    own_ok = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
+    first = gl.where(n_sel > 0, (offs_n[None, :] < sel_len) & none & (rows[:, None] >= 0), own_ok)
+    s0, phase0 = _slot(0, STAGES)
+    mbarrier.wait(ready.index(s0), phase0)
+    fence_async_shared()
+    qk = warpgroup_mma(
+        q_buf, k_bufs.index(s0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
+        is_async=True,
+    )  # fmt: skip
+    qk = warpgroup_mma_wait(0, deps=(qk,))
+    p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, first, qk_scale, True)
+    p_op = gl.convert_layout(
+        p.to(k_bufs.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+    )  # acc is still 0: no rescale
+    for i in range(1, whole):
+        acc, m_i, l_i, p_op = _consume_step_overlapped(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False, STAGES, BLOCK_N,
+            s_mma, o_mma,
+        )  # fmt: skip
+    for i in range(gl.maximum(whole, 1), n_sel):  # the selection's partial last step
+        allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
+        acc, m_i, l_i, p_op = _consume_step_overlapped(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, True, STAGES,
+            BLOCK_N, s_mma, o_mma,
+        )  # fmt: skip
+    first_own = gl.maximum(1 - n_sel, 0)  # 1 where step 0 was the own segment's
+    for j in range(first_own, n_before):  # own segment before the tile
+        acc, m_i, l_i, p_op = _consume_step_overlapped(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none, qk_scale, False, STAGES,
+            BLOCK_N, s_mma, o_mma,
+        )  # fmt: skip
+    for j in range(gl.maximum(n_before, first_own), n_all - n_sel):  # the diagonal steps
+        tok = seg_lo + j * BLOCK_N + offs_n
+        allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
+        acc, m_i, l_i, p_op = _consume_step_overlapped(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed, qk_scale, True, STAGES,
+            BLOCK_N, s_mma, o_mma,
+        )  # fmt: skip
+    last = (n_all - 1) % STAGES
+    acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    acc = warpgroup_mma_wait(0, deps=(acc, p_op))[0]
+    mbarrier.arrive(empty.index(last), count=1)
+    return acc, m_i, l_i
 
 
 @gluon.jit
@@ -197,8 +377,10 @@ def _consumer_partition(
     BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr,
+    OVERLAP: gl.constexpr,
 ):
-    """A consumer: query rows [lo + PART*64, +64) of the tile, over every step of the key set."""
+    """A consumer: query rows [lo + PART*64, +64) of the tile, over every step of the key set;
+    with OVERLAP each step's softmax runs under the previous step's p v (``_overlapped_steps``)."""
     # The scores' wgmma is ROWS x BLOCK_N, the accumulator's ROWS x HEAD_DIM (p from registers).
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -219,89 +401,16 @@ def _consumer_partition(
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     none = offs_n[None, :] < BLOCK_N  # an unused mask of the right layout for unmasked steps
 
-    whole = sel_len // BLOCK_N
-    n_sel = gl.cdiv(sel_len, BLOCK_N)
-    for i in range(whole):
-        acc, m_i, l_i = _consume_step(
-            acc,
-            m_i,
-            l_i,
-            q_buf,
-            k_bufs,
-            v_bufs,
-            ready,
-            empty,
-            i,
-            none,
-            qk_scale,
-            False,
-            STAGES,
-            BLOCK_N,
-            s_mma,
-            o_mma,
-        )
-    for i in range(whole, n_sel):  # the selection's partial last step
-        allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
-        acc, m_i, l_i = _consume_step(
-            acc,
-            m_i,
-            l_i,
-            q_buf,
-            k_bufs,
-            v_bufs,
-            ready,
-            empty,
-            i,
-            allowed,
-            qk_scale,
-            True,
-            STAGES,
-            BLOCK_N,
-            s_mma,
-            o_mma,
-        )
-    n_before = (lo - seg_lo) // BLOCK_N
-    for j in range(n_before):  # own segment before the tile
-        acc, m_i, l_i = _consume_step(
-            acc,
-            m_i,
-            l_i,
-            q_buf,
-            k_bufs,
-            v_bufs,
-            ready,
-            empty,
-            n_sel + j,
-            none,
-            qk_scale,
-            False,
-            STAGES,
-            BLOCK_N,
-            s_mma,
-            o_mma,
-        )
-    for j in range(n_before, n_before + gl.cdiv(hi - lo, BLOCK_N)):  # the diagonal steps
-        tok = seg_lo + j * BLOCK_N + offs_n
-        allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
-        acc, m_i, l_i = _consume_step(
-            acc,
-            m_i,
-            l_i,
-            q_buf,
-            k_bufs,
-            v_bufs,
-            ready,
-            empty,
-            n_sel + j,
-            allowed,
-            qk_scale,
-            True,
-            STAGES,
-            BLOCK_N,
-            s_mma,
-            o_mma,
-        )
-
+    if OVERLAP:
+        acc, m_i, l_i = _overlapped_steps(
+            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, rows, offs_n, none, lo, hi, sel_len, seg_lo,
+            qk_scale, STAGES, BLOCK_N, s_mma, o_mma,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = _plain_steps(
+            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, rows, offs_n, none, lo, hi, sel_len, seg_lo,
+            qk_scale, STAGES, BLOCK_N, s_mma, o_mma,
+        )  # fmt: skip
     row_ok = (rows >= q_start) & (rows < hi)
     l_safe = gl.where(row_ok, l_i, 1.0)
     lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
@@ -440,6 +549,7 @@ def ms_attn_fwd_ws_kernel(
     LOAD_REGS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
     REGION: gl.constexpr = 0,
+    OVERLAP: gl.constexpr = False,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (query tiles of 128 rows from `first_tile`, B*HQ), 4 warps (the first consumer) plus
@@ -499,6 +609,7 @@ def ms_attn_fwd_ws_kernel(
                     BLOCK_N,
                     HEAD_DIM,
                     STAGES,
+                    OVERLAP,
                 ),
             ),
             (
@@ -525,6 +636,7 @@ def ms_attn_fwd_ws_kernel(
                     BLOCK_N,
                     HEAD_DIM,
                     STAGES,
+                    OVERLAP,
                 ),
             ),
             (

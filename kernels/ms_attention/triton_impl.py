@@ -103,6 +103,12 @@ class LaunchConfig:
     1.9x and 1.15x slower than 4 (paper 64K)."""
     gluon_stages: int = 2
     """Ring slots (k and v tiles of ``fwd_block_n`` rows) of the Gluon forward."""
+    gluon_fwd_overlap: bool = False
+    """The Gluon forward's consumers overlap each step's softmax with the previous step's p v
+    (FlashAttention-3's intra-warpgroup pipelining): step i's scores and step i - 1's p v are
+    issued together, the wait leaves p v on the tensor cores while step i's softmax runs, and
+    step i - 1's slot is released after it. The same operations in the same order, so the same
+    bits (GPU test). A slot is held one step longer: needs ``gluon_stages`` >= 2."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -450,6 +456,11 @@ class LaunchConfig:
         if self.gluon_dkv_consumer_regs % 8 or not 232 <= self.gluon_dkv_consumer_regs <= 240:
             raise ValueError(
                 f"gluon_dkv_consumer_regs must be 232 or 240, got {self.gluon_dkv_consumer_regs}"
+            )
+        if self.gluon_fwd_overlap and self.gluon_stages < 2:
+            raise ValueError(
+                f"gluon_fwd_overlap=True needs gluon_stages >= 2 (each slot is held into the next step), "
+                f"got gluon_stages={self.gluon_stages}"
             )
         if self.gluon_stages < 1 or self.gluon_load_warps not in (1, 2, 4):
             raise ValueError(
@@ -1080,7 +1091,7 @@ def ms_attn_fwd(
                 HQ=Hq, HKV=k.shape[2], HS=idx_sorted.shape[1], HEAD_DIM=D, BLOCK_N=cfg.fwd_block_n,
                 STAGES=cfg.gluon_stages, LOAD_WARPS=cfg.gluon_load_warps, LOAD_REGS=GLUON_LOAD_REGS,
                 CONSUMER_REGS=GLUON_CONSUMER_REGS, REGION=cfg.region_const("fwd", rope, region),
-                num_warps=4, maxnreg=GLUON_MAXNREG,
+                OVERLAP=cfg.gluon_fwd_overlap, num_warps=4, maxnreg=GLUON_MAXNREG,
             )  # fmt: skip
         return o, lse
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The lease of session 19 (nvidia-h200, one GPU; experiments/results moved aside during the lease;
+# carry [.whl/core]).
+#   call 1  bash experiments/gpu/lease_s19.sh 1
+#           the Gluon forward with each step's softmax under the previous step's p v
+#           (gluon_fwd_overlap, FlashAttention-3's intra-warpgroup pipelining): the Gluon GPU match
+#           tests (the overlapped forward must give the plain Gluon forward's bits), then the
+#           forward alone, base against overlap at 2 and 3 slots: paper 32K-128K with 8 kv heads,
+#           64K-128K with 32 (the 7B's shape), (64, 64, 8) 32K-64K  -> OUT/s19a.tgz
+set -uo pipefail
+CALL=${1:?usage: lease_s19.sh 1}
+source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
+day=$(date -u +%F)
+case $CALL in
+  1)
+    R=$OUT/s19a; mkdir -p "$R"
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match" > "$R/gpu_tests_overlap.log" 2>&1
+    tail -n 4 "$R/gpu_tests_overlap.log"
+    V="base;gluon_fwd_overlap=true;gluon_fwd_overlap=true+gluon_stages=3"
+    for c in "paper 8 32K,64K,128K" "paper 32 64K,128K" "sparse 8 32K,64K"; do
+      set -- $c
+      timeout 120 python3 -m ctxlab.kernels.bench.stage_sweep --setting "$1" --kv-heads "$2" \
+        --lengths "$3" --stages fwd --variants "$V" --out "$R" \
+        --stem "stage_sweep_${day}_${card}_s19_fwd_overlap_$1_kv$2" > "$R/sweep_$1_kv$2.log" 2>&1
+    done
+    grep -h -A8 '^| case' "$R"/*.md
+    tar -czf "$OUT/s19a.tgz" -C "$OUT" s19a && rm -rf "$R"
+    ;;
+esac
