@@ -1424,12 +1424,16 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
     err = (o[:, start:].float() - o_ref[:, start:].float()).abs().max().item()
     assert err <= 2**-7 * o_ref[:, start:].float().abs().max().item(), err
     torch.testing.assert_close(lse[..., start:], lse_ref[..., start:], rtol=0, atol=1e-3)
-    # The forward with each softmax under the previous step's p v (``gluon_fwd_overlap``): the same
-    # operations in the same order, so the same bits, with two and three slots.
-    for stages in (2, 3):
-        overlap = dataclasses.replace(gluon, gluon_fwd_overlap=True, gluon_stages=stages)
+    # The forward with each softmax under the previous step's p v (``gluon_fwd_overlap``), and with
+    # the consumers issuing in turns (``gluon_fwd_pingpong``): the same operations in the same
+    # order, so the same bits, with two and three slots.
+    for stages, pingpong in ((2, False), (3, False), (3, True)):
+        overlap = dataclasses.replace(
+            gluon, gluon_fwd_overlap=True, gluon_stages=stages, gluon_fwd_pingpong=pingpong
+        )
         o2, lse2 = triton_impl.ms_attn_fwd(q, k, v, idx, config=overlap, **opts)
-        assert torch.equal(o2[:, start:], o[:, start:]) and torch.equal(lse2[..., start:], lse[..., start:]), stages
+        assert torch.equal(o2[:, start:], o[:, start:]), (stages, pingpong)
+        assert torch.equal(lse2[..., start:], lse[..., start:]), (stages, pingpong)
         assert o2[:, :start].isnan().all()
 
     delta = triton_impl.bwd_preprocess(o_ref, do, start)
@@ -1810,6 +1814,7 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
         ("fwd", 64, 4),
         ("fwd-overlap", 128, 2),
         ("fwd-overlap", 128, 3),
+        ("fwd-pingpong", 128, 3),
         ("dq", 128, 2),
         ("dq", 64, 3),
         ("dkv", 128, 2),
@@ -1849,12 +1854,14 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     split = kernel.endswith("-split")
     early = kernel.endswith("-early")  # gluon_dq_early (with row stats): dq issued behind dv, dk
     rows = kernel.endswith("-rows") or early  # gluon_dkv_row_stats: lse, delta through the ring
-    overlap = kernel.endswith("-overlap")  # gluon_fwd_overlap
-    kernel = kernel.removesuffix("-split").removesuffix("-rows").removesuffix("-early").removesuffix("-overlap")
+    pingpong = kernel.endswith("-pingpong")  # gluon_fwd_pingpong (with the overlap)
+    overlap = kernel.endswith("-overlap") or pingpong  # gluon_fwd_overlap
+    for suffix in ("-split", "-rows", "-early", "-overlap", "-pingpong"):
+        kernel = kernel.removesuffix(suffix)
     if kernel != "fwd":
         common |= dict(SPLIT_WAITS=split)
     else:
-        common |= dict(OVERLAP=overlap)
+        common |= dict(OVERLAP=overlap, PINGPONG=pingpong)
     if kernel.startswith("dkv"):
         tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
@@ -1949,6 +1956,8 @@ def test_gluon_kernels_apply_only_where_they_compile():
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_stages=0)
     with pytest.raises(ValueError, match="gluon_fwd_overlap=True needs gluon_stages >= 2.*gluon_stages=1"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_fwd_overlap=True, gluon_stages=1)
+    with pytest.raises(ValueError, match="gluon_fwd_pingpong=True needs gluon_fwd_overlap=True"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_fwd_pingpong=True)
     for regs in (224, 236, 248):  # setmaxnreg: multiples of 8; 504 - 2 * regs left to the loads
         with pytest.raises(ValueError, match=f"gluon_dkv_consumer_regs must be 232 or 240, got {regs}"):
             dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_consumer_regs=regs)

@@ -182,6 +182,23 @@ def _online_softmax(qk, m_i, l_i, allowed, qk_scale, MASKED: gl.constexpr):
 
 
 @gluon.jit
+def _take_turn(turn, k, PART: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, wait until the other consumer has issued its GEMMs of turn k - 1 (consumer 0)
+    or k (consumer 1): the two consumers issue in turns, so one's softmax runs under the other's
+    GEMMs instead of both waiting on the tensor cores at once (FlashAttention-3's ping-pong). A
+    fresh barrier passes parity 1 at once: consumer 0 goes first."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(PART), (k & 1) ^ (1 - PART))
+
+
+@gluon.jit
+def _pass_turn(turn, PART: gl.constexpr, PINGPONG: gl.constexpr):
+    """With PINGPONG, hand the turn to the other consumer once this one's GEMMs are issued."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - PART), count=1)
+
+
+@gluon.jit
 def _consume_step_overlapped(
     acc,
     m_i,
@@ -195,18 +212,23 @@ def _consume_step_overlapped(
     i,
     allowed,
     qk_scale,
+    turn,
     MASKED: gl.constexpr,
     STAGES: gl.constexpr,
     BLOCK_N: gl.constexpr,
     s_mma: gl.constexpr,
     o_mma: gl.constexpr,
+    PART: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     """Step i (>= 1) overlapped with step i - 1 (FlashAttention-3's intra-warpgroup pipelining):
     issue step i's scores, then step i - 1's p v (`p_prev`, its slot's v), wait for the scores
     only and take step i's softmax while p v is still on the tensor cores; then release step
-    i - 1's slot and rescale. Returns step i's p as the next step's operand."""
+    i - 1's slot and rescale. Returns step i's p as the next step's operand. With PINGPONG the
+    two GEMMs are issued in this consumer's turn i (``_take_turn``)."""
     s, phase = _slot(i, STAGES)
     prev = (i - 1) % STAGES
+    _take_turn(turn, i, PART, PINGPONG)
     mbarrier.wait(ready.index(s), phase)
     fence_async_shared()
     qk = warpgroup_mma(
@@ -214,12 +236,14 @@ def _consume_step_overlapped(
         is_async=True,
     )  # fmt: skip
     acc = warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
+    _pass_turn(turn, PART, PINGPONG)
     qk = warpgroup_mma_wait(1, deps=(qk,))  # in order: the scores are done, p v may still run
     p, alpha, m_new, l_i = _online_softmax(qk, m_i, l_i, allowed, qk_scale, MASKED)
     acc, p_prev = warpgroup_mma_wait(0, deps=(acc, p_prev))
     mbarrier.arrive(empty.index(prev), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_mma))[:, None]
-    p_op = gl.convert_layout(p.to(p_prev.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2))
+    operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+    p_op = gl.convert_layout(p.to(p_prev.dtype), operand)
     return acc, m_new, l_i, p_op
 
 
@@ -252,8 +276,8 @@ def _plain_steps(
     n_sel = gl.cdiv(sel_len, BLOCK_N)
     for i in range(whole):
         acc, m_i, l_i = _consume_step(
-            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False, STAGES, BLOCK_N, s_mma,
-            o_mma,
+            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False, STAGES, BLOCK_N,
+            s_mma, o_mma,
         )  # fmt: skip
     for i in range(whole, n_sel):  # the selection's partial last step
         allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
@@ -295,14 +319,18 @@ def _overlapped_steps(
     sel_len,
     seg_lo,
     qk_scale,
+    turn,
     STAGES: gl.constexpr,
     BLOCK_N: gl.constexpr,
     s_mma: gl.constexpr,
     o_mma: gl.constexpr,
+    PART: gl.constexpr,
+    PINGPONG: gl.constexpr,
 ):
     """The consumer's steps with each step's softmax under the previous step's p v
     (``_consume_step_overlapped``): the key set's first step alone (scores, softmax), the rest as
-    in ``_consumer_partition``'s four loops from step 1, then the last step's p v."""
+    in ``_consumer_partition``'s four loops from step 1, then the last step's p v. With PINGPONG
+    every issue takes a turn: step i's in turn i, the last p v in turn n_all."""
     whole = sel_len // BLOCK_N
     n_sel = gl.cdiv(sel_len, BLOCK_N)
     n_before = (lo - seg_lo) // BLOCK_N
@@ -312,12 +340,14 @@ def _overlapped_steps(
     own_ok = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
     first = gl.where(n_sel > 0, (offs_n[None, :] < sel_len) & none & (rows[:, None] >= 0), own_ok)
     s0, phase0 = _slot(0, STAGES)
+    _take_turn(turn, 0, PART, PINGPONG)
     mbarrier.wait(ready.index(s0), phase0)
     fence_async_shared()
     qk = warpgroup_mma(
         q_buf, k_bufs.index(s0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
         is_async=True,
     )  # fmt: skip
+    _pass_turn(turn, PART, PINGPONG)
     qk = warpgroup_mma_wait(0, deps=(qk,))
     p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, first, qk_scale, True)
     p_op = gl.convert_layout(
@@ -325,30 +355,32 @@ def _overlapped_steps(
     )  # acc is still 0: no rescale
     for i in range(1, whole):
         acc, m_i, l_i, p_op = _consume_step_overlapped(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False, STAGES, BLOCK_N,
-            s_mma, o_mma,
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, none,
+            qk_scale, turn, False, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
         )  # fmt: skip
     for i in range(gl.maximum(whole, 1), n_sel):  # the selection's partial last step
         allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
         acc, m_i, l_i, p_op = _consume_step_overlapped(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, True, STAGES,
-            BLOCK_N, s_mma, o_mma,
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed,
+            qk_scale, turn, True, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
         )  # fmt: skip
     first_own = gl.maximum(1 - n_sel, 0)  # 1 where step 0 was the own segment's
     for j in range(first_own, n_before):  # own segment before the tile
         acc, m_i, l_i, p_op = _consume_step_overlapped(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none, qk_scale, False, STAGES,
-            BLOCK_N, s_mma, o_mma,
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none,
+            qk_scale, turn, False, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
         )  # fmt: skip
     for j in range(gl.maximum(n_before, first_own), n_all - n_sel):  # the diagonal steps
         tok = seg_lo + j * BLOCK_N + offs_n
         allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
         acc, m_i, l_i, p_op = _consume_step_overlapped(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed, qk_scale, True, STAGES,
-            BLOCK_N, s_mma, o_mma,
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed,
+            qk_scale, turn, True, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
         )  # fmt: skip
     last = (n_all - 1) % STAGES
+    _take_turn(turn, n_all, PART, PINGPONG)
     acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+    _pass_turn(turn, PART, PINGPONG)
     acc = warpgroup_mma_wait(0, deps=(acc, p_op))[0]
     mbarrier.arrive(empty.index(last), count=1)
     return acc, m_i, l_i
@@ -378,6 +410,8 @@ def _consumer_partition(
     HEAD_DIM: gl.constexpr,
     STAGES: gl.constexpr,
     OVERLAP: gl.constexpr,
+    turn,
+    PINGPONG: gl.constexpr,
 ):
     """A consumer: query rows [lo + PART*64, +64) of the tile, over every step of the key set;
     with OVERLAP each step's softmax runs under the previous step's p v (``_overlapped_steps``)."""
@@ -404,7 +438,7 @@ def _consumer_partition(
     if OVERLAP:
         acc, m_i, l_i = _overlapped_steps(
             acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, rows, offs_n, none, lo, hi, sel_len, seg_lo,
-            qk_scale, STAGES, BLOCK_N, s_mma, o_mma,
+            qk_scale, turn, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _plain_steps(
@@ -550,6 +584,7 @@ def ms_attn_fwd_ws_kernel(
     CONSUMER_REGS: gl.constexpr,
     REGION: gl.constexpr = 0,
     OVERLAP: gl.constexpr = False,
+    PINGPONG: gl.constexpr = False,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (query tiles of 128 rows from `first_tile`, B*HQ), 4 warps (the first consumer) plus
@@ -582,6 +617,10 @@ def ms_attn_fwd_ws_kernel(
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     q_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
     k_bufs, v_bufs, ready, empty = _ring(dtype, STAGES, BLOCK_N, HEAD_DIM, LOAD_WARPS)
+    gl.static_assert(OVERLAP or not PINGPONG, "PINGPONG takes turns in the overlapped steps")
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # consumer i's turn
+    for c in gl.static_range(2):
+        mbarrier.init(turn.index(c), count=1)
 
     gl.warp_specialize(
         [
@@ -610,6 +649,8 @@ def ms_attn_fwd_ws_kernel(
                     HEAD_DIM,
                     STAGES,
                     OVERLAP,
+                    turn,
+                    PINGPONG,
                 ),
             ),
             (
@@ -637,6 +678,8 @@ def ms_attn_fwd_ws_kernel(
                     HEAD_DIM,
                     STAGES,
                     OVERLAP,
+                    turn,
+                    PINGPONG,
                 ),
             ),
             (

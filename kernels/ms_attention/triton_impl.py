@@ -109,6 +109,11 @@ class LaunchConfig:
     issued together, the wait leaves p v on the tensor cores while step i's softmax runs, and
     step i - 1's slot is released after it. The same operations in the same order, so the same
     bits (GPU test). A slot is held one step longer: needs ``gluon_stages`` >= 2."""
+    gluon_fwd_pingpong: bool = False
+    """With ``gluon_fwd_overlap``: the two consumers issue their GEMMs in turns (FlashAttention-3's
+    ping-pong, by a pair of mbarriers), so one's softmax runs under the other's GEMMs instead of
+    both consumers, started by the same slot, reaching the tensor cores and their softmax at once.
+    The same bits."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
@@ -456,6 +461,10 @@ class LaunchConfig:
         if self.gluon_dkv_consumer_regs % 8 or not 232 <= self.gluon_dkv_consumer_regs <= 240:
             raise ValueError(
                 f"gluon_dkv_consumer_regs must be 232 or 240, got {self.gluon_dkv_consumer_regs}"
+            )
+        if self.gluon_fwd_pingpong and not self.gluon_fwd_overlap:
+            raise ValueError(
+                "gluon_fwd_pingpong=True needs gluon_fwd_overlap=True (the turns are taken in its steps)"
             )
         if self.gluon_fwd_overlap and self.gluon_stages < 2:
             raise ValueError(
@@ -1091,7 +1100,8 @@ def ms_attn_fwd(
                 HQ=Hq, HKV=k.shape[2], HS=idx_sorted.shape[1], HEAD_DIM=D, BLOCK_N=cfg.fwd_block_n,
                 STAGES=cfg.gluon_stages, LOAD_WARPS=cfg.gluon_load_warps, LOAD_REGS=GLUON_LOAD_REGS,
                 CONSUMER_REGS=GLUON_CONSUMER_REGS, REGION=cfg.region_const("fwd", rope, region),
-                OVERLAP=cfg.gluon_fwd_overlap, num_warps=4, maxnreg=GLUON_MAXNREG,
+                OVERLAP=cfg.gluon_fwd_overlap, PINGPONG=cfg.gluon_fwd_pingpong, num_warps=4,
+                maxnreg=GLUON_MAXNREG,
             )  # fmt: skip
         return o, lse
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
