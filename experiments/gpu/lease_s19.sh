@@ -14,8 +14,15 @@
 #           forward alone, base against overlap (3 slots) and ping-pong (2 and 3 slots), paper
 #           32K-128K with 8 kv heads, 64K with 32, (64, 64, 8) 32K-64K; then the Gluon GPU match
 #           tests (ping-pong's bits equal the plain Gluon forward's)  -> OUT/s19b.tgz
+#           (ran on 5962a0b: ping-pong within -1..+2% of base at 3 slots, 15-21% slower at 2; 3
+#           match tests passed)
+#   call 3  bash experiments/gpu/lease_s19.sh 3
+#           why the forward does not follow its consumers' schedule: Nsight Compute of the Gluon
+#           forward (plain, and overlapped with ping-pong at 3 slots) and of the Gluon dq (the same
+#           gathered k and v loads, one GEMM more a step) at paper 64K: memory and L2 throughput,
+#           where the warps wait  -> OUT/s19c.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s19.sh 1-2}
+CALL=${1:?usage: lease_s19.sh 1-3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -49,5 +56,18 @@ case $CALL in
       -k "gluon_kernels_match" > "$R/gpu_tests_pingpong.log" 2>&1
     tail -n 4 "$R/gpu_tests_pingpong.log"
     tar -czf "$OUT/s19b.tgz" -C "$OUT" s19b && rm -rf "$R"
+    ;;
+  3)
+    R=$OUT/s19c; mkdir -p "$R/ncu"
+    ncu_stage "$R/ncu" paper_64K_fwd_gluon ms_attn_fwd_ws_kernel 1 1 100 --setting paper --length 64K --stage fwd
+    ncu_stage "$R/ncu" paper_64K_fwd_gluon_pingpong ms_attn_fwd_ws_kernel 1 1 100 --setting paper --length 64K \
+      --stage fwd --launch gluon_fwd_overlap=true+gluon_fwd_pingpong=true+gluon_stages=3
+    ncu_stage "$R/ncu" paper_64K_dq_gluon ms_attn_bwd_dq_ws_kernel 1 1 100 --setting paper --length 64K --stage dq
+    python3 -m ctxlab.kernels.bench.ncu_summary "$R/ncu" --out "$R/ncu/ncu_summary.md" > /dev/null 2>&1
+    head -n 12 "$R/ncu/ncu_summary.md"
+    for f in "$R"/ncu/*_details.csv; do
+      echo "== $f"; grep -E '"(Duration|L2 Cache Throughput|L1/TEX Cache Throughput|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|L2 Hit Rate|Executed Ipc Active)"' "$f" | cut -c1-200
+    done
+    tar -czf "$OUT/s19c.tgz" -C "$OUT" s19c && rm -rf "$R"
     ;;
 esac
