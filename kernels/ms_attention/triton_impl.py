@@ -108,12 +108,16 @@ class LaunchConfig:
     (FlashAttention-3's intra-warpgroup pipelining): step i's scores and step i - 1's p v are
     issued together, the wait leaves p v on the tensor cores while step i's softmax runs, and
     step i - 1's slot is released after it. The same operations in the same order, so the same
-    bits (GPU test). A slot is held one step longer: needs ``gluon_stages`` >= 2."""
+    bits (GPU test). A slot is held one step longer: needs ``gluon_stages`` >= 2, and 3 to keep the
+    loads ahead. Measured (H200, session 19, forward alone, paper 32K-128K and (64, 64, 8)
+    32K-64K): at 2 slots 15-21% slower, at 3 within -6..+1% of the default; off."""
     gluon_fwd_pingpong: bool = False
     """With ``gluon_fwd_overlap``: the two consumers issue their GEMMs in turns (FlashAttention-3's
     ping-pong, by a pair of mbarriers), so one's softmax runs under the other's GEMMs instead of
     both consumers, started by the same slot, reaching the tensor cores and their softmax at once.
-    The same bits."""
+    The same bits. Measured (H200, session 19): at 3 slots +0.2..+1.2% against the default, though
+    the consumers' waits on their own wgmma fell from 20% to 1.4% of Nsight Compute's samples; the
+    tensor pipe stayed 60% busy (kernels/README.md); off."""
     dq_block_m: int = 128
     dq_block_n: int = 64
     dq_warps: int = 8
