@@ -154,3 +154,45 @@ def test_step_timer_counts_the_shallow_selections_blocks_per_step():
             triton_impl.SHALLOW_ITEMS[i] += n
         timer.on_train_batch_end(None, None, None, None, 0)
     assert timer.shallow == [(64, 0, 0), (64, 3, 5), (0, 0, 0)] and len(timer.times) == 3
+
+
+def test_profile_runs_one_more_step_and_records_where_its_time_went(tmp_path):
+    """``--profile``: one step after the timed ones runs under torch.profiler and is not timed; the
+    row's ``profile`` gives the step's time by kind and its largest ops (on the CPU, the ops' own CPU
+    time: the matrix products of the tiny model's layers are there, as GEMMs), and the Markdown shows
+    them."""
+    result = bench.main(["--lengths", "48", "--variants", "ms_tiny", "--define", MS_TINY, "--warmup", "1",
+                         "--steps", "2", "--profile", "--out", str(tmp_path), "--tag", "p",
+                         "--", *SHRINK])  # fmt: skip
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and len(row["step_times_s"]) == 3  # the profiled step is not timed
+    prof = row["profile"]
+    assert prof["clock"] == "cpu" and "idle_ms" not in prof and prof["step_s"] > 0
+    assert prof["total_ms"] > 0 and prof["top"] and all(k["calls"] >= 1 and k["ms"] > 0 for k in prof["top"])
+    assert [k["ms"] for k in prof["top"]] == sorted((k["ms"] for k in prof["top"]), reverse=True)
+    assert sum(prof["by_kind_ms"].values()) == pytest.approx(prof["total_ms"], abs=0.05)
+    assert prof["by_kind_ms"].get("GEMM", 0) > 0  # aten::mm / addmm of the projections
+    md = (tmp_path / "p.md").read_text()
+    assert "Profiled step, ms_tiny L=48 (CPU time of the ops, ms)" in md and "| kernel | calls | ms |" in md
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("ms_attn_fwd_ws_kernel", "attention forward"),
+        ("ms_attn_bwd_dkv_sel_ws_kernel", "attention backward"),
+        ("ms_select_shallow_kernel", "MS selection"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>", "attention backward"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>", "attention forward"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", "attention forward"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_7", "attention backward"),
+        ("fmha_cutlassB_bf16_aligned_64x64_k128_sm80", "attention backward"),
+        ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopB_NNT", "GEMM"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
+        ("aten::mm", "GEMM"),
+        ("aten::softmax", "other"),
+        ("void at::native::vectorized_elementwise_kernel<4, ...>", "other"),
+    ],
+)
+def test_kernel_kinds(name, kind):
+    assert bench.kernel_kind(name) == kind

@@ -21,8 +21,13 @@
 #           forward (plain, and overlapped with ping-pong at 3 slots) and of the Gluon dq (the same
 #           gathered k and v loads, one GEMM more a step) at paper 64K: memory and L2 throughput,
 #           where the warps wait  -> OUT/s19c.tgz
+#   call 4  bash experiments/gpu/lease_s19.sh 4
+#           target 4, where the 7B step's time goes: the LoRA+ step at 64K, S2 and MS in one process,
+#           2 warm-ups + 2 timed steps and one profiled step each (finetune --profile: kernel time by
+#           kind, the GPU's idle time); then the Gluon match tests (the forward allocates its turn
+#           mbarriers only with ping-pong)  -> OUT/s19d.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s19.sh 1-3}
+CALL=${1:?usage: lease_s19.sh 1-4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -69,5 +74,17 @@ case $CALL in
       echo "== $f"; grep -E '"(Duration|L2 Cache Throughput|L1/TEX Cache Throughput|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|L2 Hit Rate|Executed Ipc Active)"' "$f" | cut -c1-200
     done
     tar -czf "$OUT/s19c.tgz" -C "$OUT" s19c && rm -rf "$R"
+    ;;
+  4)
+    R=$OUT/s19d; mkdir -p "$R"
+    timeout 330 python3 -m ctxlab.bench.finetune --out "$R" --profile \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s19_64k_profile --lengths 65536 --variants s2,ms \
+      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k_profile.log" 2>&1
+    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
+    grep -h -A14 '^Profiled step' "$R"/*.md | cut -c1-300
+    timeout $(( $(left) - 15 )) python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match" > "$R/gpu_tests_turns.log" 2>&1
+    tail -n 3 "$R/gpu_tests_turns.log"
+    tar -czf "$OUT/s19d.tgz" -C "$OUT" s19d && rm -rf "$R"
     ;;
 esac

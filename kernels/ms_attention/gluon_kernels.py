@@ -618,9 +618,12 @@ def ms_attn_fwd_ws_kernel(
     q_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], q_layout)
     k_bufs, v_bufs, ready, empty = _ring(dtype, STAGES, BLOCK_N, HEAD_DIM, LOAD_WARPS)
     gl.static_assert(OVERLAP or not PINGPONG, "PINGPONG takes turns in the overlapped steps")
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # consumer i's turn
-    for c in gl.static_range(2):
-        mbarrier.init(turn.index(c), count=1)
+    if PINGPONG:
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # consumer i's turn
+        for c in gl.static_range(2):
+            mbarrier.init(turn.index(c), count=1)
+    else:
+        turn = empty  # never waited on or arrived at without turns
 
     gl.warp_specialize(
         [

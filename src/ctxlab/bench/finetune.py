@@ -13,7 +13,10 @@ model, runs ``--warmup`` untimed and ``--steps`` timed optimizer steps on random
 (batch 1), and records seconds per step, tokens/s, MFU and peak GPU memory. An out-of-memory
 case is recorded as ``oom`` and the next case runs. Results are rewritten after every case
 (JSON and Markdown, with card, versions, date and commit), so a run cut short keeps what it
-measured.
+measured. ``--profile`` runs one more step under ``torch.profiler`` after the timed ones and
+records where its time went, kernel by kernel and by kind (attention forward and backward, MS
+selection, GEMMs, the rest), beside the GPU's idle time in the step; the profiled step is not
+one of the timed steps.
 
 Under ``torchrun --nproc_per_node N`` (or a SLURM allocation) every rank runs the same cases
 with ``--strategy ddp|fsdp``: tokens/s is reported per GPU and in total, memory per GPU, and
@@ -114,7 +117,57 @@ class _RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": torch.randint(0, self.vocab, (self.length + 1,), generator=g)}
 
 
-def _step_timer(warmup: int):
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("MS selection", ("ms_select",)),
+    (
+        "attention backward",
+        ("ms_attn_bwd", "flash_bwd", "flash_bprop", "fmha_cutlassb", "attention_backward"),
+    ),
+    ("attention forward", ("ms_attn_fwd", "flash_fwd", "flash_fprop", "fmha_cutlassf", "attention_forward")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+)
+"""Kinds of kernels (and, on the CPU, of ops), matched in this order against the name in lower case:
+ours, PyTorch's flash and memory-efficient kernels, cuDNN's fused attention, the GEMM libraries."""
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a kernel (``KERNEL_KINDS``), ``other`` when none matches."""
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def kernel_times(prof, on_gpu: bool, wall_s: float, top: int = 20) -> dict:
+    """Where a profiled step's time went: on a GPU the kernels' own device time (CUDA events,
+    memory copies and sets included), on the CPU the ops' own CPU time; by kind and, largest
+    first, the ``top`` kernels. ``idle_ms`` is the step's wall time the GPU spent without a
+    kernel (host work, launches, synchronisations)."""
+    from torch.autograd import DeviceType
+
+    rows = []
+    for e in prof.key_averages():
+        if on_gpu and e.device_type != DeviceType.CUDA:
+            continue
+        t_ms = (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1000
+        if t_ms > 0:
+            rows.append((e.key, e.count, t_ms))
+    rows.sort(key=lambda r: -r[2])
+    total = sum(t for _, _, t in rows)
+    kinds: dict[str, float] = {}
+    for name, _, t in rows:
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+    out = {
+        "clock": "device" if on_gpu else "cpu",
+        "step_s": round(wall_s, 3),
+        "total_ms": round(total, 2),
+        "by_kind_ms": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n[:160], "calls": c, "ms": round(t, 3)} for n, c, t in rows[:top]],
+    }
+    if on_gpu:
+        out["idle_ms"] = round(max(0.0, wall_s * 1000 - total), 2)
+    return out
+
+
+def _step_timer(warmup: int, profile_step: int | None = None, on_gpu: bool = False):
     import lightning as L
 
     from ctxlab.kernels.ms_attention.triton_impl import SHALLOW_ITEMS
@@ -123,13 +176,16 @@ def _step_timer(warmup: int):
         """Wall time of each optimizer step (CUDA-synchronised); peak memory of the timed steps;
         per step, the blocks the shallow MS selection decided, redid with its full-depth kernel (a
         redone block costs that kernel's time, and its compilation the first time) and retried
-        deeper first (``LaunchConfig.shallow_retry_k``)."""
+        deeper first (``LaunchConfig.shallow_retry_k``). Step ``profile_step`` (after the timed
+        ones) runs under ``torch.profiler`` instead of being timed: ``kernel_times`` of it."""
 
         def __init__(self) -> None:
             self.times: list[float] = []
             self.shallow: list[tuple[int, int, int]] = []
+            self.profile: dict | None = None
             self._t0 = 0.0
             self._items = (0, 0, 0)
+            self._prof = None
 
         def _sync(self) -> None:
             if torch.cuda.is_available():
@@ -139,12 +195,24 @@ def _step_timer(warmup: int):
             self._sync()
             if batch_idx == warmup and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+            if batch_idx == profile_step:
+                from torch.profiler import ProfilerActivity, profile
+
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+                self._prof = profile(activities=activities)
+                self._prof.__enter__()
             self._items = tuple(SHALLOW_ITEMS)
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self._sync()
-            self.times.append(time.perf_counter() - self._t0)
+            elapsed = time.perf_counter() - self._t0
+            if self._prof is not None:
+                self._prof.__exit__(None, None, None)
+                self.profile = kernel_times(self._prof, on_gpu, elapsed)
+                self._prof = None
+                return
+            self.times.append(elapsed)
             self.shallow.append(tuple(now - then for now, then in zip(SHALLOW_ITEMS, self._items)))
 
     return StepTimer()
@@ -159,23 +227,27 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def run_case(
-    cfg, *, warmup: int, steps: int, strategy: str | None, devices: int, context_parallel: int = 0
-) -> dict:
-    """One (variant, length) case; returns its row (``status`` ok | oom).
+    cfg, *, warmup: int, steps: int, strategy: str | None, devices: int, context_parallel: int = 0,
+    profile: bool = False,
+) -> dict:  # fmt: skip
+    """One (variant, length) case; returns its row (``status`` ok | oom); with ``profile`` one more
+    step under ``torch.profiler`` (the row's ``profile``: ``kernel_times``).
 
     The case's model, module, trainer and strategy live only in :func:`_fit_case`'s frame; they
     are collected once it has returned. Lightning's objects refer to each other, so they go only
     at a collection, and a strategy that outlives the fit (FSDP2's keeps its sharded model) would
     otherwise count the previous case's weights in the next case's peak memory."""
-    timer = _step_timer(warmup)
     on_gpu = torch.cuda.is_available() and str(cfg.trainer.accelerator) in ("gpu", "cuda", "auto")
+    timer = _step_timer(warmup, warmup + steps if profile else None, on_gpu)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     row, info = _fit_case(
-        cfg, timer, on_gpu, warmup=warmup, steps=steps, strategy=strategy, devices=devices,
+        cfg, timer, on_gpu, warmup=warmup, steps=steps + int(profile), strategy=strategy, devices=devices,
         context_parallel=context_parallel,
     )  # fmt: skip
     times, shallow = timer.times, timer.shallow
+    if timer.profile is not None:
+        row["profile"] = timer.profile
     del timer  # the trainer's callback: it may hold the trainer, hence the model
     gc.collect()
     if on_gpu:
@@ -337,6 +409,15 @@ def markdown(result: dict, baseline: dict | None) -> str:
             ]
             if parts:
                 lines.append(f"- L={L} {ms}: " + ", ".join(parts))
+    for r in result["rows"]:
+        if prof := r.get("profile"):
+            clock = "GPU kernel time" if prof["clock"] == "device" else "CPU time of the ops"
+            idle = f", GPU idle {prof['idle_ms']} ms" if "idle_ms" in prof else ""
+            kinds = ", ".join(f"{k} {v}" for k, v in prof["by_kind_ms"].items())
+            head = f"Profiled step, {r['variant']} L={r['seq_len']} ({clock}, ms): step {prof['step_s']} s, "
+            lines += ["", head + f"kernels {prof['total_ms']}{idle}; by kind: {kinds}.", "",
+                      "| kernel | calls | ms |", "|---|---|---|"]  # fmt: skip
+            lines += [f"| `{k['name'][:90]}` | {k['calls']} | {k['ms']} |" for k in prof["top"][:12]]
     skipped = [r for r in result["rows"] if r["status"] not in ("ok", "oom")]
     if skipped:
         lines += ["", "Not run:", ""]
@@ -374,6 +455,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--launch", default="",
         help="MS kernels' GPU launch settings, '+'-joined LaunchConfig fields "
         "(select_precision=tf32x3+shallow_rescore=true)",
+    )  # fmt: skip
+    p.add_argument(
+        "--profile", action="store_true",
+        help="one more step per case under torch.profiler: its time by kernel and kind, the GPU's idle time",
     )  # fmt: skip
     p.add_argument("--baseline", default=None, help="one-GPU result JSON for scaling efficiency")
     p.add_argument("--out", default="experiments/results/bench", help="folder for the result files")
@@ -470,6 +555,7 @@ def main(argv: list[str] | None = None) -> dict:
               "launch_config": dataclasses.asdict(a.launch_config),  # the MS kernels' GPU settings
               "baseline": a.baseline,
               "warmup": a.warmup, "steps": a.steps, "long_steps": a.long_steps, "long_from": a.long_from,
+              "profile": a.profile,
               "environment": env, "rows": []}  # fmt: skip
     baseline = a.baseline_rows
     devices = world if a.strategy else 1
@@ -483,7 +569,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[bench] {v} L={L}: {a.warmup} warm-up + {steps} timed steps", flush=True)
             row |= run_case(
                 cfg, warmup=a.warmup, steps=steps, strategy=a.strategy, devices=devices,
-                context_parallel=a.context_parallel,
+                context_parallel=a.context_parallel, profile=a.profile,
             )  # fmt: skip
             if world > 1 and torch.distributed.is_initialized() and "peak_alloc_gib" in row:
                 keys = ("peak_alloc_gib", "peak_reserved_gib")
