@@ -196,3 +196,31 @@ def test_profile_runs_one_more_step_and_records_where_its_time_went(tmp_path):
 )
 def test_kernel_kinds(name, kind):
     assert bench.kernel_kind(name) == kind
+
+
+def test_kernel_times_on_a_gpu_count_kernels_not_the_ranges_mirrored_as_annotations():
+    """On a GPU only kernels count: a CPU range (Lightning's optimizer step) appears on the GPU's
+    timeline as an annotation spanning the step's kernels, and would double the total (it did in
+    session 19's first profile). The GPU's idle time is the step's wall time not covered."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(key, device, count, cpu_us, gpu_us):
+        return SimpleNamespace(key=key, device_type=device, count=count, self_cpu_time_total=cpu_us,
+                               self_device_time_total=gpu_us)  # fmt: skip
+
+    step = "Optimizer.step#AdamW.step"
+    prof = SimpleNamespace(key_averages=lambda: [
+        event(step, DeviceType.CPU, 1, 5_000.0, 0.0), event(step, DeviceType.CUDA, 1, 0.0, 9_000_000.0),
+        event("aten::mm", DeviceType.CPU, 4, 300.0, 0.0),
+        event("ms_attn_fwd_ws_kernel", DeviceType.CUDA, 64, 0.0, 948_000.0),
+        event("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN", DeviceType.CUDA, 416, 0.0, 1_900_000.0),
+    ])  # fmt: skip
+    out = bench.kernel_times(prof, on_gpu=True, wall_s=3.0)
+    assert out["total_ms"] == 2848.0 and out["idle_ms"] == 152.0
+    assert out["by_kind_ms"] == {"GEMM": 1900.0, "attention forward": 948.0}
+    assert [k["name"] for k in out["top"]] == [
+        "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN",
+        "ms_attn_fwd_ws_kernel",
+    ]

@@ -144,8 +144,12 @@ def kernel_times(prof, on_gpu: bool, wall_s: float, top: int = 20) -> dict:
     from torch.autograd import DeviceType
 
     rows = []
-    for e in prof.key_averages():
-        if on_gpu and e.device_type != DeviceType.CUDA:
+    averages = prof.key_averages()
+    # A CPU range (record_function, e.g. Lightning's "Optimizer.step#AdamW.step") is mirrored on the
+    # GPU's timeline as a user annotation spanning its kernels: not a kernel, so not counted.
+    ranges = {e.key for e in averages if e.device_type != DeviceType.CUDA}
+    for e in averages:
+        if on_gpu and (e.device_type != DeviceType.CUDA or e.key in ranges):
             continue
         t_ms = (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1000
         if t_ms > 0:
