@@ -1461,6 +1461,23 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
                 assert not g.isnan().any(), (path, name)
                 err = (g.float() - r.float()).abs().max().item()
                 assert err <= 2**-7 * r.float().abs().max().item(), (path, name, cfg.gluon_split_waits, err)
+            if cfg is row_stats:  # one wait a step: the same sums in the same order, 2 and 3 slots
+                for stages in (2, 3):
+                    one = dataclasses.replace(row_stats, gluon_dkv_one_wait=True, gluon_dkv_stages=stages)
+                    got1 = triton_impl.bwd_dkv(
+                        do, q, k, v, lse_ref, delta, idx, config=one, path=path, **opts
+                    )
+                    for name, g1, g in zip(("dk", "dv"), got1, got):
+                        err = (g1.float() - g.float()).abs().max().item()
+                        assert err <= 2**-7 * g.float().abs().max().item(), (
+                            path,
+                            name,
+                            "one wait",
+                            stages,
+                            err,
+                        )
+                        if path == "partial":
+                            assert torch.equal(g1, g), (name, "one wait", stages)
             if path == "partial":
                 again_cfg = cfg if cfg is row_stats else gluon
                 again = triton_impl.bwd_dkv(
@@ -1825,6 +1842,7 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
         ("dkv-fused-rows", 128, 2),
         ("dkv-fused-early", 128, 2),
         ("dkv-rows", 128, 2),
+        ("dkv-onewait", 128, 3),
     ],
 )
 def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
@@ -1842,7 +1860,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     ``ROW_STATS`` (``-rows``) the loads copy lse and delta too; with ``DQ_EARLY`` (``-early``) the
     dq GEMM joins dv's and dk's wait (four waits per five GEMMs' 32 HGMMA, not six); with
     ``OVERLAP`` (``fwd-overlap``, three slots fit too) the forward issues p v (wgmma reading p from
-    registers) behind the next step's scores and waits with p v still in flight."""
+    registers) behind the next step's scores and waits with p v still in flight; with ``ONE_WAIT``
+    (``dkv-onewait``) dk/dv's steps wait once with S^T in flight, no wgmma serialized."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1854,9 +1873,11 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     split = kernel.endswith("-split")
     early = kernel.endswith("-early")  # gluon_dq_early (with row stats): dq issued behind dv, dk
     rows = kernel.endswith("-rows") or early  # gluon_dkv_row_stats: lse, delta through the ring
+    one_wait = kernel.endswith("-onewait")  # gluon_dkv_one_wait (with row stats)
+    rows = rows or one_wait
     pingpong = kernel.endswith("-pingpong")  # gluon_fwd_pingpong (with the overlap)
     overlap = kernel.endswith("-overlap") or pingpong  # gluon_fwd_overlap
-    for suffix in ("-split", "-rows", "-early", "-overlap", "-pingpong"):
+    for suffix in ("-split", "-rows", "-early", "-overlap", "-pingpong", "-onewait"):
         kernel = kernel.removesuffix(suffix)
     if kernel != "fwd":
         common |= dict(SPLIT_WAITS=split)
@@ -1867,7 +1888,7 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
         consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial",
                                FUSED_DQ=kernel == "dkv-fused", ROW_STATS=rows,
-                               DQ_EARLY=early)  # fmt: skip
+                               DQ_EARLY=early, ONE_WAIT=one_wait)  # fmt: skip
         fn = gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel
         divisible = ("L", "P", "W", "M", "S", "q_start")
     else:
@@ -1922,7 +1943,10 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
         assert "RED" not in sass and "ATOM" not in sass
     # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed); the
     # forward's overlap: the group left in flight is p v (A from registers), issued after the scores.
-    assert ("WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass) == (split or overlap)
+    assert ("WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass) == (split or overlap or one_wait)
+    # one wait a step: no wgmma serialized for lack of registers (a wait after each of the 96 HGMMA)
+    if one_wait:
+        assert waits == 8 and "STL" not in sass.split("WARPGROUP.DEPBAR.LE gsb0, 0x1")[0][-4000:], waits
     if kernel == "fwd":
         events = re.findall(r"HGMMA\.\S+ R\d+, (R\d+|gdesc)|WARPGROUP\.DEPBAR\.LE gsb0, (0x\d)", sass)
         order = ["pv" if a.startswith("R") else "qk" if a else f"wait{b[-1]}" for a, b in events]
@@ -1958,6 +1982,10 @@ def test_gluon_kernels_apply_only_where_they_compile():
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_fwd_overlap=True, gluon_stages=1)
     with pytest.raises(ValueError, match="gluon_fwd_pingpong=True needs gluon_fwd_overlap=True"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_fwd_pingpong=True)
+    with pytest.raises(ValueError, match="gluon_dkv_one_wait=True needs gluon_dkv_row_stats=True.*got False"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_one_wait=True, gluon_dkv_row_stats=False)
+    with pytest.raises(ValueError, match="gluon_dkv_one_wait=True needs .*fused_dq=False"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_one_wait=True, fused_dq=True)
     for regs in (224, 236, 248):  # setmaxnreg: multiples of 8; 504 - 2 * regs left to the loads
         with pytest.raises(ValueError, match=f"gluon_dkv_consumer_regs must be 232 or 240, got {regs}"):
             dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_consumer_regs=regs)

@@ -1215,6 +1215,78 @@ def _dq_reduce(DQD, dq_bufs, dq, row, col, PART: gl.constexpr, HEAD_DIM: gl.cons
 
 
 @gluon.jit
+def _dkv_scores(k_buf, v_buf, q_bufs, do_bufs, ready, i, zero, STAGES: gl.constexpr):
+    """Issue step i's S^T = k q^T and dP^T = v do^T once its slot has landed."""
+    s, phase = _slot(i, STAGES)
+    mbarrier.wait(ready.index(s), phase)
+    fence_async_shared()
+    qk = warpgroup_mma(k_buf, q_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    dp = warpgroup_mma(v_buf, do_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    return qk, dp
+
+
+@gluon.jit
+def _dkv_probs(
+    qk, dp, lse_bufs, delta_bufs, i, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype: gl.constexpr,
+    STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_mma: gl.constexpr, operand: gl.constexpr,
+):  # fmt: skip
+    """Step i's P^T and dS^T as the dv and dk GEMMs' register operands, from its scores and its
+    rows' lse and delta in the slot (rows outside [q_start, q_hi): lse = +inf, P = 0)."""
+    rep = i // n_steps
+    t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
+    row_ok = (t >= q_start) & (t < q_hi)
+    s = i % STAGES
+    rows: gl.constexpr = gl.SliceLayout(0, s_mma)
+    lse2 = gl.where(row_ok, lse_bufs.index(s).load(rows) * 1.4426950408889634, float("inf"))
+    p = gl.exp2(qk * qk_scale - lse2[None, :])
+    ds = p * (dp - delta_bufs.index(s).load(rows)[None, :])
+    return gl.convert_layout(p.to(dtype), operand), gl.convert_layout(ds.to(dtype), operand)
+
+
+@gluon.jit
+def _dkv_steps_one_wait(
+    dk, dv, k_buf, v_buf, q_bufs, do_bufs, ready, empty, lse_bufs, delta_bufs, n_all, n_steps, t_first,
+    q_start, q_hi, offs_m, zero, qk_scale, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_mma: gl.constexpr,
+    operand: gl.constexpr,
+):  # fmt: skip
+    """The consumer's n_all (>= 1) steps with one wait a step: step i - 1's dv += P^T do and
+    dk += dS^T q are issued, then step i's score GEMMs behind them on the tensor cores; one wait
+    (two groups left) finishes dv and dk and frees step i - 1's slot, the next finishes the scores.
+    The default schedule waits for the scores, then again for dv and dk, so the tensor cores idle
+    between a step's two pairs of GEMMs for the wait's round trip. The same sums in the same order.
+    A slot is held into the next step: wants a third slot to keep the loads ahead."""
+    dtype: gl.constexpr = q_bufs.dtype
+    qk, dp = _dkv_scores(k_buf, v_buf, q_bufs, do_bufs, ready, 0, zero, STAGES)
+    qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+    p_op, ds_op = _dkv_probs(
+        qk, dp, lse_bufs, delta_bufs, 0, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype, STAGES,
+        BLOCK_M, s_mma, operand,
+    )  # fmt: skip
+    for i in range(1, n_all):
+        prev = (i - 1) % STAGES
+        dv = warpgroup_mma(p_op, do_bufs.index(prev), dv, is_async=True)
+        dk = warpgroup_mma(ds_op, q_bufs.index(prev), dk, is_async=True)
+        s, phase = _slot(i, STAGES)
+        mbarrier.wait(ready.index(s), phase)
+        fence_async_shared()
+        qk = warpgroup_mma(k_buf, q_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(1, deps=(dv, dk, p_op, ds_op))  # in order: dv, dk done
+        mbarrier.arrive(empty.index(prev), count=1)
+        dp = warpgroup_mma(v_buf, do_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+        p_op, ds_op = _dkv_probs(
+            qk, dp, lse_bufs, delta_bufs, i, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype, STAGES,
+            BLOCK_M, s_mma, operand,
+        )  # fmt: skip
+    last = (n_all - 1) % STAGES
+    dv = warpgroup_mma(p_op, do_bufs.index(last), dv, is_async=True)
+    dk = warpgroup_mma(ds_op, q_bufs.index(last), dk, is_async=True)
+    dv, dk = warpgroup_mma_wait(0, deps=(dv, dk, p_op, ds_op))[:2]
+    mbarrier.arrive(empty.index(last), count=1)
+    return dk, dv
+
+
+@gluon.jit
 def _dkv_consumer_partition(
     K,
     V,
@@ -1262,6 +1334,7 @@ def _dkv_consumer_partition(
     FUSED_DQ: gl.constexpr,
     ROW_STATS: gl.constexpr,
     DQ_EARLY: gl.constexpr,
+    ONE_WAIT: gl.constexpr,
 ):
     """A dk/dv consumer: selected places [chunk_lo + PART*64, +64) of the block, over every query
     step of the slots. Key-major products (FlashAttention-2's backward): S^T = k q^T and
@@ -1269,7 +1342,8 @@ def _dkv_consumer_partition(
     dS^T from registers. With FUSED_DQ also each step's dq (``_dq_issue``, ``_dq_reduce``), head-dim
     half PART, issued after dv and dk have finished or, with DQ_EARLY, right behind them. With
     ROW_STATS the rows' lse and delta come from the slot, read once the score GEMMs are done (not
-    from global memory before them: 32 registers less across the GEMMs)."""
+    from global memory before them: 32 registers less across the GEMMs). With ONE_WAIT (and
+    ROW_STATS) one wait a step (``_dkv_steps_one_wait``)."""
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
     )
@@ -1295,7 +1369,13 @@ def _dkv_consumer_partition(
     if FUSED_DQ:
         _, real = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_mma)), S, W)
         n_real = gl.sum(real.to(gl.int32), axis=0)
-    for i in range(REP * n_steps):
+    if ONE_WAIT:  # noqa: SIM102  (a compile-time switch around a run-time test)
+        if REP * n_steps > 0:  # a chunk of padding has no steps
+            dk, dv = _dkv_steps_one_wait(
+                dk, dv, k_buf, v_buf, q_bufs, do_bufs, ready, empty, lse_bufs, delta_bufs, REP * n_steps,
+                n_steps, t_first, q_start, q_hi, offs_m, zero, qk_scale, STAGES, BLOCK_M, s_mma, operand,
+            )  # fmt: skip
+    for i in range(0 if ONE_WAIT else REP * n_steps):
         rep = i // n_steps
         t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
         row_ok = (t >= q_start) & (t < q_hi)
@@ -1405,6 +1485,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     FUSED_DQ: gl.constexpr = False,
     ROW_STATS: gl.constexpr = False,
     DQ_EARLY: gl.constexpr = False,
+    ONE_WAIT: gl.constexpr = False,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (Gw * n_chunks, B*HS): what ``triton_kernels.ms_attn_bwd_dkv_sel_kernel`` adds (or,
@@ -1418,6 +1499,9 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
     gl.static_assert(not (FUSED_DQ and (SPLIT_WAITS or PARTIAL)), "FUSED_DQ: the default schedule, atomics")
     gl.static_assert(not FUSED_DQ or BLOCK_M == ROWS, "FUSED_DQ steps 64 query rows")
+    gl.static_assert(
+        not ONE_WAIT or (ROW_STATS and not (FUSED_DQ or SPLIT_WAITS)), "ONE_WAIT: row stats, no dq"
+    )
     if REGION > 0:
         W = REGION
     REP: gl.constexpr = HQ // HS
@@ -1519,6 +1603,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     FUSED_DQ,
                     ROW_STATS,
                     DQ_EARLY,
+                    ONE_WAIT,
                 ),
             ),
             (
@@ -1570,6 +1655,7 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                     FUSED_DQ,
                     ROW_STATS,
                     DQ_EARLY,
+                    ONE_WAIT,
                 ),
             ),
             (

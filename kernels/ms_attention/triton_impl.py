@@ -215,6 +215,14 @@ class LaunchConfig:
     session 16, whole backward, with row stats): -2.8..+1.7% against the late issue (another run),
     and with it 2-11% slower than the dq kernel beside the Gluon dk/dv at paper and (64, 64, 8)
     settings, 32K-128K, so ``fused_dq`` stays off."""
+    gluon_dkv_one_wait: bool = False
+    """With ``gluon_dkv_row_stats`` (and without ``fused_dq`` or ``gluon_split_waits``): the Gluon
+    dk/dv consumers wait once a step for their GEMMs instead of twice. Step i - 1's dv += P^T do and
+    dk += dS^T q are issued, then step i's S^T behind them; one wait finishes dv and dk (S^T left in
+    flight) and frees step i - 1's slot, then dP^T is issued and waited for. (Issuing both score
+    GEMMs there needs P^T, dS^T, S^T, dP^T, dk and dv live at once: ptxas then serializes every
+    wgmma for lack of registers.) The same sums in the same order: the partial path's bits equal
+    the default's (GPU test). A slot is held into the next step: wants ``gluon_dkv_stages`` = 3."""
     gluon_dkv_consumer_regs: int = 232
     """Registers per thread of the Gluon dk/dv kernel's consumer warpgroups (``setmaxnreg``); its
     load warpgroup keeps the rest of the register file, ``504 - 2 *`` this (232: 40, 240: 24)."""
@@ -465,6 +473,13 @@ class LaunchConfig:
         if self.gluon_dkv_consumer_regs % 8 or not 232 <= self.gluon_dkv_consumer_regs <= 240:
             raise ValueError(
                 f"gluon_dkv_consumer_regs must be 232 or 240, got {self.gluon_dkv_consumer_regs}"
+            )
+        if self.gluon_dkv_one_wait and (
+            not self.gluon_dkv_row_stats or self.gluon_split_waits or self.fused_dq
+        ):
+            raise ValueError(
+                "gluon_dkv_one_wait=True needs gluon_dkv_row_stats=True, gluon_split_waits=False and "
+                f"fused_dq=False, got {self.gluon_dkv_row_stats}, {self.gluon_split_waits}, {self.fused_dq}"
             )
         if self.gluon_fwd_pingpong and not self.gluon_fwd_overlap:
             raise ValueError(
@@ -1440,7 +1455,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                             CONSUMER_REGS=config.gluon_dkv_consumer_regs, PARTIAL=partial,
                             REGION=config.region_const("dkv", rope, region),
                             SPLIT_WAITS=split, FUSED_DQ=fused, ROW_STATS=row_stats,
-                            DQ_EARLY=config.gluon_dq_early,
+                            DQ_EARLY=config.gluon_dq_early, ONE_WAIT=config.gluon_dkv_one_wait,
                             num_warps=4, maxnreg=GLUON_MAXNREG,
                         )  # fmt: skip
                     return
