@@ -222,7 +222,9 @@ class LaunchConfig:
     flight) and frees step i - 1's slot, then dP^T is issued and waited for. (Issuing both score
     GEMMs there needs P^T, dS^T, S^T, dP^T, dk and dv live at once: ptxas then serializes every
     wgmma for lack of registers.) The same sums in the same order: the partial path's bits equal
-    the default's (GPU test). A slot is held into the next step: wants ``gluon_dkv_stages`` = 3."""
+    the default's (GPU test). A slot is held into the next step. Measured (H200, session 19, the
+    dk/dv stage, paper 64K-128K and (64, 64, 8) 32K-64K): -0.2..+1.5% at 2 slots, up to 7% slower at
+    3; off."""
     gluon_dkv_consumer_regs: int = 232
     """Registers per thread of the Gluon dk/dv kernel's consumer warpgroups (``setmaxnreg``); its
     load warpgroup keeps the rest of the register file, ``504 - 2 *`` this (232: 40, 240: 24)."""
