@@ -32,8 +32,12 @@
 #           then, if one wait at 3 slots took >= 3% off the dk/dv stage at paper 64K with 32 kv
 #           heads, the 7B step at 64K with it; the Gluon match test at paper settings in the time
 #           left  -> OUT/s19e.tgz
+#   call 6  bash experiments/gpu/lease_s19.sh 6
+#           the Gluon forward's plain and overlapped steps in one function (_steps; the overlapped
+#           kernels compile to the same SASS, the plain one to the same instructions, 34 of 7,256
+#           placed differently): the Gluon match tests  -> OUT/s19f.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s19.sh 1-5}
+CALL=${1:?usage: lease_s19.sh 1-6}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -124,5 +128,12 @@ PY
       -k "gluon_kernels_match and paper" > "$R/gpu_tests_one_wait.log" 2>&1
     tail -n 3 "$R/gpu_tests_one_wait.log"
     tar -czf "$OUT/s19e.tgz" -C "$OUT" s19e && rm -rf "$R"
+    ;;
+  6)
+    R=$OUT/s19f; mkdir -p "$R"
+    timeout $(( $(left) - 10 )) python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match" > "$R/gpu_tests_steps.log" 2>&1
+    tail -n 3 "$R/gpu_tests_steps.log"
+    tar -czf "$OUT/s19f.tgz" -C "$OUT" s19f && rm -rf "$R"
     ;;
 esac

@@ -248,61 +248,28 @@ def _consume_step_overlapped(
 
 
 @gluon.jit
-def _plain_steps(
-    acc,
-    m_i,
-    l_i,
-    q_buf,
-    k_bufs,
-    v_bufs,
-    ready,
-    empty,
-    rows,
-    offs_n,
-    none,
-    lo,
-    hi,
-    sel_len,
-    seg_lo,
-    qk_scale,
-    STAGES: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    s_mma: gl.constexpr,
-    o_mma: gl.constexpr,
-):
-    """The consumer's steps one after the other (``_consume_step``): the selection's whole steps,
-    its partial last step, the own segment before the tile, the diagonal steps."""
-    whole = sel_len // BLOCK_N
-    n_sel = gl.cdiv(sel_len, BLOCK_N)
-    for i in range(whole):
+def _step(
+    acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, turn, MASKED: gl.constexpr,
+    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_mma: gl.constexpr, o_mma: gl.constexpr, PART: gl.constexpr,
+    OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+):  # fmt: skip
+    """Step i: ``_consume_step`` (`p_op` passed through), or with OVERLAP
+    ``_consume_step_overlapped`` (`p_op` is step i - 1's p, then step i's)."""
+    if OVERLAP:
+        acc, m_i, l_i, p_op = _consume_step_overlapped(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, turn, MASKED,
+            STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
+        )  # fmt: skip
+    else:
         acc, m_i, l_i = _consume_step(
-            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, False, STAGES, BLOCK_N,
+            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, MASKED, STAGES, BLOCK_N,
             s_mma, o_mma,
         )  # fmt: skip
-    for i in range(whole, n_sel):  # the selection's partial last step
-        allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
-        acc, m_i, l_i = _consume_step(
-            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, True, STAGES, BLOCK_N,
-            s_mma, o_mma,
-        )  # fmt: skip
-    n_before = (lo - seg_lo) // BLOCK_N
-    for j in range(n_before):  # own segment before the tile
-        acc, m_i, l_i = _consume_step(
-            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none, qk_scale, False, STAGES,
-            BLOCK_N, s_mma, o_mma,
-        )  # fmt: skip
-    for j in range(n_before, n_before + gl.cdiv(hi - lo, BLOCK_N)):  # the diagonal steps
-        tok = seg_lo + j * BLOCK_N + offs_n
-        allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
-        acc, m_i, l_i = _consume_step(
-            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed, qk_scale, True, STAGES,
-            BLOCK_N, s_mma, o_mma,
-        )  # fmt: skip
-    return acc, m_i, l_i
+    return acc, m_i, l_i, p_op
 
 
 @gluon.jit
-def _overlapped_steps(
+def _steps(
     acc,
     m_i,
     l_i,
@@ -325,64 +292,73 @@ def _overlapped_steps(
     s_mma: gl.constexpr,
     o_mma: gl.constexpr,
     PART: gl.constexpr,
+    OVERLAP: gl.constexpr,
     PINGPONG: gl.constexpr,
 ):
-    """The consumer's steps with each step's softmax under the previous step's p v
-    (``_consume_step_overlapped``): the key set's first step alone (scores, softmax), the rest as
-    in ``_consumer_partition``'s four loops from step 1, then the last step's p v. With PINGPONG
-    every issue takes a turn: step i's in turn i, the last p v in turn n_all."""
+    """The consumer's steps: the selection's whole steps, its partial last step, the own segment
+    before the tile, the diagonal steps. With OVERLAP each step's softmax runs under the previous
+    step's p v (``_consume_step_overlapped``): the key set's first step goes alone (scores,
+    softmax; a general mask, the selection's or the own segment's), the loops start at step 1, and
+    the last step's p v follows them; with PINGPONG every issue takes a turn (step i's in turn i,
+    the last p v in turn n_all)."""
     whole = sel_len // BLOCK_N
     n_sel = gl.cdiv(sel_len, BLOCK_N)
     n_before = (lo - seg_lo) // BLOCK_N
     n_all = n_sel + n_before + gl.cdiv(hi - lo, BLOCK_N)
-    # Step 0: a selection step (masked past sel_len) or, in the prefix, the own segment's first.
-    tok = seg_lo - n_sel * BLOCK_N + offs_n  # step 0's token where it is an own-segment step
-    own_ok = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
-    first = gl.where(n_sel > 0, (offs_n[None, :] < sel_len) & none & (rows[:, None] >= 0), own_ok)
-    s0, phase0 = _slot(0, STAGES)
-    _take_turn(turn, 0, PART, PINGPONG)
-    mbarrier.wait(ready.index(s0), phase0)
-    fence_async_shared()
-    qk = warpgroup_mma(
-        q_buf, k_bufs.index(s0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
-        is_async=True,
-    )  # fmt: skip
-    _pass_turn(turn, PART, PINGPONG)
-    qk = warpgroup_mma_wait(0, deps=(qk,))
-    p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, first, qk_scale, True)
-    p_op = gl.convert_layout(
-        p.to(k_bufs.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
-    )  # acc is still 0: no rescale
-    for i in range(1, whole):
-        acc, m_i, l_i, p_op = _consume_step_overlapped(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, none,
-            qk_scale, turn, False, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
+    p_op = 0  # plain steps carry no p
+    first = 0  # the first step the loops take
+    if OVERLAP:
+        tok = seg_lo - n_sel * BLOCK_N + offs_n  # step 0's token where it is an own-segment step
+        own_ok = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
+        mask0 = gl.where(n_sel > 0, (offs_n[None, :] < sel_len) & none & (rows[:, None] >= 0), own_ok)
+        s0, phase0 = _slot(0, STAGES)
+        _take_turn(turn, 0, PART, PINGPONG)
+        mbarrier.wait(ready.index(s0), phase0)
+        fence_async_shared()
+        qk = warpgroup_mma(
+            q_buf, k_bufs.index(s0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
+            is_async=True,
         )  # fmt: skip
-    for i in range(gl.maximum(whole, 1), n_sel):  # the selection's partial last step
+        _pass_turn(turn, PART, PINGPONG)
+        qk = warpgroup_mma_wait(0, deps=(qk,))
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, mask0, qk_scale, True)
+        p_op = gl.convert_layout(
+            p.to(k_bufs.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+        )  # acc is still 0: no rescale
+        first = 1
+    for i in range(first, whole):
+        acc, m_i, l_i, p_op = _step(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, none, qk_scale, turn, False, STAGES,
+            BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
+        )  # fmt: skip
+    for i in range(
+        gl.maximum(whole, first) if OVERLAP else whole, n_sel
+    ):  # the selection's partial last step
         allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
-        acc, m_i, l_i, p_op = _consume_step_overlapped(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed,
-            qk_scale, turn, True, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
+        acc, m_i, l_i, p_op = _step(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, turn, True, STAGES,
+            BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
         )  # fmt: skip
-    first_own = gl.maximum(1 - n_sel, 0)  # 1 where step 0 was the own segment's
+    first_own = gl.maximum(first - n_sel, 0) if OVERLAP else 0  # 1 where the overlap's step 0 was own
     for j in range(first_own, n_before):  # own segment before the tile
-        acc, m_i, l_i, p_op = _consume_step_overlapped(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none,
-            qk_scale, turn, False, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
+        acc, m_i, l_i, p_op = _step(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, none, qk_scale, turn, False,
+            STAGES, BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
         )  # fmt: skip
-    for j in range(gl.maximum(n_before, first_own), n_all - n_sel):  # the diagonal steps
+    for j in range(gl.maximum(n_before, first_own) if OVERLAP else n_before, n_all - n_sel):  # diagonal
         tok = seg_lo + j * BLOCK_N + offs_n
         allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
-        acc, m_i, l_i, p_op = _consume_step_overlapped(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed,
-            qk_scale, turn, True, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
+        acc, m_i, l_i, p_op = _step(
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed, qk_scale, turn, True,
+            STAGES, BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
         )  # fmt: skip
-    last = (n_all - 1) % STAGES
-    _take_turn(turn, n_all, PART, PINGPONG)
-    acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
-    _pass_turn(turn, PART, PINGPONG)
-    acc = warpgroup_mma_wait(0, deps=(acc, p_op))[0]
-    mbarrier.arrive(empty.index(last), count=1)
+    if OVERLAP:
+        last = (n_all - 1) % STAGES
+        _take_turn(turn, n_all, PART, PINGPONG)
+        acc = warpgroup_mma(p_op, v_bufs.index(last), acc, is_async=True)
+        _pass_turn(turn, PART, PINGPONG)
+        acc = warpgroup_mma_wait(0, deps=(acc, p_op))[0]
+        mbarrier.arrive(empty.index(last), count=1)
     return acc, m_i, l_i
 
 
@@ -414,7 +390,7 @@ def _consumer_partition(
     PINGPONG: gl.constexpr,
 ):
     """A consumer: query rows [lo + PART*64, +64) of the tile, over every step of the key set;
-    with OVERLAP each step's softmax runs under the previous step's p v (``_overlapped_steps``)."""
+    with OVERLAP each step's softmax runs under the previous step's p v (``_steps``)."""
     # The scores' wgmma is ROWS x BLOCK_N, the accumulator's ROWS x HEAD_DIM (p from registers).
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -435,16 +411,10 @@ def _consumer_partition(
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
     none = offs_n[None, :] < BLOCK_N  # an unused mask of the right layout for unmasked steps
 
-    if OVERLAP:
-        acc, m_i, l_i = _overlapped_steps(
-            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, rows, offs_n, none, lo, hi, sel_len, seg_lo,
-            qk_scale, turn, STAGES, BLOCK_N, s_mma, o_mma, PART, PINGPONG,
-        )  # fmt: skip
-    else:
-        acc, m_i, l_i = _plain_steps(
-            acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, rows, offs_n, none, lo, hi, sel_len, seg_lo,
-            qk_scale, STAGES, BLOCK_N, s_mma, o_mma,
-        )  # fmt: skip
+    acc, m_i, l_i = _steps(
+        acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, rows, offs_n, none, lo, hi, sel_len, seg_lo, qk_scale,
+        turn, STAGES, BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
+    )  # fmt: skip
     row_ok = (rows >= q_start) & (rows < hi)
     l_safe = gl.where(row_ok, l_i, 1.0)
     lse = (m_i + gl.log2(l_safe)) * 0.6931471805599453
