@@ -249,9 +249,9 @@ def _consume_step_overlapped(
 
 @gluon.jit
 def _step(
-    acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, turn, MASKED: gl.constexpr,
-    STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_mma: gl.constexpr, o_mma: gl.constexpr, PART: gl.constexpr,
-    OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
+    acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, turn,
+    MASKED: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_mma: gl.constexpr,
+    o_mma: gl.constexpr, PART: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr,
 ):  # fmt: skip
     """Step i: ``_consume_step`` (`p_op` passed through), or with OVERLAP
     ``_consume_step_overlapped`` (`p_op` is step i - 1's p, then step i's)."""
@@ -315,10 +315,8 @@ def _steps(
         _take_turn(turn, 0, PART, PINGPONG)
         mbarrier.wait(ready.index(s0), phase0)
         fence_async_shared()
-        qk = warpgroup_mma(
-            q_buf, k_bufs.index(s0).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
-            is_async=True,
-        )  # fmt: skip
+        zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma)
+        qk = warpgroup_mma(q_buf, k_bufs.index(s0).permute((1, 0)), zero, use_acc=False, is_async=True)
         _pass_turn(turn, PART, PINGPONG)
         qk = warpgroup_mma_wait(0, deps=(qk,))
         p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, mask0, qk_scale, True)
@@ -336,8 +334,8 @@ def _steps(
     ):  # the selection's partial last step
         allowed = (i * BLOCK_N + offs_n[None, :]) < sel_len
         acc, m_i, l_i, p_op = _step(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, turn, True, STAGES,
-            BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, i, allowed, qk_scale, turn, True,
+            STAGES, BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
         )  # fmt: skip
     first_own = gl.maximum(first - n_sel, 0) if OVERLAP else 0  # 1 where the overlap's step 0 was own
     for j in range(first_own, n_before):  # own segment before the tile
@@ -349,8 +347,8 @@ def _steps(
         tok = seg_lo + j * BLOCK_N + offs_n
         allowed = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
         acc, m_i, l_i, p_op = _step(
-            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed, qk_scale, turn, True,
-            STAGES, BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
+            acc, m_i, l_i, p_op, q_buf, k_bufs, v_bufs, ready, empty, n_sel + j, allowed, qk_scale, turn,
+            True, STAGES, BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
         )  # fmt: skip
     if OVERLAP:
         last = (n_all - 1) % STAGES
@@ -412,8 +410,8 @@ def _consumer_partition(
     none = offs_n[None, :] < BLOCK_N  # an unused mask of the right layout for unmasked steps
 
     acc, m_i, l_i = _steps(
-        acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, rows, offs_n, none, lo, hi, sel_len, seg_lo, qk_scale,
-        turn, STAGES, BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
+        acc, m_i, l_i, q_buf, k_bufs, v_bufs, ready, empty, rows, offs_n, none, lo, hi, sel_len, seg_lo,
+        qk_scale, turn, STAGES, BLOCK_N, s_mma, o_mma, PART, OVERLAP, PINGPONG,
     )  # fmt: skip
     row_ok = (rows >= q_start) & (rows < hi)
     l_safe = gl.where(row_ok, l_i, 1.0)
