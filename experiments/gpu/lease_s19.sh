@@ -26,16 +26,20 @@
 #           2 warm-ups + 2 timed steps and one profiled step each (finetune --profile: kernel time by
 #           kind, the GPU's idle time); then the Gluon match tests (the forward allocates its turn
 #           mbarriers only with ping-pong)  -> OUT/s19d.tgz
+#           (ran on 6c032c6: S2 9.01, MS 9.306 s/step; 3 match tests passed)
 #   call 5  bash experiments/gpu/lease_s19.sh 5
 #           the Gluon dk/dv with one wait a step (gluon_dkv_one_wait): the dk/dv stage, base against
 #           one wait at 3 and 2 slots, paper 64K-128K (8 kv heads), 64K (32), (64, 64, 8) 32K-64K;
 #           then, if one wait at 3 slots took >= 3% off the dk/dv stage at paper 64K with 32 kv
 #           heads, the 7B step at 64K with it; the Gluon match test at paper settings in the time
 #           left  -> OUT/s19e.tgz
+#           (ran on 32aafdf: no gain, so no 7B step; the paper-settings match test passed)
 #   call 6  bash experiments/gpu/lease_s19.sh 6
 #           the Gluon forward's plain and overlapped steps in one function (_steps; the overlapped
 #           kernels compile to the same SASS, the plain one to the same instructions, 34 of 7,256
 #           placed differently): the Gluon match tests  -> OUT/s19f.tgz
+#           (ran on 61c2489 with the session's last 190 s: the first two cases passed, w16 from
+#           start 1000 and the paper settings; the third, head dim 64, was cut by the time)
 set -uo pipefail
 CALL=${1:?usage: lease_s19.sh 1-6}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
