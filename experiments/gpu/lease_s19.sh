@@ -44,6 +44,19 @@ set -uo pipefail
 CALL=${1:?usage: lease_s19.sh 1-6}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
+# One stage swept over launch variants for each case "SETTING KV_HEADS LENGTHS", each case within
+# LIMIT seconds: R/STEM_SETTING_kvKV.{json,jsonl,md} and R/sweep_SETTING_kvKV.log.
+#   sweep_cases R STAGE VARIANTS STEM LIMIT CASE...
+sweep_cases() {
+  local r=$1 stage=$2 variants=$3 stem=$4 limit=$5 c
+  shift 5
+  for c in "$@"; do
+    set -- $c
+    timeout "$limit" python3 -m ctxlab.kernels.bench.stage_sweep --setting "$1" --kv-heads "$2" \
+      --lengths "$3" --stages "$stage" --variants "$variants" --out "$r" \
+      --stem "${stem}_$1_kv$2" > "$r/sweep_$1_kv$2.log" 2>&1
+  done
+}
 case $CALL in
   1)
     R=$OUT/s19a; mkdir -p "$R"
@@ -51,12 +64,7 @@ case $CALL in
       -k "gluon_kernels_match" > "$R/gpu_tests_overlap.log" 2>&1
     tail -n 4 "$R/gpu_tests_overlap.log"
     V="base;gluon_fwd_overlap=true;gluon_fwd_overlap=true+gluon_stages=3"
-    for c in "paper 8 32K,64K,128K" "paper 32 64K,128K" "sparse 8 32K,64K"; do
-      set -- $c
-      timeout 120 python3 -m ctxlab.kernels.bench.stage_sweep --setting "$1" --kv-heads "$2" \
-        --lengths "$3" --stages fwd --variants "$V" --out "$R" \
-        --stem "stage_sweep_${day}_${card}_s19_fwd_overlap_$1_kv$2" > "$R/sweep_$1_kv$2.log" 2>&1
-    done
+    sweep_cases "$R" fwd "$V" "stage_sweep_${day}_${card}_s19_fwd_overlap" 120 "paper 8 32K,64K,128K" "paper 32 64K,128K" "sparse 8 32K,64K"
     grep -h -A8 '^| case' "$R"/*.md
     tar -czf "$OUT/s19a.tgz" -C "$OUT" s19a && rm -rf "$R"
     ;;
@@ -64,12 +72,7 @@ case $CALL in
     R=$OUT/s19b; mkdir -p "$R"
     O="gluon_fwd_overlap=true"
     V="base;$O+gluon_stages=3;$O+gluon_fwd_pingpong=true+gluon_stages=3;$O+gluon_fwd_pingpong=true"
-    for c in "paper 8 32K,64K,128K" "paper 32 64K" "sparse 8 32K,64K"; do
-      set -- $c
-      timeout 120 python3 -m ctxlab.kernels.bench.stage_sweep --setting "$1" --kv-heads "$2" \
-        --lengths "$3" --stages fwd --variants "$V" --out "$R" \
-        --stem "stage_sweep_${day}_${card}_s19_fwd_pingpong_$1_kv$2" > "$R/sweep_$1_kv$2.log" 2>&1
-    done
+    sweep_cases "$R" fwd "$V" "stage_sweep_${day}_${card}_s19_fwd_pingpong" 120 "paper 8 32K,64K,128K" "paper 32 64K" "sparse 8 32K,64K"
     grep -h -A14 '^| case' "$R"/*.md
     timeout $(( $(left) - 15 )) python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
       -k "gluon_kernels_match" > "$R/gpu_tests_pingpong.log" 2>&1
@@ -105,12 +108,7 @@ case $CALL in
     R=$OUT/s19e; mkdir -p "$R"
     W="gluon_dkv_one_wait=true"
     V="base;$W+gluon_dkv_stages=3;$W"
-    for c in "paper 32 64K" "paper 8 64K,128K" "sparse 8 32K,64K"; do
-      set -- $c
-      timeout 100 python3 -m ctxlab.kernels.bench.stage_sweep --setting "$1" --kv-heads "$2" \
-        --lengths "$3" --stages dkv --variants "$V" --out "$R" \
-        --stem "stage_sweep_${day}_${card}_s19_dkv_one_wait_$1_kv$2" > "$R/sweep_$1_kv$2.log" 2>&1
-    done
+    sweep_cases "$R" dkv "$V" "stage_sweep_${day}_${card}_s19_dkv_one_wait" 100 "paper 32 64K" "paper 8 64K,128K" "sparse 8 32K,64K"
     grep -h -A8 '^| case' "$R"/*.md
     gain=$(python3 - "$R/stage_sweep_${day}_${card}_s19_dkv_one_wait_paper_kv32.json" <<'PY'
 import json, sys
