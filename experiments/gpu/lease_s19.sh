@@ -64,7 +64,8 @@ case $CALL in
       -k "gluon_kernels_match" > "$R/gpu_tests_overlap.log" 2>&1
     tail -n 4 "$R/gpu_tests_overlap.log"
     V="base;gluon_fwd_overlap=true;gluon_fwd_overlap=true+gluon_stages=3"
-    sweep_cases "$R" fwd "$V" "stage_sweep_${day}_${card}_s19_fwd_overlap" 120 "paper 8 32K,64K,128K" "paper 32 64K,128K" "sparse 8 32K,64K"
+    sweep_cases "$R" fwd "$V" "stage_sweep_${day}_${card}_s19_fwd_overlap" 120 \
+      "paper 8 32K,64K,128K" "paper 32 64K,128K" "sparse 8 32K,64K"
     grep -h -A8 '^| case' "$R"/*.md
     tar -czf "$OUT/s19a.tgz" -C "$OUT" s19a && rm -rf "$R"
     ;;
@@ -72,7 +73,8 @@ case $CALL in
     R=$OUT/s19b; mkdir -p "$R"
     O="gluon_fwd_overlap=true"
     V="base;$O+gluon_stages=3;$O+gluon_fwd_pingpong=true+gluon_stages=3;$O+gluon_fwd_pingpong=true"
-    sweep_cases "$R" fwd "$V" "stage_sweep_${day}_${card}_s19_fwd_pingpong" 120 "paper 8 32K,64K,128K" "paper 32 64K" "sparse 8 32K,64K"
+    sweep_cases "$R" fwd "$V" "stage_sweep_${day}_${card}_s19_fwd_pingpong" 120 \
+      "paper 8 32K,64K,128K" "paper 32 64K" "sparse 8 32K,64K"
     grep -h -A14 '^| case' "$R"/*.md
     timeout $(( $(left) - 15 )) python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
       -k "gluon_kernels_match" > "$R/gpu_tests_pingpong.log" 2>&1
@@ -108,7 +110,8 @@ case $CALL in
     R=$OUT/s19e; mkdir -p "$R"
     W="gluon_dkv_one_wait=true"
     V="base;$W+gluon_dkv_stages=3;$W"
-    sweep_cases "$R" dkv "$V" "stage_sweep_${day}_${card}_s19_dkv_one_wait" 100 "paper 32 64K" "paper 8 64K,128K" "sparse 8 32K,64K"
+    sweep_cases "$R" dkv "$V" "stage_sweep_${day}_${card}_s19_dkv_one_wait" 100 \
+      "paper 32 64K" "paper 8 64K,128K" "sparse 8 32K,64K"
     grep -h -A8 '^| case' "$R"/*.md
     gain=$(python3 - "$R/stage_sweep_${day}_${card}_s19_dkv_one_wait_paper_kv32.json" <<'PY'
 import json, sys
