@@ -335,6 +335,31 @@ def test_strategies_never_launch_processes_themselves(name, monkeypatch):
         trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_data(4), batch_size=2))
 
 
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_strategies_destroy_their_process_group_at_exit(name, monkeypatch, tmp_path):
+    """A strategy's process group (Lightning creates it; its teardown keeps it) is destroyed at
+    the interpreter's exit, registered once however many strategies are built: a group left to
+    the exit can abort a rank after its work ("terminate called without an active exception")."""
+    import atexit
+
+    import torch.distributed as dist
+
+    from ctxlab import distributed
+
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(atexit, "register", lambda f: calls.append(("register", f)))
+    monkeypatch.setattr(atexit, "unregister", lambda f: calls.append(("unregister", f)))
+    distributed.build_strategy(name)
+    distributed.build_strategy(name, context_parallel=1)
+    hook = distributed._destroy_process_group
+    assert calls == [("unregister", hook), ("register", hook)] * 2
+    # the hook destroys a live group, and is a no-op without one
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    hook()
+    assert not dist.is_initialized()
+    hook()
+
+
 def test_agree_run_dir_removes_only_a_stray_hydra_dir(tmp_path, monkeypatch):
     from ctxlab import distributed
 

@@ -168,8 +168,14 @@ def init(trainer_cfg, *, timeout_s: float = 1800.0) -> int:
     # Left to the interpreter's exit, a live process group's threads can be torn down while still
     # joinable: the rank then aborts ("terminate called without an active exception", SIGABRT)
     # after its work is done, and torchrun or SLURM report the job failed. Destroy it first.
-    atexit.register(_destroy_process_group)
+    _destroy_at_exit()
     return world
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group at the interpreter's exit (a no-op without one); registered once."""
+    atexit.unregister(_destroy_process_group)
+    atexit.register(_destroy_process_group)
 
 
 def _destroy_process_group() -> None:
@@ -473,8 +479,12 @@ def build_strategy(name: str, **kw):
       parallel over the others (:mod:`ctxlab.context_parallel`); under ``fsdp`` the weights stay
       sharded over every rank (the n ranks of a row hold different tokens, not different weights).
 
-    Other keywords go to the Lightning strategy. Neither strategy launches processes itself.
+    Other keywords go to the Lightning strategy. Neither strategy launches processes itself. The
+    process group the strategy creates is destroyed at exit, as :func:`init` does for its own:
+    Lightning's teardown keeps it, and a group left to the interpreter's exit can abort a rank
+    after its work is done (seen once in a CI run of the 4-process context-parallel test).
     """
+    _destroy_at_exit()
     cp = kw.pop("context_parallel", None)
     cls = strategy_class(name)
     if name == "ddp":
