@@ -132,6 +132,23 @@ def _load_partition(
 
 
 @gluon.jit
+def _issue_scores(q_buf, k_bufs, ready, i, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, s_mma: gl.constexpr):
+    """Issue step i's scores q k^T (asynchronous) once its slot has landed; returns them and the
+    slot."""
+    s, phase = _slot(i, STAGES)
+    mbarrier.wait(ready.index(s), phase)
+    fence_async_shared()
+    zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma)
+    return warpgroup_mma(q_buf, k_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True), s
+
+
+@gluon.jit
+def _p_operand(p, dtype: gl.constexpr, o_mma: gl.constexpr):
+    """p as the register operand of the p v GEMM."""
+    return gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2))
+
+
+@gluon.jit
 def _consume_step(
     acc,
     m_i,
@@ -151,18 +168,12 @@ def _consume_step(
     o_mma: gl.constexpr,
 ):
     """One online-softmax step of a consumer over slot i's keys; `allowed` [ROWS, BLOCK_N]."""
-    s, phase = _slot(i, STAGES)
-    mbarrier.wait(ready.index(s), phase)
-    fence_async_shared()
-    k = k_bufs.index(s)
+    qk, s = _issue_scores(q_buf, k_bufs, ready, i, STAGES, BLOCK_N, s_mma)
     v = v_bufs.index(s)
-    qk = warpgroup_mma(
-        q_buf, k.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False, is_async=True
-    )
     qk = warpgroup_mma_wait(0, deps=(qk,))
     p, alpha, m_new, l_i = _online_softmax(qk, m_i, l_i, allowed, qk_scale, MASKED)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_mma))[:, None]
-    p = gl.convert_layout(p.to(v.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2))
+    p = _p_operand(p, v.dtype, o_mma)
     acc = warpgroup_mma(p, v, acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(empty.index(s), count=1)
@@ -226,15 +237,9 @@ def _consume_step_overlapped(
     only and take step i's softmax while p v is still on the tensor cores; then release step
     i - 1's slot and rescale. Returns step i's p as the next step's operand. With PINGPONG the
     two GEMMs are issued in this consumer's turn i (``_take_turn``)."""
-    s, phase = _slot(i, STAGES)
     prev = (i - 1) % STAGES
     _take_turn(turn, i, PART, PINGPONG)
-    mbarrier.wait(ready.index(s), phase)
-    fence_async_shared()
-    qk = warpgroup_mma(
-        q_buf, k_bufs.index(s).permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma), use_acc=False,
-        is_async=True,
-    )  # fmt: skip
+    qk, _ = _issue_scores(q_buf, k_bufs, ready, i, STAGES, BLOCK_N, s_mma)
     acc = warpgroup_mma(p_prev, v_bufs.index(prev), acc, is_async=True)
     _pass_turn(turn, PART, PINGPONG)
     qk = warpgroup_mma_wait(1, deps=(qk,))  # in order: the scores are done, p v may still run
@@ -242,9 +247,7 @@ def _consume_step_overlapped(
     acc, p_prev = warpgroup_mma_wait(0, deps=(acc, p_prev))
     mbarrier.arrive(empty.index(prev), count=1)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_mma))[:, None]
-    operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
-    p_op = gl.convert_layout(p.to(p_prev.dtype), operand)
-    return acc, m_new, l_i, p_op
+    return acc, m_new, l_i, _p_operand(p, p_prev.dtype, o_mma)
 
 
 @gluon.jit
@@ -311,18 +314,12 @@ def _steps(
         tok = seg_lo - n_sel * BLOCK_N + offs_n  # step 0's token where it is an own-segment step
         own_ok = (tok[None, :] <= rows[:, None]) & (tok[None, :] < hi)
         mask0 = gl.where(n_sel > 0, (offs_n[None, :] < sel_len) & none & (rows[:, None] >= 0), own_ok)
-        s0, phase0 = _slot(0, STAGES)
         _take_turn(turn, 0, PART, PINGPONG)
-        mbarrier.wait(ready.index(s0), phase0)
-        fence_async_shared()
-        zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_mma)
-        qk = warpgroup_mma(q_buf, k_bufs.index(s0).permute((1, 0)), zero, use_acc=False, is_async=True)
+        qk, _ = _issue_scores(q_buf, k_bufs, ready, 0, STAGES, BLOCK_N, s_mma)
         _pass_turn(turn, PART, PINGPONG)
         qk = warpgroup_mma_wait(0, deps=(qk,))
         p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, mask0, qk_scale, True)
-        p_op = gl.convert_layout(
-            p.to(k_bufs.dtype), gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
-        )  # acc is still 0: no rescale
+        p_op = _p_operand(p, k_bufs.dtype, o_mma)  # acc is still 0: no rescale
         first = 1
     for i in range(first, whole):
         acc, m_i, l_i, p_op = _step(
@@ -1194,20 +1191,31 @@ def _dkv_scores(k_buf, v_buf, q_bufs, do_bufs, ready, i, zero, STAGES: gl.conste
 
 
 @gluon.jit
-def _dkv_probs(
-    qk, dp, lse_bufs, delta_bufs, i, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype: gl.constexpr,
-    STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_mma: gl.constexpr, operand: gl.constexpr,
-):  # fmt: skip
-    """Step i's P^T and dS^T as the dv and dk GEMMs' register operands, from its scores and its
-    rows' lse and delta in the slot (rows outside [q_start, q_hi): lse = +inf, P = 0)."""
+def _step_rows(i, n_steps, t_first, BLOCK_M: gl.constexpr, offs_m):
+    """Step i's query head (of the REP sharing the selection) and its rows' tokens."""
     rep = i // n_steps
-    t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
-    row_ok = (t >= q_start) & (t < q_hi)
-    s = i % STAGES
+    return rep, t_first + (i - rep * n_steps) * BLOCK_M + offs_m
+
+
+@gluon.jit
+def _dkv_probs(qk, dp, lse_bufs, delta_bufs, s, row_ok, qk_scale, s_mma: gl.constexpr):
+    """P^T and dS^T (float32) of the step in slot s, from its scores and its rows' lse and delta
+    in the slot (rows outside [q_start, q_hi): lse = +inf, P = 0; delta of a valid row, clamped)."""
     rows: gl.constexpr = gl.SliceLayout(0, s_mma)
     lse2 = gl.where(row_ok, lse_bufs.index(s).load(rows) * 1.4426950408889634, float("inf"))
     p = gl.exp2(qk * qk_scale - lse2[None, :])
-    ds = p * (dp - delta_bufs.index(s).load(rows)[None, :])
+    return p, p * (dp - delta_bufs.index(s).load(rows)[None, :])
+
+
+@gluon.jit
+def _dkv_operands(
+    qk, dp, lse_bufs, delta_bufs, i, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype: gl.constexpr,
+    STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_mma: gl.constexpr, operand: gl.constexpr,
+):  # fmt: skip
+    """Step i's P^T and dS^T as the dv and dk GEMMs' register operands (``_dkv_probs``)."""
+    _, t = _step_rows(i, n_steps, t_first, BLOCK_M, offs_m)
+    row_ok = (t >= q_start) & (t < q_hi)
+    p, ds = _dkv_probs(qk, dp, lse_bufs, delta_bufs, i % STAGES, row_ok, qk_scale, s_mma)
     return gl.convert_layout(p.to(dtype), operand), gl.convert_layout(ds.to(dtype), operand)
 
 
@@ -1226,7 +1234,7 @@ def _dkv_steps_one_wait(
     dtype: gl.constexpr = q_bufs.dtype
     qk, dp = _dkv_scores(k_buf, v_buf, q_bufs, do_bufs, ready, 0, zero, STAGES)
     qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
-    p_op, ds_op = _dkv_probs(
+    p_op, ds_op = _dkv_operands(
         qk, dp, lse_bufs, delta_bufs, 0, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype, STAGES,
         BLOCK_M, s_mma, operand,
     )  # fmt: skip
@@ -1242,7 +1250,7 @@ def _dkv_steps_one_wait(
         mbarrier.arrive(empty.index(prev), count=1)
         dp = warpgroup_mma(v_buf, do_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
         qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
-        p_op, ds_op = _dkv_probs(
+        p_op, ds_op = _dkv_operands(
             qk, dp, lse_bufs, delta_bufs, i, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype, STAGES,
             BLOCK_M, s_mma, operand,
         )  # fmt: skip
@@ -1344,20 +1352,16 @@ def _dkv_consumer_partition(
                 n_steps, t_first, q_start, q_hi, offs_m, zero, qk_scale, STAGES, BLOCK_M, s_mma, operand,
             )  # fmt: skip
     for i in range(0 if ONE_WAIT else REP * n_steps):
-        rep = i // n_steps
-        t = t_first + (i - rep * n_steps) * BLOCK_M + offs_m
+        rep, t = _step_rows(i, n_steps, t_first, BLOCK_M, offs_m)
         row_ok = (t >= q_start) & (t < q_hi)
         if not ROW_STATS:
             lse_row = LSE + lse_base + rep * L
             lse2 = gl.load(lse_row + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
             delta = gl.load(DELTA + lse_base + rep * L + t, mask=row_ok, other=0.0)
-        s, phase = _slot(i, STAGES)
-        mbarrier.wait(ready.index(s), phase)
-        fence_async_shared()
+        qk, dp = _dkv_scores(k_buf, v_buf, q_bufs, do_bufs, ready, i, zero, STAGES)
+        s = i % STAGES
         q = q_bufs.index(s)
         do = do_bufs.index(s)
-        qk = warpgroup_mma(k_buf, q.permute((1, 0)), zero, use_acc=False, is_async=True)
-        dp = warpgroup_mma(v_buf, do.permute((1, 0)), zero, use_acc=False, is_async=True)
         if SPLIT_WAITS:
             # P^T while dP^T is still on the tensor cores, dS^T while dv += P^T do is.
             gl.static_assert(not ROW_STATS, "ROW_STATS takes the default schedule")
@@ -1372,12 +1376,10 @@ def _dkv_consumer_partition(
         else:
             qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
             if ROW_STATS:
-                rows: gl.constexpr = gl.SliceLayout(0, s_mma)
-                lse2 = gl.where(row_ok, lse_bufs.index(s).load(rows) * 1.4426950408889634, float("inf"))
-            p = gl.exp2(qk * qk_scale - lse2[None, :])  # rows outside [q_start, q_hi): lse = +inf, P = 0
-            if ROW_STATS:
-                delta = delta_bufs.index(s).load(rows)  # of a valid row (clamped) where P = 0
-            ds = p * (dp - delta[None, :])
+                p, ds = _dkv_probs(qk, dp, lse_bufs, delta_bufs, s, row_ok, qk_scale, s_mma)
+            else:
+                p = gl.exp2(qk * qk_scale - lse2[None, :])  # rows outside [q_start, q_hi): lse = +inf, P = 0
+                ds = p * (dp - delta[None, :])
             dv = warpgroup_mma(gl.convert_layout(p.to(q.dtype), operand), do, dv, is_async=True)
             dk = warpgroup_mma(gl.convert_layout(ds.to(q.dtype), operand), q, dk, is_async=True)
             if FUSED_DQ:
