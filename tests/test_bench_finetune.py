@@ -16,6 +16,7 @@ import statistics
 import weakref
 
 import pytest
+import torch
 
 import ctxlab.build
 from ctxlab.bench import finetune as bench
@@ -224,3 +225,19 @@ def test_kernel_times_on_a_gpu_count_kernels_not_the_ranges_mirrored_as_annotati
         "nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN",
         "ms_attn_fwd_ws_kernel",
     ]
+
+
+def test_a_failed_profiled_step_leaves_no_profiler_running():
+    """A profiled step that raises (an out-of-memory step is recorded, and the next case runs)
+    stops its profiler, so the next case's profile can start."""
+    running = torch._C._autograd._profiler_enabled
+
+    timer = bench._step_timer(warmup=0, profile_step=0)
+    timer.on_train_batch_start(None, None, None, 0)
+    assert running()
+    timer.on_exception(None, None, RuntimeError("CUDA out of memory"))
+    assert not running() and timer.profile is None
+    again = bench._step_timer(warmup=0, profile_step=0)
+    again.on_train_batch_start(None, None, None, 0)
+    again.on_train_batch_end(None, None, None, None, 0)
+    assert not running() and again.profile is not None and again.times == []

@@ -40,6 +40,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -156,9 +157,9 @@ def kernel_times(prof, on_gpu: bool, wall_s: float, top: int = 20) -> dict:
             rows.append((e.key, e.count, t_ms))
     rows.sort(key=lambda r: -r[2])
     total = sum(t for _, _, t in rows)
-    kinds: dict[str, float] = {}
+    kinds: Counter[str] = Counter()
     for name, _, t in rows:
-        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + t
+        kinds[kernel_kind(name)] += t
     out = {
         "clock": "device" if on_gpu else "cpu",
         "step_s": round(wall_s, 3),
@@ -218,6 +219,13 @@ def _step_timer(warmup: int, profile_step: int | None = None, on_gpu: bool = Fal
                 return
             self.times.append(elapsed)
             self.shallow.append(tuple(now - then for now, then in zip(SHALLOW_ITEMS, self._items)))
+
+        def on_exception(self, trainer, pl_module, exception) -> None:
+            # A step that fails (an OOM is a result) must not leave the profiler running into the
+            # next case, whose own profile could then not start.
+            if self._prof is not None:
+                self._prof.__exit__(None, None, None)
+                self._prof = None
 
     return StepTimer()
 
