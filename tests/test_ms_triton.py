@@ -1872,9 +1872,8 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
                   CONSUMER_REGS=triton_impl.GLUON_CONSUMER_REGS)  # fmt: skip
     split = kernel.endswith("-split")
     early = kernel.endswith("-early")  # gluon_dq_early (with row stats): dq issued behind dv, dk
-    rows = kernel.endswith("-rows") or early  # gluon_dkv_row_stats: lse, delta through the ring
     one_wait = kernel.endswith("-onewait")  # gluon_dkv_one_wait (with row stats)
-    rows = rows or one_wait
+    rows = kernel.endswith("-rows") or early or one_wait  # gluon_dkv_row_stats: lse, delta through the ring
     pingpong = kernel.endswith("-pingpong")  # gluon_fwd_pingpong (with the overlap)
     overlap = kernel.endswith("-overlap") or pingpong  # gluon_fwd_overlap
     for suffix in ("-split", "-rows", "-early", "-overlap", "-pingpong", "-onewait"):
