@@ -1461,23 +1461,25 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
                 assert not g.isnan().any(), (path, name)
                 err = (g.float() - r.float()).abs().max().item()
                 assert err <= 2**-7 * r.float().abs().max().item(), (path, name, cfg.gluon_split_waits, err)
-            if cfg is row_stats:  # one wait a step: the same sums in the same order, 2 and 3 slots
-                for stages in (2, 3):
-                    one = dataclasses.replace(row_stats, gluon_dkv_one_wait=True, gluon_dkv_stages=stages)
+            if cfg is row_stats:
+                # One wait a step (2 and 3 slots), and persistent programs (one per SM, and 3
+                # programs: many chunks each, both k/v buffer pairs, padding chunks between): the
+                # same sums in the same order, so on the partial path the same bits.
+                variants = [(f"one wait, {n} slots", dict(gluon_dkv_one_wait=True, gluon_dkv_stages=n))
+                            for n in (2, 3)]  # fmt: skip
+                persistent = dict(gluon_dkv_persistent=True)
+                variants += [(f"persistent, {n or 'SM'} programs", persistent | dict(gluon_dkv_programs=n))
+                             for n in (0, 3)]  # fmt: skip
+                for label, change in variants:
                     got1 = triton_impl.bwd_dkv(
-                        do, q, k, v, lse_ref, delta, idx, config=one, path=path, **opts
-                    )
+                        do, q, k, v, lse_ref, delta, idx, config=dataclasses.replace(row_stats, **change),
+                        path=path, **opts,
+                    )  # fmt: skip
                     for name, g1, g in zip(("dk", "dv"), got1, got):
                         err = (g1.float() - g.float()).abs().max().item()
-                        assert err <= 2**-7 * g.float().abs().max().item(), (
-                            path,
-                            name,
-                            "one wait",
-                            stages,
-                            err,
-                        )
+                        assert err <= 2**-7 * g.float().abs().max().item(), (path, name, label, err)
                         if path == "partial":
-                            assert torch.equal(g1, g), (name, "one wait", stages)
+                            assert torch.equal(g1, g), (name, label)
             if path == "partial":
                 again_cfg = cfg if cfg is row_stats else gluon
                 again = triton_impl.bwd_dkv(
@@ -1843,6 +1845,7 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
         ("dkv-fused-early", 128, 2),
         ("dkv-rows", 128, 2),
         ("dkv-onewait", 128, 3),
+        ("dkv-persistent", 128, 2),
     ],
 )
 def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
@@ -1873,16 +1876,23 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     split = kernel.endswith("-split")
     early = kernel.endswith("-early")  # gluon_dq_early (with row stats): dq issued behind dv, dk
     one_wait = kernel.endswith("-onewait")  # gluon_dkv_one_wait (with row stats)
+    persistent = kernel.endswith("-persistent")  # gluon_dkv_persistent (row stats, its own kernel)
     rows = kernel.endswith("-rows") or early or one_wait  # gluon_dkv_row_stats: lse, delta through the ring
     pingpong = kernel.endswith("-pingpong")  # gluon_fwd_pingpong (with the overlap)
     overlap = kernel.endswith("-overlap") or pingpong  # gluon_fwd_overlap
-    for suffix in ("-split", "-rows", "-early", "-overlap", "-pingpong", "-onewait"):
+    for suffix in ("-split", "-rows", "-early", "-overlap", "-pingpong", "-onewait", "-persistent"):
         kernel = kernel.removesuffix(suffix)
-    if kernel != "fwd":
-        common |= dict(SPLIT_WAITS=split)
-    else:
+    if kernel == "fwd":
         common |= dict(OVERLAP=overlap, PINGPONG=pingpong)
-    if kernel.startswith("dkv"):
+    elif not persistent:
+        common |= dict(SPLIT_WAITS=split)
+    if persistent:
+        tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
+        ints = ("n_items", "n_rel", "L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
+        consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=False)
+        fn = gluon_kernels.ms_attn_bwd_dkv_sel_persistent_kernel
+        divisible = ("L", "P", "W", "M", "S", "q_start")
+    elif kernel.startswith("dkv"):
         tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
         consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial",
@@ -1902,7 +1912,7 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
         divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
     sig = {name: "*fp32" if name in ("LSE", "DELTA", "DK32", "DV32") else "*bf16" for name in tensors}
     sig |= dict(IDX="*i32")
-    if kernel.startswith("dkv"):  # dq's TMA descriptor, None without FUSED_DQ
+    if kernel.startswith("dkv") and not persistent:  # dq's TMA descriptor, None without FUSED_DQ
         layout = gl.NVMMASharedLayout.get_default_for([triton_impl.GLUON_DKV_BLOCK_M, 64], gl.float32)
         if consts["FUSED_DQ"]:
             sig["DQD"] = f"tensordesc<fp32[{triton_impl.GLUON_DKV_BLOCK_M},64],{layout!r}>"
@@ -1943,6 +1953,13 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed); the
     # forward's overlap: the group left in flight is p v (A from registers), issued after the scores.
     assert ("WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass) == (split or overlap or one_wait)
+    if persistent:
+        # The keys come by cp.async from the load partition (the consumers' plain loads of the
+        # one-shot kernel are gone: no LDG of k, v rows), two pairs of k/v buffers and the ring
+        # fit, and the sums go out by relaxed reductions; the steps wait twice for four GEMMs.
+        assert "RED" in sass and "ATOM" not in sass and waits == 4 and hgmma == 48, (waits, hgmma)
+        assert compiled.metadata.shared >= 4 * 2 * 64 * 128 * 2  # k and v, two pairs of 2 x 64 rows
+        assert "LDG.E.128" not in sass, "the consumers load no k, v rows themselves"
     # one wait a step: no wgmma serialized for lack of registers (a wait after each of the 96 HGMMA)
     if one_wait:
         assert waits == 8 and "STL" not in sass.split("WARPGROUP.DEPBAR.LE gsb0, 0x1")[0][-4000:], waits
@@ -1985,6 +2002,11 @@ def test_gluon_kernels_apply_only_where_they_compile():
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_one_wait=True, gluon_dkv_row_stats=False)
     with pytest.raises(ValueError, match="gluon_dkv_one_wait=True needs .*fused_dq=False"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_one_wait=True, fused_dq=True)
+    for change in (dict(gluon_dkv_row_stats=False), dict(fused_dq=True), dict(gluon_dkv_one_wait=True)):
+        with pytest.raises(ValueError, match="gluon_dkv_persistent=True needs gluon_dkv_row_stats=True"):
+            dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_persistent=True, **change)
+    with pytest.raises(ValueError, match="gluon_dkv_programs must be an int >= 0.*got -1"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_programs=-1)
     for regs in (224, 236, 248):  # setmaxnreg: multiples of 8; 504 - 2 * regs left to the loads
         with pytest.raises(ValueError, match=f"gluon_dkv_consumer_regs must be 232 or 240, got {regs}"):
             dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_consumer_regs=regs)

@@ -2,8 +2,9 @@
 # the call's budget in seconds as its argument (always pass it: a `source` without arguments sees
 # the caller's own $1): checks OUT, defines `here` (this folder) and `left` (seconds left of the
 # budget; CTXLAB_CALL_SECONDS overrides it), sets up ctxlab's packages (device_env.sh), lists
-# the GPUs and defines `card` (GPU 0's name, spaces as underscores: the result files' stems) and
-# `ncu_stage` (Nsight Compute of one profiled stage, below).
+# the GPUs and defines `card` (GPU 0's name, spaces as underscores: the result files' stems),
+# `ncu_stage` (Nsight Compute of one profiled stage) and `sweep_cases` (a stage swept over launch
+# variants), below.
 : "${OUT:?OUT must be set (the output folder of the device call)}"
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 start=$(date +%s)
@@ -28,4 +29,18 @@ ncu_stage() {
   ncu --import "$dir/$name.ncu-rep" --page source --csv --print-source sass 2>/dev/null \
     | gzip > "$dir/${name}_sass.csv.gz"
   rm -f "$dir/$name.ncu-rep"
+}
+
+# One stage swept over launch variants for each case "SETTING KV_HEADS LENGTHS", each case within
+# LIMIT seconds: R/STEM_SETTING_kvKV.{json,jsonl,md} and R/sweep_SETTING_kvKV.log.
+#   sweep_cases R STAGE VARIANTS STEM LIMIT CASE...
+sweep_cases() {
+  local r=$1 stage=$2 variants=$3 stem=$4 limit=$5 c
+  shift 5
+  for c in "$@"; do
+    set -- $c
+    timeout "$limit" python3 -m ctxlab.kernels.bench.stage_sweep --setting "$1" --kv-heads "$2" \
+      --lengths "$3" --stages "$stage" --variants "$variants" --out "$r" \
+      --stem "${stem}_$1_kv$2" > "$r/sweep_$1_kv$2.log" 2>&1
+  done
 }

@@ -44,19 +44,6 @@ set -uo pipefail
 CALL=${1:?usage: lease_s19.sh 1-6}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
-# One stage swept over launch variants for each case "SETTING KV_HEADS LENGTHS", each case within
-# LIMIT seconds: R/STEM_SETTING_kvKV.{json,jsonl,md} and R/sweep_SETTING_kvKV.log.
-#   sweep_cases R STAGE VARIANTS STEM LIMIT CASE...
-sweep_cases() {
-  local r=$1 stage=$2 variants=$3 stem=$4 limit=$5 c
-  shift 5
-  for c in "$@"; do
-    set -- $c
-    timeout "$limit" python3 -m ctxlab.kernels.bench.stage_sweep --setting "$1" --kv-heads "$2" \
-      --lengths "$3" --stages "$stage" --variants "$variants" --out "$r" \
-      --stem "${stem}_$1_kv$2" > "$r/sweep_$1_kv$2.log" 2>&1
-  done
-}
 case $CALL in
   1)
     R=$OUT/s19a; mkdir -p "$R"

@@ -1050,15 +1050,57 @@ def _selected_rows(sel, flat, S, W):
 
 
 @gluon.jit
-def _keys_to_shared(K, buf, kv_off, kv_stride, sel, first, S, W, HEAD_DIM: gl.constexpr):
-    """The k (or v) rows of selected places [first, first + 64) into the consumer's wgmma operand
-    `buf`; padding places read token 0 (a valid row: their sums are computed, never stored)."""
+def _keys_to_shared(
+    K, buf, kv_off, kv_stride, sel, first, S, W, HEAD_DIM: gl.constexpr, WARPS: gl.constexpr = 4,
+    ASYNC: gl.constexpr = False,
+):  # fmt: skip
+    """The k (or v) rows of selected places [first, first + 64) into the wgmma operand `buf`, by
+    the WARPS warps calling: loaded and stored (a consumer), or with ASYNC copied by ``cp.async``
+    (the persistent kernel's load partition; the caller arrives on a barrier for them). Padding
+    places read token 0 (a valid row: their sums are computed, never stored)."""
     VEC: gl.constexpr = 8
     TD: gl.constexpr = HEAD_DIM // VEC
-    io: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [4, 1], [1, 0])
+    io: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [WARPS, 1], [1, 0])
     tok, _ = _selected_rows(sel, first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, io)), S, W)
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, io))
-    buf.store(gl.load(K + kv_off + tok.to(gl.int64)[:, None] * kv_stride + d[None, :]))
+    rows = K + kv_off + tok.to(gl.int64)[:, None] * kv_stride + d[None, :]
+    if ASYNC:
+        _cp_async(buf, rows)
+    else:
+        buf.store(gl.load(rows))
+
+
+@gluon.jit
+def _dkv_load_steps(
+    Q, DO, q_bufs, do_bufs, ready, empty, LSE, DELTA, lse_bufs, delta_bufs, lse_base, L, q_base, q_stride,
+    t_first, q_hi, q_start, n_steps, base, REP: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_DIM: gl.constexpr,
+    STAGES: gl.constexpr, LOAD_WARPS: gl.constexpr, ROW_STATS: gl.constexpr,
+):  # fmt: skip
+    """For each of the REP query heads sharing the selection, the block's query steps (q and do
+    rows, contiguous), from the step holding `q_start`, into the ring from its step `base`. Rows
+    outside [q_start, q_hi) read row q_hi - 1 (a valid row; the consumers give them P = 0). With
+    ROW_STATS also the rows' lse and delta, into the slot's `lse_bufs`, `delta_bufs`."""
+    VEC: gl.constexpr = 8
+    TD: gl.constexpr = HEAD_DIM // VEC
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [LOAD_WARPS, 1], [1, 0])
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    offs_r = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [LOAD_WARPS], [0]))
+    for i in range(REP * n_steps):
+        rep = i // n_steps
+        t0 = t_first + (i - rep * n_steps) * BLOCK_M  # the step's first row
+        t = t0 + offs_m
+        t = gl.where((t >= q_start) & (t < q_hi), t, q_hi - 1)
+        s = _load_step(
+            Q, DO, q_bufs, do_bufs, ready, empty, base + i, t, q_base + rep * HEAD_DIM, q_stride, offs_d,
+            STAGES, not ROW_STATS,
+        )  # fmt: skip
+        if ROW_STATS:  # the same clamped rows' lse and delta, then the slot's arrive
+            tr = t0 + offs_r
+            tr = lse_base + rep * L + gl.where((tr >= q_start) & (tr < q_hi), tr, q_hi - 1)
+            _cp_async(lse_bufs.index(s), LSE + tr)
+            _cp_async(delta_bufs.index(s), DELTA + tr)
+            async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
 
 
 @gluon.jit
@@ -1088,31 +1130,11 @@ def _dkv_load_partition(
     LOAD_WARPS: gl.constexpr,
     ROW_STATS: gl.constexpr,
 ):
-    """The producer of the dk/dv kernel: for each of the REP query heads sharing the selection,
-    the block's query steps (q and do rows, contiguous), from the step holding `q_start`. Rows
-    outside [q_start, q_hi) read row q_hi - 1 (a valid row; the consumers give them P = 0). With
-    ROW_STATS also the rows' lse and delta, into the slot's `lse_bufs`, `delta_bufs`."""
-    VEC: gl.constexpr = 8
-    TD: gl.constexpr = HEAD_DIM // VEC
-    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TD, TD], [LOAD_WARPS, 1], [1, 0])
-    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
-    offs_r = gl.arange(0, BLOCK_M, layout=gl.BlockedLayout([1], [32], [LOAD_WARPS], [0]))
-    for i in range(REP * n_steps):
-        rep = i // n_steps
-        t0 = t_first + (i - rep * n_steps) * BLOCK_M  # the step's first row
-        t = t0 + offs_m
-        t = gl.where((t >= q_start) & (t < q_hi), t, q_hi - 1)
-        s = _load_step(
-            Q, DO, q_bufs, do_bufs, ready, empty, i, t, q_base + rep * HEAD_DIM, q_stride, offs_d, STAGES,
-            not ROW_STATS,
-        )  # fmt: skip
-        if ROW_STATS:  # the same clamped rows' lse and delta, then the slot's arrive
-            tr = t0 + offs_r
-            tr = lse_base + rep * L + gl.where((tr >= q_start) & (tr < q_hi), tr, q_hi - 1)
-            _cp_async(lse_bufs.index(s), LSE + tr)
-            _cp_async(delta_bufs.index(s), DELTA + tr)
-            async_copy.mbarrier_arrive(ready.index(s), increment_count=False)
+    """The producer of the dk/dv kernel: the program's query steps (``_dkv_load_steps``)."""
+    _dkv_load_steps(
+        Q, DO, q_bufs, do_bufs, ready, empty, LSE, DELTA, lse_bufs, delta_bufs, lse_base, L, q_base, q_stride,
+        t_first, q_hi, q_start, n_steps, 0, REP, BLOCK_M, HEAD_DIM, STAGES, LOAD_WARPS, ROW_STATS,
+    )  # fmt: skip
 
 
 @gluon.jit
@@ -1209,13 +1231,15 @@ def _dkv_probs(qk, dp, lse_bufs, delta_bufs, s, row_ok, qk_scale, s_mma: gl.cons
 
 @gluon.jit
 def _dkv_operands(
-    qk, dp, lse_bufs, delta_bufs, i, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype: gl.constexpr,
-    STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_mma: gl.constexpr, operand: gl.constexpr,
+    qk, dp, lse_bufs, delta_bufs, i, base, n_steps, t_first, q_start, q_hi, offs_m, qk_scale,
+    dtype: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, s_mma: gl.constexpr,
+    operand: gl.constexpr,
 ):  # fmt: skip
-    """Step i's P^T and dS^T as the dv and dk GEMMs' register operands (``_dkv_probs``)."""
+    """Step i's P^T and dS^T as the dv and dk GEMMs' register operands (``_dkv_probs``); the
+    step is the ring's step base + i."""
     _, t = _step_rows(i, n_steps, t_first, BLOCK_M, offs_m)
     row_ok = (t >= q_start) & (t < q_hi)
-    p, ds = _dkv_probs(qk, dp, lse_bufs, delta_bufs, i % STAGES, row_ok, qk_scale, s_mma)
+    p, ds = _dkv_probs(qk, dp, lse_bufs, delta_bufs, (base + i) % STAGES, row_ok, qk_scale, s_mma)
     return gl.convert_layout(p.to(dtype), operand), gl.convert_layout(ds.to(dtype), operand)
 
 
@@ -1235,7 +1259,7 @@ def _dkv_steps_one_wait(
     qk, dp = _dkv_scores(k_buf, v_buf, q_bufs, do_bufs, ready, 0, zero, STAGES)
     qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
     p_op, ds_op = _dkv_operands(
-        qk, dp, lse_bufs, delta_bufs, 0, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype, STAGES,
+        qk, dp, lse_bufs, delta_bufs, 0, 0, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype, STAGES,
         BLOCK_M, s_mma, operand,
     )  # fmt: skip
     for i in range(1, n_all):
@@ -1251,8 +1275,8 @@ def _dkv_steps_one_wait(
         dp = warpgroup_mma(v_buf, do_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
         qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
         p_op, ds_op = _dkv_operands(
-            qk, dp, lse_bufs, delta_bufs, i, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype, STAGES,
-            BLOCK_M, s_mma, operand,
+            qk, dp, lse_bufs, delta_bufs, i, 0, n_steps, t_first, q_start, q_hi, offs_m, qk_scale, dtype,
+            STAGES, BLOCK_M, s_mma, operand,
         )  # fmt: skip
     last = (n_all - 1) % STAGES
     dv = warpgroup_mma(p_op, do_bufs.index(last), dv, is_async=True)
@@ -1402,6 +1426,19 @@ def _dkv_consumer_partition(
     if FUSED_DQ:
         tma.store_wait(0)  # the last reduction has read its tile before the kernel's memory goes
 
+    _dkv_add(
+        dk, dv, DK32, DV32, sel, first, S, W, kv_off, kv_stride, part_off, scale, PARTIAL, HEAD_DIM, o_mma
+    )
+
+
+@gluon.jit
+def _dkv_add(
+    dk, dv, DK32, DV32, sel, first, S, W, kv_off, kv_stride, part_off, scale, PARTIAL: gl.constexpr,
+    HEAD_DIM: gl.constexpr, o_mma: gl.constexpr,
+):  # fmt: skip
+    """A consumer's dk (times the softmax scale) and dv of selected places [first, first + 64):
+    added into the float32 dk, dv by relaxed reductions, or with PARTIAL stored at `part_off`
+    of the partial buffers; padding places are left out."""
     flat = first + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
     tok, key_ok = _selected_rows(sel, flat, S, W)
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
@@ -1414,6 +1451,40 @@ def _dkv_consumer_partition(
         rows = kv_off + tok.to(gl.int64)[:, None] * kv_stride + d[None, :]
         gl.atomic_add(DK32 + rows, dk * scale, mask=mask, sem="relaxed")
         gl.atomic_add(DV32 + rows, dv, mask=mask, sem="relaxed")
+
+
+@gluon.jit
+def _dkv_item(
+    rel, bhs, IDX, L, P, W, M, S, G, n_chunks, g0, window, q_start, HQ: gl.constexpr, HKV: gl.constexpr,
+    HS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+):  # fmt: skip
+    """Work item (rel, bhs) of the dk/dv kernels: the chunk of 128 selected places rel % n_chunks
+    of block g0 + rel // n_chunks, selection head bhs % HS of batch row bhs // HS. Returns the batch
+    row, the selection head, the k/v row offset of its kv head, the q/do row offset of its first
+    query head, its first lse row, its selection row, the chunk's first place, its partial
+    buffers' offset, the first query step's first row, the block's end and the query steps per
+    head (0 for a chunk of padding)."""
+    REP: gl.constexpr = HQ // HS
+    BLOCK_N: gl.constexpr = 2 * ROWS
+    g = g0 + rel // n_chunks
+    chunk = rel % n_chunks
+    b = bhs // HS
+    hs = bhs % HS
+    hkv = hs // (HS // HKV)
+    kv_off = b.to(gl.int64) * L * (HKV * HEAD_DIM) + hkv * HEAD_DIM
+    q_base = b.to(gl.int64) * L * (HQ * HEAD_DIM) + (hs * REP) * HEAD_DIM
+    lse_base = (b * HQ + hs * REP).to(gl.int64) * L
+    sel = IDX + (bhs.to(gl.int64) * G + g) * S
+    chunk_lo = chunk * BLOCK_N
+    part_off = ((bhs.to(gl.int64) * window + (g - g0)) * S * W) * HEAD_DIM
+    q_lo = P + g * M * W
+    q_hi = gl.minimum(q_lo + M * W, L)
+    t_first = q_lo + gl.maximum(q_start - q_lo, 0) // BLOCK_M * BLOCK_M
+    # The selection is sorted with its -1 padding last: a chunk whose first place is padding is
+    # all padding and has nothing to add (no steps).
+    first_region = gl.load(sel + chunk_lo // W, mask=chunk_lo // W < S, other=-1)
+    n_steps = gl.where(first_region >= 0, gl.cdiv(q_hi - t_first, BLOCK_M), 0)
+    return b, hs, kv_off, q_base, lse_base, sel, chunk_lo, part_off, t_first, q_hi, n_steps
 
 
 @gluon.jit
@@ -1475,28 +1546,12 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
     if REGION > 0:
         W = REGION
     REP: gl.constexpr = HQ // HS
-    BLOCK_N: gl.constexpr = 2 * ROWS
-    g = g0 + gl.program_id(0) // n_chunks
-    chunk = gl.program_id(0) % n_chunks
-    bhs = gl.program_id(1)
-    b = bhs // HS
-    hs = bhs % HS
-    hkv = hs // (HS // HKV)
-    q_stride = HQ * HEAD_DIM
     kv_stride = HKV * HEAD_DIM
-    kv_off = b.to(gl.int64) * L * kv_stride + hkv * HEAD_DIM
-    q_base = b.to(gl.int64) * L * q_stride + (hs * REP) * HEAD_DIM
-    lse_base = (b * HQ + hs * REP).to(gl.int64) * L
-    sel = IDX + (bhs.to(gl.int64) * G + g) * S
-    chunk_lo = chunk * BLOCK_N
-    part_off = ((bhs.to(gl.int64) * window + (g - g0)) * S * W) * HEAD_DIM
-    q_lo = P + g * M * W
-    q_hi = gl.minimum(q_lo + M * W, L)
-    t_first = q_lo + gl.maximum(q_start - q_lo, 0) // BLOCK_M * BLOCK_M
-    # The selection is sorted with its -1 padding last: a chunk whose first place is padding is
-    # all padding and has nothing to add (no steps).
-    first_region = gl.load(sel + chunk_lo // W, mask=chunk_lo // W < S, other=-1)
-    n_steps = gl.where(first_region >= 0, gl.cdiv(q_hi - t_first, BLOCK_M), 0)
+    q_stride = HQ * HEAD_DIM
+    b, hs, kv_off, q_base, lse_base, sel, chunk_lo, part_off, t_first, q_hi, n_steps = _dkv_item(
+        gl.program_id(0), gl.program_id(1), IDX, L, P, W, M, S, G, n_chunks, g0, window, q_start, HQ, HKV, HS,
+        HEAD_DIM, BLOCK_M,
+    )  # fmt: skip
     dtype: gl.constexpr = Q.dtype.element_ty
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
     k_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, HEAD_DIM], kv_layout)
@@ -1658,6 +1713,367 @@ def ms_attn_bwd_dkv_sel_ws_kernel(
                 ),
             ),
         ],
+        [4, LOAD_WARPS],
+        [CONSUMER_REGS, LOAD_REGS],
+    )
+
+
+@gluon.jit
+def _dkv_persistent_loads(
+    Q,
+    K,
+    V,
+    DO,
+    IDX,
+    LSE,
+    DELTA,
+    k_bufs,
+    v_bufs,
+    q_bufs,
+    do_bufs,
+    ready,
+    empty,
+    kv_ready,
+    kv_empty,
+    lse_bufs,
+    delta_bufs,
+    n_items,
+    n_rel,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_chunks,
+    g0,
+    window,
+    q_start,
+    HQ: gl.constexpr,
+    HKV: gl.constexpr,
+    HS: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    STAGES: gl.constexpr,
+    LOAD_WARPS: gl.constexpr,
+):
+    """The persistent dk/dv kernel's producer: per work item of the program (every
+    ``num_programs``-th from its id), once the item's k/v buffer pair is free, the chunk's 128
+    selected k and v rows by ``cp.async`` (arriving on the pair's *kv_ready*), then the item's
+    query steps through the ring (``_dkv_load_steps``, row stats). So item j + 1's keys and first
+    steps are in flight while the consumers finish item j and add its sums."""
+    REP: gl.constexpr = HQ // HS
+    kv_stride = HKV * HEAD_DIM
+    q_stride = HQ * HEAD_DIM
+    base = 0  # ring steps issued so far
+    live = 0  # items with steps so far (the k/v pair alternates by item)
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        _, _, kv_off, q_base, lse_base, sel, chunk_lo, _, t_first, q_hi, n_steps = _dkv_item(
+            item % n_rel, item // n_rel, IDX, L, P, W, M, S, G, n_chunks, g0, window, q_start, HQ, HKV, HS,
+            HEAD_DIM, BLOCK_M,
+        )  # fmt: skip
+        if n_steps > 0:
+            pair = live % 2
+            mbarrier.wait(kv_empty.index(pair), ((live // 2) & 1) ^ 1)  # a fresh barrier passes parity 1
+            for part in gl.static_range(2):
+                first = chunk_lo + part * ROWS
+                buf = pair * 2 + part
+                _keys_to_shared(
+                    K, k_bufs.index(buf), kv_off, kv_stride, sel, first, S, W, HEAD_DIM, LOAD_WARPS, True
+                )
+                _keys_to_shared(
+                    V, v_bufs.index(buf), kv_off, kv_stride, sel, first, S, W, HEAD_DIM, LOAD_WARPS, True
+                )
+            async_copy.mbarrier_arrive(kv_ready.index(pair), increment_count=False)
+            _dkv_load_steps(
+                Q, DO, q_bufs, do_bufs, ready, empty, LSE, DELTA, lse_bufs, delta_bufs, lse_base, L, q_base,
+                q_stride, t_first, q_hi, q_start, n_steps, base, REP, BLOCK_M, HEAD_DIM, STAGES, LOAD_WARPS,
+                True,
+            )  # fmt: skip
+            base += REP * n_steps
+            live += 1
+
+
+@gluon.jit
+def _dkv_persistent_consumer(
+    IDX,
+    DK32,
+    DV32,
+    k_bufs,
+    v_bufs,
+    q_bufs,
+    do_bufs,
+    ready,
+    empty,
+    kv_ready,
+    kv_empty,
+    lse_bufs,
+    delta_bufs,
+    n_items,
+    n_rel,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_chunks,
+    g0,
+    window,
+    q_start,
+    qk_scale,
+    scale,
+    PART: gl.constexpr,
+    HQ: gl.constexpr,
+    HKV: gl.constexpr,
+    HS: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    STAGES: gl.constexpr,
+    PARTIAL: gl.constexpr,
+):
+    """A persistent dk/dv consumer: per work item, selected places [chunk_lo + PART*64, +64)
+    from the item's k/v pair, over its query steps with the default schedule and row stats
+    (``_dkv_consumer_partition``'s steps, the same sums in the same order), then the pair is
+    released and dk, dv added (or stored, PARTIAL) while the producer fills the next item."""
+    s_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16]
+    )
+    o_mma: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_mma, k_width=2)
+    REP: gl.constexpr = HQ // HS
+    kv_stride = HKV * HEAD_DIM
+    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_mma))
+    zero = gl.zeros([ROWS, BLOCK_M], gl.float32, s_mma)
+    base = 0
+    live = 0
+    for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        _, _, _, _, _, _, _, _, t_first, q_hi, n_steps = _dkv_item(
+            item % n_rel, item // n_rel, IDX, L, P, W, M, S, G, n_chunks, g0, window, q_start, HQ, HKV, HS,
+            HEAD_DIM, BLOCK_M,
+        )  # fmt: skip
+        if n_steps > 0:
+            pair = live % 2
+            mbarrier.wait(kv_ready.index(pair), (live // 2) & 1)
+            fence_async_shared()  # the keys came by the generic proxy; wgmma reads by the async one
+            k_buf = k_bufs.index(pair * 2 + PART)
+            v_buf = v_bufs.index(pair * 2 + PART)
+            dk = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
+            dv = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_mma)
+            for i in range(REP * n_steps):
+                qk, dp = _dkv_scores(k_buf, v_buf, q_bufs, do_bufs, ready, base + i, zero, STAGES)
+                s = (base + i) % STAGES
+                qk, dp = warpgroup_mma_wait(0, deps=(qk, dp))
+                p_op, ds_op = _dkv_operands(
+                    qk, dp, lse_bufs, delta_bufs, i, base, n_steps, t_first, q_start, q_hi, offs_m, qk_scale,
+                    q_bufs.dtype, STAGES, BLOCK_M, s_mma, operand,
+                )  # fmt: skip
+                dv = warpgroup_mma(p_op, do_bufs.index(s), dv, is_async=True)
+                dk = warpgroup_mma(ds_op, q_bufs.index(s), dk, is_async=True)
+                dv, dk = warpgroup_mma_wait(0, deps=(dv, dk))
+                mbarrier.arrive(empty.index(s), count=1)
+            mbarrier.arrive(kv_empty.index(pair), count=1)  # the item's GEMMs have read its keys
+            # The item's places again, not held across its steps (the same integers).
+            done = _dkv_item(
+                item % n_rel, item // n_rel, IDX, L, P, W, M, S, G, n_chunks, g0, window, q_start, HQ, HKV,
+                HS, HEAD_DIM, BLOCK_M,
+            )  # fmt: skip
+            _dkv_add(
+                dk, dv, DK32, DV32, done[5], done[6] + PART * ROWS, S, W, done[2], kv_stride, done[7], scale,
+                PARTIAL, HEAD_DIM, o_mma,
+            )  # fmt: skip
+            base += REP * n_steps
+            live += 1
+
+
+@gluon.jit
+def ms_attn_bwd_dkv_sel_persistent_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK32,
+    DV32,
+    LSE,
+    DELTA,
+    IDX,
+    n_items,
+    n_rel,
+    L,
+    P,
+    W,
+    M,
+    S,
+    G,
+    n_chunks,
+    g0,
+    window,
+    q_start,
+    qk_scale,
+    scale,
+    HQ: gl.constexpr,
+    HKV: gl.constexpr,
+    HS: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    STAGES: gl.constexpr,
+    LOAD_WARPS: gl.constexpr,
+    LOAD_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    PARTIAL: gl.constexpr,
+    REGION: gl.constexpr = 0,
+    num_warps: gl.constexpr = 4,
+):
+    """Grid (programs,): ``ms_attn_bwd_dkv_sel_ws_kernel``'s work with row stats and the default
+    schedule, as persistent programs. The n_items = Gw * n_chunks * B*HS work items (that kernel's
+    programs, in its grid's order) are dealt out every ``num_programs``-th; each program keeps two
+    pairs of k/v buffers, so its load warpgroup copies item j + 1's 128 selected k and v rows (and
+    the first query steps) while the consumers finish item j and add its sums, where the other
+    kernel's consumers start each program by loading their keys themselves and end it with the
+    reductions, one program per SM (registers), nothing else on it. The same sums per item."""
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    if REGION > 0:
+        W = REGION
+    dtype: gl.constexpr = Q.dtype.element_ty
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([ROWS, HEAD_DIM], dtype)
+    k_bufs = gl.allocate_shared_memory(dtype, [4, ROWS, HEAD_DIM], kv_layout)  # [item parity, consumer]
+    v_bufs = gl.allocate_shared_memory(dtype, [4, ROWS, HEAD_DIM], kv_layout)
+    q_bufs, do_bufs, ready, empty = _ring(dtype, STAGES, BLOCK_M, HEAD_DIM, LOAD_WARPS)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(2):
+        mbarrier.init(kv_ready.index(j), count=32 * LOAD_WARPS)
+        mbarrier.init(kv_empty.index(j), count=2)
+    stats_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    lse_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], stats_layout)
+    delta_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], stats_layout)
+
+    gl.warp_specialize(
+        [
+            (
+                _dkv_persistent_consumer,
+                (
+                    IDX,
+                    DK32,
+                    DV32,
+                    k_bufs,
+                    v_bufs,
+                    q_bufs,
+                    do_bufs,
+                    ready,
+                    empty,
+                    kv_ready,
+                    kv_empty,
+                    lse_bufs,
+                    delta_bufs,
+                    n_items,
+                    n_rel,
+                    L,
+                    P,
+                    W,
+                    M,
+                    S,
+                    G,
+                    n_chunks,
+                    g0,
+                    window,
+                    q_start,
+                    qk_scale,
+                    scale,
+                    0,
+                    HQ,
+                    HKV,
+                    HS,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    STAGES,
+                    PARTIAL,
+                ),
+            ),
+            (
+                _dkv_persistent_consumer,
+                (
+                    IDX,
+                    DK32,
+                    DV32,
+                    k_bufs,
+                    v_bufs,
+                    q_bufs,
+                    do_bufs,
+                    ready,
+                    empty,
+                    kv_ready,
+                    kv_empty,
+                    lse_bufs,
+                    delta_bufs,
+                    n_items,
+                    n_rel,
+                    L,
+                    P,
+                    W,
+                    M,
+                    S,
+                    G,
+                    n_chunks,
+                    g0,
+                    window,
+                    q_start,
+                    qk_scale,
+                    scale,
+                    1,
+                    HQ,
+                    HKV,
+                    HS,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    STAGES,
+                    PARTIAL,
+                ),
+            ),
+            (
+                _dkv_persistent_loads,
+                (
+                    Q,
+                    K,
+                    V,
+                    DO,
+                    IDX,
+                    LSE,
+                    DELTA,
+                    k_bufs,
+                    v_bufs,
+                    q_bufs,
+                    do_bufs,
+                    ready,
+                    empty,
+                    kv_ready,
+                    kv_empty,
+                    lse_bufs,
+                    delta_bufs,
+                    n_items,
+                    n_rel,
+                    L,
+                    P,
+                    W,
+                    M,
+                    S,
+                    G,
+                    n_chunks,
+                    g0,
+                    window,
+                    q_start,
+                    HQ,
+                    HKV,
+                    HS,
+                    HEAD_DIM,
+                    BLOCK_M,
+                    STAGES,
+                    LOAD_WARPS,
+                ),
+            ),
+        ],  # fmt: skip
         [4, LOAD_WARPS],
         [CONSUMER_REGS, LOAD_REGS],
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -225,6 +226,20 @@ class LaunchConfig:
     the default's (GPU test). A slot is held into the next step. Measured (H200, session 19, the
     dk/dv stage, paper 64K-128K and (64, 64, 8) 32K-64K): -0.2..+1.5% at 2 slots, up to 7% slower at
     3; off."""
+    gluon_dkv_persistent: bool = False
+    """With ``gluon_dkv_row_stats`` (and without ``fused_dq``, ``gluon_split_waits`` or
+    ``gluon_dkv_one_wait``): the Gluon dk/dv of the selected keys as persistent programs, one per
+    SM (``gluon_kernels.ms_attn_bwd_dkv_sel_persistent_kernel``), each taking every
+    ``programs``-th chunk of the launch. Its load warpgroup copies the next chunk's 128 k and v
+    rows by ``cp.async`` into a second pair of buffers (and that chunk's first query steps into
+    the ring) while the consumers finish the current chunk and add its sums, where the one-shot
+    kernel's consumers load their keys themselves at the start of each program (a barrier: the
+    hottest wait of the (64, 64, 8) profile, session 18) and the SM holds nothing else while they
+    add dk, dv at its end. The same sums per chunk (GPU test: partial-path bits equal the
+    default's). 198 KB of shared memory at 2 slots, so 2 is the most slots it takes."""
+    gluon_dkv_programs: int = 0
+    """Programs of the persistent dk/dv kernel (``gluon_dkv_persistent``): 0 for one per SM (what it
+    is built for; it needs the whole SM), fewer to give each program more chunks (the tests)."""
     gluon_dkv_consumer_regs: int = 232
     """Registers per thread of the Gluon dk/dv kernel's consumer warpgroups (``setmaxnreg``); its
     load warpgroup keeps the rest of the register file, ``504 - 2 *`` this (232: 40, 240: 24)."""
@@ -482,6 +497,18 @@ class LaunchConfig:
             raise ValueError(
                 "gluon_dkv_one_wait=True needs gluon_dkv_row_stats=True, gluon_split_waits=False and "
                 f"fused_dq=False, got {self.gluon_dkv_row_stats}, {self.gluon_split_waits}, {self.fused_dq}"
+            )
+        if self.gluon_dkv_persistent and (
+            not self.gluon_dkv_row_stats or self.gluon_split_waits or self.fused_dq or self.gluon_dkv_one_wait
+        ):
+            raise ValueError(
+                "gluon_dkv_persistent=True needs gluon_dkv_row_stats=True and gluon_split_waits, fused_dq "
+                f"and gluon_dkv_one_wait False, got {self.gluon_dkv_row_stats}, {self.gluon_split_waits}, "
+                f"{self.fused_dq}, {self.gluon_dkv_one_wait}"
+            )
+        if not isinstance(self.gluon_dkv_programs, int) or self.gluon_dkv_programs < 0:
+            raise ValueError(
+                f"gluon_dkv_programs must be an int >= 0 (0: one per SM), got {self.gluon_dkv_programs!r}"
             )
         if self.gluon_fwd_pingpong and not self.gluon_fwd_overlap:
             raise ValueError(
@@ -1190,7 +1217,14 @@ def _gluon(kernel: str = "fwd"):
         "fwd": gluon_kernels.ms_attn_fwd_ws_kernel,
         "dq": gluon_kernels.ms_attn_bwd_dq_ws_kernel,
         "dkv": gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel,
+        "dkv_persistent": gluon_kernels.ms_attn_bwd_dkv_sel_persistent_kernel,
     }[kernel]
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the persistent kernels' program count)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def ms_attn_bwd(
@@ -1446,6 +1480,21 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                 """dk, dv of the selected keys of blocks g0 .. g0 + blocks - 1 into dk_out, dv_out
                 (added, or stored as partial sums of a window of ``window`` blocks)."""
                 grid = (blocks * n_chunks, B * Hs)
+                if gluon and config.gluon_dkv_persistent:
+                    n_items = grid[0] * grid[1]
+                    programs = min(n_items, config.gluon_dkv_programs or _sm_count(q.device))
+                    with launch_settings("ms_attn_bwd_dkv_sel_persistent_kernel", config, "gluon_dkv_"):
+                        _gluon("dkv_persistent")[(programs,)](
+                            q, k, v, do, dk_out, dv_out, lse, delta, idx_sorted, n_items, grid[0],
+                            L, geo.P, region, merge, S, G, n_chunks, g0, window, start, scale * LOG2E, scale,
+                            HQ=Hq, HKV=Hkv, HS=Hs, HEAD_DIM=D, BLOCK_M=GLUON_DKV_BLOCK_M,
+                            STAGES=config.gluon_dkv_stages, LOAD_WARPS=config.gluon_load_warps,
+                            LOAD_REGS=504 - 2 * config.gluon_dkv_consumer_regs,
+                            CONSUMER_REGS=config.gluon_dkv_consumer_regs, PARTIAL=partial,
+                            REGION=config.region_const("dkv", rope, region), num_warps=4,
+                            maxnreg=GLUON_MAXNREG,
+                        )  # fmt: skip
+                    return
                 if gluon:
                     with launch_settings("ms_attn_bwd_dkv_sel_ws_kernel", config, "gluon_dkv_"):
                         _gluon("dkv")[grid](
