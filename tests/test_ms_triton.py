@@ -2198,3 +2198,18 @@ def test_forward_launch_stages_and_region_by_rope(monkeypatch, rope):
     assert (seen["REGION"], seen["num_stages"]) == ((0, 3) if rope else (16, 2))
     with pytest.raises(ValueError, match="rope_fwd_stages must be >= 1, got 0"):
         dataclasses.replace(cfg, rope_fwd_stages=0)
+
+
+def test_selection_kernels_do_not_compile_again_for_new_counts():
+    """The retry and the full-depth selection redo a data-dependent number of items per layer (a
+    few, different every training step). Triton specializes an int argument on being 1 or a
+    multiple of 16, so each new case would compile the kernel again in the middle of a step; the
+    counts (``SELECT_COUNTS``) are left unspecialized, the shapes are not."""
+    assert tk.SELECT_COUNTS == ("n_items",)
+    for kernel in (tk.ms_select_kernel, tk.ms_select_shallow_kernel):
+        if INTERPRETED:  # the interpreter keeps the decorator's arguments and never specializes
+            assert tuple(kernel.kwargs["do_not_specialize"]) == tk.SELECT_COUNTS
+            continue
+        params = {p.name: p for p in kernel.params}
+        assert all(params[name].do_not_specialize for name in tk.SELECT_COUNTS)
+        assert not params["n"].do_not_specialize and not params["G"].do_not_specialize

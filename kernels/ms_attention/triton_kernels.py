@@ -40,6 +40,13 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+SELECT_COUNTS = ("n_items",)
+"""The selection kernels' arguments that change from call to call with the data (how many items
+the retry and the full-depth kernel redo: a few per layer, a different number every step). Triton
+would specialize on them (a value of 1, a multiple of 16) and compile a new kernel the first time
+a training step hits a new case; they are left unspecialized."""
+
+
 @triton.jit
 def _segment(tile, L, P, W, M, S, n_pre_tiles, tiles_per_block, BLOCK: tl.constexpr):
     """Tile number -> (first token, segment start, segment end, block or -1, RoPE shift).
@@ -1637,7 +1644,7 @@ def _merge_ranks(
     return found
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SELECT_COUNTS)
 def ms_select_kernel(
     QREP,
     KREP,
@@ -1865,7 +1872,7 @@ def _rescored_rows(
     return _sort_descending(comp, CAP_DIMS + SORT_ROWS.bit_length() - 1, CAP_DIMS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SELECT_COUNTS)
 def ms_select_shallow_kernel(
     QREP,
     KREP,
