@@ -168,7 +168,8 @@ def dkv_mode(mode: str):
     the own-segment kernel's rows by TMA descriptors (``dkv_tma``), "+ws" warp-specializes its
     query loop (``dkv_ws``), "+region" compiles the region size into forward and dq
     (``region_constexpr``), "+gluon", "+gluondq", "+gluondkv" take the Gluon forward, dq, dk/dv of
-    the selected keys (``fwd_gluon``, ``dq_gluon``, ``dkv_gluon``)."""
+    the selected keys (``fwd_gluon``, ``dq_gluon``, ``dkv_gluon``), "+persistent" the latter as
+    persistent programs (``gluon_dkv_persistent``)."""
     mode, *extras = mode.split("+")
     flags = {
         "fused": "fused_dq",
@@ -179,6 +180,7 @@ def dkv_mode(mode: str):
         "gluon": "fwd_gluon",
         "gluondq": "dq_gluon",
         "gluondkv": "dkv_gluon",
+        "persistent": "gluon_dkv_persistent",
     }
     if extras:
         with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
@@ -1300,6 +1302,26 @@ GPU_CASES = [
         "group",
         "pre",
         "atomic+region+gluondkv",
+    ),
+    (
+        "L4133-gqa4-w16-gluondkv-persistent",
+        (1, 4133, 8, 2, 128),
+        16,
+        64,
+        8,
+        "head",
+        "pre",
+        "atomic+region+gluondkv+persistent",
+    ),
+    (
+        "L3001-gqa2-w20-d64-gluondkv-persistent",
+        (2, 3001, 4, 2, 64),
+        20,
+        40,
+        6,
+        "group",
+        "pre",
+        "partial+gluondkv+persistent",
     ),
     (
         "L4133-gqa4-w16-gluondkv-fused",

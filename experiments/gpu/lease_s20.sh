@@ -9,9 +9,11 @@
 #           GPU match tests (the persistent partial sums must equal the default's bits)
 #           -> OUT/s20a.tgz
 #   call 2  bash experiments/gpu/lease_s20.sh 2
-#           target 4 with it: the 7B LoRA+ step at 64K, S2 and MS (persistent dk/dv) in one process,
-#           2 warm-ups + 2 timed steps and one profiled step each; then the whole backward, base
-#           against persistent, paper 32K-128K and (64, 64, 8) 32K  -> OUT/s20b.tgz
+#           the two persistent bf16 error cases (whole forward and backward against PyTorch's
+#           error); target 4 with it: the 7B LoRA+ step at 64K, S2 and MS (persistent dk/dv, the
+#           selection's counts unspecialized) in one process, 2 warm-ups + 2 timed steps and one
+#           profiled step each; then the whole backward, base against persistent, paper 32K-128K
+#           and (64, 64, 8) 32K  -> OUT/s20b.tgz
 set -uo pipefail
 CALL=${1:?usage: lease_s20.sh 1-2}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
@@ -29,6 +31,9 @@ case $CALL in
     ;;
   2)
     R=$OUT/s20b; mkdir -p "$R"
+    timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "bf16_error and persistent" > "$R/gpu_tests_persistent_bf16.log" 2>&1
+    tail -n 2 "$R/gpu_tests_persistent_bf16.log"
     timeout 360 python3 -m ctxlab.bench.finetune --out "$R" --profile --launch gluon_dkv_persistent=true \
       --tag finetune_llama2_7b_H200_1gpu_${day}_s20_64k_persistent --lengths 65536 --variants s2,ms \
       --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k_persistent.log" 2>&1
