@@ -145,12 +145,14 @@ def deterministic_algorithms(on: bool):
 @contextlib.contextmanager
 def launch(**overrides):
     """The kernels' launch configs (GPU and interpreter) with ``overrides`` for the block; the
-    interpreter's without ``fwd_gluon``, ``dq_gluon``, ``dkv_gluon`` (Gluon has no interpreter, and
-    its tiles are not 16 rows)."""
+    interpreter's without ``fwd_gluon``, ``dq_gluon``, ``dkv_gluon`` and the ``gluon_*`` settings
+    (Gluon has no interpreter, and its tiles are not 16 rows)."""
     saved = triton_impl.GPU_CONFIG, triton_impl.INTERPRETER_CONFIG
     triton_impl.GPU_CONFIG = dataclasses.replace(saved[0], **overrides)
     gluon = ("fwd_gluon", "dq_gluon", "dkv_gluon")
-    interpreter = {name: value for name, value in overrides.items() if name not in gluon}
+    interpreter = {
+        name: value for name, value in overrides.items() if name not in gluon and not name.startswith("gluon_")
+    }
     triton_impl.INTERPRETER_CONFIG = dataclasses.replace(saved[1], **interpreter)
     try:
         yield
