@@ -149,10 +149,10 @@ def test_step_timer_counts_the_shallow_selections_blocks_per_step():
     from ctxlab.kernels.ms_attention import triton_impl
 
     timer = bench._step_timer(warmup=0)
-    for counts in ((64, 0, 0), (64, 3, 5), (0, 0, 0)):
+    for decided, redone, retried in ((64, 0, 0), (64, 3, 5), (0, 0, 0)):
         timer.on_train_batch_start(None, None, None, 0)
-        for i, n in enumerate(counts):
-            triton_impl.SHALLOW_ITEMS[i] += n
+        # the selection counts redone and retried blocks on the device: no sync per launch
+        triton_impl.SHALLOW_ITEMS.add(decided, torch.tensor([redone]), torch.tensor([retried]))
         timer.on_train_batch_end(None, None, None, None, 0)
     assert timer.shallow == [(64, 0, 0), (64, 3, 5), (0, 0, 0)] and len(timer.times) == 3
 

@@ -151,7 +151,9 @@ def launch(**overrides):
     triton_impl.GPU_CONFIG = dataclasses.replace(saved[0], **overrides)
     gluon = ("fwd_gluon", "dq_gluon", "dkv_gluon")
     interpreter = {
-        name: value for name, value in overrides.items() if name not in gluon and not name.startswith("gluon_")
+        name: value
+        for name, value in overrides.items()
+        if name not in gluon and not name.startswith("gluon_")
     }
     triton_impl.INTERPRETER_CONFIG = dataclasses.replace(saved[1], **interpreter)
     try:
@@ -780,6 +782,43 @@ def test_shallow_retry_decides_deep_blocks(shape, region, budget, merge, scope, 
     assert flagged > 0
 
 
+def test_flagged_items_are_listed_on_the_device():
+    """``_flagged`` lists a run's flagged items in ascending order with their count, as tensors (no
+    host sync): from the first run's flags (indexed by item) and from a retry's (indexed like its
+    list, only the first ``count`` entries live, the rest 0)."""
+    flag = torch.tensor([0, 1, 0, 0, 1, 1, 0, 1], dtype=torch.int32)
+    items, count = triton_impl._flagged(flag, None, None)
+    assert count.tolist() == [4] and items[:4].tolist() == [1, 4, 5, 7] and items.dtype == torch.int32
+    retry = torch.tensor([1, 0, 0, 1, 0, 0, 0, 0], dtype=torch.int32)  # the retry's flags, like `items`
+    items2, count2 = triton_impl._flagged(retry, items, count)
+    assert count2.tolist() == [2] and items2[:2].tolist() == [1, 7]
+    none, zero = triton_impl._flagged(torch.zeros(5, dtype=torch.int32), None, None)
+    assert zero.tolist() == [0] and none.shape == (5,)
+    empty, nothing = triton_impl._flagged(torch.zeros(0, dtype=torch.int32), None, None)
+    assert nothing.tolist() == [0] and empty.numel() == 0
+
+
+@on_interpreter
+def test_shallow_selection_never_waits_for_the_host(monkeypatch):
+    """The training path (``ms_select_shallow``: the pass, the retry of the items it flags, the
+    full-depth kernel for those the retry flags) keeps the flagged items' lists and counts on the
+    device: no ``nonzero``, ``item`` or ``tolist`` (each a device sync on a GPU, twice a layer
+    before session 20), even in a case whose items reach the retry and the full-depth kernel."""
+    shape, region, budget, merge, scope, select, values, overrides = RETRY_CASES[1][1:]
+    q, k = _select_inputs(shape, values, 5)
+    opts = dict(region=region, budget=budget, merge=merge, pool="mean", scope=scope, select=select)
+    config = dataclasses.replace(triton_impl.INTERPRETER_CONFIG, shallow_retry_k=32, **overrides)
+    before = list(triton_impl.SHALLOW_ITEMS)
+    with monkeypatch.context() as m:
+        for name in ("nonzero", "item", "tolist"):
+            m.setattr(torch.Tensor, name, lambda *a, _n=name, **kw: pytest.fail(f"host sync: {_n}"))
+        m.setattr(torch, "nonzero", lambda *a, **kw: pytest.fail("host sync: torch.nonzero"))
+        got = triton_impl.ms_select_shallow(q, k, config=config, **opts)
+    assert torch.equal(got.long(), ms_select_torch(q, k, **opts))
+    decided, redone, retried = (a - b for a, b in zip(triton_impl.SHALLOW_ITEMS, before))
+    assert decided == got[..., 0].numel() and retried > redone >= 0, (decided, redone, retried)
+
+
 # Search in a coarser precision, rank in float32 (``shallow_rescore``). The interpreter's dots
 # ignore input_precision, so the coarser search is simulated: ``shallow_fault`` moves every score
 # of the two passes by a pseudo-random amount within the row's bound (``shallow_score_err`` large
@@ -1373,6 +1412,24 @@ def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
+def test_gpu_shallow_selection_never_syncs():
+    """On the GPU the training path's selection (the pass, the retry, the full-depth kernel) runs
+    under ``torch.cuda.set_sync_debug_mode("error")``: no host sync (each cost the step an idle
+    GPU, twice a layer, before session 20), and ``ms_select_torch``'s indices."""
+    q, k = (x.cuda() for x in _select_inputs((1, 20000, 8, 2, 128), None, 3))
+    opts = dict(region=16, budget=512, merge=64, pool="mean", scope="head", select="paper")
+    triton_impl.ms_select_shallow(q, k, **opts)  # compiled outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = triton_impl.ms_select_shallow(q, k, **opts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got.long(), ms_select_torch(q, k, **opts))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRETED, reason="GPU tests use compiled kernels")
 @pytest.mark.parametrize("dkv", ["partial", "reverse"])
 @pytest.mark.parametrize("start", [0, 1000])
 def test_gpu_dkv_tma_same_bits(dkv, start):
@@ -1729,7 +1786,7 @@ def test_shallow_selection_compiles_for_h100(precision, rescore, cols, mask_step
     four-column variant splits its loads in registers), and with the second pass's bit masks,
     whose step then needs no scan in shared memory."""
     sig = dict(QREP="*fp32", KREP="*fp32", OUT="*i32", FLAG="*i32", LIST="*i64", TOPK="*i32",
-               SEEN="*i32", MASKS="*i64", QNORM="*fp32", KMAX="*fp32", ITEMS="*i32",
+               SEEN="*i32", MASKS="*i64", QNORM="*fp32", KMAX="*fp32", ITEMS="*i32", COUNT="*i32",
                score_err="fp32")  # fmt: skip
     sig |= dict.fromkeys(("n", "G", "T", "M", "S", "n_bhs", "n_items"), "i32")
     consts = dict(HS=32, HKV=8, HEAD_DIM=128, BLOCK_D=128, CAUSAL=False, HAS_ITEMS=False, RM=64,

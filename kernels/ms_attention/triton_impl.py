@@ -236,7 +236,12 @@ class LaunchConfig:
     kernel's consumers load their keys themselves at the start of each program (a barrier: the
     hottest wait of the (64, 64, 8) profile, session 18) and the SM holds nothing else while they
     add dk, dv at its end. The same sums per chunk (GPU test: partial-path bits equal the
-    default's). 198 KB of shared memory at 2 slots, so 2 is the most slots it takes."""
+    default's). 198 KB of shared memory at 2 slots, so 2 is the most slots it takes. Measured
+    (H200, Triton 3.6, session 20, against the one-shot kernel in the same runs): the dk/dv stage
+    1.3-3.4% faster (paper 64K with 32 kv heads 32.47 -> 31.94 ms, with 8 kv heads 64K 31.86 ->
+    31.07, 128K 65.60 -> 64.74; (64, 64, 8) 32K 9.53 -> 9.21, 64K 19.76 -> 19.47), the whole
+    backward 0.6-3.9% (paper 32K-128K, (64, 64, 8) 32K), and in the 7B LoRA+ step at 64K the
+    kernel 941 against 997 ms a step. On in ``GPU_CONFIG`` since session 20."""
     gluon_dkv_programs: int = 0
     """Programs of the persistent dk/dv kernel (``gluon_dkv_persistent``): 0 for one per SM (what it
     is built for; it needs the whole SM), fewer to give each program more chunks (the tests)."""
@@ -551,6 +556,7 @@ GPU_CONFIG = LaunchConfig(
     whole_dkv=True,
     dkv_gluon=True,
     gluon_dkv_row_stats=True,
+    gluon_dkv_persistent=True,
 )
 """The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
 candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of the
@@ -586,7 +592,8 @@ dq kernel (``dq_gluon``): 12-16% less time in dq (paper 64K 22.02 -> 18.40 ms). 
 selected keys is the Gluon kernel with the rows' lse and delta through its ring (``dkv_gluon``,
 ``gluon_dkv_row_stats``): the whole backward 2.3-3.8% faster at paper settings, 32K-128K, in two
 runs (H200, session 16: paper 64K 53.24 -> 52.00 and 53.85 -> 52.11 ms), and at (64, 64, 8) within
--2.2..+2.8% (slower at 64K in both runs)."""
+-2.2..+2.8% (slower at 64K in both runs); since session 20 as persistent programs
+(``gluon_dkv_persistent``: the whole backward 0.6-3.9% faster, paper 32K-128K and (64, 64, 8) 32K)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
@@ -937,11 +944,14 @@ def _select_inputs(
     )
 
 
-def _programs(cfg: LaunchConfig, device: torch.device, n_items: int) -> int:
+def _programs(cfg: LaunchConfig, device: torch.device, n_items: int, listed: bool = False) -> int:
+    """Programs of a selection launch over ``n_items`` items: ``select_programs``, or four per SM;
+    one per SM for a list counted on the device (``listed``: the retry and the full-depth kernel,
+    which a few percent of the items reach, and each program holds scratch rows)."""
     if cfg.select_programs:
         programs = cfg.select_programs
     elif device.type == "cuda":
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        programs = (1 if listed else 4) * _sm_count(device)
     else:
         programs = 2
     return max(1, min(programs, n_items))
@@ -953,19 +963,20 @@ def _select_full(
     out: Tensor,
     cfg: LaunchConfig,
     items: Tensor | None,
+    count: Tensor | None = None,
     *,
     budget: int,
     merge: int,
     select: str,
 ) -> None:
-    """The full-depth fused kernel into ``out`` [B, Hs, G, S] for every item, or for the items
-    listed in ``items`` (int32)."""
+    """The full-depth fused kernel into ``out`` [B, Hs, G, S] for every item, or for the first
+    ``count`` (int32 [1], on the device) listed in ``items`` (int32)."""
     B, Hs, n, D = qrep.shape
     G, n_sel = out.shape[2], out.shape[3]
     kp, cap = select_capacity(n_sel, cfg)
     rm = max(triton.next_power_of_2(merge), 2)
     n_items = B * Hs * G if items is None else items.numel()
-    programs = _programs(cfg, qrep.device, n_items)
+    programs = _programs(cfg, qrep.device, n_items, listed=items is not None)
     rows = cfg.select_rows
     scratch_list = torch.empty((programs, rows, cap), dtype=torch.int64, device=qrep.device)
     scratch_top = torch.empty((programs, rm, kp), dtype=torch.int32, device=qrep.device)
@@ -973,7 +984,7 @@ def _select_full(
     with launch_settings("ms_select_kernel", cfg, "select_"):
         tk.ms_select_kernel[(programs,)](
             qrep, krep, out, scratch_list, scratch_top, seen, out if items is None else items,
-            n, G, budget, merge, n_sel, B * Hs, n_items,
+            out if count is None else count, n, G, budget, merge, n_sel, B * Hs, n_items,
             HS=Hs, HKV=krep.shape[1], HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
             CAUSAL=select == "causal", HAS_ITEMS=items is not None, ROWS=rows, RM=rm, KP=kp, CAP=cap,
             BLOCK_J=cfg.select_block_j, BINS=cfg.select_bins, SORT_ROWS=cfg.select_sort_rows,
@@ -1011,23 +1022,62 @@ def ms_select_triton(
     return out
 
 
-SHALLOW_ITEMS = [0, 0, 0]
-"""Running totals of the shallow selection in this process: [items (b, hs, g) decided, items redone
-by the full-depth kernel, items retried at ``shallow_retry_k``]. Benchmarks read the difference
-over a step; nothing resets it."""
+class _ShallowCounts:
+    """Running totals of the shallow selection in this process: items (b, hs, g) decided, items
+    redone by the full-depth kernel, items retried at ``shallow_retry_k``. The last two are counted
+    on the device, so that no launch waits for the host; reading the totals (iterating, indexing)
+    synchronizes. Benchmarks read the difference over a step; nothing resets them."""
+
+    def __init__(self) -> None:
+        self._decided = 0
+        self._device: dict[torch.device, Tensor] = {}  # int64 [redone, retried] per device
+
+    def add(self, decided: int, redone: Tensor, retried: Tensor) -> None:
+        self._decided += decided
+        acc = self._device.setdefault(redone.device, torch.zeros(2, dtype=torch.int64, device=redone.device))
+        acc += torch.cat([redone, retried])
+
+    def __iter__(self):
+        redone = retried = 0
+        for acc in self._device.values():
+            r, t = acc.tolist()
+            redone, retried = redone + r, retried + t
+        return iter((self._decided, redone, retried))
+
+    def __getitem__(self, i: int) -> int:
+        return tuple(self)[i]
+
+    def __len__(self) -> int:
+        return 3
+
+
+SHALLOW_ITEMS = _ShallowCounts()
+"""The shallow selection's running totals (``_ShallowCounts``): [items decided, redone, retried]."""
 
 
 def select_shallow_counted(
     q: Tensor, k: Tensor, *, config: LaunchConfig | None = None, **options
 ) -> tuple[Tensor, int, int]:
     """``ms_select_shallow``'s indices, the number of items (b, hs, g) the full-depth kernel redid
-    and the number the retry (``shallow_retry_k``) took (a device sync per run that flags items);
+    and the number the retry (``shallow_retry_k``) took (one device sync, for the counts);
     ``SHALLOW_ITEMS`` adds the same counts. ``options``: region, budget, merge, pool, scope,
     select."""
+    out, redone, retried = _select_shallow(q, k, config=config, **options)
+    return out, int(redone.item()), int(retried.item())
+
+
+def _select_shallow(
+    q: Tensor, k: Tensor, *, config: LaunchConfig | None = None, **options
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``select_shallow_counted`` without a host sync: the counts as int32 [1] device tensors. The
+    items a run flags are listed on the device (``_flagged``), and the next run reads how many
+    from there, so the retry and the full-depth kernel are launched whether or not any item needs
+    them (programs without an item return at once)."""
     budget, merge, select = options["budget"], options["merge"], options["select"]
     cfg, out, qrep, krep = _select_inputs(q, k, config=config, **options)
+    none = torch.zeros(1, dtype=torch.int32, device=q.device)
     if qrep is None:
-        return out, 0, 0
+        return out, none, none
     B, Hs, G = qrep.shape[0], qrep.shape[1], out.shape[2]
     shallow = dict(budget=budget, merge=merge, select=select)
     if cfg.shallow_rescore or cfg.shallow_fault:  # the search's error bound per row, for both runs
@@ -1036,18 +1086,33 @@ def select_shallow_counted(
         bound = (qnorm, kmax, cfg.shallow_score_err or search_error(cfg.select_precision, qrep.shape[-1]))
     else:
         bound = (out, out, 0.0)  # not read
-    redo = _select_shallow_run(qrep, krep, out, cfg, None, cfg.shallow_k, cfg.shallow_cap, bound, **shallow)
-    SHALLOW_ITEMS[0] += B * Hs * G
-    retried = redo.numel() if cfg.shallow_retry_k else 0
-    SHALLOW_ITEMS[2] += retried
-    if retried:
-        redo = _select_shallow_run(
-            qrep, krep, out, cfg, redo, cfg.shallow_retry_k, cfg.shallow_retry_cap, bound, **shallow
+    flag = _select_shallow_run(
+        qrep, krep, out, cfg, None, none, cfg.shallow_k, cfg.shallow_cap, bound, **shallow
+    )
+    redo, count = _flagged(flag, None, None)
+    retried = count if cfg.shallow_retry_k else none
+    if cfg.shallow_retry_k:
+        flag = _select_shallow_run(
+            qrep, krep, out, cfg, redo, count, cfg.shallow_retry_k, cfg.shallow_retry_cap, bound, **shallow
         )
-    SHALLOW_ITEMS[1] += redo.numel()
-    if redo.numel():
-        _select_full(qrep, krep, out, cfg, redo, **shallow)
-    return out, int(redo.numel()), int(retried)
+        redo, count = _flagged(flag, redo, count)
+    _select_full(qrep, krep, out, cfg, redo, count, **shallow)
+    SHALLOW_ITEMS.add(B * Hs * G, count, retried)
+    return out, count, retried
+
+
+def _flagged(flag: Tensor, items: Tensor | None, count: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The items a selection run flagged, listed on the device without a host sync: (int32 [N],
+    whose first ``count`` entries are the flagged items in ascending order, count int32 [1]).
+    ``flag`` [N] is indexed like the run's ``items`` (the first ``count`` of them live; every item
+    0 .. N-1 when ``items`` is None), and is 0 past the live entries."""
+    n = flag.numel()
+    hit = flag != 0
+    pos = torch.cumsum(hit, 0, dtype=torch.int32) - 1
+    src = torch.arange(n, dtype=torch.int32, device=flag.device) if items is None else items
+    listed = torch.zeros(n + 1, dtype=torch.int32, device=flag.device)  # the last slot takes the rest
+    listed.scatter_(0, torch.where(hit, pos, n).long(), src)
+    return listed[:n], (pos[-1:] + 1) if n else torch.zeros(1, dtype=torch.int32, device=flag.device)
 
 
 def _select_shallow_run(
@@ -1056,6 +1121,7 @@ def _select_shallow_run(
     out: Tensor,
     cfg: LaunchConfig,
     items: Tensor | None,
+    count: Tensor,
     ranks: int,
     cap: int,
     bound: tuple[Tensor, Tensor, float],
@@ -1065,15 +1131,16 @@ def _select_shallow_run(
     select: str,
 ) -> Tensor:
     """One launch of ``ms_select_shallow_kernel`` into ``out``, each row keeping ``ranks`` of up
-    to ``cap`` candidates, for every item or for those listed in ``items`` (int32); returns the
-    items it flagged (int32, ascending). ``bound``: the re-scored search's QNORM, KMAX and error
-    per unit (``select_shallow_counted``'s, shared by its runs)."""
+    to ``cap`` candidates, for every item or for the first ``count`` (int32 [1], on the device)
+    listed in ``items`` (int32); returns its flags (int32, 1 for an item it could not decide,
+    indexed like ``items``). ``bound``: the re-scored search's QNORM, KMAX and error per unit
+    (``_select_shallow``'s, shared by its runs)."""
     B, Hs, n, D = qrep.shape
     Hkv, G, n_sel = krep.shape[1], out.shape[2], out.shape[3]
     rm = max(triton.next_power_of_2(merge), 16, cfg.shallow_sort_rows)
     n_items = B * Hs * G if items is None else items.numel()
     dev = qrep.device
-    programs = _programs(cfg, dev, n_items)
+    programs = _programs(cfg, dev, n_items, listed=items is not None)
     flag = torch.zeros(n_items, dtype=torch.int32, device=dev)
     scratch_list = torch.empty((programs, rm, cap), dtype=torch.int64, device=dev)
     scratch_top = torch.empty((programs, rm, ranks), dtype=torch.int32, device=dev)
@@ -1085,7 +1152,7 @@ def _select_shallow_run(
     with launch_settings("ms_select_shallow_kernel", cfg, "shallow_", "select_precision"):
         tk.ms_select_shallow_kernel[(programs,)](
             qrep, krep, out, flag, scratch_list, scratch_top, seen, masks, qnorm, kmax,
-            flag if items is None else items, err,
+            flag if items is None else items, count, err,
             n, G, budget, merge, n_sel, B * Hs, n_items,
             HS=Hs, HKV=Hkv, HEAD_DIM=D, BLOCK_D=max(triton.next_power_of_2(D), 16),
             CAUSAL=select == "causal", HAS_ITEMS=items is not None, RM=rm, K=ranks, CAP=cap,
@@ -1094,8 +1161,7 @@ def _select_shallow_run(
             FAULT=cfg.shallow_fault, KV_MAJOR=cfg.select_order == "kv", MASK_STEPS=mask_steps,
             num_warps=cfg.shallow_warps, num_stages=cfg.shallow_stages, **extra,
         )  # fmt: skip
-    flagged = flag.nonzero().flatten()
-    return (flagged if items is None else items[flagged]).to(torch.int32)
+    return flag
 
 
 def ms_select_shallow(q: Tensor, k: Tensor, **options) -> Tensor:
@@ -1106,7 +1172,7 @@ def ms_select_shallow(q: Tensor, k: Tensor, **options) -> Tensor:
     candidate above it); the blocks whose merge needs a deeper rank, or whose rows had more
     than ``shallow_cap`` candidates above the bound, are redone by the full-depth kernel.
     Arguments as ``ms_select_triton``."""
-    return select_shallow_counted(q, k, **options)[0]
+    return _select_shallow(q, k, **options)[0]
 
 
 def ms_attn_fwd(

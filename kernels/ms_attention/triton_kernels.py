@@ -41,10 +41,11 @@ LN2 = 0.6931471805599453
 
 
 SELECT_COUNTS = ("n_items",)
-"""The selection kernels' arguments that change from call to call with the data (how many items
-the retry and the full-depth kernel redo: a few per layer, a different number every step). Triton
-would specialize on them (a value of 1, a multiple of 16) and compile a new kernel the first time
-a training step hits a new case; they are left unspecialized."""
+"""The selection kernels' item counts, only loop bounds: Triton would specialize on them (a value
+of 1, a multiple of 16) and compile another kernel for each case, for nothing. (Until session 20
+the retry and the full-depth kernel took the data-dependent number of items a step flagged here,
+so a training step could meet a new case and compile mid-step; they now read it on the device,
+``COUNT``, and take the list's capacity here.)"""
 
 
 @triton.jit
@@ -1653,6 +1654,7 @@ def ms_select_kernel(
     TOPK,
     SEEN,
     ITEMS,
+    COUNT,
     n,
     G,
     T,
@@ -1677,8 +1679,8 @@ def ms_select_kernel(
     KV_MAJOR: tl.constexpr,
 ):
     """Grid (P,): program p selects the regions of items p, p + P, ...; item = one (b, hs, g),
-    larger g (more candidates) first (with HAS_ITEMS, the items listed in ITEMS [n_items] int32:
-    the shallow selection's fallback). Spec steps 5-8, never writing the score matrix:
+    larger g (more candidates) first (with HAS_ITEMS, the first COUNT[0] items listed in ITEMS
+    [n_items] int32: the shallow selection's fallback). Spec steps 5-8, never writing the score matrix:
 
     1. per tile of ROWS voting rows, the row's candidates are scored tile by tile (BLOCK_J
        regions, recomputed on every pass) as int32 keys ordered like the float scores;
@@ -1700,7 +1702,11 @@ def ms_select_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_b = tl.arange(0, BINS)
     offs_c = tl.arange(0, CAP)
-    for it in range(pid, n_items, n_prog):
+    if HAS_ITEMS:  # the live entries of the list, counted on the device (no host sync)
+        n_live = tl.load(COUNT)
+    else:
+        n_live = n_items
+    for it in range(pid, n_live, n_prog):
         if HAS_ITEMS:
             item = tl.load(ITEMS + it)
         else:
@@ -1885,6 +1891,7 @@ def ms_select_shallow_kernel(
     QNORM,
     KMAX,
     ITEMS,
+    COUNT,
     score_err,
     n,
     G,
@@ -1912,8 +1919,8 @@ def ms_select_shallow_kernel(
     MASK_STEPS: tl.constexpr,
 ):
     """The shallow exact selection. Grid (P,), persistent over items (b, hs, g) like
-    ``ms_select_kernel`` (with HAS_ITEMS, the items listed in ITEMS [n_items] int32, FLAG then
-    indexed like ITEMS: the retry of the items a shallower run flagged); all RM >= m voting rows
+    ``ms_select_kernel`` (with HAS_ITEMS, the first COUNT[0] items listed in ITEMS [n_items] int32,
+    FLAG then indexed like ITEMS: the retry of the items a shallower run flagged); all RM >= m voting rows
     of a block are scored together.
 
     The merge (spec step 8) reads a row's list rank by rank, and a block's S regions are
@@ -1958,7 +1965,11 @@ def ms_select_shallow_kernel(
     offs_c = tl.arange(0, CAP)
     lane_bit = tl.full([BLOCK_J], 1, tl.int64) << offs_j.to(tl.int64)
     a = tl.arange(0, RM)
-    for it in range(pid, n_items, n_prog):
+    if HAS_ITEMS:  # the live entries of the list, counted on the device (no host sync)
+        n_live = tl.load(COUNT)
+    else:
+        n_live = n_items
+    for it in range(pid, n_live, n_prog):
         if HAS_ITEMS:
             item = tl.load(ITEMS + it)
         else:
