@@ -14,8 +14,15 @@
 #           selection's counts unspecialized) in one process, 2 warm-ups + 2 timed steps and one
 #           profiled step each; then the whole backward, base against persistent, paper 32K-128K
 #           and (64, 64, 8) 32K  -> OUT/s20b.tgz
+#   call 3  bash experiments/gpu/lease_s20.sh 3
+#           the new defaults (persistent dk/dv; the selection's flagged items listed on the device, no
+#           host sync): GPU tests (the selection under sync debug mode "error", the Gluon dk/dv bf16
+#           cases, the paper-settings match test); where MS attention's forward + backward still
+#           syncs (sync debug mode "warn", paper 64K, 32 kv heads); target 4: the 7B LoRA+ step at
+#           64K, S2 and MS, 2 warm-ups + 2 timed + 1 profiled each; target 3b: the kernel benchmark
+#           at (64, 64, 8) 32K, S2 beside ours  -> OUT/s20c.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s20.sh 1-2}
+CALL=${1:?usage: lease_s20.sh 1-3}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -43,5 +50,41 @@ case $CALL in
       $(( ($(left) - 20) / 2 )) "paper 8 32K,64K,128K" "sparse 8 32K"
     grep -h -A8 '^| case' "$R"/*.md
     tar -czf "$OUT/s20b.tgz" -C "$OUT" s20b && rm -rf "$R"
+    ;;
+  3)
+    R=$OUT/s20c; mkdir -p "$R"
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "never_syncs or (bf16_error and gluondkv) or (gluon_kernels_match and paper)" \
+      > "$R/gpu_tests_defaults.log" 2>&1
+    tail -n 3 "$R/gpu_tests_defaults.log"
+    timeout 90 python3 - > "$R/sync_probe.log" 2>&1 <<'PY'
+import traceback, warnings
+import torch
+from ctxlab.kernels.ms_attention import ms_attention
+q, k, v = (torch.randn(1, 65536, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+opts = dict(region=16, budget=512, merge=64, backend="triton")
+ms_attention(q, k, v, **opts).sum().backward()  # compiled outside the probe
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("warn")
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    ms_attention(q, k, v, **opts).sum().backward()
+torch.cuda.set_sync_debug_mode("default")
+print(f"syncs in MS attention forward + backward (paper 64K, 32 kv heads): {len(seen)}")
+for w in seen[:8]:
+    print("-", str(w.message)[:200], f"({w.filename}:{w.lineno})")
+PY
+    cat "$R/sync_probe.log" | head -12
+    timeout 330 python3 -m ctxlab.bench.finetune --out "$R" --profile \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s20_64k_defaults --lengths 65536 --variants s2,ms \
+      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k_defaults.log" 2>&1
+    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
+    grep -h '^Profiled step' "$R"/*.md | cut -c1-300
+    stem="ms_attention_${day}_${card}_s20"
+    timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases sparse-L32K --ops triton,s2 --out "$R" --stem "${stem}_sparse32k" \
+      --time-limit-s $(( $(left) - 40 )) > "$R/bench_sparse32k.log" 2>&1
+    grep -h -A10 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/s20c.tgz" -C "$OUT" s20c && rm -rf "$R"
     ;;
 esac
