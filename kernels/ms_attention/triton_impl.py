@@ -227,9 +227,10 @@ class LaunchConfig:
     dk/dv stage, paper 64K-128K and (64, 64, 8) 32K-64K): -0.2..+1.5% at 2 slots, up to 7% slower at
     3; off."""
     gluon_dkv_persistent: bool = False
-    """With ``gluon_dkv_row_stats`` (and without ``fused_dq``, ``gluon_split_waits`` or
-    ``gluon_dkv_one_wait``): the Gluon dk/dv of the selected keys as persistent programs, one per
-    SM (``gluon_kernels.ms_attn_bwd_dkv_sel_persistent_kernel``), each taking every
+    """Where the Gluon dk/dv takes its default schedule with row stats (``gluon_dkv_row_stats``, and
+    no ``fused_dq`` in effect, ``gluon_split_waits`` or ``gluon_dkv_one_wait``, which it then
+    yields to: ``dkv_persistent_applies``): the Gluon dk/dv of the selected keys as persistent
+    programs, one per SM (``gluon_kernels.ms_attn_bwd_dkv_sel_persistent_kernel``), each taking every
     ``programs``-th chunk of the launch. Its load warpgroup copies the next chunk's 128 k and v
     rows by ``cp.async`` into a second pair of buffers (and that chunk's first query steps into
     the ring) while the consumers finish the current chunk and add its sums, where the one-shot
@@ -502,14 +503,6 @@ class LaunchConfig:
             raise ValueError(
                 "gluon_dkv_one_wait=True needs gluon_dkv_row_stats=True, gluon_split_waits=False and "
                 f"fused_dq=False, got {self.gluon_dkv_row_stats}, {self.gluon_split_waits}, {self.fused_dq}"
-            )
-        if self.gluon_dkv_persistent and (
-            not self.gluon_dkv_row_stats or self.gluon_split_waits or self.fused_dq or self.gluon_dkv_one_wait
-        ):
-            raise ValueError(
-                "gluon_dkv_persistent=True needs gluon_dkv_row_stats=True and gluon_split_waits, fused_dq "
-                f"and gluon_dkv_one_wait False, got {self.gluon_dkv_row_stats}, {self.gluon_split_waits}, "
-                f"{self.fused_dq}, {self.gluon_dkv_one_wait}"
             )
         if not isinstance(self.gluon_dkv_programs, int) or self.gluon_dkv_programs < 0:
             raise ValueError(
@@ -1349,6 +1342,18 @@ def _deterministic(config: LaunchConfig, deterministic: bool | None) -> bool:
     return deterministic
 
 
+def dkv_persistent_applies(config: LaunchConfig, fused: bool) -> bool:
+    """Whether the Gluon dk/dv of the selected keys runs as persistent programs: ``gluon_dkv_persistent``
+    with row stats and the default schedule (no dq inside, ``fused``; no split waits, no one wait).
+    The persistent kernel has no other schedule, so those settings, asked for, take the one-shot
+    kernel."""
+    return (
+        config.gluon_dkv_persistent
+        and config.gluon_dkv_row_stats
+        and not (fused or config.gluon_split_waits or config.gluon_dkv_one_wait)
+    )
+
+
 def fused_dq_applies(config: LaunchConfig, rope: bool, deterministic: bool | None = None) -> bool:
     """Whether ``ms_attn_bwd`` sums dq inside the dk/dv kernels: ``config.fused_dq``, outside
     deterministic mode (``_deterministic``) and without RoPE on the fly."""
@@ -1546,7 +1551,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                 """dk, dv of the selected keys of blocks g0 .. g0 + blocks - 1 into dk_out, dv_out
                 (added, or stored as partial sums of a window of ``window`` blocks)."""
                 grid = (blocks * n_chunks, B * Hs)
-                if gluon and config.gluon_dkv_persistent:
+                if gluon and dkv_persistent_applies(config, fused):
                     n_items = grid[0] * grid[1]
                     programs = min(n_items, config.gluon_dkv_programs or _sm_count(q.device))
                     with launch_settings("ms_attn_bwd_dkv_sel_persistent_kernel", config, "gluon_dkv_"):
