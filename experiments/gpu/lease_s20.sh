@@ -21,8 +21,12 @@
 #           syncs (sync debug mode "warn", paper 64K, 32 kv heads); target 4: the 7B LoRA+ step at
 #           64K, S2 and MS, 2 warm-ups + 2 timed + 1 profiled each; target 3b: the kernel benchmark
 #           at (64, 64, 8) 32K, S2 beside ours  -> OUT/s20c.tgz
+#   call 4  bash experiments/gpu/lease_s20.sh 4
+#           after call 3's fixes (the persistent dk/dv yields to fused dq; the tests' one-shot base):
+#           the same GPU tests again, and the fused bf16 cases; target 4 at 128K: the 7B LoRA+
+#           step, S2 and MS, 2 warm-ups + 2 timed steps each  -> OUT/s20d.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s20.sh 1-3}
+CALL=${1:?usage: lease_s20.sh 1-4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 case $CALL in
@@ -86,5 +90,17 @@ PY
       --time-limit-s $(( $(left) - 40 )) > "$R/bench_sparse32k.log" 2>&1
     grep -h -A10 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/s20c.tgz" -C "$OUT" s20c && rm -rf "$R"
+    ;;
+  4)
+    R=$OUT/s20d; mkdir -p "$R"
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "never_syncs or (bf16_error and gluondkv) or (gluon_kernels_match and paper)" \
+      > "$R/gpu_tests_defaults2.log" 2>&1
+    tail -n 3 "$R/gpu_tests_defaults2.log"
+    timeout $(( $(left) - 20 )) python3 -m ctxlab.bench.finetune --out "$R" \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s20_128k_defaults --lengths 131072 --variants s2,ms \
+      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_128k_defaults.log" 2>&1
+    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
+    tar -czf "$OUT/s20d.tgz" -C "$OUT" s20d && rm -rf "$R"
     ;;
 esac
