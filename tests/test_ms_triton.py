@@ -2296,10 +2296,10 @@ def test_forward_launch_stages_and_region_by_rope(monkeypatch, rope):
 
 
 def test_selection_kernels_do_not_compile_again_for_new_counts():
-    """The retry and the full-depth selection redo a data-dependent number of items per layer (a
-    few, different every training step). Triton specializes an int argument on being 1 or a
-    multiple of 16, so each new case would compile the kernel again in the middle of a step; the
-    counts (``SELECT_COUNTS``) are left unspecialized, the shapes are not."""
+    """The selection kernels' item counts are loop bounds only. Triton specializes an int argument
+    on being 1 or a multiple of 16, which for a count buys nothing and compiles another kernel per
+    case (before the retry read its count on the device, a training step could meet a new case and
+    compile mid-step); the counts (``SELECT_COUNTS``) are left unspecialized, the shapes are not."""
     assert tk.SELECT_COUNTS == ("n_items",)
     for kernel in (tk.ms_select_kernel, tk.ms_select_shallow_kernel):
         if INTERPRETED:  # the interpreter keeps the decorator's arguments and never specializes
