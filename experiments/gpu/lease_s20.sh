@@ -40,6 +40,13 @@ set -uo pipefail
 CALL=${1:?usage: lease_s20.sh 1-4}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
+# The GPU tests of the new defaults (calls 3 and 4), within 150 s, into LOG.
+#   default_tests LOG
+default_tests() {
+  timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+    -k "never_syncs or (bf16_error and gluondkv) or (gluon_kernels_match and paper)" > "$1" 2>&1
+  tail -n 3 "$1"
+}
 case $CALL in
   1)
     R=$OUT/s20a; mkdir -p "$R"
@@ -68,10 +75,7 @@ case $CALL in
     ;;
   3)
     R=$OUT/s20c; mkdir -p "$R"
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
-      -k "never_syncs or (bf16_error and gluondkv) or (gluon_kernels_match and paper)" \
-      > "$R/gpu_tests_defaults.log" 2>&1
-    tail -n 3 "$R/gpu_tests_defaults.log"
+    default_tests "$R/gpu_tests_defaults.log"
     timeout 90 python3 - > "$R/sync_probe.log" 2>&1 <<'PY'
 import traceback, warnings
 import torch
@@ -104,10 +108,7 @@ PY
     ;;
   4)
     R=$OUT/s20d; mkdir -p "$R"
-    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
-      -k "never_syncs or (bf16_error and gluondkv) or (gluon_kernels_match and paper)" \
-      > "$R/gpu_tests_defaults2.log" 2>&1
-    tail -n 3 "$R/gpu_tests_defaults2.log"
+    default_tests "$R/gpu_tests_defaults2.log"
     timeout $(( $(left) - 20 )) python3 -m ctxlab.bench.finetune --out "$R" \
       --tag finetune_llama2_7b_H200_1gpu_${day}_s20_128k_defaults --lengths 131072 --variants s2,ms \
       --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_128k_defaults.log" 2>&1
