@@ -2205,6 +2205,8 @@ def test_profile_stage_runs_each_stage_on_cpu():
     bad = subprocess.run(base + ["--launch", "no_such_field=1"], env=env, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     assert bad.returncode == 2 and "--launch" in bad.stderr and "no_such_field" in bad.stderr
+    bad = subprocess.run(base + ["--kv-heads", "7"], env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--kv-heads" in bad.stderr
 
 
 def test_stage_sweep_pick_merges_each_sweeps_fastest_variant(tmp_path):

@@ -36,8 +36,13 @@
 #           step, S2 and MS, 2 warm-ups + 2 timed steps each  -> OUT/s20d.tgz
 #           (ran on 16d4ef8: 8 tests passed, the 9th (paper match) cut by the 150 s; 7B 128K
 #           S2 22.589, MS 18.421 s: 1.23x)
+#   call 5  bash experiments/gpu/lease_s20.sh 5   (written for the next lease, not run)
+#           the paper-settings Gluon match test on the final config (call 4 cut it); Nsight Compute
+#           of the persistent dk/dv beside the one-shot kernel at paper 64K with 32 kv heads (where
+#           the consumers wait now that the keys come early; how long their reductions hold the
+#           tensor pipe idle)  -> OUT/s20e.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s20.sh 1-4}
+CALL=${1:?usage: lease_s20.sh 1-5}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
 # The GPU tests of the new defaults (calls 3 and 4), within 150 s, into LOG.
@@ -114,5 +119,18 @@ PY
       --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_128k_defaults.log" 2>&1
     grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
     tar -czf "$OUT/s20d.tgz" -C "$OUT" s20d && rm -rf "$R"
+    ;;
+  5)
+    R=$OUT/s20e; mkdir -p "$R/ncu"
+    timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match and paper" > "$R/gpu_tests_match_paper.log" 2>&1
+    tail -n 3 "$R/gpu_tests_match_paper.log"
+    ncu_stage "$R/ncu" paper_64K_kv32_dkv_persistent ms_attn_bwd_dkv_sel_persistent_kernel 1 1 150 \
+      --setting paper --length 64K --kv-heads 32 --stage dkv
+    ncu_stage "$R/ncu" paper_64K_kv32_dkv_oneshot ms_attn_bwd_dkv_sel_ws_kernel 1 1 150 \
+      --setting paper --length 64K --kv-heads 32 --stage dkv --launch gluon_dkv_persistent=false
+    python3 -m ctxlab.kernels.bench.ncu_summary "$R/ncu" --out "$R/ncu/ncu_summary.md" > /dev/null 2>&1
+    head -n 8 "$R/ncu/ncu_summary.md"
+    tar -czf "$OUT/s20e.tgz" -C "$OUT" s20e && rm -rf "$R"
     ;;
 esac

@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--setting", default="paper", choices=sorted(SETTINGS))
     parser.add_argument("--length", default="64K", choices=sorted(LENGTHS))
     parser.add_argument("--stage", default="fwd", choices=("fwd", "dq", "dkv", "dkvdq"))
+    parser.add_argument("--kv-heads", type=int, default=8, choices=(8, 32), help="of the 32 query heads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--launch", default="", help="'+'-joined LaunchConfig KEY=VALUE settings over the default"
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
         fields = launch_fields(args.launch)
     except ValueError as e:
         parser.error(f"--launch: {e}")
-    case = Case(f"{args.setting}-L{args.length}", LENGTHS[args.length], 8, args.setting)
+    case = Case(f"{args.setting}-L{args.length}", LENGTHS[args.length], args.kv_heads, args.setting)
     if args.device != "cuda":
         case = dataclasses.replace(case, Hq=2, Hkv=1, D=32)
     q, k, v, do = inputs(case, 0, args.device)
