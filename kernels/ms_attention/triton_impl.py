@@ -241,7 +241,7 @@ class LaunchConfig:
     (H200, Triton 3.6, session 20, against the one-shot kernel in the same runs): the dk/dv stage
     1.3-3.4% faster (paper 64K with 32 kv heads 32.47 -> 31.94 ms, with 8 kv heads 64K 31.86 ->
     31.07, 128K 65.60 -> 64.74; (64, 64, 8) 32K 9.53 -> 9.21, 64K 19.76 -> 19.47), the whole
-    backward 0.6-3.9% (paper 32K-128K, (64, 64, 8) 32K), and in the 7B LoRA+ step at 64K the
+    backward 0.9-3.9% (paper 32K-128K, (64, 64, 8) 32K), and in the 7B LoRA+ step at 64K the
     kernel 941 against 997 ms a step. On in ``GPU_CONFIG`` since session 20."""
     gluon_dkv_programs: int = 0
     """Programs of the persistent dk/dv kernel (``gluon_dkv_persistent``): 0 for one per SM (what it
@@ -586,7 +586,7 @@ selected keys is the Gluon kernel with the rows' lse and delta through its ring 
 ``gluon_dkv_row_stats``): the whole backward 2.3-3.8% faster at paper settings, 32K-128K, in two
 runs (H200, session 16: paper 64K 53.24 -> 52.00 and 53.85 -> 52.11 ms), and at (64, 64, 8) within
 -2.2..+2.8% (slower at 64K in both runs); since session 20 as persistent programs
-(``gluon_dkv_persistent``: the whole backward 0.6-3.9% faster, paper 32K-128K and (64, 64, 8) 32K)."""
+(``gluon_dkv_persistent``: the whole backward 0.9-3.9% faster, paper 32K-128K and (64, 64, 8) 32K)."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
