@@ -1876,12 +1876,12 @@ def _dkv_persistent_consumer(
                 mbarrier.arrive(empty.index(s), count=1)
             mbarrier.arrive(kv_empty.index(pair), count=1)  # the item's GEMMs have read its keys
             # The item's places again, not held across its steps (the same integers).
-            done = _dkv_item(
+            _b, _hs, kv_off, _q, _lse, sel, chunk_lo, part_off, _t, _hi, _n = _dkv_item(
                 item % n_rel, item // n_rel, IDX, L, P, W, M, S, G, n_chunks, g0, window, q_start, HQ, HKV,
                 HS, HEAD_DIM, BLOCK_M,
             )  # fmt: skip
             _dkv_add(
-                dk, dv, DK32, DV32, done[5], done[6] + PART * ROWS, S, W, done[2], kv_stride, done[7], scale,
+                dk, dv, DK32, DV32, sel, chunk_lo + PART * ROWS, S, W, kv_off, kv_stride, part_off, scale,
                 PARTIAL, HEAD_DIM, o_mma,
             )  # fmt: skip
             base += REP * n_steps

@@ -1056,7 +1056,8 @@ def select_shallow_counted(
     ``SHALLOW_ITEMS`` adds the same counts. ``options``: region, budget, merge, pool, scope,
     select."""
     out, redone, retried = _select_shallow(q, k, config=config, **options)
-    return out, int(redone.item()), int(retried.item())
+    redone_n, retried_n = torch.cat([redone, retried]).tolist()
+    return out, redone_n, retried_n
 
 
 def _select_shallow(
