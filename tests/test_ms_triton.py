@@ -1415,7 +1415,7 @@ def test_gpu_bf16_error_within_pytorch_error(shape, region, budget, merge, scope
 def test_gpu_shallow_selection_never_syncs():
     """On the GPU the training path's selection (the pass, the retry, the full-depth kernel) runs
     under ``torch.cuda.set_sync_debug_mode("error")``: no host sync (each cost the step an idle
-    GPU, twice a layer, before session 20), and ``ms_select_torch``'s indices."""
+    GPU, twice a layer, before session 20), and the fused selection's indices."""
     q, k = (x.cuda() for x in _select_inputs((1, 20000, 8, 2, 128), None, 3))
     opts = dict(region=16, budget=512, merge=64, pool="mean", scope="head", select="paper")
     triton_impl.ms_select_shallow(q, k, **opts)  # compiled outside the check
@@ -1974,20 +1974,17 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
         common |= dict(OVERLAP=overlap, PINGPONG=pingpong)
     elif not persistent:
         common |= dict(SPLIT_WAITS=split)
-    if persistent:
-        tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
-        ints = ("n_items", "n_rel", "L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
-        consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=False)
-        fn = gluon_kernels.ms_attn_bwd_dkv_sel_persistent_kernel
-        divisible = ("L", "P", "W", "M", "S", "q_start")
-    elif kernel.startswith("dkv"):
+    if kernel.startswith("dkv"):
         tensors = ("Q", "K", "V", "DO", "DK32", "DV32", "LSE", "DELTA")
         ints = ("L", "P", "W", "M", "S", "G", "n_chunks", "g0", "window", "q_start")
-        consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial",
-                               FUSED_DQ=kernel == "dkv-fused", ROW_STATS=rows,
-                               DQ_EARLY=early, ONE_WAIT=one_wait)  # fmt: skip
-        fn = gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel
         divisible = ("L", "P", "W", "M", "S", "q_start")
+        consts = common | dict(BLOCK_M=triton_impl.GLUON_DKV_BLOCK_M, PARTIAL=kernel == "dkv-partial")
+        if persistent:  # its items' count and their count per (batch row, head) come first
+            ints = ("n_items", "n_rel", *ints)
+            fn = gluon_kernels.ms_attn_bwd_dkv_sel_persistent_kernel
+        else:
+            consts |= dict(FUSED_DQ=kernel == "dkv-fused", ROW_STATS=rows, DQ_EARLY=early, ONE_WAIT=one_wait)
+            fn = gluon_kernels.ms_attn_bwd_dkv_sel_ws_kernel
     else:
         tensors = (
             ("Q", "K", "V", "O", "LSE") if kernel == "fwd" else ("Q", "K", "V", "DO", "DQ", "LSE", "DELTA")
