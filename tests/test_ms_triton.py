@@ -173,8 +173,14 @@ def dkv_mode(mode: str):
     query loop (``dkv_ws``), "+region" compiles the region size into forward and dq
     (``region_constexpr``), "+gluon", "+gluondq", "+gluondkv" take the Gluon forward, dq, dk/dv of
     the selected keys (``fwd_gluon``, ``dq_gluon``, ``dkv_gluon``), "+persistent" the latter as
-    persistent programs (``gluon_dkv_persistent``)."""
+    persistent programs (``gluon_dkv_persistent``); "+ownatomics" leaves a fused dq's own segment
+    to the own-segment dk/dv kernel's atomics (``fused_dq_finish`` off)."""
     mode, *extras = mode.split("+")
+    if "ownatomics" in extras:
+        extras.remove("ownatomics")
+        with launch(fused_dq_finish=False), dkv_mode("+".join([mode, *extras])):
+            yield
+        return
     flags = {
         "fused": "fused_dq",
         "whole": "whole_dkv",
@@ -394,6 +400,9 @@ FUSED_DQ_CASES = [
     # with dkv_tma: a key tile ending inside it (the prefix, w=5) reads the next segment's real
     # keys past its end, which meet only masked steps (no dq from them)
     ("gqa2-w5-L71-head-atomic-tma", (1, 71, 2, 1, 32), 5, 4, 1, "head", "atomic+whole+tma", 0, 6),
+    # the own segment's dq by the own-segment kernel's atomics, not finished by the dq kernel
+    ("gqa1-w4-L51-head-atomic-ownatomics", (1, 51, 2, 2, 32), 4, 5, 2, "head", "atomic+ownatomics", 0, 0),
+    ("gqa2-w5-L71-head-start39-ownatomics", (1, 71, 2, 1, 32), 5, 4, 1, "head", "atomic+ownatomics", 39, 3),
 ]
 
 
@@ -404,14 +413,21 @@ FUSED_DQ_CASES = [
 )
 @on_interpreter
 def test_fused_dq_matches_torch(shape, region, budget, merge, scope, dkv, start, seed, monkeypatch):
-    """With ``fused_dq`` (dq added by atomics inside the dk/dv kernels, no dq kernel), outputs and
-    dq, dk, dv from ``start`` match ms_attend_torch (float64); q's rows before ``start`` are
-    poison and dq there is 0."""
+    """With ``fused_dq`` (dq added by atomics inside the dk/dv kernels), outputs and dq, dk, dv
+    from ``start`` match ms_attend_torch (float64); q's rows before ``start`` are poison and dq
+    there is 0. The dq kernel never sums the selected keys: on the atomic path it runs over the own
+    segment only and adds the buffer (``fused_dq_finish``), elsewhere (the reverse path,
+    "+ownatomics") not at all."""
+    finished = []
+    dq_kernel = triton_impl.bwd_dq
 
-    def no_dq_kernel(*args, **kwargs):
-        raise AssertionError("the dq kernel ran with fused_dq")
+    def own_segment_dq_only(*args, dq32=None, **kwargs):
+        if dq32 is None:
+            raise AssertionError("the dq kernel summed the selected keys with fused_dq")
+        finished.append(True)
+        return dq_kernel(*args, dq32=dq32, **kwargs)
 
-    monkeypatch.setattr(triton_impl, "bwd_dq", no_dq_kernel)
+    monkeypatch.setattr(triton_impl, "bwd_dq", own_segment_dq_only)
     q, k, v, do = _inputs(*shape, seed=seed)
     idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope=scope)
     opts = dict(region=region, budget=budget, merge=merge, pe="pre", inv_freq=None)
@@ -422,6 +438,7 @@ def test_fused_dq_matches_torch(shape, region, budget, merge, scope, dkv, start,
             q, k, v, do, idx, scope=scope, start=start, opts=opts, q_in=q_poisoned
         )
     assert not grads[0][:, :start].any()
+    assert bool(finished) == (dkv.startswith("atomic") and "ownatomics" not in dkv), finished
 
 
 @pytest.mark.parametrize("mode", ["flag", "config", "rope"])
@@ -452,6 +469,23 @@ def test_fused_dq_buffer_is_checked():
     ]:
         with pytest.raises(ValueError, match=re.escape(culprit)):
             triton_impl.bwd_dkv(do, q, k, v, lse, delta, idx, rope=rope, path=path, dq32=buf, **opts)
+    # The own segment's dq left out of dk/dv needs a buffer the dq kernel finishes (atomic path).
+    for path, buf, culprit in [
+        ("atomic", None, "dq32=False"),
+        ("reverse", torch.zeros(q.shape), "'reverse'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(culprit)):
+            triton_impl.bwd_dkv(
+                do, q, k, v, lse, delta, idx, rope=False, path=path, dq32=buf, own_dq=False, **opts
+            )
+    # ... and that buffer, as the dq kernel reads it, laid out like q in float32.
+    for buf, culprit in [
+        (torch.zeros(1, 28, 2, 32), "(1, 28, 2, 32)"),
+        (torch.zeros(q.shape, dtype=torch.bfloat16), "torch.bfloat16"),
+        (torch.zeros(1, 29, 32, 2).transpose(2, 3), "contiguous=False"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(culprit)):
+            triton_impl.bwd_dq(do, q, k, v, lse, delta, idx, rope=False, dq32=buf, **opts)
 
 
 @pytest.mark.parametrize("L", [51, 17], ids=["blocks", "dense-n-le-T"])
@@ -1384,6 +1418,16 @@ GPU_CASES = [
         "pre",
         "atomic+gluondkv+fused",
     ),
+    (
+        "L4133-gqa4-w16-gluondkv-fused-ownatomics",
+        (1, 4133, 8, 2, 128),
+        16,
+        64,
+        8,
+        "head",
+        "pre",
+        "atomic+region+gluondkv+fused+ownatomics",
+    ),
 ]
 
 
@@ -1593,6 +1637,24 @@ def test_gpu_gluon_kernels_match_triton_kernels(shape, region, budget, merge, st
             err = (g.float() - r.float()).abs().max().item()
             assert err <= 2**-7 * r.float().abs().max().item(), ("fused", name, cfg, err)
 
+    # The fused dq finished by a dq kernel (``fused_dq_finish``): the dk/dv kernels add the selected
+    # keys' dS k (the own-segment kernel none), then the Triton or the Gluon dq kernel runs over the
+    # own segment only and adds the buffer, scaled and cast once.
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device="cuda")
+    fused = dataclasses.replace(row_stats, fused_dq=True)
+    got = triton_impl.bwd_dkv(
+        do, q, k, v, lse_ref, delta, idx, config=fused, path="atomic", dq32=dq32, own_dq=False, **opts
+    )
+    for name, g, r in zip(("dk", "dv"), got, ref):
+        err = (g.float() - r.float()).abs().max().item()
+        assert err <= 2**-7 * r.float().abs().max().item(), ("fused, own dq left out", name, err)
+    for dq_cfg in (base, gluon):
+        finished = triton_impl.bwd_dq(do, q, k, v, lse_ref, delta, idx, config=dq_cfg, dq32=dq32, **opts)
+        assert (finished[:, :start] == 0).all() and not finished[:, start:].isnan().any()
+        err = (finished[:, start:].float() - dq_ref[:, start:].float()).abs().max().item()
+        bound = 2**-7 * dq_ref[:, start:].float().abs().max().item()
+        assert err <= bound, ("finished dq", dq_cfg.dq_gluon, err)
+
 
 # The fused selection at real sizes. Integer inputs (w a power of two, so every representative
 # and score is exact in float32 whatever the summation order) must give ms_select_torch's
@@ -1692,9 +1754,9 @@ def _compile_for_h100(fn, sig: dict, consts: dict, divisible=(), source=None, **
     ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("this Triton build has no CUDA backend with ptxas")
-    attrs = {
-        (i,): [["tt.divisibility", 16]]
-        for i, (name, kind) in enumerate(sig.items())
+    attrs = {  # by the argument's place in the kernel's signature (sig may list them in any order)
+        (fn.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in sig.items()
         if kind.startswith("*") or name in divisible
     }
     source = (source or ASTSource)(
@@ -1857,6 +1919,8 @@ def _compile_attention_for_h100(kernel: str, cfg, rope: bool):
                   WHOLE=cfg.whole_qk and not rope, BLOCK_M=getattr(cfg, f"{kernel}_block_m"),
                   BLOCK_N=cfg.key_step(kernel, rope), REGION=cfg.region_const(kernel, rope, 16))  # fmt: skip
     fn = tk.ms_attn_fwd_kernel if kernel == "fwd" else tk.ms_attn_bwd_dq_kernel
+    if kernel == "dq":
+        consts["DQ32"] = None  # not finishing a fused dq
     options = dict(num_warps=getattr(cfg, f"{kernel}_warps"), num_stages=cfg.stages(kernel, rope))
     # paper settings at 128K: L, P = 8192, W = 16, M = 64, S = 448, 64 prefix tiles, from row 0
     divisible = ("L", "P", "W", "M", "S", "n_pre_tiles", "q_start", "first_tile")
@@ -1934,6 +1998,7 @@ def test_gpu_defaults_keep_wgmma_async(kernel):
         ("dkv-rows", 128, 2),
         ("dkv-onewait", 128, 3),
         ("dkv-persistent", 128, 2),
+        ("dq-finish", 128, 2),
     ],
 )
 def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
@@ -1952,7 +2017,9 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     dq GEMM joins dv's and dk's wait (four waits per five GEMMs' 32 HGMMA, not six); with
     ``OVERLAP`` (``fwd-overlap``, three slots fit too) the forward issues p v (wgmma reading p from
     registers) behind the next step's scores and waits with p v still in flight; with ``ONE_WAIT``
-    (``dkv-onewait``) dk/dv's steps wait once with S^T in flight, no wgmma serialized."""
+    (``dkv-onewait``) dk/dv's steps wait once with S^T in flight, no wgmma serialized; with
+    ``DQ32`` (``dq-finish``, ``fused_dq_finish``) dq runs the own segment's steps only (the
+    selected keys' loops compiled out: half the HGMMA) and adds the float32 buffer's rows."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -1965,10 +2032,12 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
     early = kernel.endswith("-early")  # gluon_dq_early (with row stats): dq issued behind dv, dk
     one_wait = kernel.endswith("-onewait")  # gluon_dkv_one_wait (with row stats)
     persistent = kernel.endswith("-persistent")  # gluon_dkv_persistent (row stats, its own kernel)
+    finish = kernel.endswith("-finish")  # fused_dq_finish: dq over the own segment, plus DQ32
     rows = kernel.endswith("-rows") or early or one_wait  # gluon_dkv_row_stats: lse, delta through the ring
     pingpong = kernel.endswith("-pingpong")  # gluon_fwd_pingpong (with the overlap)
     overlap = kernel.endswith("-overlap") or pingpong  # gluon_fwd_overlap
-    for suffix in ("-split", "-rows", "-early", "-overlap", "-pingpong", "-onewait", "-persistent"):
+    suffixes = ("-split", "-rows", "-early", "-overlap", "-pingpong", "-onewait", "-persistent", "-finish")
+    for suffix in suffixes:
         kernel = kernel.removesuffix(suffix)
     if kernel == "fwd":
         common |= dict(OVERLAP=overlap, PINGPONG=pingpong)
@@ -2006,6 +2075,11 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
             consts["DQD"] = None
     sig |= dict.fromkeys(ints, "i32")
     sig |= dict.fromkeys(("qk_scale",) if kernel == "fwd" else ("qk_scale", "scale"), "fp32")
+    if kernel == "dq":
+        if finish:
+            sig["DQ32"] = "*fp32"
+        else:
+            consts["DQ32"] = None
 
     def compile_(sig, consts):
         return _compile_for_h100(
@@ -2035,6 +2109,12 @@ def test_gluon_kernels_compile_for_h100(kernel, block_n, stages):
             assert len(re.findall(op, sass)) == len(re.findall(op, alone)), op
     elif kernel == "dkv-partial":
         assert "RED" not in sass and "ATOM" not in sass
+    elif kernel == "dq":
+        # dq over every key (the selected keys' two loops, the own segment's two) or, finishing a
+        # fused dq, over the own segment's only: the selected keys' loops are compiled out.
+        plain = {name: kind for name, kind in sig.items() if name != "DQ32"}
+        whole = _sass(compile_(plain, consts | dict(DQ32=None))) if finish else sass
+        assert whole.count("HGMMA") == (2 * hgmma if finish else hgmma), (hgmma, whole.count("HGMMA"))
     # gluon_split_waits: a wait that leaves one GEMM group in flight (dP while P is formed); the
     # forward's overlap: the group left in flight is p v (A from registers), issued after the scores.
     assert ("WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass) == (split or overlap or one_wait)

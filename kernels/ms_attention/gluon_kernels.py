@@ -751,6 +751,7 @@ def _dq_consumer_partition(
     seg_lo,
     qk_scale,
     scale,
+    DQ32,
     PART: gl.constexpr,
     BLOCK_N: gl.constexpr,
     HEAD_DIM: gl.constexpr,
@@ -758,7 +759,8 @@ def _dq_consumer_partition(
     SPLIT_WAITS: gl.constexpr,
 ):
     """A dq consumer: query rows [lo + PART*64, +64) of the tile over every step of the key set,
-    the forward's steps and masks."""
+    the forward's steps and masks (``sel_len`` 0: the own segment only). With DQ32 (float32, q's
+    layout, unscaled dS k) the rows' sums there are added before the scale and the cast."""
     s_mma: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
     )
@@ -874,8 +876,10 @@ def _dq_consumer_partition(
     o_rows = lo + PART * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_mma))
     o_ok = (o_rows >= q_start) & (o_rows < hi)
     d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_mma))
-    dq_ptrs = DQ + q_off + o_rows.to(gl.int64)[:, None] * q_stride + d[None, :]
-    gl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=o_ok[:, None])
+    rows_off = q_off + o_rows.to(gl.int64)[:, None] * q_stride + d[None, :]
+    if DQ32 is not None:  # the selected keys' sums, added by the dk/dv kernels (fused dq)
+        dq += gl.load(DQ32 + rows_off, mask=o_ok[:, None], other=0.0)
+    gl.store(DQ + rows_off, (dq * scale).to(DQ.dtype.element_ty), mask=o_ok[:, None])
 
 
 @gluon.jit
@@ -911,10 +915,16 @@ def ms_attn_bwd_dq_ws_kernel(
     CONSUMER_REGS: gl.constexpr,
     REGION: gl.constexpr = 0,
     SPLIT_WAITS: gl.constexpr = False,
+    DQ32=None,
     num_warps: gl.constexpr = 4,
 ):
     """Grid (query tiles of 128 rows from `first_tile`, B*HQ): what ``ms_attn_bwd_dq_kernel``
-    writes without RoPE on the fly, with the forward's partitions (the same load partition)."""
+    writes without RoPE on the fly, with the forward's partitions (the same load partition).
+
+    With DQ32 (float32 ``[B, L, HQ, D]``: the selected keys' unscaled dS k, which the dk/dv
+    kernels added with ``FUSED_DQ``) the kernel *finishes* the fused dq: each tile runs its own
+    segment's steps only (the prefix's, or its block's own keys, causally) and adds its rows of
+    DQ32 before the scale and the cast."""
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
     gl.static_assert(128 % BLOCK_N == 0, "BLOCK_N must divide the 128-row tile")
     if REGION > 0:
@@ -937,6 +947,8 @@ def ms_attn_bwd_dq_ws_kernel(
         BLOCK_N,
         num_warps,
     )
+    if DQ32 is not None:  # the selected keys' part is in DQ32 already
+        sel_len = sel_len * 0
     q_stride = HQ * HEAD_DIM
     kv_stride = HKV * HEAD_DIM
     dtype: gl.constexpr = Q.dtype.element_ty
@@ -971,6 +983,7 @@ def ms_attn_bwd_dq_ws_kernel(
                     seg_lo,
                     qk_scale,
                     scale,
+                    DQ32,
                     0,
                     BLOCK_N,
                     HEAD_DIM,
@@ -1002,6 +1015,7 @@ def ms_attn_bwd_dq_ws_kernel(
                     seg_lo,
                     qk_scale,
                     scale,
+                    DQ32,
                     1,
                     BLOCK_N,
                     HEAD_DIM,

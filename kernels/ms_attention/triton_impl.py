@@ -357,6 +357,15 @@ class LaunchConfig:
     outside deterministic mode (the atomics' order varies, and with it dq's last bits) and
     without RoPE on the fly (``pe="selected"``: the keys there carry per-block rotations);
     otherwise the dq kernel runs."""
+    fused_dq_finish: bool = True
+    """With ``fused_dq`` on the "atomic" path (``dq_finish_applies``): the own segment's dq (the
+    prefix's, and each block's own keys) comes from the dq kernel (Gluon or Triton, as ``dq_gluon``
+    decides) run over those steps only, which then adds the selected keys' sums that the dk/dv
+    kernels left in the float32 buffer, scales and casts (``DQ32``), instead of from relaxed
+    atomics in the own-segment Triton dk/dv kernel (4 bytes a pair). By Nsight Compute and the
+    stage timings of sessions 16-18 those atomics were where the fused path lost what it saved: at
+    paper 64K the Gluon dk/dv of the selected keys took about 12 ms more with dq inside, against
+    the dq kernel's 18.5, while the own-segment kernel with dq took about 7 ms more than without."""
     dkv_partial_gib: float = 1.0
     """GiB of float32 partial sums "partial" may hold at once (dk and dv together): the blocks
     go through it in windows, one window's partial sums and reduction at a time."""
@@ -428,8 +437,9 @@ class LaunchConfig:
             raise ValueError(f"select_impl must be one of {SELECT_IMPLS}, got {self.select_impl!r}")
         if self.select_order not in ("block", "kv"):
             raise ValueError(f"select_order must be block or kv, got {self.select_order!r}")
-        flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq", "whole_dkv",
-                 "dkv_tma", "dkv_ws", "region_constexpr", "fwd_gluon", "dq_gluon", "dkv_gluon")  # fmt: skip
+        flags = ("shallow_rescore", "shallow_fault", "whole_qk", "rotate_q_once", "fused_dq",
+                 "fused_dq_finish", "whole_dkv", "dkv_tma", "dkv_ws", "region_constexpr", "fwd_gluon",
+                 "dq_gluon", "dkv_gluon")  # fmt: skip
         for name in flags:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -1328,6 +1338,9 @@ def ms_attn_bwd(
                 config=cfg, start=start)  # fmt: skip
     if fused_dq_applies(cfg, rope, deterministic):
         dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        if dq_finish_applies(cfg, path):  # the own segment's dq by the dq kernel
+            dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, own_dq=False, **opts)
+            return bwd_dq(do, q, k, v, lse, delta, idx_sorted, dq32=dq32, **opts), dk, dv
         dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, **opts)
         dq = torch.empty_like(q)
         return torch.mul(dq32, scale, out=dq), dk, dv  # the kernels add dS k: scaled once here
@@ -1359,6 +1372,14 @@ def fused_dq_applies(config: LaunchConfig, rope: bool, deterministic: bool | Non
     """Whether ``ms_attn_bwd`` sums dq inside the dk/dv kernels: ``config.fused_dq``, outside
     deterministic mode (``_deterministic``) and without RoPE on the fly."""
     return config.fused_dq and not rope and not _deterministic(config, deterministic)
+
+
+def dq_finish_applies(config: LaunchConfig, path: str) -> bool:
+    """Whether a fused backward (``fused_dq_applies``) takes the own segment's dq from the dq
+    kernel (``fused_dq_finish``): on the "atomic" path, where the dk/dv kernels of the selected keys
+    add their dq into the float32 buffer and the own-segment kernel (which on "reverse" also sums
+    the selected keys) need not."""
+    return config.fused_dq_finish and path == "atomic"
 
 
 def dkv_path(region: int, config: LaunchConfig, deterministic: bool | None = None, group: int = 1) -> str:
@@ -1410,16 +1431,26 @@ def _idx_arg(idx_sorted: Tensor) -> Tensor:
 
 
 def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, inv_freq,
-           scale, config: LaunchConfig, start: int = 0) -> Tensor:  # fmt: skip
+           scale, config: LaunchConfig, start: int = 0, dq32: Tensor | None = None) -> Tensor:  # fmt: skip
     """dq ``[B, L, Hq, D]``: the forward's schedule, one program per query tile from the one
-    holding ``start``; rows before ``start`` are 0."""
+    holding ``start``; rows before ``start`` are 0. With ``dq32`` (float32, q's shape: the selected
+    keys' unscaled dS k, added by the fused dk/dv kernels: ``dq_finish_applies``) the tiles run
+    their own segment's steps only and add their rows of ``dq32``."""
     B, L, Hq, D = q.shape
     geo = Geometry.of(L, region, budget, merge, config.dq_block_m)
+    gluon = gluon_applies(config, rope, q, "dq")
+    if dq32 is not None and (
+        dq32.shape != q.shape or dq32.dtype != torch.float32 or not dq32.is_contiguous()
+    ):
+        raise ValueError(
+            f"dq32 must be a contiguous float32 tensor of q's shape {tuple(q.shape)}; got "
+            f"{tuple(dq32.shape)} {dq32.dtype}, contiguous={dq32.is_contiguous()}"
+        )
     dq = _empty(q.shape, q.dtype, q.device)
     if start:
         dq[:, :start].zero_()
     first = geo.first_tile(start)
-    if gluon_applies(config, rope, q, "dq"):
+    if gluon:
         with launch_settings("ms_attn_bwd_dq_ws_kernel", config, "dq_", "gluon_"):
             _gluon("dq")[(geo.n_tiles - first, B * Hq)](
                 q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted),
@@ -1428,7 +1459,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
                 HQ=Hq, HKV=k.shape[2], HS=idx_sorted.shape[1], HEAD_DIM=D, BLOCK_N=config.gluon_dq_block_n,
                 STAGES=config.gluon_dq_stages, LOAD_WARPS=config.gluon_load_warps, LOAD_REGS=GLUON_LOAD_REGS,
                 CONSUMER_REGS=GLUON_CONSUMER_REGS, REGION=config.region_const("dq", rope, region),
-                SPLIT_WAITS=config.gluon_split_waits, num_warps=4, maxnreg=GLUON_MAXNREG,
+                SPLIT_WAITS=config.gluon_split_waits, DQ32=dq32, num_warps=4, maxnreg=GLUON_MAXNREG,
             )  # fmt: skip
         return dq
     cos, sin = _tables(rope, geo, D, inv_freq, q.device)
@@ -1439,7 +1470,8 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
             start, first, scale * LOG2E, scale,
             ROPE=rope, WHOLE=config.whole_qk and not rope, BLOCK_M=config.dq_block_m,
             BLOCK_N=config.key_step("dq", rope), REGION=config.region_const("dq", rope, region),
-            num_warps=config.dq_warps, num_stages=config.stages("dq", rope), **_consts(q, k, idx_sorted),
+            DQ32=dq32, num_warps=config.dq_warps, num_stages=config.stages("dq", rope),
+            **_consts(q, k, idx_sorted),
         )  # fmt: skip
     return dq
 
@@ -1496,14 +1528,16 @@ def partial_window(shape: tuple[int, int, int, int], region: int, head_dim: int,
 
 def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, inv_freq,
             scale, config: LaunchConfig, path: str, start: int = 0,
-            dq32: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+            dq32: Tensor | None = None, own_dq: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
     """dk, dv ``[B, L, Hkv, D]``: one program per key tile (own segment, causally), plus the
     selecting blocks' queries by ``path`` ("atomic", "partial" or "reverse", see ``dkv_path``).
     Only the query rows ``[start, L)`` contribute: the blocks wholly before ``start`` are neither
     launched nor indexed, and the query steps before ``start`` are skipped. With ``dq32`` (float32,
     q's shape, zeros; not with "partial" or RoPE on the fly) the kernels also add dq into it
     with atomics (``LaunchConfig.fused_dq``), without the softmax scale: dS k, which the caller
-    multiplies by ``scale`` once (32 multiplies a thread a step less in the Gluon kernel)."""
+    multiplies by ``scale`` once (32 multiplies a thread a step less in the Gluon kernel). With
+    ``own_dq`` False (the "atomic" path only) the own-segment kernel adds no dq: the selected keys'
+    part only, which ``bwd_dq(..., dq32=)`` then finishes (``dq_finish_applies``)."""
     if path not in DKV_PATHS[1:]:
         raise ValueError(f"path must be atomic, partial or reverse, got {path!r}")
     fused = dq32 is not None
@@ -1519,6 +1553,8 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
             f"float32 and contiguous; got path {path!r}, rope={rope}, {tuple(dq32.shape)} {dq32.dtype}, "
             f"contiguous={dq32.is_contiguous()}"
         )
+    if not own_dq and (not fused or path != "atomic"):
+        raise ValueError(f"own_dq=False needs dq32 and the atomic path, got dq32={fused}, path {path!r}")
     B, L, Hq, D = q.shape
     Hkv = k.shape[2]
     consts = _consts(q, k, idx_sorted)
@@ -1605,7 +1641,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
             rev.order, rev.offsets, rev.block, rev.rank,
             L, geo.P, region, merge, budget - merge, rev.slots, geo.n_tiles, geo.n_pre_tiles,
             geo.tiles_per_block, start, scale * LOG2E, scale,
-            ROPE=rope, SELECTED=path == "reverse", QROT=qrot, FUSED_DQ=fused, WHOLE=whole,
+            ROPE=rope, SELECTED=path == "reverse", QROT=qrot, FUSED_DQ=fused and own_dq, WHOLE=whole,
             BLOCK_M=config.dkv_block_m,
             BLOCK_N=config.dkv_block_n, num_warps=config.dkv_warps, num_stages=config.dkv_stages,
             **consts, **tma,

@@ -623,9 +623,14 @@ def ms_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REGION: tl.constexpr = 0,
+    DQ32=None,
 ):
     """Grid (query tiles from `first_tile`, B*HQ): the forward's schedule, P recomputed from
-    lse; rows before `q_start` are neither read nor written. REGION > 0: W as a constant."""
+    lse; rows before `q_start` are neither read nor written. REGION > 0: W as a constant. With
+    DQ32 (float32 ``[B, L, HQ, D]``, the selected keys' unscaled dS k added by the fused dk/dv
+    kernels) the tiles run their own segment's steps only and add their rows of DQ32 before the
+    scale and the cast (``LaunchConfig.fused_dq_finish``)."""
+    FINISH: tl.constexpr = DQ32 is not None
     if REGION > 0:  # the region size compiled in: its divisions become shifts or multiplies
         W = REGION
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -668,17 +673,18 @@ def ms_attn_bwd_dq_kernel(
     dq2 = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
 
     # The selected keys as in the forward: whole steps unmasked, the partial one masked.
-    sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
-    sel_len = _selected_len(sel, g, S, W, BLOCK_N)
-    whole = sel_len // BLOCK_N * BLOCK_N
-    dq1, dq2 = _dq_selected(
-        dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n,
-        qk_scale, kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
-    )  # fmt: skip
-    dq1, dq2 = _dq_selected(
-        dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n,
-        qk_scale, kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
-    )  # fmt: skip
+    if not FINISH:
+        sel = IDX + ((b * HS + hs).to(tl.int64) * G + g) * S
+        sel_len = _selected_len(sel, g, S, W, BLOCK_N)
+        whole = sel_len // BLOCK_N * BLOCK_N
+        dq1, dq2 = _dq_selected(
+            dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, 0, whole, S, W, offs_n,
+            qk_scale, kv_stride, offs_h, offs_d, False, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
+        )  # fmt: skip
+        dq1, dq2 = _dq_selected(
+            dq1, dq2, q1, q2, do, lse2, delta, k_base, v_base, COS, SIN, sel, whole, sel_len, S, W, offs_n,
+            qk_scale, kv_stride, offs_h, offs_d, True, ROPE, HALF, HEAD_DIM, WHOLE, BLOCK_N,
+        )  # fmt: skip
     for start in range(seg_lo, lo, BLOCK_N):
         tok = start + offs_n
         dq1, dq2 = _dq_step(
@@ -738,18 +744,20 @@ def ms_attn_bwd_dq_kernel(
         )
 
     if WHOLE:
-        dq_ptrs = DQ + q_off + offs_m.to(tl.int64)[:, None] * q_stride + offs_d[None, :]
-        tl.store(
-            dq_ptrs,
-            (dq1 * scale).to(DQ.dtype.element_ty),
-            mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
-        )
+        rows = q_off + offs_m.to(tl.int64)[:, None] * q_stride + offs_d[None, :]
+        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        if FINISH:
+            dq1 += tl.load(DQ32 + rows, mask=mask, other=0.0)
+        tl.store(DQ + rows, (dq1 * scale).to(DQ.dtype.element_ty), mask=mask)
     else:
         if ROPE:
             dq1, dq2 = _unrotate(dq1, dq2, cq, sq)
-        dq_ptrs = DQ + q_off + offs_m.to(tl.int64)[:, None] * q_stride + offs_h[None, :]
-        tl.store(dq_ptrs, (dq1 * scale).to(DQ.dtype.element_ty), mask=h_mask)
-        tl.store(dq_ptrs + HALF, (dq2 * scale).to(DQ.dtype.element_ty), mask=h_mask)
+        rows = q_off + offs_m.to(tl.int64)[:, None] * q_stride + offs_h[None, :]
+        if FINISH:
+            dq1 += tl.load(DQ32 + rows, mask=h_mask, other=0.0)
+            dq2 += tl.load(DQ32 + rows + HALF, mask=h_mask, other=0.0)
+        tl.store(DQ + rows, (dq1 * scale).to(DQ.dtype.element_ty), mask=h_mask)
+        tl.store(DQ + rows + HALF, (dq2 * scale).to(DQ.dtype.element_ty), mask=h_mask)
 
 
 @triton.jit

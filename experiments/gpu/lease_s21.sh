@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The lease of session 21 (nvidia-h200, one GPU; experiments/results moved aside during the lease;
+# carry [.whl/core]).
+#   call 1  bash experiments/gpu/lease_s21.sh 1
+#           the fused dq finished by the dq kernel (fused_dq_finish: the Gluon dk/dv of the
+#           selected keys adds their dS k by TMA reductions, the own-segment Triton kernel none, and
+#           the Gluon dq kernel runs the own segment's steps only and adds the buffer): GPU tests
+#           (the Gluon match tests, which now also finish a fused dq by both dq kernels; the fused
+#           bf16 error cases, one with the own segment's atomics); the whole backward, base against
+#           fused (232 and 240 registers), paper 64K (32 kv heads, the 7B's shape), paper 64K-128K
+#           (8), (64, 64, 8) 32K; the old fused path (the own segment's dq by atomics) at paper 64K
+#           with 32 kv heads  -> OUT/s21a.tgz
+#   call 2  bash experiments/gpu/lease_s21.sh 2 LAUNCH
+#           target 4 with LAUNCH (the best of call 1, e.g. fused_dq=true+gluon_dkv_consumer_regs=240):
+#           the 7B LoRA+ step at 64K, S2 and MS in one process, 2 warm-ups + 2 timed steps and one
+#           profiled step each  -> OUT/s21b.tgz
+#   call 3  bash experiments/gpu/lease_s21.sh 3 LAUNCH
+#           target 4 at 128K with LAUNCH (2 warm-ups + 2 timed steps each), then the kernel
+#           benchmark's paper cases at 64K-128K (target 2: ours + sel against the bound), as time
+#           allows  -> OUT/s21c.tgz
+set -uo pipefail
+CALL=${1:?usage: lease_s21.sh 1-3 [LAUNCH]}
+LAUNCH=${2:-}
+source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
+day=$(date -u +%F)
+case $CALL in
+  1)
+    R=$OUT/s21a; mkdir -p "$R"
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "gluon_kernels_match or (bf16_error and fused)" > "$R/gpu_tests_finish.log" 2>&1
+    tail -n 4 "$R/gpu_tests_finish.log"
+    base="base;fused_dq=true;fused_dq=true+gluon_dkv_consumer_regs=240"
+    sweep_cases "$R" bwd "$base;fused_dq=true+fused_dq_finish=false" "stage_sweep_${day}_${card}_s21_bwd_finish" 100 \
+      "paper 32 64K"
+    sweep_cases "$R" bwd "$base" "stage_sweep_${day}_${card}_s21_bwd_finish" \
+      $(( ($(left) - 20) / 2 )) "paper 8 64K,128K" "sparse 8 32K"
+    grep -h -A8 '^| case' "$R"/*.md
+    tar -czf "$OUT/s21a.tgz" -C "$OUT" s21a && rm -rf "$R"
+    ;;
+  2)
+    R=$OUT/s21b; mkdir -p "$R"
+    timeout $(( $(left) - 20 )) python3 -m ctxlab.bench.finetune --out "$R" --profile ${LAUNCH:+--launch "$LAUNCH"} \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s21_64k --lengths 65536 --variants s2,ms \
+      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_64k.log" 2>&1
+    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
+    grep -h -A14 '^Profiled step' "$R"/*.md | cut -c1-300
+    tar -czf "$OUT/s21b.tgz" -C "$OUT" s21b && rm -rf "$R"
+    ;;
+  3)
+    R=$OUT/s21c; mkdir -p "$R"
+    timeout 300 python3 -m ctxlab.bench.finetune --out "$R" ${LAUNCH:+--launch "$LAUNCH"} \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s21_128k --lengths 131072 --variants s2,ms \
+      --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_128k.log" 2>&1
+    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
+    stem="ms_attention_${day}_${card}_s21"
+    timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper-L64K,paper-L128K --ops triton,dense,s2 ${LAUNCH:+--launch "$LAUNCH"} --out "$R" \
+      --stem "${stem}_paper" \
+      --time-limit-s $(( $(left) - 40 )) > "$R/bench_paper.log" 2>&1
+    grep -h -A10 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/s21c.tgz" -C "$OUT" s21c && rm -rf "$R"
+    ;;
+esac
