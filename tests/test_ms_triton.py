@@ -193,7 +193,10 @@ def dkv_mode(mode: str):
         "persistent": "gluon_dkv_persistent",
     }
     if extras:
-        with launch(**{flags[x]: True for x in extras}), dkv_mode(mode):
+        fields = {flags[x]: True for x in extras}
+        if "fused" in extras:  # at every block size (the GPU default starts at 1024 rows)
+            fields["fused_dq_min_block"] = 0
+        with launch(**fields), dkv_mode(mode):
             yield
     elif mode == "flag":
         with deterministic_algorithms(True):
@@ -450,6 +453,19 @@ def test_fused_dq_gives_way(mode):
         assert not triton_impl.fused_dq_applies(cfg, rope=mode == "rope")
         assert triton_impl.fused_dq_applies(cfg, rope=mode == "rope", deterministic=False) == (mode != "rope")
     assert not triton_impl.fused_dq_applies(dataclasses.replace(cfg, fused_dq=False), rope=False)
+
+
+def test_fused_dq_applies_from_its_block_size():
+    """``fused_dq_min_block``: dq goes inside dk/dv only where a block has that many query rows
+    (m·w); the GPU default takes it from the paper's blocks (16 x 64 = 1024 rows) up, not at
+    (64, 64, 8) (512 rows), where the measured backward was slower."""
+    gpu = triton_impl.GPU_CONFIG
+    assert gpu.fused_dq and gpu.fused_dq_min_block == 1024
+    assert triton_impl.fused_dq_applies(gpu, rope=False, deterministic=False, block_rows=16 * 64)
+    assert not triton_impl.fused_dq_applies(gpu, rope=False, deterministic=False, block_rows=64 * 8)
+    assert triton_impl.fused_dq_applies(gpu, rope=False, deterministic=False)  # no block given
+    assert not triton_impl.fused_dq_applies(gpu, rope=False, deterministic=True, block_rows=1024)
+    assert triton_impl.dq_finish_applies(gpu, "atomic") and not triton_impl.dq_finish_applies(gpu, "reverse")
 
 
 def test_fused_dq_buffer_is_checked():
@@ -1418,6 +1434,9 @@ GPU_CASES = [
         "pre",
         "atomic+gluondkv+fused",
     ),
+    # The GPU default at a paper-sized block (m·w = 1024 rows): dq inside the Gluon dk/dv of the
+    # selected keys, finished by the Gluon dq kernel over the own segment (fused_dq_min_block).
+    ("L9000-gqa4-w16-m64-default", (1, 9000, 8, 2, 128), 16, 96, 64, "head", "pre", "atomic"),
     (
         "L4133-gqa4-w16-gluondkv-fused-ownatomics",
         (1, 4133, 8, 2, 128),
@@ -2165,8 +2184,15 @@ def test_gluon_kernels_apply_only_where_they_compile():
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_fwd_pingpong=True)
     with pytest.raises(ValueError, match="gluon_dkv_one_wait=True needs gluon_dkv_row_stats=True.*got False"):
         dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_one_wait=True, gluon_dkv_row_stats=False)
-    with pytest.raises(ValueError, match="gluon_dkv_one_wait=True needs .*fused_dq=False"):
-        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_one_wait=True, fused_dq=True)
+    with pytest.raises(ValueError, match="gluon_dkv_one_wait=True needs .*gluon_split_waits=False"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_one_wait=True, gluon_split_waits=True)
+    # One wait yields to dq inside (the fused kernel has its own schedule), as persistent does.
+    dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_one_wait=True, fused_dq=True)
+    for regs in (224, 236, 248):
+        with pytest.raises(ValueError, match=f"gluon_dkv_fused_regs must be 0 .*232 or 240, got {regs}"):
+            dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_fused_regs=regs)
+    with pytest.raises(ValueError, match="fused_dq_min_block must be an int >= 0, got -1"):
+        dataclasses.replace(triton_impl.GPU_CONFIG, fused_dq_min_block=-1)
     # The persistent dk/dv has the default schedule with row stats only: asked for another schedule
     # (or dq inside), the one-shot kernel runs it.
     persistent = dataclasses.replace(triton_impl.GPU_CONFIG, gluon_dkv_persistent=True)

@@ -10,16 +10,26 @@
 #           fused (232 and 240 registers), paper 64K (32 kv heads, the 7B's shape), paper 64K-128K
 #           (8), (64, 64, 8) 32K; the old fused path (the own segment's dq by atomics) at paper 64K
 #           with 32 kv heads  -> OUT/s21a.tgz
+#           (ran on 2f92f50: paper 64K kv32 backward 51.32 -> 47.72 ms with 240 registers (fused
+#           232: 49.51; the own segment's dq by atomics: 54.58); kv8 64K 50.15 -> 47.12, 128K
+#           104.71 -> 101.00; (64, 64, 8) 32K 14.12 -> 14.30; 6 GPU tests passed, 2 cut by 200 s)
 #   call 2  bash experiments/gpu/lease_s21.sh 2 LAUNCH
 #           target 4 with LAUNCH (the best of call 1, e.g. fused_dq=true+gluon_dkv_consumer_regs=240):
 #           the 7B LoRA+ step at 64K, S2 and MS in one process, 2 warm-ups + 2 timed steps and one
 #           profiled step each  -> OUT/s21b.tgz
-#   call 3  bash experiments/gpu/lease_s21.sh 3 LAUNCH
-#           target 4 at 128K with LAUNCH (2 warm-ups + 2 timed steps each), then the kernel
-#           benchmark's paper cases at 64K-128K (target 2: ours + sel against the bound), as time
-#           allows  -> OUT/s21c.tgz
+#           (ran on 2f92f50 with fused_dq=true+gluon_dkv_consumer_regs=240: S2 9.054, MS 9.025 s a
+#           step (1.003x); MS attention backward 1,733 ms a step against 1,828)
+#   call 3  bash experiments/gpu/lease_s21.sh 3
+#           the new GPU default (fused dq where a block has >= 1024 rows, 240 registers, finished by
+#           the dq kernel): GPU tests (the default at a paper-sized block, the fused bf16 cases, the
+#           paper-settings match test); target 4 at 128K (2 warm-ups + 2 timed steps each)
+#           -> OUT/s21c.tgz
+#   call 4  bash experiments/gpu/lease_s21.sh 4
+#           target 4 at 64K again on the default (3 timed steps each), then the kernel benchmark's
+#           paper cases at 64K-128K with dense and S2 (target 2: ours + sel against the bound), as
+#           time allows  -> OUT/s21d.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s21.sh 1-3 [LAUNCH]}
+CALL=${1:?usage: lease_s21.sh 1-4 [LAUNCH]}
 LAUNCH=${2:-}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
@@ -48,16 +58,26 @@ case $CALL in
     ;;
   3)
     R=$OUT/s21c; mkdir -p "$R"
-    timeout 300 python3 -m ctxlab.bench.finetune --out "$R" ${LAUNCH:+--launch "$LAUNCH"} \
+    timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider -rf tests/test_ms_triton.py \
+      -k "(bf16_error and (default or fused)) or (gluon_kernels_match and paper)" > "$R/gpu_tests_defaults.log" 2>&1
+    tail -n 4 "$R/gpu_tests_defaults.log"
+    timeout $(( $(left) - 20 )) python3 -m ctxlab.bench.finetune --out "$R" ${LAUNCH:+--launch "$LAUNCH"} \
       --tag finetune_llama2_7b_H200_1gpu_${day}_s21_128k --lengths 131072 --variants s2,ms \
       --warmup 2 --steps 2 --long-steps 2 > "$R/finetune_128k.log" 2>&1
+    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
+    tar -czf "$OUT/s21c.tgz" -C "$OUT" s21c && rm -rf "$R"
+    ;;
+  4)
+    R=$OUT/s21d; mkdir -p "$R"
+    timeout 240 python3 -m ctxlab.bench.finetune --out "$R" ${LAUNCH:+--launch "$LAUNCH"} \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s21_64k_defaults --lengths 65536 --variants s2,ms \
+      --warmup 2 --steps 3 --long-steps 3 > "$R/finetune_64k_defaults.log" 2>&1
     grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
     stem="ms_attention_${day}_${card}_s21"
     timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
       --cases paper-L64K,paper-L128K --ops triton,dense,s2 ${LAUNCH:+--launch "$LAUNCH"} --out "$R" \
-      --stem "${stem}_paper" \
-      --time-limit-s $(( $(left) - 40 )) > "$R/bench_paper.log" 2>&1
+      --stem "${stem}_paper" --time-limit-s $(( $(left) - 60 )) > "$R/bench_paper.log" 2>&1
     grep -h -A10 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
-    tar -czf "$OUT/s21c.tgz" -C "$OUT" s21c && rm -rf "$R"
+    tar -czf "$OUT/s21d.tgz" -C "$OUT" s21d && rm -rf "$R"
     ;;
 esac

@@ -217,7 +217,8 @@ class LaunchConfig:
     and with it 2-11% slower than the dq kernel beside the Gluon dk/dv at paper and (64, 64, 8)
     settings, 32K-128K, so ``fused_dq`` stays off."""
     gluon_dkv_one_wait: bool = False
-    """With ``gluon_dkv_row_stats`` (and without ``fused_dq`` or ``gluon_split_waits``): the Gluon
+    """With ``gluon_dkv_row_stats`` (and without ``gluon_split_waits``; where ``fused_dq`` applies,
+    the fused kernel's own schedule runs instead): the Gluon
     dk/dv consumers wait once a step for their GEMMs instead of twice. Step i - 1's dv += P^T do and
     dk += dS^T q are issued, then step i's S^T behind them; one wait finishes dv and dk (S^T left in
     flight) and frees step i - 1's slot, then dP^T is issued and waited for. (Issuing both score
@@ -353,7 +354,11 @@ class LaunchConfig:
     dk/dv at paper 64K-128K, 3-14% slower at paper 32K and at (64, 64, 8), and 2-11% slower than
     the dq kernel beside the Gluon dk/dv (session 16); with 15% fewer instructions executed (no
     select, no multiply in its steps: dS k is summed unscaled and scaled once) still 1-13% slower
-    (session 18: latency-bound, kernels/README.md). Applies only
+    (session 18: latency-bound, kernels/README.md). The own segment's dq was the loss: with
+    ``fused_dq_finish`` (the dq kernel runs the own segment's steps only and adds the buffer) the
+    whole backward took 3.5-7.0% less time than with the dq kernel at paper settings, 64K-128K, and
+    the 7B LoRA+ step at 64K 9.025 s against S2's 9.054 (H200, session 21), so ``GPU_CONFIG`` has it
+    on where a block has 1024 query rows or more (``fused_dq_min_block``). Applies only
     outside deterministic mode (the atomics' order varies, and with it dq's last bits) and
     without RoPE on the fly (``pe="selected"``: the keys there carry per-block rotations);
     otherwise the dq kernel runs."""
@@ -366,6 +371,16 @@ class LaunchConfig:
     stage timings of sessions 16-18 those atomics were where the fused path lost what it saved: at
     paper 64K the Gluon dk/dv of the selected keys took about 12 ms more with dq inside, against
     the dq kernel's 18.5, while the own-segment kernel with dq took about 7 ms more than without."""
+    fused_dq_min_block: int = 0
+    """``fused_dq`` applies only where a block has at least this many query rows (m·w): a dk/dv
+    program of the selected keys then runs m·w/64 query steps, over which its dq reductions and its
+    keys' gathering are spread. ``GPU_CONFIG`` takes 1024 (H200, session 21, whole backward with
+    ``fused_dq_finish`` against the dq kernel: 3.5-7.0% less time at paper settings, m·w = 1024,
+    64K-128K; 1.3% more at (64, 64, 8), m·w = 512, 32K)."""
+    gluon_dkv_fused_regs: int = 0
+    """Registers per thread of the Gluon dk/dv consumers with dq inside (``fused_dq``); 0 takes
+    ``gluon_dkv_consumer_regs``. ``GPU_CONFIG`` takes 240 (H200, session 21, whole backward at paper
+    64K-128K: 1.9-3.6% less time than at 232; session 18 found the same)."""
     dkv_partial_gib: float = 1.0
     """GiB of float32 partial sums "partial" may hold at once (dk and dv together): the blocks
     go through it in windows, one window's partial sums and reduction at a time."""
@@ -507,12 +522,19 @@ class LaunchConfig:
             raise ValueError(
                 f"gluon_dkv_consumer_regs must be 232 or 240, got {self.gluon_dkv_consumer_regs}"
             )
-        if self.gluon_dkv_one_wait and (
-            not self.gluon_dkv_row_stats or self.gluon_split_waits or self.fused_dq
+        if self.gluon_dkv_fused_regs and (
+            self.gluon_dkv_fused_regs % 8 or not 232 <= self.gluon_dkv_fused_regs <= 240
         ):
             raise ValueError(
-                "gluon_dkv_one_wait=True needs gluon_dkv_row_stats=True, gluon_split_waits=False and "
-                f"fused_dq=False, got {self.gluon_dkv_row_stats}, {self.gluon_split_waits}, {self.fused_dq}"
+                f"gluon_dkv_fused_regs must be 0 (gluon_dkv_consumer_regs), 232 or 240, got "
+                f"{self.gluon_dkv_fused_regs}"
+            )
+        if not isinstance(self.fused_dq_min_block, int) or self.fused_dq_min_block < 0:
+            raise ValueError(f"fused_dq_min_block must be an int >= 0, got {self.fused_dq_min_block!r}")
+        if self.gluon_dkv_one_wait and (not self.gluon_dkv_row_stats or self.gluon_split_waits):
+            raise ValueError(
+                "gluon_dkv_one_wait=True needs gluon_dkv_row_stats=True and gluon_split_waits=False, "
+                f"got {self.gluon_dkv_row_stats}, {self.gluon_split_waits}"
             )
         if not isinstance(self.gluon_dkv_programs, int) or self.gluon_dkv_programs < 0:
             raise ValueError(
@@ -560,6 +582,9 @@ GPU_CONFIG = LaunchConfig(
     dkv_gluon=True,
     gluon_dkv_row_stats=True,
     gluon_dkv_persistent=True,
+    fused_dq=True,
+    fused_dq_min_block=1024,
+    gluon_dkv_fused_regs=240,
 )
 """The launch settings on CUDA: the shallow selection searches with tf32 dots and re-scores its
 candidates in float32 (``shallow_rescore``, four columns per load), so its indices are those of the
@@ -596,7 +621,13 @@ selected keys is the Gluon kernel with the rows' lse and delta through its ring 
 ``gluon_dkv_row_stats``): the whole backward 2.3-3.8% faster at paper settings, 32K-128K, in two
 runs (H200, session 16: paper 64K 53.24 -> 52.00 and 53.85 -> 52.11 ms), and at (64, 64, 8) within
 -2.2..+2.8% (slower at 64K in both runs); since session 20 as persistent programs
-(``gluon_dkv_persistent``: the whole backward 0.9-3.9% faster, paper 32K-128K and (64, 64, 8) 32K)."""
+(``gluon_dkv_persistent``: the whole backward 0.9-3.9% faster, paper 32K-128K and (64, 64, 8) 32K).
+Since session 21, where a block has 1024 query rows or more (the paper's 16 x 64), dq is summed
+inside the Gluon dk/dv (``fused_dq``, 240 registers a consumer, ``gluon_dkv_fused_regs``) and
+finished by the Gluon dq kernel over the own segment (``fused_dq_finish``): the whole backward
+51.32 -> 47.72 ms at paper 64K with 32 kv heads, 50.15 -> 47.12 and 104.71 -> 101.00 with 8 kv heads
+at 64K and 128K (H200, one run); at (64, 64, 8) 32K it was 1.3% slower, so smaller blocks keep
+the dq kernel and the persistent dk/dv."""
 INTERPRETER_CONFIG = LaunchConfig(
     fwd_block_m=16,
     fwd_block_n=16,
@@ -1336,7 +1367,7 @@ def ms_attn_bwd(
     delta = bwd_preprocess(o, do, start)
     opts = dict(region=region, budget=budget, merge=merge, rope=rope, inv_freq=inv_freq, scale=scale,
                 config=cfg, start=start)  # fmt: skip
-    if fused_dq_applies(cfg, rope, deterministic):
+    if fused_dq_applies(cfg, rope, deterministic, block_rows=region * merge):
         dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         if dq_finish_applies(cfg, path):  # the own segment's dq by the dq kernel
             dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, own_dq=False, **opts)
@@ -1368,10 +1399,18 @@ def dkv_persistent_applies(config: LaunchConfig, fused: bool) -> bool:
     )
 
 
-def fused_dq_applies(config: LaunchConfig, rope: bool, deterministic: bool | None = None) -> bool:
+def fused_dq_applies(
+    config: LaunchConfig, rope: bool, deterministic: bool | None = None, block_rows: int | None = None
+) -> bool:
     """Whether ``ms_attn_bwd`` sums dq inside the dk/dv kernels: ``config.fused_dq``, outside
-    deterministic mode (``_deterministic``) and without RoPE on the fly."""
-    return config.fused_dq and not rope and not _deterministic(config, deterministic)
+    deterministic mode (``_deterministic``), without RoPE on the fly and, given the query rows of a
+    block (m·w, ``block_rows``), where it has at least ``config.fused_dq_min_block``."""
+    return (
+        config.fused_dq
+        and not rope
+        and not _deterministic(config, deterministic)
+        and (block_rows is None or block_rows >= config.fused_dq_min_block)
+    )
 
 
 def dq_finish_applies(config: LaunchConfig, path: str) -> bool:
@@ -1604,17 +1643,17 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
                         )  # fmt: skip
                     return
                 if gluon:
+                    regs = (fused and config.gluon_dkv_fused_regs) or config.gluon_dkv_consumer_regs
                     with launch_settings("ms_attn_bwd_dkv_sel_ws_kernel", config, "gluon_dkv_"):
                         _gluon("dkv")[grid](
                             q, k, v, do, dk_out, dv_out, lse, delta, idx_sorted, dqd,
                             L, geo.P, region, merge, S, G, n_chunks, g0, window, start, scale * LOG2E, scale,
                             HQ=Hq, HKV=Hkv, HS=Hs, HEAD_DIM=D, BLOCK_M=GLUON_DKV_BLOCK_M,
                             STAGES=config.gluon_dkv_stages, LOAD_WARPS=config.gluon_load_warps,
-                            LOAD_REGS=504 - 2 * config.gluon_dkv_consumer_regs,
-                            CONSUMER_REGS=config.gluon_dkv_consumer_regs, PARTIAL=partial,
+                            LOAD_REGS=504 - 2 * regs, CONSUMER_REGS=regs, PARTIAL=partial,
                             REGION=config.region_const("dkv", rope, region),
                             SPLIT_WAITS=split, FUSED_DQ=fused, ROW_STATS=row_stats,
-                            DQ_EARLY=config.gluon_dq_early, ONE_WAIT=config.gluon_dkv_one_wait,
+                            DQ_EARLY=config.gluon_dq_early, ONE_WAIT=config.gluon_dkv_one_wait and not fused,
                             num_warps=4, maxnreg=GLUON_MAXNREG,
                         )  # fmt: skip
                     return
