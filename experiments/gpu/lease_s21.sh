@@ -24,12 +24,17 @@
 #           the dq kernel): GPU tests (the default at a paper-sized block, the fused bf16 cases, the
 #           paper-settings match test); target 4 at 128K (2 warm-ups + 2 timed steps each)
 #           -> OUT/s21c.tgz
+#           (ran on ba4f0a8: 7 GPU tests passed; 7B 128K S2 22.356, MS 17.994 s: 1.24x)
 #   call 4  bash experiments/gpu/lease_s21.sh 4
 #           target 4 at 64K again on the default (3 timed steps each), then the kernel benchmark's
 #           paper cases at 64K-128K with dense and S2 (target 2: ours + sel against the bound), as
 #           time allows  -> OUT/s21d.tgz
+#           (ran on ba4f0a8: 7B 64K S2 8.926, MS 8.894 s (1.004x; every MS step faster); ours + sel
+#           66.1 / 139.0 ms at paper 64K / 128K, 1.35 / 1.34x the bound, 0.93 / 1.68x S2)
+#   call 5  bash experiments/gpu/lease_s21.sh 5
+#           target 2 at 256K: the kernel benchmark's paper case with dense and S2  -> OUT/s21e.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s21.sh 1-4 [LAUNCH]}
+CALL=${1:?usage: lease_s21.sh 1-5 [LAUNCH]}
 LAUNCH=${2:-}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
@@ -79,5 +84,14 @@ case $CALL in
       --stem "${stem}_paper" --time-limit-s $(( $(left) - 60 )) > "$R/bench_paper.log" 2>&1
     grep -h -A10 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/s21d.tgz" -C "$OUT" s21d && rm -rf "$R"
+    ;;
+  5)
+    R=$OUT/s21e; mkdir -p "$R"
+    stem="ms_attention_${day}_${card}_s21"
+    timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper-L256K --ops triton,dense,s2 --out "$R" --stem "${stem}_paper256k" \
+      > "$R/bench_paper256k.log" 2>&1
+    grep -h -A6 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
+    tar -czf "$OUT/s21e.tgz" -C "$OUT" s21e && rm -rf "$R"
     ;;
 esac
