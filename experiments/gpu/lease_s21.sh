@@ -33,6 +33,7 @@
 #           66.1 / 139.0 ms at paper 64K / 128K, 1.35 / 1.34x the bound, 0.93 / 1.68x S2)
 #   call 5  bash experiments/gpu/lease_s21.sh 5
 #           target 2 at 256K: the kernel benchmark's paper case with dense and S2  -> OUT/s21e.tgz
+#           (ran on ba4f0a8's kernels: ours + sel 289.6 ms, 1.36x the bound, 3.13x S2)
 set -uo pipefail
 CALL=${1:?usage: lease_s21.sh 1-5 [LAUNCH]}
 LAUNCH=${2:-}
