@@ -2263,6 +2263,8 @@ def test_bench_runs_positions_on_the_selected_tokens(tmp_path):
     rows = {r["op"]: r for r in saved["rows"]}
     assert {r["case"] for r in rows.values()} == {"tiny-L61-kv1-head-selected"}
     assert rows["triton"]["status"] == "ok" and rows["triton"]["errors"]["o_tail"] < 1e-4
+    # every stage of ours, the whole backward as the launch config runs it last
+    assert list(rows["triton"]["parts_ms"]) == ["fwd", "dq", "dkv", "dkv_partial", "dkv_reverse", "bwd"]
     assert rows["gather"]["status"] == "error: ValueError: the gather baseline implements pe='pre' only"
     assert rows["dense"]["status"] == "ok"
 

@@ -242,7 +242,10 @@ def stage_opts(case: Case, device) -> dict:
 def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[str, float]:
     """Milliseconds of each stage of ours: forward, dq (with delta), and dk/dv by each path:
     ``dkv`` relaxed atomics, ``dkv_partial`` partial sums + fixed-order reduction and
-    ``dkv_reverse`` the reverse index (both deterministic; their index construction included)."""
+    ``dkv_reverse`` the reverse index (both deterministic; their index construction included);
+    then ``bwd``, the whole backward as ``ms_attn_bwd`` runs it with ``config`` (delta included):
+    where ``fused_dq`` applies, dq is summed inside dk/dv and finished by the dq kernel over the
+    own segment, so ``bwd`` is then less than dq + dkv."""
     idx_sorted = sort_selection(idx)
     opts = stage_opts(case, q.device)
     o, lse = triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
@@ -262,6 +265,9 @@ def triton_parts(case: Case, idx: Tensor, q, k, v, do, config, time_fn) -> dict[
                 do, q, k, v, lse, delta, idx_sorted, config=config, path=path, **opts
             )
         )
+    parts["bwd"] = time_fn(
+        lambda: triton_impl.ms_attn_bwd(do, q, k, v, o, lse, idx_sorted, config=config, **opts)
+    )
     return parts
 
 

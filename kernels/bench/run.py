@@ -456,7 +456,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         "Stages of ours (ms): forward, dq, dk/dv by relaxed atomics (dkv), by partial sums and a "
         "fixed-order reduction (dkv_partial, deterministic), by the reverse index (dkv_reverse, "
-        "deterministic).",
+        "deterministic), and the whole backward as the launch config runs it (bwd: where fused_dq "
+        "applies, dq inside dk/dv, so less than dq + dkv).",
         "",
     ]
     for row in rows:
