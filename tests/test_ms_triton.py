@@ -2298,12 +2298,12 @@ def test_stage_sweep_checks_and_times_each_variant(tmp_path):
 @pytest.mark.skipif(INTERPRETED, reason="starts its own interpreted process")
 def test_profile_stage_runs_each_stage_on_cpu():
     """``experiments/gpu/profile_stage.py`` (the launch Nsight Compute catches) runs every stage it
-    offers on CPU, dk/dv with dq inside (``dkvdq``) among them, and refuses a bad launch setting by
-    name before any work."""
+    offers on CPU, dk/dv with dq inside (``dkvdq``) and the whole backward (``bwd``) among them, and
+    refuses a bad launch setting by name before any work."""
     script = pathlib.Path(__file__).parents[1] / "experiments" / "gpu" / "profile_stage.py"
     env = os.environ | {"TRITON_INTERPRET": "1"}
     base = [sys.executable, str(script), "--device", "cpu", "--setting", "tiny", "--length", "61"]
-    for stage in ("fwd", "dq", "dkv", "dkvdq"):
+    for stage in ("fwd", "dq", "dkv", "dkvdq", "bwd"):
         proc = subprocess.run(base + ["--stage", stage], env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"profile_stage: tiny-L61 {stage} ran twice" in proc.stdout

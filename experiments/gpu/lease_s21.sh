@@ -34,8 +34,14 @@
 #   call 5  bash experiments/gpu/lease_s21.sh 5
 #           target 2 at 256K: the kernel benchmark's paper case with dense and S2  -> OUT/s21e.tgz
 #           (ran on ba4f0a8's kernels: ours + sel 289.6 ms, 1.36x the bound, 3.13x S2)
+#   call 6  bash experiments/gpu/lease_s21.sh 6   (written for the next lease, not run)
+#           Nsight Compute of the whole default backward at paper 64K with 32 kv heads (the fused
+#           Gluon dk/dv at 240 registers, the own-segment Triton dk/dv, the dq kernel finishing dq:
+#           where the fused kernel's dq time goes, and what the two own-segment launches cost); then
+#           target 4 at 64K with 5 timed steps each (the margin was 0.3-0.4% in two runs of 2-3)
+#           -> OUT/s21f.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s21.sh 1-5 [LAUNCH]}
+CALL=${1:?usage: lease_s21.sh 1-6 [LAUNCH]}
 LAUNCH=${2:-}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
@@ -94,5 +100,17 @@ case $CALL in
       > "$R/bench_paper256k.log" 2>&1
     grep -h -A6 '^Summary' "$R/${stem}"_*.md 2>/dev/null | cut -c1-400
     tar -czf "$OUT/s21e.tgz" -C "$OUT" s21e && rm -rf "$R"
+    ;;
+  6)
+    R=$OUT/s21f; mkdir -p "$R/ncu"
+    ncu_stage "$R/ncu" paper_64K_kv32_bwd 'ms_attn_bwd_dkv_sel_ws_kernel|ms_attn_bwd_dkv_kernel|ms_attn_bwd_dq_ws_kernel' \
+      3 3 200 --setting paper --length 64K --kv-heads 32 --stage bwd
+    python3 -m ctxlab.kernels.bench.ncu_summary "$R/ncu" --out "$R/ncu/ncu_summary.md" > /dev/null 2>&1
+    grep -h "Duration" "$R/ncu/ncu_summary.md" | cut -c1-200
+    timeout $(( $(left) - 20 )) python3 -m ctxlab.bench.finetune --out "$R" \
+      --tag finetune_llama2_7b_H200_1gpu_${day}_s21_64k_5steps --lengths 65536 --variants s2,ms \
+      --warmup 2 --steps 5 --long-steps 5 > "$R/finetune_64k_5steps.log" 2>&1
+    grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
+    tar -czf "$OUT/s21f.tgz" -C "$OUT" s21f && rm -rf "$R"
     ;;
 esac

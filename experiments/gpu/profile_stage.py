@@ -4,8 +4,9 @@
         --set full -o OUT python3 experiments/gpu/profile_stage.py --setting paper --length 64K
 
 Builds the benchmark's inputs for one case (B=1, 32 query / 8 kv heads, D=128, bf16, the
-GPU launch config), selects, then runs ``--stage`` (fwd, dq, dkv, or dkvdq: dk/dv with dq added
-inside, as ``fused_dq`` does) twice: a warm-up that
+GPU launch config), selects, then runs ``--stage`` (fwd, dq, dkv, dkvdq: dk/dv with dq added
+inside, as ``fused_dq`` does, or bwd: the whole backward as ``ms_attn_bwd`` runs it with the launch
+config, e.g. the fused dq and the dq kernel that finishes it) twice: a warm-up that
 compiles, which ``--launch-skip 1`` passes over, and the launch to profile. ``--setting prefix``
 runs the same kernels over contiguous keys (dense causal), the comparison that splits MS's
 selected-key cost from the kernels' own (kernels/README.md, session 12). ``--launch`` sets
@@ -32,7 +33,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--setting", default="paper", choices=sorted(SETTINGS))
     parser.add_argument("--length", default="64K", choices=sorted(LENGTHS))
-    parser.add_argument("--stage", default="fwd", choices=("fwd", "dq", "dkv", "dkvdq"))
+    parser.add_argument("--stage", default="fwd", choices=("fwd", "dq", "dkv", "dkvdq", "bwd"))
     parser.add_argument("--kv-heads", type=int, default=8, choices=(8, 32), help="of the 32 query heads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -61,6 +62,8 @@ def main(argv=None) -> None:
             triton_impl.ms_attn_fwd(q, k, v, idx_sorted, config=config, **opts)
         elif args.stage == "dq":
             triton_impl.bwd_dq(do, q, k, v, lse, delta, idx_sorted, config=config, **opts)
+        elif args.stage == "bwd":
+            triton_impl.ms_attn_bwd(do, q, k, v, o, lse, idx_sorted, config=config, **opts)
         else:
             triton_impl.bwd_dkv(
                 do, q, k, v, lse, delta, idx_sorted, config=config, path=path, dq32=dq32, **opts
