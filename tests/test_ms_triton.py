@@ -444,6 +444,36 @@ def test_fused_dq_matches_torch(shape, region, budget, merge, scope, dkv, start,
     assert bool(finished) == (dkv.startswith("atomic") and "ownatomics" not in dkv), finished
 
 
+@on_interpreter
+def test_fused_dq_gives_way_to_the_dq_kernel_when_its_buffer_does_not_fit(monkeypatch):
+    """The fused backward's float32 dq buffer is twice q's bf16 bytes: where the device runs out of
+    memory on that path, ``ms_attn_bwd`` runs the dq kernel over every key instead (which needs no
+    such buffer), with the same gradients, rather than failing a length the default fit before."""
+    real_fused, real_dq = triton_impl._bwd_fused, triton_impl.bwd_dq
+    attempts, dq_runs = [], []
+
+    def out_of_memory(*args, **kwargs):
+        real_fused(*args, **kwargs)  # the fused path runs, then its last allocation fails
+        attempts.append(True)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def dq_kernel(*args, dq32=None, **kwargs):
+        dq_runs.append(dq32 is None)
+        return real_dq(*args, dq32=dq32, **kwargs)
+
+    monkeypatch.setattr(triton_impl, "_bwd_fused", out_of_memory)
+    monkeypatch.setattr(triton_impl, "bwd_dq", dq_kernel)
+    shape, region, budget, merge = (1, 51, 2, 2, 32), 4, 5, 2
+    q, k, v, do = _inputs(*shape, seed=0)
+    idx = ms_select_torch(q, k, region=region, budget=budget, merge=merge, scope="head")
+    opts = dict(region=region, budget=budget, merge=merge, pe="pre", inv_freq=None)
+    with dkv_mode("atomic"), launch(fused_dq=True):
+        _assert_matches_torch(q, k, v, do, idx, scope="head", start=0, opts=opts, q_in=q)
+    # the fused attempt ran its dq kernel over the own segment (dq32) and failed; then the dq kernel
+    # ran over every key
+    assert attempts == [True] and dq_runs == [False, True], (attempts, dq_runs)
+
+
 @pytest.mark.parametrize("mode", ["flag", "config", "rope"])
 def test_fused_dq_gives_way(mode):
     """``fused_dq`` is set aside in deterministic mode (Torch's flag or the config's) and under

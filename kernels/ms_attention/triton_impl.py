@@ -1357,7 +1357,8 @@ def ms_attn_bwd(
 
     dk, dv of the selected keys go the way ``dkv_path`` picks, and dq comes from the dq kernel
     (deterministic) or, with ``config.fused_dq`` outside deterministic mode and without RoPE on
-    the fly, from atomics inside the dk/dv kernels (``fused_dq_applies``). ``deterministic``
+    the fly, from atomics inside the dk/dv kernels (``fused_dq_applies``); where that path's float32
+    dq buffer does not fit in the device's memory, from the dq kernel. ``deterministic``
     None (the default) means ``config.deterministic`` or
     ``torch.are_deterministic_algorithms_enabled()``; in deterministic mode two calls return
     identical bits.
@@ -1370,16 +1371,29 @@ def ms_attn_bwd(
     opts = dict(region=region, budget=budget, merge=merge, rope=rope, inv_freq=inv_freq, scale=scale,
                 config=cfg, start=start)  # fmt: skip
     if fused_dq_applies(cfg, rope, deterministic, block_rows=region * merge):
-        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        if dq_finish_applies(cfg, path):  # the own segment's dq by the dq kernel
-            dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, own_dq=False, **opts)
-            return bwd_dq(do, q, k, v, lse, delta, idx_sorted, dq32=dq32, **opts), dk, dv
-        dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, **opts)
-        dq = torch.empty_like(q)
-        return torch.mul(dq32, scale, out=dq), dk, dv  # the kernels add dS k: scaled once here
+        try:
+            return _bwd_fused(do, q, k, v, lse, delta, idx_sorted, path, opts)
+        except torch.cuda.OutOfMemoryError:
+            # Its float32 dq buffer (twice q's bytes in bf16) did not fit: the dq kernel needs none.
+            # Nothing was written to the inputs; the buffers go with the exception, before the
+            # fallback allocates (no tensor of the failed attempt is held past this clause).
+            pass
     dq = bwd_dq(do, q, k, v, lse, delta, idx_sorted, **opts)
     dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, **opts)
     return dq, dk, dv
+
+
+def _bwd_fused(do, q, k, v, lse, delta, idx_sorted, path: str, opts: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """``ms_attn_bwd`` with dq summed inside the dk/dv kernels (``fused_dq_applies``) into a
+    float32 buffer, finished by the dq kernel over the own segment (``dq_finish_applies``) or
+    scaled and cast here."""
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    if dq_finish_applies(opts["config"], path):  # the own segment's dq by the dq kernel
+        dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, own_dq=False, **opts)
+        return bwd_dq(do, q, k, v, lse, delta, idx_sorted, dq32=dq32, **opts), dk, dv
+    dk, dv = bwd_dkv(do, q, k, v, lse, delta, idx_sorted, path=path, dq32=dq32, **opts)
+    dq = torch.empty_like(q)
+    return torch.mul(dq32, opts["scale"], out=dq), dk, dv  # the kernels add dS k: scaled once here
 
 
 def _deterministic(config: LaunchConfig, deterministic: bool | None) -> bool:
