@@ -453,11 +453,12 @@ def _tile(
     HEAD_DIM: gl.constexpr,
     BLOCK_N: gl.constexpr,
     num_warps: gl.constexpr,
+    SELECTED: gl.constexpr = True,
 ):
     """Where program (tile, b*HQ + h) works (as ``triton_kernels._query_tile``): rows [lo, hi) of
     the segment starting at seg_lo (the dense prefix or block g), the q and k/v row offsets of its
-    heads, its lse row, its block's selection row, the selection's tokens and the own segment's
-    steps."""
+    heads, its lse row, its block's selection row, the selection's tokens (0 without SELECTED: the
+    selection row is not read) and the own segment's steps."""
     BLOCK_M: gl.constexpr = 2 * ROWS
     bh = gl.program_id(1)
     tile = gl.program_id(0) + first_tile
@@ -478,7 +479,10 @@ def _tile(
     kv_off = b.to(gl.int64) * L * (HKV * HEAD_DIM) + hkv * HEAD_DIM
     lse_off = bh.to(gl.int64) * L
     sel = IDX + ((b * HS + hs).to(gl.int64) * G + gl.maximum(g, 0)) * S
-    sel_len = _sel_len(sel, g, S, W, num_warps)
+    if SELECTED:
+        sel_len = _sel_len(sel, g, S, W, num_warps)
+    else:
+        sel_len = g * 0
     n_seg = (lo - seg_lo) // BLOCK_N + gl.cdiv(hi - lo, BLOCK_N)
     return lo, hi, seg_lo, q_off, kv_off, lse_off, sel, sel_len, n_seg
 
@@ -946,9 +950,8 @@ def ms_attn_bwd_dq_ws_kernel(
         HEAD_DIM,
         BLOCK_N,
         num_warps,
+        DQ32 is None,  # finishing a fused dq: the selected keys' part is in DQ32 already
     )
-    if DQ32 is not None:  # the selected keys' part is in DQ32 already
-        sel_len = sel_len * 0
     q_stride = HQ * HEAD_DIM
     kv_stride = HKV * HEAD_DIM
     dtype: gl.constexpr = Q.dtype.element_ty
