@@ -40,8 +40,12 @@
 #           where the fused kernel's dq time goes, and what the two own-segment launches cost); then
 #           target 4 at 64K with 5 timed steps each (the margin was 0.3-0.4% in two runs of 2-3)
 #           -> OUT/s21f.tgz
+#   call 7  bash experiments/gpu/lease_s21.sh 7   (written for the next lease, not run)
+#           target 5 on the new default: the longest length that fits, 512K-4M, paper settings
+#           (the fused path's float32 dq buffer is twice q's bytes; where it does not fit the dq
+#           kernel runs instead: the lengths must be session 18's, 2M in 96.9 GiB)  -> OUT/s21g.tgz
 set -uo pipefail
-CALL=${1:?usage: lease_s21.sh 1-6 [LAUNCH]}
+CALL=${1:?usage: lease_s21.sh 1-7 [LAUNCH]}
 LAUNCH=${2:-}
 source "$(dirname "$0")/lease_common.sh" "${CTXLAB_CALL_SECONDS:-570}"
 day=$(date -u +%F)
@@ -112,5 +116,13 @@ case $CALL in
       --warmup 2 --steps 5 --long-steps 5 > "$R/finetune_64k_5steps.log" 2>&1
     grep -h '^\[bench\]' "$R"/finetune_*.log | cut -c1-200
     tar -czf "$OUT/s21f.tgz" -C "$OUT" s21f && rm -rf "$R"
+    ;;
+  7)
+    R=$OUT/s21g; mkdir -p "$R"
+    timeout $(( $(left) - 15 )) python3 -m ctxlab.kernels.bench.run --preset h100_issue14 \
+      --cases paper-L32K --ops triton --fit 524288,4194304 --out "$R" --stem "ms_attention_${day}_${card}_s21_fit" \
+      --time-limit-s $(( $(left) - 60 )) > "$R/bench_fit.log" 2>&1
+    grep -h -A8 'fit' "$R"/*_fit.md 2>/dev/null | tail -8
+    tar -czf "$OUT/s21g.tgz" -C "$OUT" s21g && rm -rf "$R"
     ;;
 esac
