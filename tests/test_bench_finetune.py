@@ -91,6 +91,11 @@ def test_cpu_run_writes_consistent_rows_and_frees_each_model(tmp_path, builds):
     assert saved["launch_config"] == dataclasses.asdict(GPU_CONFIG)  # the MS kernels' settings in force
     md = (tmp_path / "one.md").read_text()
     assert "| ms_tiny | 64 | ok |" in md and "- ms L=48: dense at this length" in md
+    # each ratio with its least and most over the pairs of timed steps (after the warm-up)
+    dense, tiny = rows[("dense", 48)]["step_times_s"][1:], rows[("ms_tiny", 48)]["step_times_s"][1:]
+    ratio = rows[("dense", 48)]["s_per_step"] / rows[("ms_tiny", 48)]["s_per_step"]
+    spread = f"{min(dense) / max(tiny):.3f}-{max(dense) / min(tiny):.3f}"
+    assert f"- L=48 ms_tiny: dense {ratio:.3f}x ({spread})" in md, md
 
     # a second run against the first as its baseline: the efficiency is the ratio of the files' rows
     again = bench.main([*args[:-len(SHRINK) - 1], "--baseline", str(tmp_path / "one.json"),

@@ -408,14 +408,16 @@ def markdown(result: dict, baseline: dict | None) -> str:
         "MFU counts 6 N FLOPs per token plus dense causal attention, whatever the variant computes "
         "(the usual convention): a variant that computes fewer pairs can pass 1.",
         "",
-        "Ratios at each length (s/step of the other variant / s/step of MS):",
+        "Ratios at each length (s/step of the other variant / s/step of MS; in brackets the least "
+        "and the most it is over every pair of their timed steps, one of each):",
         "",
     ]
     by = {(r["variant"], r["seq_len"]): r for r in result["rows"] if r.get("s_per_step")}
     for L in sorted({r["seq_len"] for r in result["rows"]}):
         for ms in sorted({v for v, n in by if n == L and v.startswith("ms")}):
             parts = [
-                f"{o} {by[(o, L)]['s_per_step'] / by[(ms, L)]['s_per_step']:.2f}x"
+                f"{o} {by[(o, L)]['s_per_step'] / by[(ms, L)]['s_per_step']:.3f}x "
+                f"({_ratio_range(by[(o, L)], by[(ms, L)], result['warmup'])})"
                 for o in ("dense", "s2")
                 if (o, L) in by
             ]
@@ -435,6 +437,13 @@ def markdown(result: dict, baseline: dict | None) -> str:
         lines += ["", "Not run:", ""]
         lines += [f"- {r['variant']} L={r['seq_len']}: {r.get('reason')}" for r in skipped]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_range(other: dict, ms: dict, warmup: int) -> str:
+    """The least and the most s/step ratio (other / MS) over every pair of the two rows' timed steps
+    (``step_times_s`` after the warm-ups): where the two ranges of steps overlap, it spans 1."""
+    a, b = other["step_times_s"][warmup:], ms["step_times_s"][warmup:]
+    return f"{min(a) / max(b):.3f}-{max(a) / min(b):.3f}"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
