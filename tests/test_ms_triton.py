@@ -176,27 +176,21 @@ def dkv_mode(mode: str):
     persistent programs (``gluon_dkv_persistent``); "+ownatomics" leaves a fused dq's own segment
     to the own-segment dk/dv kernel's atomics (``fused_dq_finish`` off)."""
     mode, *extras = mode.split("+")
-    if "ownatomics" in extras:
-        extras.remove("ownatomics")
-        with launch(fused_dq_finish=False), dkv_mode("+".join([mode, *extras])):
-            yield
-        return
-    flags = {
-        "fused": "fused_dq",
-        "whole": "whole_dkv",
-        "tma": "dkv_tma",
-        "ws": "dkv_ws",
-        "region": "region_constexpr",
-        "gluon": "fwd_gluon",
-        "gluondq": "dq_gluon",
-        "gluondkv": "dkv_gluon",
-        "persistent": "gluon_dkv_persistent",
+    settings = {
+        # fused dq at every block size (the GPU default starts at 1024 rows)
+        "fused": dict(fused_dq=True, fused_dq_min_block=0),
+        "ownatomics": dict(fused_dq_finish=False),
+        "whole": dict(whole_dkv=True),
+        "tma": dict(dkv_tma=True),
+        "ws": dict(dkv_ws=True),
+        "region": dict(region_constexpr=True),
+        "gluon": dict(fwd_gluon=True),
+        "gluondq": dict(dq_gluon=True),
+        "gluondkv": dict(dkv_gluon=True),
+        "persistent": dict(gluon_dkv_persistent=True),
     }
     if extras:
-        fields = {flags[x]: True for x in extras}
-        if "fused" in extras:  # at every block size (the GPU default starts at 1024 rows)
-            fields["fused_dq_min_block"] = 0
-        with launch(**fields), dkv_mode(mode):
+        with launch(**{k: v for x in extras for k, v in settings[x].items()}), dkv_mode(mode):
             yield
     elif mode == "flag":
         with deterministic_algorithms(True):

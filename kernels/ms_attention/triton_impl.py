@@ -1478,6 +1478,12 @@ def bwd_preprocess(o: Tensor, do: Tensor, start: int = 0) -> Tensor:
     return delta
 
 
+def _dq32_laid_out_like(dq32: Tensor, q: Tensor) -> bool:
+    """Whether a fused dq buffer is as the kernels index it (and the Gluon dk/dv's TMA descriptor
+    views it): float32, contiguous, q's shape."""
+    return dq32.shape == q.shape and dq32.dtype == torch.float32 and dq32.is_contiguous()
+
+
 def _idx_arg(idx_sorted: Tensor) -> Tensor:
     """Triton needs a real pointer even when there are no blocks (G = 0)."""
     if idx_sorted.numel():
@@ -1493,10 +1499,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
     their own segment's steps only and add their rows of ``dq32``."""
     B, L, Hq, D = q.shape
     geo = Geometry.of(L, region, budget, merge, config.dq_block_m)
-    gluon = gluon_applies(config, rope, q, "dq")
-    if dq32 is not None and (
-        dq32.shape != q.shape or dq32.dtype != torch.float32 or not dq32.is_contiguous()
-    ):
+    if dq32 is not None and not _dq32_laid_out_like(dq32, q):
         raise ValueError(
             f"dq32 must be a contiguous float32 tensor of q's shape {tuple(q.shape)}; got "
             f"{tuple(dq32.shape)} {dq32.dtype}, contiguous={dq32.is_contiguous()}"
@@ -1505,7 +1508,7 @@ def bwd_dq(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope, 
     if start:
         dq[:, :start].zero_()
     first = geo.first_tile(start)
-    if gluon:
+    if gluon_applies(config, rope, q, "dq"):
         with launch_settings("ms_attn_bwd_dq_ws_kernel", config, "dq_", "gluon_"):
             _gluon("dq")[(geo.n_tiles - first, B * Hq)](
                 q, k, v, do, dq, lse, delta, _idx_arg(idx_sorted),
@@ -1596,13 +1599,7 @@ def bwd_dkv(do, q, k, v, lse, delta, idx_sorted, *, region, budget, merge, rope,
     if path not in DKV_PATHS[1:]:
         raise ValueError(f"path must be atomic, partial or reverse, got {path!r}")
     fused = dq32 is not None
-    if fused and (
-        path == "partial"
-        or rope
-        or dq32.shape != q.shape
-        or dq32.dtype != torch.float32
-        or not dq32.is_contiguous()
-    ):
+    if fused and (path == "partial" or rope or not _dq32_laid_out_like(dq32, q)):
         raise ValueError(
             f"dq32 needs the atomic or reverse path, no RoPE on the fly, q's shape {tuple(q.shape)}, "
             f"float32 and contiguous; got path {path!r}, rope={rope}, {tuple(dq32.shape)} {dq32.dtype}, "
